@@ -1,0 +1,240 @@
+"""The project's only door to the crypto library (our "hazmat" layer).
+
+Nothing outside this module imports ``cryptography`` or calls ``os.urandom``: the volume format, the keystore
+and everything above them go through the names defined here.  The contract follows pyca/cryptography's AEAD
+shape — the object holds a key and no nonce state; ``open`` raises :class:`AuthenticationFailed`, never
+returns a flag — so that a failure cannot be mistaken for data.
+
+Hybrid KEM ``x25519-mlkem1024``
+    An X-Wing-style combiner (draft-connolly-cfrg-xwing-kem) over ML-KEM-1024 (FIPS 203) and X25519.  The
+    shared secret is ``SHA3-256(LABEL || ss_M || ss_X || ct_M || ct_X || pk_M || pk_X)``; unlike X-Wing
+    (which relies on ML-KEM's ciphertext binding and hashes only the X25519 ciphertext and key) it binds both
+    ciphertexts and both public keys.  The construction is written up in ``docs/keystore-format.md``.
+    No standard code point exists for this pair, hence a QWAMOS-specific label.
+
+Legacy KEM ``ecdh-curve25519``
+    Ephemeral-static X25519 with the same hash shape, for keys written by configs that predate the hybrid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from functools import cache
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from qwamos.errors import AuthenticationFailed, InvalidArgument
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+
+CHACHA20_POLY1305 = "chacha20-poly1305"
+AES_256_GCM = "aes-256-gcm"
+ALGORITHMS = (CHACHA20_POLY1305, AES_256_GCM)
+# One byte per algorithm, for associated data and binary headers.  Never renumber.
+ALGORITHM_IDS = {CHACHA20_POLY1305: 1, AES_256_GCM: 2}
+
+HYBRID_KEM = "x25519-mlkem1024"
+LEGACY_KEM = "ecdh-curve25519"
+KEMS = (HYBRID_KEM, LEGACY_KEM)
+
+_HYBRID_LABEL = b"QWAMOS-KEM-v1/x25519-mlkem1024"
+_LEGACY_LABEL = b"QWAMOS-KEM-v1/ecdh-curve25519"
+MLKEM_PK_SIZE = 1568
+MLKEM_CT_SIZE = 1568
+MLKEM_SEED_SIZE = 64
+X25519_SIZE = 32
+
+
+def random_bytes(n: int) -> bytes:
+    """Bytes from the OS CSPRNG.  Callers batch requests: one call for many nonces is much cheaper."""
+    return os.urandom(n)
+
+
+# --- AEAD ---------------------------------------------------------------------------------------------
+
+
+@cache
+def cpu_has_aes() -> bool:
+    """True when the CPU advertises AES instructions (x86 ``aes`` flag, arm64 ``aes`` feature)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("flags", "features") and "aes" in value.split():
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def resolve_algorithm(name: str) -> str:
+    """Map a user's choice (``auto`` or an algorithm name) to a supported algorithm name.
+
+    ``auto`` picks AES-256-GCM where the CPU has AES instructions (about twice ChaCha20-Poly1305's speed
+    through the crypto library on this project's machines), else ChaCha20-Poly1305, which is fast in
+    software and immune to cache-timing without AES hardware.
+    """
+    name = name.strip().lower().replace("_", "-")
+    if name == "auto":
+        return AES_256_GCM if cpu_has_aes() else CHACHA20_POLY1305
+    if name not in ALGORITHMS:
+        raise InvalidArgument(f"unknown algorithm {name!r}; choose one of auto, {', '.join(ALGORITHMS)}")
+    return name
+
+
+class Aead:
+    """An AEAD cipher under one key: ``seal(nonce, plaintext, aad) -> ciphertext||tag``.
+
+    Holds no nonce state: callers derive nonces (see the volume's slot recipe).
+    """
+
+    __slots__ = ("_cipher", "algorithm")
+
+    def __init__(self, algorithm: str, key: bytes) -> None:
+        if not isinstance(key, bytes | bytearray | memoryview):
+            raise TypeError("key must be bytes")
+        if len(key) != KEY_SIZE:
+            raise ValueError(f"key must be {KEY_SIZE} bytes")
+        if algorithm == CHACHA20_POLY1305:
+            self._cipher = ChaCha20Poly1305(bytes(key))
+        elif algorithm == AES_256_GCM:
+            self._cipher = AESGCM(bytes(key))
+        else:
+            raise InvalidArgument(f"unknown algorithm {algorithm!r}")
+        self.algorithm = algorithm
+
+    def seal(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        return self._cipher.encrypt(nonce, plaintext, aad)
+
+    def open(self, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        """Decrypt and verify; raise :class:`AuthenticationFailed` (and nothing else) on any mismatch."""
+        try:
+            return self._cipher.decrypt(nonce, ciphertext, aad)
+        except InvalidTag:
+            raise AuthenticationFailed() from None
+
+
+# --- hashing, MACs, KDFs ------------------------------------------------------------------------------
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def sha3_256(data: bytes) -> bytes:
+    return hashlib.sha3_256(data).digest()
+
+
+def hkdf_sha256(key: bytes, *, salt: bytes, info: bytes, length: int = KEY_SIZE) -> bytes:
+    """HKDF-SHA256 (RFC 5869).  ``info`` carries a versioned label so that derived keys never collide."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
+
+
+def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def verify_hmac_sha256(key: bytes, data: bytes, tag: bytes) -> None:
+    """Raise :class:`AuthenticationFailed` unless ``tag`` is the MAC of ``data`` (constant-time compare)."""
+    if not hmac.compare_digest(hmac_sha256(key, data), tag):
+        raise AuthenticationFailed()
+
+
+def constant_time_eq(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+def argon2id(
+    passphrase: bytes, salt: bytes, *, iterations: int, memory_kib: int, lanes: int, length: int = KEY_SIZE
+) -> bytes:
+    """Argon2id (RFC 9106) for passphrase-sealed secrets; parameters are stored beside the salt."""
+    if len(salt) < 16:
+        raise InvalidArgument("argon2id salt must be at least 16 bytes")
+    kdf = Argon2id(salt=salt, length=length, iterations=iterations, lanes=lanes, memory_cost=memory_kib)
+    return kdf.derive(passphrase)
+
+
+# --- KEM ----------------------------------------------------------------------------------------------
+
+
+def kem_generate() -> tuple[bytes, bytes]:
+    """A new hybrid identity: ``(private, public)``.
+
+    private = ML-KEM-1024 seed (64) || X25519 private (32); public = ML-KEM-1024 ek (1568) || X25519 (32).
+    The X25519 half also serves the legacy ``ecdh-curve25519`` KEM.
+    """
+    m = mlkem.MLKEM1024PrivateKey.generate()
+    x = x25519.X25519PrivateKey.generate()
+    private = m.private_bytes_raw() + x.private_bytes_raw()
+    return private, kem_public_from_private(private)
+
+
+def kem_public_from_private(private: bytes) -> bytes:
+    m, x = _split_private(private)
+    return m.public_key().public_bytes_raw() + x.public_key().public_bytes_raw()
+
+
+def _split_private(private: bytes) -> tuple[mlkem.MLKEM1024PrivateKey, x25519.X25519PrivateKey]:
+    if len(private) != MLKEM_SEED_SIZE + X25519_SIZE:
+        raise InvalidArgument("hybrid private key has the wrong length")
+    m = mlkem.MLKEM1024PrivateKey.from_seed_bytes(private[:MLKEM_SEED_SIZE])
+    x = x25519.X25519PrivateKey.from_private_bytes(private[MLKEM_SEED_SIZE:])
+    return m, x
+
+
+def _split_public(public: bytes) -> tuple[bytes, bytes]:
+    if len(public) != MLKEM_PK_SIZE + X25519_SIZE:
+        raise InvalidArgument("hybrid public key has the wrong length")
+    return public[:MLKEM_PK_SIZE], public[MLKEM_PK_SIZE:]
+
+
+def kem_encapsulate(kem: str, public: bytes) -> tuple[bytes, bytes]:
+    """Encapsulate to an identity's public key: ``(shared_secret, ciphertext)``.
+
+    ``x25519-mlkem1024``: ct = ct_M (1568) || ct_X (32).  ``ecdh-curve25519``: ct = ct_X (32).
+    """
+    pk_m_raw, pk_x_raw = _split_public(public)
+    pk_x = x25519.X25519PublicKey.from_public_bytes(pk_x_raw)
+    eph = x25519.X25519PrivateKey.generate()
+    ct_x = eph.public_key().public_bytes_raw()
+    ss_x = eph.exchange(pk_x)
+    if kem == LEGACY_KEM:
+        return sha3_256(_LEGACY_LABEL + ss_x + ct_x + pk_x_raw), ct_x
+    if kem != HYBRID_KEM:
+        raise InvalidArgument(f"unknown KEM {kem!r}")
+    ss_m, ct_m = mlkem.MLKEM1024PublicKey.from_public_bytes(pk_m_raw).encapsulate()
+    return _combine(ss_m, ss_x, ct_m, ct_x, pk_m_raw, pk_x_raw), ct_m + ct_x
+
+
+def kem_decapsulate(kem: str, private: bytes, ciphertext: bytes) -> bytes:
+    """Recover the shared secret.  A wrong identity yields an unrelated secret (ML-KEM's implicit
+    rejection), which the caller's AEAD then refuses; malformed lengths raise :class:`InvalidArgument`."""
+    m, x = _split_private(private)
+    pk_m_raw = m.public_key().public_bytes_raw()
+    pk_x_raw = x.public_key().public_bytes_raw()
+    if kem == LEGACY_KEM:
+        if len(ciphertext) != X25519_SIZE:
+            raise InvalidArgument("ecdh-curve25519 ciphertext has the wrong length")
+        ss_x = x.exchange(x25519.X25519PublicKey.from_public_bytes(ciphertext))
+        return sha3_256(_LEGACY_LABEL + ss_x + ciphertext + pk_x_raw)
+    if kem != HYBRID_KEM:
+        raise InvalidArgument(f"unknown KEM {kem!r}")
+    if len(ciphertext) != MLKEM_CT_SIZE + X25519_SIZE:
+        raise InvalidArgument("x25519-mlkem1024 ciphertext has the wrong length")
+    ct_m, ct_x = ciphertext[:MLKEM_CT_SIZE], ciphertext[MLKEM_CT_SIZE:]
+    ss_m = m.decapsulate(ct_m)
+    ss_x = x.exchange(x25519.X25519PublicKey.from_public_bytes(ct_x))
+    return _combine(ss_m, ss_x, ct_m, ct_x, pk_m_raw, pk_x_raw)
+
+
+def _combine(ss_m: bytes, ss_x: bytes, ct_m: bytes, ct_x: bytes, pk_m: bytes, pk_x: bytes) -> bytes:
+    return sha3_256(_HYBRID_LABEL + ss_m + ss_x + ct_m + ct_x + pk_m + pk_x)

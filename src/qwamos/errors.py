@@ -1,0 +1,229 @@
+"""Every error the library raises, each with the exit code the CLI turns it into.
+
+As in BorgBackup, an error class's docstring is its message template (``str.format`` over the keyword
+arguments given to the constructor) and ``exit_code`` says how ``qwamos`` exits.  Library code raises;
+only ``qwamos.cli.main`` prints messages and calls ``sys.exit``.
+
+Exit code ranges (documented in the README):
+  0 ok, 1 warning, 2 generic error / bad usage,
+  10-19 volume format, 20-29 keystore, 30-39 block export, 40-49 VM manager, 50-59 migration.
+
+Messages never contain key material or passphrases: constructors take names, paths and indices only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class QwamosError(Exception):
+    """Error: {msg}"""
+
+    exit_code = 2
+
+    def __init__(self, msg: str = "", **kwargs: Any) -> None:
+        self.kwargs = dict(kwargs, msg=msg)
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        template = (type(self).__doc__ or "{msg}").strip().splitlines()[0]
+        try:
+            text = template.format(**self.kwargs)
+        except (KeyError, IndexError):
+            text = template
+        msg = self.kwargs.get("msg")
+        if msg and "{msg}" not in template:
+            text = f"{text} {msg}".strip()
+        return text
+
+
+class InvalidArgument(QwamosError, ValueError):
+    """Invalid argument: {msg}"""
+
+    exit_code = 2
+
+
+# --- crypto -------------------------------------------------------------------------------------------
+
+
+class AuthenticationFailed(QwamosError):
+    """Authentication failed: the data was modified, or the key is wrong."""
+
+    exit_code = 14
+
+
+# --- volume format (10-19) ----------------------------------------------------------------------------
+
+
+class VolumeError(QwamosError):
+    """Volume error: {msg}"""
+
+    exit_code = 10
+
+
+class NotAQvolError(VolumeError):
+    """{path} is not a qvol volume (bad magic)."""
+
+    exit_code = 10
+
+
+class UnsupportedVersionError(VolumeError):
+    """{path}: unsupported qvol format version {version!r}; this qwamos reads version {supported}."""
+
+    exit_code = 11
+
+
+class HeaderCorruptError(VolumeError):
+    """{path}: the volume header is malformed or failed authentication ({msg})."""
+
+    exit_code = 12
+
+
+class TruncatedVolumeError(VolumeError):
+    """{path} is truncated: {msg}"""
+
+    exit_code = 13
+
+
+class BlockAuthError(VolumeError):
+    """{path}: block {index} failed authentication (tampered, corrupted or torn write)."""
+
+    exit_code = 14
+
+
+class VolumeLockedError(VolumeError):
+    """{path} is already open for writing by another process."""
+
+    exit_code = 15
+
+
+class VolumeExistsError(VolumeError):
+    """{path} already exists; refusing to overwrite it (pass overwrite=True / --force to replace it)."""
+
+    exit_code = 16
+
+
+class BlockRangeError(VolumeError, IndexError):
+    """{path}: {msg}"""
+
+    exit_code = 17
+
+
+class NonceLimitError(VolumeError):
+    """{path}: the key's encryption limit is reached; rotate the volume key before writing more."""
+
+    exit_code = 18
+
+
+class VolumeClosedError(VolumeError):
+    """The volume is not open."""
+
+    exit_code = 19
+
+
+class ReadOnlyVolumeError(VolumeError):
+    """{path} is open read-only."""
+
+    exit_code = 19
+
+
+# --- keystore (20-29) ---------------------------------------------------------------------------------
+
+
+class KeystoreError(QwamosError):
+    """Keystore error: {msg}"""
+
+    exit_code = 20
+
+
+class KeyNotFoundError(KeystoreError):
+    """Key {key_id!r} is not in the keystore {keystore}."""
+
+    exit_code = 21
+
+
+class WrongPassphraseError(KeystoreError):
+    """Wrong passphrase for {what}."""
+
+    exit_code = 22
+
+
+class PassphraseRequiredError(KeystoreError):
+    """{what} is sealed with a passphrase: set QWAMOS_PASSPHRASE, pass --passphrase-fd, or run on a terminal."""
+
+    exit_code = 22
+
+
+class KeyFileCorruptError(KeystoreError):
+    """{path}: key file is malformed or failed authentication ({msg})."""
+
+    exit_code = 23
+
+
+class KeystorePermissionError(KeystoreError):
+    """{path}: unsafe permissions {mode}; expected {expected} (fix with: chmod {expected} {path})."""
+
+    exit_code = 24
+
+
+class KeyExistsError(KeystoreError):
+    """Key {key_id!r} already exists in the keystore."""
+
+    exit_code = 25
+
+
+# --- block export (30-39) -----------------------------------------------------------------------------
+
+
+class ExportError(QwamosError):
+    """Block export error: {msg}"""
+
+    exit_code = 30
+
+
+# --- VM manager (40-49) -------------------------------------------------------------------------------
+
+
+class VMError(QwamosError):
+    """VM error: {msg}"""
+
+    exit_code = 40
+
+
+class ConfigError(VMError):
+    """{path}: {msg}"""
+
+    exit_code = 41
+
+
+class VMNotFoundError(VMError):
+    """No VM named {name!r} under {root} (expected {path})."""
+
+    exit_code = 42
+
+
+class VMStateError(VMError):
+    """VM {name!r} is {state}: {msg}"""
+
+    exit_code = 43
+
+
+class QemuError(VMError):
+    """QEMU failed: {msg}"""
+
+    exit_code = 44
+
+
+# --- migration (50-59) --------------------------------------------------------------------------------
+
+
+class MigrationError(QwamosError):
+    """Migration failed: {msg}"""
+
+    exit_code = 50
+
+
+class SizeMismatchError(MigrationError):
+    """disk size mismatch: {msg}"""
+
+    exit_code = 51
