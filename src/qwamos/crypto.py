@@ -53,6 +53,8 @@ MLKEM_CT_SIZE = 1568
 MLKEM_SEED_SIZE = 64
 X25519_SIZE = 32
 
+_Buf = bytes | bytearray | memoryview
+
 
 def random_bytes(n: int) -> bytes:
     """Bytes from the OS CSPRNG.  Callers batch requests: one call for many nonces is much cheaper."""
@@ -119,6 +121,21 @@ class Aead:
         """Decrypt and verify; raise :class:`AuthenticationFailed` (and nothing else) on any mismatch."""
         try:
             return self._cipher.decrypt(nonce, ciphertext, aad)
+        except InvalidTag:
+            raise AuthenticationFailed() from None
+
+    def seal_into(self, nonce: _Buf, plaintext: _Buf, aad: _Buf, out: memoryview) -> None:
+        """Like :meth:`seal`, writing ciphertext||tag into ``out`` (exactly len(plaintext)+16 bytes).
+
+        Lets the volume encrypt straight into a preallocated slot buffer, without a copy per block.
+        """
+        self._cipher.encrypt_into(nonce, plaintext, aad, out)
+
+    def open_into(self, nonce: _Buf, ciphertext: _Buf, aad: _Buf, out: memoryview) -> None:
+        """Like :meth:`open`, writing the plaintext into ``out``; raise :class:`AuthenticationFailed` on a
+        mismatch (``out`` may then hold garbage and must not be used)."""
+        try:
+            self._cipher.decrypt_into(nonce, ciphertext, aad, out)
         except InvalidTag:
             raise AuthenticationFailed() from None
 
