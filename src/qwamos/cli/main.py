@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(f"qwamos.cli.{name}")
         except ModuleNotFoundError as e:
-            if e.name == f"qwamos.cli.{name}":
+            # TODO(lead): tighten once every layer has landed; a group whose library is missing is skipped.
+            if e.name and e.name.startswith("qwamos."):
                 continue
             raise
         module.register(sub)
