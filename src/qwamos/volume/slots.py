@@ -1,0 +1,207 @@
+"""The slot recipe: how one 4096-byte block is sealed into, and opened from, its 4128-byte slot.
+
+Slot layout (byte offsets within the slot)::
+
+    [0:2]      u16 BE epoch   (which data key sealed it)
+    [2:4]      u16 BE length  (1..4096: bytes the caller wrote; block-device writes use 4096)
+    [4:16]     96-bit random nonce
+    [16:4112]  ciphertext of the plaintext, zero-padded to 4096 bytes
+    [4112:4128] 16-byte AEAD tag
+
+``[0:4]`` is "the slot word".  The associated data binds where the slot belongs and how to read it::
+
+    AAD = volume_uuid (16 raw bytes) || u64 BE block index || slot word (4 bytes) || algorithm id (1 byte)
+
+so a slot copied to another index or another volume, or with its word edited, fails.  A slot whose 4128
+bytes are all zero was never written (or was discarded) and reads as zeros; any other slot must authenticate.
+
+This module is the only place in the volume that touches an AEAD or a nonce.  The loops take whole runs of
+slots so that a 1 MiB request costs one Python-level call here, not 256 (see bench/volume_api.py).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from qwamos import crypto
+from qwamos.errors import AuthenticationFailed, NonceLimitError
+from qwamos.volume.header import BLOCK_SIZE, SLOT_SIZE
+from qwamos.volume.keys import MAX_EPOCH, data_key
+
+WORD_SIZE = 4
+NONCE_OFFSET = 4
+CT_OFFSET = 16
+NONCE_SIZE = crypto.NONCE_SIZE
+ZERO_SLOT = bytes(SLOT_SIZE)
+ZERO_BLOCK = bytes(BLOCK_SIZE)
+AAD_SIZE = 16 + 8 + WORD_SIZE + 1
+_WORD = struct.Struct(">HH")
+_AAD_TAIL = struct.Struct(">QHHB")  # index, epoch, length, algorithm id (after the 16-byte uuid)
+
+
+def build_aad(uuid: bytes, index: int, epoch: int, length: int, algorithm: str) -> bytes:
+    return uuid + _AAD_TAIL.pack(index, epoch, length, crypto.ALGORITHM_IDS[algorithm])
+
+
+class SlotCipher:
+    """Seals and opens runs of slots for one volume; caches one AEAD per epoch.
+
+    Not thread-safe: it reuses one AAD buffer (the volume serialises I/O).
+    """
+
+    def __init__(self, volume_key: bytes, uuid: bytes, algorithm: str, max_epoch: int) -> None:
+        self._key = volume_key
+        self._uuid = uuid
+        self.algorithm = algorithm
+        self._alg_id = crypto.ALGORITHM_IDS[algorithm]
+        self.max_epoch = max_epoch  # slots claiming a later epoch cannot be genuine
+        self._aeads: dict[int, crypto.Aead] = {}
+        self._aad = bytearray(AAD_SIZE)
+        self._aad[:16] = uuid
+
+    def aead(self, epoch: int) -> crypto.Aead:
+        a = self._aeads.get(epoch)
+        if a is None:
+            a = crypto.Aead(self.algorithm, data_key(self._key, self._uuid, epoch))
+            self._aeads[epoch] = a
+        return a
+
+    def seal_run(
+        self,
+        out: memoryview,
+        first_index: int,
+        plaintext: memoryview,
+        count: int,
+        epoch: int,
+        nonces: memoryview,
+        length: int = BLOCK_SIZE,
+    ) -> None:
+        """Seal ``count`` blocks of ``plaintext`` (count * 4096 bytes) into ``out`` (count * 4128 bytes).
+
+        ``nonces`` holds count * 12 fresh random bytes; every slot gets ``length`` as its length field.
+        """
+        seal = self.aead(epoch).seal_into
+        aad = self._aad
+        aad_mv = memoryview(aad)
+        pack = _AAD_TAIL.pack_into
+        alg = self._alg_id
+        word = _WORD.pack(epoch, length)
+        o = 0
+        p = 0
+        n = 0
+        for i in range(first_index, first_index + count):
+            pack(aad, 16, i, epoch, length, alg)
+            out[o : o + 4] = word
+            nonce = nonces[n : n + NONCE_SIZE]
+            out[o + 4 : o + 16] = nonce
+            seal(nonce, plaintext[p : p + BLOCK_SIZE], aad_mv, out[o + CT_OFFSET : o + SLOT_SIZE])
+            o += SLOT_SIZE
+            p += BLOCK_SIZE
+            n += NONCE_SIZE
+
+    def open_run(self, slots: bytes, first_index: int, count: int, out: memoryview, bad: list[int]) -> None:
+        """Open ``count`` slots (``slots`` is their raw bytes) into ``out`` (count * 4096 bytes).
+
+        Empty (all-zero) slots become zero blocks.  The index of each slot that fails is appended to ``bad``
+        and its output block is zeroed, so no unauthenticated byte ever reaches a caller's buffer.
+        """
+        aad = self._aad
+        aad_mv = memoryview(aad)
+        pack = _AAD_TAIL.pack_into
+        alg = self._alg_id
+        unpack = _WORD.unpack_from
+        src = memoryview(slots)
+        max_epoch = self.max_epoch
+        aeads = self._aeads
+        o = 0
+        p = 0
+        for i in range(first_index, first_index + count):
+            epoch, length = unpack(slots, o)
+            if length == 0 and slots.startswith(ZERO_SLOT, o, o + SLOT_SIZE):
+                out[p : p + BLOCK_SIZE] = ZERO_BLOCK
+            elif epoch > max_epoch or not 1 <= length <= BLOCK_SIZE:
+                out[p : p + BLOCK_SIZE] = ZERO_BLOCK
+                bad.append(i)
+            else:
+                a = aeads.get(epoch) or self.aead(epoch)
+                pack(aad, 16, i, epoch, length, alg)
+                try:
+                    a.open_into(
+                        src[o + 4 : o + 16], src[o + CT_OFFSET : o + SLOT_SIZE], aad_mv, out[p : p + BLOCK_SIZE]
+                    )
+                except AuthenticationFailed:
+                    out[p : p + BLOCK_SIZE] = ZERO_BLOCK
+                    bad.append(i)
+            o += SLOT_SIZE
+            p += BLOCK_SIZE
+
+    def open_one(self, slot: bytes, index: int) -> tuple[bytes, int] | None:
+        """Open one slot: ``(4096-byte plaintext, length)``, or ``None`` for an empty slot.
+
+        Raise :class:`AuthenticationFailed` when the slot does not authenticate.
+        """
+        out = bytearray(BLOCK_SIZE)
+        bad: list[int] = []
+        self.open_run(slot, index, 1, memoryview(out), bad)
+        if bad:
+            raise AuthenticationFailed()
+        _epoch, length = _WORD.unpack_from(slot, 0)
+        return None if length == 0 else (bytes(out), length)
+
+
+class NonceBudget:
+    """Counts encryptions per data-key epoch against the limit, with reservations persisted first.
+
+    ``used`` starts at the header's ``epoch_reserved`` on every writable open: encryptions that may have
+    happened before a crash are counted as done.  Before any encryption beyond the persisted reservation,
+    :meth:`take` calls ``persist(epoch, reserved)`` (header rewrite + fdatasync) for a new chunk.  When the
+    limit would be passed, the next epoch (a new data key) starts; past epoch 65535, writes are refused.
+    """
+
+    CHUNK = 2**20
+
+    def __init__(self, path: str, epoch: int, reserved: int, limit: int, persist) -> None:
+        self.path = path
+        self.epoch = epoch
+        self.used = reserved
+        self.reserved = reserved
+        self.limit = limit
+        self._persist = persist
+
+    def take(self, n: int) -> tuple[int, int]:
+        """Grant up to ``n`` (>= 1) encryptions, all under one epoch: ``(epoch, granted)``."""
+        epoch, used, reserved = self.epoch, self.used, self.reserved
+        if used >= self.limit:
+            if epoch >= MAX_EPOCH:
+                raise NonceLimitError(path=self.path)
+            epoch, used, reserved = epoch + 1, 0, 0
+        granted = min(n, self.limit - used)
+        if used + granted > reserved or epoch != self.epoch:
+            reserved = min(self.limit, max(used + granted, reserved + self.CHUNK))
+            self._persist(epoch, reserved)  # raises before anything changes in memory
+        self.epoch, self.used, self.reserved = epoch, used + granted, reserved
+        return epoch, granted
+
+
+class NoncePool:
+    """Random nonces drawn from the OS in bulk: one ``random_bytes`` call per refill, not per block.
+
+    A forked child must not hand out its parent's remaining nonces, so the pool refills after a fork.
+    """
+
+    def __init__(self, batch: int = 4096) -> None:
+        self._batch = batch
+        self._buf = memoryview(b"")
+        self._pos = 0
+        self._pid = os.getpid()
+
+    def take(self, count: int) -> memoryview:
+        need = count * NONCE_SIZE
+        if self._pos + need > len(self._buf) or self._pid != os.getpid():
+            self._buf = memoryview(crypto.random_bytes(max(need, self._batch * NONCE_SIZE)))
+            self._pos = 0
+            self._pid = os.getpid()
+        mv = self._buf[self._pos : self._pos + need]
+        self._pos += need
+        return mv

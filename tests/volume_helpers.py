@@ -1,0 +1,62 @@
+"""Shared pieces for the volume tests: an in-memory key provider and file surgery helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from qwamos.errors import KeyNotFoundError
+from qwamos.volume.header import HEADER_SIZE, SLOT_SIZE
+
+
+class MemoryKeys:
+    """A KeyProvider holding keys in a dict.  Keys are deterministic per counter so runs are repeatable."""
+
+    def __init__(self, seed: bytes = b"test") -> None:
+        self.keys: dict[str, bytes] = {}
+        self.discarded: list[str] = []
+        self._seed = seed
+        self._n = 0
+
+    def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
+        self._n += 1
+        key_id = f"vm-{vm_name}-{self._n:04d}"
+        self.keys[key_id] = hashlib.sha256(self._seed + str(self._n).encode()).digest()
+        return key_id, self.keys[key_id]
+
+    def volume_key(self, key_id: str) -> bytes:
+        try:
+            return self.keys[key_id]
+        except KeyError:
+            raise KeyNotFoundError(key_id=key_id, keystore="<memory>") from None
+
+    def discard_key(self, key_id: str) -> None:
+        self.discarded.append(key_id)
+        self.keys.pop(key_id, None)
+
+
+def slot_offset(index: int) -> int:
+    return HEADER_SIZE + index * SLOT_SIZE
+
+
+def read_slot(path: Path, index: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(slot_offset(index))
+        return f.read(SLOT_SIZE)
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
