@@ -46,6 +46,12 @@ def read_slot(path: Path, index: int) -> bytes:
         return f.read(SLOT_SIZE)
 
 
+def read_head(path: Path | str) -> bytes:
+    """The 4096 header bytes."""
+    with open(path, "rb") as f:
+        return f.read(HEADER_SIZE)
+
+
 def write_at(path: Path, offset: int, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:
