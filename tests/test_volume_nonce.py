@@ -1,0 +1,128 @@
+"""The nonce budget: reservations persisted before use, automatic rekey, refusal at the last epoch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from qwamos.errors import NonceLimitError
+from qwamos.volume import PQCVolume, read_header
+from qwamos.volume import header as hdr
+from qwamos.volume.keys import MAX_EPOCH, header_mac_key
+from volume_helpers import MemoryKeys, file_digest, read_slot, write_at
+
+
+@pytest.fixture
+def keys() -> MemoryKeys:
+    return MemoryKeys()
+
+
+def slot_epoch(path, index) -> int:
+    return int.from_bytes(read_slot(path, index)[:2], "big")
+
+
+def test_lowered_limit_rekeys_automatically(tmp_path, keys):
+    vol = PQCVolume(tmp_path / "v.qvol", keystore=keys)
+    vol.create("vol", "vm", size_bytes=32 * 4096, epoch_limit=4)
+    with vol.open():
+        for i in range(10):
+            vol.write_block(i, f"block {i}".encode())
+        assert vol.header.epoch == 2
+        assert [slot_epoch(vol.path, i) for i in range(10)] == [0] * 4 + [1] * 4 + [2] * 2
+        # one batched write of 8 blocks is split across epochs, still one key per slot
+        vol.write(16 * 4096, os.urandom(8 * 4096))
+        assert vol.header.epoch == 4
+        assert sorted({slot_epoch(vol.path, i) for i in range(16, 24)}) == [2, 3, 4]
+    fields, _ = read_header(vol.path)
+    assert fields["epoch"] == 4 and fields["epoch_limit"] == 4
+    with vol.open():  # old and new blocks read back under their own epochs' keys
+        assert [vol.read_block(i) for i in range(10)] == [f"block {i}".encode() for i in range(10)]
+        assert vol.check() == []
+
+
+def _rewrite_budget(path: Path, keys: MemoryKeys, epoch: int, reserved: int) -> None:
+    data = path.read_bytes()[:4096]
+    fields = hdr.parse_unverified(str(path), data)
+    header = hdr.validate(str(path), fields)
+    key = keys.volume_key(header.key_id)
+    write_at(path, 0, hdr.encode(header.with_budget(epoch, reserved), header_mac_key(key, header.uuid_bytes)))
+
+
+def test_last_epoch_refuses_with_nonce_limit_error(tmp_path, keys):
+    path = tmp_path / "v.qvol"
+    vol = PQCVolume(path, keystore=keys)
+    vol.create("vol", "vm", size_bytes=8 * 4096, epoch_limit=2)
+    with vol.open():
+        vol.write_block(0, b"early")
+    _rewrite_budget(path, keys, MAX_EPOCH, 1)
+    with vol.open():
+        vol.write_block(1, b"the last encryption allowed")
+        before = file_digest(path)
+        with pytest.raises(NonceLimitError):
+            vol.write_block(2, b"one too many")
+        with pytest.raises(NonceLimitError):
+            vol.write(0, bytes(8192))
+        assert file_digest(path) == before  # nothing changed
+        assert vol.read_block(0) == b"early" and vol.read_block(1) == b"the last encryption allowed"
+        vol.discard(0, 4096)  # zeroing needs no nonce and still works
+        assert vol.read_block(0) == bytes(4096)
+
+
+def test_reservation_is_persisted_before_use_and_never_goes_back(tmp_path, keys):
+    vol = PQCVolume(tmp_path / "v.qvol", keystore=keys)
+    vol.create("vol", "vm", size_bytes=8 * 4096)
+    assert read_header(vol.path)[0]["epoch_reserved"] == 0
+    with vol.open():
+        vol.write_block(0, b"a")
+        assert read_header(vol.path)[0]["epoch_reserved"] == 2**20  # on disk before the slot was written
+        vol.write_block(1, b"b")
+        assert read_header(vol.path)[0]["epoch_reserved"] == 2**20  # within the reservation: no rewrite
+    with vol.open():  # the new session counts the old reservation as used
+        vol.write_block(2, b"c")
+        assert read_header(vol.path)[0]["epoch_reserved"] == 2**21
+
+
+def test_small_limit_reopen_starts_a_new_epoch(tmp_path, keys):
+    vol = PQCVolume(tmp_path / "v.qvol", keystore=keys)
+    vol.create("vol", "vm", size_bytes=8 * 4096, epoch_limit=100)
+    with vol.open():
+        vol.write_block(0, b"a")
+    assert read_header(vol.path)[0]["epoch_reserved"] == 100  # chunk clipped to the limit
+    with vol.open():
+        vol.write_block(1, b"b")
+        assert vol.header.epoch == 1
+        assert vol.read_block(0) == b"a" and vol.read_block(1) == b"b"
+
+
+def test_crash_after_writes_then_reopen_continues_with_fresh_reservation(tmp_path, keys):
+    """A writer killed without close(): its reservation stays counted; the next session reserves anew."""
+    path = tmp_path / "v.qvol"
+    vol = PQCVolume(path, keystore=keys)
+    vol.create("vol", "vm", size_bytes=64 * 4096, epoch_limit=2**21)
+    key_hex = keys.keys[vol_key := read_header(path)[0]["key_id"]].hex()
+    child = textwrap.dedent(
+        f"""
+        import os, sys
+        from qwamos.volume import PQCVolume
+        class K:
+            def volume_key(self, key_id):
+                return bytes.fromhex({key_hex!r})
+        v = PQCVolume({str(path)!r}, keystore=K()).open()
+        for i in range(40):
+            v.write_block(i, b"x%d" % i)
+        os._exit(0)  # crash: no close, no flush
+        """
+    )
+    subprocess.run([sys.executable, "-c", child], check=True, timeout=60)
+    assert read_header(path)[0]["epoch_reserved"] == 2**20
+    assert vol_key in keys.keys
+    with vol.open():
+        assert vol.read_block(39) == b"x39"
+        vol.write_block(40, b"after the crash")
+        assert read_header(path)[0]["epoch_reserved"] == 2**21
+        assert vol.header.epoch == 0
