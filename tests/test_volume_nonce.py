@@ -38,7 +38,7 @@ def test_lowered_limit_rekeys_automatically(tmp_path, keys):
         vol.write(16 * 4096, os.urandom(8 * 4096))
         assert vol.header.epoch == 4
         assert sorted({slot_epoch(vol.path, i) for i in range(16, 24)}) == [2, 3, 4]
-    fields, _ = read_header(vol.path)
+    fields = read_header(vol.path)
     assert fields["epoch"] == 4 and fields["epoch_limit"] == 4
     with vol.open():  # old and new blocks read back under their own epochs' keys
         assert [vol.read_block(i) for i in range(10)] == [f"block {i}".encode() for i in range(10)]
@@ -76,15 +76,15 @@ def test_last_epoch_refuses_with_nonce_limit_error(tmp_path, keys):
 def test_reservation_is_persisted_before_use_and_never_goes_back(tmp_path, keys):
     vol = PQCVolume(tmp_path / "v.qvol", keystore=keys)
     vol.create("vol", "vm", size_bytes=8 * 4096)
-    assert read_header(vol.path)[0]["epoch_reserved"] == 0
+    assert read_header(vol.path)["epoch_reserved"] == 0
     with vol.open():
         vol.write_block(0, b"a")
-        assert read_header(vol.path)[0]["epoch_reserved"] == 2**20  # on disk before the slot was written
+        assert read_header(vol.path)["epoch_reserved"] == 2**20  # on disk before the slot was written
         vol.write_block(1, b"b")
-        assert read_header(vol.path)[0]["epoch_reserved"] == 2**20  # within the reservation: no rewrite
+        assert read_header(vol.path)["epoch_reserved"] == 2**20  # within the reservation: no rewrite
     with vol.open():  # the new session counts the old reservation as used
         vol.write_block(2, b"c")
-        assert read_header(vol.path)[0]["epoch_reserved"] == 2**21
+        assert read_header(vol.path)["epoch_reserved"] == 2**21
 
 
 def test_small_limit_reopen_starts_a_new_epoch(tmp_path, keys):
@@ -92,7 +92,7 @@ def test_small_limit_reopen_starts_a_new_epoch(tmp_path, keys):
     vol.create("vol", "vm", size_bytes=8 * 4096, epoch_limit=100)
     with vol.open():
         vol.write_block(0, b"a")
-    assert read_header(vol.path)[0]["epoch_reserved"] == 100  # chunk clipped to the limit
+    assert read_header(vol.path)["epoch_reserved"] == 100  # chunk clipped to the limit
     with vol.open():
         vol.write_block(1, b"b")
         assert vol.header.epoch == 1
@@ -104,7 +104,7 @@ def test_crash_after_writes_then_reopen_continues_with_fresh_reservation(tmp_pat
     path = tmp_path / "v.qvol"
     vol = PQCVolume(path, keystore=keys)
     vol.create("vol", "vm", size_bytes=64 * 4096, epoch_limit=2**21)
-    key_hex = keys.keys[vol_key := read_header(path)[0]["key_id"]].hex()
+    key_hex = keys.keys[vol_key := read_header(path)["key_id"]].hex()
     child = textwrap.dedent(
         f"""
         import os, sys
@@ -119,10 +119,10 @@ def test_crash_after_writes_then_reopen_continues_with_fresh_reservation(tmp_pat
         """
     )
     subprocess.run([sys.executable, "-c", child], check=True, timeout=60)
-    assert read_header(path)[0]["epoch_reserved"] == 2**20
+    assert read_header(path)["epoch_reserved"] == 2**20
     assert vol_key in keys.keys
     with vol.open():
         assert vol.read_block(39) == b"x39"
         vol.write_block(40, b"after the crash")
-        assert read_header(path)[0]["epoch_reserved"] == 2**21
+        assert read_header(path)["epoch_reserved"] == 2**21
         assert vol.header.epoch == 0

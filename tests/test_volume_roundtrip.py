@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -57,7 +58,7 @@ def test_block_round_trip_every_length_class(tmp_path, keys, alg):
         assert vol.read_block(5) == bytes(4096)  # never written: a full block of zeros
         vol.write_block(2, b"shorter")  # overwrite shrinks the recorded length
         assert vol.read_block(2) == b"shorter"
-    assert read_header(vol.path)[0]["algorithm"] == alg
+    assert read_header(vol.path)["algorithm"] == alg
 
 
 def test_auto_algorithm_follows_cpu(tmp_path, keys):
@@ -174,7 +175,9 @@ def test_file_mode_is_private(tmp_path, keys):
 
 def test_read_header_reports_authentication(tmp_path, keys):
     vol = make(tmp_path, keys, size_mb=1)
-    fields, ok = read_header(vol.path)
-    assert fields["name"] == "vol" and ok is False
-    assert read_header(vol.path, keys) == (fields, True)
-    assert read_header(vol.path, MemoryKeys(b"other"))[1] is False
+    fields = read_header(vol.path)
+    assert fields["name"] == "vol" and fields.authenticated is False
+    checked = read_header(vol.path, keys)
+    assert checked == fields and checked.authenticated is True
+    assert read_header(vol.path, MemoryKeys(b"other")).authenticated is False
+    assert json.loads(json.dumps(fields)) == fields

@@ -5,6 +5,6 @@ header without trusting it.
 """
 
 from qwamos.volume.keys import KeyProvider
-from qwamos.volume.volume import PQCVolume, read_header
+from qwamos.volume.volume import PQCVolume, UnverifiedHeader, read_header
 
-__all__ = ["KeyProvider", "PQCVolume", "read_header"]
+__all__ = ["KeyProvider", "PQCVolume", "UnverifiedHeader", "read_header"]

@@ -677,11 +677,19 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def read_header(path: str | os.PathLike[str], keystore: KeyProvider | None = None) -> tuple[dict[str, Any], bool]:
-    """The header's JSON fields WITHOUT trusting them, and whether they authenticated.
+class UnverifiedHeader(dict):
+    """The header's JSON fields as a plain dict, plus ``authenticated``: whether the MAC was checked and
+    passed.  When False the fields are only what the file claims."""
 
-    For ``dump-header``-style inspection: the fields are parsed (magic, length, JSON, version checked) but
-    only verified when a ``keystore`` holding the key is given.  The flag is True only when the MAC passed.
+    authenticated: bool = False
+
+
+def read_header(path: str | os.PathLike[str], keystore: KeyProvider | None = None) -> UnverifiedHeader:
+    """The header's JSON fields WITHOUT trusting them, for ``dump-header``-style inspection.
+
+    Magic, JSON length, JSON syntax and format version are checked (with the usual typed errors).  The MAC
+    is verified only when a ``keystore`` holding the key is given; ``result.authenticated`` says whether it
+    passed (a missing key or a failed MAC leave it False rather than raising).
     """
     p = os.fspath(path)
     try:
@@ -689,12 +697,12 @@ def read_header(path: str | os.PathLike[str], keystore: KeyProvider | None = Non
             data = f.read(HEADER_SIZE)
     except OSError as e:
         raise VolumeError(msg=f"{p}: cannot read: {e.strerror or e}") from None
-    fields = hdr.parse_unverified(p, data)
-    if keystore is None:
-        return fields, False
-    try:
-        key = check_volume_key(keystore.volume_key(fields["key_id"]))
-        hdr.verify(p, data, header_mac_key(key, bytes.fromhex(fields["volume_uuid"])))
-    except (HeaderCorruptError, KeystoreError):
-        return fields, False
-    return fields, True
+    result = UnverifiedHeader(hdr.parse_unverified(p, data))
+    if keystore is not None:
+        try:
+            key = check_volume_key(keystore.volume_key(result["key_id"]))
+            hdr.verify(p, data, header_mac_key(key, bytes.fromhex(result["volume_uuid"])))
+        except (HeaderCorruptError, KeystoreError):
+            return result
+        result.authenticated = True
+    return result
