@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import struct
+import weakref
 
 from qwamos import crypto
 from qwamos.errors import AuthenticationFailed, NonceLimitError
@@ -136,18 +137,32 @@ class SlotCipher:
             o += SLOT_SIZE
             p += BLOCK_SIZE
 
+    def seal_one(
+        self, out: memoryview, index: int, plaintext: bytes | memoryview, epoch: int, nonce, length: int
+    ) -> None:
+        """Seal one block into the 4128-byte ``out`` (the 4 KiB block API's fast path)."""
+        aad = self._aad
+        _AAD_TAIL.pack_into(aad, 16, index, epoch, length, self._alg_id)
+        _WORD.pack_into(out, 0, epoch, length)
+        out[4:16] = nonce
+        a = self._aeads.get(epoch) or self.aead(epoch)
+        a.seal_into(nonce, plaintext, aad, out[CT_OFFSET:])
+
     def open_one(self, slot: bytes, index: int) -> tuple[bytes, int] | None:
         """Open one slot: ``(4096-byte plaintext, length)``, or ``None`` for an empty slot.
 
         Raise :class:`AuthenticationFailed` when the slot does not authenticate.
         """
-        out = bytearray(BLOCK_SIZE)
-        bad: list[int] = []
-        self.open_run(slot, index, 1, memoryview(out), bad)
-        if bad:
+        epoch, length = _WORD.unpack_from(slot, 0)
+        if length == 0 and slot == ZERO_SLOT:
+            return None
+        if epoch > self.max_epoch or not 1 <= length <= BLOCK_SIZE:
             raise AuthenticationFailed()
-        _epoch, length = _WORD.unpack_from(slot, 0)
-        return None if length == 0 else (bytes(out), length)
+        aad = self._aad
+        _AAD_TAIL.pack_into(aad, 16, index, epoch, length, self._alg_id)
+        a = self._aeads.get(epoch) or self.aead(epoch)
+        src = memoryview(slot)
+        return a.open(src[4:16], src[CT_OFFSET:], aad), length
 
 
 class NonceBudget:
@@ -169,6 +184,13 @@ class NonceBudget:
         self.limit = limit
         self._persist = persist
 
+    def take_one(self) -> int:
+        """One encryption: the epoch to use (fast path inside the persisted reservation)."""
+        if self.used < self.reserved:
+            self.used += 1
+            return self.epoch
+        return self.take(1)[0]
+
     def take(self, n: int) -> tuple[int, int]:
         """Grant up to ``n`` (>= 1) encryptions, all under one epoch: ``(epoch, granted)``."""
         epoch, used, reserved = self.epoch, self.used, self.reserved
@@ -184,24 +206,39 @@ class NonceBudget:
         return epoch, granted
 
 
+_POOLS: weakref.WeakSet[NoncePool] = weakref.WeakSet()
+
+
 class NoncePool:
     """Random nonces drawn from the OS in bulk: one ``random_bytes`` call per refill, not per block.
 
-    A forked child must not hand out its parent's remaining nonces, so the pool refills after a fork.
+    A forked child must not hand out its parent's remaining nonces, so every pool is emptied in the child
+    after a fork (``os.register_at_fork``).
     """
 
     def __init__(self, batch: int = 4096) -> None:
         self._batch = batch
         self._buf = memoryview(b"")
         self._pos = 0
-        self._pid = os.getpid()
+        _POOLS.add(self)
+
+    def forget(self) -> None:
+        self._buf = memoryview(b"")
+        self._pos = 0
 
     def take(self, count: int) -> memoryview:
         need = count * NONCE_SIZE
-        if self._pos + need > len(self._buf) or self._pid != os.getpid():
+        if self._pos + need > len(self._buf):
             self._buf = memoryview(crypto.random_bytes(max(need, self._batch * NONCE_SIZE)))
             self._pos = 0
-            self._pid = os.getpid()
         mv = self._buf[self._pos : self._pos + need]
         self._pos += need
         return mv
+
+
+def _forget_all_pools() -> None:
+    for pool in list(_POOLS):
+        pool.forget()
+
+
+os.register_at_fork(after_in_child=_forget_all_pools)
