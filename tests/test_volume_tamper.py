@@ -82,6 +82,8 @@ def test_random_slot_byte_changes_are_block_auth_errors(vol, keys, region, lo, h
             with pytest.raises(BlockAuthError):
                 v.read(4096, 10)
             with pytest.raises(BlockAuthError):
+                v.pread(4096, 4096)  # the single-block fast path
+            with pytest.raises(BlockAuthError):
                 v.read(0, 16 * 4096)  # a batched read through the bad slot
             assert v.read_block(0) == SECRET + b"\x00"  # neighbours unaffected
             assert v.check() == [1]
