@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -197,3 +200,29 @@ def test_failed_create_discards_key_and_leaves_no_file(tmp_path, keys):
     with pytest.raises(TypeError):
         PQCVolume(tmp_path / "x.qvol", keystore=bad).create("vol", "vm", size_mb=1)
     assert bad.discarded == ["vm-vm-0001"] and os.listdir(tmp_path) == []
+
+
+def test_os_write_failure_is_a_volume_error(vol, keys):
+    """A write the OS refuses (here EFBIG from RLIMIT_FSIZE, standing in for ENOSPC) is a VolumeError."""
+    key_hex = keys.keys[vol_key_id(vol)].hex()
+    code = textwrap.dedent(
+        f"""
+        import resource, signal
+        from qwamos.errors import VolumeError
+        from qwamos.volume import PQCVolume
+        class K:
+            def volume_key(self, key_id):
+                return bytes.fromhex({key_hex!r})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        with PQCVolume({vol.path!r}, keystore=K()) as v:
+            v.write_block(0, b"fits")
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096 + 4 * 4128, resource.RLIM_INFINITY))
+            try:
+                v.write_block(7, b"beyond the limit")
+            except VolumeError as e:
+                print("REFUSED", "I/O error" in str(e))
+            print(v.read_block(0).decode())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["REFUSED", "True", "fits"]

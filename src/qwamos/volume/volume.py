@@ -313,6 +313,10 @@ class PQCVolume:
             raise ReadOnlyVolumeError(path=self.path)
         return state
 
+    def _os_error(self, e: OSError) -> VolumeError:
+        """An OS failure mid-I/O (ENOSPC on a sparse file, EIO) as a volume error naming the file."""
+        return VolumeError(msg=f"{self.path}: I/O error: {e.strerror or e}")
+
     def _capacity(self, index: int) -> int:
         return min(BLOCK_SIZE, self._header.size_bytes - index * BLOCK_SIZE)
 
@@ -396,46 +400,54 @@ class PQCVolume:
         odd-sized volume); a never-written or discarded block reads as zeros of that full size.
         """
         with self._lock:
-            fd = self._fd
-            if fd is None:
-                raise VolumeClosedError()
-            header = self._header
-            if type(index) is not int or not 0 <= index < header.total_blocks:
-                self._check_index(index)
-            opened = self._open_one(fd, index)
-            cap = min(BLOCK_SIZE, header.size_bytes - index * BLOCK_SIZE)
-            if opened is None:
-                return bytes(cap)
-            plaintext, length = opened
-            n = min(length, cap)
-            return plaintext if n == BLOCK_SIZE else plaintext[:n]
+            try:
+                fd = self._fd
+                if fd is None:
+                    raise VolumeClosedError()
+                header = self._header
+                if type(index) is not int or not 0 <= index < header.total_blocks:
+                    self._check_index(index)
+                opened = self._open_one(fd, index)
+                cap = min(BLOCK_SIZE, header.size_bytes - index * BLOCK_SIZE)
+                if opened is None:
+                    return bytes(cap)
+                plaintext, length = opened
+                n = min(length, cap)
+                return plaintext if n == BLOCK_SIZE else plaintext[:n]
+            except OSError as e:
+                raise self._os_error(e) from e
 
     def write_block(self, index: int, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` (1..4096 bytes; at most what fits before ``size_bytes``) into block ``index``."""
         with self._lock:
-            fd = self._fd
-            if fd is None or self._read_only:
-                self._writable()
-            header = self._header
-            if type(index) is not int or not 0 <= index < header.total_blocks:
-                self._check_index(index)
-            if not isinstance(data, bytes | bytearray | memoryview):
-                raise InvalidArgument("write_block data must be bytes")
-            n = len(data) if not isinstance(data, memoryview) else data.nbytes
-            cap = min(BLOCK_SIZE, header.size_bytes - index * BLOCK_SIZE)
-            if not 1 <= n <= cap:
-                raise BlockRangeError(
-                    path=self.path,
-                    msg=f"block {index} takes 1..{cap} bytes, got {n} (use discard() to clear a block)",
-                )
-            if n == BLOCK_SIZE and type(data) is bytes:
-                plaintext: bytes | memoryview = data
-            else:
-                pbuf = self._pbuf
-                pbuf[:n] = data
-                pbuf[n:BLOCK_SIZE] = _ZERO_MV[n:]
-                plaintext = self._pmv[:BLOCK_SIZE]
-            self._seal_one(fd, index, plaintext, n)
+            try:
+                fd = self._fd
+                if fd is None or self._read_only:
+                    self._writable()
+                header = self._header
+                if type(index) is not int or not 0 <= index < header.total_blocks:
+                    self._check_index(index)
+                if isinstance(data, memoryview):
+                    data = data.cast("B")
+                elif not isinstance(data, bytes | bytearray):
+                    raise InvalidArgument("write_block data must be bytes")
+                n = len(data)
+                cap = min(BLOCK_SIZE, header.size_bytes - index * BLOCK_SIZE)
+                if not 1 <= n <= cap:
+                    raise BlockRangeError(
+                        path=self.path,
+                        msg=f"block {index} takes 1..{cap} bytes, got {n} (use discard() to clear a block)",
+                    )
+                if n == BLOCK_SIZE and type(data) is bytes:
+                    plaintext: bytes | memoryview = data
+                else:
+                    pbuf = self._pbuf
+                    pbuf[:n] = data
+                    pbuf[n:BLOCK_SIZE] = _ZERO_MV[n:]
+                    plaintext = self._pmv[:BLOCK_SIZE]
+                self._seal_one(fd, index, plaintext, n)
+            except OSError as e:
+                raise self._os_error(e) from e
 
     def _seal_one(self, fd: int, index: int, plaintext: bytes | memoryview, length: int) -> None:
         epoch = self._budget.take_one()
@@ -458,28 +470,34 @@ class PQCVolume:
     def read(self, offset: int, length: int) -> bytes:
         """Plaintext bytes ``[offset, offset+length)`` of the virtual disk (holes read as zeros)."""
         with self._lock:
-            self._state()
-            self._check_range(offset, length)
-            if length == BLOCK_SIZE and not offset % BLOCK_SIZE:  # one whole block: the NBD 4 KiB case
-                opened = self._open_one(self._fd, offset // BLOCK_SIZE)
-                return _ZERO_BYTES if opened is None else opened[0]
-            # Decrypt into a buffer kept across calls, then copy once: allocating two fresh 1 MiB buffers per
-            # call made glibc return and re-fault the pages every time (measured: 3x slower).
-            if length <= len(self._obuf):
-                out = memoryview(self._obuf)[:length]
-                self._read_into(offset, out)
-                return out.tobytes()
-            buf = bytearray(length)
-            self._read_into(offset, memoryview(buf))
-            return bytes(buf)
+            try:
+                self._state()
+                self._check_range(offset, length)
+                if length == BLOCK_SIZE and not offset % BLOCK_SIZE:  # one whole block: the NBD 4 KiB case
+                    opened = self._open_one(self._fd, offset // BLOCK_SIZE)
+                    return _ZERO_BYTES if opened is None else opened[0]
+                # Decrypt into a buffer kept across calls, then copy once: allocating two fresh 1 MiB buffers per
+                # call made glibc return and re-fault the pages every time (measured: 3x slower).
+                if length <= len(self._obuf):
+                    out = memoryview(self._obuf)[:length]
+                    self._read_into(offset, out)
+                    return out.tobytes()
+                buf = bytearray(length)
+                self._read_into(offset, memoryview(buf))
+                return bytes(buf)
+            except OSError as e:
+                raise self._os_error(e) from e
 
     def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
         """Like :meth:`read` into a caller's writable buffer (no result copy); returns its length."""
         out = memoryview(buf).cast("B")
         with self._lock:
-            self._state()
-            self._check_range(offset, len(out))
-            self._read_into(offset, out)
+            try:
+                self._state()
+                self._check_range(offset, len(out))
+                self._read_into(offset, out)
+            except OSError as e:
+                raise self._os_error(e) from e
         return len(out)
 
     def _read_into(self, offset: int, out: memoryview) -> None:
@@ -502,14 +520,17 @@ class PQCVolume:
         """Write plaintext at a byte offset; unaligned edges are read, patched and re-encrypted."""
         src = memoryview(data).cast("B")
         with self._lock:
-            fd, _ = self._writable()
-            self._check_range(offset, len(src))
-            if len(src) == BLOCK_SIZE and not offset % BLOCK_SIZE:
-                self._seal_one(fd, offset // BLOCK_SIZE, src, BLOCK_SIZE)
-            else:
-                self._write_from(offset, src)
-            if fua:
-                os.fdatasync(fd)
+            try:
+                fd, _ = self._writable()
+                self._check_range(offset, len(src))
+                if len(src) == BLOCK_SIZE and not offset % BLOCK_SIZE:
+                    self._seal_one(fd, offset // BLOCK_SIZE, src, BLOCK_SIZE)
+                else:
+                    self._write_from(offset, src)
+                if fua:
+                    os.fdatasync(fd)
+            except OSError as e:
+                raise self._os_error(e) from e
 
     def _write_from(self, offset: int, src: memoryview) -> None:
         length = len(src)
@@ -537,9 +558,12 @@ class PQCVolume:
     def flush(self) -> None:
         """Everything written so far is durable when this returns (fdatasync)."""
         with self._lock:
-            fd, _ = self._state()
-            if not self._read_only:
-                os.fdatasync(fd)
+            try:
+                fd, _ = self._state()
+                if not self._read_only:
+                    os.fdatasync(fd)
+            except OSError as e:
+                raise self._os_error(e) from e
 
     # --- zeroing / discard ----------------------------------------------------------------------------------
 
@@ -551,21 +575,24 @@ class PQCVolume:
     def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
         """Make a byte range read as zeros.  ``may_trim=False`` writes zero slots instead of punching holes."""
         with self._lock:
-            _, header = self._writable()
-            self._check_range(offset, length)
-            if length == 0:
-                return
-            end = offset + length
-            first_full = _round_up(offset, BLOCK_SIZE) // BLOCK_SIZE
-            end_full = header.total_blocks if end == header.size_bytes else end // BLOCK_SIZE
-            if first_full >= end_full:
-                self._zero_partial(offset, end)
-                return
-            if offset < first_full * BLOCK_SIZE:
-                self._zero_partial(offset, first_full * BLOCK_SIZE)
-            self._clear_slots(first_full, end_full - first_full, may_trim)
-            if end_full * BLOCK_SIZE < end:
-                self._zero_partial(end_full * BLOCK_SIZE, end)
+            try:
+                _, header = self._writable()
+                self._check_range(offset, length)
+                if length == 0:
+                    return
+                end = offset + length
+                first_full = _round_up(offset, BLOCK_SIZE) // BLOCK_SIZE
+                end_full = header.total_blocks if end == header.size_bytes else end // BLOCK_SIZE
+                if first_full >= end_full:
+                    self._zero_partial(offset, end)
+                    return
+                if offset < first_full * BLOCK_SIZE:
+                    self._zero_partial(offset, first_full * BLOCK_SIZE)
+                self._clear_slots(first_full, end_full - first_full, may_trim)
+                if end_full * BLOCK_SIZE < end:
+                    self._zero_partial(end_full * BLOCK_SIZE, end)
+            except OSError as e:
+                raise self._os_error(e) from e
 
     def _zero_partial(self, start: int, end: int) -> None:
         """Zero ``[start, end)`` inside one block by read-modify-write; an all-zero result empties the slot."""
@@ -642,46 +669,55 @@ class PQCVolume:
         with block counts as the scan advances.
         """
         with self._lock:
-            fd, header = self._state()
-            bad: list[int] = []
-            out = memoryview(self._pbuf)
-            for first, count in self._slot_runs():
-                raw = os.pread(fd, count * SLOT_SIZE, HEADER_SIZE + first * SLOT_SIZE)
-                if len(raw) < count * SLOT_SIZE:
-                    raise TruncatedVolumeError(path=self.path, msg="file shrank during check")
-                self._cipher.open_run(raw, first, count, out[: count * BLOCK_SIZE], bad)
+            try:
+                fd, header = self._state()
+                bad: list[int] = []
+                out = memoryview(self._pbuf)
+                for first, count in self._slot_runs():
+                    raw = os.pread(fd, count * SLOT_SIZE, HEADER_SIZE + first * SLOT_SIZE)
+                    if len(raw) < count * SLOT_SIZE:
+                        raise TruncatedVolumeError(path=self.path, msg="file shrank during check")
+                    self._cipher.open_run(raw, first, count, out[: count * BLOCK_SIZE], bad)
+                    if progress is not None:
+                        progress(first + count, header.total_blocks)
                 if progress is not None:
-                    progress(first + count, header.total_blocks)
-            if progress is not None:
-                progress(header.total_blocks, header.total_blocks)
-            return bad
+                    progress(header.total_blocks, header.total_blocks)
+                return bad
+            except OSError as e:
+                raise self._os_error(e) from e
 
     def allocated_blocks(self) -> int:
         """How many slots hold data (are not all-zero)."""
         with self._lock:
-            fd, _ = self._state()
-            used = 0
-            for first, count in self._slot_runs():
-                raw = os.pread(fd, count * SLOT_SIZE, HEADER_SIZE + first * SLOT_SIZE)
-                for o in range(0, len(raw), SLOT_SIZE):
-                    if not raw.startswith(ZERO_SLOT, o, o + SLOT_SIZE):
-                        used += 1
-            return used
+            try:
+                fd, _ = self._state()
+                used = 0
+                for first, count in self._slot_runs():
+                    raw = os.pread(fd, count * SLOT_SIZE, HEADER_SIZE + first * SLOT_SIZE)
+                    for o in range(0, len(raw), SLOT_SIZE):
+                        if not raw.startswith(ZERO_SLOT, o, o + SLOT_SIZE):
+                            used += 1
+                return used
+            except OSError as e:
+                raise self._os_error(e) from e
 
     def info(self) -> dict[str, Any]:
         """Header fields plus where the file stands: allocated blocks and bytes, the path."""
         with self._lock:
-            fd, header = self._state()
-            st = os.fstat(fd)
-            out = header.to_dict()
-            out.update(
-                path=self.path,
-                file_size=st.st_size,
-                allocated_bytes=st.st_blocks * 512,
-                allocated_blocks=self.allocated_blocks(),
-                read_only=self._read_only,
-            )
-            return out
+            try:
+                fd, header = self._state()
+                st = os.fstat(fd)
+                out = header.to_dict()
+                out.update(
+                    path=self.path,
+                    file_size=st.st_size,
+                    allocated_bytes=st.st_blocks * 512,
+                    allocated_blocks=self.allocated_blocks(),
+                    read_only=self._read_only,
+                )
+                return out
+            except OSError as e:
+                raise self._os_error(e) from e
 
 
 # --- module helpers -------------------------------------------------------------------------------------------
