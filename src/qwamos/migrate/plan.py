@@ -1,0 +1,249 @@
+"""Look before migrating: what the source is, where the new disk goes, and every reason to refuse.
+
+:func:`make_plan` does all the checks that can fail without changing anything — the VM exists and is
+stopped, the source is readable by QEMU and not already encrypted, its virtual size matches the config, the
+target and backup names are free, there is room — so that a refused migration never touches a file.  The
+plan is also what ``--dry-run`` prints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from qwamos.errors import MigrationError, SizeMismatchError, VMStateError
+from qwamos.hypervisor.sizes import format_size
+from qwamos.migrate import qemuimg
+from qwamos.migrate.vmview import VMView, load_vm
+from qwamos.volume import PQCVolume
+from qwamos.volume.header import HEADER_SIZE, SLOT_SIZE
+
+Direction = Literal["to-qvol", "to-qcow2"]
+TO_QVOL: Direction = "to-qvol"
+TO_QCOW2: Direction = "to-qcow2"
+MIB = 1024 * 1024
+# Slack for volume/qcow2 metadata on top of the data itself when checking free space.
+_SPACE_SLACK = 16 * MIB
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    """Everything a migration will do, decided before it does any of it."""
+
+    vm: VMView
+    direction: Direction
+    source: qemuimg.ImageInfo
+    target: Path
+    partial: Path
+    backup: Path | None
+    size_bytes: int
+    source_key_id: str | None = None
+    source_algorithm: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def journal_path(self) -> Path:
+        return journal_path_for(self.vm)
+
+    def steps(self) -> list[str]:
+        """The actions in order, as sentences (``--dry-run`` prints these)."""
+        s = self.source.path
+        out: list[str] = []
+        if self.backup is not None:
+            out.append(f"keep the original as {self.backup} (a hard link: no copy, the original is not modified)")
+        if self.direction == TO_QVOL:
+            out.append(f"create an encrypted volume {self.target} of {self.size_bytes} bytes with a new key")
+            out.append(f"copy {s} ({self.source.format}) into it through QEMU and an NBD export, holes kept")
+        else:
+            out.append(f"create {self.target} (qcow2) of {self.size_bytes} bytes")
+            out.append(f"copy the decrypted volume {s} into it through a read-only NBD export")
+        out.append("compare every byte of the copy with the source (qemu-img compare)")
+        out.append(f"only then update {self.vm.config_path}")
+        if self.backup is None:
+            out.append(f"delete {s} after the switch" + (" and its key" if self.direction == TO_QCOW2 else ""))
+        elif self.direction == TO_QVOL:
+            out.append(f"remove the name {s}; its data stays in {self.backup}")
+        else:
+            out.append(f"rename {s} to {self.backup} (still encrypted; its key is kept)")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm.name,
+            "direction": self.direction,
+            "config": str(self.vm.config_path),
+            "source": self.source.to_dict(),
+            "target": str(self.target),
+            "backup": str(self.backup) if self.backup else None,
+            "size_bytes": self.size_bytes,
+            "configured_size_bytes": self.vm.disk_size_bytes,
+            "steps": self.steps(),
+            "warnings": list(self.warnings),
+        }
+
+
+def journal_path_for(vm: VMView) -> Path:
+    """Where an in-flight migration records what it has created (for rollback after a crash)."""
+    return vm.config_path.parent / ".qwamos-migrate.json"
+
+
+def partial_path_for(target: Path) -> Path:
+    """The name the new disk is built under; it gets its real name only after verification."""
+    return target.with_name(f".{target.name}.partial")
+
+
+def check_size(source: qemuimg.ImageInfo, configured: int | None, config_path: Path) -> None:
+    """The source's virtual size must equal the configured one exactly (the spec's "disk size mismatch")."""
+    if configured is None or configured == source.virtual_size:
+        return
+    have, want = source.virtual_size, configured
+    fix = f"set the disk size in {config_path} to {have} (the disk's real size)"
+    if want > have:
+        fix += f", or first grow the image: qemu-img resize {source.path} {want}"
+    raise SizeMismatchError(
+        msg=f"{source.path} has a virtual size of {have} bytes ({format_size(have)}) but {config_path} says "
+        f"{want} bytes ({format_size(want)}). Fix: {fix}. Nothing was changed."
+    )
+
+
+def refuse_running(vm: VMView) -> None:
+    state = vm.state()
+    if state not in ("stopped", "unknown"):
+        raise VMStateError(
+            name=vm.name, state=state, msg=f"stop it before migrating its disk (qwamos vm stop {vm.name})"
+        )
+
+
+def _refuse_existing(path: Path, what: str) -> None:
+    if os.path.lexists(path):
+        raise MigrationError(
+            msg=f"{what} {path} already exists; move it away (or delete it) and run the migration again"
+        )
+
+
+def _check_space(directory: Path, needed: int) -> None:
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    if free < needed + _SPACE_SLACK:
+        raise MigrationError(
+            msg=f"not enough free space in {directory}: about {format_size(needed)} needed, "
+            f"{format_size(free)} free"
+        )
+
+
+def _qvol_footprint(data_bytes: int) -> int:
+    """Bytes a .qvol needs for ``data_bytes`` of allocated data (4128-byte slots per 4096-byte block)."""
+    return HEADER_SIZE + -(-data_bytes // 4096) * SLOT_SIZE
+
+
+def make_plan(
+    name: str,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    direction: Direction = TO_QVOL,
+    backup: bool = True,
+    keystore: Any = None,
+) -> MigrationPlan:
+    """Check everything and decide what to do; change nothing.  Raises the error a real run would raise."""
+    vm = load_vm(name, root=root)
+    refuse_running(vm)
+    if direction == TO_QVOL:
+        return _plan_to_qvol(vm, backup)
+    return _plan_to_qcow2(vm, backup, keystore)
+
+
+def _plan_to_qvol(vm: VMView, backup: bool) -> MigrationPlan:
+    if vm.encrypted:
+        raise MigrationError(
+            msg=f"VM {vm.name!r} already uses encrypted storage ({vm.qvol_path}); "
+            f"to go back to qcow2 use: qwamos migrate --to-qcow2 {vm.name}"
+        )
+    src_path = vm.disk_path
+    if not src_path.exists():
+        raise MigrationError(msg=f"the VM's disk {src_path} does not exist (nothing to migrate)")
+    if not os.access(src_path, os.R_OK):
+        raise MigrationError(msg=f"cannot read the source disk {src_path}: permission denied")
+    source = qemuimg.info(src_path)
+    if source.encrypted:
+        raise MigrationError(
+            msg=f"{src_path} is a QEMU-encrypted {source.format} image; decrypt it with qemu-img first"
+        )
+    check_size(source, vm.disk_size_bytes, vm.config_path)
+    target = vm.qvol_path
+    _refuse_existing(target, "the encrypted disk")
+    partial = partial_path_for(target)
+    backup_path = Path(f"{src_path}.backup") if backup else None
+    if backup_path is not None:
+        _refuse_existing(backup_path, "the backup")
+    warnings: list[str] = []
+    if source.backing_file:
+        warnings.append(
+            f"{src_path} has a backing file {source.backing_file}: its data is copied into the volume, "
+            "but the backing file itself stays unencrypted"
+        )
+    if not backup:
+        warnings.append(_flash_warning(src_path))
+    used = source.actual_size if source.actual_size is not None else source.virtual_size
+    _check_space(target.parent, _qvol_footprint(min(used, source.virtual_size)))
+    return MigrationPlan(
+        vm=vm,
+        direction=TO_QVOL,
+        source=source,
+        target=target,
+        partial=partial,
+        backup=backup_path,
+        size_bytes=source.virtual_size,
+        warnings=warnings,
+    )
+
+
+def _plan_to_qcow2(vm: VMView, backup: bool, keystore: Any) -> MigrationPlan:
+    if not vm.encrypted:
+        raise MigrationError(msg=f"VM {vm.name!r} does not use encrypted storage; nothing to decrypt")
+    src_path = vm.qvol_path
+    if not src_path.exists():
+        raise MigrationError(msg=f"the VM's encrypted disk {src_path} does not exist (nothing to migrate)")
+    with PQCVolume(src_path, keystore=keystore, read_only=True) as vol:  # authenticates the header
+        size, key_id, algorithm = vol.size, vol.key_id, vol.header.algorithm
+    source = qemuimg.ImageInfo(
+        path=str(src_path),
+        format="qvol",
+        virtual_size=size,
+        actual_size=os.stat(src_path).st_blocks * 512,
+        backing_file=None,
+        encrypted=True,
+    )
+    check_size(source, vm.disk_size_bytes, vm.config_path)
+    target = vm.plain_disk_path
+    _refuse_existing(target, "the qcow2 disk")
+    backup_path = Path(f"{src_path}.backup") if backup else None
+    if backup_path is not None:
+        _refuse_existing(backup_path, "the backup")
+    warnings = [f"{target} will hold the VM's data unencrypted"]
+    _check_space(target.parent, source.actual_size or 0)
+    return MigrationPlan(
+        vm=vm,
+        direction=TO_QCOW2,
+        source=source,
+        target=target,
+        partial=partial_path_for(target),
+        backup=backup_path,
+        size_bytes=size,
+        source_key_id=key_id,
+        source_algorithm=algorithm,
+        warnings=warnings,
+    )
+
+
+def _flash_warning(path: Path) -> str:
+    return (
+        f"--no-backup deletes {path} after the verified switch, but deleting a file does not erase it from "
+        "flash storage (SSD, eMMC, SD card): wear levelling can keep the old plaintext blocks readable on the "
+        "device until they are reused. Only full-device encryption or a secure erase of the device removes "
+        "them for sure."
+    )

@@ -1,0 +1,472 @@
+"""The migration itself: build the new disk beside the old one, prove it identical, then switch.
+
+Order of work (qcow2 -> qvol; the way back mirrors it):
+
+1. plan: every check that can refuse without changing anything (:mod:`qwamos.migrate.plan`);
+2. backup: a hard link ``disk.qcow2.backup`` to the original (instant, no second plaintext copy; the
+   migration never writes to the original, so the link keeps it exactly as it was);
+3. a new volume under a temporary name ``.disk.qvol.partial`` with a new key;
+4. ``qemu-img convert`` from the source straight into the volume's NBD export — QEMU reads the source
+   format, our export encrypts; zero runs are skipped, so holes stay holes;
+5. ``qemu-img compare`` of source and export: every byte, through the real decrypt path;
+6. the volume gets its real name, then the config is saved (atomically) — the commit point;
+7. after the commit only: the original's name goes (its data stays in the backup), or with ``--no-backup``
+   the original is deleted.
+
+Anything that fails before the commit — an error, Ctrl-C, SIGTERM, a killed qemu-img — is rolled back: the
+partial volume is deleted, its key discarded, the backup link removed; the original disk and the config were
+never written.  A journal (:mod:`qwamos.migrate.journal`) lets the next run clean up after SIGKILL or power
+loss.
+
+Progress and results are reported as events (dicts with a ``type``) to a callback; this module never prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwamos.errors import MigrationError, QwamosError
+from qwamos.migrate import qemuimg
+from qwamos.migrate.export import export_volume
+from qwamos.migrate.journal import Journal, fsync_dir
+from qwamos.migrate.plan import (
+    TO_QCOW2,
+    TO_QVOL,
+    Direction,
+    MigrationPlan,
+    journal_path_for,
+    make_plan,
+    refuse_running,
+)
+from qwamos.migrate.vmview import VMView, load_vm
+from qwamos.volume import PQCVolume, read_header
+
+Report = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class MigrationResult:
+    plan: MigrationPlan
+    target: Path
+    key_id: str | None
+    algorithm: str | None
+    backup: Path | None
+    allocated_blocks: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vm": self.plan.vm.name,
+            "direction": self.plan.direction,
+            "target": str(self.target),
+            "key_id": self.key_id,
+            "algorithm": self.algorithm,
+            "backup": str(self.backup) if self.backup else None,
+            "size_bytes": self.plan.size_bytes,
+            "allocated_blocks": self.allocated_blocks,
+        }
+
+
+class Hooks:
+    """Test seams: called at named points of a run (``after_volume``, ``during_copy``, ``before_commit``).
+
+    ``during_copy`` receives the live :class:`~qwamos.migrate.qemuimg.QemuImgRun` so a test can kill it.
+    """
+
+    def call(self, point: str, *args: Any) -> None:
+        fn = getattr(self, point, None)
+        if fn is not None:
+            fn(*args)
+
+
+def _default_keystore() -> Any:
+    from qwamos.keystore import PQCKeystore
+
+    return PQCKeystore()
+
+
+def migrate(
+    name: str,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    direction: Direction = TO_QVOL,
+    backup: bool = True,
+    keystore: Any = None,
+    algorithm: str = "chacha20-poly1305",
+    report: Report | None = None,
+    hooks: Hooks | None = None,
+) -> MigrationResult:
+    """Migrate VM ``name``'s disk (see the module docstring).  Raises a :class:`QwamosError` on refusal or
+    failure, after rolling back; ``KeyboardInterrupt`` also rolls back and is re-raised."""
+    emit = report or (lambda event: None)
+    ks = keystore if keystore is not None else _default_keystore()
+    vm = load_vm(name, root=root)
+    journal = Journal(journal_path_for(vm))
+    leftover = journal.acquire()
+    try:
+        if leftover is not None:
+            recover(leftover, vm, ks, emit)
+        plan = make_plan(name, root=root, direction=direction, backup=backup, keystore=ks)
+        emit({"type": "plan", **plan.to_dict()})
+        for w in plan.warnings:
+            emit({"type": "warning", "message": w})
+        run = _Run(plan, ks, journal, emit, hooks or Hooks(), algorithm)
+        with _signals_raise():
+            return run.execute()
+    finally:
+        journal.release()
+
+
+# --- one run --------------------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(
+        self, plan: MigrationPlan, keystore: Any, journal: Journal, emit: Report, hooks: Hooks, algorithm: str
+    ) -> None:
+        self.plan = plan
+        self.ks = keystore
+        self.journal = journal
+        self.emit = emit
+        self.hooks = hooks
+        self.algorithm = algorithm
+        self.key_id: str | None = None
+        self.backup_made = False
+
+    def execute(self) -> MigrationResult:
+        p = self.plan
+        self.journal.write(
+            state="started",
+            direction=p.direction,
+            source=str(p.source.path),
+            target=str(p.target),
+            partial=str(p.partial),
+            backup=str(p.backup) if p.backup else None,
+            key_id=None,
+            source_key_id=p.source_key_id,
+            pid=os.getpid(),
+        )
+        try:
+            self._backup()
+            if p.direction == TO_QVOL:
+                allocated = self._to_qvol()
+            else:
+                allocated = None
+                self._to_qcow2()
+            self.hooks.call("before_commit", p)
+            self._commit()
+        except BaseException as e:
+            with _signals_blocked():
+                self._rollback(e)
+            raise
+        self._finish()
+        key_id = self.key_id if p.direction == TO_QVOL else None
+        result = MigrationResult(
+            plan=p,
+            target=p.target,
+            key_id=key_id,
+            algorithm=self.algorithm_used if p.direction == TO_QVOL else None,
+            backup=p.backup,
+            allocated_blocks=allocated,
+        )
+        self.emit({"type": "complete", **result.to_dict()})
+        return result
+
+    # -- steps ------------------------------------------------------------------------------------------
+
+    def _backup(self) -> None:
+        p = self.plan
+        if p.backup is None:
+            return
+        self.emit({"type": "backup_start", "path": str(p.backup)})
+        self.backup_made = True  # from here on, rollback removes whatever stands at the backup name
+        make_backup(Path(p.source.path), p.backup)
+        self.emit({"type": "backup", "path": str(p.backup)})
+
+    def _to_qvol(self) -> int:
+        p = self.plan
+        self.emit({"type": "volume_start", "path": str(p.target)})
+        vol = PQCVolume(p.partial, keystore=self.ks)
+        self.key_id = vol.create(p.target.stem, p.vm.name, size_bytes=p.size_bytes, algorithm=self.algorithm)
+        self.journal.write(key_id=self.key_id)
+        with vol:
+            self.algorithm_used = vol.header.algorithm
+            total = vol.total_blocks
+            self.emit(
+                {
+                    "type": "volume_created",
+                    "path": str(p.target),
+                    "size_bytes": p.size_bytes,
+                    "blocks": total,
+                    "key_id": self.key_id,
+                    "algorithm": self.algorithm_used,
+                }
+            )
+            self.hooks.call("after_volume", p)
+            with export_volume(vol, read_only=False) as uri:
+                self._qemu_img(
+                    "copy", qemuimg.convert_args(p.source, uri, dst_format="raw", dst_exists=True), total
+                )
+                self.emit({"type": "copy_done"})
+                self._verify(qemuimg.compare_args(p.source, uri, dst_format="raw"), total)
+            vol.flush()
+            allocated = vol.allocated_blocks()
+        return allocated
+
+    def _to_qcow2(self) -> None:
+        p = self.plan
+        vol = PQCVolume(p.source.path, keystore=self.ks, read_only=True)
+        with vol:
+            total = vol.total_blocks
+            with export_volume(vol, read_only=True) as uri:
+                src = qemuimg.ImageInfo(uri, "raw", p.size_bytes, None, None, False)
+                self.emit({"type": "qcow2_start", "path": str(p.target), "size_bytes": p.size_bytes})
+                self._qemu_img(
+                    "copy", qemuimg.convert_args(src, str(p.partial), dst_format="qcow2", dst_exists=False), total
+                )
+                self.emit({"type": "copy_done"})
+                self._verify(qemuimg.compare_args(src, str(p.partial), dst_format="qcow2"), total)
+        _fsync_file(p.partial)
+
+    def _qemu_img(self, phase: str, args: list[str], total_blocks: int) -> int:
+        def on_percent(pct: float) -> None:
+            done = min(total_blocks, int(total_blocks * pct / 100.0))
+            self.emit({"type": "progress", "phase": phase, "done": done, "total": total_blocks})
+
+        self.emit({"type": f"{phase}_start", "blocks": total_blocks, "size_bytes": self.plan.size_bytes})
+        run = qemuimg.QemuImgRun(args, on_percent=on_percent)
+        if phase == "copy":
+            self.hooks.call("during_copy", run)
+        rc = run.run()
+        if rc != 0 and phase == "copy":
+            raise MigrationError(msg=f"copying the disk failed (qemu-img exit {rc}): {run.stderr}")
+        self.emit({"type": "progress", "phase": phase, "done": total_blocks, "total": total_blocks, "end": True})
+        return rc
+
+    def _verify(self, args: list[str], total_blocks: int) -> None:
+        rc = self._qemu_img("verify", args, total_blocks)
+        if rc == 1:
+            raise MigrationError(msg="verification failed: the copy differs from the source; nothing was switched")
+        if rc != 0:
+            raise MigrationError(msg="verification could not run; nothing was switched")
+        self.emit({"type": "verified"})
+
+    def _commit(self) -> None:
+        """Give the new disk its name, then save the config: the one step after which we keep the result."""
+        p = self.plan
+        refuse_running(p.vm)  # it may have been started since the plan was made
+        _place(p.partial, p.target)
+        self.journal.write(state="placed")
+        self.emit({"type": "config_start", "path": str(p.vm.config_path)})
+        vm = p.vm.reload()
+        cfg = vm.config
+        if p.direction == TO_QVOL:
+            cfg.set_encryption(
+                enabled=True,
+                key_id=self.key_id,
+                algorithm=self.algorithm_used,
+                key_encapsulation=getattr(self.ks, "key_encapsulation", None),
+            )
+        else:
+            cfg.set_encryption(enabled=False)
+            if vm.disk_path != p.target:
+                cfg.set_disk_path(p.target)
+        cfg.save()
+        self.journal.write(state="committed")
+        self.emit({"type": "config_updated", "path": str(p.vm.config_path)})
+
+    def _finish(self) -> None:
+        """After the commit: the original's name goes (its data stays in the backup) or it is deleted."""
+        p = self.plan
+        finish_committed(self.journal.record, self.ks, self.emit)
+        if p.backup is None and p.direction == TO_QVOL:
+            self.emit({"type": "deleted", "path": str(p.source.path)})
+        self.journal.remove()
+
+    # -- rollback ---------------------------------------------------------------------------------------
+
+    def _rollback(self, exc: BaseException) -> None:
+        p = self.plan
+        problems: list[str] = []
+        for path in (p.partial, p.target if self.journal.record.get("state") == "placed" else None):
+            if path is not None:
+                _try(problems, f"remove {path}", _unlink, path)
+        if self.key_id is not None:
+            _try(problems, f"discard key {self.key_id}", self.ks.discard_key, self.key_id)
+        if self.backup_made and p.backup is not None:
+            _try(problems, f"remove {p.backup}", _remove_backup, Path(p.source.path), p.backup)
+        if problems:
+            # Keep the journal: the next run retries the clean-up.
+            self.emit({"type": "rollback_incomplete", "problems": problems})
+            return
+        self.journal.remove()
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        self.emit({"type": "rolled_back", "reason": reason})
+
+
+# --- used by the run and by recovery ---------------------------------------------------------------------
+
+
+def make_backup(source: Path, backup: Path) -> None:
+    """A second name for the original (hard link); a sparse copy where the filesystem has no hard links."""
+    try:
+        os.link(source, backup)
+    except FileExistsError:
+        raise MigrationError(msg=f"{backup} already exists") from None
+    except OSError:
+        res = subprocess.run(
+            [
+                "cp",
+                "--reflink=auto",
+                "--sparse=always",
+                "--preserve=mode,timestamps",
+                "--no-clobber",
+                "--",
+                str(source),
+                str(backup),
+            ],
+            capture_output=True,
+            check=False,
+        )
+        if res.returncode != 0:
+            raise MigrationError(
+                msg=f"cannot create the backup {backup}: {res.stderr.decode(errors='replace').strip()}"
+            ) from None
+    fsync_dir(backup.parent)
+
+
+def _remove_backup(source: Path, backup: Path) -> None:
+    if source.exists() and backup.exists():
+        _unlink(backup)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+        fsync_dir(path.parent)
+
+
+def _place(partial: Path, target: Path) -> None:
+    """Rename without ever replacing: link to the real name (fails if it exists), then drop the temp name."""
+    try:
+        os.link(partial, target)
+    except FileExistsError:
+        raise MigrationError(msg=f"{target} appeared during the migration; not replacing it") from None
+    os.unlink(partial)
+    fsync_dir(target.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _try(problems: list[str], what: str, fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except (OSError, QwamosError) as e:
+        problems.append(f"{what}: {e}")
+
+
+def finish_committed(record: dict[str, Any], keystore: Any, emit: Report) -> None:
+    """The post-commit clean-up: drop the original's name, or delete it (and, going back, its key)."""
+    source = Path(record["source"])
+    backup = Path(record["backup"]) if record.get("backup") else None
+    if backup is not None and not backup.exists():
+        raise MigrationError(msg=f"the backup {backup} is missing; leaving {source} in place")
+    _unlink(source)
+    if backup is None and record["direction"] == TO_QVOL:
+        emit({"type": "warning", "message": "deleted file data may persist on flash storage (see --no-backup)"})
+    if backup is None and record["direction"] == TO_QCOW2 and record.get("source_key_id"):
+        keystore.delete_key(record["source_key_id"])
+
+
+def recover(record: dict[str, Any], vm: VMView, keystore: Any, emit: Report) -> None:
+    """Clean up after a run that died (its journal is still there): roll back, or finish a committed one."""
+    state = record.get("state")
+    if state == "placed" and _config_switched(record, vm):
+        state = "committed"
+    if state == "committed":
+        finish_committed(record, keystore, emit)
+        emit({"type": "recovered", "action": "finished", "journal": record})
+    else:
+        partial = Path(record["partial"])
+        target = Path(record["target"])
+        key_id = record.get("key_id")
+        if record["direction"] == TO_QVOL and key_id is None and partial.exists():
+            with contextlib.suppress(QwamosError):
+                key_id = read_header(partial)["key_id"]
+        _unlink(partial)
+        if state == "placed" and target.exists() and _is_ours(target, record, key_id):
+            _unlink(target)
+        if record["direction"] == TO_QVOL and key_id:
+            with contextlib.suppress(QwamosError):
+                keystore.discard_key(key_id)
+        if record.get("backup"):
+            _remove_backup(Path(record["source"]), Path(record["backup"]))
+        emit({"type": "recovered", "action": "rolled_back", "journal": record})
+    journal_path_for(vm).unlink(missing_ok=True)
+
+
+def _config_switched(record: dict[str, Any], vm: VMView) -> bool:
+    fresh = vm.reload()
+    if record["direction"] == TO_QVOL:
+        return fresh.encrypted and fresh.config.key_id == record.get("key_id")
+    return not fresh.encrypted
+
+
+def _is_ours(target: Path, record: dict[str, Any], key_id: str | None) -> bool:
+    if record["direction"] == TO_QCOW2:
+        return True
+    try:
+        return read_header(target)["key_id"] == key_id
+    except QwamosError:
+        return False
+
+
+# --- signals -----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM/SIGHUP become KeyboardInterrupt (so they roll back like Ctrl-C) while a run is active."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Rollback must not itself be interrupted; signals that arrive meanwhile are delivered afterwards."""
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+__all__ = ["Hooks", "MigrationResult", "migrate", "recover"]

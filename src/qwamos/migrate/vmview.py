@@ -1,0 +1,64 @@
+"""What migration needs to know about a VM, read through the hypervisor layer's config and manager.
+
+Kept in one small module so that the plan and the run speak of "the VM's plain disk", "its encrypted disk",
+"its state" without each knowing the config schema.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwamos.hypervisor import layout
+from qwamos.hypervisor.config import VMConfig
+
+
+@dataclass
+class VMView:
+    name: str
+    root: Path
+    config_path: Path
+    config: Any  # qwamos.hypervisor.config.VMConfig
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.config.encryption_enabled)
+
+    @property
+    def disk_path(self) -> Path:
+        """The disk the config names (the plain image for an unencrypted VM)."""
+        return Path(self.config.disk_path)
+
+    @property
+    def qvol_path(self) -> Path:
+        """Where this VM's encrypted disk lives (or will)."""
+        return Path(self.config.encrypted_disk_path())
+
+    @property
+    def plain_disk_path(self) -> Path:
+        """Where ``--to-qcow2`` puts the decrypted disk: the configured path when it is a .qcow2, else
+        the encrypted disk's name with a .qcow2 suffix."""
+        p = self.disk_path
+        return p if p.suffix == ".qcow2" else self.qvol_path.with_suffix(".qcow2")
+
+    @property
+    def disk_size_bytes(self) -> int | None:
+        return self.config.disk_size_bytes
+
+    def state(self) -> str:
+        """``running``, ``stopped`` ... as the VM manager sees it."""
+        from qwamos.hypervisor import manager
+
+        return str(manager.vm_state(self.name, root=self.root))
+
+    def reload(self) -> VMView:
+        """A fresh view of the config on disk (after another process changed it)."""
+        return load_vm(self.name, root=self.root)
+
+
+def load_vm(name: str, *, root: str | os.PathLike[str] | None = None) -> VMView:
+    r = Path(root) if root is not None else Path(layout.default_root())
+    path = Path(layout.config_path(r, name))
+    return VMView(name=name, root=r, config_path=path, config=VMConfig.load(path))
