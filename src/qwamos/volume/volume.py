@@ -425,6 +425,15 @@ class PQCVolume:
                 if fd is None or self._read_only:
                     self._writable()
                 header = self._header
+                if (
+                    type(data) is bytes
+                    and len(data) == BLOCK_SIZE
+                    and type(index) is int
+                    and index >= 0
+                    and (index + 1) * BLOCK_SIZE <= header.size_bytes
+                ):  # the common case, checked in one go
+                    self._seal_one(fd, index, data, BLOCK_SIZE)
+                    return
                 if type(index) is not int or not 0 <= index < header.total_blocks:
                     self._check_index(index)
                 if isinstance(data, memoryview):
