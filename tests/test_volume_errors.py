@@ -226,3 +226,11 @@ def test_os_write_failure_is_a_volume_error(vol, keys):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["REFUSED", "True", "fits"]
+
+
+def test_names_too_long_once_encoded_are_refused_cleanly(tmp_path, keys):
+    """255 astral characters fit the length rule but not the header once JSON-escaped."""
+    long_name = "\U0001f512" * 255
+    with pytest.raises(InvalidArgument, match="header metadata"):
+        PQCVolume(tmp_path / "x.qvol", keystore=keys).create(long_name, long_name[:100], size_mb=1)
+    assert os.listdir(tmp_path) == [] and len(keys.discarded) == 1

@@ -23,7 +23,13 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from qwamos import crypto
-from qwamos.errors import HeaderCorruptError, NotAQvolError, TruncatedVolumeError, UnsupportedVersionError
+from qwamos.errors import (
+    HeaderCorruptError,
+    InvalidArgument,
+    NotAQvolError,
+    TruncatedVolumeError,
+    UnsupportedVersionError,
+)
 from qwamos.volume.keys import MAX_EPOCH
 
 MAGIC = b"QWAMOS-PQC-VOL-v1"
@@ -105,7 +111,7 @@ def encode(header: Header, mac_key: bytes) -> bytes:
     """The header's 4096 bytes, MAC included."""
     body = canonical_json(header.to_dict())
     if len(body) > MAX_JSON:
-        raise ValueError("header JSON does not fit in 4028 bytes (names too long?)")
+        raise InvalidArgument(f"header metadata is {len(body)} bytes encoded, over {MAX_JSON} (names too long?)")
     buf = bytearray(HEADER_SIZE)
     buf[0:32] = MAGIC_FIELD
     _LEN.pack_into(buf, LENGTH_OFFSET, len(body))

@@ -131,6 +131,8 @@ class PQCVolume:
         try:
             key_id, key = provider.new_volume_key(vm_name, name)
             key = check_volume_key(key)
+            if not isinstance(key_id, str) or not 1 <= len(key_id) <= hdr.MAX_NAME_LEN:
+                raise InvalidArgument(f"the key provider returned an unusable key id {key_id!r}")
             uuid = bytearray(crypto.random_bytes(16))
             uuid[6] = (uuid[6] & 0x0F) | 0x40  # shaped as a version-4 UUID; 122 random bits
             uuid[8] = (uuid[8] & 0x3F) | 0x80
@@ -365,7 +367,7 @@ class PQCVolume:
                 )
             got += n
         bad: list[int] = []
-        self._cipher.open_run(self._rbuf if count == MAX_RUN else raw.tobytes(), first, count, out, bad)
+        self._cipher.open_run(self._rbuf, first, count, out, bad)  # reads only the first `count` slots
         if bad:
             raise BlockAuthError(path=self.path, index=bad[0])
 
