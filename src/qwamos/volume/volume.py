@@ -594,25 +594,29 @@ class PQCVolume:
                 end = offset + length
                 first_full = _round_up(offset, BLOCK_SIZE) // BLOCK_SIZE
                 end_full = header.total_blocks if end == header.size_bytes else end // BLOCK_SIZE
-                if first_full >= end_full:
-                    self._zero_partial(offset, end)
-                    return
-                if offset < first_full * BLOCK_SIZE:
-                    self._zero_partial(offset, first_full * BLOCK_SIZE)
-                self._clear_slots(first_full, end_full - first_full, may_trim)
-                if end_full * BLOCK_SIZE < end:
-                    self._zero_partial(end_full * BLOCK_SIZE, end)
+                # head: the part of the range inside a block that starts before it
+                head_end = min(end, first_full * BLOCK_SIZE)
+                if offset < head_end:
+                    self._zero_partial(offset, head_end, may_trim)
+                # whole blocks, then the tail inside the block where the range ends
+                if end_full > first_full:
+                    self._clear_slots(first_full, end_full - first_full, may_trim)
+                    tail_start = end_full * BLOCK_SIZE
+                else:
+                    tail_start = max(head_end, first_full * BLOCK_SIZE)
+                if tail_start < end:
+                    self._zero_partial(tail_start, end, may_trim)
             except OSError as e:
                 raise self._os_error(e) from e
 
-    def _zero_partial(self, start: int, end: int) -> None:
+    def _zero_partial(self, start: int, end: int, may_trim: bool) -> None:
         """Zero ``[start, end)`` inside one block by read-modify-write; an all-zero result empties the slot."""
         block, skip = divmod(start, BLOCK_SIZE)
         work = memoryview(self._pbuf)[:BLOCK_SIZE]
         self._open_blocks(block, 1, work)
         work[skip : skip + (end - start)] = bytes(end - start)
-        if self._pbuf.startswith(ZERO_SLOT[:BLOCK_SIZE]):
-            self._clear_slots(block, 1, True)
+        if self._pbuf.startswith(_ZERO_BYTES):
+            self._clear_slots(block, 1, may_trim)
         else:
             self._seal_blocks(block, work, 1)
 
