@@ -24,7 +24,7 @@ import fcntl
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,6 +54,7 @@ MIB = 1024 * 1024
 ProgressFn = Callable[[int, int], None]
 _ZERO_BYTES = bytes(BLOCK_SIZE)
 _ZERO_MV = memoryview(_ZERO_BYTES)
+_ZERO_MIB = memoryview(bytes(MIB))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -640,7 +641,7 @@ class PQCVolume:
         """Write zeros over file bytes ``[start, end)``, skipping pieces already zero when asked (so that a
         hole is not allocated just to store zeros)."""
         fd = self._fd
-        zeros = memoryview(bytes(MIB))
+        zeros = _ZERO_MIB
         pos = start
         while pos < end:
             n = min(MIB, end - pos)
@@ -664,7 +665,7 @@ class PQCVolume:
 
     # --- integrity and information -----------------------------------------------------------------------------
 
-    def _slot_runs(self) -> Any:
+    def _slot_runs(self) -> Iterator[tuple[int, int]]:
         """``(first, count)`` runs (<= MAX_RUN) of slots that overlap allocated file extents, in order."""
         fd, header = self._state()
         nxt = 0
