@@ -181,3 +181,12 @@ def test_read_header_reports_authentication(tmp_path, keys):
     assert checked == fields and checked.authenticated is True
     assert read_header(vol.path, MemoryKeys(b"other")).authenticated is False
     assert json.loads(json.dumps(fields)) == fields
+
+
+def test_dropped_volume_releases_its_lock(tmp_path, keys):
+    vol = make(tmp_path, keys, size_mb=1)
+    vol.open()
+    assert "open" in repr(vol)
+    del vol
+    with PQCVolume(tmp_path / "v.qvol", keystore=keys) as again:  # no VolumeLockedError
+        assert again.read_block(0) == bytes(4096)

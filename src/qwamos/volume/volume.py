@@ -270,6 +270,19 @@ class PQCVolume:
                 self._mac_key = b""
                 os.close(fd)
 
+    def __del__(self) -> None:
+        # A volume dropped without close(): release the descriptor (and with it the lock) rather than leak it
+        # for the life of the process.  No fdatasync here; close() is where durability is promised.
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            self._fd = None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._fd is None else ("open read-only" if self._read_only else "open")
+        return f"<PQCVolume {self.path!r} {state}>"
+
     def __enter__(self) -> PQCVolume:
         if self._fd is None:
             self.open()
