@@ -24,6 +24,7 @@ import fcntl
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -242,8 +243,9 @@ class PQCVolume:
         self._header = header
         self._mac_key = mac_key
         self._cipher = SlotCipher(key, uuid, header.algorithm, header.epoch)
+        persist = weakref.WeakMethod(self._persist_budget)  # no cycle: a dropped volume is freed at once
         self._budget = NonceBudget(
-            self.path, header.epoch, header.epoch_reserved, header.epoch_limit, self._persist_budget
+            self.path, header.epoch, header.epoch_reserved, header.epoch_limit, lambda e, r: persist()(e, r)
         )
         self._wbuf = bytearray(MAX_RUN * SLOT_SIZE)
         self._rbuf = bytearray(MAX_RUN * SLOT_SIZE)
