@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from qwamos.errors import MigrationError, QwamosError
-from qwamos.migrate import qemuimg
-from qwamos.migrate.export import export_volume
+from qwamos.migrate import copy, qemuimg
 from qwamos.migrate.journal import Journal, fsync_dir
 from qwamos.migrate.plan import (
     TO_QCOW2,
@@ -46,8 +45,10 @@ from qwamos.migrate.plan import (
     make_plan,
     refuse_running,
 )
+from qwamos.migrate.stream import ImageStream
 from qwamos.migrate.vmview import VMView, load_vm
 from qwamos.volume import PQCVolume, read_header
+from qwamos.volume.header import BLOCK_SIZE
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -75,9 +76,9 @@ class MigrationResult:
 
 
 class Hooks:
-    """Test seams: called at named points of a run (``after_volume``, ``during_copy``, ``before_commit``).
-
-    ``during_copy`` receives the live :class:`~qwamos.migrate.qemuimg.QemuImgRun` so a test can kill it.
+    """Test seams: called at named points of a run (``after_volume``, ``during_copy``, ``during_verify``,
+    ``before_commit``).  ``during_*`` receive the live :class:`~qwamos.migrate.stream.ImageStream` (its
+    ``proc`` is the QEMU-side process) so a test can kill it.
     """
 
     def call(self, point: str, *args: Any) -> None:
@@ -198,65 +199,62 @@ class _Run:
         self.journal.write(key_id=self.key_id)
         with vol:
             self.algorithm_used = vol.header.algorithm
-            total = vol.total_blocks
             self.emit(
                 {
                     "type": "volume_created",
                     "path": str(p.target),
                     "size_bytes": p.size_bytes,
-                    "blocks": total,
+                    "blocks": vol.total_blocks,
                     "key_id": self.key_id,
                     "algorithm": self.algorithm_used,
                 }
             )
             self.hooks.call("after_volume", p)
-            with export_volume(vol, read_only=False) as uri:
-                self._qemu_img(
-                    "copy", qemuimg.convert_args(p.source, uri, dst_format="raw", dst_exists=True), total
-                )
-                self.emit({"type": "copy_done"})
-                self._verify(qemuimg.compare_args(p.source, uri, dst_format="raw"), total)
+            src, fmt = p.source.path, p.source.format
+            self._phase(
+                "copy", lambda prog: self._stream(ImageStream.reader(src, fmt), copy.stream_to_volume, vol, prog)
+            )
             vol.flush()
-            allocated = vol.allocated_blocks()
-        return allocated
+            self._phase("verify", lambda prog: self._stream(ImageStream.reader(src, fmt), copy.compare, vol, prog))
+            self.emit({"type": "verified"})
+            return vol.allocated_blocks()
 
     def _to_qcow2(self) -> None:
         p = self.plan
-        vol = PQCVolume(p.source.path, keystore=self.ks, read_only=True)
-        with vol:
-            total = vol.total_blocks
-            with export_volume(vol, read_only=True) as uri:
-                src = qemuimg.ImageInfo(uri, "raw", p.size_bytes, None, None, False)
-                self.emit({"type": "qcow2_start", "path": str(p.target), "size_bytes": p.size_bytes})
-                self._qemu_img(
-                    "copy", qemuimg.convert_args(src, str(p.partial), dst_format="qcow2", dst_exists=False), total
-                )
-                self.emit({"type": "copy_done"})
-                self._verify(qemuimg.compare_args(src, str(p.partial), dst_format="qcow2"), total)
-        _fsync_file(p.partial)
+        with PQCVolume(p.source.path, keystore=self.ks, read_only=True) as vol:
+            self.emit({"type": "qcow2_start", "path": str(p.target), "size_bytes": p.size_bytes})
+            qemuimg.create_qcow2(p.partial, p.size_bytes)
+            part = str(p.partial)
+            self._phase(
+                "copy", lambda prog: self._stream(ImageStream.writer(part, "qcow2"), _to_stream, vol, prog)
+            )
+            _fsync_file(p.partial)
+            self._phase(
+                "verify", lambda prog: self._stream(ImageStream.reader(part, "qcow2"), copy.compare, vol, prog)
+            )
+            self.emit({"type": "verified"})
 
-    def _qemu_img(self, phase: str, args: list[str], total_blocks: int) -> int:
-        def on_percent(pct: float) -> None:
-            done = min(total_blocks, int(total_blocks * pct / 100.0))
-            self.emit({"type": "progress", "phase": phase, "done": done, "total": total_blocks})
+    def _stream(
+        self, stream: ImageStream, fn: Callable[..., None], vol: Any, progress: Callable[[int], None]
+    ) -> None:
+        with stream:
+            self.hooks.call(f"during_{self._current}", stream)
+            fn(stream, vol, self.plan.size_bytes, progress)
 
-        self.emit({"type": f"{phase}_start", "blocks": total_blocks, "size_bytes": self.plan.size_bytes})
-        run = qemuimg.QemuImgRun(args, on_percent=on_percent)
+    def _phase(self, phase: str, body: Callable[[Callable[[int], None]], None]) -> None:
+        """Run one pass over the disk, reporting progress in 4 KiB blocks."""
+        size = self.plan.size_bytes
+        total = -(-size // BLOCK_SIZE)
+        self._current = phase
+        self.emit({"type": f"{phase}_start", "blocks": total, "size_bytes": size})
+
+        def progress(done_bytes: int) -> None:
+            self.emit({"type": "progress", "phase": phase, "done": -(-done_bytes // BLOCK_SIZE), "total": total})
+
+        body(progress)
+        self.emit({"type": "progress", "phase": phase, "done": total, "total": total, "end": True})
         if phase == "copy":
-            self.hooks.call("during_copy", run)
-        rc = run.run()
-        if rc != 0 and phase == "copy":
-            raise MigrationError(msg=f"copying the disk failed (qemu-img exit {rc}): {run.stderr}")
-        self.emit({"type": "progress", "phase": phase, "done": total_blocks, "total": total_blocks, "end": True})
-        return rc
-
-    def _verify(self, args: list[str], total_blocks: int) -> None:
-        rc = self._qemu_img("verify", args, total_blocks)
-        if rc == 1:
-            raise MigrationError(msg="verification failed: the copy differs from the source; nothing was switched")
-        if rc != 0:
-            raise MigrationError(msg="verification could not run; nothing was switched")
-        self.emit({"type": "verified"})
+            self.emit({"type": "copy_done"})
 
     def _commit(self) -> None:
         """Give the new disk its name, then save the config: the one step after which we keep the result."""
@@ -361,6 +359,10 @@ def _place(partial: Path, target: Path) -> None:
         raise MigrationError(msg=f"{target} appeared during the migration; not replacing it") from None
     os.unlink(partial)
     fsync_dir(target.parent)
+
+
+def _to_stream(dst: ImageStream, vol: Any, size: int, progress: Callable[[int], None]) -> None:
+    copy.volume_to_stream(vol, dst, size, progress)
 
 
 def _fsync_file(path: Path) -> None:
