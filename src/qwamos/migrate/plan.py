@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qwamos.errors import MigrationError, SizeMismatchError, VMStateError
-from qwamos.hypervisor.sizes import format_size
 from qwamos.migrate import qemuimg
 from qwamos.migrate.vmview import VMView, load_vm
 from qwamos.volume import PQCVolume
@@ -83,6 +82,11 @@ class MigrationPlan:
             "steps": self.steps(),
             "warnings": list(self.warnings),
         }
+
+
+def format_size(n: int) -> str:
+    """Sizes in messages: MiB with two decimals (exact bytes are always printed beside them)."""
+    return f"{n / MIB:.2f} MiB"
 
 
 def journal_path_for(vm: VMView) -> Path:

@@ -53,7 +53,15 @@ class ImageStream:
 
     @classmethod
     def writer(cls, path: str, fmt: str) -> ImageStream:
-        server = [QEMU_NBD, "--format", fmt, "--cache=writeback", "--discard=unmap", os.path.abspath(path)]
+        server = [
+            QEMU_NBD,
+            "--format",
+            fmt,
+            "--cache=writeback",
+            "--discard=unmap",
+            "--detect-zeroes=unmap",
+            os.path.abspath(path),
+        ]
         argv = [NBDCOPY, "--destination-is-zero", "--flush", "--", "-", "[", *server, "]"]
         return cls(argv, writing=True, what=f"writing {path}")
 

@@ -11,9 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwamos.hypervisor import layout
-from qwamos.hypervisor.config import VMConfig
-
 
 @dataclass
 class VMView:
@@ -59,6 +56,9 @@ class VMView:
 
 
 def load_vm(name: str, *, root: str | os.PathLike[str] | None = None) -> VMView:
+    from qwamos.hypervisor import layout
+    from qwamos.hypervisor.config import VMConfig
+
     r = Path(root) if root is not None else Path(layout.default_root())
     path = Path(layout.config_path(r, name))
     return VMView(name=name, root=r, config_path=path, config=VMConfig.load(path))

@@ -1,0 +1,153 @@
+"""Shared pieces of the migration tests: a dict key provider, source images with known content, a watcher
+that looks for a plaintext marker in files while a migration runs, and tree hashes for before/after checks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import subprocess
+import threading
+from pathlib import Path
+
+MIB = 1024 * 1024
+# Not a whole number of MiB, nor of 4096: 5 MiB + 3 sectors.
+ODD_SIZE = 5 * MIB + 3 * 512
+
+
+class DictKeys:
+    """A KeyProvider in memory (the real keystore is tested on its own)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, bytes] = {}
+
+    def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
+        key_id = f"vm-{vm_name or 'x'}-{secrets.token_hex(8)}"
+        self.keys[key_id] = secrets.token_bytes(32)
+        return key_id, self.keys[key_id]
+
+    def volume_key(self, key_id: str) -> bytes:
+        return self.keys[key_id]
+
+    def discard_key(self, key_id: str) -> None:
+        self.keys.pop(key_id, None)
+
+    delete_key = discard_key
+
+
+def qemu_io(path: Path, fmt: str, *cmds: str) -> None:
+    args = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    subprocess.run([*args, str(path)], check=True, capture_output=True)
+
+
+def make_source(path: Path, fmt: str = "qcow2", size: int = ODD_SIZE, marker: bytes | None = None) -> bytes:
+    """An image with data at the start, a hole, a marker record at 1 MiB, data up to the very last byte.
+
+    Returns the marker (random unless given), which appears in the image and nowhere else.
+    """
+    marker = marker or b"QWAMOS-MARKER " + secrets.token_hex(12).encode()
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)], check=True)
+    record = path.with_name(path.name + ".record")
+    record.write_bytes((marker + b"\n").ljust(4096, b"\0"))
+    try:
+        qemu_io(
+            path,
+            fmt,
+            "write -P 0xa5 0 64k",
+            f"write -s {record} 1M 4k",
+            "write -P 0x3c 1028k 60k",
+            "write -P 0x00 2M 64k",  # explicit zeros: must not allocate volume blocks
+            f"write -P 0x7e {size - 8192} 8192",  # the last bytes of an odd-sized disk
+        )
+    finally:
+        record.unlink()
+    return marker
+
+
+DATA_BLOCKS = (64 + 4 + 60 + 8) // 4  # 4 KiB blocks of make_source that are not zero
+
+
+def raw_bytes(path: Path, fmt: str, tmp: Path) -> bytes:
+    """The image's guest-visible bytes (test side: the test may write plaintext in its own tmp dir)."""
+    out = tmp / f"expected-{secrets.token_hex(4)}.raw"
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(out)], check=True)
+    try:
+        return out.read_bytes()
+    finally:
+        out.unlink()
+
+
+def tree_hash(*paths: Path) -> dict[str, str]:
+    """Content hash of every regular file under the given paths (missing paths hash as absent)."""
+    out: dict[str, str] = {}
+    for root in paths:
+        if root.is_file():
+            out[str(root)] = hashlib.sha256(root.read_bytes()).hexdigest()
+            continue
+        for dirpath, _dirs, files in os.walk(root):
+            for f in files:
+                p = Path(dirpath) / f
+                if p.is_file():
+                    out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+class MarkerWatcher:
+    """A thread that keeps scanning directories for files holding ``marker``, except the allowed inodes.
+
+    Only files changed since the watcher started are read, so unrelated big files in /tmp cost nothing.
+    """
+
+    def __init__(self, marker: bytes, dirs: list[Path], allowed: list[Path]) -> None:
+        self.marker = marker
+        self.dirs = [d for d in dirs if d.is_dir()]
+        self.allowed = {(st.st_dev, st.st_ino) for st in (os.stat(p) for p in allowed)}
+        self.found: list[str] = []
+        self.scans = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._since = 0.0
+
+    def __enter__(self) -> MarkerWatcher:
+        import time
+
+        self._since = time.time() - 2
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self._scan()  # once more after the end
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._scan()
+
+    def _scan(self) -> None:
+        for d in self.dirs:
+            for dirpath, _dirs, files in os.walk(d):
+                for f in files:
+                    p = os.path.join(dirpath, f)
+                    try:
+                        st = os.stat(p)
+                        if not os.path.isfile(p) or (st.st_dev, st.st_ino) in self.allowed:
+                            continue
+                        if st.st_mtime < self._since and st.st_ctime < self._since:
+                            continue
+                        if self._contains(p):
+                            self.found.append(p)
+                    except OSError:
+                        continue
+        self.scans += 1
+
+    def _contains(self, path: str) -> bool:
+        with open(path, "rb") as fh:
+            tail = b""
+            while chunk := fh.read(1 << 20):
+                if self.marker in tail + chunk:
+                    return True
+                tail = chunk[-len(self.marker) :]
+        return False
