@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from migrate_helpers import MIB, ODD_SIZE, DictKeys, MarkerWatcher, make_source, raw_bytes
 
+from migrate_helpers import MIB, ODD_SIZE, DictKeys, MarkerWatcher, make_source, raw_bytes
 from qwamos.errors import MigrationError, SizeMismatchError
 from qwamos.migrate import check_size, copy, qemuimg
 from qwamos.migrate.stream import ImageStream
@@ -81,15 +81,15 @@ def test_killed_stream_is_an_error(tmp_path: Path) -> None:
     vol = PQCVolume(tmp_path / "big.qvol", keystore=DictKeys())
     vol.create("big", "vm", size_bytes=size)
     seen: list[int] = []
-    with vol, pytest.raises(MigrationError, match="ended at byte|killed|failed"):  # noqa: PT012
-        with ImageStream.reader(str(src), "qcow2") as s:
+    stream = ImageStream.reader(str(src), "qcow2")
 
-            def progress(done: int) -> None:
-                seen.append(done)
-                if len(seen) == 8:
-                    s.kill()
+    def progress(done: int) -> None:
+        seen.append(done)
+        if len(seen) == 8:
+            stream.kill()
 
-            copy.stream_to_volume(s, vol, size, progress)
+    with vol, pytest.raises(MigrationError, match=r"ended at byte|killed|failed"), stream:
+        copy.stream_to_volume(stream, vol, size, progress)
     assert 8 <= len(seen) < size // copy.CHUNK
 
 
