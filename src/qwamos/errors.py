@@ -172,6 +172,12 @@ class KeyExistsError(KeystoreError):
     exit_code = 25
 
 
+class IdentityNotFoundError(KeystoreError):
+    """The keystore {keystore} has no usable identity: {msg}"""
+
+    exit_code = 26
+
+
 # --- block export (30-39) -----------------------------------------------------------------------------
 
 
