@@ -1,0 +1,207 @@
+"""``qwamos key [--keystore DIR] init|identity|list|show|delete|rotate|export|import``.
+
+Thin over :class:`qwamos.keystore.PQCKeystore`.  Passphrases never come from argv: the keystore one from
+``--passphrase-fd N``, ``$QWAMOS_PASSPHRASE`` or a prompt; the recovery-file one from
+``--recovery-passphrase-fd N``, ``$QWAMOS_RECOVERY_PASSPHRASE``, ``$QWAMOS_PASSPHRASE`` or a prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from qwamos.cli.keystore_args import open_keystore
+from qwamos.cli.output import emit_json, message, warn
+from qwamos.errors import InvalidArgument, KeyExistsError
+from qwamos.keystore import PQCKeystore, read_passphrase
+from qwamos.keystore.files import read_bounded, write_private
+
+RECOVERY_ENV = ("QWAMOS_RECOVERY_PASSPHRASE", "QWAMOS_PASSPHRASE")
+_KEYSTORE_HELP = "keystore directory (default: $QWAMOS_KEYSTORE or ~/.qwamos/keystore)"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("key", help="manage the keystore: list, show, rotate, delete, export/import keys")
+    p.add_argument("--keystore", type=Path, default=None, metavar="DIR", help=_KEYSTORE_HELP)
+    ksub = p.add_subparsers(dest="key_command", metavar="ACTION", required=True)
+
+    def action(name: str, help_: str, func: Any, *, json_out: bool = True, passphrase: bool = False) -> Any:
+        a = ksub.add_parser(name, help=help_)
+        # Also accepted after the action; SUPPRESS keeps it from overriding the group-level value.
+        a.add_argument("--keystore", type=Path, default=argparse.SUPPRESS, metavar="DIR", help=_KEYSTORE_HELP)
+        if json_out:
+            a.add_argument("--json", action="store_true", help="print the result as JSON")
+        if passphrase:
+            a.add_argument(
+                "--passphrase-fd",
+                type=int,
+                default=None,
+                metavar="N",
+                help="read the keystore passphrase from file descriptor N (else $QWAMOS_PASSPHRASE or a prompt)",
+            )
+        a.set_defaults(func=func)
+        return a
+
+    action("init", "create the keystore identity now (sealed if a passphrase is given)", cmd_init, passphrase=True)
+    action("identity", "show the identity's fingerprint and whether it is sealed", cmd_identity)
+    action("list", "list keys with their metadata", cmd_list)
+    s = action("show", "show one key's metadata", cmd_show)
+    s.add_argument("key_id", metavar="KEY_ID")
+    d = action("delete", "overwrite and remove a key (irreversible without an export)", cmd_delete, json_out=False)
+    d.add_argument("key_id", metavar="KEY_ID")
+    d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    r = action("rotate", "make a new key succeeding KEY_ID (the old key is kept)", cmd_rotate, passphrase=True)
+    r.add_argument("key_id", metavar="KEY_ID")
+    e = action("export", "write a passphrase-sealed recovery copy of a key", cmd_export, passphrase=True)
+    e.add_argument("key_id", metavar="KEY_ID")
+    e.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="recovery file to write")
+    e.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    _recovery_fd(e)
+    i = action("import", "store a key from a recovery file, wrapped to this keystore", cmd_import, passphrase=True)
+    i.add_argument("file", type=Path, metavar="FILE")
+    i.add_argument("--force", action="store_true", help="replace a key with the same id")
+    _recovery_fd(i)
+
+
+def _recovery_fd(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--recovery-passphrase-fd",
+        type=int,
+        default=None,
+        metavar="N",
+        help="read the recovery file's passphrase from file descriptor N "
+        "(else $QWAMOS_RECOVERY_PASSPHRASE, $QWAMOS_PASSPHRASE, or a prompt)",
+    )
+
+
+def _recovery_passphrase(args: argparse.Namespace, *, confirm: bool) -> bytes:
+    pp = read_passphrase(
+        fd=args.recovery_passphrase_fd, env=RECOVERY_ENV, prompt="Recovery passphrase: ", confirm=confirm
+    )
+    if not pp:
+        raise InvalidArgument(
+            "a recovery passphrase is needed: pass --recovery-passphrase-fd N, set QWAMOS_RECOVERY_PASSPHRASE, "
+            "or run on a terminal"
+        )
+    return pp
+
+
+def _print_fields(fields: dict[str, Any]) -> None:
+    width = max(len(k) for k in fields) + 1
+    for k, v in fields.items():
+        print(f"{k + ':':<{width}} {v}")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    pp = read_passphrase(fd=args.passphrase_fd, prompt="New keystore passphrase (empty: none): ", confirm=True)
+    ks = PQCKeystore(args.keystore, passphrase=lambda: pp)
+    info = ks.init_identity()
+    if args.json:
+        emit_json(info)
+    else:
+        _print_fields(info)
+        if not info["sealed"]:
+            warn("the identity is not sealed with a passphrase; it is protected by file permissions only")
+    return 0
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    ks = PQCKeystore(args.keystore)
+    info = ks.identity_info()
+    if info is None:
+        message(f"{ks.path} has no identity yet (it is created with the first key, or by 'qwamos key init')")
+        return 1
+    emit_json(info) if args.json else _print_fields(info)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    ks = PQCKeystore(args.keystore)
+    keys = ks.list_keys()
+    if args.json:
+        emit_json(keys)
+        return 0
+    if not keys:
+        message(f"no keys in {ks.path}")
+        return 0
+    rows = [("KEY ID", "VM", "TYPE", "CREATED", "ROTATIONS")]
+    for k in keys:
+        if "error" in k:
+            rows.append((k["key_id"], "-", "ERROR", k["error"], "-"))
+        else:
+            rows.append(
+                (k["key_id"], k["vm_name"] or "-", k["key_type"], k["created_at"] or "-", str(k["rotation_count"]))
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    meta = PQCKeystore(args.keystore).get_metadata(args.key_id)
+    emit_json(meta) if args.json else _print_fields(meta)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    ks = PQCKeystore(args.keystore)
+    ks.get_metadata(args.key_id)  # KeyNotFoundError before asking anything
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InvalidArgument("refusing to delete a key without confirmation: pass --yes")
+        answer = input(f"Delete key {args.key_id}? Volumes using it become unreadable. Type 'yes': ")
+        if answer.strip() != "yes":
+            message("not deleted")
+            return 1
+    ks.delete_key(args.key_id)
+    message(f"deleted key {args.key_id}")
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    ks = open_keystore(args)
+    new_id = ks.rotate_key(args.key_id)
+    if args.json:
+        emit_json({"old_key_id": args.key_id, "new_key_id": new_id})
+    else:
+        print(new_id)
+    message(f"Rotated: {args.key_id} → {new_id}")
+    warn(
+        f"volumes encrypted under {args.key_id} still use it: keep it until their data is re-encrypted "
+        "(re-encryption is not implemented yet)"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    ks = open_keystore(args)
+    key_meta = ks.get_metadata(args.key_id)  # fail on a missing key before asking for passphrases
+    recovery = _recovery_passphrase(args, confirm=True)
+    data = ks.export_key(args.key_id, recovery)
+    try:
+        write_private(args.output, data, replace=args.force)
+    except KeyExistsError:
+        raise InvalidArgument(f"{args.output} exists; pass --force to replace it") from None
+    if args.json:
+        emit_json({"key_id": args.key_id, "vm_name": key_meta["vm_name"], "file": str(args.output)})
+    message(f"wrote a recovery copy of {args.key_id} to {args.output} (keep it and its passphrase apart)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    try:
+        data = read_bounded(args.file)
+    except FileNotFoundError:
+        raise InvalidArgument(f"{args.file}: no such file") from None
+    recovery = _recovery_passphrase(args, confirm=False)
+    ks = open_keystore(args)
+    key_id = ks.import_key(data, recovery, overwrite=args.force)
+    if args.json:
+        emit_json(ks.get_metadata(key_id))
+    else:
+        print(key_id)
+    message(f"imported key {key_id} into {ks.path}")
+    return 0
