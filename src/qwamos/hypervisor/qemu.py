@@ -1,0 +1,231 @@
+"""The QEMU command line for a VM config: a list of arguments, never a shell string.
+
+What the command line looks like and why:
+  * ``-nodefaults -no-user-config -display none``: only the devices we ask for, no host config files, no
+    window; the serial port goes to a chardev socket (``console``/``--foreground`` attach to it) whose
+    ``logfile`` keeps everything the guest printed in ``serial.log`` whether or not anyone is attached.
+  * QMP on a UNIX socket in the run directory, for readiness checks and staged shutdown.
+  * The disk is a ``virtio-blk-pci`` device over either an ``nbd`` blockdev (encrypted volumes: QEMU reads the
+    volume through the block export on a private socket, so it never sees a key) or a ``file`` +
+    ``qcow2``/``raw`` blockdev for unencrypted disks.  The format is always explicit: QEMU never probes.
+  * Run-directory files (sockets, logs) are named relative to the run directory, which is QEMU's working
+    directory, so that deep paths cannot exceed the 107-byte UNIX socket limit.
+  * QEMU's option syntax uses commas as separators; a value containing one is rejected with a clear error
+    rather than escaped, so that the command line stays readable and reviewable.
+
+The builder raises :class:`qwamos.errors.ConfigError`; it never touches the file system except to say which
+binary to run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from qwamos.errors import ConfigError
+from qwamos.hypervisor.process import RunDir
+
+MACHINES = {
+    "virt": ("aarch64", "qemu-system-aarch64", "ttyAMA0"),
+    "q35": ("x86_64", "qemu-system-x86_64", "ttyS0"),
+    "pc": ("x86_64", "qemu-system-x86_64", "ttyS0"),
+}
+NETWORK_MODES = ("nat", "none")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+# Environment variables never passed to QEMU: it needs no secret, so none may leak into /proc/<pid>/environ.
+_SECRET_ENV = re.compile(r"PASSPHRASE|PASSWORD|SECRET|TOKEN|CREDENTIAL|(^|_)KEY($|_)", re.IGNORECASE)
+
+
+class QemuConfig(Protocol):
+    """The fields of :class:`qwamos.hypervisor.config.VMConfig` the command line needs."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def machine_type(self) -> str: ...
+    @property
+    def gic_version(self) -> int | str | None: ...
+    @property
+    def cpu_model(self) -> str | None: ...
+    @property
+    def cpu_cores(self) -> int: ...
+    @property
+    def memory_mb(self) -> int: ...
+    @property
+    def kernel(self) -> os.PathLike[str] | str | None: ...
+    @property
+    def initrd(self) -> os.PathLike[str] | str | None: ...
+    @property
+    def cmdline(self) -> str | None: ...
+    @property
+    def network_mode(self) -> str: ...
+    @property
+    def network_device(self) -> str | None: ...
+    @property
+    def mac(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Disk:
+    """The VM's primary disk as QEMU opens it.
+
+    ``kind="nbd"``: ``path`` is the export's socket (relative to the run directory, or absolute);
+    ``"qcow2"``/``"raw"``: ``path`` is the image file.
+    """
+
+    kind: Literal["nbd", "qcow2", "raw"]
+    path: str
+
+
+def _where(cfg: QemuConfig) -> str:
+    return str(getattr(cfg, "path", None) or f"VM {cfg.name!r}")
+
+
+def machine_info(cfg: QemuConfig) -> tuple[str, str, str]:
+    """(guest arch, QEMU binary, serial console device name) for the config's machine type."""
+    try:
+        return MACHINES[cfg.machine_type]
+    except KeyError:
+        raise ConfigError(
+            f"machine.type {cfg.machine_type!r} is not supported (use one of: {', '.join(MACHINES)})",
+            path=_where(cfg),
+        ) from None
+
+
+def guest_arch(cfg: QemuConfig) -> str:
+    return machine_info(cfg)[0]
+
+
+def find_binary(cfg: QemuConfig) -> str:
+    """The absolute path of the QEMU system emulator for the config's machine, or a ConfigError."""
+    binary = machine_info(cfg)[1]
+    found = shutil.which(binary)
+    if not found:
+        raise ConfigError(
+            f"{binary} is not installed (needed for machine.type {cfg.machine_type!r})", path=_where(cfg)
+        )
+    return found
+
+
+def _opt(cfg: QemuConfig, value: object, what: str) -> str:
+    text = str(value)
+    if "," in text:
+        raise ConfigError(
+            f"{what} {text!r} contains a comma, which QEMU's option syntax cannot take; rename it",
+            path=_where(cfg),
+        )
+    if not text or any(c in text for c in "\n\r\0"):
+        raise ConfigError(f"{what} {text!r} is empty or contains a control character", path=_where(cfg))
+    return text
+
+
+def console_device(cfg: QemuConfig) -> str:
+    return machine_info(cfg)[2]
+
+
+def kernel_append(cfg: QemuConfig) -> str:
+    """The kernel command line, with ``console=<serial>`` added when the config names no console."""
+    text = (cfg.cmdline or "").strip()
+    if not re.search(r"(^|\s)console=", text):
+        text = f"console={console_device(cfg)} {text}".strip()
+    return text
+
+
+def build_command(
+    cfg: QemuConfig,
+    *,
+    accel: Literal["kvm", "tcg"],
+    disk: Disk | None,
+    binary: str | None = None,
+) -> list[str]:
+    """The full argv for QEMU (``argv[0]`` = ``binary`` or the machine's emulator name)."""
+    arch, default_binary, _console = machine_info(cfg)
+    argv = [binary or default_binary]
+    name = _opt(cfg, cfg.name, "VM name")
+    argv += [
+        "-name",
+        f"guest={name}",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-msg",
+        "timestamp=on",
+    ]
+
+    machine = cfg.machine_type
+    if machine == "virt":
+        gic = cfg.gic_version if cfg.gic_version not in (None, "") else 3
+        machine += f",gic-version={_opt(cfg, gic, 'machine.gic_version')}"
+    argv += ["-machine", machine, "-accel", accel]
+
+    if accel == "kvm":
+        argv += ["-cpu", "host"]
+    elif cfg.cpu_model:
+        argv += ["-cpu", _opt(cfg, cfg.cpu_model, "hardware.cpu.model")]
+    elif arch == "aarch64":
+        argv += ["-cpu", "max"]  # the virt machine's default CPU is a 32-bit Cortex-A15
+    if int(cfg.cpu_cores) < 1 or int(cfg.memory_mb) < 16:
+        raise ConfigError("hardware.cpu.cores must be >= 1 and hardware.memory.size >= 16 (MB)", path=_where(cfg))
+    argv += ["-smp", str(int(cfg.cpu_cores)), "-m", f"{int(cfg.memory_mb)}M"]
+
+    if not cfg.kernel:
+        raise ConfigError("boot.kernel is not set; a kernel image is needed to boot", path=_where(cfg))
+    argv += ["-kernel", os.fspath(cfg.kernel)]
+    if cfg.initrd:
+        argv += ["-initrd", os.fspath(cfg.initrd)]
+    argv += ["-append", kernel_append(cfg)]
+
+    argv += [
+        "-chardev",
+        f"socket,id=console0,path={RunDir.CONSOLE},server=on,wait=off,logfile={RunDir.SERIAL_LOG},logappend=on",
+        "-serial",
+        "chardev:console0",
+        "-chardev",
+        f"socket,id=qmp0,path={RunDir.QMP},server=on,wait=off",
+        "-mon",
+        "chardev=qmp0,mode=control",
+    ]
+
+    if disk is not None:
+        path = _opt(cfg, disk.path, "disk path")
+        if disk.kind == "nbd":
+            argv += ["-blockdev", f"driver=nbd,node-name=disk0,server.type=unix,server.path={path}"]
+        elif disk.kind in ("qcow2", "raw"):
+            argv += [
+                "-blockdev",
+                f"driver=file,node-name=file0,filename={path}",
+                "-blockdev",
+                f"driver={disk.kind},node-name=disk0,file=file0",
+            ]
+        else:
+            raise ConfigError(f"unknown disk kind {disk.kind!r}", path=_where(cfg))
+        argv += ["-device", "virtio-blk-pci,drive=disk0,id=vda"]
+
+    mode = cfg.network_mode or "none"
+    if mode == "nat":
+        device = _opt(cfg, cfg.network_device or "virtio-net-pci", "network.device")
+        nic = f"{device},netdev=net0"
+        if cfg.mac:
+            mac = _opt(cfg, cfg.mac, "network.mac")
+            if not _MAC.match(mac):
+                raise ConfigError(
+                    f"network.mac {mac!r} is not a MAC address like 52:54:00:12:34:56", path=_where(cfg)
+                )
+            nic += f",mac={mac}"
+        argv += ["-netdev", "user,id=net0", "-device", nic]
+    elif mode != "none":
+        raise ConfigError(
+            f"network.mode {mode!r} is not supported (use one of: {', '.join(NETWORK_MODES)})", path=_where(cfg)
+        )
+    return argv
+
+
+def qemu_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment QEMU runs with: the caller's, minus anything that looks like a secret."""
+    env = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in env.items() if not (k.startswith("QWAMOS_") or _SECRET_ENV.search(k))}
