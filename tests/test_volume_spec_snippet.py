@@ -49,8 +49,12 @@ def test_spec_api_usage_snippet(tmp_path, monkeypatch):
     key_id = scope["key_id"]
     assert isinstance(key_id, str) and key_id
 
-    from qwamos.volume import PQCVolume
+    from qwamos.volume import KeyProvider, PQCVolume, read_header
 
-    with PQCVolume(disk, keystore=scope["keystore"], read_only=True) as again:
+    keystore = scope["keystore"]
+    assert isinstance(keystore, KeyProvider)
+    assert read_header(disk, keystore).authenticated
+    with PQCVolume(disk, keystore=keystore, read_only=True) as again:
         assert again.read_block(0) == b"Sensitive VM data"
         assert again.key_id == key_id
+        assert again.info()["allocated_blocks"] == 1
