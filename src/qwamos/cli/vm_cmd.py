@@ -1,0 +1,252 @@
+"""``qwamos vm [--root DIR] list|info|start|stop|status|console|create`` — thin over VMManager.
+
+Data goes to stdout (``--json`` where it is data), messages and warnings to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import sys
+from pathlib import Path
+from typing import Any
+
+from qwamos.cli.output import emit_json, message, warn
+from qwamos.errors import VMStateError
+from qwamos.hypervisor.manager import DEFAULT_STOP_TIMEOUT, VMManager
+from qwamos.hypervisor.process import connect_unix
+
+DETACH = b"\x1d"  # Ctrl-]
+
+
+def _common(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    p.add_argument(
+        "--root", type=Path, default=default, metavar="DIR", help="VM root (default $QWAMOS_ROOT or ~/QWAMOS)"
+    )
+    p.add_argument(
+        "--keystore",
+        type=Path,
+        default=default,
+        metavar="DIR",
+        help="keystore (default $QWAMOS_KEYSTORE or ~/.qwamos/keystore)",
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("vm", help="list, inspect, start, stop and create VMs")
+    _common(p, suppress=False)
+    vsub = p.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
+
+    def add(name: str, help_text: str, func: Any, *, vm: bool = True) -> argparse.ArgumentParser:
+        sp = vsub.add_parser(name, help=help_text)
+        _common(sp, suppress=True)
+        if vm:
+            sp.add_argument("vm", help="VM name")
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = add("list", "table of VMs and their state", cmd_list, vm=False)
+    sp.add_argument("--json", action="store_true")
+    sp = add("info", "the VM's configuration, accelerator and encryption", cmd_info)
+    sp.add_argument("--json", action="store_true")
+    sp = add("start", "start the VM (in the background)", cmd_start)
+    sp.add_argument("--foreground", action="store_true", help="attach the serial console until the VM exits")
+    sp = add("stop", "stop the VM: ACPI powerdown, hard stop after --timeout", cmd_stop)
+    sp.add_argument("--timeout", type=float, default=DEFAULT_STOP_TIMEOUT, help="seconds to wait for the guest")
+    sp.add_argument("--force", action="store_true", help="skip the ACPI powerdown; stop QEMU now")
+    sp = add("status", "running, stopped, starting or crashed", cmd_status)
+    sp.add_argument("--json", action="store_true")
+    add("console", "attach to the serial console (detach with Ctrl-])", cmd_console)
+
+    sp = add("create", "write a new VM config", cmd_create)
+    sp.add_argument("--machine", default=None, choices=["virt", "q35", "pc"], help="machine type")
+    sp.add_argument("--arch", default=None, choices=["aarch64", "x86_64"], help="virt for aarch64, q35 for x86_64")
+    sp.add_argument("--cpu", default=None, dest="cpu_model", help="CPU model (e.g. cortex-a76)")
+    sp.add_argument("--cpus", type=int, default=1, dest="cpu_cores")
+    sp.add_argument("--memory", type=int, default=512, dest="memory_mb", help="MB")
+    sp.add_argument("--disk-size", default="10G")
+    sp.add_argument("--disk-path", default=None)
+    sp.add_argument("--kernel", default=None)
+    sp.add_argument("--initrd", default=None)
+    sp.add_argument("--cmdline", default=None)
+    sp.add_argument("--accel", default="kvm", choices=["kvm", "tcg"])
+    sp.add_argument("--network", default="nat", dest="network_mode", choices=["nat", "none"])
+    sp.add_argument("--mac", default=None)
+    sp.add_argument("--encrypted", action="store_true", help="storage.encryption.enabled: true")
+
+
+def _manager(args: argparse.Namespace) -> VMManager:
+    keystore = getattr(args, "keystore", None)
+    factory = None
+    if keystore is not None or getattr(args, "passphrase_fd", None) is not None:
+        from qwamos.cli.keystore_args import open_keystore
+
+        def factory() -> Any:
+            return open_keystore(args)
+
+    return VMManager(getattr(args, "root", None), keystore=keystore, keystore_factory=factory)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = _manager(args).list_vms()
+    if args.json:
+        emit_json(rows)
+        return 0
+    if not rows:
+        message("no VMs defined")
+        return 0
+    header = ("NAME", "STATE", "MACHINE", "CPUS", "MEMORY", "DISK", "ENCRYPTED")
+    table = [header]
+    for r in rows:
+        if r.get("error"):
+            table.append((r["name"], r["state"], "(config error)", "-", "-", "-", "-"))
+            continue
+        table.append(
+            (
+                r["name"],
+                r["state"],
+                f"{r['machine']} ({r['arch']})",
+                str(r["cpus"]),
+                f"{r['memory_mb']} MB",
+                str(r["disk"]),
+                "yes" if r["encrypted"] else "no",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for r in rows:
+        if r.get("error"):
+            warn(f"{r['name']}: {r['error']}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    mgr = _manager(args)
+    if args.json:
+        emit_json(mgr.info(args.vm))
+    else:
+        print(mgr.info_text(args.vm))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _manager(args).status(args.vm)
+    if args.json:
+        emit_json(st.to_dict())
+    else:
+        pids = ", ".join(f"{k} {v}" for k, v in sorted(st.pids.items()))
+        extra = "; ".join(x for x in (st.reason, f"pids: {pids}" if pids else "") if x)
+        print(f"{st.name}: {st.state}" + (f" ({extra})" if extra else ""))
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    mgr = _manager(args)
+    result = mgr.start(args.vm, on_warning=warn)
+    if result.created_disk:
+        message(f"created disk {result.created_disk}" + (f" (key {result.key_id})" if result.key_id else ""))
+    message(f"started {args.vm} ({result.accel.accel.upper()}); serial log: {mgr.run_dir(args.vm).serial_log}")
+    if not args.foreground:
+        return 0
+    _attach(mgr, args.vm, detach_ok=True)
+    st = mgr.status(args.vm)
+    if st.state in ("running", "starting"):
+        message(f"detached; {args.vm} keeps running")
+        return 0
+    message(f"{args.vm}: {st.state}" + (f" ({st.reason})" if st.reason else ""))
+    return 0 if st.state == "stopped" else 1
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    how = _manager(args).stop(args.vm, timeout=args.timeout, force=args.force)
+    message(f"{args.vm}: stopped ({how})")
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    mgr = _manager(args)
+    st = mgr.status(args.vm)
+    if st.state != "running":
+        raise VMStateError(name=args.vm, state=st.state, msg="the console is only available while it runs")
+    _attach(mgr, args.vm, detach_ok=True)
+    return 0
+
+
+def _attach(mgr: VMManager, name: str, *, detach_ok: bool) -> None:
+    """Relay the terminal to the serial console socket until the VM exits, EOF, or Ctrl-] (on a terminal)."""
+    sock = connect_unix(mgr.run_dir(name).console_sock, timeout=5.0)
+    sock.setblocking(False)
+    stdin = sys.stdin.fileno()
+    tty = os.isatty(stdin)
+    old = None
+    if tty:
+        import termios
+        import tty as ttymod
+
+        old = termios.tcgetattr(stdin)
+        ttymod.setraw(stdin)
+        message("connected to the serial console; Ctrl-] detaches\r")
+    out = sys.stdout.buffer
+    stdin_open = True
+    try:
+        while True:
+            rl = [sock] + ([stdin] if stdin_open else [])
+            ready, _, _ = select.select(rl, [], [])
+            if sock in ready:
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    break
+                out.write(data)
+                out.flush()
+            if stdin_open and stdin in ready:
+                data = os.read(stdin, 4096)
+                if not data:
+                    stdin_open = False  # keep showing output until the VM exits
+                    continue
+                if tty and DETACH in data and detach_ok:
+                    data = data.split(DETACH, 1)[0]
+                    if data:
+                        sock.sendall(data)
+                    break
+                with contextlib.suppress(BlockingIOError):
+                    sock.setblocking(True)
+                    sock.sendall(data)
+                    sock.setblocking(False)
+    except OSError:  # the VM went away under us
+        pass
+    finally:
+        sock.close()
+        if old is not None:
+            import termios
+
+            termios.tcsetattr(stdin, termios.TCSADRAIN, old)
+            sys.stderr.write("\n")
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    machine = args.machine or ("virt" if (args.arch or "aarch64") == "aarch64" else "q35")
+    path = _manager(args).create(
+        args.vm,
+        machine_type=machine,
+        cpu_model=args.cpu_model,
+        cpu_cores=args.cpu_cores,
+        memory_mb=args.memory_mb,
+        disk_size=args.disk_size,
+        disk_path=args.disk_path,
+        kernel=args.kernel,
+        initrd=args.initrd,
+        cmdline=args.cmdline,
+        accel=args.accel,
+        network_mode=args.network_mode,
+        mac=args.mac,
+        encrypted=args.encrypted,
+    )
+    message(f"created {path}")
+    return 0

@@ -1,0 +1,465 @@
+"""VM lifecycle: list, info, status, create, start (with the encrypted-volume orchestration), stop.
+
+A VM is ``<root>/vms/<name>/config.yaml``; its processes live in its run directory and are known only from
+the pidfiles there (see :mod:`qwamos.hypervisor.process`).  ``start`` does, in this order, so that a bad
+config fails before anything is created:
+
+1. load and check the config: machine type, QEMU binary, kernel and initrd present, option values legal;
+   build the QEMU command line for the disk it *will* use;
+2. pick the accelerator: KVM only where :mod:`qwamos.hypervisor.kvm` says it really works, else TCG with a
+   warning;
+3. create what is missing — the encrypted ``.qvol`` with a new key on first start, or the qcow2 with
+   ``qemu-img`` for an unencrypted VM;
+4. hand the launch to the supervisor (export, then QEMU; see :mod:`qwamos.hypervisor.supervisor`) and wait for
+   its verdict;
+5. only when the VM runs, record the new key ID and disk path in the config.
+
+If anything fails after step 3 the supervisor has stopped what it started, and ``start`` deletes the volume
+(or qcow2) it created and discards the new key, so a failed start leaves no volume, key or config change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwamos.errors import ConfigError, QemuError, VMError, VMNotFoundError, VMStateError
+from qwamos.hypervisor import config as configmod
+from qwamos.hypervisor import info as infomod
+from qwamos.hypervisor import kvm, layout
+from qwamos.hypervisor.config import VMConfig
+from qwamos.hypervisor.process import RunDir, live_process, stop_export, stop_qemu, wait_until
+from qwamos.hypervisor.qemu import Disk, build_command, find_binary, guest_arch
+from qwamos.hypervisor.supervisor import STOP_REQUEST
+
+STATES = ("running", "stopped", "starting", "crashed")
+START_TIMEOUT = 60.0
+DEFAULT_STOP_TIMEOUT = 30.0
+ALGORITHM_LABELS = {"chacha20-poly1305": "ChaCha20-Poly1305", "aes-256-gcm": "AES-256-GCM"}
+
+
+@dataclass(frozen=True)
+class Accel:
+    """The accelerator a start would use, and why."""
+
+    requested: str
+    accel: str  # "kvm" or "tcg"
+    reason: str
+
+    @property
+    def label(self) -> str:
+        if self.accel == "kvm":
+            return "✅ KVM"
+        if self.requested == "kvm":
+            return f"⚠️  TCG (KVM unavailable: {self.reason})"
+        return "TCG (software emulation)"
+
+    @property
+    def warning(self) -> str | None:
+        if self.requested == "kvm" and self.accel != "kvm":
+            return f"KVM requested but not usable ({self.reason}); using TCG software emulation (slow)"
+        return None
+
+
+@dataclass
+class VMStatus:
+    name: str
+    state: str
+    reason: str = ""
+    pids: dict[str, int] = field(default_factory=dict)
+    run_dir: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "reason": self.reason,
+            "pids": self.pids,
+            "run_dir": self.run_dir,
+        }
+
+
+@dataclass
+class StartResult:
+    name: str
+    accel: Accel
+    created_disk: str | None = None
+    key_id: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+class VMManager:
+    """All VMs under ``root`` (default ``$QWAMOS_ROOT`` or ``~/QWAMOS``).
+
+    ``keystore`` is a directory (``None``: ``$QWAMOS_KEYSTORE`` or the default); ``keystore_factory`` lets the
+    CLI supply a keystore that knows how to ask for a passphrase.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        keystore: str | os.PathLike[str] | None = None,
+        keystore_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        self.root = Path(root).expanduser() if root is not None else layout.default_root()
+        self.keystore_dir = Path(keystore).expanduser() if keystore is not None else None
+        self._keystore_factory = keystore_factory
+
+    # --- lookup -------------------------------------------------------------------------------------
+
+    def config_path(self, name: str) -> Path:
+        layout.validate_vm_name(name)
+        return layout.config_path(self.root, name)
+
+    def load(self, name: str) -> VMConfig:
+        path = self.config_path(name)
+        if not path.exists():
+            raise VMNotFoundError(name=name, root=str(self.root), path=str(path))
+        return VMConfig.load(path)
+
+    def run_dir(self, name: str) -> RunDir:
+        return RunDir(Path(layout.run_dir(self.root, name)))
+
+    def list_vms(self) -> list[dict[str, Any]]:
+        """One row per VM: name, state, machine, arch, memory, disk, encryption (broken configs too)."""
+        rows: list[dict[str, Any]] = []
+        for name in layout.list_vm_names(self.root):
+            row: dict[str, Any] = {"name": name, "state": self.status(name).state}
+            try:
+                cfg = self.load(name)
+                row.update(
+                    machine=cfg.machine_type,
+                    arch=cfg.arch,
+                    cpus=cfg.cpu_cores,
+                    memory_mb=cfg.memory_mb,
+                    disk=cfg.disk_size_text,
+                    encrypted=bool(cfg.encryption_enabled),
+                    error=None,
+                )
+            except VMError as e:
+                row.update(
+                    machine=None, arch=None, cpus=None, memory_mb=None, disk=None, encrypted=None, error=str(e)
+                )
+            rows.append(row)
+        return rows
+
+    # --- accelerator --------------------------------------------------------------------------------
+
+    def accel_for(self, cfg: VMConfig) -> Accel:
+        requested = (cfg.accel or "tcg").lower()
+        if requested == "tcg":
+            return Accel("tcg", "tcg", "configured")
+        if requested != "kvm":
+            raise ConfigError(f"machine.accel {cfg.accel!r} is not supported (use kvm or tcg)", path=str(cfg.path))
+        probe = kvm.probe(guest_arch(cfg))
+        return Accel("kvm", "kvm" if probe.usable else "tcg", probe.reason)
+
+    # --- info and status ----------------------------------------------------------------------------
+
+    def _info_args(self, cfg: VMConfig) -> dict[str, Any]:
+        alg = cfg.encryption_algorithm or "chacha20-poly1305"
+        return {
+            "accel_label": self.accel_for(cfg).label,
+            "key_id": cfg.key_id,
+            "algorithm_label": ALGORITHM_LABELS.get(alg, alg),
+        }
+
+    def info_text(self, name: str) -> str:
+        cfg = self.load(name)
+        return infomod.render_info(cfg, **self._info_args(cfg))
+
+    def info(self, name: str) -> dict[str, Any]:
+        cfg = self.load(name)
+        data = dict(infomod.info_dict(cfg, **self._info_args(cfg)))
+        acc = self.accel_for(cfg)
+        data["accel"] = {"requested": acc.requested, "effective": acc.accel, "reason": acc.reason}
+        data["state"] = self.status(name).to_dict()
+        return data
+
+    def status(self, name: str) -> VMStatus:
+        """The VM's state from its pidfiles and the supervisor's state file (never from process names)."""
+        layout.validate_vm_name(name)
+        run = self.run_dir(name)
+        st = VMStatus(name, "stopped", run_dir=str(run.path))
+        if not run.path.exists():
+            return st
+        state = run.read_state()
+        procs = {
+            k: live_process(p)
+            for k, p in (("supervisor", run.supervisor_pid), ("qemu", run.qemu_pid), ("export", run.export_pid))
+        }
+        st.pids = {k: r.pid for k, r in procs.items() if r is not None}
+        phase = state.get("phase")
+        reason = str(state.get("reason") or "")
+        if phase == "starting" and procs["supervisor"]:
+            st.state = "starting"
+        elif procs["qemu"]:
+            if run.export_pid.exists() and not procs["export"]:
+                st.state, st.reason = "crashed", "the block export is not running (QEMU has lost its disk)"
+            else:
+                st.state, st.reason = "running", "" if procs["supervisor"] else "supervisor is gone"
+        elif procs["export"]:
+            st.state, st.reason = "crashed", "QEMU is not running but its block export is (run stop to clean up)"
+        elif phase in ("running", "starting") and not procs["supervisor"]:
+            st.state, st.reason = "crashed", "QEMU and its supervisor disappeared without recording an exit"
+        elif phase == "crashed":
+            st.state, st.reason = "crashed", reason
+        else:
+            st.state, st.reason = "stopped", reason
+        return st
+
+    # --- create -------------------------------------------------------------------------------------
+
+    def create(self, name: str, **fields: Any) -> Path:
+        """Write a new ``config.yaml`` from fields (see :func:`qwamos.hypervisor.config.write_new_config`)."""
+        path = self.config_path(name)
+        if path.exists():
+            raise VMStateError(name=name, state="already defined", msg=f"{path} exists")
+        return Path(configmod.write_new_config(self.root, name, **fields))
+
+    # --- start --------------------------------------------------------------------------------------
+
+    def _keystore(self) -> Any:
+        if self._keystore_factory is not None:
+            return self._keystore_factory()
+        from qwamos.keystore import PQCKeystore
+
+        return PQCKeystore(self.keystore_dir)
+
+    def _check_boot_files(self, cfg: VMConfig) -> None:
+        for label, value in (("boot.kernel", cfg.kernel), ("boot.initrd", cfg.initrd)):
+            if value and not Path(value).is_file():
+                raise ConfigError(f"{label} {value} does not exist", path=str(cfg.path))
+        if not cfg.kernel:
+            raise ConfigError("boot.kernel is not set; a kernel image is needed to boot", path=str(cfg.path))
+
+    def start(self, name: str, *, on_warning: Callable[[str], None] | None = None) -> StartResult:
+        cfg = self.load(name)
+        current = self.status(name)
+        if current.state in ("running", "starting"):
+            raise VMStateError(name=name, state=current.state, msg="stop it first")
+        if current.state == "crashed":
+            self._cleanup_leftovers(self.run_dir(name))
+        binary = find_binary(cfg)
+        self._check_boot_files(cfg)
+        accel = self.accel_for(cfg)
+        result = StartResult(name, accel)
+        for w in [*(getattr(cfg, "warnings", None) or []), accel.warning]:
+            if w:
+                result.warnings.append(w)
+                if on_warning:
+                    on_warning(w)
+
+        run = self.run_dir(name)
+        export_argv: list[str] | None = None
+        new_volume: Path | None = None
+        new_qcow2: Path | None = None
+        if cfg.encryption_enabled:
+            vol = self._volume_path(cfg)
+            if vol.exists():
+                if not cfg.key_id:
+                    raise ConfigError(
+                        f"{vol} exists but storage.encryption.key_id is not set; add the volume's key ID "
+                        "(qwamos volume dump-header shows it)",
+                        path=str(cfg.path),
+                    )
+            elif cfg.key_id:
+                raise ConfigError(
+                    f"the config records key {cfg.key_id!r} but the encrypted disk {vol} is missing; "
+                    "refusing to create a new empty disk in its place",
+                    path=str(cfg.path),
+                )
+            else:
+                new_volume = vol
+            disk = Disk("nbd", RunDir.EXPORT)
+            export_argv = [
+                sys.executable,
+                "-m",
+                "qwamos.cli.main",
+                "volume",
+                "serve",
+                str(vol),
+                "--socket",
+                RunDir.EXPORT,
+            ]
+            if self.keystore_dir is not None:
+                export_argv += ["--keystore", str(self.keystore_dir)]
+        else:
+            image = Path(cfg.disk_path).expanduser()
+            if not image.exists():
+                new_qcow2 = image
+            disk = Disk(self._image_format(image, cfg), str(image))
+        argv = build_command(cfg, accel=accel.accel, disk=disk, binary=binary)  # fails before anything is created
+
+        key_id: str | None = None
+        keystore: Any = None
+        try:
+            if new_volume is not None:
+                keystore = self._keystore()
+                from qwamos.volume import PQCVolume
+
+                alg = cfg.encryption_algorithm or "chacha20-poly1305"
+                key_id = PQCVolume(new_volume, keystore=keystore).create(
+                    new_volume.stem, cfg.name, size_bytes=cfg.disk_size_bytes, algorithm=alg
+                )
+                result.created_disk, result.key_id = str(new_volume), key_id
+            if new_qcow2 is not None:
+                self._create_qcow2(new_qcow2, cfg)
+                result.created_disk = str(new_qcow2)
+            self._launch(run, argv, export_argv)
+            if new_volume is not None and key_id is not None:
+                alg = cfg.encryption_algorithm or "chacha20-poly1305"
+                cfg.set_encryption(key_id=key_id, algorithm=alg)
+                cfg.set_disk_path(new_volume)
+                cfg.save()
+        except BaseException:
+            if self.status(name).state in ("running", "starting"):
+                with contextlib.suppress(Exception):
+                    self.stop(name, force=True)
+            if new_volume is not None and key_id is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    new_volume.unlink()
+                with contextlib.suppress(Exception):
+                    keystore.discard_key(key_id)
+            if new_qcow2 is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    new_qcow2.unlink()
+            raise
+        return result
+
+    def _volume_path(self, cfg: VMConfig) -> Path:
+        if cfg.disk_path and str(cfg.disk_path).endswith(".qvol"):
+            return Path(cfg.disk_path).expanduser()
+        return Path(cfg.encrypted_disk_path()).expanduser()
+
+    def _image_format(self, image: Path, cfg: VMConfig) -> str:
+        if not image.exists() or image.suffix == ".qcow2":
+            return "qcow2"
+        out = subprocess.run(
+            ["qemu-img", "info", "--output=json", "--force-share", str(image)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise ConfigError(f"cannot read disk image {image}: {out.stderr.strip()}", path=str(cfg.path))
+        fmt = json.loads(out.stdout).get("format")
+        if fmt not in ("qcow2", "raw"):
+            raise ConfigError(
+                f"disk image {image} is {fmt}; only qcow2 and raw are started directly", path=str(cfg.path)
+            )
+        return str(fmt)
+
+    def _create_qcow2(self, image: Path, cfg: VMConfig) -> None:
+        if not image.parent.is_dir():
+            raise ConfigError(f"directory {image.parent} for the disk does not exist", path=str(cfg.path))
+        qemu_img = shutil.which("qemu-img")
+        if qemu_img is None:
+            raise ConfigError("qemu-img is not installed (needed to create the qcow2 disk)", path=str(cfg.path))
+        out = subprocess.run(
+            [qemu_img, "create", "-q", "-f", "qcow2", str(image), str(cfg.disk_size_bytes)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode != 0:
+            with contextlib.suppress(FileNotFoundError):
+                image.unlink()
+            raise QemuError(f"qemu-img create {image}: {out.stderr.strip()}")
+
+    def _launch(self, run: RunDir, argv: list[str], export_argv: list[str] | None) -> None:
+        """Start the supervisor and wait for its one-line verdict on the status pipe."""
+        run.create()
+        run.clear()
+        run.launch_file.write_text(
+            json.dumps({"qemu": argv, "export": export_argv, "ready_timeout": 30}, indent=1)
+        )
+        rfd, wfd = os.pipe()
+        try:
+            with open(run.supervisor_log, "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "qwamos.hypervisor.supervisor", str(run.path), str(wfd)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=(wfd,),
+                    start_new_session=True,
+                    close_fds=True,
+                )
+        finally:
+            os.close(wfd)
+        with os.fdopen(rfd, "rb") as status:
+            ready, _, _ = select.select([status], [], [], START_TIMEOUT)
+            line = status.readline() if ready else b""
+        try:
+            verdict = json.loads(line) if line else None
+        except ValueError:
+            verdict = None
+        if verdict and verdict.get("ok"):
+            return
+        if verdict is None:
+            # The supervisor died or hung: make sure nothing it started survives.
+            self._cleanup_leftovers(run)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(10)
+            detail = (
+                run.supervisor_log.read_text(errors="replace").strip().splitlines()[-1:]
+                if run.supervisor_log.exists()
+                else []
+            )
+            raise QemuError("the VM supervisor failed" + (f": {detail[0]}" if detail else ""))
+        proc.wait(30)
+        raise QemuError(str(verdict.get("error", "unknown start-up failure")))
+
+    # --- stop ---------------------------------------------------------------------------------------
+
+    def stop(self, name: str, *, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False) -> str:
+        """Stop the VM: QEMU first (ACPI powerdown, then quit, SIGTERM, SIGKILL), then the block export.
+
+        Returns how QEMU went down.  A stopped VM is left alone; a crashed one has its leftovers cleaned up.
+        """
+        self.load(name)
+        run = self.run_dir(name)
+        st = self.status(name)
+        if st.state == "stopped":
+            return "already stopped"
+        (run.path / STOP_REQUEST).touch()
+        how = "gone"
+        qemu = live_process(run.qemu_pid)
+        if qemu is not None:
+            how = stop_qemu(qemu, run.qmp_sock, powerdown_timeout=timeout, force=force)
+        # The supervisor now stops the export (flush first) and records the exit; wait for it, then sweep.
+        sup = live_process(run.supervisor_pid)
+        if sup is not None and not sup.wait(60.0):
+            raise VMError(f"the supervisor of {name!r} did not finish")
+        self._cleanup_leftovers(run)
+        if st.state == "crashed":
+            run.write_state(phase="stopped", reason=f"cleaned up after a crash: {st.reason}", since=time.time())
+        return how
+
+    def _cleanup_leftovers(self, run: RunDir) -> None:
+        """Stop whatever the pidfiles say still runs (after a supervisor was killed); QEMU before the export."""
+        qemu = live_process(run.qemu_pid)
+        if qemu is not None:
+            stop_qemu(qemu, run.qmp_sock, powerdown_timeout=0, force=True)
+        export = live_process(run.export_pid)
+        if export is not None:
+            stop_export(export)
+        sup = live_process(run.supervisor_pid)
+        if sup is not None:
+            wait_until(lambda: not sup.alive(), 10.0)
+        for p in (run.qemu_pid, run.export_pid, run.supervisor_pid, run.path / STOP_REQUEST):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
