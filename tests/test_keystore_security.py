@@ -45,10 +45,13 @@ def mode(path: Path) -> int:
 
 
 def test_directory_0700_files_0600(tmp_path: Path) -> None:
-    os.umask(0o022)
-    ks = make(tmp_path / "deep" / "ks", passphrase=b"pw")
-    ks.new_volume_key("vm", "disk")
-    ks.generate_key("legacy", key_type="ecdh-curve25519")
+    old = os.umask(0o022)
+    try:
+        ks = make(tmp_path / "deep" / "ks", passphrase=b"pw")
+        ks.new_volume_key("vm", "disk")
+        ks.generate_key("legacy", key_type="ecdh-curve25519")
+    finally:
+        os.umask(old)
     assert mode(tmp_path / "deep" / "ks") == 0o700
     names = sorted(os.listdir(tmp_path / "deep" / "ks"))
     assert "identity.key" in names and "identity.pub" in names and len(names) == 6
