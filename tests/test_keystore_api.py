@@ -108,7 +108,7 @@ def test_metadata_has_spec_fields(tmp_path: Path) -> None:
     assert set(meta) == SPEC_FIELDS
     assert meta["key_id"] == key_id and meta["vm_name"] == "example"
     assert meta["rotation_count"] == 0
-    assert meta["key_type"] == "x25519-mlkem1024"
+    assert meta["key_type"] == "x25519-mlkem1024" == ks.key_encapsulation
     assert meta["created_at"] == meta["last_rotated"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", meta["created_at"])
     assert meta["public_key_fingerprint"] == ks.identity_info()["fingerprint"]

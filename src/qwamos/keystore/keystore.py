@@ -64,6 +64,9 @@ class PQCKeystore:
     the cost of sealing (tests pass a cheap one); opening always uses the parameters stored in the file.
     """
 
+    #: The KEM that new volume keys are encapsulated with (what a VM config's ``key_encapsulation`` records).
+    key_encapsulation = crypto.HYBRID_KEM
+
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
