@@ -231,3 +231,13 @@ def test_subprocess_init_and_list_with_passphrase_fd(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 21 and proc.stderr.startswith("qwamos: error:")
+
+
+def test_delete_a_damaged_key(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (key_id,) = seed(tmp_path / "ks", None, "example")
+    (tmp_path / "ks" / f"{key_id}.key").write_bytes(b"garbage")
+    rc, _, err = run(capsys, "key", "show", key_id)
+    assert rc == 23 and "malformed" in err
+    rc, _, err = run(capsys, "key", "delete", key_id, "--yes")
+    assert rc == 0, err
+    assert not (tmp_path / "ks" / f"{key_id}.key").exists() and not (tmp_path / "ks" / f"{key_id}.meta").exists()

@@ -234,7 +234,9 @@ def test_delete_overwrites_then_unlinks(tmp_path: Path) -> None:
     os.link(key_path, peek_key)
     os.link(meta_path, peek_meta)
     before_key, before_meta = key_path.read_bytes(), meta_path.read_bytes()
+    assert ks.has_key(key_id)
     ks.delete_key(key_id)
+    assert not ks.has_key(key_id)
     assert not key_path.exists() and not meta_path.exists()
     after_key, after_meta = peek_key.read_bytes(), peek_meta.read_bytes()
     assert len(after_key) == len(before_key) and after_key != before_key

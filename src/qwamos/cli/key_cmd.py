@@ -14,7 +14,7 @@ from typing import Any
 
 from qwamos.cli.keystore_args import open_keystore
 from qwamos.cli.output import emit_json, message, warn
-from qwamos.errors import InvalidArgument, KeyExistsError
+from qwamos.errors import InvalidArgument, KeyExistsError, KeyNotFoundError
 from qwamos.keystore import PQCKeystore, read_passphrase
 from qwamos.keystore.files import read_bounded, write_private
 
@@ -148,7 +148,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     ks = PQCKeystore(args.keystore)
-    ks.get_metadata(args.key_id)  # KeyNotFoundError before asking anything
+    if not ks.has_key(args.key_id):  # before asking anything; a damaged key can still be deleted
+        raise KeyNotFoundError(key_id=args.key_id, keystore=str(ks.path))
     if not args.yes:
         if not sys.stdin.isatty():
             raise InvalidArgument("refusing to delete a key without confirmation: pass --yes")

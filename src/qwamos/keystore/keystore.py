@@ -295,6 +295,10 @@ class PQCKeystore:
         out["public_key_fingerprint"] = doc["identity_fingerprint"]
         return out
 
+    def has_key(self, key_id: str) -> bool:
+        """True if either of the key's files exists (even damaged: such a key can still be deleted)."""
+        return self._key_path(key_id).exists() or self._meta_path(key_id).exists()
+
     def delete_key(self, key_id: str) -> None:
         """Overwrite the key's files with random bytes, fsync, unlink.  Irreversible without an export."""
         if not self._remove(key_id):
