@@ -97,8 +97,7 @@ class PQCKeystore:
         src = self._passphrase_source
         value = src() if callable(src) else src
         if value is None and src is None:
-            env = os.environ.get(ENV_PASSPHRASE)
-            value = env if env is not None else None
+            value = os.environ.get(ENV_PASSPHRASE)
         if isinstance(value, str):
             value = value.encode("utf-8")
         if value is not None and not isinstance(value, bytes | bytearray):
