@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwamos.errors import ConfigError, QemuError, VMError, VMNotFoundError, VMStateError
+from qwamos.errors import ConfigError, ExportError, QemuError, VMError, VMNotFoundError, VMStateError
 from qwamos.hypervisor import config as configmod
 from qwamos.hypervisor import info as infomod
 from qwamos.hypervisor import kvm, layout
@@ -189,7 +189,9 @@ class VMManager:
 
     def status(self, name: str) -> VMStatus:
         """The VM's state from its pidfiles and the supervisor's state file (never from process names)."""
-        layout.validate_vm_name(name)
+        path = self.config_path(name)
+        if not path.exists():
+            raise VMNotFoundError(name=name, root=str(self.root), path=str(path))
         run = self.run_dir(name)
         st = VMStatus(name, "stopped", run_dir=str(run.path))
         if not run.path.exists():
@@ -421,7 +423,10 @@ class VMManager:
             )
             raise QemuError("the VM supervisor failed" + (f": {detail[0]}" if detail else ""))
         proc.wait(30)
-        raise QemuError(str(verdict.get("error", "unknown start-up failure")))
+        error = str(verdict.get("error", "unknown start-up failure"))
+        if verdict.get("component") == "export":
+            raise ExportError(error)
+        raise QemuError(error)
 
     # --- stop ---------------------------------------------------------------------------------------
 

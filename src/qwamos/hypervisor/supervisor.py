@@ -45,7 +45,11 @@ _PR_SET_PDEATHSIG = 1
 
 
 class StartFailed(Exception):
-    pass
+    """A start-up failure of one component ("export" or "qemu"), reported to ``start`` as is."""
+
+    def __init__(self, component: str, message: str) -> None:
+        super().__init__(message)
+        self.component = component
 
 
 def _die_with_parent() -> None:
@@ -75,19 +79,22 @@ def _spawn(argv: list[str], run: RunDir, log: Path, env: dict[str, str]) -> subp
         )
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], ready: Any, timeout: float, what: str, log: Path) -> None:
+def _wait_ready(
+    proc: subprocess.Popen[bytes], ready: Any, timeout: float, what: str, log: Path, component: str
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         rc = proc.poll()
         if rc is not None:
             detail = _tail(log)
             raise StartFailed(
-                f"{what} exited during start-up ({exit_description(rc)})" + (f": {detail}" if detail else "")
+                component,
+                f"{what} exited during start-up ({exit_description(rc)})" + (f": {detail}" if detail else ""),
             )
         if ready():
             return
         if time.monotonic() > deadline:
-            raise StartFailed(f"{what} did not become ready within {timeout:g} s")
+            raise StartFailed(component, f"{what} did not become ready within {timeout:g} s")
         time.sleep(0.05)
 
 
@@ -113,12 +120,18 @@ class Supervisor:
                 timeout,
                 "the block export",
                 self.run.export_log,
+                "export",
             )
         self.qemu = _spawn(self.launch["qemu"], self.run, self.run.qemu_log, qemu_environment())
         self.qemu_ref = ProcRef.of(self.qemu.pid)
         write_pidfile(self.run.qemu_pid, self.qemu_ref)
         _wait_ready(
-            self.qemu, lambda: qmp_status(self.run.qmp_sock, 1.0) is not None, timeout, "QEMU", self.run.qemu_log
+            self.qemu,
+            lambda: qmp_status(self.run.qmp_sock, 1.0) is not None,
+            timeout,
+            "QEMU",
+            self.run.qemu_log,
+            "qemu",
         )
 
     def abort(self) -> None:
@@ -196,10 +209,11 @@ def main(run_dir: str, status_fd: int) -> int:
         sup.start()
     except Exception as e:  # report every start-up failure to `start`, then undo
         message = str(e) if isinstance(e, StartFailed) else f"{type(e).__name__}: {e}"
+        component = e.component if isinstance(e, StartFailed) else "supervisor"
         sup.abort()
         run.write_state(phase="stopped", reason=f"start failed: {message}", since=time.time())
         _cleanup(run)
-        status.write(json.dumps({"ok": False, "error": message}) + "\n")
+        status.write(json.dumps({"ok": False, "error": message, "component": component}) + "\n")
         status.close()
         return 1
     run.write_state(phase="running", since=time.time(), qemu_pid=sup.qemu_ref.pid if sup.qemu_ref else None)
