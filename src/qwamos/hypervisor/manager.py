@@ -384,6 +384,8 @@ class VMManager:
         """Start the supervisor and wait for its one-line verdict on the status pipe."""
         run.create()
         run.clear()
+        if run.serial_log.exists():  # one log per boot; the previous one is kept beside it
+            os.replace(run.serial_log, run.serial_log.with_name(run.serial_log.name + ".1"))
         run.launch_file.write_text(
             json.dumps({"qemu": argv, "export": export_argv, "ready_timeout": 30}, indent=1)
         )
