@@ -16,7 +16,7 @@ from typing import Any
 from qwamos.cli.output import emit_json, message, warn
 from qwamos.errors import VMStateError
 from qwamos.hypervisor.manager import DEFAULT_STOP_TIMEOUT, VMManager
-from qwamos.hypervisor.process import connect_unix
+from qwamos.hypervisor.process import connect_unix, live_process
 
 DETACH = b"\x1d"  # Ctrl-]
 
@@ -152,11 +152,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     message(f"started {args.vm} ({result.accel.accel.upper()}); serial log: {mgr.run_dir(args.vm).serial_log}")
     if not args.foreground:
         return 0
-    _attach(mgr, args.vm, detach_ok=True)
-    st = mgr.status(args.vm)
-    if st.state in ("running", "starting"):
+    if _attach(mgr, args.vm, detach_ok=True) == "detached":
         message(f"detached; {args.vm} keeps running")
         return 0
+    # The console closed because QEMU exited: let the supervisor finish (export flush) before reporting.
+    sup = live_process(mgr.run_dir(args.vm).supervisor_pid)
+    if sup is not None:
+        sup.wait(60.0)
+    st = mgr.status(args.vm)
     message(f"{args.vm}: {st.state}" + (f" ({st.reason})" if st.reason else ""))
     return 0 if st.state == "stopped" else 1
 
@@ -176,8 +179,8 @@ def cmd_console(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attach(mgr: VMManager, name: str, *, detach_ok: bool) -> None:
-    """Relay the terminal to the serial console socket until the VM exits, EOF, or Ctrl-] (on a terminal)."""
+def _attach(mgr: VMManager, name: str, *, detach_ok: bool) -> str:
+    """Relay the terminal to the serial console until the VM exits ("closed") or Ctrl-] ("detached")."""
     sock = connect_unix(mgr.run_dir(name).console_sock, timeout=5.0)
     sock.setblocking(False)
     stdin = sys.stdin.fileno()
@@ -214,7 +217,7 @@ def _attach(mgr: VMManager, name: str, *, detach_ok: bool) -> None:
                     data = data.split(DETACH, 1)[0]
                     if data:
                         sock.sendall(data)
-                    break
+                    return "detached"
                 with contextlib.suppress(BlockingIOError):
                     sock.setblocking(True)
                     sock.sendall(data)
@@ -228,6 +231,7 @@ def _attach(mgr: VMManager, name: str, *, detach_ok: bool) -> None:
 
             termios.tcsetattr(stdin, termios.TCSADRAIN, old)
             sys.stderr.write("\n")
+    return "closed"
 
 
 def cmd_create(args: argparse.Namespace) -> int:

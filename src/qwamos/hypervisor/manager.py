@@ -112,7 +112,8 @@ class VMManager:
         keystore: str | os.PathLike[str] | None = None,
         keystore_factory: Callable[[], Any] | None = None,
     ) -> None:
-        self.root = Path(root).expanduser() if root is not None else layout.default_root()
+        # Absolute: QEMU and the export run in the VM's run directory, not in the caller's.
+        self.root = (Path(root).expanduser() if root is not None else Path(layout.default_root())).absolute()
         self.keystore_dir = Path(keystore).expanduser() if keystore is not None else None
         self._keystore_factory = keystore_factory
 
@@ -298,7 +299,7 @@ class VMManager:
             if self.keystore_dir is not None:
                 export_argv += ["--keystore", str(self.keystore_dir)]
         else:
-            image = Path(cfg.disk_path).expanduser()
+            image = Path(cfg.disk_path).expanduser().absolute()
             if not image.exists():
                 new_qcow2 = image
             disk = Disk(self._image_format(image, cfg), str(image))
@@ -342,8 +343,8 @@ class VMManager:
 
     def _volume_path(self, cfg: VMConfig) -> Path:
         if cfg.disk_path and str(cfg.disk_path).endswith(".qvol"):
-            return Path(cfg.disk_path).expanduser()
-        return Path(cfg.encrypted_disk_path()).expanduser()
+            return Path(cfg.disk_path).expanduser().absolute()
+        return Path(cfg.encrypted_disk_path()).expanduser().absolute()
 
     def _image_format(self, image: Path, cfg: VMConfig) -> str:
         if not image.exists() or image.suffix == ".qcow2":
@@ -386,12 +387,13 @@ class VMManager:
         run.clear()
         if run.serial_log.exists():  # one log per boot; the previous one is kept beside it
             os.replace(run.serial_log, run.serial_log.with_name(run.serial_log.name + ".1"))
-        run.launch_file.write_text(
-            json.dumps({"qemu": argv, "export": export_argv, "ready_timeout": 30}, indent=1)
-        )
+        fd = os.open(run.launch_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"qemu": argv, "export": export_argv, "ready_timeout": 30}, f, indent=1)
         rfd, wfd = os.pipe()
         try:
-            with open(run.supervisor_log, "ab") as log:
+            log_fd = os.open(run.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            with os.fdopen(log_fd, "ab") as log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "qwamos.hypervisor.supervisor", str(run.path), str(wfd)],
                     stdin=subprocess.DEVNULL,

@@ -175,9 +175,10 @@ def build_command(
 
     if not cfg.kernel:
         raise ConfigError("boot.kernel is not set; a kernel image is needed to boot", path=_where(cfg))
-    argv += ["-kernel", os.fspath(cfg.kernel)]
+    # Absolute: QEMU runs in the run directory, so a relative path would point somewhere else.
+    argv += ["-kernel", os.path.abspath(os.path.expanduser(os.fspath(cfg.kernel)))]
     if cfg.initrd:
-        argv += ["-initrd", os.fspath(cfg.initrd)]
+        argv += ["-initrd", os.path.abspath(os.path.expanduser(os.fspath(cfg.initrd)))]
     argv += ["-append", kernel_append(cfg)]
 
     argv += [

@@ -199,6 +199,7 @@ def _cleanup(run: RunDir) -> None:
 
 def main(run_dir: str, status_fd: int) -> int:
     run = RunDir(Path(run_dir))
+    os.umask(0o077)  # sockets, logs and pidfiles created from here on (by us, QEMU, the export) are 0600
     write_pidfile(run.supervisor_pid, ProcRef.of(os.getpid()))
     run.write_state(phase="starting", since=time.time())
     sup = Supervisor(run)
