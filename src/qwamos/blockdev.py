@@ -15,6 +15,7 @@ Contract:
 
 from __future__ import annotations
 
+import os
 from typing import Protocol, runtime_checkable
 
 from qwamos.errors import ReadOnlyVolumeError
@@ -82,3 +83,76 @@ class MemoryBackend:
 
     def close(self) -> None:
         pass
+
+
+class FileBackend:
+    """A plain (unencrypted) file as a block device: for export tests and benchmarks against raw images.
+
+    Zeroing writes zeros (no hole punching here; the encrypted volume does that), ``flush`` and FUA are
+    ``fdatasync``.
+    """
+
+    _ZEROS = bytes(1 << 20)
+
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
+        self.path = str(path)
+        self._read_only = read_only
+        self._fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self._size = os.fstat(self._fd).st_size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    def _check_writable(self) -> None:
+        if self._read_only:
+            raise ReadOnlyVolumeError(path=self.path)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(offset, memoryview(buf))
+        return bytes(buf)
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
+        out = memoryview(buf).cast("B")
+        got = 0
+        while got < len(out):
+            n = os.preadv(self._fd, [out[got:]], offset + got)
+            if n == 0:  # past EOF of a file that shrank: zeros
+                out[got:] = bytes(len(out) - got)
+                break
+            got += n
+        return len(out)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        self._check_writable()
+        mv = memoryview(data).cast("B")
+        done = 0
+        while done < len(mv):
+            done += os.pwrite(self._fd, mv[done:], offset + done)
+        if fua:
+            os.fdatasync(self._fd)
+
+    def flush(self) -> None:
+        if not self._read_only:
+            os.fdatasync(self._fd)
+
+    def trim(self, offset: int, length: int) -> None:
+        self.zero(offset, length)
+
+    def zero(self, offset: int, length: int, may_trim: bool = True) -> None:
+        self._check_writable()
+        end = offset + length
+        while offset < end:
+            n = min(len(self._ZEROS), end - offset)
+            self.pwrite(offset, memoryview(self._ZEROS)[:n])
+            offset += n
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

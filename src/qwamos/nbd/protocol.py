@@ -1,0 +1,563 @@
+"""The NBD server protocol without I/O: bytes in, events and reply bytes out (as h11 does for HTTP).
+
+:class:`ServerConnection` runs the fixed-newstyle handshake by itself (it knows the one export it
+offers) and, in the transmission phase, turns the client's bytes into request events that are already
+validated: flags, alignment, range and size checks happen here, once, and a request that fails them is
+answered with the protocol's error (or, where the stream cannot be resynchronised, a hard disconnect) without
+the caller ever seeing it.  The caller executes the events it gets against a block device and encodes the
+replies with :func:`reply_header` / :func:`pack_reply_into`.
+
+Receive buffer: one fixed ``bytearray`` per connection (``CHUNK`` plus slack).  A transport can fill it
+without a copy (``get_buffer()`` / ``buffer_updated(n)``, the shape of ``asyncio.BufferedProtocol``) or hand
+bytes to :meth:`ServerConnection.receive_data`.  WRITE payloads are delivered in pieces of at most ``CHUNK``
+bytes as views into that buffer, so no request size makes the buffer grow.  A view handed out in an event is
+valid only until the next call into the connection.
+
+Two kinds of failure, as in h11: :class:`LocalProtocolError` means the caller misused this API;
+a misbehaving peer never raises — it yields a :class:`Closed` event with the reason, after which the
+caller sends what :meth:`data_to_send` still holds and closes the connection.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+from qwamos.nbd import constants as c
+
+_REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length  (28 bytes)
+_REPLY = struct.Struct(">IIQ")  # magic, error, cookie  (16 bytes)
+_OPTION = struct.Struct(">QII")  # IHAVEOPT, option, length
+_OPT_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
+REPLY_SIZE = _REPLY.size
+REQUEST_SIZE = _REQUEST.size
+
+_CMD_NAMES = {
+    c.CMD_READ: "READ",
+    c.CMD_WRITE: "WRITE",
+    c.CMD_DISC: "DISC",
+    c.CMD_FLUSH: "FLUSH",
+    c.CMD_TRIM: "TRIM",
+    c.CMD_WRITE_ZEROES: "WRITE_ZEROES",
+}
+
+
+class LocalProtocolError(Exception):
+    """The caller used :class:`ServerConnection` wrongly (a bug on our side, not the peer's)."""
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What the handshake tells a client about the one export this connection offers."""
+
+    size: int
+    read_only: bool = False
+    name: str = ""
+    description: str = ""
+
+    @property
+    def transmission_flags(self) -> int:
+        flags = c.TFLAG_HAS_FLAGS | c.TFLAG_SEND_FLUSH | c.TFLAG_SEND_FUA | c.TFLAG_CAN_MULTI_CONN
+        if self.read_only:
+            flags |= c.TFLAG_READ_ONLY
+        else:
+            flags |= c.TFLAG_SEND_TRIM | c.TFLAG_SEND_WRITE_ZEROES
+        return flags
+
+
+# --- events ---------------------------------------------------------------------------------------------------
+# Plain classes with __slots__: the hot path creates one per request, and these are the cheapest to build.
+
+
+class Event:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__ if k != "data")
+        return f"{type(self).__name__}({fields})"
+
+
+class Ready(Event):
+    """The handshake finished: requests follow.  ``strict`` = the client accepted our block sizes."""
+
+    __slots__ = ("export_name", "strict")
+
+    def __init__(self, export_name: str, strict: bool) -> None:
+        self.export_name = export_name
+        self.strict = strict
+
+
+class Read(Event):
+    __slots__ = ("cookie", "length", "offset")
+
+    def __init__(self, cookie: int, offset: int, length: int) -> None:
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+
+
+class Write(Event):
+    """One piece of a WRITE's payload.  ``last`` marks the piece after which the request is complete;
+    ``data`` is a view into the receive buffer, valid until the next call into the connection."""
+
+    __slots__ = ("cookie", "data", "first", "fua", "last", "offset")
+
+    def __init__(self, cookie: int, offset: int, data: memoryview, fua: bool, first: bool, last: bool) -> None:
+        self.cookie = cookie
+        self.offset = offset
+        self.data = data
+        self.fua = fua
+        self.first = first
+        self.last = last
+
+
+class Flush(Event):
+    __slots__ = ("cookie",)
+
+    def __init__(self, cookie: int) -> None:
+        self.cookie = cookie
+
+
+class Trim(Event):
+    __slots__ = ("cookie", "fua", "length", "offset")
+
+    def __init__(self, cookie: int, offset: int, length: int, fua: bool) -> None:
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self.fua = fua
+
+
+class Zero(Event):
+    """WRITE_ZEROES; ``may_trim`` is False when the client set NO_HOLE."""
+
+    __slots__ = ("cookie", "fua", "length", "may_trim", "offset")
+
+    def __init__(self, cookie: int, offset: int, length: int, fua: bool, may_trim: bool) -> None:
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self.fua = fua
+        self.may_trim = may_trim
+
+
+class Disconnect(Event):
+    """The client sent NBD_CMD_DISC (transmission) or NBD_OPT_ABORT (handshake): close once replies are out."""
+
+    __slots__ = ()
+
+
+class Closed(Event):
+    """The peer broke the protocol (or asked for something we must refuse by disconnecting)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+NEED_DATA = None  # next_event() result: feed more bytes
+
+
+class State(Enum):
+    CLIENT_FLAGS = "client-flags"
+    OPTIONS = "options"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+def reply_header(cookie: int, error: int = 0) -> bytes:
+    """A simple reply (16 bytes); for a successful READ the data follows it."""
+    return _REPLY.pack(c.SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+def pack_reply_into(buf: bytearray | memoryview, cookie: int, error: int = 0) -> None:
+    """Write a simple reply header at the start of ``buf`` (so READ data can be read in right after it)."""
+    _REPLY.pack_into(buf, 0, c.SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+class ServerConnection:
+    """Server side of one NBD connection, handshake through transmission, with no I/O.
+
+    Use: send :meth:`data_to_send` (the greeting is there from the start); feed received bytes; call
+    :meth:`next_event` until it returns ``NEED_DATA``; act on each event and send replies; when an event is
+    :class:`Closed` or :class:`Disconnect`, send what is left in :meth:`data_to_send` and close.
+    """
+
+    def __init__(self, export: ExportInfo, *, chunk: int = c.CHUNK, max_request: int = c.MAX_REQUEST) -> None:
+        if export.size < 0:
+            raise LocalProtocolError("export size must be >= 0")
+        self.export = export
+        self.state = State.CLIENT_FLAGS
+        self.strict = False  # client accepted NBD_INFO_BLOCK_SIZE in NBD_OPT_GO: enforce alignment
+        self.no_zeroes = False
+        self.export_name = ""
+        self.requests = 0
+        self._chunk = chunk
+        self._max_request = max_request
+        self._buf = bytearray(chunk + 2 * c.MAX_OPTION_DATA + 64)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._pending: deque[bytes] = deque()  # receive_data() bytes that did not fit yet
+        self._out: list[bytes] = []
+        # WRITE payload in progress
+        self._w_cookie = 0
+        self._w_offset = 0
+        self._w_left = 0
+        self._w_fua = False
+        self._w_first = False
+        self._skip = 0  # payload bytes to discard (rejected WRITE or oversized option)
+        self._after_skip: bytes | None = None  # option reply to queue once the skipped data is gone
+        self._after_skip_close: str | None = None
+        greeting = struct.pack(">QQH", c.NBDMAGIC, c.IHAVEOPT, c.FLAG_FIXED_NEWSTYLE | c.FLAG_NO_ZEROES)
+        self._out.append(greeting)
+
+    # --- input ------------------------------------------------------------------------------------------------
+
+    @property
+    def free_space(self) -> int:
+        """Bytes :meth:`get_buffer` can offer now (after compacting); 0 means stop reading until events drain."""
+        return len(self._buf) - (self._end - self._start)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Writable space at the end of the receive buffer (for ``asyncio.BufferedProtocol``)."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buf) - self._end < 65536 and self._start:
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if nbytes < 0 or self._end + nbytes > len(self._buf):
+            raise LocalProtocolError("buffer_updated beyond the buffer handed out")
+        self._end += nbytes
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue bytes from the peer (copying); for transports that cannot use :meth:`get_buffer`."""
+        if data:
+            self._pending.append(bytes(data))
+
+    def _pull_pending(self) -> None:
+        while self._pending:
+            room = self.get_buffer()
+            if not room:
+                return
+            head = self._pending[0]
+            n = min(len(room), len(head))
+            room[:n] = head[:n]
+            self._end += n
+            if n == len(head):
+                self._pending.popleft()
+            else:
+                self._pending[0] = head[n:]
+
+    def _compact(self) -> None:
+        n = self._end - self._start
+        self._buf[0:n] = bytes(self._view[self._start : self._end])
+        self._start, self._end = 0, n
+
+    def _available(self) -> int:
+        return self._end - self._start
+
+    def _take(self, n: int) -> memoryview:
+        v = self._view[self._start : self._start + n]
+        self._start += n
+        return v
+
+    def _ensure(self, n: int) -> bool:
+        """True if ``n`` contiguous bytes are buffered (pulling queued input and compacting as needed)."""
+        if self._end - self._start >= n:
+            return True
+        if self._pending:
+            if len(self._buf) - self._start < n:
+                self._compact()
+            self._pull_pending()
+            return self._end - self._start >= n
+        if len(self._buf) - self._start < n:
+            self._compact()
+        return False
+
+    # --- output -----------------------------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """Handshake replies and the error replies this layer generated itself, in order; then empty."""
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def _close(self, reason: str) -> Closed:
+        self.state = State.CLOSED
+        self._pending.clear()
+        self._start = self._end = 0
+        return Closed(reason)
+
+    # --- events -----------------------------------------------------------------------------------------------
+
+    def next_event(self) -> Event | None:
+        """The next event, or ``NEED_DATA``.  After :class:`Closed`/:class:`Disconnect` returns ``NEED_DATA``."""
+        while True:
+            state = self.state
+            if state is State.TRANSMISSION:
+                return self._next_request()
+            if state is State.CLOSED:
+                return NEED_DATA
+            if self._skip:
+                if not self._do_skip():
+                    return NEED_DATA
+                continue
+            if state is State.OPTIONS:
+                ev = self._next_option()
+            else:
+                ev = self._client_flags()
+            if ev is not None:
+                return ev
+            if self.state is state and not self._skip:
+                return NEED_DATA
+
+    def _do_skip(self) -> bool:
+        """Discard skipped payload bytes; True once all of it is gone."""
+        if not self._end - self._start:
+            self._ensure(1)
+        n = min(self._skip, self._end - self._start)
+        self._start += n
+        self._skip -= n
+        if self._skip:
+            return False
+        if self._after_skip is not None:
+            self._out.append(self._after_skip)
+            self._after_skip = None
+        return True
+
+    # --- handshake --------------------------------------------------------------------------------------------
+
+    def _client_flags(self) -> Event | None:
+        if not self._ensure(4):
+            return None
+        (flags,) = struct.unpack(">I", self._take(4))
+        if flags & ~(c.FLAG_C_FIXED_NEWSTYLE | c.FLAG_C_NO_ZEROES):
+            return self._close(f"unknown client flags 0x{flags:08x}")
+        self.no_zeroes = bool(flags & c.FLAG_C_NO_ZEROES)
+        self.state = State.OPTIONS
+        return None
+
+    def _opt_reply(self, option: int, rtype: int, data: bytes = b"") -> None:
+        self._out.append(_OPT_REPLY.pack(c.OPT_REPLY_MAGIC, option, rtype, len(data)) + data)
+
+    def _opt_error(self, option: int, rtype: int, message: str) -> None:
+        self._opt_reply(option, rtype, message.encode())
+
+    def _next_option(self) -> Event | None:
+        if not self._ensure(_OPTION.size):
+            return None
+        magic, option, length = _OPTION.unpack_from(self._view, self._start)
+        if magic != c.IHAVEOPT:
+            return self._close("bad option magic")
+        if length > c.MAX_OPTION_DATA:
+            self._start += _OPTION.size
+            if option == c.OPT_EXPORT_NAME:
+                return self._close("export name too long")
+            self._skip = length
+            self._after_skip = _OPT_REPLY.pack(c.OPT_REPLY_MAGIC, option, c.REP_ERR_TOO_BIG, 0)
+            return None
+        if not self._ensure(_OPTION.size + length):
+            return None
+        self._start += _OPTION.size
+        data = bytes(self._take(length))
+        if option == c.OPT_EXPORT_NAME:
+            return self._export_name(data)
+        if option == c.OPT_ABORT:
+            self._opt_reply(option, c.REP_ACK)
+            self.state = State.CLOSED
+            return Disconnect()
+        if option == c.OPT_LIST:
+            if data:
+                self._opt_error(option, c.REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+            else:
+                name = self.export.name.encode()
+                desc = self.export.description.encode()
+                self._opt_reply(option, c.REP_SERVER, struct.pack(">I", len(name)) + name + desc)
+                self._opt_reply(option, c.REP_ACK)
+            return None
+        if option in (c.OPT_INFO, c.OPT_GO):
+            return self._info_go(option, data)
+        self._opt_error(option, c.REP_ERR_UNSUP, f"option {option} is not supported")
+        return None
+
+    def _name_ok(self, raw: bytes) -> str | None:
+        try:
+            name = raw.decode()
+        except UnicodeDecodeError:
+            return None
+        return name if name in ("", self.export.name) else None
+
+    def _export_name(self, data: bytes) -> Event:
+        name = self._name_ok(data)
+        if name is None:
+            return self._close("unknown export name (NBD_OPT_EXPORT_NAME)")
+        tail = b"" if self.no_zeroes else bytes(124)
+        self._out.append(struct.pack(">QH", self.export.size, self.export.transmission_flags) + tail)
+        return self._enter_transmission(name, strict=False)
+
+    def _info_go(self, option: int, data: bytes) -> Event | None:
+        if len(data) < 6:
+            self._opt_error(option, c.REP_ERR_INVALID, "option data too short")
+            return None
+        (namelen,) = struct.unpack_from(">I", data, 0)
+        if namelen > len(data) - 6:
+            self._opt_error(option, c.REP_ERR_INVALID, "name length exceeds option length")
+            return None
+        raw_name = data[4 : 4 + namelen]
+        (nreq,) = struct.unpack_from(">H", data, 4 + namelen)
+        if len(data) != 4 + namelen + 2 + 2 * nreq:
+            self._opt_error(option, c.REP_ERR_INVALID, "information request list does not match the length")
+            return None
+        requests = struct.unpack_from(f">{nreq}H", data, 6 + namelen)
+        name = self._name_ok(raw_name)
+        if name is None:
+            self._opt_error(option, c.REP_ERR_UNKNOWN, "no such export")
+            return None
+        ex = self.export
+        self._opt_reply(option, c.REP_INFO, struct.pack(">HQH", c.INFO_EXPORT, ex.size, ex.transmission_flags))
+        self._opt_reply(
+            option,
+            c.REP_INFO,
+            struct.pack(">HIII", c.INFO_BLOCK_SIZE, c.MIN_BLOCK, c.PREFERRED_BLOCK, c.MAX_PAYLOAD),
+        )
+        if c.INFO_NAME in requests:
+            self._opt_reply(option, c.REP_INFO, struct.pack(">H", c.INFO_NAME) + ex.name.encode())
+        if c.INFO_DESCRIPTION in requests and ex.description:
+            self._opt_reply(option, c.REP_INFO, struct.pack(">H", c.INFO_DESCRIPTION) + ex.description.encode())
+        self._opt_reply(option, c.REP_ACK)
+        if option == c.OPT_GO:
+            return self._enter_transmission(name, strict=c.INFO_BLOCK_SIZE in requests)
+        return None
+
+    def _enter_transmission(self, name: str, strict: bool) -> Event:
+        self.state = State.TRANSMISSION
+        self.export_name = name
+        self.strict = strict
+        return Ready(name, strict)
+
+    # --- transmission -----------------------------------------------------------------------------------------
+
+    def _next_request(self) -> Event | None:
+        while True:
+            if self._w_left:
+                return self._write_piece()
+            if self._skip:
+                if not self._do_skip():
+                    return NEED_DATA
+                continue
+            start = self._start
+            if self._end - start < 28 and not self._ensure(28):
+                return NEED_DATA
+            start = self._start
+            magic, flags, cmd, cookie, offset, length = _REQUEST.unpack_from(self._buf, start)
+            self._start = start + 28
+            if magic != c.REQUEST_MAGIC:
+                return self._close(f"bad request magic 0x{magic:08x}")
+            self.requests += 1
+            ev = self._check_request(flags, cmd, cookie, offset, length)
+            if ev is not None:
+                return ev
+
+    def _error(self, cookie: int, error: int) -> None:
+        self._out.append(_REPLY.pack(c.SIMPLE_REPLY_MAGIC, error, cookie))
+
+    def _check_request(self, flags: int, cmd: int, cookie: int, offset: int, length: int) -> Event | None:
+        """Validate one request header; return its event, or queue its error reply and return None."""
+        size = self.export.size
+        if cmd == c.CMD_READ:
+            if flags & ~c.CMD_FLAG_FUA:
+                self._error(cookie, c.EINVAL)
+            elif length > self._max_request:
+                self._error(cookie, c.EOVERFLOW if length > c.MAX_PAYLOAD else c.EINVAL)
+            elif offset + length > size or not self._aligned(offset, length):
+                self._error(cookie, c.EINVAL)
+            else:
+                return Read(cookie, offset, length)
+            return None
+        if cmd == c.CMD_WRITE:
+            if length > self._max_request:
+                # Swallowing up to 4 GiB of payload to keep the stream in sync is not worth it.
+                return self._close(f"WRITE of {length} bytes exceeds the {self._max_request}-byte limit")
+            error = 0
+            if flags & ~c.CMD_FLAG_FUA:
+                error = c.EINVAL
+            elif self.export.read_only:
+                error = c.EPERM
+            elif offset + length > size:
+                error = c.ENOSPC
+            elif not self._aligned(offset, length):
+                error = c.EINVAL
+            if error:
+                self._skip = length
+                self._after_skip = _REPLY.pack(c.SIMPLE_REPLY_MAGIC, error, cookie)
+                if not length:
+                    self._out.append(self._after_skip)
+                    self._after_skip = None
+                return None
+            if not length:
+                self._out.append(_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, cookie))
+                return None
+            self._w_cookie, self._w_offset, self._w_left = cookie, offset, length
+            self._w_fua, self._w_first = bool(flags & c.CMD_FLAG_FUA), True
+            return self._write_piece()
+        if cmd == c.CMD_FLUSH:
+            if flags & ~c.CMD_FLAG_FUA or offset or length:
+                self._error(cookie, c.EINVAL)
+                return None
+            return Flush(cookie)
+        if cmd == c.CMD_TRIM or cmd == c.CMD_WRITE_ZEROES:
+            allowed = c.CMD_FLAG_FUA | (c.CMD_FLAG_NO_HOLE if cmd == c.CMD_WRITE_ZEROES else 0)
+            if flags & ~allowed:
+                self._error(cookie, c.EINVAL)
+            elif self.export.read_only:
+                self._error(cookie, c.EPERM)
+            elif offset + length > size:
+                self._error(cookie, c.EINVAL if cmd == c.CMD_TRIM else c.ENOSPC)
+            elif not self._aligned(offset, length):
+                self._error(cookie, c.EINVAL)
+            elif cmd == c.CMD_TRIM:
+                return Trim(cookie, offset, length, bool(flags & c.CMD_FLAG_FUA))
+            else:
+                return Zero(cookie, offset, length, bool(flags & c.CMD_FLAG_FUA), not flags & c.CMD_FLAG_NO_HOLE)
+            return None
+        if cmd == c.CMD_DISC:
+            self.state = State.CLOSED
+            return Disconnect()
+        self._error(cookie, c.EINVAL)  # CACHE, BLOCK_STATUS (never negotiated) and unknown commands
+        return None
+
+    def _aligned(self, offset: int, length: int) -> bool:
+        """Alignment is enforced only for clients that accepted our block size in NBD_OPT_GO; the export's
+        last partial block (odd-sized volumes) may be addressed up to the exact end."""
+        if not self.strict:
+            return True
+        if offset % c.MIN_BLOCK:
+            return False
+        return not length % c.MIN_BLOCK or offset + length == self.export.size
+
+    def _write_piece(self) -> Event | None:
+        """The next piece of the current WRITE's payload, once it is all buffered (pieces end on block
+        boundaries, so only the request's own unaligned edges cost the backend a read-modify-write)."""
+        left = self._w_left
+        piece = left if left <= self._chunk else self._chunk - self._w_offset % c.MIN_BLOCK
+        if self._end - self._start < piece and not self._ensure(piece):
+            return NEED_DATA
+        data = self._view[self._start : self._start + piece]
+        self._start += piece
+        ev = Write(self._w_cookie, self._w_offset, data, self._w_fua, self._w_first, left == piece)
+        self._w_offset += piece
+        self._w_left = left - piece
+        self._w_first = False
+        return ev
+
+
+def describe_command(cmd: int) -> str:
+    return _CMD_NAMES.get(cmd, f"command {cmd}")

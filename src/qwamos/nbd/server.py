@@ -1,0 +1,520 @@
+"""The NBD export's transport: asyncio over UNIX/TCP sockets, running :mod:`qwamos.nbd.protocol` against a
+:class:`~qwamos.blockdev.BlockBackend`.
+
+One event loop, no worker threads: every backend call runs inline in the loop, one request at a time across
+all connections.  That makes each request atomic with respect to every other (the backend needs no locking
+and a FLUSH covers every write answered before it), and it avoids the GIL contention that made a threaded
+Python server slower than a serial one.  The cost is that a slow call (an fdatasync) holds up the other
+connections for its duration.
+
+Memory is bounded per connection: a fixed receive buffer (``CHUNK`` plus slack, filled without copies via
+``asyncio.BufferedProtocol``), WRITE payloads applied in ``CHUNK`` pieces as they arrive, READ replies
+produced in ``CHUNK`` pieces into one scratch buffer shared by all connections, and reading from a client
+paused while its unsent replies exceed ``WRITE_HIGH_WATER``.  Connections beyond ``max_connections`` are
+closed at once (before the greeting).
+
+Errors: :data:`ERROR_MAP` turns backend exceptions into NBD error codes in one place; a block that fails
+authentication answers EIO for that request and is logged with its index; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from qwamos.blockdev import BlockBackend
+from qwamos.errors import (
+    BlockAuthError,
+    BlockRangeError,
+    ExportError,
+    NonceLimitError,
+    ReadOnlyVolumeError,
+    VolumeClosedError,
+    VolumeError,
+)
+from qwamos.nbd import constants as c
+from qwamos.nbd.protocol import (
+    REPLY_SIZE,
+    Closed,
+    Disconnect,
+    ExportInfo,
+    Flush,
+    Read,
+    Ready,
+    ServerConnection,
+    Trim,
+    Write,
+    Zero,
+    pack_reply_into,
+    reply_header,
+)
+
+log = logging.getLogger("qwamos.nbd")
+
+WRITE_HIGH_WATER = 256 * 1024  # stop reading a client while this much of its replies is unsent
+ZERO_PIECE = 32 * 1024 * 1024  # TRIM/WRITE_ZEROES reach the backend in pieces of at most this size
+DEFAULT_MAX_CONNECTIONS = 8
+
+# Backend exception -> NBD error, first match wins (subclasses before their bases).
+ERROR_MAP: tuple[tuple[type[BaseException], int], ...] = (
+    (BlockAuthError, c.EIO),
+    (ReadOnlyVolumeError, c.EPERM),
+    (BlockRangeError, c.EINVAL),
+    (NonceLimitError, c.ENOSPC),
+    (VolumeClosedError, c.ESHUTDOWN),
+    (VolumeError, c.EIO),
+)
+_OS_ERRNO = {errno.ENOSPC: c.ENOSPC, errno.EDQUOT: c.ENOSPC, errno.EFBIG: c.ENOSPC, errno.EPERM: c.EPERM}
+
+
+def nbd_error(exc: BaseException) -> int:
+    """The NBD error code for a backend exception (EIO for anything unexpected)."""
+    for cls, code in ERROR_MAP:
+        if isinstance(exc, cls):
+            return code
+    if isinstance(exc, OSError):
+        return _OS_ERRNO.get(exc.errno or 0, c.EIO)
+    return c.EIO
+
+
+class _Shared:
+    """State every connection of one export shares: the backend and one read scratch buffer (requests run
+    one at a time, and the transport copies whatever it cannot send at once, so one buffer is enough)."""
+
+    def __init__(self, backend: BlockBackend, export: ExportInfo, max_connections: int) -> None:
+        self.backend = backend
+        self.export = export
+        self.max_connections = max_connections
+        self.connections: set[NBDConnection] = set()
+        self.scratch = bytearray(REPLY_SIZE + c.CHUNK)
+        self.scratch_view = memoryview(self.scratch)
+        self.readinto: Callable[[int, memoryview], object] | None = getattr(backend, "readinto", None)
+        self.next_id = 0
+        self.closing = False
+
+
+class NBDConnection(asyncio.BufferedProtocol):
+    """One client connection: feeds the sans-IO protocol and executes its events against the backend."""
+
+    def __init__(self, shared: _Shared) -> None:
+        self.shared = shared
+        self.proto = ServerConnection(shared.export)
+        self.transport: asyncio.Transport | None = None
+        self.id = shared.next_id
+        shared.next_id += 1
+        self._write_paused = False
+        self._read_paused = False
+        self._closing = False
+        self._write_error = 0
+        # a READ longer than CHUNK still being produced
+        self._r_offset = 0
+        self._r_left = 0
+        self.closed = asyncio.get_running_loop().create_future()
+
+    # --- asyncio callbacks ------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sh = self.shared
+        if sh.closing or len(sh.connections) >= sh.max_connections:
+            log.warning("connection %d refused: %d connections already open", self.id, len(sh.connections))
+            self._closing = True
+            transport.abort()
+            return
+        sh.connections.add(self)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        log.info("connection %d opened", self.id)
+        self.transport.write(self.proto.data_to_send())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self in self.shared.connections:
+            self.shared.connections.discard(self)
+            log.info("connection %d closed after %d requests", self.id, self.proto.requests)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buf = self.proto.get_buffer(sizehint)
+        if not buf:  # cannot happen while we pause reading whenever processing stops; keep asyncio safe
+            return memoryview(bytearray(1))
+        return buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.proto.buffer_updated(nbytes)
+        self._process()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._process()
+
+    # --- request execution ------------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Execute events until the protocol needs data, the client must wait for us to send, or we close."""
+        proto = self.proto
+        tr = self.transport
+        if tr is None or self._closing:
+            return
+        try:
+            while not self._write_paused:
+                if self._r_left:
+                    self._read_piece()
+                    continue
+                ev = proto.next_event()
+                if ev is None:
+                    break
+                cls = type(ev)
+                if cls is Read:
+                    self._read(ev)
+                elif cls is Write:
+                    self._write(ev)
+                elif cls is Flush:
+                    self._reply(ev.cookie, self._call(self.shared.backend.flush))
+                elif cls is Zero or cls is Trim:
+                    self._zero(ev)
+                elif cls is Ready:
+                    log.info(
+                        "connection %d: export %r, block sizes %s",
+                        self.id,
+                        ev.export_name,
+                        "agreed" if ev.strict else "not requested",
+                    )
+                else:
+                    self._finish(ev)
+                    return
+        finally:
+            out = proto.data_to_send()
+            if out and not self._closing:
+                tr.write(out)
+        if self._write_paused:
+            if not self._read_paused:
+                self._read_paused = True
+                tr.pause_reading()
+        elif self._read_paused and not self._closing:
+            self._read_paused = False
+            tr.resume_reading()
+
+    def _finish(self, ev: Disconnect | Closed) -> None:
+        if isinstance(ev, Closed):
+            log.warning("connection %d: disconnecting: %s", self.id, ev.reason)
+        out = self.proto.data_to_send()
+        if out:
+            self.transport.write(out)
+        self._closing = True
+        self.transport.close()  # sends what is buffered, then closes
+
+    def _call(self, fn: Callable[..., object], *args: object) -> int:
+        try:
+            fn(*args)
+        except Exception as e:
+            return self._failed(e)
+        return 0
+
+    def _failed(self, e: BaseException) -> int:
+        code = nbd_error(e)
+        if isinstance(e, BlockAuthError):
+            log.error(
+                "connection %d: block %s failed authentication; answered EIO", self.id, e.kwargs.get("index")
+            )
+        elif code == c.EIO:
+            log.error(
+                "connection %d: backend error answered EIO: %s",
+                self.id,
+                e,
+                exc_info=not isinstance(e, VolumeError),
+            )
+        else:
+            log.warning("connection %d: backend error answered %d: %s", self.id, code, e)
+        return code
+
+    def _reply(self, cookie: int, error: int) -> None:
+        self.transport.write(reply_header(cookie, error))
+
+    def _read(self, ev: Read) -> None:
+        length = ev.length
+        n = min(length, c.CHUNK)
+        sh = self.shared
+        buf = sh.scratch_view[: REPLY_SIZE + n]
+        try:
+            self._fill(buf[REPLY_SIZE:], ev.offset, n)
+        except Exception as e:
+            self._reply(ev.cookie, self._failed(e))
+            return
+        pack_reply_into(buf, ev.cookie, 0)
+        self.transport.write(buf)
+        if n < length:
+            self._r_offset, self._r_left = ev.offset + n, length - n
+
+    def _read_piece(self) -> None:
+        """The next piece of a READ longer than CHUNK (only clients that ignore our advertised maximum send
+        those).  Its header already said success, so a failure now can only be a hard disconnect."""
+        n = min(self._r_left, c.CHUNK)
+        buf = self.shared.scratch_view[REPLY_SIZE : REPLY_SIZE + n]
+        try:
+            self._fill(buf, self._r_offset, n)
+        except Exception as e:
+            self._failed(e)
+            log.error("connection %d: error in the middle of a long READ; disconnecting (proto.md)", self.id)
+            self._r_left = 0
+            self._closing = True
+            self.transport.abort()
+            return
+        self.transport.write(buf)
+        self._r_offset += n
+        self._r_left -= n
+
+    def _fill(self, out: memoryview, offset: int, n: int) -> None:
+        readinto = self.shared.readinto
+        if readinto is not None:
+            readinto(offset, out)
+        else:
+            out[:] = self.shared.backend.pread(offset, n)
+
+    def _write(self, ev: Write) -> None:
+        if ev.first:
+            self._write_error = 0
+        if not self._write_error:
+            try:
+                self.shared.backend.pwrite(ev.offset, ev.data, ev.fua and ev.last)
+            except Exception as e:
+                self._write_error = self._failed(e)
+        if ev.last:
+            self._reply(ev.cookie, self._write_error)
+
+    def _zero(self, ev: Zero | Trim) -> None:
+        backend = self.shared.backend
+        pos, end = ev.offset, ev.offset + ev.length
+        error = 0
+        try:
+            while pos < end:
+                n = min(ZERO_PIECE, end - pos)
+                if type(ev) is Trim:
+                    backend.trim(pos, n)
+                else:
+                    backend.zero(pos, n, ev.may_trim)
+                pos += n
+            if ev.fua:
+                backend.flush()
+        except Exception as e:
+            error = self._failed(e)
+        self._reply(ev.cookie, error)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._closing = True
+            self.transport.close()
+
+
+# --- listening ------------------------------------------------------------------------------------------------
+
+
+def _unix_listener(path: Path, mode: int) -> socket.socket:
+    """Bind a UNIX socket created with ``mode`` from the start (umask), replacing only a stale socket file."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        st = path.lstat()
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ExportError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(os.fspath(path))
+        except OSError:
+            path.unlink()  # stale: nobody listens
+        else:
+            raise ExportError(f"{path}: another server is already listening on this socket")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(os.fspath(path))
+    except OSError as e:
+        sock.close()
+        raise ExportError(f"cannot bind {path}: {e.strerror or e}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+def _tcp_listener(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ExportError(f"cannot resolve {host!r}: {e}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ExportError(f"cannot bind {host}:{port}: {e.strerror or e}") from None
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ExportServer:
+    """Serve one backend over NBD.  ``bind()`` (sync, creates the sockets: do it before daemonising), then
+    ``await start()`` / ``await stop()`` inside a loop — or ``run()`` for a blocking serve-until-signal.
+
+    ``stop()`` closes every connection (unsent replies are sent first), flushes the backend and removes the
+    UNIX socket; it does not close the backend (its owner does).
+    """
+
+    def __init__(
+        self,
+        backend: BlockBackend,
+        *,
+        unix_path: str | os.PathLike[str] | None = None,
+        tcp: tuple[str, int] | None = None,
+        name: str = "",
+        description: str = "",
+        read_only: bool | None = None,
+        socket_mode: int = 0o600,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        if unix_path is None and tcp is None:
+            raise ExportError("give a UNIX socket path or a TCP address to listen on")
+        ro = backend.read_only if read_only is None else (read_only or backend.read_only)
+        self.export = ExportInfo(size=backend.size, read_only=ro, name=name, description=description)
+        self.backend = backend
+        self.unix_path = Path(unix_path) if unix_path is not None else None
+        self.tcp = tcp
+        self.socket_mode = socket_mode
+        self.max_connections = max_connections
+        self._socks: list[socket.socket] = []
+        self._servers: list[asyncio.base_events.Server] = []
+        self._shared: _Shared | None = None
+        self.tcp_address: tuple[str, int] | None = None
+
+    def bind(self) -> None:
+        """Create the listening sockets (synchronously, so errors surface before any fork)."""
+        if self._socks:
+            return
+        try:
+            if self.unix_path is not None:
+                self._socks.append(_unix_listener(self.unix_path, self.socket_mode))
+            if self.tcp is not None:
+                s = _tcp_listener(*self.tcp)
+                self._socks.append(s)
+                self.tcp_address = s.getsockname()[:2]
+        except BaseException:
+            self._close_socks()
+            raise
+
+    def _close_socks(self) -> None:
+        for s in self._socks:
+            s.close()
+        self._socks.clear()
+        if self.unix_path is not None:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(self.unix_path.lstat().st_mode):
+                    self.unix_path.unlink()
+
+    @property
+    def connections(self) -> int:
+        return len(self._shared.connections) if self._shared else 0
+
+    async def start(self) -> None:
+        self.bind()
+        loop = asyncio.get_running_loop()
+        shared = self._shared = _Shared(self.backend, self.export, self.max_connections)
+        for s in self._socks:
+            if s.family == socket.AF_UNIX:
+                srv = await loop.create_unix_server(lambda: NBDConnection(shared), sock=s)
+            else:
+                srv = await loop.create_server(lambda: NBDConnection(shared), sock=s)
+            self._servers.append(srv)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        shared = self._shared
+        for srv in self._servers:
+            srv.close()
+        if shared is not None:
+            shared.closing = True
+            conns = list(shared.connections)
+            for conn in conns:
+                conn.close()
+            if conns:
+                await asyncio.wait([conn.closed for conn in conns], timeout=timeout)
+                for conn in conns:
+                    if conn.transport is not None and not conn.closed.done():
+                        conn.transport.abort()
+        self._servers.clear()
+        self._close_socks()
+        try:
+            self.backend.flush()
+        except Exception as e:
+            log.error("flush at shutdown failed: %s", e)
+            raise ExportError(f"flush at shutdown failed: {e}") from e
+
+    async def serve_until(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
+        await self.start()
+        try:
+            if ready is not None:
+                ready()
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT, then close connections, flush and remove the socket."""
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            stop = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            try:
+                await self.serve_until(stop, ready)
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+        asyncio.run(main())
+
+
+def serve(
+    backend: BlockBackend,
+    *,
+    unix_path: str | os.PathLike[str] | None = None,
+    tcp: tuple[str, int] | None = None,
+    read_only: bool | None = None,
+    ready_callback: Callable[[], None] | None = None,
+    **kwargs: object,
+) -> None:
+    """Serve ``backend`` until SIGTERM/SIGINT (blocking).  ``ready_callback`` runs once the sockets accept."""
+    ExportServer(backend, unix_path=unix_path, tcp=tcp, read_only=read_only, **kwargs).run(ready_callback)  # type: ignore[arg-type]
