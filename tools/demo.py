@@ -85,7 +85,9 @@ def run(args: list[str], env: dict[str, str], *, check: bool = True, show: bool 
     """Run ``qwamos ARGS`` as a user would, echo the command and its output, return stdout."""
     shown = " ".join(["qwamos", *args])
     print(f"$ {shown}", flush=True)
-    proc = subprocess.run([*QWAMOS, *args], env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [*QWAMOS, *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+    )
     if show and proc.stdout:
         print(proc.stdout.rstrip("\n"))
     if proc.stderr:
