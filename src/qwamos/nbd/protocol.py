@@ -310,10 +310,7 @@ class ServerConnection:
                 if not self._do_skip():
                     return NEED_DATA
                 continue
-            if state is State.OPTIONS:
-                ev = self._next_option()
-            else:
-                ev = self._client_flags()
+            ev = self._next_option() if state is State.OPTIONS else self._client_flags()
             if ev is not None:
                 return ev
             if self.state is state and not self._skip:

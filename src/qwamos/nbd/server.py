@@ -62,6 +62,7 @@ log = logging.getLogger("qwamos.nbd")
 WRITE_HIGH_WATER = 256 * 1024  # stop reading a client while this much of its replies is unsent
 ZERO_PIECE = 32 * 1024 * 1024  # TRIM/WRITE_ZEROES reach the backend in pieces of at most this size
 DEFAULT_MAX_CONNECTIONS = 8
+SMALL_READ = 4096  # reads up to this size go through pread (copying 4 KiB costs less than the general path)
 
 # Backend exception -> NBD error, first match wins (subclasses before their bases).
 ERROR_MAP: tuple[tuple[type[BaseException], int], ...] = (
@@ -250,8 +251,16 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def _read(self, ev: Read) -> None:
         length = ev.length
-        n = min(length, c.CHUNK)
         sh = self.shared
+        if length <= SMALL_READ:  # small reads: the backend's one-block fast path beats readinto here
+            try:
+                data = sh.backend.pread(ev.offset, length)
+            except Exception as e:
+                self._reply(ev.cookie, self._failed(e))
+                return
+            self.transport.write(reply_header(ev.cookie, 0) + data)
+            return
+        n = min(length, c.CHUNK)
         buf = sh.scratch_view[: REPLY_SIZE + n]
         try:
             self._fill(buf[REPLY_SIZE:], ev.offset, n)
