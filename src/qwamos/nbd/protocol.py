@@ -310,11 +310,12 @@ class ServerConnection:
                 if not self._do_skip():
                     return NEED_DATA
                 continue
+            before = self._start
             ev = self._next_option() if state is State.OPTIONS else self._client_flags()
             if ev is not None:
                 return ev
-            if self.state is state and not self._skip:
-                return NEED_DATA
+            if self.state is state and not self._skip and self._start == before:
+                return NEED_DATA  # no progress: the next option is incomplete
 
     def _do_skip(self) -> bool:
         """Discard skipped payload bytes; True once all of it is gone."""
