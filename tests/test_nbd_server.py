@@ -85,7 +85,7 @@ class RecordingBackend(MemoryBackend):
 
 def test_round_trip_flush_trim_zero_and_block_sizes():
     be = RecordingBackend(SIZE)
-    with running(be) as (srv, path), NBDClient.connect_unix(path) as cl:
+    with running(be) as (_srv, path), NBDClient.connect_unix(path) as cl:
         assert (cl.info.size, cl.info.min_block, cl.info.max_payload) == (SIZE, 4096, c.MAX_PAYLOAD)
         data = pattern(65536, 1)
         cl.write(8192, data, fua=True)
@@ -103,7 +103,7 @@ def test_round_trip_flush_trim_zero_and_block_sizes():
 
 def test_what_one_client_writes_another_reads_and_pipelining():
     be = MemoryBackend(SIZE)
-    with running(be) as (srv, path):
+    with running(be) as (_srv, path):
         a, b = NBDClient.connect_unix(path), NBDClient.connect_unix(path)
         cookies = [a.send_request(c.CMD_WRITE, i * 4096, 4096, data=pattern(4096, i)) for i in range(64)]
         got = [a.recv_reply()[:2] for _ in cookies]
@@ -117,7 +117,7 @@ def test_what_one_client_writes_another_reads_and_pipelining():
 
 def test_auth_failure_answers_eio_logs_the_block_and_keeps_serving(caplog):
     be = FlakyBackend(SIZE)
-    with running(be) as (srv, path), NBDClient.connect_unix(path) as cl:
+    with running(be) as (_srv, path), NBDClient.connect_unix(path) as cl:
         with pytest.raises(NBDClientError) as ei:
             cl.read(0, 16384)
         assert ei.value.code == c.EIO
@@ -130,7 +130,7 @@ def test_auth_failure_answers_eio_logs_the_block_and_keeps_serving(caplog):
 
 def test_read_only_export_answers_eperm():
     be = MemoryBackend(SIZE)
-    with running(be, read_only=True) as (srv, path), NBDClient.connect_unix(path) as cl:
+    with running(be, read_only=True) as (_srv, path), NBDClient.connect_unix(path) as cl:
         assert cl.info.flags & c.TFLAG_READ_ONLY
         with pytest.raises(NBDClientError) as ei:
             cl.write(0, bytes(4096))
@@ -139,14 +139,14 @@ def test_read_only_export_answers_eperm():
 
 
 def test_socket_is_private_and_removed_at_stop():
-    with running(MemoryBackend(SIZE)) as (srv, path):
+    with running(MemoryBackend(SIZE)) as (_srv, path):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert not os.path.exists(path)
 
 
 def test_extra_connections_are_refused_and_others_keep_working():
     be = MemoryBackend(SIZE)
-    with running(be, max_connections=2) as (srv, path):
+    with running(be, max_connections=2) as (_srv, path):
         a, b = NBDClient.connect_unix(path), NBDClient.connect_unix(path)
         with pytest.raises((NBDClientError, OSError)):
             NBDClient.connect_unix(path)
@@ -169,7 +169,7 @@ def test_unread_replies_pause_the_client_and_long_reads_arrive_whole():
     Also a 3 MiB read (beyond the advertised maximum, within the 32 MiB limit) from a lax client."""
     be = MemoryBackend(SIZE)
     be.pwrite(0, pattern(SIZE, 5))
-    with running(be) as (srv, path), NBDClient.connect_unix(path) as cl:
+    with running(be) as (_srv, path), NBDClient.connect_unix(path) as cl:
         cookies = [cl.send_request(c.CMD_READ, (i % 16) << 20, 1 << 20) for i in range(64)]
         for i, ck in enumerate(cookies):
             cookie, error, data = cl.recv_reply(1 << 20)
@@ -218,7 +218,7 @@ HOSTILE = {
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_clients_do_not_disturb_others_or_corrupt_the_volume(name):
     be = MemoryBackend(SIZE)
-    with running(be) as (srv, path), NBDClient.connect_unix(path) as good:
+    with running(be) as (_srv, path), NBDClient.connect_unix(path) as good:
         good.write(0, pattern(1 << 20, 9))
         bad = raw_conn(path)
         HOSTILE[name](bad)
@@ -239,7 +239,7 @@ def test_hostile_clients_do_not_disturb_others_or_corrupt_the_volume(name):
 def test_live_fuzz_then_a_correct_client_gets_correct_data(junk, handshake):
     be = MemoryBackend(1 << 20)
     be.pwrite(4096, b"\x5a" * 4096)
-    with running(be) as (srv, path):
+    with running(be) as (_srv, path):
         s = raw_conn(path)
         if handshake:
             go(s)
