@@ -100,7 +100,10 @@ def fio_iops(uri: str, rw: str, runtime: int = 5) -> float:
     res = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if res.returncode:
         return float("nan")
-    job = json.loads(res.stdout)["jobs"][0]
+    try:  # fio may print notes before its JSON
+        job = json.loads(res.stdout[res.stdout.index("{") :])["jobs"][0]
+    except (ValueError, KeyError, IndexError):
+        return float("nan")
     return job["read" if "read" in rw else "write"]["iops"]
 
 
@@ -206,9 +209,8 @@ def main() -> None:
         unit = "MB/s" if "1M" in k else "IOPS"
         goal = goals.get(k)
         mark = "" if goal is None else (f">= {goal}  " + ("met" if a[k] / b[k] >= goal else "MISSED"))
-        print(
-            f"{k + ' (' + unit + ')':22} {a[k]:10.0f} {b[k]:10.0f} {c[k]:10.0f} {a[k] / b[k]:6.2f} {a[k] / c[k]:6.2f}  {mark}"
-        )
+        label = f"{k} ({unit})"
+        print(f"{label:22} {a[k]:10.0f} {b[k]:10.0f} {c[k]:10.0f} {a[k] / b[k]:6.2f} {a[k] / c[k]:6.2f}  {mark}")
 
 
 if __name__ == "__main__":
