@@ -25,7 +25,7 @@ $(DEPS_STAMP): scripts/install-deps.sh
 	mkdir -p build && touch $@
 
 venv: $(VENV_STAMP)
-$(VENV_STAMP): pyproject.toml
+$(VENV_STAMP): pyproject.toml | $(DEPS_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q -e '.[dev]'

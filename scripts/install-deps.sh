@@ -13,7 +13,7 @@ PACKAGES=(
 
 if [[ $(id -u) -ne 0 ]]; then
     if command -v sudo >/dev/null; then
-        exec sudo --preserve-env=DEBIAN_FRONTEND "$0" "$@"
+        exec sudo bash "$0" "$@"
     fi
     echo "install-deps: needs root (or sudo) to install Debian packages" >&2
     exit 1
