@@ -116,6 +116,17 @@ def boot_foreground(env: dict[str, str]) -> dict[str, str]:
     return lines
 
 
+def wait_for_guest_ready(serial_log: Path, timeout: float = 60.0) -> None:
+    """Wait until the idle guest says GUEST-READY, so that it is listening for the ACPI power button."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if serial_log.exists() and "GUEST-READY" in serial_log.read_text(errors="replace"):
+            print("   guest: GUEST-READY")
+            return
+        time.sleep(0.2)
+    raise DemoFailure(f"the guest did not report GUEST-READY within {timeout:g} s ({serial_log})")
+
+
 def set_mode(config: Path, mode: str) -> None:
     text = config.read_text()
     config.write_text(re.sub(r"qwamos\.mode=\w+", f"qwamos.mode={mode}", text))
@@ -204,6 +215,7 @@ def main() -> int:
         set_mode(config, "idle")
         run(["vm", "start", VM], env)
         run(["vm", "status", VM], env)
+        wait_for_guest_ready(vm_dir / "run" / "serial.log")
         run(["vm", "stop", VM, "--timeout", "10"], env)
         run(["vm", "status", VM], env)
 

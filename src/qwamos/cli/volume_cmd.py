@@ -104,8 +104,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     with PQCVolume(args.path, keystore=ks, read_only=True) as v:
         total = v.info()["total_blocks"]
         progress = Progress(total, label="Checking", enabled=args.progress)
-        bad = v.check(progress=progress.update)
-        progress.finish() if args.progress else None
+        bad = v.check(progress=lambda done, _total: progress.update(done))
+        progress.finish()
     if args.json:
         emit_json({"path": str(args.path), "total_blocks": total, "bad_blocks": bad, "ok": not bad})
     elif bad:
