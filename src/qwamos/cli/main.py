@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from qwamos import __version__
 from qwamos.errors import QwamosError
 
-# Command groups, each a module in qwamos.cli with register(subparsers).  Missing ones are skipped so
-# that the CLI keeps working while a group is being built.
+# Command groups, each a module in qwamos.cli with register(subparsers).
 COMMAND_MODULES = ("volume_cmd", "key_cmd", "vm_cmd", "migrate_cmd")
 
 
@@ -32,14 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"qwamos.cli.{name}")
-        except ModuleNotFoundError as e:
-            # TODO(lead): tighten once every layer has landed; a group whose library is missing is skipped.
-            if e.name and e.name.startswith("qwamos."):
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"qwamos.cli.{name}").register(sub)
     return parser
 
 
