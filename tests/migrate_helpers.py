@@ -151,3 +151,26 @@ class MarkerWatcher:
                     return True
                 tail = chunk[-len(self.marker) :]
         return False
+
+
+def corrupt_cluster_pointer(path: Path, guest_offset: int) -> None:
+    """Make the qcow2 cluster holding ``guest_offset`` unreadable: its L2 entry gets an offset that is not
+    cluster-aligned, which QEMU reports as corruption (EIO) when the cluster is read — while ``qemu-img info``
+    still succeeds.  The cluster must have been written (allocated) before."""
+    import struct
+
+    with open(path, "r+b") as f:
+        head = f.read(48)
+        cluster_bits = struct.unpack(">I", head[20:24])[0]
+        l1_offset = struct.unpack(">Q", head[40:48])[0]
+        per_l2 = (1 << cluster_bits) // 8
+        index = guest_offset >> cluster_bits
+        f.seek(l1_offset + 8 * (index // per_l2))
+        l2_offset = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        assert l2_offset, "no L2 table: write the cluster first"
+        entry_at = l2_offset + 8 * (index % per_l2)
+        f.seek(entry_at)
+        entry = struct.unpack(">Q", f.read(8))[0]
+        assert entry & 0x00FFFFFFFFFFFE00, "cluster not allocated: write it first"
+        f.seek(entry_at)
+        f.write(struct.pack(">Q", entry + 512))

@@ -43,9 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to-qcow2", action="store_true", help="decrypt the VM's volume back to a qcow2 disk")
     p.add_argument(
         "--algorithm",
-        default="chacha20-poly1305",
+        default=None,
         choices=["auto", "chacha20-poly1305", "aes-256-gcm"],
-        help="cipher of the new volume (default chacha20-poly1305)",
+        help="cipher of the new volume (default: the config's storage.encryption.algorithm, "
+        "else chacha20-poly1305)",
     )
     add_keystore_args(p)
     p.set_defaults(func=cmd_migrate)

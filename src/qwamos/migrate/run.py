@@ -51,6 +51,7 @@ from qwamos.volume import PQCVolume, read_header
 from qwamos.volume.header import BLOCK_SIZE
 
 Report = Callable[[dict[str, Any]], None]
+DEFAULT_ALGORITHM = "chacha20-poly1305"
 
 
 @dataclass
@@ -100,7 +101,7 @@ def migrate(
     direction: Direction = TO_QVOL,
     backup: bool = True,
     keystore: Any = None,
-    algorithm: str = "chacha20-poly1305",
+    algorithm: str | None = None,
     report: Report | None = None,
     hooks: Hooks | None = None,
 ) -> MigrationResult:
@@ -118,7 +119,8 @@ def migrate(
         emit({"type": "plan", **plan.to_dict()})
         for w in plan.warnings:
             emit({"type": "warning", "message": w})
-        run = _Run(plan, ks, journal, emit, hooks or Hooks(), algorithm)
+        alg = algorithm or plan.vm.configured_algorithm or DEFAULT_ALGORITHM
+        run = _Run(plan, ks, journal, emit, hooks or Hooks(), alg)
         with _signals_raise():
             return run.execute()
     finally:
@@ -139,6 +141,7 @@ class _Run:
         self.hooks = hooks
         self.algorithm = algorithm
         self.key_id: str | None = None
+        self.algorithm_used: str | None = None
         self.backup_made = False
 
     def execute(self) -> MigrationResult:
@@ -266,16 +269,15 @@ class _Run:
         vm = p.vm.reload()
         cfg = vm.config
         if p.direction == TO_QVOL:
-            cfg.set_encryption(
-                enabled=True,
-                key_id=self.key_id,
-                algorithm=self.algorithm_used,
-                key_encapsulation=getattr(self.ks, "key_encapsulation", None),
-            )
+            assert self.key_id is not None
+            kem = getattr(self.ks, "key_encapsulation", None)
+            extra = {"key_encapsulation": kem} if kem else {}
+            cfg.set_encryption(key_id=self.key_id, algorithm=self.algorithm_used, **extra)
         else:
-            cfg.set_encryption(enabled=False)
-            if vm.disk_path != p.target:
-                cfg.set_disk_path(p.target)
+            cfg.set_encryption_enabled(False)
+            cfg.clear_key()
+        if vm.disk_path != p.target:
+            cfg.set_disk_path(p.target)
         cfg.save()
         self.journal.write(state="committed")
         self.emit({"type": "config_updated", "path": str(p.vm.config_path)})

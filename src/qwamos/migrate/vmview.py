@@ -45,10 +45,16 @@ class VMView:
         return self.config.disk_size_bytes
 
     def state(self) -> str:
-        """``running``, ``stopped`` ... as the VM manager sees it."""
-        from qwamos.hypervisor import manager
+        """``running``, ``stopped``, ``starting`` or ``crashed``, as the VM manager sees it (from the VM's
+        pidfiles; no keystore is needed for that)."""
+        from qwamos.hypervisor.manager import VMManager
 
-        return str(manager.vm_state(self.name, root=self.root))
+        return str(VMManager(self.root).status(self.name).state)
+
+    @property
+    def configured_algorithm(self) -> str | None:
+        """``storage.encryption.algorithm`` when the user set one (the new volume then uses it)."""
+        return self.config.encryption_algorithm
 
     def reload(self) -> VMView:
         """A fresh view of the config on disk (after another process changed it)."""
@@ -56,9 +62,12 @@ class VMView:
 
 
 def load_vm(name: str, *, root: str | os.PathLike[str] | None = None) -> VMView:
+    from qwamos.errors import VMNotFoundError
     from qwamos.hypervisor import layout
     from qwamos.hypervisor.config import VMConfig
 
-    r = Path(root) if root is not None else Path(layout.default_root())
+    r = (Path(root).expanduser() if root is not None else Path(layout.default_root())).absolute()
     path = Path(layout.config_path(r, name))
+    if not path.exists():
+        raise VMNotFoundError(name=name, root=str(r), path=str(path))
     return VMView(name=name, root=r, config_path=path, config=VMConfig.load(path))
