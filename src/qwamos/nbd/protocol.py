@@ -421,10 +421,13 @@ class ServerConnection:
             return None
         ex = self.export
         self._opt_reply(option, c.REP_INFO, struct.pack(">HQH", c.INFO_EXPORT, ex.size, ex.transmission_flags))
+        # A size that is not a whole number of 4 KiB blocks (a migrated disk keeps its exact size) gets a
+        # 512-byte minimum: QEMU refuses a disk whose size is not a multiple of the minimum block size.
+        self._min_block = c.MIN_BLOCK if ex.size % c.MIN_BLOCK == 0 else 512
         self._opt_reply(
             option,
             c.REP_INFO,
-            struct.pack(">HIII", c.INFO_BLOCK_SIZE, c.MIN_BLOCK, c.PREFERRED_BLOCK, c.MAX_PAYLOAD),
+            struct.pack(">HIII", c.INFO_BLOCK_SIZE, self._min_block, c.PREFERRED_BLOCK, c.MAX_PAYLOAD),
         )
         if c.INFO_NAME in requests:
             self._opt_reply(option, c.REP_INFO, struct.pack(">H", c.INFO_NAME) + ex.name.encode())
@@ -537,9 +540,10 @@ class ServerConnection:
         last partial block (odd-sized volumes) may be addressed up to the exact end."""
         if not self.strict:
             return True
-        if offset % c.MIN_BLOCK:
+        block = getattr(self, "_min_block", c.MIN_BLOCK)
+        if offset % block:
             return False
-        return not length % c.MIN_BLOCK or offset + length == self.export.size
+        return not length % block or offset + length == self.export.size
 
     def _write_piece(self) -> Event | None:
         """The next piece of the current WRITE's payload, once it is all buffered (pieces end on block
