@@ -407,3 +407,17 @@ def test_the_spec_script_prints_the_spec_transcript(env: Env) -> None:
     lines = res.stdout.splitlines()
     positions = [lines.index(line) for line in expected_lines]  # each present ...
     assert positions == sorted(positions)  # ... and in the spec's order
+
+
+def test_the_migrated_vm_starts_from_its_volume(env: Env) -> None:
+    """QEMU accepts the odd-sized encrypted disk through the export (the guest boot is test_migrate_guest.py)."""
+    env.make_vm()
+    migrate("vm", keystore=env.ks())
+    mgr = VMManager(env.root)
+    mgr.start("vm")
+    try:
+        st = mgr.status("vm")
+        assert st.state == "running" and "export" in st.pids
+    finally:
+        mgr.stop("vm", force=True)
+    assert mgr.status("vm").state == "stopped"
