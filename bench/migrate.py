@@ -99,7 +99,8 @@ def main() -> None:
         )
         print(f"qemu-img convert -O raw      : {mb / b:8.1f} MB/s  ({b:.2f} s)")
         print(f"qwamos migrate (copy+verify) : {mb / m:8.1f} MB/s  ({m:.2f} s; copy alone {mb / c:.1f} MB/s)")
-        print(f"ratio migrate / convert      : {b / m:8.2f}x   (goal >= 0.5x)")
+        print(f"ratio copy / convert         : {b / c:8.2f}x")
+        print(f"ratio migrate / convert      : {b / m:8.2f}x   (copy + full verification pass)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from qwamos.errors import MigrationError
@@ -55,21 +55,88 @@ def _short(what: str, pos: int, size: int, stream: ImageStream) -> MigrationErro
     return MigrationError(msg=f"{what} ended at byte {pos} of {size}: {stream.error_text()}")
 
 
+class _ReadAhead:
+    """Reads ``size`` bytes of ``src`` in 1 MiB chunks on a helper thread, up to ``DEPTH`` chunks ahead of
+    the caller, so that reading the pipe overlaps with encrypting or decrypting (both release the GIL).
+
+    Iterate for ``(buf, n)``; hand each ``buf`` back with :meth:`release` once done with it.  A short chunk
+    (``n`` less than asked) means the stream ended early; an exception in the reader is re-raised here.
+    Leaving the block early kills the stream so that the reader cannot stay blocked on it.
+    """
+
+    DEPTH = 4
+
+    def __init__(self, src: ImageStream, size: int) -> None:
+        self.src = src
+        self.size = size
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._full: queue.Queue[tuple[bytearray, int] | BaseException] = queue.Queue()
+        for _ in range(self.DEPTH):
+            self._free.put(bytearray(CHUNK))
+        self._stop = threading.Event()
+        self._done = 0
+        self._t = threading.Thread(target=self._read, name="qwamos-migrate-read", daemon=True)
+
+    def _read(self) -> None:
+        pos = 0
+        try:
+            while pos < self.size and not self._stop.is_set():
+                buf = self._free.get()
+                if self._stop.is_set():
+                    return
+                want = min(CHUNK, self.size - pos)
+                n = self.src.readinto(memoryview(buf)[:want])
+                self._full.put((buf, n))
+                if n < want:
+                    return
+                pos += n
+        except BaseException as e:  # handed to the consuming thread
+            self._full.put(e)
+
+    def __enter__(self) -> _ReadAhead:
+        self._t.start()
+        return self
+
+    def __iter__(self) -> Iterator[tuple[bytearray, int]]:
+        while self._done < self.size:
+            want = min(CHUNK, self.size - self._done)
+            item = self._full.get()
+            if isinstance(item, BaseException):
+                raise item
+            buf, n = item
+            yield buf, n
+            self._done += n
+            if n < want:  # the stream ended early; the reader has stopped
+                return
+
+    def release(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._free.put(bytearray(CHUNK))  # unblock a reader waiting for a buffer
+        if self._done < self.size or exc[0] is not None:
+            self.src.kill()
+        self._t.join(timeout=10)
+
+
 def stream_to_volume(src: ImageStream, vol: Any, size: int, progress: Progress) -> None:
-    """Copy ``size`` bytes from ``src`` into a fresh (all-zero) volume, skipping zero blocks."""
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
+    """Copy ``size`` bytes from ``src`` into a fresh (all-zero) volume, skipping zero blocks.  The pipe is
+    read ahead on a helper thread while this thread encrypts."""
     pos = 0
-    while pos < size:
-        want = min(CHUNK, size - pos)
-        n = src.readinto(view[:want])
-        if n < want:
-            raise _short("the source stream", pos + n, size, src)
-        for a, b in _nonzero_runs(buf, n):
-            vol.write(pos + a, view[a:b])
-        pos += n
-        progress(pos)
-    if src.readinto(view[:1]):
+    with _ReadAhead(src, size) as chunks:
+        for buf, n in chunks:
+            want = min(CHUNK, size - pos)
+            if n < want:
+                raise _short("the source stream", pos + n, size, src)
+            view = memoryview(buf)
+            for a, b in _nonzero_runs(buf, n):
+                vol.write(pos + a, view[a:b])
+            view.release()
+            chunks.release(buf)
+            pos += n
+            progress(pos)
+    if src.readinto(memoryview(bytearray(1))):
         raise MigrationError(msg=f"the source is larger than {size} bytes")
 
 
@@ -88,37 +155,11 @@ def volume_to_stream(vol: Any, dst: ImageStream, size: int, progress: Progress) 
 
 def compare(src: ImageStream, vol: Any, size: int, progress: Progress) -> None:
     """Raise :class:`MigrationError` at the first byte where ``src`` and ``vol`` differ (or a short stream)."""
-    free: queue.Queue[bytearray] = queue.Queue()
-    full: queue.Queue[tuple[bytearray, int] | BaseException] = queue.Queue()
-    for _ in range(4):
-        free.put(bytearray(CHUNK))
-    stop = threading.Event()
-
-    def reader() -> None:
-        pos = 0
-        try:
-            while pos < size and not stop.is_set():
-                buf = free.get()
-                want = min(CHUNK, size - pos)
-                n = src.readinto(memoryview(buf)[:want])
-                full.put((buf, n))
-                if n < want:
-                    return
-                pos += n
-        except BaseException as e:  # handed to the comparing thread
-            full.put(e)
-
-    t = threading.Thread(target=reader, name="qwamos-migrate-verify", daemon=True)
-    t.start()
     mine = bytearray(CHUNK)
     mview = memoryview(mine)
     pos = 0
-    try:
-        while pos < size:
-            item = full.get()
-            if isinstance(item, BaseException):
-                raise item
-            buf, n = item
+    with _ReadAhead(src, size) as chunks:
+        for buf, n in chunks:
             want = min(CHUNK, size - pos)
             if n < want:
                 raise _short("re-reading the source", pos + n, size, src)
@@ -128,12 +169,6 @@ def compare(src: ImageStream, vol: Any, size: int, progress: Progress) -> None:
                 raise MigrationError(
                     msg=f"verification failed: the copy differs from the source at byte {pos + first}"
                 )
-            free.put(buf)
+            chunks.release(buf)
             pos += n
             progress(pos)
-    finally:
-        stop.set()
-        free.put(bytearray(CHUNK))  # unblock a reader waiting for a buffer
-        if pos < size:
-            src.kill()
-        t.join(timeout=10)

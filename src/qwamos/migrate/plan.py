@@ -55,11 +55,14 @@ class MigrationPlan:
             out.append(f"keep the original as {self.backup} (a hard link: no copy, the original is not modified)")
         if self.direction == TO_QVOL:
             out.append(f"create an encrypted volume {self.target} of {self.size_bytes} bytes with a new key")
-            out.append(f"copy {s} ({self.source.format}) into it through QEMU and an NBD export, holes kept")
+            out.append(
+                f"stream {s} ({self.source.format}) through qemu-nbd/nbdcopy into this process and encrypt it "
+                "into the volume (no plaintext file; holes stay holes)"
+            )
         else:
             out.append(f"create {self.target} (qcow2) of {self.size_bytes} bytes")
-            out.append(f"copy the decrypted volume {s} into it through a read-only NBD export")
-        out.append("compare every byte of the copy with the source (qemu-img compare)")
+            out.append(f"decrypt {s} in this process and stream it into the qcow2 through nbdcopy/qemu-nbd")
+        out.append("read the copy back and compare every byte with the source")
         out.append(f"only then update {self.vm.config_path}")
         if self.backup is None:
             out.append(f"delete {s} after the switch" + (" and its key" if self.direction == TO_QCOW2 else ""))
