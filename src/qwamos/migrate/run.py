@@ -5,18 +5,19 @@ Order of work (qcow2 -> qvol; the way back mirrors it):
 1. plan: every check that can refuse without changing anything (:mod:`qwamos.migrate.plan`);
 2. backup: a hard link ``disk.qcow2.backup`` to the original (instant, no second plaintext copy; the
    migration never writes to the original, so the link keeps it exactly as it was);
-3. a new volume under a temporary name ``.disk.qvol.partial`` with a new key;
-4. ``qemu-img convert`` from the source straight into the volume's NBD export — QEMU reads the source
-   format, our export encrypts; zero runs are skipped, so holes stay holes;
-5. ``qemu-img compare`` of source and export: every byte, through the real decrypt path;
+3. a new volume ``.disk.qvol.partial`` with a new key;
+4. copy: ``nbdcopy`` runs ``qemu-nbd --read-only`` on the source and streams its guest-visible bytes through
+   a pipe into this process, which encrypts them into the volume (:mod:`qwamos.migrate.stream`,
+   :mod:`qwamos.migrate.copy`) — no plaintext file anywhere; all-zero blocks are skipped, so holes stay holes;
+5. verify: the source is streamed again and compared byte for byte with the volume's decrypted contents;
 6. the volume gets its real name, then the config is saved (atomically) — the commit point;
 7. after the commit only: the original's name goes (its data stays in the backup), or with ``--no-backup``
    the original is deleted.
 
-Anything that fails before the commit — an error, Ctrl-C, SIGTERM, a killed qemu-img — is rolled back: the
-partial volume is deleted, its key discarded, the backup link removed; the original disk and the config were
-never written.  A journal (:mod:`qwamos.migrate.journal`) lets the next run clean up after SIGKILL or power
-loss.
+Anything that fails before the commit — an error, Ctrl-C, SIGTERM, a killed nbdcopy or qemu-nbd — is rolled
+back: the partial volume is deleted, its key discarded, the backup link removed; the original disk and the
+config were never written.  A journal (:mod:`qwamos.migrate.journal`) lets the next run clean up after
+SIGKILL or power loss.
 
 Progress and results are reported as events (dicts with a ``type``) to a callback; this module never prints.
 """
