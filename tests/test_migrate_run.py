@@ -421,3 +421,20 @@ def test_the_migrated_vm_starts_from_its_volume(env: Env) -> None:
     finally:
         mgr.stop("vm", force=True)
     assert mgr.status("vm").state == "stopped"
+
+
+@pytest.mark.parametrize("how", ["kill-copy", "kill-verify", "ctrl-c-copy"])
+def test_a_failed_way_back_leaves_everything_as_it_was(env: Env, how: str) -> None:
+    env.make_vm()
+    migrate("vm", keystore=env.ks())
+    before = env.snapshot()
+    phase = how.rsplit("-", 1)[1]
+    rec = Recorder(
+        kill_in=phase if how.startswith("kill") else None, interrupt_in=None if "kill" in how else phase
+    )
+    with pytest.raises(KeyboardInterrupt if how.startswith("ctrl-c") else MigrationError):
+        migrate("vm", keystore=env.ks(), direction=TO_QCOW2, report=rec.report, hooks=rec)
+    assert rec.types()[-1] == "rolled_back"
+    assert env.snapshot() == before
+    migrate("vm", keystore=env.ks(), direction=TO_QCOW2)
+    assert not VMConfig.load(env.vm_dir() / "config.yaml").encryption_enabled
