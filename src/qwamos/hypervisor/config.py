@@ -24,6 +24,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
+from qwamos.crypto import random_bytes
 from qwamos.errors import ConfigError, InvalidArgument
 from qwamos.hypervisor import layout
 from qwamos.hypervisor.sizes import parse_size
@@ -528,7 +529,7 @@ def new_config_text(
     parse_size(disk_size, what="disk size")
     arch = MACHINE_ARCH[machine_type]
     console = "ttyAMA0" if arch == "aarch64" else "ttyS0"
-    mac = mac or "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+    mac = mac or "52:54:00:" + ":".join(f"{b:02x}" for b in random_bytes(3))
     if _mac(mac):
         raise InvalidArgument(f"MAC address {mac!r} is not of the form 52:54:00:12:34:56")
     return _NEW_CONFIG.format(
