@@ -11,11 +11,9 @@ config written for a newer version still starts.  The schema reference is ``docs
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from ruamel.yaml.error import YAMLError
 
 from qwamos.crypto import random_bytes
 from qwamos.errors import ConfigError, InvalidArgument
+from qwamos.fsutil import atomic_write
 from qwamos.hypervisor import layout
 from qwamos.hypervisor.sizes import parse_size
 
@@ -375,29 +374,11 @@ class VMConfig:
 
     def save(self) -> None:
         """Write atomically (temp file in the same directory, fsync, rename) with the file's mode kept."""
-        text = self.dump()
-        directory = self.path.parent
         try:
             mode = self.path.stat().st_mode & 0o777
         except FileNotFoundError:
             mode = 0o644
-        fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(self.path, self.dump().encode("utf-8"), mode=mode)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -19,6 +19,7 @@ from typing import Any
 
 from qwamos import crypto
 from qwamos.errors import KeyExistsError, KeyFileCorruptError, KeystoreError, KeystorePermissionError
+from qwamos.fsutil import fsync_dir, write_all
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -73,14 +74,6 @@ def _check_owner(path: Path, st: os.stat_result) -> None:
         raise KeystoreError(msg=f"{path} is owned by uid {st.st_uid}, not by this user")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | _CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_private(path: Path, data: bytes, *, replace: bool = True, key_id: str | None = None) -> None:
     """Write ``data`` to ``path`` atomically: a 0600 temp file in the same directory, fsync, rename, fsync dir.
 
@@ -92,10 +85,7 @@ def write_private(path: Path, data: bytes, *, replace: bool = True, key_id: str 
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, FILE_MODE)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -112,7 +102,7 @@ def write_private(path: Path, data: bytes, *, replace: bool = True, key_id: str 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def read_bounded(path: Path) -> bytes:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qwamos.errors import MigrationError
+from qwamos.fsutil import atomic_write, fsync_dir
 
 VERSION = 1
 
@@ -73,16 +74,7 @@ class Journal:
     def write(self, **fields: Any) -> None:
         """Merge ``fields`` into the record and make it durable before returning."""
         self.record.update(fields, version=VERSION)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        data = json.dumps(self.record, indent=1, sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+        atomic_write(self.path, json.dumps(self.record, indent=1, sort_keys=True).encode(), mode=0o600)
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -98,14 +90,4 @@ class Journal:
         self._lock_fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path.with_name(self.path.name + ".lock"))
-        os.close(fd)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
         os.close(fd)

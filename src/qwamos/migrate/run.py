@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from qwamos.errors import MigrationError, QwamosError
+from qwamos.fsutil import fsync_dir
 from qwamos.migrate import copy, qemuimg
-from qwamos.migrate.journal import Journal, fsync_dir
+from qwamos.migrate.journal import Journal
 from qwamos.migrate.plan import (
     TO_QCOW2,
     TO_QVOL,
