@@ -10,7 +10,7 @@ GUEST_ARCHES := $(if $(filter command line environment,$(origin ARCH)),$(ARCH),x
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-LINT_PATHS := src tests bench tools
+LINT_PATHS := src tests bench tools hypervisor/scripts
 
 DEPS_STAMP := build/.deps.stamp
 VENV_STAMP := $(VENV)/.installed.stamp
@@ -43,11 +43,7 @@ test: deps venv guest lint
 
 demo: deps venv
 	$(MAKE) guest ARCH=$(ARCH)
-ifneq ($(wildcard tools/demo.py),)
 	$(PY) tools/demo.py --arch $(ARCH)
-else
-	$(MAKE) demo-guest ARCH=$(ARCH)
-endif
 
 # The tiny guest on a raw disk: write a marker, boot again, read it back.
 demo-guest: venv
@@ -56,6 +52,7 @@ demo-guest: venv
 bench: deps venv
 	$(MAKE) guest ARCH=$(ARCH)
 	$(PY) bench/volume_api.py
+	$(PY) bench/nbd.py
 	$(PY) bench/migrate.py
 	$(PY) bench/boot.py --arch $(ARCH)
 
