@@ -3,6 +3,11 @@ library exceptions into messages and exit codes.  This is the only place that ca
 
 A command module exposes ``register(subparsers)``, adding its parsers with ``set_defaults(func=...)``;
 ``func(args) -> int | None`` returns the exit code (``None`` means 0).
+
+Command modules are imported lazily: when argv names a command group, only that group's module is imported
+and registered, so ``qwamos volume serve`` (the block export a VM start waits for) does not pay for importing
+the VM manager, YAML, QMP and migration code.  Anything else (``--help``, no command, an unknown word) loads
+every group, so help and "invalid choice" messages list them all.
 """
 
 from __future__ import annotations
@@ -16,11 +21,25 @@ from collections.abc import Sequence
 from qwamos import __version__
 from qwamos.errors import QwamosError
 
-# Command groups, each a module in qwamos.cli with register(subparsers).
-COMMAND_MODULES = ("volume_cmd", "key_cmd", "vm_cmd", "migrate_cmd")
+# Command groups: top-level command -> its module in qwamos.cli (with register(subparsers)), in help order.
+COMMAND_GROUPS = {"volume": "volume_cmd", "key": "key_cmd", "vm": "vm_cmd", "migrate": "migrate_cmd"}
+COMMAND_MODULES = tuple(COMMAND_GROUPS.values())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _requested_group(argv: Sequence[str] | None) -> str | None:
+    """The command group argv names, if any: its first word that is not an option.
+
+    The top-level options (``-v``, ``--version``, ``-h``) take no value, so the first such word is the command.
+    """
+    words = sys.argv[1:] if argv is None else argv
+    for word in words:
+        if not word.startswith("-"):
+            return word if word in COMMAND_GROUPS else None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: only the named command group when there is one, else every group."""
     parser = argparse.ArgumentParser(
         prog="qwamos",
         description="Encrypted VM storage: .qvol volumes, a post-quantum keystore, encrypted VMs.",
@@ -30,13 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qwamos {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    group = _requested_group(argv)
+    modules = (COMMAND_GROUPS[group],) if group is not None else COMMAND_MODULES
+    for name in modules:
         importlib.import_module(f"qwamos.cli.{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="qwamos: %(levelname)s: %(message)s", stream=sys.stderr)
