@@ -11,11 +11,14 @@ module connects through ``/proc/self/fd/<dirfd>/<name>``, which is always short.
 
 Shutdown is staged as in qemu.qmp's ``machine.py``: ask politely (ACPI ``system_powerdown``), then QMP
 ``quit``, then SIGTERM, then SIGKILL, waiting a bounded time at each step.
+
+``asyncio`` and ``qemu.qmp`` (about 40 ms of imports) are imported by the QMP functions when first called, not
+by this module: the VM supervisor imports it before it starts the block export and QEMU, and every
+millisecond before that start is boot time.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import json
@@ -29,8 +32,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from qemu.qmp import QMPClient, QMPError
 
 from qwamos.errors import VMError
 
@@ -260,6 +261,10 @@ def connect_unix(path: Path, timeout: float = 2.0) -> socket.socket:
 
 
 async def _qmp(path: Path, command: str, arguments: dict[str, object] | None, timeout: float) -> object:
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
     sock = connect_unix(path, timeout)
     sock.setblocking(False)
     client = QMPClient("qwamos")
@@ -279,11 +284,15 @@ def qmp_execute(
     Raises OSError (socket missing/refused), QMPError (protocol or command error) or TimeoutError.
     QEMU's monitor serves one client at a time, so nothing here keeps a connection open.
     """
+    import asyncio
+
     return asyncio.run(_qmp(path, command, arguments, timeout))
 
 
 def qmp_status(path: Path, timeout: float = 2.0) -> str | None:
     """QEMU's run state ("running", "paused", "shutdown", ...) or None if the monitor does not answer."""
+    from qemu.qmp import QMPError
+
     try:
         result = qmp_execute(path, "query-status", timeout=timeout)
     except (OSError, QMPError, TimeoutError):
@@ -340,6 +349,8 @@ def stop_qemu(ref: ProcRef, qmp_sock: Path, *, powerdown_timeout: float, force: 
 
     ``force`` skips the ACPI request (a guest without an ACPI/PSCI handler would ignore it anyway).
     """
+    from qemu.qmp import QMPError
+
     if not ref.alive():
         return "gone"
     stages: list[tuple[str, Callable[[], object], float]] = []
