@@ -114,7 +114,7 @@ def test_quoting_and_existing_keys_are_preserved(tmp_path):
     [
         ("cores: 4", "cores: four", "hardware.cpu.cores: expected an integer, got 'four'"),
         ("cores: 4", "cores: 0", "hardware.cpu.cores: expected at least 1"),
-        ("size: 2048", "size: lots", "hardware.memory.size: expected a number of MB"),
+        ("size: 2048", "size: lots", "hardware.memory.size: expected an integer (MB)"),
         ("size: 10G", "size: 10Q", "hardware.disk.primary.size: expected a size"),
         ("size: 10G", "size: -1", "hardware.disk.primary.size"),
         ("type: virt", "type: sparc", "machine.type: expected one of virt, q35, pc"),

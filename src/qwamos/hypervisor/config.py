@@ -11,6 +11,7 @@ config written for a newer version still starts.  The schema reference is ``docs
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
 import re
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap
-from ruamel.yaml.error import YAMLError
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import CommentMark, YAMLError
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
+from ruamel.yaml.tokens import CommentToken
 
 from qwamos.crypto import random_bytes
 from qwamos.errors import ConfigError, InvalidArgument
@@ -36,7 +39,7 @@ KEY_ENCAPSULATIONS = ("x25519-mlkem1024", "ecdh-curve25519")
 DEFAULT_ALGORITHM = "chacha20-poly1305"
 DEFAULT_KEM = "x25519-mlkem1024"
 DEFAULT_DISK_SIZE = "10G"
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")  # fullmatch
 _MAX_CONFIG_BYTES = 1 << 20
 
 # The schema: each leaf is a checker ``(value) -> str | None`` returning an error reason, or None if fine.
@@ -66,19 +69,36 @@ def _choice(*choices: str) -> Checker:
 
 
 def _size(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return f"expected a size such as 10G, 512M or a whole number of bytes, got {_show(value)}"
     try:
         parse_size(value, what="size")
     except InvalidArgument:
-        return f"expected a size such as 10G, 512M or a number of bytes, got {_show(value)}"
+        return f"expected a size such as 10G, 512M or a whole number of bytes, got {_show(value)}"
     return None
+
+
+MIN_MEMORY_MB = 16  # below this QEMU's machines do not boot a kernel; refused here rather than at start
 
 
 def _memory(value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
-        return None if value > 0 else f"expected a positive number of MB, got {value}"
-    if isinstance(value, str) and _size(value) is None and parse_size(value) % (1 << 20) == 0:
-        return None
-    return f"expected a number of MB (e.g. 2048) or a size in whole MB (e.g. 2G), got {_show(value)}"
+        mb = value
+    elif isinstance(value, str) and _size(value) is None and parse_size(value) % (1 << 20) == 0:
+        mb = parse_size(value) >> 20
+    else:
+        return f"expected an integer (MB) such as 2048, or a size in whole MB such as 2G, got {_show(value)}"
+    return None if mb >= MIN_MEMORY_MB else f"expected at least {MIN_MEMORY_MB} (MB), got {_show(value)}"
+
+
+def _vm_name(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"expected a string, got {_show(value)}"
+    try:
+        layout.validate_vm_name(value)
+    except InvalidArgument:
+        return f"{value!r} is not a usable VM name (1-64 letters, digits, '.', '_' or '-'; no '/' or '..')"
+    return None
 
 
 def _positive_int(value: Any) -> str | None:
@@ -96,7 +116,7 @@ def _gic(value: Any) -> str | None:
 def _mac(value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return f'a MAC address was read as the number {value} (YAML 1.1 base-60?); quote it: "52:54:00:12:34:56"'
-    if not isinstance(value, str) or not _MAC.match(value):
+    if not isinstance(value, str) or not _MAC.fullmatch(value):
         return f"expected a MAC address such as 52:54:00:12:34:56, got {_show(value)}"
     return None
 
@@ -107,7 +127,7 @@ def _show(value: Any) -> str:
 
 
 SCHEMA: dict[str, Any] = {
-    "vm": {"name": _str, "type": _str, "description": _str},
+    "vm": {"name": _vm_name, "type": _str, "description": _str},
     "machine": {"type": _choice(*MACHINE_ARCH), "accel": _choice(*ACCELS), "gic_version": _gic},
     "hardware": {
         "cpu": {"model": _str, "cores": _positive_int},
@@ -128,22 +148,58 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-def _yaml() -> YAML:
-    y = YAML(typ="rt")  # round trip, YAML 1.2
+def _yaml(indent: tuple[int, int, int] = (2, 4, 2)) -> YAML:
+    """A YAML 1.2 round-trip loader/dumper; ``indent`` = (mapping, sequence, dash offset) as the file uses."""
+    y = YAML(typ="rt")
     y.preserve_quotes = True
-    y.indent(mapping=2, sequence=4, offset=2)
+    y.indent(mapping=indent[0], sequence=indent[1], offset=indent[2])
     y.width = 4096
     return y
 
 
+def _guess_indent(text: str) -> tuple[int, int, int]:
+    """The file's own indentation, so that lines the manager adds line up with the user's.
+
+    Mapping indent: the first step in from a ``key:`` line.  Sequences: where the first block ``-`` under a
+    ``key:`` sits (``offset``) and where its item starts (``sequence``).  Defaults are the spec's 2 spaces.
+    """
+    mapping: int | None = None
+    seq: tuple[int, int] | None = None
+    parent: int | None = None  # indentation of the last "key:" line that opens a block
+    for line in text.splitlines():
+        body = line.lstrip(" ")
+        if not body or body.startswith("#"):
+            continue
+        col = len(line) - len(body)
+        if parent is not None and col > parent:
+            if body.startswith("- ") or body == "-":
+                if seq is None:
+                    item = col + 1 + (len(body[1:]) - len(body[1:].lstrip(" ")) if body != "-" else 1)
+                    seq = (item - parent, col - parent)
+            elif mapping is None:
+                mapping = col - parent
+        code = body.split(" #", 1)[0].rstrip()
+        parent = col if code.endswith(":") and not body.startswith("- ") else None
+        if mapping is not None and seq is not None:
+            break
+    m = mapping if mapping and mapping <= 8 else 2
+    sequence, offset = seq if seq and 0 <= seq[1] < seq[0] <= 10 else (m + 2, m)
+    return (m, sequence, offset)
+
+
 class VMConfig:
     """One VM's validated config.  Properties give typed values with defaults applied; setters change the
-    underlying round-trip document, and :meth:`save` writes it back atomically."""
+    underlying round-trip document, and :meth:`save` writes it back atomically, changing only the lines of
+    the keys that were set."""
 
-    def __init__(self, path: Path, doc: CommentedMap, warnings: list[str]) -> None:
+    def __init__(self, path: Path, doc: CommentedMap, warnings: list[str], *, text: str = "") -> None:
         self.path = path
         self._doc = doc
         self.warnings = warnings
+        self._text = text  # as read (BOM and line endings removed), the base that save() patches
+        self._bom = ""
+        self._newline = "\n"
+        self._indent = _guess_indent(text)
 
     # --- loading --------------------------------------------------------------------------------------
 
@@ -155,25 +211,36 @@ class VMConfig:
                 raw = f.read(_MAX_CONFIG_BYTES + 1)
         except FileNotFoundError:
             raise ConfigError("no such file", path=str(p)) from None
+        except IsADirectoryError:
+            raise ConfigError("is a directory, not a config file", path=str(p)) from None
         except OSError as e:
             raise ConfigError(f"cannot read: {e.strerror}", path=str(p)) from None
         if len(raw) > _MAX_CONFIG_BYTES:
             raise ConfigError("larger than 1 MiB; not a VM config", path=str(p))
         try:
             text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError("not UTF-8 text", path=str(p)) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"not UTF-8 text (byte {e.start})", path=str(p)) from None
         return cls.from_text(text, p)
 
     @classmethod
     def from_text(cls, text: str, path: Path) -> VMConfig:
+        bom = "\ufeff" if text.startswith("\ufeff") else ""
+        body = text[len(bom) :]
+        newline = "\r\n" if "\r\n" in body and "\n" not in body.replace("\r\n", "") else "\n"
+        if newline == "\r\n":
+            body = body.replace("\r\n", "\n")
+        if "\0" in body:
+            raise ConfigError("contains a NUL byte; not a YAML text file", path=str(path))
         try:
-            doc = _yaml().load(text)
+            doc = _yaml().load(body)
         except YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"invalid YAML{where}: {problem}", path=str(path)) from None
+        except RecursionError:
+            raise ConfigError("invalid YAML: nested too deeply", path=str(path)) from None
         if doc is None:
             doc = CommentedMap()
         if not isinstance(doc, CommentedMap):
@@ -182,18 +249,29 @@ class VMConfig:
             )
         warnings: list[str] = []
         _validate(doc, SCHEMA, "", path, warnings)
-        cfg = cls(path, doc, warnings)
+        cfg = cls(path, doc, warnings, text=body)
+        cfg._bom, cfg._newline = bom, newline
         cfg._check_semantics()
         return cfg
 
     def _check_semantics(self) -> None:
+        where = str(self.path)
         dirname = self.path.parent.name
         if self._get("vm", "name") is not None and self.name != dirname and self.path.name == layout.CONFIG_NAME:
-            self.warnings.append(f"{self.path}: vm.name {self.name!r} differs from the directory name {dirname!r}")
+            self.warnings.append(f"{where}: vm.name {self.name!r} differs from the directory name {dirname!r}")
+        if self._get("machine", "gic_version") is not None and self.machine_type != "virt":
+            self.warnings.append(
+                f"{where}: machine.gic_version is ignored: machine.type {self.machine_type!r} has no GIC"
+            )
+        if self.key_encapsulation == "ecdh-curve25519":
+            self.warnings.append(
+                f"{where}: storage.encryption.key_encapsulation: ecdh-curve25519 (as the spec's example writes "
+                f"it) is accepted; new volume keys are wrapped with {DEFAULT_KEM} (X25519 + ML-KEM-1024)"
+            )
         disk = self.disk_path
         if "," in str(disk):
             raise ConfigError(
-                f"hardware.disk.primary.path: QEMU cannot take a path with a comma: {disk}", path=str(self.path)
+                f"hardware.disk.primary.path: QEMU cannot take a path with a comma: {disk}", path=where
             )
 
     def _get(self, *keys: str, default: Any = None) -> Any:
@@ -205,14 +283,30 @@ class VMConfig:
         return default if node is None else node
 
     def _set(self, keys: tuple[str, ...], value: Any) -> None:
+        """Set a leaf, creating missing sections at the end of their parent.
+
+        ruamel.yaml keeps the comment lines that follow a block on the block's last leaf; when keys are
+        appended after that leaf, those lines are moved to the new last leaf so that they stay below the
+        block (where the user wrote them) instead of ending up in the middle of it.
+        """
         node = self._doc
-        for k in keys[:-1]:
-            child = node.get(k)
-            if not isinstance(child, CommentedMap):
-                child = CommentedMap()
-                node[k] = child
-            node = child
-        node[keys[-1]] = value
+        for i, k in enumerate(keys):
+            last = i == len(keys) - 1
+            if k in node and (last or isinstance(node[k], CommentedMap)):
+                if last:
+                    _replace_scalar(node, k, value)
+                else:
+                    node = node[k]
+                continue
+            if k in node:  # present but empty ("encryption:"): a new section in its place, comments stay
+                node[k] = _chain(keys[i + 1 :], value)
+                return
+            before = _last_leaf(node)
+            node[k] = _chain(keys[i + 1 :], value)
+            after = _last_leaf(node)
+            if before is not None and after is not None:
+                _move_trailing_comment(before, after)
+            return
 
     def _path_value(self, value: str | None) -> Path | None:
         if not value:
@@ -356,10 +450,10 @@ class VMConfig:
 
     def set_disk_path(self, path: str | os.PathLike[str]) -> None:
         """Point ``hardware.disk.primary.path`` at ``path``, keeping the user's spelling (``~/...``, relative)
-        when only the file name changes."""
+        when only the file name changes; a disk in the VM directory is written as a bare (relative) name."""
         new = Path(path)
         old_text = self._get("hardware", "disk", "primary", "path")
-        text = str(new)
+        text = new.name if new.parent == self.path.parent else str(new)
         if isinstance(old_text, str) and old_text:
             old = self._path_value(old_text)
             if old is not None and old.parent == new.parent:
@@ -368,9 +462,24 @@ class VMConfig:
         self._set(("hardware", "disk", "primary", "path"), text)
 
     def dump(self) -> str:
-        buf = io.StringIO()
-        _yaml().dump(self._doc, buf)
-        return buf.getvalue()
+        """The file's new text: the user's text with only the lines of the changed keys replaced or added.
+
+        ruamel.yaml's own rendering is not byte-identical for every file (``True``, ``---``, CRLF, odd
+        indentation, a missing final newline), so the text is patched instead: the line differences between
+        ruamel's rendering of the document as loaded and as changed are applied to the original text.  The
+        result is re-parsed and must equal the changed document; if not, ruamel's full rendering is used.
+        """
+        body = self._body()
+        return self._bom + (body.replace("\n", "\r\n") if self._newline == "\r\n" else body)
+
+    def _body(self) -> str:
+        changed = _render_doc(self._doc, self._indent)
+        if self._text:
+            base = _render_doc(_yaml().load(self._text), self._indent)
+            patched = _patch_lines(self._text, base, changed)
+            if patched is not None and _same_data(_yaml().load(patched), self._doc):
+                return patched
+        return changed
 
     def save(self) -> None:
         """Write atomically (temp file in the same directory, fsync, rename) with the file's mode kept."""
@@ -378,7 +487,10 @@ class VMConfig:
             mode = self.path.stat().st_mode & 0o777
         except FileNotFoundError:
             mode = 0o644
-        atomic_write(self.path, self.dump().encode("utf-8"), mode=mode)
+        body = self._body()
+        text = self._bom + (body.replace("\n", "\r\n") if self._newline == "\r\n" else body)
+        atomic_write(self.path, text.encode("utf-8"), mode=mode)
+        self._text = body  # the next save patches what is now on disk
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -431,6 +543,134 @@ def _validate(node: Any, schema: dict[str, Any], prefix: str, path: Path, warnin
             reason = rule(value)
             if reason:
                 raise ConfigError(f"{where}: {reason}", path=str(path))
+
+
+# --- round-trip helpers -----------------------------------------------------------------------------------
+
+
+def _render_doc(doc: Any, indent: tuple[int, int, int]) -> str:
+    buf = io.StringIO()
+    _yaml(indent).dump(doc, buf)
+    return buf.getvalue()
+
+
+def _chain(keys: tuple[str, ...], value: Any) -> Any:
+    """``value`` nested under new mappings for ``keys`` (``("a", "b"), 1`` -> ``{a: {b: 1}}``)."""
+    for k in reversed(keys):
+        m = CommentedMap()
+        m[k] = value
+        value = m
+    return value
+
+
+def _last_leaf(node: CommentedMap) -> tuple[CommentedMap, Any] | None:
+    """The (mapping, key) of the last key in document order under ``node``, descending into mappings."""
+    if not node:
+        return None
+    while True:
+        key = next(reversed(node))
+        child = node[key]
+        if isinstance(child, CommentedMap) and child:
+            node = child
+            continue
+        return node, key
+
+
+def _move_trailing_comment(src: tuple[CommentedMap, Any], dst: tuple[CommentedMap, Any]) -> None:
+    """Move the lines after ``src``'s own line (blank lines, comments) to after ``dst``'s line."""
+    smap, skey = src
+    if isinstance(smap[skey], CommentedSeq):
+        return  # a trailing list keeps its comments inside the list; leave them be
+    entry = smap.ca.items.get(skey)
+    token = entry[2] if entry and len(entry) > 2 else None
+    if not isinstance(token, CommentToken):
+        return
+    text = token.value
+    own, sep, rest = text.partition("\n")
+    if not sep or not rest:
+        return
+    if own.strip():
+        token.value = own + "\n"
+    else:
+        entry[2] = None
+    dmap, dkey = dst
+    dentry = dmap.ca.items.setdefault(dkey, [None, None, None, None])
+    dentry[2] = CommentToken("\n" + rest, CommentMark(0), None)
+
+
+def _scalar_width(value: Any) -> int:
+    """Characters a scalar takes on its line after ``key: `` (-1 for an empty value: no space either)."""
+    if value is None:
+        return -1
+    if isinstance(value, bool):
+        return 4 if value else 5
+    if isinstance(value, (SingleQuotedScalarString, DoubleQuotedScalarString)):
+        return len(str(value)) + 2
+    return len(str(value))
+
+
+def _replace_scalar(node: CommentedMap, key: Any, value: Any) -> None:
+    """Replace a value in place, keeping its quoting style and the gap before its end-of-line comment."""
+    old = node[key]
+    if old == value and type(old) is type(value):
+        return
+    if isinstance(value, str) and isinstance(old, (SingleQuotedScalarString, DoubleQuotedScalarString)):
+        value = type(old)(value)
+    entry = node.ca.items.get(key)
+    token = entry[2] if entry and len(entry) > 2 else None
+    if isinstance(token, CommentToken) and token.value.startswith("#") and token.start_mark is not None:
+        token.start_mark.column = max(0, token.start_mark.column + _scalar_width(value) - _scalar_width(old))
+    node[key] = value
+
+
+def _patch_lines(original: str, base: str, changed: str) -> str | None:
+    """Apply the ``base`` -> ``changed`` line edits to ``original`` (``base`` = ruamel's rendering of
+    ``original``'s document).  None when an edit touches a line that cannot be matched to the original."""
+    if base == original:
+        return changed
+    orig = original.splitlines(keepends=True)
+    if orig and not orig[-1].endswith("\n"):
+        orig[-1] += "\n"
+    b = base.splitlines(keepends=True)
+    c = changed.splitlines(keepends=True)
+    # base line -> original line, matching lines that differ only in indentation or spacing
+    align = difflib.SequenceMatcher(None, [" ".join(x.split()) for x in b], [" ".join(x.split()) for x in orig])
+    where: dict[int, int] = {}
+    for tag, i1, i2, j1, _j2 in align.get_opcodes():
+        if tag == "equal":
+            for k in range(i2 - i1):
+                where[i1 + k] = j1 + k
+    out = list(orig)
+    edits = [op for op in difflib.SequenceMatcher(None, b, c, autojunk=False).get_opcodes() if op[0] != "equal"]
+    for tag, i1, i2, j1, j2 in reversed(edits):  # from the end, so earlier positions stay valid
+        if tag == "insert":
+            if i1 > 0 and (i1 - 1) in where:
+                pos = where[i1 - 1] + 1
+            elif i1 in where:
+                pos = where[i1]
+            else:
+                return None
+            out[pos:pos] = c[j1:j2]
+        else:
+            rows = [where.get(i) for i in range(i1, i2)]
+            if None in rows or rows != list(range(rows[0], rows[0] + len(rows))):  # type: ignore[operator]
+                return None
+            out[rows[0] : rows[-1] + 1] = c[j1:j2]  # type: ignore[index]
+    text = "".join(out)
+    if not original.endswith("\n") and text.endswith("\n") and out[-1:] == orig[-1:]:
+        text = text[:-1]
+    return text
+
+
+def _same_data(a: Any, b: Any) -> bool:
+    """Equal as data, including key order (a patched text must read back as the changed document)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(_same_data(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_data(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
 
 
 # --- new configs (``qwamos vm create``) -------------------------------------------------------------------

@@ -14,16 +14,17 @@ from qwamos.errors import InvalidArgument
 
 CONFIG_NAME = "config.yaml"
 RUN_DIR_NAME = "run"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch: "$" would allow "x\n"
 
 
 def default_root() -> Path:
+    """``$QWAMOS_ROOT`` if set and non-empty, else ``~/QWAMOS`` (``~`` expanded in both)."""
     return Path(os.environ.get("QWAMOS_ROOT") or "~/QWAMOS").expanduser()
 
 
 def validate_vm_name(name: str) -> str:
     """Return ``name`` if it is a safe directory name (letters, digits, ``._-``, at most 64), else raise."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidArgument(
             f"invalid VM name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -31,6 +32,7 @@ def validate_vm_name(name: str) -> str:
 
 
 def vm_dir(root: str | os.PathLike[str], name: str) -> Path:
+    """``<root>/vms/<name>``; ``name`` is validated first, so no path component can escape ``<root>/vms``."""
     return Path(root) / "vms" / validate_vm_name(name)
 
 
@@ -39,7 +41,8 @@ def config_path(root: str | os.PathLike[str], name: str) -> Path:
 
 
 def run_dir(root: str | os.PathLike[str], name: str) -> Path:
-    """Pidfiles, QMP/console/export sockets and the serial log of a VM (created 0700 by the manager)."""
+    """``<vm dir>/run``: pidfiles, QMP/console/export sockets and the serial log of a VM (created 0700 by the
+    manager; the file names inside are ``qwamos.hypervisor.process.RunDir``'s)."""
     return vm_dir(root, name) / RUN_DIR_NAME
 
 
@@ -49,5 +52,5 @@ def list_vm_names(root: str | os.PathLike[str]) -> list[str]:
     if not vms.is_dir():
         return []
     return sorted(
-        d.name for d in vms.iterdir() if d.is_dir() and _NAME.match(d.name) and (d / CONFIG_NAME).is_file()
+        d.name for d in vms.iterdir() if d.is_dir() and _NAME.fullmatch(d.name) and (d / CONFIG_NAME).is_file()
     )
