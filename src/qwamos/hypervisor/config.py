@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import json
 import os
 import re
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from ruamel.yaml.tokens import CommentToken
 
 from qwamos.crypto import random_bytes
 from qwamos.errors import ConfigError, InvalidArgument
-from qwamos.fsutil import atomic_write
+from qwamos.fsutil import atomic_write, fsync_dir
 from qwamos.hypervisor import layout
 from qwamos.hypervisor.sizes import parse_size
 
@@ -73,8 +74,8 @@ def _size(value: Any) -> str | None:
         return f"expected a size such as 10G, 512M or a whole number of bytes, got {_show(value)}"
     try:
         parse_size(value, what="size")
-    except InvalidArgument:
-        return f"expected a size such as 10G, 512M or a whole number of bytes, got {_show(value)}"
+    except InvalidArgument as e:
+        return str(e.kwargs.get("msg", "")).removeprefix("size: ") or "not a size"
     return None
 
 
@@ -716,23 +717,26 @@ autostart: false
 
 
 def _yaml_scalar(value: str) -> str:
-    """A plain scalar when it reads back as the same string, else a double-quoted one."""
-    buf = io.StringIO()
-    YAML(typ="safe").dump(value, buf)
-    dumped = buf.getvalue().strip()
-    if dumped.endswith("\n..."):
-        dumped = dumped[:-4].strip()
-    return dumped.removesuffix("...").strip() or '""'
+    """``value`` as a one-line YAML 1.2 scalar: plain when it reads back as the same string, else a
+    double-quoted (JSON) string, which YAML 1.2 reads back exactly and which cannot span lines."""
+    if value and "\n" not in value and "\r" not in value:
+        try:
+            if YAML(typ="safe").load(f"k: {value}\n") == {"k": value}:
+                return value
+        except YAMLError:
+            pass
+    return json.dumps(value, ensure_ascii=False)
 
 
 def new_config_text(
     name: str,
     *,
-    machine_type: str = "virt",
+    machine_type: str | None = None,
+    arch: str | None = None,
     cpu_model: str | None = None,
     cpu_cores: int = 1,
     memory_mb: int = 512,
-    disk_size: str = DEFAULT_DISK_SIZE,
+    disk_size: str | int = DEFAULT_DISK_SIZE,
     disk_path: str | None = None,
     kernel: str | None = None,
     initrd: str | None = None,
@@ -744,9 +748,32 @@ def new_config_text(
     vm_type: str = "standard",
     description: str = "",
 ) -> str:
+    """A commented ``config.yaml`` in the spec's schema for ``qwamos vm create``.
+
+    ``arch`` (``aarch64``/``x86_64``) picks ``virt``/``q35`` when ``machine_type`` is not given.  A new VM
+    asks for KVM (used only where it really works, else TCG) and user-mode networking with a random
+    locally administered MAC under QEMU's ``52:54:00`` prefix.  The disk path defaults to ``disk.qcow2`` in
+    the VM directory even when encrypted: the manager creates ``disk.qvol`` beside it on the first start
+    and writes that path back, as in the spec.
+    """
     layout.validate_vm_name(name)
+    if machine_type is None:
+        by_arch = {"aarch64": "virt", "arm64": "virt", "x86_64": "q35", "amd64": "q35"}
+        if arch is not None and arch not in by_arch:
+            raise InvalidArgument(f"architecture {arch!r}: use aarch64 or x86_64")
+        machine_type = by_arch[arch or "aarch64"]
     if machine_type not in MACHINE_ARCH:
         raise InvalidArgument(f"machine type {machine_type!r}: use one of {', '.join(MACHINE_ARCH)}")
+    if arch is not None and MACHINE_ARCH[machine_type] != {"arm64": "aarch64", "amd64": "x86_64"}.get(arch, arch):
+        raise InvalidArgument(f"machine type {machine_type!r} is not an {arch} machine")
+    if accel not in ACCELS:
+        raise InvalidArgument(f"accelerator {accel!r}: use one of {', '.join(ACCELS)}")
+    if network_mode not in NETWORK_MODES:
+        raise InvalidArgument(f"network mode {network_mode!r}: use one of {', '.join(NETWORK_MODES)}")
+    if _positive_int(cpu_cores):
+        raise InvalidArgument(f"CPU count {cpu_cores!r}: expected an integer of at least 1")
+    if _memory(memory_mb):
+        raise InvalidArgument(f"memory {memory_mb!r}: expected an integer number of MB, at least {MIN_MEMORY_MB}")
     parse_size(disk_size, what="disk size")
     arch = MACHINE_ARCH[machine_type]
     console = "ttyAMA0" if arch == "aarch64" else "ttyS0"
@@ -764,7 +791,7 @@ def new_config_text(
         cores=int(cpu_cores),
         memory=int(memory_mb),
         disk_path=_yaml_scalar(disk_path or "disk.qcow2"),
-        disk_size=_yaml_scalar(disk_size),
+        disk_size=_yaml_scalar(str(disk_size)),
         kernel=_yaml_scalar(kernel or ""),
         initrd=_yaml_scalar(initrd or ""),
         cmdline=_yaml_scalar(cmdline or f"console={console}"),
@@ -774,16 +801,30 @@ def new_config_text(
     )
 
 
-def write_new_config(root: str | os.PathLike[str], name: str, **fields: Any) -> Path:
-    """Create ``<root>/vms/<name>/config.yaml``; refuses to overwrite; the text is validated first."""
-    text = new_config_text(name, **fields)
+def write_new_config(root: str | os.PathLike[str], name: str, text: str | None = None, **fields: Any) -> Path:
+    """Create ``<root>/vms/<name>/config.yaml`` from ``text`` (or from ``fields`` via :func:`new_config_text`).
+
+    Refuses to overwrite (``O_EXCL``, so two concurrent creates cannot both win); the text is validated
+    first, so a config is never written that ``load`` would refuse.  The VM directory is created 0700.
+    """
+    if text is None:
+        text = new_config_text(name, **fields)
+    elif fields:
+        raise InvalidArgument("write_new_config: pass either the config text or fields, not both")
     path = layout.config_path(root, name)
     VMConfig.from_text(text, path)  # never write a config we would refuse to load
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         raise ConfigError("already exists; refusing to overwrite it", path=str(path)) from None
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
     return path
