@@ -436,3 +436,43 @@ def test_write_new_config_from_text_refuses_invalid_text_and_overwrite(tmp_path)
 def test_name_with_trailing_newline_is_refused():
     with pytest.raises(InvalidArgument):
         layout.validate_vm_name("vm1\n")
+
+
+def test_clear_key_removes_only_the_key_lines(tmp_path):
+    text = SPEC_CONFIG.replace(
+        "    enabled: true\n",
+        "    enabled: true  # mine\n    algorithm: aes-256-gcm\n    key_encapsulation: x25519-mlkem1024\n"
+        "    key_id: vm-secure-vm-aa  # managed\n",
+    )
+    path = _write(tmp_path, text)
+    cfg = VMConfig.load(path)
+    cfg.set_encryption_enabled(False)
+    cfg.clear_key()
+    cfg.save()
+    assert _changed_lines(text, path.read_text()) == [
+        "-    enabled: true  # mine\n",
+        "-    algorithm: aes-256-gcm\n",
+        "-    key_encapsulation: x25519-mlkem1024\n",
+        "-    key_id: vm-secure-vm-aa  # managed\n",
+        "+    enabled: false  # mine\n",
+    ]
+    assert "    enabled: false  # mine\n\nautostart: false\n" in path.read_text()  # the blank line stays
+
+
+def test_save_replays_onto_a_file_edited_since_load(tmp_path):
+    path = _write(tmp_path, SPEC_CONFIG)
+    cfg = VMConfig.load(path)
+    edited = SPEC_CONFIG.replace("cores: 4", "cores: 2  # edited meanwhile")
+    path.write_text(edited)
+    cfg.set_encryption(key_id="KID", algorithm="chacha20-poly1305")
+    cfg.save()
+    assert _changed_lines(edited, path.read_text()) == [
+        "+    algorithm: chacha20-poly1305\n",
+        "+    key_encapsulation: x25519-mlkem1024\n",
+        "+    key_id: KID\n",
+    ]
+    path.write_text(SPEC_CONFIG.replace("cores: 4", "cores: many"))
+    cfg.set_encryption(key_id="KID2", algorithm="chacha20-poly1305")
+    with pytest.raises(ConfigError, match=r"hardware\.cpu\.cores"):
+        cfg.save()
+    assert "cores: many" in path.read_text()  # an invalid edit is not overwritten

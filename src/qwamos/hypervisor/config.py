@@ -201,6 +201,7 @@ class VMConfig:
         self._bom = ""
         self._newline = "\n"
         self._indent = _guess_indent(text)
+        self._ops: list[tuple[str, tuple[str, ...], Any]] = []  # changes since load, replayed if the file moved
 
     # --- loading --------------------------------------------------------------------------------------
 
@@ -284,6 +285,31 @@ class VMConfig:
         return default if node is None else node
 
     def _set(self, keys: tuple[str, ...], value: Any) -> None:
+        self._ops.append(("set", keys, value))
+        self._apply_set(keys, value)
+
+    def _delete(self, keys: tuple[str, ...]) -> None:
+        self._ops.append(("del", keys, None))
+        self._apply_delete(keys)
+
+    def _apply_delete(self, keys: tuple[str, ...]) -> None:
+        """Remove a leaf; comment lines that followed it (when it was its block's last) stay in place."""
+        parent = self._get(*keys[:-1])
+        if not isinstance(parent, CommentedMap) or keys[-1] not in parent:
+            return
+        was_last = next(reversed(parent)) == keys[-1]
+        entry = parent.ca.items.get(keys[-1])
+        token = entry[2] if entry and len(entry) > 2 else None
+        del parent[keys[-1]]
+        parent.ca.items.pop(keys[-1], None)
+        after = _last_leaf(parent)
+        if was_last and isinstance(token, CommentToken) and after is not None:
+            holder = CommentedMap()
+            holder["_"] = None
+            holder.ca.items["_"] = [None, None, token, None]
+            _move_trailing_comment((holder, "_"), after)
+
+    def _apply_set(self, keys: tuple[str, ...], value: Any) -> None:
         """Set a leaf, creating missing sections at the end of their parent.
 
         ruamel.yaml keeps the comment lines that follow a block on the block's last leaf; when keys are
@@ -444,10 +470,8 @@ class VMConfig:
 
     def clear_key(self) -> None:
         """Forget the recorded key (used when a VM is migrated back to an unencrypted disk)."""
-        enc = self._get("storage", "encryption")
-        if isinstance(enc, CommentedMap):
-            for k in ("key_id", "algorithm", "key_encapsulation"):
-                enc.pop(k, None)
+        for k in ("key_id", "algorithm", "key_encapsulation"):
+            self._delete(("storage", "encryption", k))
 
     def set_disk_path(self, path: str | os.PathLike[str]) -> None:
         """Point ``hardware.disk.primary.path`` at ``path``, keeping the user's spelling (``~/...``, relative)
@@ -470,28 +494,48 @@ class VMConfig:
         ruamel's rendering of the document as loaded and as changed are applied to the original text.  The
         result is re-parsed and must equal the changed document; if not, ruamel's full rendering is used.
         """
-        body = self._body()
-        return self._bom + (body.replace("\n", "\r\n") if self._newline == "\r\n" else body)
+        return self._encode(self._body())
 
     def _body(self) -> str:
         changed = _render_doc(self._doc, self._indent)
         if self._text:
             base = _render_doc(_yaml().load(self._text), self._indent)
             patched = _patch_lines(self._text, base, changed)
-            if patched is not None and _same_data(_yaml().load(patched), self._doc):
-                return patched
+            try:
+                if patched is not None and _same_data(_yaml().load(patched), self._doc):
+                    return patched
+            except YAMLError:
+                pass
         return changed
 
     def save(self) -> None:
-        """Write atomically (temp file in the same directory, fsync, rename) with the file's mode kept."""
+        """Write atomically (temp file in the same directory, fsync, rename) with the file's mode kept.
+
+        If the file changed on disk since it was read (the user edited it while a VM was starting), the
+        changes made through this object are replayed onto the new content instead of overwriting it; a new
+        content that no longer validates is a ``ConfigError`` and nothing is written.
+        """
         try:
             mode = self.path.stat().st_mode & 0o777
+            current: str | None = self.path.read_bytes().decode("utf-8", errors="replace")
         except FileNotFoundError:
-            mode = 0o644
+            mode, current = 0o644, None
+        if current is not None and self._ops and current != self._encode(self._text):
+            fresh = VMConfig.from_text(current, self.path)
+            for op, keys, value in self._ops:
+                if op == "set":
+                    fresh._apply_set(keys, value)
+                else:
+                    fresh._apply_delete(keys)
+            self._doc, self._text, self.warnings = fresh._doc, fresh._text, fresh.warnings
+            self._bom, self._newline, self._indent = fresh._bom, fresh._newline, fresh._indent
         body = self._body()
-        text = self._bom + (body.replace("\n", "\r\n") if self._newline == "\r\n" else body)
-        atomic_write(self.path, text.encode("utf-8"), mode=mode)
+        atomic_write(self.path, self._encode(body).encode("utf-8"), mode=mode)
         self._text = body  # the next save patches what is now on disk
+        self._ops.clear()
+
+    def _encode(self, body: str) -> str:
+        return self._bom + (body.replace("\n", "\r\n") if self._newline == "\r\n" else body)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -596,7 +640,10 @@ def _move_trailing_comment(src: tuple[CommentedMap, Any], dst: tuple[CommentedMa
         entry[2] = None
     dmap, dkey = dst
     dentry = dmap.ca.items.setdefault(dkey, [None, None, None, None])
-    dentry[2] = CommentToken("\n" + rest, CommentMark(0), None)
+    if isinstance(dentry[2], CommentToken) and dentry[2].value.endswith("\n"):
+        dentry[2].value = dentry[2].value + rest  # dst's own end-of-line comment stays first
+    else:
+        dentry[2] = CommentToken("\n" + rest, CommentMark(0), None)
 
 
 def _scalar_width(value: Any) -> int:
