@@ -1,2 +1,3 @@
-"""The hypervisor layer: VM configs (``config``), paths (``layout``), QEMU command lines (``qemu``), the KVM
-probe (``kvm``), processes (``process``, ``supervisor``) and the VM lifecycle (``manager``)."""
+"""The hypervisor layer: VM configs (``config``), exact sizes (``sizes``), paths (``layout``), the ``info``
+block (``info``), QEMU command lines (``qemu``), the KVM probe (``kvm``), processes (``process``,
+``supervisor``) and the VM lifecycle (``manager``).  Config schema and behaviour: ``docs/vm-config.md``."""
