@@ -4,10 +4,17 @@ qcow2 with LUKS (AES-256-XTS), (c) `nbdkit file` of a raw image.  Same workloads
 Workloads (qemu-img bench over a UNIX socket): 1 MiB sequential write and read at depth 4; 4 KiB stride write
 and read at depth 16 and at depth 1; plus fio's nbd engine (4 KiB random read/write, depth 16) where fio has it.
 
-Page cache: each image is first written end to end through its own server (the sequential-write workload), so
-every later read hits allocated, cached data; all three images live in the same temporary directory.
+The three servers run at the same time and every workload runs on a, b, c in turn, ``--repeat`` rounds in a
+row (median reported), so a burst of load from other jobs on this shared machine hits all three alike rather
+than one target's whole series.  QD1 figures are round-trip bound and swing by 2x between runs here: compare
+ratios from one run, never figures from different runs.
 
-Usage: .venv/bin/python bench/nbd.py [--size-mib 1024] [--repeat 1] [--keep]
+Page cache: before any timed workload each image is written end to end through its own server (1 MiB
+writes, then a FLUSH), so every later read hits allocated, cached data and every write overwrites allocated
+blocks, the same way for all three; all images live in the same temporary directory (same filesystem).
+
+Usage: .venv/bin/python bench/nbd.py [--size-mib 1024] [--repeat 3] [--only QD1] [--cache hot|cold] [--keep]
+       [--no-fio]
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -107,22 +115,53 @@ def fio_iops(uri: str, rw: str, runtime: int = 5) -> float:
     return job["read" if "read" in rw else "write"]["iops"]
 
 
-def run_target(name: str, uri: str, size_mib: int, repeat: int, use_fio: bool) -> dict[str, float]:
-    results: dict[str, float] = {}
-    for wname, write, size, depth, per_gib, stride in WORKLOADS:
-        count = max(64, per_gib * size_mib // 1024) if size == "1M" else per_gib
-        if size == "4k":
-            count = min(count, size_mib * 256)
-        times = [qemu_bench(uri, write, size, depth, count, stride) for _ in range(repeat)]
-        t = statistics.median(times)
-        nbytes = count * (1 << 20 if size == "1M" else 4096)
-        results[wname] = nbytes / t / 1e6 if size == "1M" else count / t
-        unit = "MB/s" if size == "1M" else "IOPS"
-        print(f"  {name:8} {wname:18} {results[wname]:10.0f} {unit}", flush=True)
+def workload_count(size: str, per_gib: int, size_mib: int) -> int:
+    if size == "1M":
+        return max(64, per_gib * size_mib // 1024)
+    return min(per_gib, size_mib * 256)
+
+
+def prepare(name: str, uri: str, size_mib: int) -> None:
+    """Write the whole image through its server (untimed) so that reads and writes hit allocated, cached data."""
+    t = qemu_bench(uri, True, "1M", 4, size_mib, None)
+    print(f"  {name:8} prepared: {size_mib} MiB written through the server in {t:.1f} s, then flushed", flush=True)
+
+
+def drop_cache(image: Path) -> None:
+    """Evict one image's pages from the page cache (its server flushed at the end of the last run, so they are
+    clean): the state of a disk bigger than the host's cache, where a block written was not recently used."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int, use_fio: bool,
+            cold: dict[str, Path] | None = None):  # fmt: skip
+    """Every workload on every target in turn, ``repeat`` rounds; the median per target.  ``cold``: target
+    name -> image whose page cache is dropped before each of its runs."""
+    results: dict[str, dict[str, float]] = {name: {} for name in targets}
+    for wname, write, size, depth, per_gib, stride in workloads:
+        count = workload_count(size, per_gib, size_mib)
+        times: dict[str, list[float]] = {name: [] for name in targets}
+        for _ in range(repeat):
+            for name, uri in targets.items():
+                if cold:
+                    drop_cache(cold[name])
+                times[name].append(qemu_bench(uri, write, size, depth, count, stride))
+        for name in targets:
+            t = statistics.median(times[name])
+            nbytes = count * (1 << 20 if size == "1M" else 4096)
+            results[name][wname] = nbytes / t / 1e6 if size == "1M" else count / t
+            unit = "MB/s" if size == "1M" else "IOPS"
+            spread = f"(runs: {', '.join(f'{x:.2f}' for x in times[name])} s)" if repeat > 1 else ""
+            print(f"  {name:8} {wname:18} {results[name][wname]:10.0f} {unit} {spread}", flush=True)
     if use_fio:
         for rw in ("randread", "randwrite"):
-            results[f"fio {rw} 4k QD16"] = fio_iops(uri, rw)
-            print(f"  {name:8} fio {rw:14} {results[f'fio {rw} 4k QD16']:10.0f} IOPS", flush=True)
+            for name, uri in targets.items():
+                results[name][f"fio {rw} 4k QD16"] = v = fio_iops(uri, rw)
+                print(f"  {name:8} fio {rw:14} {v:10.0f} IOPS", flush=True)
     return results
 
 
@@ -143,59 +182,73 @@ def make_luks_qcow2(path: Path, size_mib: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--repeat", type=int, default=1, help="runs per workload (median reported)")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds per workload (median reported)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="run only workloads with WORD in their name (repeatable): --only QD1, --only 4k-write",
+    )
+    ap.add_argument(
+        "--cache",
+        choices=("hot", "cold"),
+        default="hot",
+        help="cold: drop each image's page cache before every timed run (POSIX_FADV_DONTNEED)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--no-fio", action="store_true")
     args = ap.parse_args()
+    workloads = [w for w in WORKLOADS if not args.only or any(t in w[0].split() for t in args.only)]
+    if not workloads:
+        raise SystemExit(f"no workload matches {args.only}")
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from qwamos.keystore import PQCKeystore
     from qwamos.volume import PQCVolume
 
     work = Path(tempfile.mkdtemp(prefix="nbdbench", dir="/tmp"))
-    use_fio = fio_available() and not args.no_fio
+    use_fio = fio_available() and not args.no_fio and not args.only
     print(f"NBD export benchmark: {args.size_mib} MiB images in {work}, repeat={args.repeat}, fio={use_fio}")
-    print("page cache: each image written end to end through its server first (the seq-write run), then read hot")
-    all_results: dict[str, dict[str, float]] = {}
+    print("page cache: each image written end to end through its own server (1 MiB writes + FLUSH) before any")
+    print("timed workload; all three servers up at once, each workload run on a, b, c in turn")
+    if args.cache == "cold":
+        print("page cache: COLD - each image's cached pages dropped (POSIX_FADV_DONTNEED) before every timed run")
+    else:
+        print("page cache: hot - images stay cached between runs (unless the kernel reclaims them)")
     try:
-        # (a) our export of a qvol
-        ks = work / "keystore"
-        vol = work / "a.qvol"
-        PQCVolume(vol, keystore=PQCKeystore(ks)).create("a", "bench", size_bytes=args.size_mib << 20)
-        sock = work / "a.sock"
-        argv = [
-            sys.executable,
-            "-m",
-            "qwamos.cli.serve_cmd",
-            str(vol),
-            "--socket",
-            str(sock),
-            "--keystore",
-            str(ks),
-        ]
-        with server(argv, sock):
-            all_results["a qvol"] = run_target(
-                "a qvol", f"nbd+unix:///?socket={sock}", args.size_mib, args.repeat, use_fio
-            )
-        # (b) qemu-nbd, qcow2 + LUKS (AES-256-XTS)
-        img = work / "b.qcow2"
-        make_luks_qcow2(img, args.size_mib)
-        sock = work / "b.sock"
-        argv = ["qemu-nbd", "--object", f"secret,id=sec0,data={PASSWORD}", "-t", "-k", str(sock), "--image-opts",
-                f"driver=qcow2,file.filename={img},encrypt.key-secret=sec0"]  # fmt: skip
-        with server(argv, sock):
-            all_results["b luks"] = run_target(
-                "b luks", f"nbd+unix:///?socket={sock}", args.size_mib, args.repeat, use_fio
-            )
-        # (c) nbdkit file, raw
-        raw = work / "c.raw"
-        with open(raw, "wb") as f:
-            f.truncate(args.size_mib << 20)
-        sock = work / "c.sock"
-        with server(["nbdkit", "-f", "-U", str(sock), "file", f"file={raw}"], sock):
-            all_results["c raw"] = run_target(
-                "c raw", f"nbd+unix:///?socket={sock}", args.size_mib, args.repeat, use_fio
-            )
+        with contextlib.ExitStack() as stack:
+            targets: dict[str, str] = {}
+            # (a) our export of a qvol
+            ks = work / "keystore"
+            vol = work / "a.qvol"
+            PQCVolume(vol, keystore=PQCKeystore(ks)).create("a", "bench", size_bytes=args.size_mib << 20)
+            sock = work / "a.sock"
+            argv = [sys.executable, "-m", "qwamos.cli.serve_cmd", str(vol), "--socket", str(sock),
+                    "--keystore", str(ks)]  # fmt: skip
+            stack.enter_context(server(argv, sock))
+            targets["a qvol"] = f"nbd+unix:///?socket={sock}"
+            # (b) qemu-nbd, qcow2 + LUKS (AES-256-XTS)
+            img = work / "b.qcow2"
+            make_luks_qcow2(img, args.size_mib)
+            sock = work / "b.sock"
+            argv = ["qemu-nbd", "--object", f"secret,id=sec0,data={PASSWORD}", "-t", "-k", str(sock),
+                    "--image-opts", f"driver=qcow2,file.filename={img},encrypt.key-secret=sec0"]  # fmt: skip
+            stack.enter_context(server(argv, sock))
+            targets["b luks"] = f"nbd+unix:///?socket={sock}"
+            # (c) nbdkit file, raw
+            raw = work / "c.raw"
+            with open(raw, "wb") as f:
+                f.truncate(args.size_mib << 20)
+            sock = work / "c.sock"
+            stack.enter_context(server(["nbdkit", "-f", "-U", str(sock), "file", f"file={raw}"], sock))
+            targets["c raw"] = f"nbd+unix:///?socket={sock}"
+
+            for name, uri in targets.items():
+                prepare(name, uri, args.size_mib)
+            images = {"a qvol": vol, "b luks": img, "c raw": raw}
+            cold = images if args.cache == "cold" else None
+            all_results = run_all(targets, workloads, args.size_mib, args.repeat, use_fio, cold)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
