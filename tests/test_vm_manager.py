@@ -187,3 +187,24 @@ def test_pidfile_with_a_recycled_pid_is_not_our_process(tmp_path):
     ref = ProcRef(child.pid, proc_start_time(child.pid) or 0)
     child.wait()
     assert not ref.alive() and not ref.signal(signal.SIGTERM)
+
+
+@pytest.mark.qemu
+def test_encrypted_first_start_records_the_cipher_actually_used(root, mgr, idle_kernel):
+    """``algorithm: auto`` is resolved at creation; the config records the real cipher, as the header does."""
+    from qwamos.crypto import resolve_algorithm
+    from qwamos.hypervisor.config import VMConfig
+    from qwamos.volume import read_header
+
+    cfg_path = write_config(root, "vm1", kernel=idle_kernel, encrypted=True)
+    cfg_path.write_text(
+        cfg_path.read_text().replace("    enabled: true\n", "    enabled: true\n    algorithm: auto\n")
+    )
+    res = mgr.start("vm1")
+    try:
+        cfg = VMConfig.load(cfg_path)
+        assert cfg.encryption_algorithm == resolve_algorithm("auto") != "auto"
+        assert read_header(cfg.disk_path)["algorithm"] == cfg.encryption_algorithm
+        assert cfg.key_id == res.key_id and cfg.disk_path.suffix == ".qvol"
+    finally:
+        mgr.stop("vm1", force=True)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwamos.crypto import resolve_algorithm
 from qwamos.errors import ConfigError, ExportError, QemuError, VMError, VMNotFoundError, VMStateError
 from qwamos.hypervisor import config as configmod
 from qwamos.hypervisor import info as infomod
@@ -45,7 +46,6 @@ from qwamos.hypervisor.supervisor import STOP_REQUEST
 STATES = ("running", "stopped", "starting", "crashed")
 START_TIMEOUT = 60.0
 DEFAULT_STOP_TIMEOUT = 30.0
-ALGORITHM_LABELS = {"chacha20-poly1305": "ChaCha20-Poly1305", "aes-256-gcm": "AES-256-GCM"}
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,7 @@ class Accel:
 
     @property
     def label(self) -> str:
-        if self.accel == "kvm":
-            return "✅ KVM"
-        if self.requested == "kvm":
-            return f"⚠️  TCG (KVM unavailable: {self.reason})"
-        return "TCG (software emulation)"
+        return infomod.accel_label(self.requested, self.accel, self.reason)
 
     @property
     def warning(self) -> str | None:
@@ -169,11 +165,10 @@ class VMManager:
     # --- info and status ----------------------------------------------------------------------------
 
     def _info_args(self, cfg: VMConfig) -> dict[str, Any]:
-        alg = cfg.encryption_algorithm or "chacha20-poly1305"
         return {
             "accel_label": self.accel_for(cfg).label,
             "key_id": cfg.key_id,
-            "algorithm_label": ALGORITHM_LABELS.get(alg, alg),
+            "algorithm_label": infomod.algorithm_label(cfg.encryption_algorithm),
         }
 
     def info_text(self, name: str) -> str:
@@ -307,12 +302,14 @@ class VMManager:
 
         key_id: str | None = None
         keystore: Any = None
+        alg = ""
         try:
             if new_volume is not None:
                 keystore = self._keystore()
                 from qwamos.volume import PQCVolume
 
-                alg = cfg.encryption_algorithm or "chacha20-poly1305"
+                # "auto" is resolved now, so that the config records the cipher actually in use.
+                alg = resolve_algorithm(cfg.encryption_algorithm or "chacha20-poly1305")
                 key_id = PQCVolume(new_volume, keystore=keystore).create(
                     new_volume.stem, cfg.name, size_bytes=cfg.disk_size_bytes, algorithm=alg
                 )
@@ -322,7 +319,6 @@ class VMManager:
                 result.created_disk = str(new_qcow2)
             self._launch(run, argv, export_argv)
             if new_volume is not None and key_id is not None:
-                alg = cfg.encryption_algorithm or "chacha20-poly1305"
                 cfg.set_encryption(key_id=key_id, algorithm=alg)
                 cfg.set_disk_path(new_volume)
                 cfg.save()
