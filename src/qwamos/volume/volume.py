@@ -53,6 +53,7 @@ from qwamos.errors import (
     VolumeExistsError,
     VolumeLockedError,
 )
+from qwamos.fsutil import fsync_dir
 from qwamos.volume import header as hdr
 from qwamos.volume.header import BLOCK_SIZE, HEADER_SIZE, SLOT_SIZE, Header
 from qwamos.volume.keys import KeyProvider, check_volume_key, header_mac_key
@@ -169,7 +170,7 @@ class PQCVolume:
             finally:
                 os.close(fd)
             self._publish(tmp, overwrite)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -824,16 +825,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         n = os.pwrite(fd, data, offset)
         data = data[n:]
         offset += n
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a directory; the file itself is durable
-        pass
-    finally:
-        os.close(fd)
 
 
 class UnverifiedHeader(dict):
