@@ -582,20 +582,13 @@ class PQCVolume:
         return len(out)
 
     def _read_into(self, offset: int, out: memoryview) -> None:
-        length = len(out)
-        pos = 0
         scratch = memoryview(self._pbuf)
-        while pos < length:
-            off = offset + pos
-            block, skip = divmod(off, BLOCK_SIZE)
-            count = min(MAX_RUN, (skip + length - pos + BLOCK_SIZE - 1) // BLOCK_SIZE)
-            n = min(count * BLOCK_SIZE - skip, length - pos)
+        for pos, block, count, skip, n in _runs(offset, len(out)):
             if skip == 0 and n == count * BLOCK_SIZE:
                 self._open_blocks(block, count, out[pos : pos + n])
             else:
                 self._open_blocks(block, count, scratch[: count * BLOCK_SIZE])
                 out[pos : pos + n] = scratch[skip : skip + n]
-            pos += n
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         """Write plaintext at a byte offset; unaligned edges are read, patched and re-encrypted."""
@@ -614,14 +607,8 @@ class PQCVolume:
                 raise self._os_error(e) from e
 
     def _write_from(self, offset: int, src: memoryview) -> None:
-        length = len(src)
-        pos = 0
         scratch = memoryview(self._pbuf)
-        while pos < length:
-            off = offset + pos
-            block, skip = divmod(off, BLOCK_SIZE)
-            count = min(MAX_RUN, (skip + length - pos + BLOCK_SIZE - 1) // BLOCK_SIZE)
-            n = min(count * BLOCK_SIZE - skip, length - pos)
+        for pos, block, count, skip, n in _runs(offset, len(src)):
             if skip == 0 and n == count * BLOCK_SIZE:
                 self._seal_blocks(block, src[pos : pos + n], count)
             else:
@@ -634,7 +621,6 @@ class PQCVolume:
                     self._open_blocks(block + last, 1, work[last * BLOCK_SIZE :])
                 work[skip:end] = src[pos : pos + n]
                 self._seal_blocks(block, work, count)
-            pos += n
 
     def flush(self) -> None:
         """Everything written so far is durable when this returns (fdatasync)."""
@@ -856,3 +842,16 @@ def read_header(path: str | os.PathLike[str], keystore: KeyProvider | None = Non
             return result
         result.authenticated = True
     return result
+
+
+def _runs(offset: int, length: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """Split a byte range into batches of at most ``MAX_RUN`` slots: ``(pos, block, count, skip, n)`` where
+    ``n`` bytes at ``pos`` in the caller's buffer map to ``count`` blocks from ``block``, starting ``skip``
+    bytes into the first one."""
+    pos = 0
+    while pos < length:
+        block, skip = divmod(offset + pos, BLOCK_SIZE)
+        count = min(MAX_RUN, (skip + length - pos + BLOCK_SIZE - 1) // BLOCK_SIZE)
+        n = min(count * BLOCK_SIZE - skip, length - pos)
+        yield pos, block, count, skip, n
+        pos += n
