@@ -196,6 +196,12 @@ def main() -> None:
         default="hot",
         help="cold: drop each image's page cache before every timed run (POSIX_FADV_DONTNEED)",
     )
+    ap.add_argument(
+        "--algorithm",
+        default="chacha20-poly1305",
+        choices=["chacha20-poly1305", "aes-256-gcm", "auto"],
+        help="cipher of the qvol (default: the spec's chacha20-poly1305; auto = AES-256-GCM with AES-NI)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--no-fio", action="store_true")
     args = ap.parse_args()
@@ -222,7 +228,10 @@ def main() -> None:
             # (a) our export of a qvol
             ks = work / "keystore"
             vol = work / "a.qvol"
-            PQCVolume(vol, keystore=PQCKeystore(ks)).create("a", "bench", size_bytes=args.size_mib << 20)
+            PQCVolume(vol, keystore=PQCKeystore(ks)).create(
+                "a", "bench", size_bytes=args.size_mib << 20, algorithm=args.algorithm
+            )
+            print(f"  a qvol   cipher: {args.algorithm}", flush=True)
             sock = work / "a.sock"
             argv = [sys.executable, "-m", "qwamos.cli.serve_cmd", str(vol), "--socket", str(sock),
                     "--keystore", str(ks)]  # fmt: skip
