@@ -15,7 +15,7 @@ LINT_PATHS := src tests bench tools hypervisor/scripts
 DEPS_STAMP := build/.deps.stamp
 VENV_STAMP := $(VENV)/.installed.stamp
 
-.PHONY: all deps venv guest lint test demo demo-guest bench clean distclean
+.PHONY: all deps venv pyc guest lint test demo demo-guest bench clean distclean
 
 all: test
 
@@ -38,10 +38,15 @@ lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
-test: deps venv guest lint
+# Bytecode for the package, so that the per-VM processes (supervisor, block export) start without compiling
+# the sources each time even where PYTHONDONTWRITEBYTECODE is set; quick when nothing changed.
+pyc: venv
+	$(PY) -m compileall -q src
+
+test: deps venv guest lint pyc
 	$(VENV)/bin/pytest -q
 
-demo: deps venv
+demo: deps venv pyc
 	$(MAKE) guest ARCH=$(ARCH)
 	$(PY) tools/demo.py --arch $(ARCH)
 
@@ -49,7 +54,7 @@ demo: deps venv
 demo-guest: venv
 	$(PY) tests/guestlib.py roundtrip $(ARCH)
 
-bench: deps venv
+bench: deps venv pyc
 	$(MAKE) guest ARCH=$(ARCH)
 	$(PY) bench/volume_api.py
 	$(PY) bench/nbd.py

@@ -15,6 +15,7 @@ Page cache: disks are created in a fresh temporary directory in this run and sta
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -102,8 +103,12 @@ def main() -> int:
     print(f"  ratio encrypted/plain         : {enc / plain:.3f} (goal <= 1.05)")
     qe, qp = statistics.median(launch["enc"]), statistics.median(launch["plain"])
     print(f"  QEMU launched after start()   : encrypted {qe:.3f} s, plain {qp:.3f} s (median, +-10 ms)")
-    bytecode = "off (PYTHONDONTWRITEBYTECODE)" if sys.dont_write_bytecode else "on"
-    print(f"  bytecode cache                : {bytecode}")
+    import qwamos.nbd.server as probe  # any module the export imports: is its bytecode already compiled?
+
+    cached = importlib.util.cache_from_source(probe.__file__)
+    compiled = "compiled (make pyc)" if os.path.exists(cached) else "not compiled: run `make pyc`"
+    writes = "not written by Python (PYTHONDONTWRITEBYTECODE)" if sys.dont_write_bytecode else "written on import"
+    print(f"  bytecode cache                : {compiled}; {writes}")
     return 0
 
 
