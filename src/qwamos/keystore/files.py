@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from qwamos import crypto
+from qwamos import crypto, strictjson
 from qwamos.errors import KeyExistsError, KeyFileCorruptError, KeystoreError, KeystorePermissionError
 from qwamos.fsutil import fsync_dir, write_all
 
@@ -156,19 +156,6 @@ def dump_document(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=True) + "\n").encode("ascii")
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate field {k!r}")
-        out[k] = v
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard number {name}")
-
-
 def parse_document(data: bytes, path: Path | str, *, fields: set[str], required: set[str] | None = None) -> dict:
     """Parse a JSON object strictly: UTF-8, no duplicate fields, no NaN, only ``fields``, all of ``required``.
 
@@ -176,7 +163,7 @@ def parse_document(data: bytes, path: Path | str, *, fields: set[str], required:
     document than the one we act on.
     """
     try:
-        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = strictjson.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise KeyFileCorruptError(path=str(path), msg=f"not valid JSON ({type(e).__name__})") from None
     if not isinstance(obj, dict):

@@ -22,7 +22,7 @@ import struct
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from qwamos import crypto
+from qwamos import crypto, strictjson
 from qwamos.errors import (
     HeaderCorruptError,
     InvalidArgument,
@@ -120,15 +120,6 @@ def encode(header: Header, mac_key: bytes) -> bytes:
     return bytes(buf)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def parse_unverified(path: str, data: bytes) -> dict[str, Any]:
     """Magic, length, JSON and version; return the raw (UNTRUSTED) fields.
 
@@ -143,9 +134,7 @@ def parse_unverified(path: str, data: bytes) -> dict[str, Any]:
     if not 1 <= length <= MAX_JSON:
         raise HeaderCorruptError(path=path, msg=f"JSON length {length} out of range")
     try:
-        fields = json.loads(
-            data[JSON_OFFSET : JSON_OFFSET + length].decode("utf-8"), object_pairs_hook=_no_duplicates
-        )
+        fields = strictjson.loads(bytes(data[JSON_OFFSET : JSON_OFFSET + length]))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise HeaderCorruptError(path=path, msg=f"metadata is not valid JSON: {e}") from None
     if not isinstance(fields, dict):
