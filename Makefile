@@ -43,8 +43,11 @@ lint: venv
 pyc: venv
 	$(PY) -m compileall -q src
 
+# The whole suite under the default interpreter, then the data-path tests under every other Python that
+# requires-python admits (3.12, 3.13: scripts/test-other-pythons.sh, each in its own .venv-3.X).
 test: deps venv guest lint pyc
 	$(VENV)/bin/pytest -q
+	bash scripts/test-other-pythons.sh
 
 demo: deps venv pyc
 	$(MAKE) guest ARCH=$(ARCH)
@@ -65,4 +68,4 @@ clean:
 	rm -rf build/guest build/.deps.stamp
 
 distclean: clean
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) $(VENV)-3.*

@@ -3,26 +3,24 @@ nbdcopy), plus kill -9 durability, daemon mode and the TCP warning."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from qwamos.nbd.client import NBDClient, NBDClientError
+from nbd_helpers import SERVE, serving, uri
+from qwamos.nbd.client import NBDClient
 
 pytestmark = pytest.mark.qemu
 
 SIZE = 64 << 20
-SERVE = [sys.executable, "-m", "qwamos.cli.serve_cmd"]
 
 
 @pytest.fixture
@@ -41,44 +39,6 @@ def qvol(tmp_path) -> tuple[Path, Path]:
     vol = tmp_path / "disk.qvol"
     PQCVolume(vol, keystore=PQCKeystore(ks)).create("disk", "vm", size_bytes=SIZE)
     return vol, ks
-
-
-def wait_answers(sock: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}: {proc.stderr.read().decode()}")
-        with contextlib.suppress(OSError, NBDClientError):
-            NBDClient.connect_unix(str(sock), timeout=2).disconnect()
-            return
-        time.sleep(0.05)
-    raise AssertionError("server did not answer")
-
-
-@contextlib.contextmanager
-def serving(vol: Path, ks: Path, sock: Path, *extra: str):
-    proc = subprocess.Popen(
-        [*SERVE, str(vol), "--socket", str(sock), "--keystore", str(ks), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_answers(sock, proc)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-
-
-def uri(sock: Path) -> str:
-    return f"nbd+unix:///?socket={sock}"
 
 
 def run(*argv: str) -> str:

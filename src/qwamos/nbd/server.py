@@ -9,9 +9,14 @@ connections for its duration.
 
 Memory is bounded per connection: a fixed receive buffer (``CHUNK`` plus slack, filled without copies via
 ``asyncio.BufferedProtocol``), WRITE payloads applied in ``CHUNK`` pieces as they arrive, READ replies
-produced in ``CHUNK`` pieces into one scratch buffer shared by all connections, and reading from a client
-paused while its unsent replies exceed ``WRITE_HIGH_WATER``.  Connections beyond ``max_connections`` are
-closed at once (before the greeting).
+produced in ``CHUNK`` pieces into the connection's reply buffers (:class:`ReplyBuffers`), and reading from
+a client paused while its unsent replies exceed ``WRITE_HIGH_WATER``.  Connections beyond
+``max_connections`` are closed at once (before the greeting).
+
+Buffer ownership: a buffer handed to ``transport.write`` belongs to the transport until its bytes have
+left.  From Python 3.12 on, the selector transport keeps a view of whatever it could not send at once
+instead of copying it, so a reply buffer is reused only after the transport has sent every byte of it
+(:class:`ReplyBuffers`); reusing it earlier served other requests' data on 3.12+ (issue 8).
 
 Errors: :data:`ERROR_MAP` turns backend exceptions into NBD error codes in one place; a block that fails
 authentication answers EIO for that request and is logged with its index; the server keeps serving.
@@ -27,6 +32,7 @@ import os
 import signal
 import socket
 import stat
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,17 +92,48 @@ def nbd_error(exc: BaseException) -> int:
     return c.EIO
 
 
+class ReplyBuffers:
+    """READ reply buffers of one connection, each reused only once the transport has sent all of it.
+
+    ``transport.write`` may keep a reference to the buffer it is given (Python 3.12+ queues a memoryview of
+    the unsent tail rather than copying it), so a buffer passed on is the transport's until sent.  The
+    transport sends in order and ``get_write_buffer_size()`` counts what it still holds, so with ``written``
+    the total handed to it, every byte before ``written - get_write_buffer_size()`` has left and the buffers
+    ending there are free again.  (For a TLS transport the count also includes encrypted bytes not yet sent,
+    which only makes the estimate more conservative.)  Flow control (``WRITE_HIGH_WATER``) bounds how many
+    buffers are in flight; at most ``KEEP_FREE`` idle ones are kept.
+    """
+
+    KEEP_FREE = 2
+    SIZE = REPLY_SIZE + c.CHUNK
+
+    def __init__(self) -> None:
+        self.written = 0  # bytes handed to the transport so far, by every write of this connection
+        self._in_flight: deque[tuple[int, bytearray]] = deque()  # (written after it, buffer), oldest first
+        self._free: list[bytearray] = []
+
+    def take(self, unsent: int) -> bytearray:
+        """A buffer of ``SIZE`` bytes that the transport no longer holds; ``unsent`` is its write-buffer size."""
+        sent = self.written - unsent
+        while self._in_flight and self._in_flight[0][0] <= sent:
+            buf = self._in_flight.popleft()[1]
+            if len(self._free) < self.KEEP_FREE:
+                self._free.append(buf)
+        return self._free.pop() if self._free else bytearray(self.SIZE)
+
+    def handed_over(self, buf: bytearray) -> None:
+        """``buf`` was just written (``written`` already counts it): the transport owns it until sent."""
+        self._in_flight.append((self.written, buf))
+
+
 class _Shared:
-    """State every connection of one export shares: the backend and one read scratch buffer (requests run
-    one at a time, and the transport copies whatever it cannot send at once, so one buffer is enough)."""
+    """State every connection of one export shares: the backend, the export and the connection limit."""
 
     def __init__(self, backend: BlockBackend, export: ExportInfo, max_connections: int) -> None:
         self.backend = backend
         self.export = export
         self.max_connections = max_connections
         self.connections: set[NBDConnection] = set()
-        self.scratch = bytearray(REPLY_SIZE + c.CHUNK)
-        self.scratch_view = memoryview(self.scratch)
         self.readinto: Callable[[int, memoryview], object] | None = getattr(backend, "readinto", None)
         self.next_id = 0
         self.closing = False
@@ -115,6 +152,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._read_paused = False
         self._closing = False
         self._write_error = 0
+        self._buffers = ReplyBuffers()
         # a READ longer than CHUNK still being produced
         self._r_offset = 0
         self._r_left = 0
@@ -133,7 +171,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         sh.connections.add(self)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         log.info("connection %d opened", self.id)
-        self.transport.write(self.proto.data_to_send())
+        self._send(self.proto.data_to_send())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -204,7 +242,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         finally:
             out = proto.data_to_send()
             if out and not self._closing:
-                tr.write(out)
+                self._send(out)
         if self._write_paused:
             if not self._read_paused:
                 self._read_paused = True
@@ -218,7 +256,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             log.warning("connection %d: disconnecting: %s", self.id, ev.reason)
         out = self.proto.data_to_send()
         if out:
-            self.transport.write(out)
+            self._send(out)
         self._closing = True
         self.transport.close()  # sends what is buffered, then closes
 
@@ -246,8 +284,21 @@ class NBDConnection(asyncio.BufferedProtocol):
             log.warning("connection %d: backend error answered %d: %s", self.id, code, e)
         return code
 
+    def _send(self, data: bytes | memoryview) -> None:
+        """Every write to the transport goes through here, so :class:`ReplyBuffers` knows what has left."""
+        self._buffers.written += len(data)
+        self.transport.write(data)
+
+    def _send_buffer(self, buf: bytearray, start: int, end: int) -> None:
+        """Write ``buf[start:end]``; ``buf`` then belongs to the transport until it is sent."""
+        self._send(memoryview(buf)[start:end])
+        self._buffers.handed_over(buf)
+
+    def _take_buffer(self) -> bytearray:
+        return self._buffers.take(self.transport.get_write_buffer_size())
+
     def _reply(self, cookie: int, error: int) -> None:
-        self.transport.write(reply_header(cookie, error))
+        self._send(reply_header(cookie, error))
 
     def _read(self, ev: Read) -> None:
         length = ev.length
@@ -258,17 +309,17 @@ class NBDConnection(asyncio.BufferedProtocol):
             except Exception as e:
                 self._reply(ev.cookie, self._failed(e))
                 return
-            self.transport.write(reply_header(ev.cookie, 0) + data)
+            self._send(reply_header(ev.cookie, 0) + data)
             return
         n = min(length, c.CHUNK)
-        buf = sh.scratch_view[: REPLY_SIZE + n]
+        buf = self._take_buffer()
         try:
-            self._fill(buf[REPLY_SIZE:], ev.offset, n)
+            self._fill(memoryview(buf)[REPLY_SIZE : REPLY_SIZE + n], ev.offset, n)
         except Exception as e:
             self._reply(ev.cookie, self._failed(e))
             return
         pack_reply_into(buf, ev.cookie, 0)
-        self.transport.write(buf)
+        self._send_buffer(buf, 0, REPLY_SIZE + n)
         if n < length:
             self._r_offset, self._r_left = ev.offset + n, length - n
 
@@ -276,9 +327,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         """The next piece of a READ longer than CHUNK (only clients that ignore our advertised maximum send
         those).  Its header already said success, so a failure now can only be a hard disconnect."""
         n = min(self._r_left, c.CHUNK)
-        buf = self.shared.scratch_view[REPLY_SIZE : REPLY_SIZE + n]
+        buf = self._take_buffer()
         try:
-            self._fill(buf, self._r_offset, n)
+            self._fill(memoryview(buf)[REPLY_SIZE : REPLY_SIZE + n], self._r_offset, n)
         except Exception as e:
             self._failed(e)
             log.error("connection %d: error in the middle of a long READ; disconnecting (proto.md)", self.id)
@@ -286,7 +337,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._closing = True
             self.transport.abort()
             return
-        self.transport.write(buf)
+        self._send_buffer(buf, REPLY_SIZE, REPLY_SIZE + n)
         self._r_offset += n
         self._r_left -= n
 

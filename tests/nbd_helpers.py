@@ -1,0 +1,52 @@
+"""Running `qwamos volume serve` as a subprocess for tests, and waiting until it answers NBD."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qwamos.nbd.client import NBDClient, NBDClientError
+
+SERVE = [sys.executable, "-m", "qwamos.cli.serve_cmd"]
+
+
+def wait_answers(sock: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {proc.stderr.read().decode()}")
+        with contextlib.suppress(OSError, NBDClientError):
+            NBDClient.connect_unix(str(sock), timeout=2).disconnect()
+            return
+        time.sleep(0.05)
+    raise AssertionError("server did not answer")
+
+
+@contextlib.contextmanager
+def serving(vol: Path, ks: Path, sock: Path, *extra: str):
+    proc = subprocess.Popen(
+        [*SERVE, str(vol), "--socket", str(sock), "--keystore", str(ks), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_answers(sock, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def uri(sock: Path) -> str:
+    return f"nbd+unix:///?socket={sock}"
