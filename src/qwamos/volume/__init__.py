@@ -4,7 +4,8 @@
 header without trusting it.
 """
 
+from qwamos.volume.header_store import UnverifiedHeader, read_header
 from qwamos.volume.keys import KeyProvider
-from qwamos.volume.volume import PQCVolume, UnverifiedHeader, read_header
+from qwamos.volume.volume import PQCVolume
 
 __all__ = ["KeyProvider", "PQCVolume", "UnverifiedHeader", "read_header"]
