@@ -386,22 +386,24 @@ class NBDConnection(asyncio.BufferedProtocol):
 # --- listening ------------------------------------------------------------------------------------------------
 
 
-def _unix_listener(path: Path, mode: int) -> socket.socket:
-    """Bind a UNIX socket created with ``mode`` from the start (umask), replacing only a stale socket file."""
+def _unix_listener(path: Path, mode: int) -> tuple[socket.socket, tuple[int, int]]:
+    """Bind a UNIX socket created with ``mode`` from the start (umask), replacing only a stale socket file.
+
+    Returns the listening socket and the ``(st_dev, st_ino)`` of the socket file it created: only the server
+    that created a socket file ever removes it (:meth:`ExportServer._close_socks`), so a server refused
+    because another one listens, or one stopping after its file was replaced, never unlinks someone else's.
+    """
     path = Path(path)
     if path.exists() or path.is_symlink():
         st = path.lstat()
         if not stat.S_ISSOCK(st.st_mode):
             raise ExportError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(os.fspath(path))
-        except OSError:
-            path.unlink()  # stale: nobody listens
-        else:
+        if not _stale_socket(path):
             raise ExportError(f"{path}: another server is already listening on this socket")
-        finally:
-            probe.close()
+        # Remove it only if it is still the file we found dead (another server may have replaced it since).
+        with contextlib.suppress(FileNotFoundError):
+            if _file_id(path.lstat()) == _file_id(st):
+                path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o777 & ~mode)
     try:
@@ -411,10 +413,35 @@ def _unix_listener(path: Path, mode: int) -> socket.socket:
         raise ExportError(f"cannot bind {path}: {e.strerror or e}") from None
     finally:
         os.umask(old)
-    os.chmod(path, mode)
-    sock.listen(64)
+    try:
+        ident = _file_id(path.lstat())
+        os.chmod(path, mode)
+        sock.listen(64)
+    except OSError as e:
+        sock.close()
+        raise ExportError(f"cannot listen on {path}: {e.strerror or e}") from None
     sock.setblocking(False)
-    return sock
+    return sock, ident
+
+
+def _file_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _stale_socket(path: Path) -> bool:
+    """True only when connecting is refused (nobody listens).  Any other outcome — accepted, a full backlog,
+    a timeout, no permission — means a server may be there, and its socket must be left alone."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(5)
+    try:
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
 
 
 def _tcp_listener(host: str, port: int) -> socket.socket:
@@ -476,6 +503,7 @@ class ExportServer:
         self.socket_mode = socket_mode
         self.max_connections = max_connections
         self._socks: list[socket.socket] = []
+        self._unix_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file this server made
         self._servers: list[asyncio.base_events.Server] = []
         self._shared: _Shared | None = None
         self.tcp_address: tuple[str, int] | None = None
@@ -486,7 +514,8 @@ class ExportServer:
             return
         try:
             if self.unix_path is not None:
-                self._socks.append(_unix_listener(self.unix_path, self.socket_mode))
+                sock, self._unix_id = _unix_listener(self.unix_path, self.socket_mode)
+                self._socks.append(sock)
             if self.tcp is not None:
                 s = _tcp_listener(*self.tcp)
                 self._socks.append(s)
@@ -496,12 +525,16 @@ class ExportServer:
             raise
 
     def _close_socks(self) -> None:
+        """Close the listening sockets and remove the socket file, but only the one this server created: a
+        server refused because the path is in use, or whose file was replaced meanwhile, touches nothing."""
         for s in self._socks:
             s.close()
         self._socks.clear()
-        if self.unix_path is not None:
+        ident, self._unix_id = self._unix_id, None
+        if self.unix_path is not None and ident is not None:
             with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(self.unix_path.lstat().st_mode):
+                st = self.unix_path.lstat()
+                if stat.S_ISSOCK(st.st_mode) and _file_id(st) == ident:
                     self.unix_path.unlink()
 
     @property
