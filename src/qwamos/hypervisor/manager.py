@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from qwamos.crypto import resolve_algorithm
 from qwamos.errors import ConfigError, ExportError, QemuError, VMError, VMNotFoundError, VMStateError
 from qwamos.hypervisor import config as configmod
 from qwamos.hypervisor import info as infomod
-from qwamos.hypervisor import kvm, layout
+from qwamos.hypervisor import kvm, layout, tools
 from qwamos.hypervisor.config import VMConfig
 from qwamos.hypervisor.process import RunDir, live_process, stop_export, stop_qemu, wait_until
 from qwamos.hypervisor.qemu import Disk, build_command, find_binary, guest_arch
@@ -345,14 +344,13 @@ class VMManager:
     def _image_format(self, image: Path, cfg: VMConfig) -> str:
         if not image.exists() or image.suffix == ".qcow2":
             return "qcow2"
-        out = subprocess.run(
+        out = tools.run(
             ["qemu-img", "info", "--output=json", "--force-share", str(image)],
-            capture_output=True,
-            text=True,
-            check=False,
+            error=lambda m: ConfigError(m, path=str(cfg.path)),
         )
         if out.returncode != 0:
-            raise ConfigError(f"cannot read disk image {image}: {out.stderr.strip()}", path=str(cfg.path))
+            detail = out.stderr.decode(errors="replace").strip()
+            raise ConfigError(f"cannot read disk image {image}: {detail}", path=str(cfg.path))
         fmt = json.loads(out.stdout).get("format")
         if fmt not in ("qcow2", "raw"):
             raise ConfigError(
@@ -363,19 +361,14 @@ class VMManager:
     def _create_qcow2(self, image: Path, cfg: VMConfig) -> None:
         if not image.parent.is_dir():
             raise ConfigError(f"directory {image.parent} for the disk does not exist", path=str(cfg.path))
-        qemu_img = shutil.which("qemu-img")
-        if qemu_img is None:
-            raise ConfigError("qemu-img is not installed (needed to create the qcow2 disk)", path=str(cfg.path))
-        out = subprocess.run(
-            [qemu_img, "create", "-q", "-f", "qcow2", str(image), str(cfg.disk_size_bytes)],
-            capture_output=True,
-            text=True,
-            check=False,
+        out = tools.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(cfg.disk_size_bytes)],
+            error=lambda m: ConfigError(f"{m} (needed to create the qcow2 disk)", path=str(cfg.path)),
         )
         if out.returncode != 0:
             with contextlib.suppress(FileNotFoundError):
                 image.unlink()
-            raise QemuError(f"qemu-img create {image}: {out.stderr.strip()}")
+            raise QemuError(f"qemu-img create {image}: {out.stderr.decode(errors='replace').strip()}")
 
     def _launch(self, run: RunDir, argv: list[str], export_argv: list[str] | None) -> None:
         """Start the supervisor and wait for its one-line verdict on the status pipe."""

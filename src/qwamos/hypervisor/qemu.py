@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from qwamos.errors import ConfigError
+from qwamos.hypervisor import tools
 from qwamos.hypervisor.process import RunDir
 
 MACHINES = {
@@ -36,8 +37,6 @@ MACHINES = {
 }
 NETWORK_MODES = ("nat", "none")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-# Environment variables never passed to QEMU: it needs no secret, so none may leak into /proc/<pid>/environ.
-_SECRET_ENV = re.compile(r"PASSPHRASE|PASSWORD|SECRET|TOKEN|CREDENTIAL|(^|_)KEY($|_)", re.IGNORECASE)
 
 
 class QemuConfig(Protocol):
@@ -227,6 +226,6 @@ def build_command(
 
 
 def qemu_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment QEMU runs with: the caller's, minus anything that looks like a secret."""
-    env = dict(os.environ if environ is None else environ)
-    return {k: v for k, v in env.items() if not (k.startswith("QWAMOS_") or _SECRET_ENV.search(k))}
+    """The environment QEMU runs with: the allow-list every child program gets (:mod:`qwamos.hypervisor.tools`),
+    so that no secret can leak into /proc/<pid>/environ."""
+    return tools.environment(environ)

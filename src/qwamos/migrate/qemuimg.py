@@ -1,23 +1,20 @@
 """The ``qemu-img`` calls migration makes: ``info`` (what is the source, how big is it?) and ``create`` (an
-empty qcow2 to decrypt into).  Argument lists only, never a shell string, a minimal environment, and absolute
-paths (so that no file name is ever taken for a QEMU protocol prefix such as ``nbd:``).
+empty qcow2 to decrypt into), through :mod:`qwamos.hypervisor.tools` (argument lists, the allow-listed
+environment), with absolute paths (so that no file name is ever taken for a QEMU protocol prefix such as ``nbd:``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 from dataclasses import dataclass
 from typing import Any
 
 from qwamos.errors import MigrationError
-from qwamos.migrate.stream import clean_env
+from qwamos.hypervisor import tools
 
-QEMU_IMG = os.environ.get("QWAMOS_QEMU_IMG", "qemu-img")
 # Formats that cannot be read without a secret on the command line, which we never pass.
 _SECRET_FORMATS = {"luks"}
-_NOT_INSTALLED = f"{QEMU_IMG} is not installed (Debian: apt-get install qemu-utils)"
 
 
 @dataclass(frozen=True)
@@ -41,9 +38,8 @@ class ImageInfo:
         }
 
 
-def _stderr_text(raw: bytes) -> str:
-    text = raw.decode("utf-8", "replace").strip()
-    return text.replace("qemu-img: ", "")[-600:] or "no message"
+def _error(msg: str) -> MigrationError:
+    return MigrationError(msg=msg)
 
 
 def info(path: str | os.PathLike[str], *, fmt: str | None = None) -> ImageInfo:
@@ -52,18 +48,13 @@ def info(path: str | os.PathLike[str], *, fmt: str | None = None) -> ImageInfo:
     A running QEMU holds a write lock on its disk, so this also fails (clearly) on a disk in use.
     """
     p = os.fspath(path)
-    cmd = [QEMU_IMG, "info", "--output=json"]
+    cmd = ["qemu-img", "info", "--output=json"]
     if fmt:
         cmd += ["-f", fmt]
     cmd.append(os.path.abspath(p))
-    try:
-        res = subprocess.run(cmd, capture_output=True, timeout=120, check=False, env=clean_env())
-    except FileNotFoundError:
-        raise MigrationError(msg=_NOT_INSTALLED) from None
-    except subprocess.TimeoutExpired:
-        raise MigrationError(msg=f"qemu-img info {p} did not answer within 120 s") from None
+    res = tools.run(cmd, timeout=120, error=_error)
     if res.returncode != 0:
-        raise MigrationError(msg=f"cannot read the source disk {p}: {_stderr_text(res.stderr)}")
+        raise MigrationError(msg=f"cannot read the source disk {p}: {tools.stderr_text(res.stderr)}")
     try:
         doc = json.loads(res.stdout)
         virtual = int(doc["virtual-size"])
@@ -87,12 +78,6 @@ def info(path: str | os.PathLike[str], *, fmt: str | None = None) -> ImageInfo:
 def create_qcow2(path: str | os.PathLike[str], size: int) -> None:
     """An empty qcow2 of exactly ``size`` bytes (a multiple of 512, as qcow2 requires)."""
     p = os.fspath(path)
-    res = subprocess.run(
-        [QEMU_IMG, "create", "-q", "-f", "qcow2", os.path.abspath(p), str(size)],
-        capture_output=True,
-        timeout=120,
-        check=False,
-        env=clean_env(),
-    )
+    res = tools.run(["qemu-img", "create", "-q", "-f", "qcow2", os.path.abspath(p), str(size)], error=_error)
     if res.returncode != 0:
-        raise MigrationError(msg=f"cannot create {p}: {_stderr_text(res.stderr)}")
+        raise MigrationError(msg=f"cannot create {p}: {tools.stderr_text(res.stderr)}")

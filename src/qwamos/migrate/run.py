@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any
 
 from qwamos.errors import MigrationError, QwamosError
 from qwamos.fsutil import fsync_dir
+from qwamos.hypervisor import tools
 from qwamos.migrate import copy, qemuimg
 from qwamos.migrate.journal import Journal
 from qwamos.migrate.plan import (
@@ -323,19 +323,11 @@ def make_backup(source: Path, backup: Path) -> None:
     except FileExistsError:
         raise MigrationError(msg=f"{backup} already exists") from None
     except OSError:
-        res = subprocess.run(
-            [
-                "cp",
-                "--reflink=auto",
-                "--sparse=always",
-                "--preserve=mode,timestamps",
-                "--no-clobber",
-                "--",
-                str(source),
-                str(backup),
-            ],
-            capture_output=True,
-            check=False,
+        cp = ["cp", "--reflink=auto", "--sparse=always", "--preserve=mode,timestamps", "--no-clobber", "--"]
+        res = tools.run(
+            [*cp, str(source), str(backup)],
+            timeout=None,
+            error=lambda m: MigrationError(msg=m),
         )
         if res.returncode != 0:
             raise MigrationError(

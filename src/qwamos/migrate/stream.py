@@ -6,8 +6,9 @@ pipe's kernel buffer and in our process's memory — never in a file — and the
 locking, so a disk that a running VM holds cannot be opened.
 
 ``nbdcopy`` starts ``qemu-nbd`` itself (its ``[ CMD ... ]`` form, socket activation on a private socket) and
-ends it when the copy ends, so one child process is all there is to track or kill.  Both get a minimal
-environment: nothing of ours, secrets included, reaches them.
+ends it when the copy ends, so one child process is all there is to track or kill.  Both run through
+:mod:`qwamos.hypervisor.tools` with its allow-listed environment: nothing of ours, secrets included, reaches
+them.
 """
 
 from __future__ import annotations
@@ -19,16 +20,9 @@ import subprocess
 import threading
 
 from qwamos.errors import MigrationError
+from qwamos.hypervisor import tools
 
-NBDCOPY = os.environ.get("QWAMOS_NBDCOPY", "nbdcopy")
-QEMU_NBD = os.environ.get("QWAMOS_QEMU_NBD", "qemu-nbd")
 PIPE_SIZE = 1 << 20
-
-
-def clean_env() -> dict[str, str]:
-    """A minimal environment for QEMU tools (PATH, locale, TMPDIR, HOME): none of our variables."""
-    keep = ("PATH", "LANG", "LC_ALL", "TMPDIR", "HOME")
-    return {k: os.environ[k] for k in keep if k in os.environ}
 
 
 class ImageStream:
@@ -48,13 +42,14 @@ class ImageStream:
 
     @classmethod
     def reader(cls, path: str, fmt: str) -> ImageStream:
-        server = [QEMU_NBD, "--read-only", "--format", fmt, "--cache=writeback", os.path.abspath(path)]
-        return cls([NBDCOPY, "--", "[", *server, "]", "-"], writing=False, what=f"reading {path}")
+        qemu_nbd = tools.tool_path("qemu-nbd")
+        server = [qemu_nbd, "--read-only", "--format", fmt, "--cache=writeback", os.path.abspath(path)]
+        return cls(["nbdcopy", "--", "[", *server, "]", "-"], writing=False, what=f"reading {path}")
 
     @classmethod
     def writer(cls, path: str, fmt: str) -> ImageStream:
         server = [
-            QEMU_NBD,
+            tools.tool_path("qemu-nbd"),
             "--format",
             fmt,
             "--cache=writeback",
@@ -62,23 +57,18 @@ class ImageStream:
             "--detect-zeroes=unmap",
             os.path.abspath(path),
         ]
-        argv = [NBDCOPY, "--destination-is-zero", "--flush", "--", "-", "[", *server, "]"]
+        argv = ["nbdcopy", "--destination-is-zero", "--flush", "--", "-", "[", *server, "]"]
         return cls(argv, writing=True, what=f"writing {path}")
 
     def __enter__(self) -> ImageStream:
-        try:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.PIPE if self.writing else subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL if self.writing else subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=clean_env(),
-                bufsize=0,
-            )
-        except FileNotFoundError:
-            raise MigrationError(
-                msg=f"{self.argv[0]} is not installed (Debian: apt-get install libnbd-bin qemu-utils)"
-            ) from None
+        self.proc = tools.popen(
+            self.argv,
+            stdin=subprocess.PIPE if self.writing else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL if self.writing else subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+            error=lambda m: MigrationError(msg=m),
+        )
         pipe = self.proc.stdin if self.writing else self.proc.stdout
         with contextlib.suppress(OSError, AttributeError):
             fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
