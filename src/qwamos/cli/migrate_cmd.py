@@ -14,13 +14,13 @@ from typing import Any
 
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
 from qwamos.cli.output import Progress, emit_json
+from qwamos.hypervisor.vocab import ALGORITHM_LABELS, ALGORITHMS, DEFAULT_ALGORITHM
 from qwamos.migrate import TO_QCOW2, TO_QVOL, make_plan, migrate
 from qwamos.migrate.journal import Journal
 from qwamos.migrate.plan import journal_path_for
 
 RULE = "=" * 70
 MIB = 1024 * 1024
-_ALGORITHM_NAMES = {"chacha20-poly1305": "ChaCha20-Poly1305", "aes-256-gcm": "AES-256-GCM"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,9 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--algorithm",
         default=None,
-        choices=["auto", "chacha20-poly1305", "aes-256-gcm"],
+        choices=ALGORITHMS,
         help="cipher of the new volume (default: the config's storage.encryption.algorithm, "
-        "else chacha20-poly1305)",
+        f"else {DEFAULT_ALGORITHM})",
     )
     add_keystore_args(p)
     p.set_defaults(func=cmd_migrate)
@@ -95,7 +95,7 @@ def _size_text(n: int) -> str:
 
 
 def _alg_text(alg: str | None) -> str:
-    return _ALGORITHM_NAMES.get(alg or "", alg or "?")
+    return ALGORITHM_LABELS.get(alg or "", alg or "?")
 
 
 class _JsonView:

@@ -17,6 +17,7 @@ from qwamos.cli.output import emit_json, message, warn
 from qwamos.errors import VMStateError
 from qwamos.hypervisor.manager import DEFAULT_STOP_TIMEOUT, VMManager
 from qwamos.hypervisor.process import connect_unix, live_process
+from qwamos.hypervisor.vocab import ACCELS, ARCHES, DEFAULT_MACHINE_FOR_ARCH, MACHINES, NETWORK_MODES
 
 DETACH = b"\x1d"  # Ctrl-]
 
@@ -62,8 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add("console", "attach to the serial console (detach with Ctrl-])", cmd_console)
 
     sp = add("create", "write a new VM config", cmd_create)
-    sp.add_argument("--machine", default=None, choices=["virt", "q35", "pc"], help="machine type")
-    sp.add_argument("--arch", default=None, choices=["aarch64", "x86_64"], help="virt for aarch64, q35 for x86_64")
+    sp.add_argument("--machine", default=None, choices=list(MACHINES), help="machine type (must fit --arch)")
+    sp.add_argument(
+        "--arch",
+        default=None,
+        choices=ARCHES,
+        help=", ".join(f"{m} for {a}" for a, m in DEFAULT_MACHINE_FOR_ARCH.items()) + " unless --machine says",
+    )
     sp.add_argument("--cpu", default=None, dest="cpu_model", help="CPU model (e.g. cortex-a76)")
     sp.add_argument("--cpus", type=int, default=1, dest="cpu_cores")
     sp.add_argument("--memory", type=int, default=512, dest="memory_mb", help="MB")
@@ -72,8 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--kernel", default=None)
     sp.add_argument("--initrd", default=None)
     sp.add_argument("--cmdline", default=None)
-    sp.add_argument("--accel", default="kvm", choices=["kvm", "tcg"])
-    sp.add_argument("--network", default="nat", dest="network_mode", choices=["nat", "none"])
+    sp.add_argument("--accel", default="kvm", choices=ACCELS)
+    sp.add_argument("--network", default="nat", dest="network_mode", choices=NETWORK_MODES)
     sp.add_argument("--mac", default=None)
     sp.add_argument("--encrypted", action="store_true", help="storage.encryption.enabled: true")
 

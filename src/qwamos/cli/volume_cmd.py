@@ -13,6 +13,7 @@ from typing import Any
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
 from qwamos.cli.output import Progress, emit_json, message
 from qwamos.hypervisor.sizes import format_size, parse_size
+from qwamos.hypervisor.vocab import ALGORITHMS, DEFAULT_ALGORITHM
 from qwamos.volume import PQCVolume, read_header
 
 
@@ -27,9 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--vm", default="", dest="vm_name", help="VM name recorded in the header and key id")
     c.add_argument(
         "--algorithm",
-        default="chacha20-poly1305",
-        choices=["auto", "chacha20-poly1305", "aes-256-gcm"],
-        help="block cipher (default chacha20-poly1305; auto = AES-256-GCM where the CPU has AES)",
+        default=DEFAULT_ALGORITHM,
+        choices=ALGORITHMS,
+        help=f"block cipher (default {DEFAULT_ALGORITHM}; auto = AES-256-GCM where the CPU has AES)",
     )
     c.add_argument("--force", action="store_true", help="replace an existing file")
     c.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -33,18 +33,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwamos.hypervisor.config import DEFAULT_ALGORITHM, DEFAULT_KEM, VMConfig
+from qwamos.hypervisor.config import VMConfig
+from qwamos.hypervisor.vocab import ALGORITHM_LABELS, DEFAULT_KEM, algorithm_label
+
+__all__ = ["ALGORITHM_LABELS", "NO_KEY_YET", "RULE", "accel_label", "algorithm_label", "info_dict", "render_info"]
 
 RULE = "=" * 60
-ALGORITHM_LABELS = {"chacha20-poly1305": "ChaCha20-Poly1305", "aes-256-gcm": "AES-256-GCM"}
 NO_KEY_YET = "(created on first start)"
-
-
-def algorithm_label(name: str | None) -> str:
-    """The display name of a block cipher (``chacha20-poly1305`` -> ``ChaCha20-Poly1305``); unset means the
-    default the manager uses for a new volume; unknown names (``auto``) are shown as written."""
-    key = (name or DEFAULT_ALGORITHM).lower()
-    return ALGORITHM_LABELS.get(key, key)
 
 
 def accel_label(requested: str, used: str, reason: str = "") -> str:

@@ -41,6 +41,7 @@ from qwamos.hypervisor.config import VMConfig
 from qwamos.hypervisor.process import RunDir, live_process, stop_export, stop_qemu, wait_until
 from qwamos.hypervisor.qemu import Disk, build_command, find_binary, guest_arch
 from qwamos.hypervisor.supervisor import STOP_REQUEST
+from qwamos.hypervisor.vocab import ACCELS, DEFAULT_ALGORITHM
 
 STATES = ("running", "stopped", "starting", "crashed")
 START_TIMEOUT = 60.0
@@ -156,8 +157,11 @@ class VMManager:
         requested = (cfg.accel or "tcg").lower()
         if requested == "tcg":
             return Accel("tcg", "tcg", "configured")
-        if requested != "kvm":
-            raise ConfigError(f"machine.accel {cfg.accel!r} is not supported (use kvm or tcg)", path=str(cfg.path))
+        if requested not in ACCELS:
+            raise ConfigError(
+                f"machine.accel {cfg.accel!r} is not supported (use one of: {', '.join(ACCELS)})",
+                path=str(cfg.path),
+            )
         probe = kvm.probe(guest_arch(cfg))
         return Accel("kvm", "kvm" if probe.usable else "tcg", probe.reason)
 
@@ -308,7 +312,7 @@ class VMManager:
                 from qwamos.volume import PQCVolume
 
                 # "auto" is resolved now, so that the config records the cipher actually in use.
-                alg = resolve_algorithm(cfg.encryption_algorithm or "chacha20-poly1305")
+                alg = resolve_algorithm(cfg.encryption_algorithm or DEFAULT_ALGORITHM)
                 key_id = PQCVolume(new_volume, keystore=keystore).create(
                     new_volume.stem, cfg.name, size_bytes=cfg.disk_size_bytes, algorithm=alg
                 )

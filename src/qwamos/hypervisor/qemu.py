@@ -29,14 +29,14 @@ from typing import Literal, Protocol
 from qwamos.errors import ConfigError
 from qwamos.hypervisor import tools
 from qwamos.hypervisor.process import RunDir
-
-MACHINES = {
-    "virt": ("aarch64", "qemu-system-aarch64", "ttyAMA0"),
-    "q35": ("x86_64", "qemu-system-x86_64", "ttyS0"),
-    "pc": ("x86_64", "qemu-system-x86_64", "ttyS0"),
-}
-NETWORK_MODES = ("nat", "none")
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+from qwamos.hypervisor.vocab import (
+    DEFAULT_NETWORK_DEVICE,
+    MAC_EXAMPLE,
+    MAC_PATTERN,
+    MACHINES,
+    NETWORK_MODES,
+    Machine,
+)
 
 
 class QemuConfig(Protocol):
@@ -84,8 +84,8 @@ def _where(cfg: QemuConfig) -> str:
     return str(getattr(cfg, "path", None) or f"VM {cfg.name!r}")
 
 
-def machine_info(cfg: QemuConfig) -> tuple[str, str, str]:
-    """(guest arch, QEMU binary, serial console device name) for the config's machine type."""
+def machine_of(cfg: QemuConfig) -> Machine:
+    """The vocabulary's entry for the config's machine type, or a ConfigError naming the supported ones."""
     try:
         return MACHINES[cfg.machine_type]
     except KeyError:
@@ -95,13 +95,19 @@ def machine_info(cfg: QemuConfig) -> tuple[str, str, str]:
         ) from None
 
 
+def machine_info(cfg: QemuConfig) -> tuple[str, str, str]:
+    """(guest arch, QEMU binary, serial console device name) for the config's machine type."""
+    m = machine_of(cfg)
+    return m.arch, m.binary, m.console
+
+
 def guest_arch(cfg: QemuConfig) -> str:
-    return machine_info(cfg)[0]
+    return machine_of(cfg).arch
 
 
 def find_binary(cfg: QemuConfig) -> str:
     """The absolute path of the QEMU system emulator for the config's machine, or a ConfigError."""
-    binary = machine_info(cfg)[1]
+    binary = machine_of(cfg).binary
     found = shutil.which(binary)
     if not found:
         raise ConfigError(
@@ -123,7 +129,7 @@ def _opt(cfg: QemuConfig, value: object, what: str) -> str:
 
 
 def console_device(cfg: QemuConfig) -> str:
-    return machine_info(cfg)[2]
+    return machine_of(cfg).console
 
 
 def kernel_append(cfg: QemuConfig) -> str:
@@ -141,46 +147,68 @@ def build_command(
     disk: Disk | None,
     binary: str | None = None,
 ) -> list[str]:
-    """The full argv for QEMU (``argv[0]`` = ``binary`` or the machine's emulator name)."""
-    arch, default_binary, _console = machine_info(cfg)
-    argv = [binary or default_binary]
-    name = _opt(cfg, cfg.name, "VM name")
-    argv += [
-        "-name",
-        f"guest={name}",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-msg",
-        "timestamp=on",
+    """The full argv for QEMU (``argv[0]`` = ``binary`` or the machine's emulator name), piece by piece."""
+    machine = machine_of(cfg)
+    return [
+        binary or machine.binary,
+        *base_args(cfg),
+        *machine_args(cfg, machine, accel),
+        *cpu_args(cfg, machine, accel),
+        *memory_args(cfg),
+        *boot_args(cfg),
+        *console_and_monitor_args(),
+        *disk_args(cfg, disk),
+        *network_args(cfg),
     ]
 
-    machine = cfg.machine_type
-    if machine == "virt":
-        gic = cfg.gic_version if cfg.gic_version not in (None, "") else 3
-        machine += f",gic-version={_opt(cfg, gic, 'machine.gic_version')}"
-    argv += ["-machine", machine, "-accel", accel]
 
+def base_args(cfg: QemuConfig) -> list[str]:
+    """Name the guest; no default devices, no host config files, no display."""
+    name = _opt(cfg, cfg.name, "VM name")
+    return ["-name", f"guest={name}", "-nodefaults", "-no-user-config", "-display", "none", "-msg", "timestamp=on"]
+
+
+def machine_args(cfg: QemuConfig, machine: Machine, accel: str) -> list[str]:
+    """``-machine`` (with the GIC version on ``virt``) and ``-accel``."""
+    spec = machine.name
+    if machine.name == "virt":
+        gic = cfg.gic_version if cfg.gic_version not in (None, "") else 3
+        spec += f",gic-version={_opt(cfg, gic, 'machine.gic_version')}"
+    return ["-machine", spec, "-accel", accel]
+
+
+def cpu_args(cfg: QemuConfig, machine: Machine, accel: str) -> list[str]:
+    """``-cpu``: the host's under KVM, else the configured model, else the machine's default where QEMU's own
+    would not boot the guest (virt's is a 32-bit Cortex-A15)."""
     if accel == "kvm":
-        argv += ["-cpu", "host"]
-    elif cfg.cpu_model:
-        argv += ["-cpu", _opt(cfg, cfg.cpu_model, "hardware.cpu.model")]
-    elif arch == "aarch64":
-        argv += ["-cpu", "max"]  # the virt machine's default CPU is a 32-bit Cortex-A15
+        return ["-cpu", "host"]
+    if cfg.cpu_model:
+        return ["-cpu", _opt(cfg, cfg.cpu_model, "hardware.cpu.model")]
+    if not machine.qemu_default_cpu_boots:
+        return ["-cpu", machine.default_cpu]
+    return []
+
+
+def memory_args(cfg: QemuConfig) -> list[str]:
+    """``-smp`` and ``-m``."""
     if int(cfg.cpu_cores) < 1 or int(cfg.memory_mb) < 16:
         raise ConfigError("hardware.cpu.cores must be >= 1 and hardware.memory.size >= 16 (MB)", path=_where(cfg))
-    argv += ["-smp", str(int(cfg.cpu_cores)), "-m", f"{int(cfg.memory_mb)}M"]
+    return ["-smp", str(int(cfg.cpu_cores)), "-m", f"{int(cfg.memory_mb)}M"]
 
+
+def boot_args(cfg: QemuConfig) -> list[str]:
+    """``-kernel``, ``-initrd`` (absolute: QEMU runs in the run directory) and ``-append``."""
     if not cfg.kernel:
         raise ConfigError("boot.kernel is not set; a kernel image is needed to boot", path=_where(cfg))
-    # Absolute: QEMU runs in the run directory, so a relative path would point somewhere else.
-    argv += ["-kernel", os.path.abspath(os.path.expanduser(os.fspath(cfg.kernel)))]
+    argv = ["-kernel", os.path.abspath(os.path.expanduser(os.fspath(cfg.kernel)))]
     if cfg.initrd:
         argv += ["-initrd", os.path.abspath(os.path.expanduser(os.fspath(cfg.initrd)))]
-    argv += ["-append", kernel_append(cfg)]
+    return [*argv, "-append", kernel_append(cfg)]
 
-    argv += [
+
+def console_and_monitor_args() -> list[str]:
+    """The serial console on a socket (logged to ``serial.log``) and the QMP monitor on another."""
+    return [
         "-chardev",
         f"socket,id=console0,path={RunDir.CONSOLE},server=on,wait=off,logfile={RunDir.SERIAL_LOG},logappend=on",
         "-serial",
@@ -191,38 +219,42 @@ def build_command(
         "chardev=qmp0,mode=control",
     ]
 
-    if disk is not None:
-        path = _opt(cfg, disk.path, "disk path")
-        if disk.kind == "nbd":
-            argv += ["-blockdev", f"driver=nbd,node-name=disk0,server.type=unix,server.path={path}"]
-        elif disk.kind in ("qcow2", "raw"):
-            argv += [
-                "-blockdev",
-                f"driver=file,node-name=file0,filename={path}",
-                "-blockdev",
-                f"driver={disk.kind},node-name=disk0,file=file0",
-            ]
-        else:
-            raise ConfigError(f"unknown disk kind {disk.kind!r}", path=_where(cfg))
-        argv += ["-device", "virtio-blk-pci,drive=disk0,id=vda"]
 
+def disk_args(cfg: QemuConfig, disk: Disk | None) -> list[str]:
+    """The primary disk: a blockdev (NBD socket, or file + explicit format) under a virtio-blk device."""
+    if disk is None:
+        return []
+    path = _opt(cfg, disk.path, "disk path")
+    if disk.kind == "nbd":
+        argv = ["-blockdev", f"driver=nbd,node-name=disk0,server.type=unix,server.path={path}"]
+    elif disk.kind in ("qcow2", "raw"):
+        argv = [
+            "-blockdev",
+            f"driver=file,node-name=file0,filename={path}",
+            "-blockdev",
+            f"driver={disk.kind},node-name=disk0,file=file0",
+        ]
+    else:
+        raise ConfigError(f"unknown disk kind {disk.kind!r}", path=_where(cfg))
+    return [*argv, "-device", "virtio-blk-pci,drive=disk0,id=vda"]
+
+
+def network_args(cfg: QemuConfig) -> list[str]:
+    """User-mode networking with the configured NIC and MAC (``nat``), or nothing (``none``)."""
     mode = cfg.network_mode or "none"
-    if mode == "nat":
-        device = _opt(cfg, cfg.network_device or "virtio-net-pci", "network.device")
-        nic = f"{device},netdev=net0"
-        if cfg.mac:
-            mac = _opt(cfg, cfg.mac, "network.mac")
-            if not _MAC.match(mac):
-                raise ConfigError(
-                    f"network.mac {mac!r} is not a MAC address like 52:54:00:12:34:56", path=_where(cfg)
-                )
-            nic += f",mac={mac}"
-        argv += ["-netdev", "user,id=net0", "-device", nic]
-    elif mode != "none":
+    if mode == "none":
+        return []
+    if mode != "nat":
         raise ConfigError(
             f"network.mode {mode!r} is not supported (use one of: {', '.join(NETWORK_MODES)})", path=_where(cfg)
         )
-    return argv
+    nic = f"{_opt(cfg, cfg.network_device or DEFAULT_NETWORK_DEVICE, 'network.device')},netdev=net0"
+    if cfg.mac:
+        mac = _opt(cfg, cfg.mac, "network.mac")
+        if not MAC_PATTERN.fullmatch(mac):
+            raise ConfigError(f"network.mac {mac!r} is not a MAC address like {MAC_EXAMPLE}", path=_where(cfg))
+        nic += f",mac={mac}"
+    return ["-netdev", "user,id=net0", "-device", nic]
 
 
 def qemu_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -36,6 +36,7 @@ from typing import Any
 from qwamos.errors import MigrationError, QwamosError
 from qwamos.fsutil import fsync_dir
 from qwamos.hypervisor import tools
+from qwamos.hypervisor.vocab import DEFAULT_ALGORITHM
 from qwamos.migrate import copy, qemuimg
 from qwamos.migrate.journal import Journal
 from qwamos.migrate.plan import (
@@ -53,7 +54,6 @@ from qwamos.volume import PQCVolume, read_header
 from qwamos.volume.header import BLOCK_SIZE
 
 Report = Callable[[dict[str, Any]], None]
-DEFAULT_ALGORITHM = "chacha20-poly1305"
 
 
 @dataclass
