@@ -241,10 +241,10 @@ def _attach(mgr: VMManager, name: str, *, detach_ok: bool) -> str:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    machine = args.machine or ("virt" if (args.arch or "aarch64") == "aarch64" else "q35")
     path = _manager(args).create(
         args.vm,
-        machine_type=machine,
+        machine_type=args.machine,
+        arch=args.arch,
         cpu_model=args.cpu_model,
         cpu_cores=args.cpu_cores,
         memory_mb=args.memory_mb,
