@@ -73,8 +73,9 @@ def test_refusals_have_their_exit_codes(env, capsys):
     (env / "short").write_bytes(b"QWAMOS")
     assert main(["volume", "info", str(env / "short")]) == 13  # truncated
     with vol.open("r+b") as f:
-        f.seek(40)
-        f.write(b"!")
+        for copy in (0, vol.stat().st_size - 4096):  # both copies: one alone falls back to the other
+            f.seek(copy + 40)
+            f.write(b"!")
     assert main(["volume", "info", str(vol)]) == 12  # header fails authentication
     err = capsys.readouterr().err
     assert "qwamos: error:" in err and "Traceback" not in err

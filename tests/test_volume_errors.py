@@ -25,7 +25,7 @@ from qwamos.errors import (
 from qwamos.volume import PQCVolume
 from qwamos.volume import header as hdr
 from qwamos.volume.keys import header_mac_key
-from volume_helpers import MemoryKeys, file_digest, read_head, write_at
+from volume_helpers import MemoryKeys, file_digest, header_copy_offsets, read_head, write_header_copies
 
 
 @pytest.fixture
@@ -111,13 +111,13 @@ def _rewrite_json(path, mutate, key=None, uuid=None):
     if key is not None:
         from qwamos import crypto
 
-        data[4064:] = crypto.hmac_sha256(header_mac_key(key, uuid), bytes(data[:4064]))
-    write_at(path, 0, bytes(data))
+        data[4064:] = crypto.hmac_sha256(header_mac_key(key, uuid, fields["format_version"]), bytes(data[:4064]))
+    write_header_copies(path, 0, bytes(data))
 
 
 def test_unknown_format_version(vol, keys):
-    _rewrite_json(vol.path, lambda f: f.update(format_version=2))
-    with pytest.raises(UnsupportedVersionError, match="version 2"):
+    _rewrite_json(vol.path, lambda f: f.update(format_version=3))
+    with pytest.raises(UnsupportedVersionError, match="version 3"):
         PQCVolume(vol.path, keystore=keys).open()
 
 
@@ -138,18 +138,19 @@ def test_validated_fields_after_mac(vol, keys):
         _rewrite_json(vol.path, mutate, key, uuid)
         with pytest.raises(HeaderCorruptError):
             PQCVolume(vol.path, keystore=keys).open()
-        write_at(vol.path, 0, saved)
+        write_header_copies(vol.path, 0, saved)
     with PQCVolume(vol.path, keystore=keys) as v:
         assert v.read_block(0) == b"hello"
 
 
 def test_bad_json_and_length(vol, keys):
     saved = read_head(vol.path)
+    offsets = header_copy_offsets(vol.path)
     for patch_at, patch in ((32, b"\x00\x00\x10\x00"), (32, b"\x00\x00\x00\x00"), (36, b"[")):
-        write_at(vol.path, patch_at, patch)
+        write_header_copies(vol.path, patch_at, patch, offsets)
         with pytest.raises(HeaderCorruptError):
             PQCVolume(vol.path, keystore=keys).open()
-        write_at(vol.path, 0, saved)
+        write_header_copies(vol.path, 0, saved, offsets)
 
 
 def test_create_over_existing_file_is_refused(vol, keys):

@@ -14,7 +14,7 @@ from qwamos.errors import NonceLimitError
 from qwamos.volume import PQCVolume, read_header
 from qwamos.volume import header as hdr
 from qwamos.volume.keys import MAX_EPOCH, header_mac_key
-from volume_helpers import MemoryKeys, file_digest, read_slot, write_at
+from volume_helpers import MemoryKeys, file_digest, read_slot, write_header_copies
 
 
 @pytest.fixture
@@ -50,7 +50,8 @@ def _rewrite_budget(path: Path, keys: MemoryKeys, epoch: int, reserved: int) -> 
     fields = hdr.parse_unverified(str(path), data)
     header = hdr.validate(str(path), fields)
     key = keys.volume_key(header.key_id)
-    write_at(path, 0, hdr.encode(header.with_budget(epoch, reserved), header_mac_key(key, header.uuid_bytes)))
+    blob = hdr.encode(header.with_budget(epoch, reserved), header_mac_key(key, header.uuid_bytes, 2))
+    write_header_copies(path, 0, blob)
 
 
 def test_last_epoch_refuses_with_nonce_limit_error(tmp_path, keys):

@@ -45,7 +45,7 @@ def test_spec_api_usage_snippet(tmp_path, monkeypatch):
     scope: dict[str, object] = {}
     exec(compile(code, "spec-snippet", "exec"), scope)
     assert scope["recovered"] == b"Sensitive VM data"
-    assert disk.stat().st_size == 4096 + 262144 * 4128
+    assert disk.stat().st_size == 4096 + 262144 * 4128 + 4096  # copy A, slots, copy B
     key_id = scope["key_id"]
     assert isinstance(key_id, str) and key_id
 

@@ -14,7 +14,15 @@ from qwamos.errors import (
     UnsupportedVersionError,
 )
 from qwamos.volume import PQCVolume
-from volume_helpers import MemoryKeys, read_head, read_slot, slot_offset, write_at
+from volume_helpers import (
+    MemoryKeys,
+    header_copy_offsets,
+    read_head,
+    read_slot,
+    slot_offset,
+    write_at,
+    write_header_copies,
+)
 
 SECRET = b"the guest's data " * 10
 
@@ -36,12 +44,14 @@ def vol(tmp_path, keys) -> PQCVolume:
 
 
 def test_every_header_byte_flip_is_refused(vol, keys):
-    """Flip each of the 4096 header bytes in turn: no flip opens (first 32 = magic, rest = MAC/JSON/padding)."""
+    """Flip each of the 4096 header bytes in turn, in both copies: no flip opens (first 32 = magic, rest =
+    MAC/JSON/padding).  (One damaged copy alone falls back to the other: test_volume_header_copies.py.)"""
     original = read_head(vol.path)
+    offsets = header_copy_offsets(vol.path)
     json_len = int.from_bytes(original[32:36], "big")
     refused = 0
     for pos in range(4096):
-        write_at(vol.path, pos, bytes([original[pos] ^ 0x01]))
+        write_header_copies(vol.path, pos, bytes([original[pos] ^ 0x01]), offsets)
         # magic -> NotAQvol; a JSON edit may change the version or key_id first; everything else -> MAC
         with pytest.raises((HeaderCorruptError, NotAQvolError, UnsupportedVersionError, KeyNotFoundError)) as info:
             PQCVolume(vol.path, keystore=keys).open()
@@ -50,7 +60,7 @@ def test_every_header_byte_flip_is_refused(vol, keys):
         elif pos >= 36 + json_len:
             assert info.type is HeaderCorruptError
         refused += 1
-        write_at(vol.path, pos, original[pos : pos + 1])
+        write_header_copies(vol.path, pos, original[pos : pos + 1], offsets)
     assert refused == 4096
     with PQCVolume(vol.path, keystore=keys) as v:
         assert v.read_block(0) == SECRET + b"\x00"
@@ -59,10 +69,10 @@ def test_every_header_byte_flip_is_refused(vol, keys):
 def test_header_padding_and_mac_changes_fail_authentication(vol, keys):
     original = read_head(vol.path)
     for pos in (3000, 4063, 4064, 4095):
-        write_at(vol.path, pos, bytes([original[pos] ^ 0x80]))
+        write_header_copies(vol.path, pos, bytes([original[pos] ^ 0x80]))
         with pytest.raises(HeaderCorruptError, match="failed authentication"):
             PQCVolume(vol.path, keystore=keys).open()
-        write_at(vol.path, pos, original[pos : pos + 1])
+        write_header_copies(vol.path, pos, original[pos : pos + 1])
 
 
 @pytest.mark.parametrize(

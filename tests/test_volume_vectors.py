@@ -101,6 +101,7 @@ def test_header_vector(tmp_path):
         total_blocks=262144,
         size_bytes=1073741824,
         created_at="2026-01-01T00:00:00Z",
+        format_version=1,
     )
     blob = hdr.encode(h, header_mac_key(K, UUID))
     assert blob[:32] == b"QWAMOS-PQC-VOL-v1" + bytes(15)

@@ -52,6 +52,18 @@ def read_head(path: Path | str) -> bytes:
         return f.read(HEADER_SIZE)
 
 
+def header_copy_offsets(path: Path | str) -> list[int]:
+    """Where the header copies of a complete v2 file are: copy A at 0, copy B in the last 4096 bytes."""
+    return [0, os.path.getsize(path) - HEADER_SIZE]
+
+
+def write_header_copies(path: Path | str, pos: int, data: bytes, offsets: list[int] | None = None) -> None:
+    """Write ``data`` at ``pos`` inside every header copy (to damage or replace both, as one copy alone no
+    longer stops a volume from opening)."""
+    for off in offsets if offsets is not None else header_copy_offsets(path):
+        write_at(path, off + pos, data)
+
+
 def write_at(path: Path, offset: int, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:

@@ -68,7 +68,13 @@ class NotAQvolError(VolumeError):
 
 
 class UnsupportedVersionError(VolumeError):
-    """{path}: unsupported qvol format version {version!r}; this qwamos reads version {supported}."""
+    """{path}: unsupported qvol format version {version!r}; this qwamos reads format versions {supported}."""
+
+    exit_code = 11
+
+
+class UnsupportedFeatureError(UnsupportedVersionError):
+    """{path} uses format features this qwamos does not implement ({features}); writable={writable}."""
 
     exit_code = 11
 

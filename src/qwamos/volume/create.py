@@ -103,12 +103,13 @@ def guard_existing(path: str, overwrite: bool) -> int | None:
     return fd
 
 
-def write_file(tmp: str, head: bytes, file_size: int) -> None:
-    """The new file under its temporary name: full (sparse) size, the header, fsynced."""
+def write_file(tmp: str, copies: list[tuple[int, bytes]], file_size: int) -> None:
+    """The new file under its temporary name: full (sparse) size, the header copies, fsynced."""
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, file_size)
-        pwrite_all(fd, memoryview(head), 0)
+        for offset, blob in copies:
+            pwrite_all(fd, memoryview(blob), offset)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -1,12 +1,17 @@
-"""The 4096-byte ``.qvol`` header: layout, canonical encoding, authentication and field validation.
+"""The 4096-byte ``.qvol`` header copy: layout, canonical encoding, authentication and field validation.
 
-Layout (byte offsets)::
+Layout of one copy (byte offsets), the same framing in format v1 and v2::
 
-    [0:32]      magic b"QWAMOS-PQC-VOL-v1", NUL-padded to 32 bytes
+    [0:32]      magic b"QWAMOS-PQC-VOL-v1", NUL-padded to 32 bytes (the family's magic, not the version)
     [32:36]     u32 big-endian L, the JSON length (1 <= L <= 4028)
     [36:36+L]   canonical JSON (sorted keys, separators "," and ":", UTF-8, ASCII escapes)
     [36+L:4064] zero bytes
     [4064:4096] HMAC-SHA256(header_mac_key, bytes[0:4064])
+
+The framing is kept so that a qwamos that reads only v1 says "unsupported format version 2" about a v2 file
+rather than "not a qvol".  v2 adds fields (``seq``, ``data_offset``, ``header_b_offset``, ``metadata``,
+``features``) and a second copy at the end of the file; where the copies live and how they are rewritten is
+:mod:`qwamos.volume.header_store`'s business, what they mean is docs/qvol-format.md.
 
 Parsing is split in two on purpose.  :func:`parse_unverified` checks only what is needed to find the key
 (magic, length, JSON syntax, format version, ``key_id``, ``volume_uuid``); :func:`verify` checks the MAC;
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from qwamos import crypto, strictjson
@@ -28,6 +33,7 @@ from qwamos.errors import (
     InvalidArgument,
     NotAQvolError,
     TruncatedVolumeError,
+    UnsupportedFeatureError,
     UnsupportedVersionError,
 )
 from qwamos.volume.keys import MAX_EPOCH
@@ -39,16 +45,24 @@ LENGTH_OFFSET = 32
 JSON_OFFSET = 36
 MAC_OFFSET = 4064
 MAX_JSON = MAC_OFFSET - JSON_OFFSET
-FORMAT_VERSION = 1
+FORMAT_V1 = 1
+FORMAT_V2 = 2
+FORMAT_VERSION = FORMAT_V2  # what new volumes are created as
+SUPPORTED_VERSIONS = (FORMAT_V1, FORMAT_V2)
 BLOCK_SIZE = 4096
 SLOT_SIZE = 4128
+V1_DATA_OFFSET = HEADER_SIZE
 DEFAULT_EPOCH_LIMIT = 2**32
 MAX_EPOCH_LIMIT = 2**32
 # Generous, and small enough that total_blocks * SLOT_SIZE stays far inside a 64-bit file offset.
 MAX_TOTAL_BLOCKS = 2**40
 MAX_NAME_LEN = 255
+MAX_SEQ = 2**53  # exact in every JSON implementation (IEEE doubles)
+MAX_DATA_OFFSET = 2**30
+MAX_METADATA_LENGTH = 2**30
+MAX_FEATURES = 32
 
-FIELDS = frozenset(
+V1_FIELDS = frozenset(
     (
         "format_version",
         "volume_uuid",
@@ -65,13 +79,51 @@ FIELDS = frozenset(
         "epoch_limit",
     )
 )
+FIELDS = V1_FIELDS  # the v1 name, kept for callers that meant v1
+V2_FIELDS = V1_FIELDS | {"seq", "data_offset", "header_b_offset", "metadata", "features"}
+METADATA_FIELDS = frozenset(("offset", "length", "sha256"))
+
+# Feature compatibility classes (as ext4's compat / ro_compat / incompat flags): what a reader that does not
+# know a feature may do with a volume that has it.
+COMPAT = "compat"  # read and write, and keep the feature's fields unchanged on every rewrite
+RO_COMPAT = "ro_compat"  # open read-only only (writing without the feature would break it)
+INCOMPAT = "incompat"  # refuse to open (reading without the feature would give wrong data)
+COMPAT_CLASSES = (COMPAT, RO_COMPAT, INCOMPAT)
+# Features this version implements.  Names reserved for other work, with the class they are meant to have, are
+# listed in docs/qvol-format.md ("Features"); until one is implemented here a volume using it follows the
+# rules of its class like any unknown feature.
+KNOWN_FEATURES: frozenset[str] = frozenset()
+
 _UUID_RE = re.compile(r"[0-9a-f]{32}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_FEATURE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _LEN = struct.Struct(">I")
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass(frozen=True)
+class MetadataRef:
+    """Where the metadata root lies in the file and its SHA-256 (the header's MAC covers this reference,
+    so the root, and through it every metadata extent, is authenticated)."""
+
+    offset: int
+    length: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"offset": self.offset, "length": self.length, "sha256": self.sha256}
 
 
 @dataclass(frozen=True)
 class Header:
-    """The authenticated header fields.  ``epoch``/``epoch_reserved`` change as the nonce budget moves."""
+    """The authenticated header fields.  ``epoch``/``epoch_reserved`` change as the nonce budget moves.
+
+    A v1 header has ``format_version=1`` and the v2 fields at their neutral values (``seq=0``, ``data_offset``
+    4096, no second copy, no metadata, no features); :func:`encode` writes only the fields of its version.
+    """
 
     volume_uuid: str
     name: str
@@ -86,21 +138,72 @@ class Header:
     epoch_limit: int = DEFAULT_EPOCH_LIMIT
     block_size: int = BLOCK_SIZE
     format_version: int = FORMAT_VERSION
+    seq: int = 1
+    data_offset: int = V1_DATA_OFFSET
+    header_b_offset: int = 0  # 0: computed by with_layout() / for_version()
+    metadata: MetadataRef | None = None
+    features: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+
+    def __post_init__(self) -> None:
+        if self.format_version == FORMAT_V2 and self.header_b_offset == 0:
+            object.__setattr__(self, "header_b_offset", self.slots_end_aligned)
 
     @property
     def uuid_bytes(self) -> bytes:
         return bytes.fromhex(self.volume_uuid)
 
     @property
+    def slots_end(self) -> int:
+        """The file offset just past the last slot."""
+        return self.data_offset + self.total_blocks * SLOT_SIZE
+
+    @property
+    def slots_end_aligned(self) -> int:
+        """Where the area after the slots starts (metadata, then copy B): the slot end rounded up to 4 KiB."""
+        return round_up(self.slots_end, HEADER_SIZE)
+
+    @property
     def file_size(self) -> int:
-        """The size a complete volume file has: header plus every slot."""
-        return HEADER_SIZE + self.total_blocks * SLOT_SIZE
+        """The size a complete volume file has: v1 header plus every slot; v2 up to the end of copy B."""
+        if self.format_version == FORMAT_V1:
+            return self.slots_end
+        return self.header_b_offset + HEADER_SIZE
+
+    @property
+    def copy_offsets(self) -> tuple[int, ...]:
+        """Where this header's copies live: (0,) for v1, (0, header_b_offset) for v2."""
+        if self.format_version == FORMAT_V1:
+            return (0,)
+        return (0, self.header_b_offset)
+
+    def intact_blocks(self, file_size: int) -> int:
+        """How many slots, from block 0, lie wholly inside a file of ``file_size`` bytes; the rest are lost."""
+        return max(0, min(self.total_blocks, (file_size - self.data_offset) // SLOT_SIZE))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON fields of this header's version (exactly those, nothing else)."""
+        out = asdict(self)
+        if self.format_version == FORMAT_V1:
+            return {k: out[k] for k in V1_FIELDS}
+        out["metadata"] = None if self.metadata is None else self.metadata.to_dict()
+        out["features"] = {k: dict(v) for k, v in self.features.items()}
+        return out
 
     def with_budget(self, epoch: int, epoch_reserved: int) -> Header:
         return replace(self, epoch=epoch, epoch_reserved=epoch_reserved)
+
+    def next_seq(self) -> Header:
+        return replace(self, seq=self.seq + 1)
+
+    def as_v2(self, seq: int = 1) -> Header:
+        """This header in format v2: same fields, slots where they are, copy B right after them."""
+        return replace(self, format_version=FORMAT_V2, seq=seq, header_b_offset=0)
+
+    def unknown_features(self, compat_class: str) -> list[str]:
+        """Features of one compatibility class that this version does not implement."""
+        return sorted(
+            name for name, v in self.features.items() if v["compat"] == compat_class and name not in KNOWN_FEATURES
+        )
 
 
 def canonical_json(fields: dict[str, Any]) -> bytes:
@@ -108,7 +211,7 @@ def canonical_json(fields: dict[str, Any]) -> bytes:
 
 
 def encode(header: Header, mac_key: bytes) -> bytes:
-    """The header's 4096 bytes, MAC included."""
+    """One header copy's 4096 bytes, MAC included (``mac_key`` of the header's version)."""
     body = canonical_json(header.to_dict())
     if len(body) > MAX_JSON:
         raise InvalidArgument(f"header metadata is {len(body)} bytes encoded, over {MAX_JSON} (names too long?)")
@@ -120,11 +223,17 @@ def encode(header: Header, mac_key: bytes) -> bytes:
     return bytes(buf)
 
 
+def looks_like_header(data: bytes) -> bool:
+    """Whether these bytes start with the magic.  A slot never does: its bytes [2:4] are a length <= 4096,
+    while the magic has b"AM" (0x414d) there."""
+    return data[:32] == MAGIC_FIELD
+
+
 def parse_unverified(path: str, data: bytes) -> dict[str, Any]:
     """Magic, length, JSON and version; return the raw (UNTRUSTED) fields.
 
-    Callers may use ``key_id`` and ``volume_uuid`` from the result to find the key, nothing else, until
-    :func:`verify` has passed.
+    Callers may use ``format_version``, ``key_id`` and ``volume_uuid`` from the result to find the key,
+    nothing else, until :func:`verify` has passed.
     """
     if len(data) < HEADER_SIZE:
         raise TruncatedVolumeError(path=path, msg=f"{len(data)} bytes, shorter than the {HEADER_SIZE}-byte header")
@@ -140,8 +249,10 @@ def parse_unverified(path: str, data: bytes) -> dict[str, Any]:
     if not isinstance(fields, dict):
         raise HeaderCorruptError(path=path, msg="metadata is not a JSON object")
     version = fields.get("format_version")
-    if version != FORMAT_VERSION or type(version) is not int:
-        raise UnsupportedVersionError(path=path, version=version, supported=FORMAT_VERSION)
+    if version not in SUPPORTED_VERSIONS or type(version) is not int:
+        raise UnsupportedVersionError(
+            path=path, version=version, supported=" and ".join(map(str, SUPPORTED_VERSIONS))
+        )
     key_id, uuid = fields.get("key_id"), fields.get("volume_uuid")
     if not isinstance(key_id, str) or not 1 <= len(key_id) <= MAX_NAME_LEN:
         raise HeaderCorruptError(path=path, msg="key_id missing or malformed")
@@ -174,11 +285,39 @@ def _str(fields: dict[str, Any], name: str, *, allow_empty: bool = False) -> str
     return v
 
 
+def _metadata(v: Any, area_start: int, area_end: int) -> MetadataRef | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict) or set(v) != METADATA_FIELDS:
+        raise ValueError(f"metadata must be null or an object with exactly {sorted(METADATA_FIELDS)}")
+    offset = _int(v, "offset", area_start, area_end)
+    length = _int(v, "length", 1, MAX_METADATA_LENGTH)
+    if offset % HEADER_SIZE or offset + length > area_end:
+        raise ValueError(f"metadata extent [{offset}, {offset + length}) outside [{area_start}, {area_end})")
+    digest = v["sha256"]
+    if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
+        raise ValueError("metadata sha256 must be 64 lowercase hex characters")
+    return MetadataRef(offset, length, digest)
+
+
+def _features(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict) or len(v) > MAX_FEATURES:
+        raise ValueError(f"features must be an object of at most {MAX_FEATURES} features")
+    for name, spec in v.items():
+        if not _FEATURE_RE.fullmatch(name):
+            raise ValueError(f"feature name {name!r} is not [a-z][a-z0-9_]{{0,31}}")
+        if not isinstance(spec, dict) or spec.get("compat") not in COMPAT_CLASSES:
+            raise ValueError(f"feature {name!r} must be an object with compat in {list(COMPAT_CLASSES)}")
+    return v
+
+
 def validate(path: str, fields: dict[str, Any]) -> Header:
-    """Type- and range-check every field of an AUTHENTICATED header."""
+    """Type- and range-check every field of an AUTHENTICATED header (v1 or v2)."""
     try:
-        extra = set(fields) - FIELDS
-        missing = FIELDS - set(fields)
+        version = fields.get("format_version")
+        expected = V1_FIELDS if version == FORMAT_V1 else V2_FIELDS
+        extra = set(fields) - expected
+        missing = expected - set(fields)
         if extra or missing:
             raise ValueError(f"unexpected fields {sorted(extra)}, missing fields {sorted(missing)}")
         algorithm = _str(fields, "algorithm")
@@ -188,7 +327,7 @@ def validate(path: str, fields: dict[str, Any]) -> Header:
         total = _int(fields, "total_blocks", 1, MAX_TOTAL_BLOCKS)
         size = _int(fields, "size_bytes", (total - 1) * BLOCK_SIZE + 1, total * BLOCK_SIZE)
         limit = _int(fields, "epoch_limit", 1, MAX_EPOCH_LIMIT)
-        return Header(
+        common = dict(
             volume_uuid=fields["volume_uuid"],
             name=_str(fields, "name"),
             vm_name=_str(fields, "vm_name", allow_empty=True),
@@ -201,5 +340,49 @@ def validate(path: str, fields: dict[str, Any]) -> Header:
             epoch_reserved=_int(fields, "epoch_reserved", 0, limit),
             epoch_limit=limit,
         )
+        if version == FORMAT_V1:
+            return Header(**common, format_version=FORMAT_V1, seq=0)
+        data_offset = _int(fields, "data_offset", HEADER_SIZE, MAX_DATA_OFFSET)
+        if data_offset % HEADER_SIZE:
+            raise ValueError(f"data_offset {data_offset} is not a multiple of {HEADER_SIZE}")
+        area_start = round_up(data_offset + total * SLOT_SIZE, HEADER_SIZE)
+        b_offset = _int(fields, "header_b_offset", area_start, area_start + MAX_METADATA_LENGTH * 4)
+        if b_offset % HEADER_SIZE:
+            raise ValueError(f"header_b_offset {b_offset} is not a multiple of {HEADER_SIZE}")
+        return Header(
+            **common,
+            format_version=FORMAT_V2,
+            seq=_int(fields, "seq", 1, MAX_SEQ),
+            data_offset=data_offset,
+            header_b_offset=b_offset,
+            metadata=_metadata(fields.get("metadata"), area_start, b_offset),
+            features=_features(fields.get("features")),
+        )
     except ValueError as e:
         raise HeaderCorruptError(path=path, msg=str(e)) from None
+
+
+def check_features(path: str, header: Header, *, writable: bool) -> None:
+    """Refuse a volume that needs a feature this version lacks: any unknown ``incompat`` feature, and unknown
+    ``ro_compat`` features for a writable open."""
+    needed = header.unknown_features(INCOMPAT)
+    if writable:
+        needed += header.unknown_features(RO_COMPAT)
+    if needed:
+        raise UnsupportedFeatureError(path=path, features=", ".join(needed), writable=writable)
+
+
+def truncation_error(path: str, header: Header, file_size: int) -> TruncatedVolumeError:
+    """The error for a file cut short inside its slots: it names the lost blocks (``lost_blocks`` =
+    ``(first, count)`` in the error's kwargs), from the file's length against the header."""
+    first = header.intact_blocks(file_size)
+    count = header.total_blocks - first
+    which = f"block {first}" if count == 1 else f"blocks {first}..{header.total_blocks - 1}"
+    return TruncatedVolumeError(
+        path=path,
+        msg=(
+            f"the file is {file_size} bytes, the header says {header.file_size}: {which} ({count} of "
+            f"{header.total_blocks}) are lost; `qwamos volume repair` recovers the blocks before the cut"
+        ),
+        lost_blocks=(first, count),
+    )

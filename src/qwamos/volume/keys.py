@@ -5,7 +5,8 @@ the :class:`KeyProvider` shape (``qwamos.keystore.PQCKeystore`` is one; tests us
 volume key K two kinds of subkey are derived with HKDF-SHA256, salted with the volume UUID so that two
 volumes that somehow shared K still get unrelated subkeys:
 
-* ``header_mac_key = HKDF(K, salt=uuid, info=b"qwamos/qvol/v1/header-mac")``
+* ``header_mac_key = HKDF(K, salt=uuid, info=b"qwamos/qvol/v1/header-mac")`` (format v1; format v2 uses
+  ``b"qwamos/qvol/v2/header-mac"``, so a header of one version can never pass as the other's)
 * ``data_key(e)    = HKDF(K, salt=uuid, info=b"qwamos/qvol/v1/data-epoch" || u16be(e))``
 
 A new epoch means a new data key; that is how the volume rekeys before a key's nonce budget runs out.
@@ -19,6 +20,7 @@ from typing import Protocol, runtime_checkable
 from qwamos import crypto
 
 HEADER_MAC_INFO = b"qwamos/qvol/v1/header-mac"
+HEADER_MAC_INFO_V2 = b"qwamos/qvol/v2/header-mac"
 DATA_KEY_INFO = b"qwamos/qvol/v1/data-epoch"
 MAX_EPOCH = 0xFFFF
 
@@ -47,8 +49,10 @@ def check_volume_key(key: object) -> bytes:
     return bytes(key)
 
 
-def header_mac_key(volume_key: bytes, uuid: bytes) -> bytes:
-    return crypto.hkdf_sha256(volume_key, salt=uuid, info=HEADER_MAC_INFO)
+def header_mac_key(volume_key: bytes, uuid: bytes, version: int = 1) -> bytes:
+    """The key of the header MAC of a ``version`` 1 or 2 header.  The data keys are the same in both."""
+    info = HEADER_MAC_INFO if version == 1 else HEADER_MAC_INFO_V2
+    return crypto.hkdf_sha256(volume_key, salt=uuid, info=info)
 
 
 def data_key(volume_key: bytes, uuid: bytes, epoch: int) -> bytes:

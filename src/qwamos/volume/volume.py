@@ -33,17 +33,17 @@ from qwamos.errors import (
     BlockRangeError,
     InvalidArgument,
     ReadOnlyVolumeError,
-    TruncatedVolumeError,
     VolumeClosedError,
     VolumeError,
     VolumeExistsError,
     VolumeLockedError,
 )
 from qwamos.volume import create as creation
+from qwamos.volume import header as hdr
 from qwamos.volume import inspection
 from qwamos.volume.guard import IOGuard
 from qwamos.volume.header import BLOCK_SIZE, Header
-from qwamos.volume.header_store import HeaderStore, UnverifiedHeader, initial_bytes, read_header
+from qwamos.volume.header_store import HeaderStore, UnverifiedHeader, initial_copies, read_header
 from qwamos.volume.inspection import ProgressFn
 from qwamos.volume.keys import KeyProvider, check_volume_key
 from qwamos.volume.slotio import SlotIO, round_up, runs
@@ -117,7 +117,7 @@ class PQCVolume:
             if not isinstance(key_id, str) or not 1 <= len(key_id) <= creation.hdr.MAX_NAME_LEN:
                 raise InvalidArgument(f"the key provider returned an unusable key id {key_id!r}")
             header = creation.new_header(name, vm_name, key_id, alg, total, size, limit)
-            creation.write_file(tmp, initial_bytes(header, key), header.file_size)
+            creation.write_file(tmp, initial_copies(header, key), header.file_size)
             creation.publish(tmp, self.path, overwrite)
         except BaseException as e:
             creation.remove_temp(tmp)
@@ -155,10 +155,12 @@ class PQCVolume:
                 raise VolumeLockedError(path=self.path) from None
             store = HeaderStore.load(self.path, fd, provider)
             header = store.header
-            if st.st_size < header.file_size:
-                raise TruncatedVolumeError(
-                    path=self.path, msg=f"{st.st_size} bytes, the header says {header.file_size}"
-                )
+            hdr.check_features(self.path, header, writable=not self._read_only)
+            if st.st_size < header.slots_end:
+                raise hdr.truncation_error(self.path, header, st.st_size)
+            if not self._read_only:
+                store.prepare_for_writing()  # upgrade v1, restore a damaged copy: before any slot I/O
+                header = store.header
         except BaseException:
             os.close(fd)
             raise
@@ -277,7 +279,7 @@ class PQCVolume:
         _, header = self._writable()
         new = header.with_budget(epoch, reserved)
         self._store.store(new)
-        self._header = new
+        self._header = self._store.header
         self._io.cipher.max_epoch = epoch
 
     # --- block API (the spec's) ---------------------------------------------------------------------------
@@ -492,7 +494,10 @@ class PQCVolume:
             return inspection.allocated_blocks(fd, header)
 
     def info(self) -> dict[str, Any]:
-        """Header fields plus where the file stands: allocated blocks and bytes, the path."""
+        """Header fields plus where the file stands: allocated blocks and bytes, the path, and what was found
+        of each header copy (``header_copies``; ``header_fallback`` is True when one is damaged or missing)."""
         with self._guard:
             fd, header = self._state()
-            return inspection.info(self.path, fd, header, read_only=self._read_only)
+            out = inspection.info(self.path, fd, header, read_only=self._read_only)
+            out.update(self._store.info())  # header_copies, header_fallback
+            return out
