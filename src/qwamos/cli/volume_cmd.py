@@ -1,4 +1,4 @@
-"""``qwamos volume create|info|check|dump-header`` (and ``serve``, from ``serve_cmd``).
+"""``qwamos volume create|info|check|repair|dump-header`` (and ``serve``, from ``serve_cmd``).
 
 Thin over :class:`qwamos.volume.PQCVolume`: parse arguments, open the keystore, call the library, print.
 """
@@ -12,9 +12,11 @@ from typing import Any
 
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
 from qwamos.cli.output import Progress, emit_json, message
+from qwamos.errors import TruncatedVolumeError
 from qwamos.hypervisor.sizes import format_size, parse_size
 from qwamos.hypervisor.vocab import ALGORITHMS, DEFAULT_ALGORITHM
 from qwamos.volume import PQCVolume, read_header
+from qwamos.volume.repair import RepairReport, repair
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +51,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--progress", action="store_true", help="show progress on stderr")
     add_keystore_args(k)
     k.set_defaults(func=cmd_check)
+
+    r = vsub.add_parser(
+        "repair",
+        help="rewrite a damaged header copy; report (and with --zero-bad, empty) bad and lost blocks",
+        description=(
+            "Check both header copies and every block.  Rewrites a damaged or stale header copy from the good "
+            "one.  Blocks that fail authentication and blocks lost to truncation are listed by index; with "
+            "--zero-bad they are made to read as zeros, after the report was printed and saved next to the "
+            "volume.  Exit 0 when the volume is sound afterwards, else 13 (lost blocks remain), 14 (bad blocks "
+            "remain) or 12 (a header copy remains damaged)."
+        ),
+    )
+    r.add_argument("path", type=Path)
+    r.add_argument("--dry-run", action="store_true", help="report only; change nothing")
+    r.add_argument("--zero-bad", action="store_true", help="make bad and lost blocks read as zeros")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument("--progress", action="store_true", help="show progress on stderr")
+    add_keystore_args(r)
+    r.set_defaults(func=cmd_repair)
 
     d = vsub.add_parser("dump-header", help="print the raw header fields, without needing the key")
     d.add_argument("path", type=Path)
@@ -100,9 +121,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _blocks(indices: list[int], limit: int = 50) -> str:
+    return ", ".join(str(b) for b in indices[:limit]) + (" ..." if len(indices) > limit else "")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     ks = open_keystore(args)
-    with PQCVolume(args.path, keystore=ks, read_only=True) as v:
+    try:
+        v = PQCVolume(args.path, keystore=ks, read_only=True).open()
+    except TruncatedVolumeError as e:
+        if "lost_blocks" not in e.kwargs:
+            raise
+        return _check_truncated(args, ks)
+    with v:
         total = v.info()["total_blocks"]
         progress = Progress(total, label="Checking", enabled=args.progress)
         bad = v.check(progress=lambda done, _total: progress.update(done))
@@ -110,11 +141,88 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"path": str(args.path), "total_blocks": total, "bad_blocks": bad, "ok": not bad})
     elif bad:
-        shown = ", ".join(str(b) for b in bad[:50]) + (" ..." if len(bad) > 50 else "")
-        message(f"{args.path}: {len(bad)} block(s) failed authentication: {shown}")
+        message(f"{args.path}: {len(bad)} block(s) failed authentication: {_blocks(bad)}")
     else:
         message(f"{args.path}: all blocks authenticate ({total} blocks)")
     return 14 if bad else 0
+
+
+def _check_truncated(args: argparse.Namespace, ks: object) -> int:
+    """``volume check`` of a file cut short: name the lost blocks and every bad block before the cut."""
+    progress = Progress(1, label="Checking", enabled=args.progress)
+    report = repair(args.path, ks, dry_run=True, progress=lambda done, total: progress.update(done * 100 // total))
+    progress.finish()
+    if args.json:
+        out = report.to_dict()
+        emit_json(
+            {
+                "path": str(args.path),
+                "total_blocks": report.total_blocks,
+                "bad_blocks": report.bad_blocks,
+                "lost_blocks": out["lost_blocks"],
+                "ok": False,
+            }
+        )
+    else:
+        message(
+            f"{args.path}: truncated: the file is {report.file_size} bytes, the header says "
+            f"{report.expected_size}: {report.lost_text()} lost"
+        )
+        if report.bad_blocks:
+            bad = report.bad_blocks
+            message(f"{args.path}: {len(bad)} block(s) failed authentication: {_blocks(bad)}")
+        message(f"{args.path}: `qwamos volume repair` recovers the blocks before the cut")
+    return report.exit_code
+
+
+def _print_report(report: RepairReport) -> None:
+    for c in report.header_copies:
+        extra = f" seq {c['seq']}" if c.get("seq") is not None else ""
+        reason = f": {c['error']}" if c.get("error") else ""
+        message(f"header copy {c['copy']} at {c['offset']}: {c['state']}{extra}{reason}")
+    if report.bad_blocks:
+        message(f"{len(report.bad_blocks)} block(s) fail authentication: {_blocks(report.bad_blocks, 200)}")
+    if report.lost_blocks:
+        message(f"lost to truncation ({report.file_size} of {report.expected_size} bytes): {report.lost_text()}")
+    if report.report_file:
+        message(f"report saved to {report.report_file}")
+    verb = "would" if report.dry_run else "will"
+    for a in report.actions:
+        message(f"{verb}: {a}")
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    ks = open_keystore(args)
+    progress = Progress(100, label="Checking", enabled=args.progress)
+    printed = []
+
+    def before_changes(report: RepairReport) -> None:
+        progress.finish()
+        if not args.json:
+            _print_report(report)  # printed (and saved, with --zero-bad) before anything changes
+            printed.append(True)
+
+    report = repair(
+        args.path,
+        ks,
+        dry_run=args.dry_run,
+        zero_bad=args.zero_bad,
+        progress=lambda done, total: progress.update(done * 100 // max(total, 1)),
+        before_changes=before_changes,
+    )
+    progress.finish()
+    if args.json:
+        emit_json(report.to_dict())
+        return report.exit_code
+    if not printed:
+        _print_report(report)
+    for p in report.pending:
+        message(f"not repaired: {p}")
+    if not report.dry_run and report.actions:
+        message(f"{args.path}: repaired")
+    elif not report.actions and not report.pending:
+        message(f"{args.path}: nothing to repair ({report.total_blocks} blocks)")
+    return report.exit_code
 
 
 def cmd_dump_header(args: argparse.Namespace) -> int:

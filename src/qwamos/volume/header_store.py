@@ -322,6 +322,11 @@ class HeaderStore:
             CopyReport("B", self.header.header_b_offset, OK, self.header.seq),
         ]
 
+    @property
+    def chosen(self) -> str:
+        """Which copy the header was taken from ("A" or "B")."""
+        return self._chosen
+
     def info(self) -> dict[str, Any]:
         """The copies as found at open (or after a rewrite), for ``info()``."""
         return {
