@@ -170,3 +170,51 @@ def test_real_qemu_accepts_the_command_line(tmp_path: Path, machine: str):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- the named pieces of the command line, each on its own ------------------------------------------------
+
+
+def test_command_line_is_the_pieces_in_order():
+    from qwamos.hypervisor import qemu
+
+    cfg = Cfg()
+    m = qemu.machine_of(cfg)
+    disk = Disk("nbd", RunDir.EXPORT)
+    assert build_command(cfg, accel="tcg", disk=disk) == [
+        "qemu-system-aarch64",
+        *qemu.base_args(cfg),
+        *qemu.machine_args(cfg, m, "tcg"),
+        *qemu.cpu_args(cfg, m, "tcg"),
+        *qemu.memory_args(cfg),
+        *qemu.boot_args(cfg),
+        *qemu.console_and_monitor_args(),
+        *qemu.disk_args(cfg, disk),
+        *qemu.network_args(cfg),
+    ]
+
+
+def test_pieces_alone():
+    from qwamos.hypervisor import qemu
+
+    virt, q35 = qemu.MACHINES["virt"], qemu.MACHINES["q35"]
+    assert qemu.machine_args(Cfg(gic_version=None), virt, "tcg") == [
+        "-machine",
+        "virt,gic-version=3",
+        "-accel",
+        "tcg",
+    ]
+    assert qemu.machine_args(Cfg(machine_type="q35"), q35, "kvm") == ["-machine", "q35", "-accel", "kvm"]
+    assert qemu.cpu_args(Cfg(cpu_model=None), virt, "tcg") == ["-cpu", "cortex-a76"]
+    assert qemu.cpu_args(Cfg(cpu_model=None), q35, "tcg") == []
+    assert qemu.cpu_args(Cfg(), virt, "kvm") == ["-cpu", "host"]
+    assert qemu.memory_args(Cfg(cpu_cores=3, memory_mb=1024)) == ["-smp", "3", "-m", "1024M"]
+    assert qemu.boot_args(Cfg(initrd=None, cmdline="")) == ["-kernel", "/k/Image", "-append", "console=ttyAMA0"]
+    assert qemu.disk_args(Cfg(), None) == []
+    assert qemu.network_args(Cfg(network_mode="none")) == []
+    assert qemu.network_args(Cfg(mac=None, network_device=None)) == [
+        "-netdev",
+        "user,id=net0",
+        "-device",
+        "virtio-net-pci,netdev=net0",
+    ]

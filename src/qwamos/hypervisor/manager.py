@@ -1,21 +1,23 @@
 """VM lifecycle: list, info, status, create, start (with the encrypted-volume orchestration), stop.
 
 A VM is ``<root>/vms/<name>/config.yaml``; its processes live in its run directory and are known only from
-the pidfiles there (see :mod:`qwamos.hypervisor.process`).  ``start`` does, in this order, so that a bad
-config fails before anything is created:
+the pidfiles there (see :mod:`qwamos.hypervisor.process`).  ``start`` is a short list of named steps, each a
+method that can be called (and is tested) on its own, ordered so that a bad config fails before anything is
+created:
 
-1. load and check the config: machine type, QEMU binary, kernel and initrd present, option values legal;
-   build the QEMU command line for the disk it *will* use;
-2. pick the accelerator: KVM only where :mod:`qwamos.hypervisor.kvm` says it really works, else TCG with a
-   warning;
-3. create what is missing — the encrypted ``.qvol`` with a new key on first start, or the qcow2 with
-   ``qemu-img`` for an unencrypted VM;
-4. hand the launch to the supervisor (export, then QEMU; see :mod:`qwamos.hypervisor.supervisor`) and wait for
-   its verdict;
-5. only when the VM runs, record the new key ID and disk path in the config.
-
-If anything fails after step 3 the supervisor has stopped what it started, and ``start`` deletes the volume
-(or qcow2) it created and discards the new key, so a failed start leaves no volume, key or config change.
+1. :meth:`VMManager.prepare_run_dir` — refuse a VM that runs; sweep what a crashed run left;
+2. :meth:`VMManager.plan_start` — every check, nothing created: QEMU binary, kernel and initrd present, the
+   accelerator (KVM only where :mod:`qwamos.hypervisor.kvm` says it really works, else TCG with a warning),
+   the disk (:meth:`VMManager.plan_disk`: the ``.qvol`` through the export, or the qcow2/raw image) and the
+   whole QEMU command line for the disk it *will* use;
+3. :meth:`VMManager.create_disk` — create what is missing: the encrypted ``.qvol`` with a new key on first
+   start, or the qcow2 with ``qemu-img`` for an unencrypted VM;
+4. launch — hand the start to the supervisor (export, then QEMU; see :mod:`qwamos.hypervisor.supervisor`) and
+   wait for its verdict;
+5. :meth:`VMManager.record_disk` — only when the VM runs, record the new key ID and disk path in the config;
+6. on any failure after the plan, :meth:`VMManager.undo_start` — the supervisor has stopped what it started;
+   this deletes the volume (or qcow2) the start created and discards the new key, so a failed start leaves no
+   volume, key or config change.
 """
 
 from __future__ import annotations
@@ -83,6 +85,41 @@ class VMStatus:
             "pids": self.pids,
             "run_dir": self.run_dir,
         }
+
+
+@dataclass
+class DiskPlan:
+    """The VM's disk for this start: what QEMU opens, the export to run (encrypted VMs) and what is missing."""
+
+    qemu: Disk
+    export_argv: list[str] | None = None
+    new_volume: Path | None = None  # an encrypted volume to create with a new key
+    new_qcow2: Path | None = None  # a qcow2 image to create
+
+
+@dataclass
+class StartPlan:
+    """Everything ``start`` decided before creating anything."""
+
+    accel: Accel
+    disk: DiskPlan
+    argv: list[str]
+    warnings: list[str]
+
+
+@dataclass
+class CreatedDisk:
+    """What this start created, so that a failure removes exactly that."""
+
+    path: Path | None = None
+    encrypted: bool = False
+    key_id: str | None = None
+    algorithm: str = ""
+    keystore: Any = None
+
+    @property
+    def path_text(self) -> str | None:
+        return None if self.path is None else str(self.path)
 
 
 @dataclass
@@ -246,99 +283,111 @@ class VMManager:
             raise ConfigError("boot.kernel is not set; a kernel image is needed to boot", path=str(cfg.path))
 
     def start(self, name: str, *, on_warning: Callable[[str], None] | None = None) -> StartResult:
+        """Start the VM: plan (every check, nothing created), create its disk if new, launch, record; any
+        failure after the plan undoes what this start created."""
         cfg = self.load(name)
+        self.prepare_run_dir(name)
+        plan = self.plan_start(cfg)
+        for w in plan.warnings:
+            if on_warning:
+                on_warning(w)
+        created = CreatedDisk()
+        try:
+            self.create_disk(cfg, plan.disk, created)
+            self._launch(self.run_dir(name), plan.argv, plan.disk.export_argv)
+            self.record_disk(cfg, created)
+        except BaseException:
+            self.undo_start(name, created)
+            raise
+        return StartResult(
+            name, plan.accel, created_disk=created.path_text, key_id=created.key_id, warnings=list(plan.warnings)
+        )
+
+    def prepare_run_dir(self, name: str) -> None:
+        """Refuse a VM that runs or is starting; sweep what a crashed run left behind."""
         current = self.status(name)
-        if current.state in ("running", "starting"):
+        if current.state in ("running", "starting", "paused"):
             raise VMStateError(name=name, state=current.state, msg="stop it first")
         if current.state == "crashed":
             self._cleanup_leftovers(self.run_dir(name))
+
+    def plan_start(self, cfg: VMConfig) -> StartPlan:
+        """Every check a start makes before it creates anything: QEMU binary, boot files, accelerator, the
+        disk (existing or to create) and the whole QEMU command line."""
         binary = find_binary(cfg)
         self._check_boot_files(cfg)
         accel = self.accel_for(cfg)
-        result = StartResult(name, accel)
-        for w in [*(getattr(cfg, "warnings", None) or []), accel.warning]:
-            if w:
-                result.warnings.append(w)
-                if on_warning:
-                    on_warning(w)
+        disk = self.plan_disk(cfg)
+        argv = build_command(cfg, accel=accel.accel, disk=disk.qemu, binary=binary)
+        warnings = [w for w in [*(getattr(cfg, "warnings", None) or []), accel.warning] if w]
+        return StartPlan(accel=accel, disk=disk, argv=argv, warnings=warnings)
 
-        run = self.run_dir(name)
-        export_argv: list[str] | None = None
-        new_volume: Path | None = None
-        new_qcow2: Path | None = None
-        if cfg.encryption_enabled:
-            vol = self._volume_path(cfg)
-            if vol.exists():
-                if not cfg.key_id:
-                    raise ConfigError(
-                        f"{vol} exists but storage.encryption.key_id is not set; add the volume's key ID "
-                        "(qwamos volume dump-header shows it)",
-                        path=str(cfg.path),
-                    )
-            elif cfg.key_id:
-                raise ConfigError(
-                    f"the config records key {cfg.key_id!r} but the encrypted disk {vol} is missing; "
-                    "refusing to create a new empty disk in its place",
-                    path=str(cfg.path),
-                )
-            else:
-                new_volume = vol
-            disk = Disk("nbd", RunDir.EXPORT)
-            export_argv = [
-                sys.executable,
-                "-m",
-                "qwamos.cli.main",
-                "volume",
-                "serve",
-                str(vol),
-                "--socket",
-                RunDir.EXPORT,
-            ]
-            if self.keystore_dir is not None:
-                export_argv += ["--keystore", str(self.keystore_dir)]
-        else:
+    def plan_disk(self, cfg: VMConfig) -> DiskPlan:
+        """What QEMU opens and what must exist first: the ``.qvol`` through the export (created with a new key
+        on the first start) or the qcow2/raw image (a missing qcow2 is created)."""
+        if not cfg.encryption_enabled:
             image = Path(cfg.disk_path).expanduser().absolute()
-            if not image.exists():
-                new_qcow2 = image
-            disk = Disk(self._image_format(image, cfg), str(image))
-        argv = build_command(cfg, accel=accel.accel, disk=disk, binary=binary)  # fails before anything is created
+            new = None if image.exists() else image
+            return DiskPlan(Disk(self._image_format(image, cfg), str(image)), new_qcow2=new)
+        vol = self._volume_path(cfg)
+        if vol.exists() and not cfg.key_id:
+            raise ConfigError(
+                f"{vol} exists but storage.encryption.key_id is not set; add the volume's key ID "
+                "(qwamos volume dump-header shows it)",
+                path=str(cfg.path),
+            )
+        if not vol.exists() and cfg.key_id:
+            raise ConfigError(
+                f"the config records key {cfg.key_id!r} but the encrypted disk {vol} is missing; "
+                "refusing to create a new empty disk in its place",
+                path=str(cfg.path),
+            )
+        return DiskPlan(
+            Disk("nbd", RunDir.EXPORT),
+            export_argv=self._export_argv(vol),
+            new_volume=None if vol.exists() else vol,
+        )
 
-        key_id: str | None = None
-        keystore: Any = None
-        alg = ""
-        try:
-            if new_volume is not None:
-                keystore = self._keystore()
-                from qwamos.volume import PQCVolume
+    def _export_argv(self, vol: Path) -> list[str]:
+        argv = [sys.executable, "-m", "qwamos.cli.main", "volume", "serve", str(vol), "--socket", RunDir.EXPORT]
+        if self.keystore_dir is not None:
+            argv += ["--keystore", str(self.keystore_dir)]
+        return argv
 
-                # "auto" is resolved now, so that the config records the cipher actually in use.
-                alg = resolve_algorithm(cfg.encryption_algorithm or DEFAULT_ALGORITHM)
-                key_id = PQCVolume(new_volume, keystore=keystore).create(
-                    new_volume.stem, cfg.name, size_bytes=cfg.disk_size_bytes, algorithm=alg
-                )
-                result.created_disk, result.key_id = str(new_volume), key_id
-            if new_qcow2 is not None:
-                self._create_qcow2(new_qcow2, cfg)
-                result.created_disk = str(new_qcow2)
-            self._launch(run, argv, export_argv)
-            if new_volume is not None and key_id is not None:
-                cfg.set_encryption(key_id=key_id, algorithm=alg)
-                cfg.set_disk_path(new_volume)
-                cfg.save()
-        except BaseException:
-            if self.status(name).state in ("running", "starting"):
-                with contextlib.suppress(Exception):
-                    self.stop(name, force=True)
-            if new_volume is not None and key_id is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    new_volume.unlink()
-                with contextlib.suppress(Exception):
-                    keystore.discard_key(key_id)
-            if new_qcow2 is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    new_qcow2.unlink()
-            raise
-        return result
+    def create_disk(self, cfg: VMConfig, disk: DiskPlan, created: CreatedDisk) -> None:
+        """Create the disk the plan says is missing, noting in ``created`` what now exists (for undo)."""
+        if disk.new_volume is not None:
+            created.keystore = self._keystore()
+            from qwamos.volume import PQCVolume
+
+            # "auto" is resolved now, so that the config records the cipher actually in use.
+            created.algorithm = resolve_algorithm(cfg.encryption_algorithm or DEFAULT_ALGORITHM)
+            created.key_id = PQCVolume(disk.new_volume, keystore=created.keystore).create(
+                disk.new_volume.stem, cfg.name, size_bytes=cfg.disk_size_bytes, algorithm=created.algorithm
+            )
+            created.path, created.encrypted = disk.new_volume, True
+        elif disk.new_qcow2 is not None:
+            self._create_qcow2(disk.new_qcow2, cfg)
+            created.path = disk.new_qcow2
+
+    def record_disk(self, cfg: VMConfig, created: CreatedDisk) -> None:
+        """Once the VM runs: write a new volume's key ID, cipher and path into the config."""
+        if created.encrypted and created.key_id is not None and created.path is not None:
+            cfg.set_encryption(key_id=created.key_id, algorithm=created.algorithm)
+            cfg.set_disk_path(created.path)
+            cfg.save()
+
+    def undo_start(self, name: str, created: CreatedDisk) -> None:
+        """After a failed start: stop whatever runs, delete the disk this start created, discard its key."""
+        if self.status(name).state in ("running", "starting", "paused"):
+            with contextlib.suppress(Exception):
+                self.stop(name, force=True)
+        if created.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                created.path.unlink()
+        if created.key_id is not None and created.keystore is not None:
+            with contextlib.suppress(Exception):
+                created.keystore.discard_key(created.key_id)
 
     def _volume_path(self, cfg: VMConfig) -> Path:
         if cfg.disk_path and str(cfg.disk_path).endswith(".qvol"):
