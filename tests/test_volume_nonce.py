@@ -127,3 +127,100 @@ def test_crash_after_writes_then_reopen_continues_with_fresh_reservation(tmp_pat
         vol.write_block(40, b"after the crash")
         assert read_header(path)["epoch_reserved"] == 2**21
         assert vol.header.epoch == 0
+
+
+# --- nonce uniqueness, read back from the slots on disk (docs/qvol-format.md section 4: nonce = slot[4:16]) ---
+
+
+def slot_key_and_nonce(path, index) -> tuple[int, bytes]:
+    """(epoch, nonce) of a written slot: the epoch names the data key the nonce was used under."""
+    slot = read_slot(path, index)
+    assert slot != bytes(len(slot)), f"slot {index} was never written"
+    return int.from_bytes(slot[:2], "big"), slot[4:16]
+
+
+def assert_no_repeat(nonces: list[tuple[int, bytes]]) -> None:
+    """No (epoch key, nonce) pair twice: a repeat under one key breaks ChaCha20-Poly1305 and AES-GCM."""
+    seen: dict[tuple[int, bytes], int] = {}
+    for i, key_nonce in enumerate(nonces):
+        assert key_nonce not in seen, (
+            f"nonce {key_nonce[1].hex()} (epoch {key_nonce[0]}) used twice: #{seen[key_nonce]} and #{i}"
+        )
+        seen[key_nonce] = i
+
+
+def test_rewrites_of_one_block_never_repeat_a_nonce_through_every_write_path(tmp_path, keys):
+    vol = PQCVolume(tmp_path / "v.qvol", keystore=keys)
+    vol.create("vol", "vm", size_bytes=64 * 4096)
+    used = []
+    with vol.open():
+        for i in range(20):  # the one-block fast path, full and short blocks
+            vol.write_block(0, bytes([i]) * (4096 if i % 2 else 17))
+            used.append(slot_key_and_nonce(vol.path, 0))
+        for i in range(10):  # the byte-range API: aligned runs, then an unaligned read-modify-write
+            vol.write(0, bytes([i]) * (8 * 4096))
+            used += [slot_key_and_nonce(vol.path, b) for b in range(8)]
+            vol.write(100, b"patch %d" % i)
+            used.append(slot_key_and_nonce(vol.path, 0))
+    assert_no_repeat(used)
+    assert {epoch for epoch, _ in used} == {0}  # all under one key: the repeats would have counted
+
+
+def test_no_nonce_repeats_across_close_reopen_new_objects_and_new_processes(tmp_path, keys):
+    path = tmp_path / "v.qvol"
+    PQCVolume(path, keystore=keys).create("vol", "vm", size_bytes=16 * 4096)
+    used = []
+    for session in range(4):
+        vol = PQCVolume(path, keystore=keys)  # a new object each time: no pool state carried over
+        for _ in range(2):  # and the same object closed and reopened
+            with vol.open():
+                vol.write_block(0, b"session %d" % session)
+                vol.write(4096, bytes([session]) * 3 * 4096)
+            used += [slot_key_and_nonce(path, b) for b in range(4)]
+    key_hex = keys.keys[read_header(path)["key_id"]].hex()
+    child = textwrap.dedent(
+        f"""
+        from qwamos.volume import PQCVolume
+        class K:
+            def volume_key(self, key_id):
+                return bytes.fromhex({key_hex!r})
+        with PQCVolume({str(path)!r}, keystore=K()).open() as v:
+            v.write_block(0, b"another process")
+            v.write(4096, bytes(3 * 4096))
+        """
+    )
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", child], check=True, timeout=60)
+        used += [slot_key_and_nonce(path, b) for b in range(4)]
+    assert_no_repeat(used)
+    assert {epoch for epoch, _ in used} == {0}
+
+
+def test_a_forked_child_never_reuses_its_parent_s_nonces(tmp_path, keys):
+    """The parent's pool holds thousands of unused nonces when it forks; the child must not hand them out
+    while the parent goes on drawing the same ones (``os.register_at_fork`` empties every pool in the child)."""
+    vol = PQCVolume(tmp_path / "v.qvol", keystore=keys)
+    vol.create("vol", "vm", size_bytes=64 * 4096)
+    n = 8
+    with vol.open():
+        vol.write_block(0, b"fills the pool")  # one refill: 4096 nonces, 4095 still unused
+        pid = os.fork()
+        if pid == 0:  # the child writes blocks 1..n with the inherited volume (and its inherited lock)
+            code = 1
+            try:
+                for i in range(1, n + 1):
+                    vol.write_block(i, b"child %d" % i)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        for i in range(n + 1, 2 * n + 1):  # the parent's next nonces
+            vol.write_block(i, b"parent %d" % i)
+        child = [slot_key_and_nonce(vol.path, i) for i in range(1, n + 1)]
+        parent = [slot_key_and_nonce(vol.path, i) for i in range(0, 1)] + [
+            slot_key_and_nonce(vol.path, i) for i in range(n + 1, 2 * n + 1)
+        ]
+        assert_no_repeat(parent + child)
+        assert {epoch for epoch, _ in parent + child} == {0}
+        assert [vol.read_block(i) for i in range(1, n + 1)] == [b"child %d" % i for i in range(1, n + 1)]
