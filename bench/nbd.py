@@ -233,7 +233,7 @@ def main() -> None:
             )
             print(f"  a qvol   cipher: {args.algorithm}", flush=True)
             sock = work / "a.sock"
-            argv = [sys.executable, "-m", "qwamos.cli.serve_cmd", str(vol), "--socket", str(sock),
+            argv = [sys.executable, "-m", "qwamos.nbd.export", str(vol), "--socket", str(sock),
                     "--keystore", str(ks)]  # fmt: skip
             stack.enter_context(server(argv, sock))
             targets["a qvol"] = f"nbd+unix:///?socket={sock}"

@@ -1,4 +1,5 @@
-"""Running `qwamos volume serve` as a subprocess for tests, and waiting until it answers NBD."""
+"""Running the block export (`python -m qwamos.nbd.export`, or `qwamos volume serve`) as a subprocess for tests,
+and waiting until it answers NBD."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from qwamos.nbd.client import NBDClient, NBDClientError
 
-SERVE = [sys.executable, "-m", "qwamos.cli.serve_cmd"]
+SERVE = [sys.executable, "-m", "qwamos.nbd.export"]  # the export as its own program (what the VM supervisor runs)
+SERVE_CLI = [sys.executable, "-m", "qwamos.cli.main", "volume", "serve"]  # the same through the CLI
 
 
 def wait_answers(sock: Path, proc: subprocess.Popen, timeout: float = 30) -> None:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from nbd_helpers import SERVE, serving, uri
+from nbd_helpers import SERVE, SERVE_CLI, serving, uri
 from qwamos.nbd.client import NBDClient
+from qwamos.pidfile import ProcRef, read_pidfile
 
 pytestmark = pytest.mark.qemu
 
@@ -137,23 +138,25 @@ def test_flushed_writes_survive_kill_9(qvol, short_dir):
         cl.disconnect()
 
 
-def test_daemon_pidfile_and_sigterm(qvol, short_dir):
+@pytest.mark.parametrize("entry", [SERVE, SERVE_CLI], ids=["nbd.export", "volume-serve"])
+def test_daemon_pidfile_and_sigterm(qvol, short_dir, entry):
     vol, ks = qvol
     sock, pidfile = short_dir / "s", short_dir / "pid"
     res = subprocess.run(
-        [*SERVE, str(vol), "--socket", str(sock), "--keystore", str(ks), "--daemon", "--pidfile", str(pidfile)],
+        [*entry, str(vol), "--socket", str(sock), "--keystore", str(ks), "--daemon", "--pidfile", str(pidfile)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert res.returncode == 0, res.stderr
-    pid = int(pidfile.read_text())
+    pid = int(pidfile.read_text().splitlines()[0])  # the pid alone on the first line (systemd's PIDFile=)
+    assert read_pidfile(pidfile) == ProcRef.of(pid)  # and its start time: the one pidfile format
     try:
         with NBDClient.connect_unix(str(sock)) as cl:  # ready as soon as the command returned
             cl.write(0, b"\x42" * 4096)
             cl.flush()
         again = subprocess.run(
-            [*SERVE, str(vol), "--socket", str(short_dir / "t"), "--keystore", str(ks), "--pidfile", str(pidfile)],
+            [*entry, str(vol), "--socket", str(short_dir / "t"), "--keystore", str(ks), "--pidfile", str(pidfile)],
             capture_output=True,
             text=True,
             timeout=60,

@@ -90,7 +90,7 @@ def _wait_gone(path: Path, timeout: float = 20) -> None:
 
 def _kill_daemon(pidfile: Path) -> None:
     with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-        os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)  # the pid is the first line
         _wait_gone(pidfile)
 
 

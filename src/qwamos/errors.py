@@ -2,7 +2,8 @@
 
 As in BorgBackup, an error class's docstring is its message template (``str.format`` over the keyword
 arguments given to the constructor) and ``exit_code`` says how ``qwamos`` exits.  Library code raises;
-only ``qwamos.cli.main`` prints messages and calls ``sys.exit``.
+:func:`run_main` is the one place an exception becomes a message and an exit status, called only by the
+two process entry points (``qwamos.cli.main`` and the block export's ``python -m qwamos.nbd.export``).
 
 Exit code ranges (documented in the README):
   0 ok, 1 warning, 2 generic error / bad usage,
@@ -13,6 +14,8 @@ Messages never contain key material or passphrases: constructors take names, pat
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 
@@ -239,3 +242,23 @@ class SizeMismatchError(MigrationError):
     """disk size mismatch: {msg}"""
 
     exit_code = 51
+
+
+# --- the one mapping from exceptions to exit statuses -------------------------------------------------
+
+
+def run_main(body: Callable[[], int | None]) -> int:
+    """Run a program's body and turn how it ended into an exit status: its return value (None is 0), a
+    :class:`QwamosError`'s ``exit_code`` with ``qwamos: error: <message>`` on stderr, 130 for Ctrl-C, 1 for a
+    closed stdout.  Anything else is a bug and keeps its traceback."""
+    try:
+        rc = body()
+    except QwamosError as e:
+        sys.stderr.write(f"qwamos: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("qwamos: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 1
+    return 0 if rc is None else int(rc)

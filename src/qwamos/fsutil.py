@@ -1,16 +1,29 @@
-"""Durable file updates shared by the layers that write small files (configs, journals, keystore files).
+"""File-system recipes every layer shares: atomic replace/create, write-all loops, directory fsync, short
+socket paths.  One copy of each, because copies drift.
 
-``atomic_write`` is the one "temp file in the same directory, fsync, rename, fsync the directory" recipe, so
-that a crash leaves either the old file or the new one, never half of one.
+``atomic_write`` is the one "temp file in the same directory, fsync, rename (or link), fsync the directory"
+recipe, so that a crash leaves either the old file or the new one, never half of one.  Its callers: VM
+configs, the migration journal, keystore files (``replace=False``: never replace an existing key), the
+``.qvol`` file at creation (``data`` is a function that fills the new file), pidfiles and ``state.json``
+(``durable=False``: they describe running processes, which a crash ends anyway).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_tmp_counter = itertools.count()
+
+SOCKET_PATH_MAX = 107  # bytes of a sockaddr_un path, without the terminating NUL
+
+Buffer = bytes | bytearray | memoryview
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -23,28 +36,111 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
+def write_all(fd: int, data: Buffer) -> None:
+    """``os.write`` until every byte is written (a write may be short on pipes, sockets and signals)."""
+    view = memoryview(data).cast("B")
     while view:
         n = os.write(fd, view)
         view = view[n:]
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically and durably; the new file gets ``mode`` from its creation."""
+def pwrite_all(fd: int, data: Buffer, offset: int) -> None:
+    """``os.pwrite`` at ``offset`` until every byte is written."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def temp_name(path: str | os.PathLike[str]) -> Path:
+    """A name for a temporary file beside ``path``: a leading dot, unique within this host's processes and
+    threads (pid, thread id, counter) — no randomness needed, since it is created with ``O_EXCL``."""
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _CLOEXEC, mode)
+    suffix = f"{os.getpid()}.{threading.get_native_id()}.{next(_tmp_counter)}"
+    return target.with_name(f".{target.name}.{suffix}.tmp")
+
+
+def atomic_write(
+    path: str | os.PathLike[str],
+    data: Buffer | Callable[[int], None],
+    *,
+    mode: int = 0o644,
+    replace: bool = True,
+    durable: bool = True,
+) -> None:
+    """Give ``path`` the content ``data`` atomically: a temp file beside it, fsync, rename, fsync the directory.
+
+    ``data`` is the bytes, or a function that writes the content into the temp file's descriptor (it may
+    ``ftruncate``, ``pwrite``, ...).  The new file gets ``mode`` exactly (not filtered by the umask).
+    ``replace=False`` publishes with ``link`` so that an existing file is never replaced, even by a
+    concurrent writer: then :class:`FileExistsError` is raised (on a file system without hard links it falls
+    back to a rename after checking that the name is free).  ``durable=False`` skips both fsyncs.
+    The temp file is created with ``O_EXCL | O_NOFOLLOW``, so nothing planted at its name is followed.
+    """
+    target = Path(path)
+    tmp, fd = _create_temp(target, mode)
     try:
         try:
             os.fchmod(fd, mode)  # the creation mode is filtered by the umask
-            write_all(fd, data)
-            os.fsync(fd)
+            if callable(data):
+                data(fd)
+            else:
+                write_all(fd, data)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
+        if replace:
+            os.replace(tmp, target)
+        else:
+            _publish_new(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(target.parent)
+    if durable:
+        fsync_dir(target.parent)
+
+
+def _create_temp(target: Path, mode: int) -> tuple[Path, int]:
+    """Create a new temp file beside ``target``; a name left by a crashed process (after a reboot its pid
+    may come again) is skipped, not reused."""
+    for _ in range(100):
+        tmp = temp_name(target)
+        try:
+            return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{target}: no free temporary name beside it")
+
+
+def _publish_new(tmp: Path, target: Path) -> None:
+    try:
+        os.link(tmp, target)  # atomic, and refuses a file that appeared meanwhile
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links
+        if os.path.lexists(target):
+            raise FileExistsError(target) from None
+        os.rename(tmp, target)
+        return
+    os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def short_path(path: str | os.PathLike[str]) -> Iterator[str]:
+    """A path to ``path`` short enough for ``sockaddr_un``: itself, or ``/proc/self/fd/<dirfd>/<name>``.
+
+    UNIX socket paths are limited to 107 bytes, and run directories under deep temp paths exceed that.
+    """
+    text = os.fspath(path)
+    if len(text.encode()) <= SOCKET_PATH_MAX:
+        yield text
+        return
+    p = Path(text)
+    dfd = os.open(p.parent, os.O_PATH | os.O_DIRECTORY | _CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{dfd}/{p.name}"
+    finally:
+        os.close(dfd)

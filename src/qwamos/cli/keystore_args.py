@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qwamos.keystore import PQCKeystore, read_passphrase
+from qwamos.keystore import PQCKeystore
+from qwamos.keystore.passphrase import cached_passphrase
 
 
 def add_keystore_args(p: argparse.ArgumentParser) -> None:
@@ -31,13 +32,5 @@ def add_keystore_args(p: argparse.ArgumentParser) -> None:
 
 
 def open_keystore(args: argparse.Namespace) -> PQCKeystore:
-    fd = getattr(args, "passphrase_fd", None)
-    cache: list[bytes | None] = []
-
-    def passphrase() -> bytes | None:
-        # Read once: a file descriptor can be read only once, and a prompt should not repeat.
-        if not cache:
-            cache.append(read_passphrase(fd=fd, prompt="Keystore passphrase: "))
-        return cache[0]
-
+    passphrase = cached_passphrase(fd=getattr(args, "passphrase_fd", None), prompt="Keystore passphrase: ")
     return PQCKeystore(getattr(args, "keystore", None), passphrase=passphrase)

@@ -1,5 +1,6 @@
 """``qwamos`` entry point: builds the argument parser from one module per command group and turns
-library exceptions into messages and exit codes.  This is the only place that calls ``sys.exit``.
+library exceptions into messages and exit codes (through :func:`qwamos.errors.run_main`, which the block
+export's own entry point shares).  This is the only place in the CLI that calls ``sys.exit``.
 
 A command module exposes ``register(subparsers)``, adding its parsers with ``set_defaults(func=...)``;
 ``func(args) -> int | None`` returns the exit code (``None`` means 0).
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from qwamos import __version__
-from qwamos.errors import QwamosError
+from qwamos.errors import run_main
 
 # Command groups: top-level command -> its module in qwamos.cli (with register(subparsers)), in help order.
 COMMAND_GROUPS = {"volume": "volume_cmd", "key": "key_cmd", "vm": "vm_cmd", "migrate": "migrate_cmd"}
@@ -65,17 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return 2
-    try:
-        rc = func(args)
-    except QwamosError as e:
-        sys.stderr.write(f"qwamos: error: {e}\n")
-        return e.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("qwamos: interrupted\n")
-        return 130
-    except BrokenPipeError:
-        return 1
-    return 0 if rc is None else int(rc)
+    return run_main(lambda: func(args))
 
 
 def run() -> None:

@@ -44,6 +44,7 @@ from qwamos.hypervisor.process import RunDir, live_process, stop_export, stop_qe
 from qwamos.hypervisor.qemu import Disk, build_command, find_binary, guest_arch
 from qwamos.hypervisor.supervisor import STOP_REQUEST
 from qwamos.hypervisor.vocab import ACCELS, DEFAULT_ALGORITHM
+from qwamos.nbd.export import command as export_command
 
 STATES = ("running", "stopped", "starting", "crashed")
 START_TIMEOUT = 60.0
@@ -349,10 +350,8 @@ class VMManager:
         )
 
     def _export_argv(self, vol: Path) -> list[str]:
-        argv = [sys.executable, "-m", "qwamos.cli.main", "volume", "serve", str(vol), "--socket", RunDir.EXPORT]
-        if self.keystore_dir is not None:
-            argv += ["--keystore", str(self.keystore_dir)]
-        return argv
+        """The block export as its own program (the nbd layer's entry point, not the CLI)."""
+        return export_command(vol, RunDir.EXPORT, keystore=self.keystore_dir)
 
     def create_disk(self, cfg: VMConfig, disk: DiskPlan, created: CreatedDisk) -> None:
         """Create the disk the plan says is missing, noting in ``created`` what now exists (for undo)."""

@@ -1,13 +1,12 @@
-"""Processes of a running VM: the run directory, pidfiles, liveness, QMP and NBD readiness, staged shutdown.
+"""Processes of a running VM: the run directory, QMP, staged shutdown.
 
 A VM's processes (QEMU, the block export, the supervisor that watches both) are known only through the
-pidfiles in its run directory — never by matching command lines, which breaks as soon as two VMs are called
-``vm1`` and ``vm10``.  A pidfile holds the pid *and* the process start time from ``/proc/<pid>/stat``, so a
-recycled pid is never mistaken for our process, and signals go through a pidfd opened after that check.
+pidfiles in its run directory (:mod:`qwamos.pidfile`: pid *and* start time, never a command-line match).
+The NBD readiness probe is :func:`qwamos.nbd.client.nbd_answers`.
 
 UNIX socket paths are limited to 107 bytes, and run directories under deep temp paths exceed that.  So QEMU
 and the export run with the run directory as their working directory and get bare socket names, and this
-module connects through ``/proc/self/fd/<dirfd>/<name>``, which is always short.
+module connects through ``/proc/self/fd/<dirfd>/<name>`` (:func:`qwamos.fsutil.short_path`).
 
 Shutdown is staged as in qemu.qmp's ``machine.py``: ask politely (ACPI ``system_powerdown``), then QMP
 ``quit``, then SIGTERM, then SIGKILL, waiting a bounded time at each step.
@@ -26,18 +25,34 @@ import logging
 import os
 import signal
 import socket
-import struct
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qwamos.errors import VMError
+from qwamos.fsutil import SOCKET_PATH_MAX, atomic_write, short_path
+from qwamos.pidfile import ProcRef, live_process, proc_start_time, read_pidfile, wait_until, write_pidfile
+
+# Re-exported: the hypervisor's modules and tests find process references here.
+__all__ = [
+    "SOCKET_PATH_MAX",
+    "ProcRef",
+    "RunDir",
+    "connect_unix",
+    "exit_description",
+    "live_process",
+    "proc_start_time",
+    "qmp_execute",
+    "qmp_status",
+    "read_pidfile",
+    "stop_export",
+    "stop_qemu",
+    "wait_until",
+    "write_pidfile",
+]
 
 log = logging.getLogger(__name__)
-
-SOCKET_PATH_MAX = 107
 
 
 @dataclass(frozen=True)
@@ -127,122 +142,11 @@ class RunDir:
 
     def write_state(self, **fields: Any) -> None:
         """Atomically replace state.json (phase, reason, exit codes) — read by ``status``."""
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(fields, sort_keys=True) + "\n")
-        os.replace(tmp, self.state_file)
-
-
-# --- pidfiles and liveness ----------------------------------------------------------------------------
-
-
-def proc_start_time(pid: int) -> int | None:
-    """The process start time (clock ticks since boot, field 22 of /proc/<pid>/stat); None if gone/zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    if not fields or fields[0] in (b"Z", b"X"):
-        return None
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-@dataclass(frozen=True)
-class ProcRef:
-    """A process we started: pid plus start time, so that pid reuse cannot fool us."""
-
-    pid: int
-    start: int
-
-    @classmethod
-    def of(cls, pid: int) -> ProcRef:
-        start = proc_start_time(pid)
-        if start is None:
-            raise VMError(f"process {pid} exited before it could be recorded")
-        return cls(pid, start)
-
-    def alive(self) -> bool:
-        return proc_start_time(self.pid) == self.start
-
-    def signal(self, sig: int) -> bool:
-        """Send ``sig`` if this is still our process (checked through a pidfd); True if it was sent."""
-        try:
-            fd = os.pidfd_open(self.pid)
-        except OSError:
-            return False
-        try:
-            if proc_start_time(self.pid) != self.start:
-                return False
-            signal.pidfd_send_signal(fd, sig)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-
-    def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for the process to exit (children are reaped); True if it has."""
-        return wait_until(lambda: _reap(self.pid) or not self.alive(), timeout)
-
-
-def _reap(pid: int) -> bool:
-    """Reap ``pid`` if it is our child and has exited; returns False so it can sit inside a predicate."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-    return False
-
-
-def write_pidfile(path: Path, ref: ProcRef) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{ref.pid} {ref.start}\n")
-    os.replace(tmp, path)
-
-
-def read_pidfile(path: Path) -> ProcRef | None:
-    """The process recorded in ``path``, or None if the file is missing or malformed."""
-    try:
-        parts = path.read_text().split()
-        return ProcRef(int(parts[0]), int(parts[1]))
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def live_process(path: Path) -> ProcRef | None:
-    """The process recorded in ``path`` if it is still running, else None."""
-    ref = read_pidfile(path)
-    return ref if ref is not None and ref.alive() else None
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
+        data = (json.dumps(fields, sort_keys=True) + "\n").encode()
+        atomic_write(self.state_file, data, mode=0o600, durable=False)
 
 
 # --- sockets ------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def short_path(path: Path) -> Iterator[str]:
-    """A path to ``path`` short enough for ``sockaddr_un``: itself, or /proc/self/fd/<dirfd>/<name>."""
-    text = os.fspath(path)
-    if len(text.encode()) <= SOCKET_PATH_MAX:
-        yield text
-        return
-    dfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{dfd}/{path.name}"
-    finally:
-        os.close(dfd)
 
 
 def connect_unix(path: Path, timeout: float = 2.0) -> socket.socket:
@@ -298,47 +202,6 @@ def qmp_status(path: Path, timeout: float = 2.0) -> str | None:
     except (OSError, QMPError, TimeoutError):
         return None
     return str(result.get("status")) if isinstance(result, dict) else None
-
-
-# --- NBD readiness ------------------------------------------------------------------------------------
-
-_NBDMAGIC = b"NBDMAGIC"
-_IHAVEOPT = b"IHAVEOPT"
-_NBD_FLAG_C_FIXED_NEWSTYLE = 1
-_NBD_OPT_ABORT = 2
-
-
-def nbd_answers(path: Path, timeout: float = 2.0) -> bool:
-    """True if an NBD server on ``path`` completes the newstyle greeting; leaves with NBD_OPT_ABORT.
-
-    A clean abort matters: an export that serves one client at a time must be free again for QEMU.
-    """
-    try:
-        s = connect_unix(path, timeout)
-    except OSError:
-        return False
-    with s:
-        try:
-            greeting = _recv_exact(s, 18)
-            if greeting[:8] != _NBDMAGIC or greeting[8:16] != _IHAVEOPT:
-                return False
-            s.sendall(struct.pack(">I", _NBD_FLAG_C_FIXED_NEWSTYLE))
-            s.sendall(_IHAVEOPT + struct.pack(">II", _NBD_OPT_ABORT, 0))
-            with contextlib.suppress(OSError, EOFError):
-                _recv_exact(s, 20)  # the server's ACK to the abort (optional per protocol)
-        except (OSError, EOFError):
-            return False
-    return True
-
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return bytes(buf)
 
 
 # --- staged shutdown ----------------------------------------------------------------------------------

@@ -28,17 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qwamos.hypervisor.process import (
-    ProcRef,
-    RunDir,
-    exit_description,
-    nbd_answers,
-    qmp_status,
-    stop_export,
-    stop_qemu,
-    write_pidfile,
-)
+from qwamos.hypervisor.process import RunDir, exit_description, qmp_status, stop_export, stop_qemu
 from qwamos.hypervisor.qemu import qemu_environment
+from qwamos.nbd.client import nbd_answers
+from qwamos.pidfile import ProcRef, write_pidfile
 
 STOP_REQUEST = "stop-requested"
 EXPORT_POLL_INTERVAL = 0.005  # s between NBD handshake probes while the export starts

@@ -9,7 +9,7 @@ from __future__ import annotations
 import getpass
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from qwamos.errors import InvalidArgument
 
@@ -73,3 +73,16 @@ def read_passphrase(
         if again != first:
             raise InvalidArgument("the two passphrases do not match")
     return first.encode("utf-8")
+
+
+def cached_passphrase(*, fd: int | None = None, prompt: str = "Passphrase: ") -> Callable[[], bytes | None]:
+    """A passphrase source for :class:`~qwamos.keystore.PQCKeystore` that reads (or asks) at most once: a file
+    descriptor can be read only once, and a prompt should not repeat.  Nothing is read until it is called."""
+    cache: list[bytes | None] = []
+
+    def passphrase() -> bytes | None:
+        if not cache:
+            cache.append(read_passphrase(fd=fd, prompt=prompt))
+        return cache[0]
+
+    return passphrase

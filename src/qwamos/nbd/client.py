@@ -1,15 +1,21 @@
-"""A minimal blocking NBD client (fixed newstyle, NBD_OPT_GO, simple replies) for tests and tools.
+"""A minimal blocking NBD client (fixed newstyle, NBD_OPT_GO, simple replies) for tests and tools, and
+:func:`nbd_answers`, the one readiness probe (the VM supervisor waits on it before starting QEMU).
 
 Not a general-purpose client: one request at a time unless the caller pipelines with :meth:`send_request`
 and :meth:`recv_reply` itself.  Real clients (QEMU, libnbd) are what the export is judged against.
+UNIX socket paths longer than ``sockaddr_un`` allows are reached through ``/proc/self/fd`` (see
+:func:`qwamos.fsutil.short_path`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import struct
 from dataclasses import dataclass
 
+from qwamos.fsutil import short_path
 from qwamos.nbd import constants as c
 
 
@@ -37,10 +43,17 @@ class NBDClient:
         self._cookie = 0
 
     @classmethod
-    def connect_unix(cls, path: str, *, timeout: float = 10.0, go: bool = True, name: str = "") -> NBDClient:
+    def connect_unix(
+        cls, path: str | os.PathLike[str], *, timeout: float = 10.0, go: bool = True, name: str = ""
+    ) -> NBDClient:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
-        s.connect(path)
+        try:
+            with short_path(path) as p:
+                s.connect(p)
+        except OSError:
+            s.close()
+            raise
         cl = cls(s)
         if go:
             cl.handshake(name)
@@ -160,3 +173,25 @@ class NBDClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def nbd_answers(path: str | os.PathLike[str], timeout: float = 2.0) -> bool:
+    """True if an NBD server on the UNIX socket ``path`` completes the newstyle greeting.
+
+    It leaves with NBD_OPT_ABORT rather than a dropped connection: an export that serves one client at a time
+    must be free again for QEMU at once.  Any failure (no socket yet, refused, not NBD) is False.
+    """
+    try:
+        cl = NBDClient.connect_unix(path, timeout=timeout, go=False)
+    except OSError:
+        return False
+    with cl:
+        try:
+            cl.greeting()
+            cl.sock.sendall(struct.pack(">I", c.FLAG_C_FIXED_NEWSTYLE))
+            cl.send_option(c.OPT_ABORT)
+        except (OSError, NBDClientError):
+            return False
+        with contextlib.suppress(OSError, NBDClientError):
+            cl.recv_option_reply()  # the server's ACK to the abort (optional per protocol)
+    return True

@@ -1,0 +1,248 @@
+"""The block export's lifecycle, and its process entry point ``python -m qwamos.nbd.export``.
+
+One export is: claim the pidfile (refuse one naming a live process), open the volume (the keystore asks for
+the passphrase here), bind the sockets, print where it serves, detach if asked, record the pidfile, serve
+until SIGTERM/SIGINT, then flush, close the volume and remove the pidfile and socket.  Every refusal happens
+before the fork, so it reaches the caller with its exit code.  :func:`serve` is that sequence; the VM
+supervisor launches :func:`command`'s argv (this module as a program) and ``qwamos volume serve`` is a thin
+CLI over the same :func:`add_arguments` / :func:`spec_from_args` / :func:`serve`.
+
+The passphrase comes from ``QWAMOS_PASSPHRASE`` or ``--passphrase-fd``, never from argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwamos import pidfile
+from qwamos.blockdev import BlockBackend
+from qwamos.errors import ExportError, InvalidArgument, run_main
+
+log = logging.getLogger("qwamos.nbd")
+
+TCP_WARNING = """\
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!! WARNING: serving the DECRYPTED volume on {addr} without TLS or authentication.
+!! Anyone who can reach this address can read and overwrite the plaintext disk.
+!! Bind 127.0.0.1 (the default) or use --socket unless this network is trusted.
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
+
+Announce = Callable[[str], None]
+KeystoreFactory = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What to export and how: everything :func:`serve` needs except the keystore."""
+
+    path: Path
+    unix_path: Path | None = None
+    tcp: tuple[str, int] | None = None
+    name: str = ""
+    read_only: bool = False
+    socket_mode: int = 0o600
+    max_connections: int = 8
+    daemon: bool = False
+    pidfile: Path | None = None
+    log_file: Path | None = None
+    raw: bool = False
+
+    def check(self) -> None:
+        if self.unix_path is None and self.tcp is None:
+            raise InvalidArgument("give --socket PATH and/or --tcp [HOST:]PORT")
+        if self.daemon and self.pidfile is None:
+            raise InvalidArgument("--daemon needs --pidfile FILE (so that the server can be found and stopped)")
+
+
+def parse_tcp(text: str) -> tuple[str, int]:
+    """``[HOST:]PORT`` (IPv6 in brackets) -> (host, port); the host defaults to 127.0.0.1."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        num = int(port)
+    except ValueError:
+        raise InvalidArgument(f"--tcp {text!r}: expected [HOST:]PORT") from None
+    if not 0 <= num <= 65535:
+        raise InvalidArgument(f"--tcp {text!r}: port out of range")
+    return host, num
+
+
+# --- the lifecycle ---------------------------------------------------------------------------------------
+
+
+def open_backend(spec: ExportSpec, keystore: KeystoreFactory | None) -> BlockBackend:
+    """The volume (or, with ``raw``, a plain file for tests) opened for serving."""
+    if spec.raw:
+        from qwamos.blockdev import FileBackend
+
+        try:
+            return FileBackend(str(spec.path), read_only=spec.read_only)
+        except OSError as e:
+            raise ExportError(f"{spec.path}: {e.strerror or e}") from None
+    from qwamos.volume import PQCVolume
+
+    provider = keystore() if keystore is not None else _default_keystore()
+    return PQCVolume(spec.path, keystore=provider, read_only=spec.read_only).open()
+
+
+def _default_keystore() -> Any:
+    from qwamos.keystore import PQCKeystore
+
+    return PQCKeystore()
+
+
+def _pidfile_busy(message: str) -> ExportError:
+    return ExportError(f"{message}; is the export already served?")
+
+
+def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce: Announce | None = None) -> None:
+    """Run one export from start to clean exit (see the module docstring); raises before detaching.
+
+    ``announce`` receives the human lines (where it serves, the TCP warning); default: the log.
+    """
+    from qwamos.nbd import daemon
+    from qwamos.nbd.server import ExportServer, is_loopback
+
+    say = announce or log.warning
+    spec.check()
+    pid_path = spec.pidfile.absolute() if spec.pidfile is not None else None
+    if pid_path is not None:
+        pidfile.claim_pidfile(pid_path, _pidfile_busy)
+    backend = open_backend(spec, keystore)
+    try:
+        server = ExportServer(
+            backend,
+            unix_path=spec.unix_path,
+            tcp=spec.tcp,
+            name=spec.name,
+            read_only=spec.read_only,
+            socket_mode=spec.socket_mode,
+            max_connections=spec.max_connections,
+        )
+        server.bind()
+        where = []
+        if spec.unix_path is not None:
+            where.append(f"unix:{spec.unix_path}")
+        if server.tcp_address is not None:
+            host, port = server.tcp_address
+            where.append(f"tcp:{host}:{port}")
+            if not is_loopback(host):
+                say(TCP_WARNING.format(addr=f"{host}:{port}"))
+        ro = " (read-only)" if server.export.read_only else ""
+        say(f"Serving {spec.path}{ro} ({server.export.size} bytes) on {', '.join(where)}")
+        notify = None
+        if spec.daemon:
+            log_path = spec.log_file.absolute() if spec.log_file else None
+            notify = daemon.daemonize(log_path)
+            if log_path is not None:
+                logging.getLogger().handlers[:] = [logging.StreamHandler()]  # the new stderr
+        if pid_path is not None:
+            pidfile.write_pidfile(pid_path)
+
+        def ready() -> None:
+            log.info("ready (pid %d)", os.getpid())
+            if notify is not None:
+                notify()
+
+        try:
+            server.run(ready)
+        finally:
+            if pid_path is not None:
+                pidfile.remove_pidfile(pid_path)
+    finally:
+        backend.close()
+
+
+# --- arguments, shared by this entry point and `qwamos volume serve` ------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The export's options (not the keystore's, which every key-using command shares)."""
+    p.add_argument("path", type=Path, help="the .qvol volume (or a raw image with --raw)")
+    p.add_argument("--socket", type=Path, metavar="PATH", help="UNIX socket to listen on")
+    p.add_argument(
+        "--tcp",
+        metavar="[HOST:]PORT",
+        help="also/instead listen on TCP (default host 127.0.0.1; other addresses are unencrypted: warning)",
+    )
+    p.add_argument("--read-only", action="store_true", help="open the volume read-only; writes answer EPERM")
+    p.add_argument("--socket-mode", default="0600", help="permissions of the UNIX socket (default 0600)")
+    p.add_argument("--max-connections", type=int, default=8, help="concurrent clients (more are refused)")
+    p.add_argument("--name", default="", help="export name (the empty default name is always accepted)")
+    p.add_argument("--daemon", action="store_true", help="detach once the socket answers")
+    p.add_argument("--pidfile", type=Path, help="write the server's pid here (removed at exit)")
+    p.add_argument("--log-file", type=Path, help="with --daemon: append log messages here")
+    p.add_argument("--raw", action="store_true", help="serve a plain raw image instead of a .qvol (testing)")
+
+
+def spec_from_args(args: argparse.Namespace) -> ExportSpec:
+    try:
+        mode = int(args.socket_mode, 8)
+    except ValueError:
+        raise InvalidArgument(f"--socket-mode {args.socket_mode!r}: expected octal, e.g. 0600") from None
+    spec = ExportSpec(
+        path=args.path,
+        unix_path=args.socket,
+        tcp=parse_tcp(args.tcp) if args.tcp else None,
+        name=args.name,
+        read_only=args.read_only,
+        socket_mode=mode,
+        max_connections=args.max_connections,
+        daemon=args.daemon,
+        pidfile=args.pidfile,
+        log_file=args.log_file,
+        raw=args.raw,
+    )
+    spec.check()
+    return spec
+
+
+def command(
+    path: str | os.PathLike[str], socket: str, *, keystore: str | os.PathLike[str] | None = None
+) -> list[str]:
+    """The argv that serves ``path`` on the UNIX socket ``socket`` as its own process (for supervisors)."""
+    argv = [sys.executable, "-m", "qwamos.nbd.export"]
+    argv += [os.fspath(path), "--socket", socket]
+    if keystore is not None:
+        argv += ["--keystore", os.fspath(keystore)]
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m qwamos.nbd.export VOL --socket S [--keystore DIR] [--passphrase-fd N] ...``: the export as
+    a program, without the CLI's other command groups.  Messages and exit codes as ``qwamos volume serve``."""
+    from qwamos.keystore import PQCKeystore
+    from qwamos.keystore.passphrase import cached_passphrase
+
+    parser = argparse.ArgumentParser(prog="python -m qwamos.nbd.export", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    add_arguments(parser)
+    parser.add_argument("--keystore", type=Path, default=None, metavar="DIR", help="keystore directory")
+    parser.add_argument("--passphrase-fd", type=int, default=None, metavar="N", help="read the passphrase here")
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="qwamos: %(levelname)s: %(message)s", stream=sys.stderr)
+
+    def body() -> None:
+        spec = spec_from_args(args)
+        passphrase = cached_passphrase(fd=args.passphrase_fd, prompt="Keystore passphrase: ")
+        serve(
+            spec,
+            keystore=lambda: PQCKeystore(args.keystore, passphrase=passphrase),
+            announce=lambda text: print(text, file=sys.stderr, flush=True),
+        )
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
