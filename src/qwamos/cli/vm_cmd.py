@@ -6,20 +6,16 @@ Data goes to stdout (``--json`` where it is data), messages and warnings to stde
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import select
 import sys
 from pathlib import Path
 from typing import Any
 
 from qwamos.cli.output import emit_json, message, warn
 from qwamos.errors import VMStateError
+from qwamos.hypervisor import console
 from qwamos.hypervisor.manager import DEFAULT_STOP_TIMEOUT, VMManager
-from qwamos.hypervisor.process import connect_unix, live_process
+from qwamos.hypervisor.process import live_process
 from qwamos.hypervisor.vocab import ACCELS, ARCHES, DEFAULT_MACHINE_FOR_ARCH, MACHINES, NETWORK_MODES
-
-DETACH = b"\x1d"  # Ctrl-]
 
 
 def _common(p: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -187,57 +183,13 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 def _attach(mgr: VMManager, name: str, *, detach_ok: bool) -> str:
     """Relay the terminal to the serial console until the VM exits ("closed") or Ctrl-] ("detached")."""
-    sock = connect_unix(mgr.run_dir(name).console_sock, timeout=5.0)
-    sock.setblocking(False)
-    stdin = sys.stdin.fileno()
-    tty = os.isatty(stdin)
-    old = None
-    if tty:
-        import termios
-        import tty as ttymod
-
-        old = termios.tcgetattr(stdin)
-        ttymod.setraw(stdin)
-        message("connected to the serial console; Ctrl-] detaches\r")
-    out = sys.stdout.buffer
-    stdin_open = True
-    try:
-        while True:
-            rl = [sock] + ([stdin] if stdin_open else [])
-            ready, _, _ = select.select(rl, [], [])
-            if sock in ready:
-                try:
-                    data = sock.recv(65536)
-                except BlockingIOError:
-                    continue
-                if not data:
-                    break
-                out.write(data)
-                out.flush()
-            if stdin_open and stdin in ready:
-                data = os.read(stdin, 4096)
-                if not data:
-                    stdin_open = False  # keep showing output until the VM exits
-                    continue
-                if tty and DETACH in data and detach_ok:
-                    data = data.split(DETACH, 1)[0]
-                    if data:
-                        sock.sendall(data)
-                    return "detached"
-                with contextlib.suppress(BlockingIOError):
-                    sock.setblocking(True)
-                    sock.sendall(data)
-                    sock.setblocking(False)
-    except OSError:  # the VM went away under us
-        pass
-    finally:
-        sock.close()
-        if old is not None:
-            import termios
-
-            termios.tcsetattr(stdin, termios.TCSADRAIN, old)
-            sys.stderr.write("\n")
-    return "closed"
+    return console.relay(
+        mgr.run_dir(name).console_sock,
+        stdin_fd=sys.stdin.fileno(),
+        out=sys.stdout.buffer,
+        detach_ok=detach_ok,
+        notice=message,
+    )
 
 
 def cmd_create(args: argparse.Namespace) -> int:
