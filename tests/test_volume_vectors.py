@@ -134,3 +134,75 @@ def test_header_vector(tmp_path):
     with PQCVolume(path, keystore=FixedKey(), read_only=True) as v:
         assert v.read_block(5) == PLAINTEXT
         assert v.check() == []
+
+
+# --- format v2 ------------------------------------------------------------------------------------------------
+
+HEADER_MAC_KEY_V2 = "bc2e278884ca635fba1ab8e4a9bc3ebebe8430edc41a1f90ca36ed27b09ddde5"
+HEADER_V2_JSON = (
+    '{"algorithm":"chacha20-poly1305","block_size":4096,"created_at":"2026-01-01T00:00:00Z","data_offset":4096,'
+    '"epoch":0,"epoch_limit":4294967296,"epoch_reserved":0,"features":{},"format_version":2,'
+    '"header_b_offset":1082134528,"key_id":"vm-my-vm-1a2b3c4d5e6f7890","metadata":null,"name":"my-volume",'
+    '"seq":1,"size_bytes":1073741824,"total_blocks":262144,"vm_name":"my-vm",'
+    '"volume_uuid":"00112233445566778899aabbccddeeff"}'
+)
+HEADER_V2_MAC = "9ce4b8914aef6de26d1118b08341a0aa698732e7461996d3505d9796bcfca56a"
+HEADER_V2_SHA256 = "a2bb14545d75cd937e7939b0242626133441823257836cbb4b6336b05d6dd706"
+
+
+def _v2_header(**kw):
+    fields = dict(
+        volume_uuid=UUID.hex(),
+        name="my-volume",
+        vm_name="my-vm",
+        key_id="vm-my-vm-1a2b3c4d5e6f7890",
+        algorithm="chacha20-poly1305",
+        total_blocks=262144,
+        size_bytes=1073741824,
+        created_at="2026-01-01T00:00:00Z",
+    )
+    return hdr.Header(**{**fields, **kw})
+
+
+def test_v2_header_vector(tmp_path):
+    assert rfc5869(K, UUID, b"qwamos/qvol/v2/header-mac").hex() == HEADER_MAC_KEY_V2
+    assert header_mac_key(K, UUID, 2).hex() == HEADER_MAC_KEY_V2
+    h = _v2_header()
+    assert h.header_b_offset == 4096 + 262144 * 4128 == 1082134528  # slot end, already 4 KiB aligned
+    blob = hdr.encode(h, header_mac_key(K, UUID, 2))
+    assert len(HEADER_V2_JSON) == 415
+    assert blob[:32] == b"QWAMOS-PQC-VOL-v1" + bytes(15)
+    assert blob[32:36] == (415).to_bytes(4, "big")
+    assert blob[36:451].decode() == HEADER_V2_JSON
+    assert blob[451:4064] == bytes(4064 - 451)
+    assert blob[4064:].hex() == HEADER_V2_MAC
+    assert hmac.new(bytes.fromhex(HEADER_MAC_KEY_V2), blob[:4064], hashlib.sha256).hexdigest() == HEADER_V2_MAC
+    assert hashlib.sha256(blob).hexdigest() == HEADER_V2_SHA256
+    # an odd geometry: copy B starts at the slot end rounded up to 4096
+    assert _v2_header(total_blocks=1, size_bytes=17).header_b_offset == 12288  # 4096 + 4128 = 8224 -> 12288
+
+    # A v2 file built by hand from the vectors: copy A at 0, copy B ending the file, block 5 as pinned.
+    class FixedKey:
+        def volume_key(self, key_id):
+            return K
+
+    path = tmp_path / "vector-v2.qvol"
+    with_epoch = hdr.encode(_v2_header(epoch=1, epoch_reserved=1, seq=7), header_mac_key(K, UUID, 2))
+    slot = bytearray(4128)
+    SlotCipher(K, UUID, "chacha20-poly1305", 1).seal_run(
+        memoryview(slot), 5, memoryview(PLAINTEXT.ljust(4096, b"\0")), 1, 1, memoryview(NONCE), 17
+    )
+    with open(path, "wb") as f:
+        f.truncate(1082134528 + 4096)
+        for off in (0, 1082134528):
+            f.seek(off)
+            f.write(with_epoch)
+        f.seek(4096 + 5 * 4128)
+        f.write(slot)
+    with PQCVolume(path, keystore=FixedKey(), read_only=True) as v:
+        assert v.read_block(5) == PLAINTEXT and v.header.seq == 7
+        assert [c["state"] for c in v.info()["header_copies"]] == ["ok", "ok"]
+    with open(path, "r+b") as f:  # copy A lost: copy B alone opens it
+        f.write(bytes(4096))
+    with PQCVolume(path, keystore=FixedKey(), read_only=True) as v:
+        assert v.read_block(5) == PLAINTEXT and v.info()["header_fallback"] is True
