@@ -14,6 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "qwamos"
 LAYERS = [
     ("errors", "fsutil", "strictjson", "pidfile"),
     ("crypto", "blockdev"),
+    ("storage",),
     ("volume",),
     ("keystore",),
     ("nbd",),

@@ -197,17 +197,17 @@ def test_the_copy_with_the_higher_seq_wins(vol, keys, newer):
 def test_commit_writes_one_copy_then_syncs_then_the_other(vol, keys, monkeypatch):
     """The order of a change on disk: non-chosen copy, fdatasync, the other copy, fdatasync."""
     events: list[tuple] = []
-    real_pwrite, real_sync = header_store.pwrite_all, os.fdatasync
+    real_pwrite, real_sync = header_store.write_copy, os.fdatasync
 
-    def pwrite(fd, data, offset):
+    def pwrite(storage, data, offset):
         events.append(("write", offset))
-        real_pwrite(fd, data, offset)
+        real_pwrite(storage, data, offset)
 
     def sync(fd):
         events.append(("sync",))
         real_sync(fd)
 
-    monkeypatch.setattr(header_store, "pwrite_all", pwrite)
+    monkeypatch.setattr(header_store, "write_copy", pwrite)
     monkeypatch.setattr(header_store.os, "fdatasync", sync)
     b = _b_offset(vol.path)
     with PQCVolume(vol.path, keystore=keys) as v:
@@ -244,19 +244,19 @@ _CHILD = textwrap.dedent(
         def volume_key(self, key_id):
             return key
 
-    real = header_store.pwrite_all
+    real = header_store.write_copy
     n = [0]
 
-    def pwrite(fd, data, offset):
+    def pwrite(storage, data, offset):
         n[0] += 1
         if n[0] == 2:  # the second copy of the first change
             if mode == "torn":  # half of it reaches the disk
-                real(fd, memoryview(bytes(data))[:2048], offset)
-                os.fdatasync(fd)
+                real(storage, memoryview(bytes(data))[:2048], offset)
+                storage.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        real(fd, data, offset)
+        real(storage, data, offset)
 
-    header_store.pwrite_all = pwrite
+    header_store.write_copy = pwrite
     v = PQCVolume(path, keystore=Keys()).open()
     v.write(4096, b"never written" + bytes(4096 - 13))
     """

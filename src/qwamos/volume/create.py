@@ -1,24 +1,17 @@
-"""Making a new volume file: argument checks, the fresh header, and the atomic appearance of the file.
+"""Making a new volume: argument checks and the fresh header.
 
-The file is written under a temporary name in the target directory (header, then ``ftruncate`` to full size,
-so a volume of any size costs one page), fsynced, and linked into place: ``link`` refuses a name that
-appeared meanwhile, so two creators never both win.  ``overwrite`` renames over an existing volume, but only
-while holding that volume's lock, so an open volume is never replaced under its user.
+The bytes go through the storage layer (:func:`qwamos.storage.create_storage`): written under a temporary
+name, and made to appear at the volume's path atomically, so a failure leaves no partial file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 from datetime import UTC, datetime
 
 from qwamos import crypto
-from qwamos.errors import InvalidArgument, VolumeError, VolumeExistsError, VolumeLockedError
-from qwamos.fsutil import fsync_dir
+from qwamos.errors import InvalidArgument
 from qwamos.volume import header as hdr
 from qwamos.volume.header import BLOCK_SIZE, Header
-from qwamos.volume.slotio import pwrite_all
 
 MIB = 1024 * 1024
 
@@ -68,72 +61,3 @@ def new_header(
         created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         epoch_limit=epoch_limit,
     )
-
-
-def check_directory(path: str) -> str:
-    """The directory the volume goes into; it must exist."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise VolumeError(msg=f"{path}: directory {directory} does not exist")
-    return directory
-
-
-def temp_name(path: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    return os.path.join(directory, f".{os.path.basename(path)}.{crypto.random_bytes(6).hex()}.tmp")
-
-
-def guard_existing(path: str, overwrite: bool) -> int | None:
-    """Refuse an existing path (unless overwrite); when overwriting, hold its lock while we replace it.
-
-    Returns the descriptor holding that lock (the caller closes it once the new file is in place), or None.
-    """
-    if not os.path.lexists(path):
-        return None
-    if not overwrite:
-        raise VolumeExistsError(path=path)
-    if not os.path.isfile(path):
-        raise VolumeError(msg=f"{path}: exists and is not a regular file; refusing to replace it")
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise VolumeLockedError(path=path) from None
-    return fd
-
-
-def write_file(tmp: str, copies: list[tuple[int, bytes]], file_size: int) -> None:
-    """The new file under its temporary name: full (sparse) size, the header copies, fsynced."""
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, file_size)
-        for offset, blob in copies:
-            pwrite_all(fd, memoryview(blob), offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(tmp: str, path: str, overwrite: bool) -> None:
-    """Move the finished temporary file to ``path``: replace when overwriting, else link (refuses a name
-    that exists), falling back to rename on filesystems without hard links."""
-    if overwrite:
-        os.replace(tmp, path)
-    else:
-        try:
-            os.link(tmp, path)  # atomic, and refuses a file that appeared meanwhile
-        except FileExistsError:
-            raise
-        except OSError:  # filesystem without hard links
-            if os.path.lexists(path):
-                raise FileExistsError(path) from None
-            os.rename(tmp, path)
-        else:
-            os.unlink(tmp)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def remove_temp(tmp: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)

@@ -27,7 +27,6 @@ the copy we fall back to is never older than a reservation some encryption relie
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -42,10 +41,10 @@ from qwamos.errors import (
     UnsupportedVersionError,
     VolumeError,
 )
+from qwamos.storage import Storage, open_storage
 from qwamos.volume import header as hdr
 from qwamos.volume.header import HEADER_SIZE, Header
 from qwamos.volume.keys import KeyProvider, check_volume_key, header_mac_key
-from qwamos.volume.slotio import pwrite_all
 
 log = logging.getLogger("qwamos.volume")
 
@@ -110,8 +109,8 @@ class Loaded:
         )
 
 
-def _pread(fd: int, offset: int, size: int) -> bytes:
-    return os.pread(fd, size, offset)
+def _pread(storage: Storage, offset: int, size: int) -> bytes:
+    return storage.read(offset, size)
 
 
 def _judge(path: str, cand: Candidate, keys: dict[str, bytes], provider: KeyProvider) -> None:
@@ -150,20 +149,20 @@ def _b_hints(a_data: bytes, size: int) -> list[int]:
     return hints
 
 
-def load(path: str, fd: int, provider: KeyProvider) -> Loaded:
+def load(path: str, storage: Storage, provider: KeyProvider) -> Loaded:
     """Read every copy that can be found, judge each, and choose the newest valid one.
 
     Raises when no copy is valid: the error of copy A when nothing that looks like copy B exists (so a v1
     volume or a non-volume fails exactly as before), else ``HeaderCorruptError`` naming both copies'
     failures; ``KeyNotFoundError`` and ``UnsupportedVersionError`` are raised as they are.
     """
-    size = os.fstat(fd).st_size
+    size = storage.size()
     keys: dict[str, bytes] = {}
-    a = Candidate(0, _pread(fd, 0, HEADER_SIZE))
+    a = Candidate(0, _pread(storage, 0, HEADER_SIZE))
     _judge(path, a, keys, provider)
     bs: list[Candidate] = []
     for off in _b_hints(a.data, size):
-        data = _pread(fd, off, HEADER_SIZE)
+        data = _pread(storage, off, HEADER_SIZE)
         if len(data) == HEADER_SIZE and hdr.looks_like_header(data):
             bs.append(Candidate(off, data))
             _judge(path, bs[-1], keys, provider)
@@ -225,19 +224,27 @@ def _report(name: str, cand: Candidate, chosen: Header) -> CopyReport:
     return CopyReport(name, cand.offset, STALE, seq=h.seq)
 
 
-def commit(fd: int, header: Header, volume_key: bytes, *, disk_seq: int, chosen: str) -> Header:
-    """Write ``header`` (v2) durably to both copies, the non-chosen one first, each followed by fdatasync.
+def commit(storage: Storage, header: Header, volume_key: bytes, *, disk_seq: int, chosen: str) -> Header:
+    """Write ``header`` (v2) durably to both copies, the non-chosen one first, each followed by a flush.
 
     Returns the header as written (``seq = disk_seq + 1``).  Raises the OSError of a failed write: the copy
-    not yet written still holds a valid state.
+    not yet written still holds a valid state.  The space of both copies is reserved before either is
+    written, so a full disk fails the commit before it touches a copy.
     """
     new = replace(header, seq=disk_seq + 1)
     blob = memoryview(hdr.encode(new, header_mac_key(volume_key, new.uuid_bytes, new.format_version)))
     order = (0, new.header_b_offset) if chosen == "B" else (new.header_b_offset, 0)
     for off in order:
-        pwrite_all(fd, blob, off)
-        os.fdatasync(fd)
+        storage.allocate(off, HEADER_SIZE)
+    for off in order:
+        write_copy(storage, blob, off)
+        storage.flush()
     return new
+
+
+def write_copy(storage: Storage, blob: bytes | memoryview, offset: int) -> None:
+    """Write one header copy (a function of its own so that crash tests can tear exactly this write)."""
+    storage.write(offset, (blob,))
 
 
 def initial_copies(header: Header, volume_key: bytes) -> list[tuple[int, bytes]]:
@@ -255,7 +262,7 @@ class HeaderStore:
     """
 
     path: str
-    fd: int
+    storage: Storage
     header: Header
     volume_key: bytes
     copies: list[CopyReport]
@@ -264,21 +271,21 @@ class HeaderStore:
     _chosen: str
 
     @classmethod
-    def load(cls, path: str, fd: int, provider: KeyProvider) -> HeaderStore:
+    def load(cls, path: str, storage: Storage, provider: KeyProvider) -> HeaderStore:
         """Read, authenticate (key from ``provider``) and validate the header copies and choose one; see
         docs/qvol-format.md for the order of checks.  No field but ``format_version``, ``key_id`` and
         ``volume_uuid`` is looked at before a copy's MAC passed.  Logs a warning when a copy is damaged."""
-        got = load(path, fd, provider)
+        got = load(path, storage, provider)
         if got.fell_back:
             log.warning("%s: opened from header copy %s: %s", path, got.chosen, got.summary())
-        return cls(path, fd, got.header, got.volume_key, got.copies, got.fell_back, got.disk_seq, got.chosen)
+        return cls(path, storage, got.header, got.volume_key, got.copies, got.fell_back, got.disk_seq, got.chosen)
 
     def store(self, header: Header) -> None:
         """Replace the header durably (both copies; a v1 volume is upgraded first)."""
         if self.header.format_version == hdr.FORMAT_V1:
             self.upgrade()
             header = replace(header, format_version=hdr.FORMAT_V2, header_b_offset=self.header.header_b_offset)
-        self.header = commit(self.fd, header, self.volume_key, disk_seq=self._disk_seq, chosen=self._chosen)
+        self.header = commit(self.storage, header, self.volume_key, disk_seq=self._disk_seq, chosen=self._chosen)
         self._disk_seq = self.header.seq
         self._chosen = "A"
         self.copies = [
@@ -296,9 +303,9 @@ class HeaderStore:
         if self.header.format_version != hdr.FORMAT_V1:
             return
         new = self.header.as_v2(seq=1)
-        if os.fstat(self.fd).st_size > new.file_size:
-            os.ftruncate(self.fd, new.file_size)
-        self.header = commit(self.fd, new, self.volume_key, disk_seq=0, chosen="A")
+        if self.storage.size() > new.file_size:
+            self.storage.resize(new.file_size)
+        self.header = commit(self.storage, new, self.volume_key, disk_seq=0, chosen="A")
         self._disk_seq, self._chosen = self.header.seq, "A"
         log.info("%s: upgraded to qvol format v2 (two header copies)", self.path)
 
@@ -355,25 +362,28 @@ def read_header(path: str | os.PathLike[str], keystore: KeyProvider | None = Non
     passed (a missing key or a failed MAC leave it False rather than raising).
     """
     p = os.fspath(path)
+    storage = open_storage(p, read_only=True)
     try:
-        with open(p, "rb") as f:
-            data = f.read(HEADER_SIZE)
-            size = os.fstat(f.fileno()).st_size
-            try:
-                fields, copy = hdr.parse_unverified(p, data), "A"
-            except (NotAQvolError, HeaderCorruptError, TruncatedVolumeError) as e:
-                # copy A is unreadable: show copy B when there is one (a v2 volume whose copy A was lost)
-                for off in _b_hints(data, size):
-                    f.seek(off)
-                    other = f.read(HEADER_SIZE)
-                    if len(other) == HEADER_SIZE and hdr.looks_like_header(other):
-                        with contextlib.suppress(QwamosError):
-                            fields, copy, data = hdr.parse_unverified(p, other), "B", other
-                            break
-                else:
-                    raise e from None
+        data = storage.read(0, HEADER_SIZE)
+        size = storage.size()
+        try:
+            fields, copy = hdr.parse_unverified(p, data), "A"
+        except (NotAQvolError, HeaderCorruptError, TruncatedVolumeError) as e:
+            # copy A is unreadable: show copy B when there is one (a v2 volume whose copy A was lost)
+            for off in _b_hints(data, size):
+                other = storage.read(off, HEADER_SIZE)
+                if len(other) == HEADER_SIZE and hdr.looks_like_header(other):
+                    try:
+                        fields, copy, data = hdr.parse_unverified(p, other), "B", other
+                        break
+                    except QwamosError:
+                        pass
+            else:
+                raise e from None
     except OSError as e:
         raise VolumeError(msg=f"{p}: cannot read: {e.strerror or e}") from None
+    finally:
+        storage.close()
     result = UnverifiedHeader(fields)
     result.copy = copy
     if keystore is not None:

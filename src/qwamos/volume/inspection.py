@@ -6,23 +6,22 @@ it holds, not its size.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from qwamos.errors import TruncatedVolumeError
+from qwamos.storage import Storage
 from qwamos.volume.header import BLOCK_SIZE, HEADER_SIZE, SLOT_SIZE, Header
 from qwamos.volume.slotio import MAX_RUN, SlotIO, round_up
 from qwamos.volume.slots import ZERO_SLOT
-from qwamos.volume.sparse import data_extents
 
 ProgressFn = Callable[[int, int], None]
 
 
-def slot_runs(fd: int, header: Header) -> Iterator[tuple[int, int]]:
+def slot_runs(storage: Storage, header: Header) -> Iterator[tuple[int, int]]:
     """``(first, count)`` runs (<= MAX_RUN) of slots that overlap allocated file extents, in order."""
     nxt = 0
-    for ds, de in data_extents(fd, HEADER_SIZE, header.file_size):
+    for ds, de in storage.extents(HEADER_SIZE, header.file_size):
         first = max(nxt, (ds - HEADER_SIZE) // SLOT_SIZE)
         stop = min(header.total_blocks, round_up(de - HEADER_SIZE, SLOT_SIZE) // SLOT_SIZE)
         while first < stop:
@@ -37,14 +36,14 @@ def check(io: SlotIO, header: Header, progress: ProgressFn | None = None) -> lis
 
     ``progress(done, total)`` is called with block counts as the scan advances.
     """
-    fd = io.fd
+    storage = io.storage
     bad: list[int] = []
     out = memoryview(io.pbuf)
-    for first, count in slot_runs(fd, header):
-        raw = os.pread(fd, count * SLOT_SIZE, HEADER_SIZE + first * SLOT_SIZE)
-        if len(raw) < count * SLOT_SIZE:
+    raw = memoryview(io.rbuf)
+    for first, count in slot_runs(storage, header):
+        if storage.read_into(HEADER_SIZE + first * SLOT_SIZE, raw[: count * SLOT_SIZE]) < count * SLOT_SIZE:
             raise TruncatedVolumeError(path=io.path, msg="file shrank during check")
-        io.cipher.open_run(raw, first, count, out[: count * BLOCK_SIZE], bad)
+        io.cipher.open_run(io.rbuf, first, count, out[: count * BLOCK_SIZE], bad)
         if progress is not None:
             progress(first + count, header.total_blocks)
     if progress is not None:
@@ -52,26 +51,28 @@ def check(io: SlotIO, header: Header, progress: ProgressFn | None = None) -> lis
     return bad
 
 
-def allocated_blocks(fd: int, header: Header) -> int:
+def allocated_blocks(io: SlotIO, header: Header) -> int:
     """How many slots hold data (are not all-zero)."""
+    storage = io.storage
+    raw = io.rbuf
     used = 0
-    for first, count in slot_runs(fd, header):
-        raw = os.pread(fd, count * SLOT_SIZE, HEADER_SIZE + first * SLOT_SIZE)
-        for o in range(0, len(raw), SLOT_SIZE):
+    for first, count in slot_runs(storage, header):
+        got = storage.read_into(HEADER_SIZE + first * SLOT_SIZE, memoryview(raw)[: count * SLOT_SIZE])
+        for o in range(0, got, SLOT_SIZE):
             if not raw.startswith(ZERO_SLOT, o, o + SLOT_SIZE):
                 used += 1
     return used
 
 
-def info(path: str, fd: int, header: Header, *, read_only: bool) -> dict[str, Any]:
+def info(path: str, io: SlotIO, header: Header, *, read_only: bool) -> dict[str, Any]:
     """Header fields plus where the file stands: allocated blocks and bytes, the path."""
-    st = os.fstat(fd)
+    storage = io.storage
     out = header.to_dict()
     out.update(
         path=path,
-        file_size=st.st_size,
-        allocated_bytes=st.st_blocks * 512,
-        allocated_blocks=allocated_blocks(fd, header),
+        file_size=storage.size(),
+        allocated_bytes=storage.allocated_bytes(),
+        allocated_blocks=allocated_blocks(io, header),
         read_only=read_only,
     )
     return out

@@ -19,23 +19,21 @@ sizes); and a block that fails authentication is gone, its plaintext cannot be r
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from qwamos.errors import InvalidArgument, VolumeError, VolumeLockedError
-from qwamos.fsutil import fsync_dir
+from qwamos.errors import InvalidArgument, VolumeError
+from qwamos.fsutil import fsync_dir, write_all
+from qwamos.storage import Storage, open_storage
 from qwamos.volume import header_store
 from qwamos.volume.header import BLOCK_SIZE, SLOT_SIZE, Header
 from qwamos.volume.header_store import HeaderStore
 from qwamos.volume.inspection import ProgressFn, slot_runs
 from qwamos.volume.keys import KeyProvider
-from qwamos.volume.slotio import pwrite_all
 from qwamos.volume.slots import SlotCipher
 
 _ZERO_SLOT = memoryview(bytes(SLOT_SIZE))
@@ -112,16 +110,16 @@ class RepairReport:
 
 
 def scan(
-    fd: int, header: Header, cipher: SlotCipher, intact: int, progress: ProgressFn | None = None
+    storage: Storage, header: Header, cipher: SlotCipher, intact: int, progress: ProgressFn | None = None
 ) -> list[int]:
     """Authenticate every allocated slot among the first ``intact``; return the failing indices."""
     bad: list[int] = []
     out = memoryview(bytearray(256 * BLOCK_SIZE))
-    for first, count in slot_runs(fd, header):
+    for first, count in slot_runs(storage, header):
         count = min(count, intact - first)
         if count <= 0:
             break
-        raw = os.pread(fd, count * SLOT_SIZE, header.data_offset + first * SLOT_SIZE)
+        raw = storage.read(header.data_offset + first * SLOT_SIZE, count * SLOT_SIZE)
         if len(raw) < count * SLOT_SIZE:
             raise VolumeError(msg="the file shrank during the scan")
         cipher.open_run(raw, first, count, out[: count * BLOCK_SIZE], bad)
@@ -147,43 +145,32 @@ def repair(
     if keystore is None:
         raise InvalidArgument("repair needs keystore= (an object that provides volume keys)")
     p = os.fspath(path)
-    flags = (os.O_RDONLY if dry_run else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
+    storage = open_storage(p, read_only=dry_run)
     try:
-        fd = os.open(p, flags)
-    except FileNotFoundError:
-        raise VolumeError(msg=f"{p}: no such file") from None
-    except OSError as e:
-        raise VolumeError(msg=f"{p}: cannot open: {e.strerror or e}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise VolumeError(msg=f"{p}: not a regular file")
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if dry_run else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VolumeLockedError(path=p) from None
-        return _repair(p, fd, keystore, dry_run, zero_bad, progress, before_changes)
+        storage.lock(shared=dry_run)
+        return _repair(p, storage, keystore, dry_run, zero_bad, progress, before_changes)
     except OSError as e:
         raise VolumeError(msg=f"{p}: I/O error: {e.strerror or e}") from None
     finally:
-        os.close(fd)
+        storage.close()
 
 
 def _repair(
     path: str,
-    fd: int,
+    storage: Storage,
     keystore: KeyProvider,
     dry_run: bool,
     zero_bad: bool,
     progress: ProgressFn | None,
     before_changes: Callable[[RepairReport], None] | None,
 ) -> RepairReport:
-    store = HeaderStore.load(path, fd, keystore)
+    store = HeaderStore.load(path, storage, keystore)
     header = store.header
-    size = os.fstat(fd).st_size
+    size = storage.size()
     intact = header.intact_blocks(size)
     lost = (intact, header.total_blocks - intact) if intact < header.total_blocks else None
     cipher = SlotCipher(store.volume_key, header.uuid_bytes, header.algorithm, header.epoch)
-    bad = scan(fd, header, cipher, intact, progress)
+    bad = scan(storage, header, cipher, intact, progress)
     report = RepairReport(
         path=path,
         format_version=header.format_version,
@@ -227,13 +214,13 @@ def _repair(
         before_changes(report)
     if will_zero:
         for i in bad:
-            pwrite_all(fd, _ZERO_SLOT, header.data_offset + i * SLOT_SIZE)
+            storage.write(header.data_offset + i * SLOT_SIZE, (_ZERO_SLOT,))
         if lost:
             cut = header.data_offset + intact * SLOT_SIZE
             if size > cut:  # the partial slot at the cut: its remaining bytes are a torn slot
-                pwrite_all(fd, _ZERO_SLOT[: size - cut], cut)
-            os.ftruncate(fd, max(header.file_size, size))
-        os.fdatasync(fd)
+                storage.write(cut, (_ZERO_SLOT[: size - cut],))
+            storage.resize(max(header.file_size, size))
+        storage.flush()
         report.blocks_zeroed = True
     if header_fix:
         store.prepare_for_writing()
@@ -249,7 +236,7 @@ def _save(report: RepairReport) -> str:
     body = json.dumps(report.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        pwrite_all(fd, memoryview(body), 0)
+        write_all(fd, body)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -22,9 +22,7 @@ correct (they share the scratch buffers).  Writers and readers in other processe
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import stat
 import weakref
 from typing import Any
 
@@ -36,8 +34,8 @@ from qwamos.errors import (
     VolumeClosedError,
     VolumeError,
     VolumeExistsError,
-    VolumeLockedError,
 )
+from qwamos.storage import Storage, create_storage, open_storage
 from qwamos.volume import create as creation
 from qwamos.volume import header as hdr
 from qwamos.volume import inspection
@@ -68,7 +66,7 @@ class PQCVolume:
         self.path = os.fspath(path)
         self.keystore = keystore
         self._read_only = bool(read_only)
-        self._fd: int | None = None
+        self._storage: Storage | None = None
         self._header: Header | None = None
         self._store: HeaderStore | None = None
         self._io: SlotIO | None = None
@@ -100,16 +98,16 @@ class PQCVolume:
         discarded.  An existing file is refused unless ``overwrite=True`` (and even then not while another
         process holds it open).
         """
-        if self._fd is not None:
+        if self._storage is not None:
             raise InvalidArgument("close the volume before calling create()")
         provider = self._provider()
         size = creation.resolve_size(size_mb, size_bytes)
         alg = crypto.resolve_algorithm(algorithm)
         total, limit = creation.check_arguments(name, vm_name, size, epoch_limit)
-        creation.check_directory(self.path)
-
-        guard_fd = creation.guard_existing(self.path, overwrite)
-        tmp = creation.temp_name(self.path)
+        try:
+            pending = create_storage(self.path, overwrite=overwrite, random_suffix=crypto.random_bytes(6).hex())
+        except OSError as e:
+            raise VolumeError(msg=f"{self.path}: cannot create: {e.strerror or e}") from None
         key_id: str | None = None
         try:
             key_id, key = provider.new_volume_key(vm_name, name)
@@ -117,10 +115,13 @@ class PQCVolume:
             if not isinstance(key_id, str) or not 1 <= len(key_id) <= creation.hdr.MAX_NAME_LEN:
                 raise InvalidArgument(f"the key provider returned an unusable key id {key_id!r}")
             header = creation.new_header(name, vm_name, key_id, alg, total, size, limit)
-            creation.write_file(tmp, initial_copies(header, key), header.file_size)
-            creation.publish(tmp, self.path, overwrite)
+            storage = pending.storage
+            storage.resize(header.file_size)  # sparse: a volume of any size costs its header pages
+            for offset, blob in initial_copies(header, key):
+                storage.write(offset, (blob,))
+            pending.commit()
         except BaseException as e:
-            creation.remove_temp(tmp)
+            pending.abort()
             if key_id is not None:
                 provider.discard_key(key_id)
             if isinstance(e, FileExistsError):
@@ -128,43 +129,30 @@ class PQCVolume:
             if isinstance(e, OSError):
                 raise VolumeError(msg=f"{self.path}: cannot create: {e.strerror or e}") from None
             raise
-        finally:
-            if guard_fd is not None:
-                os.close(guard_fd)
         return key_id
 
     def open(self) -> PQCVolume:
         """Open, lock, authenticate the header, and get ready for I/O.  Returns ``self``."""
-        if self._fd is not None:
+        if self._storage is not None:
             raise InvalidArgument(f"{self.path} is already open")
         provider = self._provider()
-        flags = (os.O_RDONLY if self._read_only else os.O_RDWR) | os.O_CLOEXEC
+        storage = open_storage(self.path, read_only=self._read_only)
         try:
-            fd = os.open(self.path, flags)
-        except FileNotFoundError:
-            raise VolumeError(msg=f"{self.path}: no such file") from None
-        except OSError as e:
-            raise VolumeError(msg=f"{self.path}: cannot open: {e.strerror or e}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise VolumeError(msg=f"{self.path}: not a regular file")
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if self._read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise VolumeLockedError(path=self.path) from None
-            store = HeaderStore.load(self.path, fd, provider)
-            header = store.header
-            hdr.check_features(self.path, header, writable=not self._read_only)
-            if st.st_size < header.slots_end:
-                raise hdr.truncation_error(self.path, header, st.st_size)
-            if not self._read_only:
-                store.prepare_for_writing()  # upgrade v1, restore a damaged copy: before any slot I/O
+            with self._guard:  # an OS failure in here is an I/O error naming the volume
+                storage.lock(shared=self._read_only)
+                store = HeaderStore.load(self.path, storage, provider)
                 header = store.header
+                hdr.check_features(self.path, header, writable=not self._read_only)
+                file_size = storage.size()
+                if file_size < header.slots_end:
+                    raise hdr.truncation_error(self.path, header, file_size)
+                if not self._read_only:
+                    store.prepare_for_writing()  # upgrade v1, restore a damaged copy: before any slot I/O
+                    header = store.header
         except BaseException:
-            os.close(fd)
+            storage.close()
             raise
-        self._fd = fd
+        self._storage = storage
         self._header = header
         self._store = store
         cipher = SlotCipher(store.volume_key, header.uuid_bytes, header.algorithm, header.epoch)
@@ -172,41 +160,41 @@ class PQCVolume:
         budget = NonceBudget(
             self.path, header.epoch, header.epoch_reserved, header.epoch_limit, lambda e, r: persist()(e, r)
         )
-        self._io = SlotIO(self.path, fd, cipher, budget, self._nonces, read_only=self._read_only)
+        self._io = SlotIO(self.path, storage, cipher, budget, self._nonces)
         return self
 
     def close(self) -> None:
         """Make writes durable (fdatasync), release the lock, forget the keys.  Safe to call twice."""
         with self._guard.lock:
-            fd = self._fd
-            if fd is None:
+            storage = self._storage
+            if storage is None:
                 return
             try:
                 if self._io is not None and self._io.dirty:
-                    os.fdatasync(fd)
+                    storage.flush()
             finally:
-                self._fd = None
+                self._storage = None
                 self._io = None
                 if self._store is not None:
                     self._store.forget()
                 self._store = None
-                os.close(fd)
+                storage.close()
 
     def __del__(self) -> None:
         # A volume dropped without close(): release the descriptor (and with it the lock) rather than leak it
         # for the life of the process.  No fdatasync here; close() is where durability is promised.
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            self._fd = None
+        storage = getattr(self, "_storage", None)
+        if storage is not None:
+            self._storage = None
             with contextlib.suppress(OSError):
-                os.close(fd)
+                storage.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._fd is None else ("open read-only" if self._read_only else "open")
+        state = "closed" if self._storage is None else ("open read-only" if self._read_only else "open")
         return f"<PQCVolume {self.path!r} {state}>"
 
     def __enter__(self) -> PQCVolume:
-        if self._fd is None:
+        if self._storage is None:
             self.open()
         return self
 
@@ -217,7 +205,7 @@ class PQCVolume:
 
     @property
     def is_open(self) -> bool:
-        return self._fd is not None
+        return self._storage is not None
 
     @property
     def header(self) -> Header:
@@ -240,12 +228,12 @@ class PQCVolume:
     def read_only(self) -> bool:
         return self._read_only
 
-    def _state(self) -> tuple[int, Header]:
-        if self._fd is None or self._header is None:
+    def _state(self) -> tuple[Storage, Header]:
+        if self._storage is None or self._header is None:
             raise VolumeClosedError()
-        return self._fd, self._header
+        return self._storage, self._header
 
-    def _writable(self) -> tuple[int, Header]:
+    def _writable(self) -> tuple[Storage, Header]:
         state = self._state()
         if self._read_only:
             raise ReadOnlyVolumeError(path=self.path)
@@ -291,7 +279,7 @@ class PQCVolume:
         odd-sized volume); a never-written or discarded block reads as zeros of that full size.
         """
         with self._guard:
-            if self._fd is None:
+            if self._storage is None:
                 raise VolumeClosedError()
             header = self._header
             if type(index) is not int or not 0 <= index < header.total_blocks:
@@ -307,7 +295,7 @@ class PQCVolume:
     def write_block(self, index: int, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` (1..4096 bytes; at most what fits before ``size_bytes``) into block ``index``."""
         with self._guard:
-            if self._fd is None or self._read_only:
+            if self._storage is None or self._read_only:
                 self._writable()
             header = self._header
             io = self._io
@@ -386,14 +374,14 @@ class PQCVolume:
         """Write plaintext at a byte offset; unaligned edges are read, patched and re-encrypted."""
         src = memoryview(data).cast("B")
         with self._guard:
-            fd, _ = self._writable()
+            storage, _ = self._writable()
             self._check_range(offset, len(src))
             if len(src) == BLOCK_SIZE and not offset % BLOCK_SIZE:
                 self._io.seal_one(offset // BLOCK_SIZE, src, BLOCK_SIZE)
             else:
                 self._write_from(offset, src)
             if fua:
-                os.fdatasync(fd)
+                storage.flush()
 
     def _write_from(self, offset: int, src: memoryview) -> None:
         io = self._io
@@ -415,9 +403,9 @@ class PQCVolume:
     def flush(self) -> None:
         """Everything written so far is durable when this returns (fdatasync)."""
         with self._guard:
-            fd, _ = self._state()
+            storage, _ = self._state()
             if not self._read_only:
-                os.fdatasync(fd)
+                storage.flush()
 
     # --- zeroing / discard ----------------------------------------------------------------------------------
 
@@ -490,14 +478,14 @@ class PQCVolume:
     def allocated_blocks(self) -> int:
         """How many slots hold data (are not all-zero)."""
         with self._guard:
-            fd, header = self._state()
-            return inspection.allocated_blocks(fd, header)
+            _, header = self._state()
+            return inspection.allocated_blocks(self._io, header)
 
     def info(self) -> dict[str, Any]:
         """Header fields plus where the file stands: allocated blocks and bytes, the path, and what was found
         of each header copy (``header_copies``; ``header_fallback`` is True when one is damaged or missing)."""
         with self._guard:
-            fd, header = self._state()
-            out = inspection.info(self.path, fd, header, read_only=self._read_only)
+            _, header = self._state()
+            out = inspection.info(self.path, self._io, header, read_only=self._read_only)
             out.update(self._store.info())  # header_copies, header_fallback
             return out

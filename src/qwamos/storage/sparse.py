@@ -1,7 +1,8 @@
-"""Sparse-file helpers: punch holes, and list the allocated extents (SEEK_DATA / SEEK_HOLE).
+"""Sparse-file helpers: reserve space, punch holes, and list the allocated extents (SEEK_DATA / SEEK_HOLE).
 
-``os`` has no ``fallocate`` with a mode, so hole punching goes through libc with ctypes.  Filesystems that
-cannot punch holes make :func:`punch_hole` return False; the caller then writes zeros instead.
+``os.posix_fallocate`` has no mode (and glibc emulates it by writing zeros where the filesystem cannot), so
+``fallocate`` goes through libc with ctypes.  Filesystems that cannot punch holes or reserve make
+:func:`punch_hole` / :func:`reserve` return False; the caller then writes zeros, or writes unreserved.
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ if _fallocate is not None:
     _fallocate.restype = ctypes.c_int
 
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+def reserve(fd: int, offset: int, length: int) -> bool:
+    """Allocate ``[offset, offset+length)`` without changing the file size or any byte (what is already
+    there stays; holes become allocated and still read as zeros).  False when the filesystem can't; an
+    ``OSError`` (ENOSPC, EDQUOT, EFBIG...) when it can but there is no room."""
+    if length <= 0:
+        return True
+    if _fallocate is None:
+        return False
+    if _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
