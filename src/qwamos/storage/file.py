@@ -24,7 +24,7 @@ import stat
 from collections.abc import Iterator, Sequence
 
 from qwamos.errors import VolumeError, VolumeExistsError, VolumeLockedError
-from qwamos.fsutil import fsync_dir
+from qwamos.fsutil import fsync_dir, pwrite_all
 from qwamos.storage.base import Buffer
 from qwamos.storage.sparse import PAGE, data_extents, punch_hole, reserve
 
@@ -162,7 +162,7 @@ class FileStorage:
                 self._fill_edges(offset, length)
             n = os.pwrite(fd, data, offset)
             if n < length:
-                self._write_rest(memoryview(data).cast("B")[n:], offset + n)
+                pwrite_all(fd, memoryview(data).cast("B")[n:], offset + n)
             return
         views = [memoryview(b).cast("B") for b in bufs]
         length = sum(len(v) for v in views)
@@ -177,12 +177,6 @@ class FileStorage:
                 views.pop(0)
             if n:
                 views[0] = views[0][n:]
-
-    def _write_rest(self, data: memoryview, offset: int) -> None:
-        while len(data):
-            n = os.pwrite(self._fd, data, offset)
-            data = data[n:]
-            offset += n
 
     def allocate(self, offset: int, length: int) -> bool:
         if length <= 0:
