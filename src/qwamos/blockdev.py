@@ -19,6 +19,7 @@ import os
 from typing import Protocol, runtime_checkable
 
 from qwamos.errors import ReadOnlyVolumeError
+from qwamos.fsutil import pwrite_all
 
 BLOCK_SIZE = 4096
 
@@ -130,10 +131,7 @@ class FileBackend:
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self._check_writable()
-        mv = memoryview(data).cast("B")
-        done = 0
-        while done < len(mv):
-            done += os.pwrite(self._fd, mv[done:], offset + done)
+        pwrite_all(self._fd, data, offset)
         if fua:
             os.fdatasync(self._fd)
 

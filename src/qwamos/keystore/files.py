@@ -19,7 +19,7 @@ from typing import Any
 
 from qwamos import crypto, strictjson
 from qwamos.errors import KeyExistsError, KeyFileCorruptError, KeystoreError, KeystorePermissionError
-from qwamos.fsutil import fsync_dir, write_all
+from qwamos.fsutil import atomic_write, write_all
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -75,34 +75,19 @@ def _check_owner(path: Path, st: os.stat_result) -> None:
 
 
 def write_private(path: Path, data: bytes, *, replace: bool = True, key_id: str | None = None) -> None:
-    """Write ``data`` to ``path`` atomically: a 0600 temp file in the same directory, fsync, rename, fsync dir.
+    """Write ``data`` to ``path`` atomically: a 0600 temp file in the same directory, fsync, rename, fsync dir
+    (:func:`qwamos.fsutil.atomic_write`).
 
     ``replace=False`` publishes with ``link`` instead of ``rename`` so an existing file is never replaced,
     even by a concurrent writer; then :class:`KeyExistsError` (``key_id``) is raised.
     Temp names start with a dot, which no key id may, so they never look like keys.
     """
-    tmp = path.with_name(f".{path.name}.{crypto.random_bytes(8).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, FILE_MODE)
     try:
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic_write(path, data, mode=FILE_MODE, replace=replace)
+    except FileExistsError:
         if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise KeyExistsError(key_id=key_id or path.name) from None
-            finally:
-                os.unlink(tmp)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+            raise
+        raise KeyExistsError(key_id=key_id or path.name) from None
 
 
 def read_bounded(path: Path) -> bytes:
@@ -132,10 +117,7 @@ def overwrite_and_unlink(path: Path) -> bool:
         return False
     try:
         size = os.fstat(fd).st_size
-        view = memoryview(crypto.random_bytes(size))
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        write_all(fd, crypto.random_bytes(size))
         os.fsync(fd)
     finally:
         os.close(fd)

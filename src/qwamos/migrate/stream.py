@@ -20,6 +20,7 @@ import subprocess
 import threading
 
 from qwamos.errors import MigrationError
+from qwamos.fsutil import write_all
 from qwamos.hypervisor import tools
 
 PIPE_SIZE = 1 << 20
@@ -98,11 +99,8 @@ class ImageStream:
         return got
 
     def write(self, data: memoryview) -> None:
-        fd = self.fd
         try:
-            while len(data):
-                n = os.write(fd, data)
-                data = data[n:]
+            write_all(self.fd, data)
         except BrokenPipeError:
             raise MigrationError(msg=f"{self.what}: the QEMU side stopped ({self.error_text()})") from None
 
