@@ -57,8 +57,67 @@ _Buf = bytes | bytearray | memoryview
 
 
 def random_bytes(n: int) -> bytes:
-    """Bytes from the OS CSPRNG.  Callers batch requests: one call for many nonces is much cheaper."""
+    """Bytes from the OS CSPRNG: the one ``os.urandom`` call of the project.
+
+    For this module (and tests).  The library draws through the named functions below, so that every kind
+    of random value has one recipe (size, shape) and ``tests/test_layering.py`` can forbid generic draws
+    everywhere else.
+    """
     return os.urandom(n)
+
+
+# --- named draws: every nonce, key, salt and identifier the project makes ----------------------------
+
+UUID_SIZE = 16
+SALT_SIZE = 16
+
+
+def new_volume_key() -> bytes:
+    """A new 32-byte symmetric key (a volume key)."""
+    return random_bytes(KEY_SIZE)
+
+
+def new_nonce() -> bytes:
+    """One random 12-byte AEAD nonce (key-file wrapping, passphrase sealing)."""
+    return random_bytes(NONCE_SIZE)
+
+
+def new_nonces(count: int) -> bytes:
+    """``count`` random 12-byte nonces in one draw (the volume's nonce pool refills with thousands at once:
+    one system call instead of one per block)."""
+    if count < 1:
+        raise InvalidArgument("count must be at least 1")
+    return random_bytes(count * NONCE_SIZE)
+
+
+def new_salt(size: int = SALT_SIZE) -> bytes:
+    """A random KDF salt (at least 16 bytes, as :func:`argon2id` requires)."""
+    if size < 16:
+        raise InvalidArgument("a salt is at least 16 bytes")
+    return random_bytes(size)
+
+
+def new_uuid() -> bytes:
+    """16 random bytes shaped as a version-4 UUID (RFC 9562: 122 random bits), e.g. a volume's ``volume_uuid``."""
+    u = bytearray(random_bytes(UUID_SIZE))
+    u[6] = (u[6] & 0x0F) | 0x40
+    u[8] = (u[8] & 0x3F) | 0x80
+    return bytes(u)
+
+
+def new_id_hex(nbytes: int) -> str:
+    """``nbytes`` random bytes as lowercase hex: the random part of a public identifier (key ids)."""
+    return random_bytes(nbytes).hex()
+
+
+def new_mac_address(prefix: str = "52:54:00") -> str:
+    """A MAC address: ``prefix`` (three octets; QEMU's default OUI) and three random octets."""
+    return prefix + "".join(f":{b:02x}" for b in random_bytes(3))
+
+
+def new_scrub_bytes(size: int) -> bytes:
+    """Random bytes to overwrite a secret file with before it is unlinked."""
+    return random_bytes(size)
 
 
 # --- AEAD ---------------------------------------------------------------------------------------------

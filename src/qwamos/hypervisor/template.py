@@ -12,7 +12,7 @@ import json
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from qwamos.crypto import random_bytes
+from qwamos.crypto import new_mac_address
 from qwamos.errors import InvalidArgument
 from qwamos.hypervisor import layout
 from qwamos.hypervisor.schema import MIN_MEMORY_MB, check_mac, check_memory, check_positive_int
@@ -120,7 +120,7 @@ def new_config_text(
     if check_memory(memory_mb):
         raise InvalidArgument(f"memory {memory_mb!r}: expected an integer number of MB, at least {MIN_MEMORY_MB}")
     parse_size(disk_size, what="disk size")
-    mac = mac or NEW_MAC_PREFIX + ":" + ":".join(f"{b:02x}" for b in random_bytes(3))
+    mac = mac or new_mac_address(NEW_MAC_PREFIX)
     if check_mac(mac):
         raise InvalidArgument(f"MAC address {mac!r} is not of the form {MAC_EXAMPLE}")
     return _NEW_CONFIG.format(

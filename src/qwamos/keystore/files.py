@@ -117,7 +117,7 @@ def overwrite_and_unlink(path: Path) -> bool:
         return False
     try:
         size = os.fstat(fd).st_size
-        write_all(fd, crypto.random_bytes(size))
+        write_all(fd, crypto.new_scrub_bytes(size))
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -61,7 +61,7 @@ def slug(name: str) -> str:
 
 def new_key_id(name: str) -> str:
     """``vm-<name>-<16 random hex>`` as in the spec (``vm-my-vm-1a2b3c4d5e6f7890``)."""
-    return validate_key_id(f"vm-{slug(name)}-{crypto.random_bytes(RANDOM_HEX // 2).hex()}")
+    return validate_key_id(f"vm-{slug(name)}-{crypto.new_id_hex(RANDOM_HEX // 2)}")
 
 
 def _aad(doc: dict[str, Any]) -> bytes:
@@ -75,7 +75,7 @@ def wrap(key_id: str, kem: str, ident: Identity, volume_key: bytes) -> dict[str,
     if len(volume_key) != crypto.KEY_SIZE:
         raise InvalidArgument(f"a volume key is {crypto.KEY_SIZE} bytes")
     ss, ct = crypto.kem_encapsulate(kem, ident.public)
-    nonce = crypto.random_bytes(crypto.NONCE_SIZE)
+    nonce = crypto.new_nonce()
     doc: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,

@@ -241,7 +241,7 @@ class PQCKeystore:
         if kem not in crypto.KEMS:
             raise InvalidArgument(f"unknown key type {kem!r}; choose {crypto.HYBRID_KEM} or {crypto.LEGACY_KEM}")
         self._open_identity(create=True)  # before drawing the key: fail early on a passphrase problem
-        key = crypto.random_bytes(crypto.KEY_SIZE)
+        key = crypto.new_volume_key()
         key_id = keyfile.new_key_id(id_name)
         meta = metadata.build(key_id, vm_name, kem, "", **meta_fields)
         self._store(key_id, key, meta, kem=kem, replace=False)

@@ -83,8 +83,8 @@ def seal(
     clash = SEALED_FIELDS & set(header)
     if clash:
         raise InvalidArgument(f"header uses reserved field(s) {sorted(clash)}")
-    salt = crypto.random_bytes(SALT_SIZE)
-    nonce = crypto.random_bytes(crypto.NONCE_SIZE)
+    salt = crypto.new_salt(SALT_SIZE)
+    nonce = crypto.new_nonce()
     doc = dict(header)
     doc.update(kdf=KDF_NAME, kdf_params=params.to_json(), salt=b64encode(salt), aead=AEAD_NAME)
     doc["nonce"] = b64encode(nonce)

@@ -47,9 +47,7 @@ def new_header(
     name: str, vm_name: str, key_id: str, algorithm: str, total: int, size: int, epoch_limit: int
 ) -> Header:
     """The header of a volume about to be created: a fresh UUID, epoch 0, nothing reserved."""
-    uuid = bytearray(crypto.random_bytes(16))
-    uuid[6] = (uuid[6] & 0x0F) | 0x40  # shaped as a version-4 UUID; 122 random bits
-    uuid[8] = (uuid[8] & 0x3F) | 0x80
+    uuid = crypto.new_uuid()  # shaped as a version-4 UUID; 122 random bits
     return Header(
         volume_uuid=uuid.hex(),
         name=name,

@@ -210,7 +210,7 @@ _POOLS: weakref.WeakSet[NoncePool] = weakref.WeakSet()
 
 
 class NoncePool:
-    """Random nonces drawn from the OS in bulk: one ``random_bytes`` call per refill, not per block.
+    """Random nonces drawn from the OS in bulk: one :func:`~qwamos.crypto.new_nonces` call per refill.
 
     A forked child must not hand out its parent's remaining nonces, so every pool is emptied in the child
     after a fork (``os.register_at_fork``).
@@ -229,7 +229,7 @@ class NoncePool:
     def take(self, count: int) -> memoryview:
         need = count * NONCE_SIZE
         if self._pos + need > len(self._buf):
-            self._buf = memoryview(crypto.random_bytes(max(need, self._batch * NONCE_SIZE)))
+            self._buf = memoryview(crypto.new_nonces(max(count, self._batch)))
             self._pos = 0
         mv = self._buf[self._pos : self._pos + need]
         self._pos += need

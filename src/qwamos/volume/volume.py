@@ -105,7 +105,7 @@ class PQCVolume:
         alg = crypto.resolve_algorithm(algorithm)
         total, limit = creation.check_arguments(name, vm_name, size, epoch_limit)
         try:
-            pending = create_storage(self.path, overwrite=overwrite, random_suffix=crypto.random_bytes(6).hex())
+            pending = create_storage(self.path, overwrite=overwrite, random_suffix=crypto.new_id_hex(6))
         except OSError as e:
             raise VolumeError(msg=f"{self.path}: cannot create: {e.strerror or e}") from None
         key_id: str | None = None

@@ -1,0 +1,73 @@
+"""Fixtures every test module may use, and the one in-memory key provider.
+
+* :class:`MemoryKeys` — a ``KeyProvider`` (``qwamos.volume.KeyProvider``) holding keys in a dict, for tests
+  of everything that needs volume keys but not the real keystore (which has its own tests).  Subclass it to
+  misbehave (``from conftest import MemoryKeys``).
+* ``keys`` — a fresh :class:`MemoryKeys`.
+* ``short_dir`` — a private directory directly under /tmp, for UNIX sockets (``tmp_path`` can exceed the
+  107-byte socket path limit); removed afterwards.
+* ``no_ambient_env`` — ``QWAMOS_PASSPHRASE``, ``QWAMOS_KEYSTORE`` and ``QWAMOS_ROOT`` unset, so that the
+  developer's own settings never leak into a test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qwamos.errors import KeyNotFoundError
+
+
+class MemoryKeys:
+    """A KeyProvider holding keys in a dict.  Key ids are ``vm-<vm>-<n>`` and keys are derived from ``seed``
+    and the counter, so runs are repeatable; two providers with different seeds never share a key."""
+
+    def __init__(self, seed: bytes = b"test") -> None:
+        self.keys: dict[str, bytes] = {}
+        self.discarded: list[str] = []
+        self._seed = seed
+        self._n = 0
+
+    def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
+        self._n += 1
+        key_id = f"vm-{vm_name or volume_name or 'x'}-{self._n:04d}"
+        self.keys[key_id] = hashlib.sha256(self._seed + str(self._n).encode()).digest()
+        return key_id, self.keys[key_id]
+
+    def volume_key(self, key_id: str) -> bytes:
+        try:
+            return self.keys[key_id]
+        except KeyError:
+            raise KeyNotFoundError(key_id=key_id, keystore="<memory>") from None
+
+    def discard_key(self, key_id: str) -> None:
+        """Undo a failed create (the KeyProvider contract)."""
+        self.discarded.append(key_id)
+        self.keys.pop(key_id, None)
+
+    def delete_key(self, key_id: str) -> None:
+        """What migration calls for a key it no longer needs (the keystore's ``delete_key``)."""
+        self.keys.pop(key_id, None)
+
+
+@pytest.fixture
+def keys() -> MemoryKeys:
+    return MemoryKeys()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="qw", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def no_ambient_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("QWAMOS_PASSPHRASE", "QWAMOS_KEYSTORE", "QWAMOS_ROOT"):
+        monkeypatch.delenv(name, raising=False)
