@@ -184,6 +184,9 @@ def _print_report(report: RepairReport) -> None:
         message(f"{len(report.bad_blocks)} block(s) fail authentication: {_blocks(report.bad_blocks, 200)}")
     if report.lost_blocks:
         message(f"lost to truncation ({report.file_size} of {report.expected_size} bytes): {report.lost_text()}")
+    if report.metadata != "none":
+        extra = f": {', '.join(report.damaged_metadata)}" if report.damaged_metadata else ""
+        message(f"metadata area: {report.metadata}{extra}")
     if report.report_file:
         message(f"report saved to {report.report_file}")
     verb = "would" if report.dry_run else "will"

@@ -21,6 +21,7 @@ from qwamos import crypto
 
 HEADER_MAC_INFO = b"qwamos/qvol/v1/header-mac"
 HEADER_MAC_INFO_V2 = b"qwamos/qvol/v2/header-mac"
+METADATA_INFO = b"qwamos/qvol/v2/metadata"
 DATA_KEY_INFO = b"qwamos/qvol/v1/data-epoch"
 MAX_EPOCH = 0xFFFF
 
@@ -59,3 +60,9 @@ def data_key(volume_key: bytes, uuid: bytes, epoch: int) -> bytes:
     if not 0 <= epoch <= MAX_EPOCH:
         raise ValueError("epoch out of range")
     return crypto.hkdf_sha256(volume_key, salt=uuid, info=DATA_KEY_INFO + struct.pack(">H", epoch))
+
+
+def metadata_key(volume_key: bytes, uuid: bytes) -> bytes:
+    """The key of sealed metadata entries (v2): separate from the data keys, so metadata encryptions never
+    count against a data epoch's nonce budget."""
+    return crypto.hkdf_sha256(volume_key, salt=uuid, info=METADATA_INFO)

@@ -22,14 +22,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from qwamos.errors import InvalidArgument, VolumeError
+from qwamos import crypto
+from qwamos.errors import HeaderCorruptError, InvalidArgument, VolumeError
 from qwamos.fsutil import fsync_dir, write_all
 from qwamos.storage import Storage, open_storage
-from qwamos.volume import header_store
+from qwamos.volume import header_store, metadata
 from qwamos.volume.header import BLOCK_SIZE, SLOT_SIZE, Header
 from qwamos.volume.header_store import HeaderStore
 from qwamos.volume.inspection import ProgressFn, slot_runs
@@ -60,6 +61,8 @@ class RepairReport:
     zero_bad: bool
     actions: list[str] = field(default_factory=list)  # done, or (dry_run) what would be done
     pending: list[str] = field(default_factory=list)  # problems this run leaves as they are
+    metadata: str = "none"  # the metadata area: none, ok, or damaged (with why)
+    damaged_metadata: list[str] = field(default_factory=list)  # entries that fail their hash
     report_file: str | None = None
     header_repaired: bool = False
     blocks_zeroed: bool = False
@@ -77,6 +80,8 @@ class RepairReport:
         if self.bad_blocks and not self.blocks_zeroed:
             return EXIT_BAD
         if self.header_problem and not self.header_repaired:
+            return EXIT_HEADER
+        if (self.metadata.startswith("damaged") or self.damaged_metadata) and not self.blocks_zeroed:
             return EXIT_HEADER
         return EXIT_OK
 
@@ -100,6 +105,8 @@ class RepairReport:
             "header_fallback": self.header_fallback,
             "bad_blocks": self.bad_blocks,
             "lost_blocks": lost,
+            "metadata": self.metadata,
+            "damaged_metadata": self.damaged_metadata,
             "dry_run": self.dry_run,
             "zero_bad": self.zero_bad,
             "actions": self.actions,
@@ -184,7 +191,8 @@ def _repair(
         dry_run=dry_run,
         zero_bad=zero_bad,
     )
-    will_zero = zero_bad and bool(bad or lost)
+    drop_root = _judge_metadata(report, storage, header)
+    will_zero = zero_bad and bool(bad or lost or drop_root or report.damaged_metadata)
     header_fix = any(c.state != header_store.OK for c in store.copies)
     if header_fix and lost and not will_zero:
         header_fix = False  # rewriting copy B would grow the file: the lost blocks would read as zeros
@@ -201,11 +209,17 @@ def _repair(
             report.actions.append(
                 f"grow the file back to {header.file_size} bytes: {report.lost_text()} read as zeros"
             )
+        if drop_root:
+            report.actions.append("drop the unreadable metadata root (features using it start over)")
+        elif report.damaged_metadata:
+            report.actions.append(f"remove damaged metadata entries {report.damaged_metadata}")
     else:
         if bad:
             report.pending.append(f"{len(bad)} block(s) fail authentication; --zero-bad makes them read as zeros")
         if lost:
             report.pending.append(f"{report.lost_text()} lost to truncation; --zero-bad makes them read as zeros")
+        if drop_root or report.damaged_metadata:
+            report.pending.append(f"metadata {report.metadata}; --zero-bad drops what is unreadable")
     if dry_run or not report.actions:
         return report
     if will_zero:
@@ -225,7 +239,28 @@ def _repair(
     if header_fix:
         store.prepare_for_writing()
         report.header_repaired = True
+    if will_zero and drop_root:
+        store.store(replace(store.header, metadata=None))
+    elif will_zero and report.damaged_metadata:
+        metadata.write(store, dict.fromkeys(report.damaged_metadata))
     return report
+
+
+def _judge_metadata(report: RepairReport, storage: Storage, header: Header) -> bool:
+    """Fill ``report.metadata`` / ``damaged_metadata``; True when the metadata root itself is unreadable."""
+    if header.metadata is None:
+        return False
+    try:
+        found = metadata.entries(report.path, storage, header)
+    except HeaderCorruptError as e:
+        report.metadata = f"damaged: {e.kwargs.get('msg') or e}"
+        return True
+    for name, e in sorted(found.items()):
+        data = storage.read(e.offset, e.length)
+        if len(data) != e.length or crypto.sha256(data).hex() != e.sha256:
+            report.damaged_metadata.append(name)
+    report.metadata = f"ok ({len(found)} entries)" if not report.damaged_metadata else "entries damaged"
+    return False
 
 
 def _save(report: RepairReport) -> str:

@@ -38,7 +38,7 @@ from qwamos.errors import (
 from qwamos.storage import Storage, create_storage, open_storage
 from qwamos.volume import create as creation
 from qwamos.volume import header as hdr
-from qwamos.volume import inspection
+from qwamos.volume import inspection, metadata
 from qwamos.volume.guard import IOGuard
 from qwamos.volume.header import BLOCK_SIZE, Header
 from qwamos.volume.header_store import HeaderStore, UnverifiedHeader, initial_copies, read_header
@@ -480,6 +480,28 @@ class PQCVolume:
         with self._guard:
             _, header = self._state()
             return inspection.allocated_blocks(self._io, header)
+
+    # --- the metadata area (docs/qvol-format.md section 2.6) ------------------------------------------------
+
+    def metadata_names(self) -> list[str]:
+        """Names of the entries in the metadata area (authenticated through the header)."""
+        with self._guard:
+            storage, header = self._state()
+            return sorted(metadata.entries(self.path, storage, header))
+
+    def read_metadata(self, name: str) -> bytes | None:
+        """One metadata entry, authenticated (and decrypted when sealed); None when absent."""
+        with self._guard:
+            storage, header = self._state()
+            return metadata.read(self.path, storage, header, self._store.volume_key, name)
+
+    def write_metadata(self, updates: dict[str, bytes | None], *, sealed: bool = False) -> None:
+        """Set (bytes) or remove (None) metadata entries named ``"<feature>/<name>"``, crash-safely (copy-on-write,
+        then one header commit).  ``sealed`` encrypts the new entries under the metadata key."""
+        with self._guard:
+            self._writable()
+            metadata.write(self._store, updates, sealed=sealed)
+            self._header = self._store.header
 
     def info(self) -> dict[str, Any]:
         """Header fields plus where the file stands: allocated blocks and bytes, the path, and what was found
