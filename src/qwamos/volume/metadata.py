@@ -107,7 +107,7 @@ def parse_root(path: str, data: bytes, ref: MetadataRef, area: tuple[int, int]) 
 
 
 def seal(key: bytes, header: Header, name: str, plaintext: bytes) -> bytes:
-    nonce = crypto.random_bytes(crypto.NONCE_SIZE)
+    nonce = crypto.new_nonce()
     aad = header.uuid_bytes + name.encode()
     return nonce + crypto.Aead(header.algorithm, key).seal(nonce, plaintext, aad)
 
