@@ -1,5 +1,6 @@
-"""Shared pieces of the migration tests: a dict key provider, source images with known content, a watcher
-that looks for a plaintext marker in files while a migration runs, and tree hashes for before/after checks."""
+"""Shared pieces of the migration tests: source images with known content, a watcher that looks for a
+plaintext marker in files while a migration runs, and tree hashes for before/after checks.  (The in-memory
+key provider is conftest's ``MemoryKeys``.)"""
 
 from __future__ import annotations
 
@@ -13,26 +14,6 @@ from pathlib import Path
 MIB = 1024 * 1024
 # Not a whole number of MiB, nor of 4096: 5 MiB + 3 sectors.
 ODD_SIZE = 5 * MIB + 3 * 512
-
-
-class DictKeys:
-    """A KeyProvider in memory (the real keystore is tested on its own)."""
-
-    def __init__(self) -> None:
-        self.keys: dict[str, bytes] = {}
-
-    def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
-        key_id = f"vm-{vm_name or 'x'}-{secrets.token_hex(8)}"
-        self.keys[key_id] = secrets.token_bytes(32)
-        return key_id, self.keys[key_id]
-
-    def volume_key(self, key_id: str) -> bytes:
-        return self.keys[key_id]
-
-    def discard_key(self, key_id: str) -> None:
-        self.keys.pop(key_id, None)
-
-    delete_key = discard_key
 
 
 def qemu_io(path: Path, fmt: str, *cmds: str) -> None:

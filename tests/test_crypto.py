@@ -204,9 +204,9 @@ def test_mac_and_secret_comparisons_are_constant_time(monkeypatch):
 
 
 def test_the_volume_header_mac_is_checked_with_the_constant_time_compare(tmp_path, monkeypatch):
+    from conftest import MemoryKeys
     from qwamos.volume import PQCVolume
     from qwamos.volume.header import HEADER_SIZE, MAC_OFFSET
-    from volume_helpers import MemoryKeys
 
     keys = MemoryKeys()
     vol = PQCVolume(tmp_path / "v.qvol", keystore=keys)

@@ -33,10 +33,7 @@ SPEC_FIELDS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
-    monkeypatch.delenv("QWAMOS_KEYSTORE", raising=False)
+pytestmark = pytest.mark.usefixtures("no_ambient_env")  # conftest: no QWAMOS_* of the developer's
 
 
 def make(path: Path, passphrase: bytes | None = None) -> PQCKeystore:

@@ -27,10 +27,7 @@ from qwamos.volume import PQCVolume
 CHEAP = Argon2Params(memory_kib=8, iterations=1, lanes=1)
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
-    monkeypatch.delenv("QWAMOS_KEYSTORE", raising=False)
+pytestmark = pytest.mark.usefixtures("no_ambient_env")  # conftest: no QWAMOS_* of the developer's
 
 
 def make(path: Path, passphrase: bytes | None = None) -> PQCKeystore:

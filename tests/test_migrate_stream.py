@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from migrate_helpers import MIB, ODD_SIZE, DictKeys, MarkerWatcher, make_source, raw_bytes
+from conftest import MemoryKeys
+from migrate_helpers import MIB, ODD_SIZE, MarkerWatcher, make_source, raw_bytes
 from qwamos.errors import MigrationError, SizeMismatchError
 from qwamos.migrate import check_size, copy, qemuimg
 from qwamos.migrate.stream import ImageStream
@@ -28,7 +29,7 @@ def _nonzero_blocks(data: bytes) -> int:
     return sum(1 for o in range(0, len(data), 4096) if data[o : o + 4096] != zero[: len(data[o : o + 4096])])
 
 
-def _migrate_into_volume(src: Path, fmt: str, qvol: Path, keys: DictKeys) -> PQCVolume:
+def _migrate_into_volume(src: Path, fmt: str, qvol: Path, keys: MemoryKeys) -> PQCVolume:
     info = qemuimg.info(src)
     assert info.format == fmt
     vol = PQCVolume(qvol, keystore=keys)
@@ -46,7 +47,7 @@ def test_every_byte_and_holes_survive(tmp_path: Path, fmt: str) -> None:
     make_source(src, fmt)
     expected = raw_bytes(src, fmt, tmp_path)
     assert len(expected) == ODD_SIZE and ODD_SIZE % MIB and ODD_SIZE % 4096
-    vol = _migrate_into_volume(src, fmt, tmp_path / "disk.qvol", DictKeys())
+    vol = _migrate_into_volume(src, fmt, tmp_path / "disk.qvol", MemoryKeys())
     try:
         assert vol.size == ODD_SIZE
         assert vol.read(0, ODD_SIZE) == expected
@@ -61,7 +62,7 @@ def test_every_byte_and_holes_survive(tmp_path: Path, fmt: str) -> None:
 def test_compare_finds_one_changed_byte(tmp_path: Path) -> None:
     src = tmp_path / "disk.qcow2"
     make_source(src)
-    vol = _migrate_into_volume(src, "qcow2", tmp_path / "disk.qvol", DictKeys())
+    vol = _migrate_into_volume(src, "qcow2", tmp_path / "disk.qvol", MemoryKeys())
     try:
         vol.write(ODD_SIZE - 1, b"\x00")  # the source has 0x7e there
         with (
@@ -78,7 +79,7 @@ def test_killed_stream_is_an_error(tmp_path: Path) -> None:
     size = 256 * MIB
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), str(size)], check=True)
     subprocess.run(["qemu-io", "-c", f"write -P 0x42 0 {size}", str(src)], check=True, capture_output=True)
-    vol = PQCVolume(tmp_path / "big.qvol", keystore=DictKeys())
+    vol = PQCVolume(tmp_path / "big.qvol", keystore=MemoryKeys())
     vol.create("big", "vm", size_bytes=size)
     seen: list[int] = []
     stream = ImageStream.reader(str(src), "qcow2")
@@ -96,7 +97,7 @@ def test_killed_stream_is_an_error(tmp_path: Path) -> None:
 def test_back_to_qcow2(tmp_path: Path) -> None:
     src = tmp_path / "disk.qcow2"
     make_source(src)
-    vol = _migrate_into_volume(src, "qcow2", tmp_path / "disk.qvol", DictKeys())
+    vol = _migrate_into_volume(src, "qcow2", tmp_path / "disk.qvol", MemoryKeys())
     out = tmp_path / "back.qcow2"
     try:
         qemuimg.create_qcow2(out, vol.size)
@@ -120,7 +121,7 @@ def test_no_plaintext_written_anywhere_while_streaming(tmp_path: Path) -> None:
     marker = make_source(src)
     dirs = [vm_dir, Path(tempfile.gettempdir()), Path(os.environ.get("TMPDIR", "/tmp")), tmp_path]
     with MarkerWatcher(marker, dirs, allowed=[src]) as w:
-        vol = _migrate_into_volume(src, "qcow2", vm_dir / "disk.qvol", DictKeys())
+        vol = _migrate_into_volume(src, "qcow2", vm_dir / "disk.qvol", MemoryKeys())
         vol.close()
     assert w.scans >= 2
     assert w.found == []
@@ -149,7 +150,7 @@ def test_unreadable_source_is_refused(tmp_path: Path) -> None:
 def test_parallel_reader_thread_is_gone_after_compare(tmp_path: Path) -> None:
     src = tmp_path / "disk.qcow2"
     make_source(src)
-    vol = _migrate_into_volume(src, "qcow2", tmp_path / "disk.qvol", DictKeys())
+    vol = _migrate_into_volume(src, "qcow2", tmp_path / "disk.qvol", MemoryKeys())
     before = threading.active_count()
     with vol, ImageStream.reader(str(src), "qcow2") as s:
         copy.compare(s, vol, ODD_SIZE, lambda n: None)

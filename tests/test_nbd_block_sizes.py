@@ -6,10 +6,7 @@ not a multiple of the minimum block size), 1 MiB maximum payload in both cases."
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -17,13 +14,6 @@ from nbd_helpers import serving, uri
 from qwamos.nbd import constants as c
 
 pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture
-def short_dir():
-    d = Path(tempfile.mkdtemp(prefix="nbdb", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def run(*argv: str) -> str:

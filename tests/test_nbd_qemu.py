@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,13 +20,6 @@ from qwamos.pidfile import ProcRef, read_pidfile
 pytestmark = pytest.mark.qemu
 
 SIZE = 64 << 20
-
-
-@pytest.fixture
-def short_dir():
-    d = Path(tempfile.mkdtemp(prefix="nbdq", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

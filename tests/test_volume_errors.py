@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import MemoryKeys
 from qwamos.errors import (
     BlockRangeError,
     HeaderCorruptError,
@@ -25,12 +26,7 @@ from qwamos.errors import (
 from qwamos.volume import PQCVolume
 from qwamos.volume import header as hdr
 from qwamos.volume.keys import header_mac_key
-from volume_helpers import MemoryKeys, file_digest, header_copy_offsets, read_head, write_header_copies
-
-
-@pytest.fixture
-def keys() -> MemoryKeys:
-    return MemoryKeys()
+from volume_helpers import file_digest, header_copy_offsets, read_head, write_header_copies
 
 
 @pytest.fixture

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import MemoryKeys
 from qwamos.errors import BlockAuthError
 from qwamos.volume import PQCVolume, read_header
 from qwamos.volume.header import BLOCK_SIZE, SLOT_SIZE
 from qwamos.volume.slots import SlotCipher
-from volume_helpers import MemoryKeys, read_slot, slot_offset, write_at
+from volume_helpers import read_slot, slot_offset, write_at
 
 SECRET = b"top secret guest data, never unauthenticated " * 91  # 4095 bytes
 SECRET = SECRET + b"!" * (BLOCK_SIZE - len(SECRET))
-
-
-@pytest.fixture
-def keys() -> MemoryKeys:
-    return MemoryKeys()
 
 
 def forged_slot(path, keys: MemoryKeys, index: int, epoch: int, plaintext: bytes) -> bytes:

@@ -18,19 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import MemoryKeys
 from qwamos.errors import HeaderCorruptError, ReadOnlyVolumeError, UnsupportedFeatureError
 from qwamos.volume import PQCVolume, header_store, read_header
 from qwamos.volume import header as hdr
 from qwamos.volume.keys import header_mac_key
-from volume_helpers import MemoryKeys, file_digest, read_head, write_at
+from volume_helpers import file_digest, read_head, write_at
 
 BLOCKS = 40
 DATA = {i: bytes([i + 1]) * 4096 for i in range(0, BLOCKS, 3)}  # every third block written
-
-
-@pytest.fixture
-def keys():
-    return MemoryKeys()
 
 
 def _make(path: Path, keys: MemoryKeys) -> PQCVolume:

@@ -11,14 +11,9 @@ import pytest
 
 from qwamos.errors import VolumeLockedError
 from qwamos.volume import PQCVolume
-from volume_helpers import MemoryKeys, read_slot
+from volume_helpers import read_slot
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def keys() -> MemoryKeys:
-    return MemoryKeys()
 
 
 def _holder(path, key: bytes, read_only: bool) -> subprocess.Popen:

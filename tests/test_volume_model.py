@@ -8,8 +8,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import MemoryKeys
 from qwamos.volume import PQCVolume
-from volume_helpers import MemoryKeys
 
 SIZE = 9 * 4096 + 1000  # odd-sized: the last block is partial
 BLOCKS = 10

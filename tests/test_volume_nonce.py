@@ -10,16 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import MemoryKeys
 from qwamos.errors import NonceLimitError
 from qwamos.volume import PQCVolume, read_header
 from qwamos.volume import header as hdr
 from qwamos.volume.keys import MAX_EPOCH, header_mac_key
-from volume_helpers import MemoryKeys, file_digest, read_slot, write_header_copies
-
-
-@pytest.fixture
-def keys() -> MemoryKeys:
-    return MemoryKeys()
+from volume_helpers import file_digest, read_slot, write_header_copies
 
 
 def slot_epoch(path, index) -> int:

@@ -16,16 +16,11 @@ from qwamos.cli.main import main
 from qwamos.errors import HeaderCorruptError, TruncatedVolumeError
 from qwamos.volume import PQCVolume
 from qwamos.volume.repair import repair
-from volume_helpers import MemoryKeys, file_digest, write_at
+from volume_helpers import file_digest, write_at
 
 BLOCKS = 30
 SLOT = 4128
 DATA = {i: bytes([i + 1]) * 4096 for i in range(BLOCKS) if i % 4 != 3}  # some blocks never written
-
-
-@pytest.fixture
-def keys():
-    return MemoryKeys()
 
 
 @pytest.fixture

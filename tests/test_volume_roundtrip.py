@@ -8,18 +8,13 @@ import random
 
 import pytest
 
+from conftest import MemoryKeys
 from qwamos import crypto
 from qwamos.blockdev import BlockBackend
 from qwamos.errors import ReadOnlyVolumeError, VolumeClosedError
 from qwamos.volume import PQCVolume, read_header
-from volume_helpers import MemoryKeys
 
 ALGS = ["chacha20-poly1305", "aes-256-gcm"]
-
-
-@pytest.fixture
-def keys() -> MemoryKeys:
-    return MemoryKeys()
 
 
 def make(tmp_path, keys, *, size_mb=None, size_bytes=None, algorithm="chacha20-poly1305", name="v.qvol"):

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from conftest import MemoryKeys
 from qwamos.errors import (
     BlockAuthError,
     HeaderCorruptError,
@@ -14,22 +15,9 @@ from qwamos.errors import (
     UnsupportedVersionError,
 )
 from qwamos.volume import PQCVolume
-from volume_helpers import (
-    MemoryKeys,
-    header_copy_offsets,
-    read_head,
-    read_slot,
-    slot_offset,
-    write_at,
-    write_header_copies,
-)
+from volume_helpers import header_copy_offsets, read_head, read_slot, slot_offset, write_at, write_header_copies
 
 SECRET = b"the guest's data " * 10
-
-
-@pytest.fixture
-def keys() -> MemoryKeys:
-    return MemoryKeys()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Shared pieces for the volume tests: an in-memory key provider and file surgery helpers."""
+"""Shared pieces for the volume tests: file surgery helpers (the in-memory key provider is conftest's)."""
 
 from __future__ import annotations
 
@@ -6,34 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from qwamos.errors import KeyNotFoundError
 from qwamos.volume.header import HEADER_SIZE, SLOT_SIZE
-
-
-class MemoryKeys:
-    """A KeyProvider holding keys in a dict.  Keys are deterministic per counter so runs are repeatable."""
-
-    def __init__(self, seed: bytes = b"test") -> None:
-        self.keys: dict[str, bytes] = {}
-        self.discarded: list[str] = []
-        self._seed = seed
-        self._n = 0
-
-    def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
-        self._n += 1
-        key_id = f"vm-{vm_name}-{self._n:04d}"
-        self.keys[key_id] = hashlib.sha256(self._seed + str(self._n).encode()).digest()
-        return key_id, self.keys[key_id]
-
-    def volume_key(self, key_id: str) -> bytes:
-        try:
-            return self.keys[key_id]
-        except KeyError:
-            raise KeyNotFoundError(key_id=key_id, keystore="<memory>") from None
-
-    def discard_key(self, key_id: str) -> None:
-        self.discarded.append(key_id)
-        self.keys.pop(key_id, None)
 
 
 def slot_offset(index: int) -> int:

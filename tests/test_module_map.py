@@ -1,0 +1,107 @@
+"""Where each library module is tested: the map a newcomer reads first, kept true by the tests below.
+
+Every module under ``src/qwamos`` must appear here with the test files that exercise it (a new module
+without an entry fails ``test_every_module_is_mapped``), and every file named must exist.  The first file of
+each entry is the module's own test module where it has one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+SRC = TESTS.parent / "src" / "qwamos"
+
+KEYSTORE = ["test_keystore_api.py", "test_keystore_security.py"]
+MIGRATE = ["test_migrate_run.py", "test_migrate_stream.py", "test_migrate_guest.py"]
+
+MAP: dict[str, list[str]] = {
+    "blockdev": ["test_nbd_server.py", "test_volume_roundtrip.py"],
+    "cli.key_cmd": ["test_key_cli.py"],
+    "cli.keystore_args": ["test_key_cli.py"],
+    "cli.main": ["test_volume_cli.py", "test_key_cli.py", "test_errors.py"],
+    "cli.migrate_cmd": ["test_migrate_run.py"],
+    "cli.output": ["test_volume_cli.py"],
+    "cli.serve_cmd": ["test_nbd_qemu.py", "test_nbd_socket_ownership.py"],
+    "cli.vm_cmd": ["test_vm_manager.py", "test_vocab.py"],
+    "cli.volume_cmd": ["test_volume_cli.py", "test_volume_repair.py"],
+    "crypto": ["test_crypto.py", "test_crypto_draws.py"],
+    "errors": ["test_errors.py"],
+    "fsutil": ["test_fsutil.py"],
+    "pidfile": ["test_pidfile.py"],
+    "strictjson": ["test_strictjson.py", "test_keystore_security.py"],
+    "hypervisor.config": ["test_config.py"],
+    "hypervisor.console": ["test_console.py"],
+    "hypervisor.info": ["test_info_render.py"],
+    "hypervisor.kvm": ["test_qemu_cmdline.py"],
+    "hypervisor.layout": ["test_config.py"],
+    "hypervisor.manager": ["test_vm_manager.py", "test_vm_start_steps.py", "test_vm_e2e.py"],
+    "hypervisor.process": ["test_vm_manager.py", "test_qemu_cmdline.py"],
+    "hypervisor.qemu": ["test_qemu_cmdline.py"],
+    "hypervisor.schema": ["test_config.py"],
+    "hypervisor.sizes": ["test_sizes.py"],
+    "hypervisor.supervisor": ["test_vm_manager.py", "test_vm_e2e.py"],
+    "hypervisor.template": ["test_config.py"],
+    "hypervisor.tools": ["test_tools.py"],
+    "hypervisor.vocab": ["test_vocab.py"],
+    "hypervisor.yamldoc": ["test_config.py"],
+    "keystore.files": [*KEYSTORE, "test_crypto.py"],
+    "keystore.identity": [*KEYSTORE, "test_crypto.py"],
+    "keystore.keyfile": [*KEYSTORE, "test_crypto.py"],
+    "keystore.keystore": KEYSTORE,
+    "keystore.metadata": KEYSTORE,
+    "keystore.passphrase": ["test_keystore_api.py", "test_key_cli.py"],
+    "keystore.recovery": KEYSTORE,
+    "keystore.sealing": [*KEYSTORE, "test_crypto.py"],
+    "migrate.copy": ["test_migrate_stream.py"],
+    "migrate.journal": ["test_migrate_run.py"],
+    "migrate.plan": ["test_migrate_run.py"],
+    "migrate.qemuimg": ["test_migrate_stream.py", "test_tools.py"],
+    "migrate.run": MIGRATE,
+    "migrate.stream": ["test_migrate_stream.py", "test_tools.py"],
+    "migrate.vmview": ["test_migrate_run.py"],
+    "nbd.client": ["test_nbd_client.py"],
+    "nbd.constants": ["test_nbd_protocol.py"],
+    "nbd.daemon": ["test_nbd_qemu.py", "test_nbd_socket_ownership.py"],
+    "nbd.export": ["test_nbd_export.py", "test_nbd_qemu.py", "test_nbd_socket_ownership.py"],
+    "nbd.protocol": ["test_nbd_protocol.py", "test_nbd_pipelining.py"],
+    "nbd.server": ["test_nbd_server.py", "test_nbd_pipelining.py", "test_nbd_block_sizes.py"],
+    "storage.base": ["test_storage.py"],
+    "storage.file": ["test_storage.py"],
+    "storage.sparse": ["test_storage.py"],
+    "volume.create": ["test_volume_roundtrip.py", "test_volume_errors.py"],
+    "volume.guard": ["test_volume_errors.py"],
+    "volume.header": ["test_volume_vectors.py", "test_volume_header_copies.py"],
+    "volume.header_store": ["test_volume_header_copies.py"],
+    "volume.inspection": ["test_volume_cli.py", "test_volume_errors.py"],
+    "volume.keys": ["test_volume_vectors.py"],
+    "volume.repair": ["test_volume_repair.py"],
+    "volume.slotio": ["test_volume_roundtrip.py", "test_volume_failing_slots.py"],
+    "volume.slots": ["test_volume_vectors.py", "test_volume_nonce.py"],
+    "volume.volume": ["test_volume_roundtrip.py", "test_volume_model.py", "test_volume_tamper.py"],
+}
+
+
+def _modules() -> set[str]:
+    return {
+        ".".join(p.relative_to(SRC).with_suffix("").parts)
+        for p in SRC.rglob("*.py")
+        if p.name != "__init__.py" and "__pycache__" not in p.parts
+    }
+
+
+def test_every_module_is_mapped():
+    missing = sorted(_modules() - set(MAP))
+    assert not missing, f"add these modules and their tests to MAP: {missing}"
+
+
+def test_no_entry_for_a_module_that_is_gone():
+    assert sorted(set(MAP) - _modules()) == []
+
+
+@pytest.mark.parametrize("module", sorted(MAP))
+def test_the_named_test_files_exist(module):
+    for name in MAP[module]:
+        assert (TESTS / name).is_file(), f"{module}: {name} does not exist"
