@@ -77,6 +77,7 @@ MAP: dict[str, list[str]] = {
     "volume.header_store": ["test_volume_header_copies.py"],
     "volume.inspection": ["test_volume_cli.py", "test_volume_errors.py"],
     "volume.keys": ["test_volume_vectors.py"],
+    "volume.metadata": ["test_volume_metadata.py"],
     "volume.repair": ["test_volume_repair.py"],
     "volume.slotio": ["test_volume_roundtrip.py", "test_volume_failing_slots.py"],
     "volume.slots": ["test_volume_vectors.py", "test_volume_nonce.py"],

@@ -12,14 +12,9 @@ from qwamos.errors import HeaderCorruptError, InvalidArgument, NotAQvolError
 from qwamos.volume import PQCVolume, read_header
 from qwamos.volume import metadata as meta
 from qwamos.volume.header import MetadataRef
-from volume_helpers import MemoryKeys, write_at
+from volume_helpers import write_at
 
 BLOCKS = 20
-
-
-@pytest.fixture
-def keys():
-    return MemoryKeys()
 
 
 @pytest.fixture
