@@ -91,14 +91,25 @@ def atomic_write(
                 os.fsync(fd)
         finally:
             os.close(fd)
-        if replace:
-            os.replace(tmp, target)
-        else:
-            _publish_new(tmp, target)
+        publish(tmp, target, replace=replace, durable=durable)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def publish(
+    tmp: str | os.PathLike[str], target: str | os.PathLike[str], *, replace: bool, durable: bool = True
+) -> None:
+    """Give the finished (and, for durability, fsynced) file ``tmp`` the name ``target`` in the same directory:
+    ``rename`` over it when ``replace``, else ``link`` — which refuses a name that exists
+    (:class:`FileExistsError`), falling back to a rename after checking the name is free on file systems
+    without hard links — then fsync the directory (unless not ``durable``).  On success ``tmp`` is gone."""
+    target = Path(target)
+    if replace:
+        os.replace(tmp, target)
+    else:
+        _publish_new(Path(tmp), target)
     if durable:
         fsync_dir(target.parent)
 

@@ -24,7 +24,7 @@ import stat
 from collections.abc import Iterator, Sequence
 
 from qwamos.errors import VolumeError, VolumeExistsError, VolumeLockedError
-from qwamos.fsutil import fsync_dir, pwrite_all
+from qwamos.fsutil import publish, pwrite_all
 from qwamos.storage.base import Buffer
 from qwamos.storage.sparse import PAGE, data_extents, punch_hole, reserve
 
@@ -302,21 +302,7 @@ class PendingFile:
         try:
             os.fsync(self._storage.fd)
             self._storage.close()
-            tmp, path = self._tmp, self.path
-            if self._overwrite:
-                os.replace(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)  # atomic, and refuses a file that appeared meanwhile
-                except FileExistsError:
-                    raise
-                except OSError:  # filesystem without hard links
-                    if os.path.lexists(path):
-                        raise FileExistsError(path) from None
-                    os.rename(tmp, path)
-                else:
-                    os.unlink(tmp)
-            fsync_dir(os.path.dirname(os.path.abspath(path)))
+            publish(self._tmp, self.path, replace=self._overwrite)
         finally:
             self._release()
 
