@@ -37,7 +37,8 @@ CRYPTO = "crypto.py"
 RANDOM_MODULES = ("secrets", "random")
 OS_RANDOM = ("urandom", "getrandom")
 CRYPTO_GENERIC_RANDOM = ("random_bytes", "_random_bytes")
-SANS_IO = {"nbd/protocol.py": ("asyncio", "socket", "selectors")}
+_NO_IO = ("asyncio", "socket", "selectors", "select")
+SANS_IO = {"nbd/protocol.py": _NO_IO, "nbd/control_protocol.py": _NO_IO}
 
 
 def _modules() -> list[Path]:
@@ -191,4 +192,5 @@ def test_checker_allows_named_draws():
 @pytest.mark.parametrize("source", ["import asyncio\n", "import socket\n", "from selectors import X\n"])
 def test_checker_catches_io_in_the_protocol(source):
     assert sans_io_violations("nbd/protocol.py", source)
+    assert sans_io_violations("nbd/control_protocol.py", source)
     assert sans_io_violations("nbd/server.py", source) == []

@@ -196,6 +196,17 @@ class ExportError(QwamosError):
     exit_code = 30
 
 
+class ControlChannelError(ExportError):
+    """Export control channel: {msg}"""
+
+    exit_code = 31
+
+    @property
+    def code(self) -> str:
+        """The reply's error code (docs/control-channel.md), or "unreachable" / "protocol" on the client side."""
+        return str(self.kwargs.get("code", ""))
+
+
 # --- VM manager (40-49) -------------------------------------------------------------------------------
 
 

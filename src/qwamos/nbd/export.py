@@ -53,6 +53,7 @@ class ExportSpec:
     pidfile: Path | None = None
     log_file: Path | None = None
     raw: bool = False
+    control: Path | None = None  # the control socket (docs/control-channel.md); None: no control channel
 
     def check(self) -> None:
         if self.unix_path is None and self.tcp is None:
@@ -128,6 +129,10 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
             socket_mode=spec.socket_mode,
             max_connections=spec.max_connections,
         )
+        if spec.control is not None:
+            from qwamos.nbd.control_server import ControlServer
+
+            ControlServer(server, spec.control)  # bound, started and stopped with the export
         server.bind()
         where = []
         if spec.unix_path is not None:
@@ -139,6 +144,8 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
                 say(TCP_WARNING.format(addr=f"{host}:{port}"))
         ro = " (read-only)" if server.export.read_only else ""
         say(f"Serving {spec.path}{ro} ({server.export.size} bytes) on {', '.join(where)}")
+        if spec.control is not None:
+            say(f"Control socket: {spec.control}")
         notify = None
         if spec.daemon:
             log_path = spec.log_file.absolute() if spec.log_file else None
@@ -182,6 +189,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pidfile", type=Path, help="write the server's pid here (removed at exit)")
     p.add_argument("--log-file", type=Path, help="with --daemon: append log messages here")
     p.add_argument("--raw", action="store_true", help="serve a plain raw image instead of a .qvol (testing)")
+    p.add_argument(
+        "--control",
+        type=Path,
+        metavar="PATH",
+        help="control socket (status, quiesce, flush, keys; always 0600; default: the --socket path + .ctl)",
+    )
+    p.add_argument("--no-control", action="store_true", help="run without a control socket")
 
 
 def spec_from_args(args: argparse.Namespace) -> ExportSpec:
@@ -201,9 +215,25 @@ def spec_from_args(args: argparse.Namespace) -> ExportSpec:
         pidfile=args.pidfile,
         log_file=args.log_file,
         raw=args.raw,
+        control=_control_path(args),
     )
     spec.check()
     return spec
+
+
+def _control_path(args: argparse.Namespace) -> Path | None:
+    """``--control PATH``, else ``<--socket>.ctl``; none with ``--no-control`` or a TCP-only export."""
+    if getattr(args, "no_control", False):
+        if getattr(args, "control", None) is not None:
+            raise InvalidArgument("--control and --no-control contradict each other")
+        return None
+    if getattr(args, "control", None) is not None:
+        return args.control
+    if args.socket is not None:
+        from qwamos.nbd.control_server import control_path_for
+
+        return control_path_for(args.socket)
+    return None
 
 
 def command(

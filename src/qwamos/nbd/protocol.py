@@ -280,6 +280,12 @@ class ServerConnection:
             self._compact()
         return False
 
+    @property
+    def at_request_boundary(self) -> bool:
+        """In transmission with no request partly consumed (no WRITE payload or skipped bytes pending):
+        the next bytes, if any, start a new request.  Quiescing stops a connection only here."""
+        return self.state is State.TRANSMISSION and not self._w_left and not self._skip
+
     # --- output -----------------------------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:

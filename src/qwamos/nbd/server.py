@@ -32,9 +32,11 @@ import os
 import signal
 import socket
 import stat
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from qwamos.blockdev import BlockBackend
 from qwamos.errors import (
@@ -56,12 +58,14 @@ from qwamos.nbd.protocol import (
     Read,
     Ready,
     ServerConnection,
+    State,
     Trim,
     Write,
     Zero,
     pack_reply_into,
     reply_header,
 )
+from qwamos.nbd.quiesce import QuiesceGate
 
 log = logging.getLogger("qwamos.nbd")
 
@@ -129,11 +133,15 @@ class ReplyBuffers:
 class _Shared:
     """State every connection of one export shares: the backend, the export and the connection limit."""
 
-    def __init__(self, backend: BlockBackend, export: ExportInfo, max_connections: int) -> None:
+    def __init__(
+        self, backend: BlockBackend, export: ExportInfo, max_connections: int, gate: QuiesceGate | None = None
+    ) -> None:
         self.backend = backend
         self.export = export
         self.max_connections = max_connections
         self.connections: set[NBDConnection] = set()
+        self.gate = gate if gate is not None else QuiesceGate(lambda: self.connections)
+        self.requests_closed = 0  # requests of connections that are gone (status counters)
         self.readinto: Callable[[int, memoryview], object] | None = getattr(backend, "readinto", None)
         self.next_id = 0
         self.closing = False
@@ -177,7 +185,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._closing = True
         if self in self.shared.connections:
             self.shared.connections.discard(self)
+            self.shared.requests_closed += self.proto.requests
             log.info("connection %d closed after %d requests", self.id, self.proto.requests)
+            self.shared.gate.settled()  # a client that vanished mid-request no longer holds up a quiesce
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -204,19 +214,38 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._process()
 
+    # --- quiesce (qwamos.nbd.quiesce) -------------------------------------------------------------------------
+
+    @property
+    def at_rest(self) -> bool:
+        """No request of this connection is in flight (a partly received WRITE, a long READ being produced)."""
+        if self._closing:
+            return True
+        if self._r_left:
+            return False
+        return self.proto.state is not State.TRANSMISSION or self.proto.at_request_boundary
+
+    def kick(self) -> None:
+        """The gate opened: run the requests that waited in the receive buffer and read again."""
+        self._process()
+
     # --- request execution ------------------------------------------------------------------------------------
 
     def _process(self) -> None:
-        """Execute events until the protocol needs data, the client must wait for us to send, or we close."""
+        """Execute events until the protocol needs data, the client must wait for us to send, we close, or the
+        export is quiesced and this connection is between requests."""
         proto = self.proto
         tr = self.transport
         if tr is None or self._closing:
             return
+        gate = self.shared.gate
         try:
             while not self._write_paused:
                 if self._r_left:
                     self._read_piece()
                     continue
+                if gate.held and proto.at_request_boundary:
+                    break  # quiesced: the next request stays unparsed until the gate opens
                 ev = proto.next_event()
                 if ev is None:
                     break
@@ -243,13 +272,15 @@ class NBDConnection(asyncio.BufferedProtocol):
             out = proto.data_to_send()
             if out and not self._closing:
                 self._send(out)
-        if self._write_paused:
+        if self._write_paused or (gate.held and proto.at_request_boundary):
             if not self._read_paused:
                 self._read_paused = True
                 tr.pause_reading()
         elif self._read_paused and not self._closing:
             self._read_paused = False
             tr.resume_reading()
+        if gate.held:
+            gate.settled()
 
     def _finish(self, ev: Disconnect | Closed) -> None:
         if isinstance(ev, Closed):
@@ -473,6 +504,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class ExportService(Protocol):
+    """A companion of the export with the same lifecycle (the control channel, qwamos.nbd.control_server)."""
+
+    def bind(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class ExportServer:
     """Serve one backend over NBD.  ``bind()`` (sync, creates the sockets: do it before daemonising), then
     ``await start()`` / ``await stop()`` inside a loop — or ``run()`` for a blocking serve-until-signal.
@@ -507,12 +550,19 @@ class ExportServer:
         self._servers: list[asyncio.base_events.Server] = []
         self._shared: _Shared | None = None
         self.tcp_address: tuple[str, int] | None = None
+        self.gate = QuiesceGate(lambda: self._shared.connections if self._shared else ())
+        self.started_at: float | None = None  # time.monotonic() when start() finished
+        # Companions bound, started and stopped with the export (the control channel): objects with
+        # bind(), async start() and async stop(); stopped first, so no command arrives during shutdown.
+        self.services: list[ExportService] = []
 
     def bind(self) -> None:
         """Create the listening sockets (synchronously, so errors surface before any fork)."""
         if self._socks:
             return
         try:
+            for svc in self.services:
+                svc.bind()
             if self.unix_path is not None:
                 sock, self._unix_id = _unix_listener(self.unix_path, self.socket_mode)
                 self._socks.append(sock)
@@ -522,6 +572,8 @@ class ExportServer:
                 self.tcp_address = s.getsockname()[:2]
         except BaseException:
             self._close_socks()
+            for svc in self.services:
+                svc.close()
             raise
 
     def _close_socks(self) -> None:
@@ -541,18 +593,31 @@ class ExportServer:
     def connections(self) -> int:
         return len(self._shared.connections) if self._shared else 0
 
+    @property
+    def requests_served(self) -> int:
+        """NBD requests received so far, on every connection (those answered with an error too)."""
+        sh = self._shared
+        if sh is None:
+            return 0
+        return sh.requests_closed + sum(conn.proto.requests for conn in sh.connections)
+
     async def start(self) -> None:
         self.bind()
         loop = asyncio.get_running_loop()
-        shared = self._shared = _Shared(self.backend, self.export, self.max_connections)
+        shared = self._shared = _Shared(self.backend, self.export, self.max_connections, self.gate)
         for s in self._socks:
             if s.family == socket.AF_UNIX:
                 srv = await loop.create_unix_server(lambda: NBDConnection(shared), sock=s)
             else:
                 srv = await loop.create_server(lambda: NBDConnection(shared), sock=s)
             self._servers.append(srv)
+        for svc in self.services:
+            await svc.start()
+        self.started_at = time.monotonic()
 
     async def stop(self, timeout: float = 5.0) -> None:
+        for svc in self.services:
+            await svc.stop()
         shared = self._shared
         for srv in self._servers:
             srv.close()
