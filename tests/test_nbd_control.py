@@ -403,3 +403,16 @@ def test_a_uid_not_in_the_allowed_set_is_refused():
         with pytest.raises(ControlChannelError) as ei:
             ControlClient.connect(ex.cpath).status()
         assert ei.value.code == cp.E_FORBIDDEN
+
+
+def test_a_second_export_on_the_same_control_path_is_refused_and_leaves_the_first_alone():
+    from qwamos.errors import ExportError
+
+    with running(MemoryBackend(SIZE)) as ex:
+        other = ExportServer(MemoryBackend(SIZE), unix_path=ex.path + "2")
+        ControlServer(other, ex.cpath)
+        with pytest.raises(ExportError, match="already listening"):
+            other.bind()
+        assert not os.path.exists(ex.path + "2")
+        with ControlClient.connect(ex.cpath) as cc:
+            assert cc.status()["export"]["socket"] == ex.path

@@ -37,7 +37,7 @@ from typing import Any
 
 from qwamos import __version__
 from qwamos.nbd import control_protocol as cp
-from qwamos.nbd.server import ExportServer, _unix_listener
+from qwamos.nbd.server import ExportServer, _file_id, _unix_listener
 
 log = logging.getLogger("qwamos.nbd.control")
 
@@ -292,6 +292,7 @@ class ControlServer:
         self.keys = KeyStash()
         self.operations = Operations()
         self._sock: socket.socket | None = None
+        self._sock_id: tuple[int, int] | None = None  # the socket file we created (only that one is removed)
         self._server: asyncio.base_events.Server | None = None
         self._stopping = False
         self.handlers: dict[str, Handler] = {
@@ -314,7 +315,8 @@ class ControlServer:
 
     def bind(self) -> None:
         if self._sock is None:
-            self._sock = _unix_listener(self.path, 0o600)  # always private, whatever --socket-mode says
+            # Always private, whatever --socket-mode says for the NBD socket.
+            self._sock, self._sock_id = _unix_listener(self.path, 0o600)
 
     def close(self) -> None:
         """Undo bind() (the export failed to bind its own sockets)."""
@@ -324,8 +326,13 @@ class ControlServer:
             self._unlink()
 
     def _unlink(self) -> None:
+        """Remove the socket file if it is still the one we created (never another export's)."""
+        ident, self._sock_id = self._sock_id, None
+        if ident is None:
+            return
         with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(self.path.lstat().st_mode):
+            st = self.path.lstat()
+            if stat.S_ISSOCK(st.st_mode) and _file_id(st) == ident:
                 self.path.unlink()
 
     async def start(self) -> None:
