@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from qwamos import __version__
+from qwamos.errors import ExportError
 from qwamos.nbd import control_protocol as cp
 from qwamos.nbd.server import ExportServer, _file_id, _unix_listener
 
@@ -283,9 +284,14 @@ class ControlServer:
         *,
         allowed_uids: tuple[int, ...] | None = None,
         commands: dict[str, cp.CommandSpec] | None = None,
+        required: bool = True,
     ) -> None:
         self.export = export
         self.path = Path(path)
+        # An optional channel (the default <socket>.ctl) whose path is taken is skipped with a warning; one
+        # asked for by path (--control) is required: the export refuses to start without it.
+        self.required = required
+        self.enabled = True
         self.allowed_uids = (os.geteuid(), 0) if allowed_uids is None else allowed_uids
         self.commands = cp.COMMANDS if commands is None else commands
         self.sessions: set[ControlSession] = set()
@@ -314,9 +320,15 @@ class ControlServer:
     # --- lifecycle (called by ExportServer) ---------------------------------------------------------------
 
     def bind(self) -> None:
-        if self._sock is None:
-            # Always private, whatever --socket-mode says for the NBD socket.
-            self._sock, self._sock_id = _unix_listener(self.path, 0o600)
+        if self._sock is None and self.enabled:
+            try:
+                # Always private, whatever --socket-mode says for the NBD socket.
+                self._sock, self._sock_id = _unix_listener(self.path, 0o600)
+            except ExportError as e:
+                if self.required:
+                    raise
+                log.warning("serving without a control channel: %s", e)
+                self.enabled = False
 
     def close(self) -> None:
         """Undo bind() (the export failed to bind its own sockets)."""
@@ -337,6 +349,8 @@ class ControlServer:
 
     async def start(self) -> None:
         self.bind()
+        if not self.enabled:
+            return
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: ControlSession(self), sock=self._sock)
 

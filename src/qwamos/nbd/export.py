@@ -54,6 +54,7 @@ class ExportSpec:
     log_file: Path | None = None
     raw: bool = False
     control: Path | None = None  # the control socket (docs/control-channel.md); None: no control channel
+    control_required: bool = True  # False for the default <socket>.ctl: a taken path only warns
 
     def check(self) -> None:
         if self.unix_path is None and self.tcp is None:
@@ -129,10 +130,12 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
             socket_mode=spec.socket_mode,
             max_connections=spec.max_connections,
         )
+        ctl = None
         if spec.control is not None:
             from qwamos.nbd.control_server import ControlServer
 
-            ControlServer(server, spec.control)  # bound, started and stopped with the export
+            # Bound, started and stopped with the export.
+            ctl = ControlServer(server, spec.control, required=spec.control_required)
         server.bind()
         where = []
         if spec.unix_path is not None:
@@ -144,7 +147,7 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
                 say(TCP_WARNING.format(addr=f"{host}:{port}"))
         ro = " (read-only)" if server.export.read_only else ""
         say(f"Serving {spec.path}{ro} ({server.export.size} bytes) on {', '.join(where)}")
-        if spec.control is not None:
+        if ctl is not None and ctl.enabled:
             say(f"Control socket: {spec.control}")
         notify = None
         if spec.daemon:
@@ -216,6 +219,7 @@ def spec_from_args(args: argparse.Namespace) -> ExportSpec:
         log_file=args.log_file,
         raw=args.raw,
         control=_control_path(args),
+        control_required=getattr(args, "control", None) is not None,
     )
     spec.check()
     return spec
