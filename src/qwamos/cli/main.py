@@ -23,7 +23,13 @@ from qwamos import __version__
 from qwamos.errors import run_main
 
 # Command groups: top-level command -> its module in qwamos.cli (with register(subparsers)), in help order.
-COMMAND_GROUPS = {"volume": "volume_cmd", "key": "key_cmd", "vm": "vm_cmd", "migrate": "migrate_cmd"}
+COMMAND_GROUPS = {
+    "volume": "volume_cmd",
+    "key": "key_cmd",
+    "vm": "vm_cmd",
+    "export": "export_cmd",
+    "migrate": "migrate_cmd",
+}
 COMMAND_MODULES = tuple(COMMAND_GROUPS.values())
 
 

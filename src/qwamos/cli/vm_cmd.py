@@ -136,14 +136,32 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = _manager(args).status(args.vm)
+    mgr = _manager(args)
+    st = mgr.status(args.vm)
+    export = mgr.export_status(args.vm) if st.state in ("running", "crashed") else None
     if args.json:
-        emit_json(st.to_dict())
+        emit_json({**st.to_dict(), "export": export})
     else:
         pids = ", ".join(f"{k} {v}" for k, v in sorted(st.pids.items()))
         extra = "; ".join(x for x in (st.reason, f"pids: {pids}" if pids else "") if x)
         print(f"{st.name}: {st.state}" + (f" ({extra})" if extra else ""))
+        if export is not None:
+            print(_export_line(export))
     return 0
+
+
+def _export_line(export: dict[str, Any]) -> str:
+    """One line about the VM's block export, from its control channel."""
+    if "error" in export:
+        return f"  export: not answering ({export['error']})"
+    parts = [
+        f"{export['connections']} connection(s)",
+        f"{export['requests_served']} requests",
+        "quiesced" if export["quiesced"] else "serving",
+    ]
+    for op in export.get("operations", []):
+        parts.append(f"{op['kind']} {op['state']} {op['percent']}%")
+    return "  export: " + ", ".join(parts)
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -258,6 +258,20 @@ class VMManager:
             st.state, st.reason = "stopped", reason
         return st
 
+    def export_status(self, name: str) -> dict[str, Any] | None:
+        """The VM's block export as it reports itself through its control channel (docs/control-channel.md):
+        ``None`` when no export runs for it, ``{"error": ...}`` when one runs but does not answer."""
+        from qwamos.errors import ControlChannelError
+        from qwamos.nbd.control_client import read_status
+
+        run = self.run_dir(name)
+        if live_process(run.export_pid) is None:
+            return None
+        try:
+            return read_status(run.export_ctl, timeout=5.0)
+        except ControlChannelError as e:
+            return {"error": str(e)}
+
     # --- create -------------------------------------------------------------------------------------
 
     def create(self, name: str, **fields: Any) -> Path:

@@ -32,6 +32,7 @@ from typing import Any
 
 from qwamos.errors import VMError
 from qwamos.fsutil import SOCKET_PATH_MAX, atomic_write, short_path
+from qwamos.nbd.control_protocol import control_path_for
 from qwamos.pidfile import ProcRef, live_process, proc_start_time, read_pidfile, wait_until, write_pidfile
 
 # Re-exported: the hypervisor's modules and tests find process references here.
@@ -79,6 +80,11 @@ class RunDir:
         return self.path / self.EXPORT
 
     @property
+    def export_ctl(self) -> Path:
+        """The export's control socket (docs/control-channel.md), beside its NBD socket."""
+        return control_path_for(self.export_sock)
+
+    @property
     def serial_log(self) -> Path:
         return self.path / self.SERIAL_LOG
 
@@ -124,6 +130,7 @@ class RunDir:
             self.qmp_sock,
             self.console_sock,
             self.export_sock,
+            self.export_ctl,
             self.qemu_pid,
             self.export_pid,
             self.supervisor_pid,

@@ -193,6 +193,7 @@ def _cleanup(run: RunDir) -> None:
         run.qmp_sock,
         run.console_sock,
         run.export_sock,
+        run.export_ctl,
         run.qemu_pid,
         run.export_pid,
         run.path / STOP_REQUEST,

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from qwamos.errors import ControlChannelError
+from qwamos.fsutil import short_path
 from qwamos.nbd import control_protocol as cp
-from qwamos.nbd.control_server import control_path_for
+from qwamos.nbd.control_protocol import control_path_for
 
 __all__ = ["ControlClient", "control_path_for"]
 
@@ -33,7 +34,8 @@ class ControlClient:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         s.settimeout(timeout)
         try:
-            s.connect(p)
+            with short_path(p) as short:  # run directories can be deeper than sockaddr_un allows
+                s.connect(short)
         except OSError as e:
             s.close()
             raise ControlChannelError(

@@ -26,14 +26,24 @@ no longer be trusted (bad magic, unknown version, oversized frame) a :class:`Clo
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from qwamos import strictjson
 from qwamos.crypto import KEY_SIZE
+
+CONTROL_SUFFIX = ".ctl"
+
+
+def control_path_for(nbd_socket: str | os.PathLike[str]) -> Path:
+    """The default control socket of an export: ``<nbd-socket>.ctl``, beside the NBD socket."""
+    return Path(os.fspath(nbd_socket) + CONTROL_SUFFIX)
+
 
 MAGIC = b"QCTL"
 VERSION = 1

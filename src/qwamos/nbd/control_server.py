@@ -38,19 +38,16 @@ from typing import Any
 from qwamos import __version__
 from qwamos.errors import ExportError
 from qwamos.nbd import control_protocol as cp
+from qwamos.nbd.control_protocol import CONTROL_SUFFIX, control_path_for
+
+__all__ = ["CONTROL_SUFFIX", "ControlFailure", "ControlServer", "control_path_for"]
 from qwamos.nbd.server import ExportServer, _file_id, _unix_listener
 
 log = logging.getLogger("qwamos.nbd.control")
 
-CONTROL_SUFFIX = ".ctl"
 DEFAULT_QUIESCE_TIMEOUT = 30.0  # s a quiesce waits for in-flight NBD requests before it gives up
 MAX_SESSIONS = 16  # concurrent control connections; more are refused
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-def control_path_for(nbd_socket: str | os.PathLike[str]) -> Path:
-    """The control socket beside an NBD socket: ``<nbd-socket>.ctl`` in the same directory."""
-    return Path(os.fspath(nbd_socket) + CONTROL_SUFFIX)
 
 
 class ControlFailure(Exception):
