@@ -19,6 +19,7 @@ MIGRATE = ["test_migrate_run.py", "test_migrate_stream.py", "test_migrate_guest.
 
 MAP: dict[str, list[str]] = {
     "blockdev": ["test_nbd_server.py", "test_volume_roundtrip.py"],
+    "cli.export_cmd": ["test_nbd_control_live.py"],
     "cli.key_cmd": ["test_key_cli.py"],
     "cli.keystore_args": ["test_key_cli.py"],
     "cli.main": ["test_volume_cli.py", "test_key_cli.py", "test_errors.py"],
@@ -64,9 +65,13 @@ MAP: dict[str, list[str]] = {
     "migrate.vmview": ["test_migrate_run.py"],
     "nbd.client": ["test_nbd_client.py"],
     "nbd.constants": ["test_nbd_protocol.py"],
+    "nbd.control_client": ["test_nbd_control.py", "test_nbd_control_live.py"],
+    "nbd.control_protocol": ["test_nbd_control_protocol.py"],
+    "nbd.control_server": ["test_nbd_control.py", "test_nbd_control_live.py"],
     "nbd.daemon": ["test_nbd_qemu.py", "test_nbd_socket_ownership.py"],
     "nbd.export": ["test_nbd_export.py", "test_nbd_qemu.py", "test_nbd_socket_ownership.py"],
     "nbd.protocol": ["test_nbd_protocol.py", "test_nbd_pipelining.py"],
+    "nbd.quiesce": ["test_nbd_control.py", "test_nbd_control_live.py"],
     "nbd.server": ["test_nbd_server.py", "test_nbd_pipelining.py", "test_nbd_block_sizes.py"],
     "storage.base": ["test_storage.py"],
     "storage.file": ["test_storage.py"],

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,13 +23,6 @@ pytestmark = pytest.mark.qemu
 
 SIZE = 64 << 20
 QWAMOS = [sys.executable, "-m", "qwamos.cli.main"]
-
-
-@pytest.fixture
-def short_dir():
-    d = Path(tempfile.mkdtemp(prefix="ctll", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
