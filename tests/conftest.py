@@ -8,6 +8,8 @@
   107-byte socket path limit); removed afterwards.
 * ``no_ambient_env`` — ``QWAMOS_PASSPHRASE``, ``QWAMOS_KEYSTORE`` and ``QWAMOS_ROOT`` unset, so that the
   developer's own settings never leak into a test.
+* ``no_process_outlives_the_session`` (session, autouse) — fails the run loudly, and kills them, if processes
+  the session started (QEMU, exports, daemons, qemu-nbd) are still alive at its end (tests/processes.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import processes
 from qwamos.errors import KeyNotFoundError
 
 
@@ -71,3 +74,19 @@ def short_dir() -> Iterator[Path]:
 def no_ambient_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("QWAMOS_PASSPHRASE", "QWAMOS_KEYSTORE", "QWAMOS_ROOT"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fail loudly if a process the session started (QEMU, an export, a daemon, qemu-nbd) is still alive at
+    the end, and kill it: a test that fails must still clean up what it started (tests/processes.py)."""
+    marker = processes.mark_session()
+    base = tmp_path_factory.getbasetemp()
+    yield
+    left = processes.wait_gone(marker, [base], grace=15)
+    if left:
+        processes.kill_all(left)
+        listing = "\n".join(f"  pid {p.pid}: {p.cmdline[:300]}" for p in left)
+        pytest.fail(
+            f"{len(left)} process(es) started by this test session were still running (now killed):\n{listing}"
+        )

@@ -16,12 +16,15 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import processes
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST_DIR = Path(os.environ.get("QWAMOS_GUEST_DIR", REPO / "build" / "guest"))
@@ -144,19 +147,24 @@ def run_guest(
     argv = qemu_command(
         arch, disk_args=disk_args, append=append, serial_log=serial_log, memory=memory, extra=extra
     )
-    # `timeout --foreground` ends QEMU even if this process is killed first (it is QEMU's parent).
-    proc = subprocess.run(
-        ["timeout", "--foreground", "-k", "5", f"{timeout:g}", *argv],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout + 15,
-        check=False,
+    # QEMU itself is the child (no `timeout` wrapper whose death would orphan it), in its own process group,
+    # killed with its group on timeout or on any exception here, and by the kernel if this process dies.
+    proc = processes.spawn(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    timed_out = False
+    try:
+        _out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        processes.stop(proc, signal.SIGKILL)
+        _out, err = proc.communicate()
+    finally:
+        processes.stop(proc, signal.SIGKILL)
     text = serial_log.read_text(errors="replace") if serial_log.exists() else ""
-    if proc.returncode != 0:
-        what = f"timed out after {timeout:g} s" if proc.returncode in (124, 137) else f"exited {proc.returncode}"
-        raise GuestError(f"{arch} guest {what}: {proc.stderr.strip()[-500:]}\nconsole:\n{text[-2000:]}")
+    if timed_out or proc.returncode != 0:
+        what = f"timed out after {timeout:g} s" if timed_out else f"exited {proc.returncode}"
+        raise GuestError(f"{arch} guest {what}: {(err or '').strip()[-500:]}\nconsole:\n{text[-2000:]}")
     return text
 
 
@@ -177,7 +185,7 @@ def nbd_export(image: Path | str, *, fmt: str = "raw", timeout: float = 10.0) ->
     The socket lives in a short private temp directory (UNIX socket paths are limited to ~107 bytes)."""
     sock_dir = Path(tempfile.mkdtemp(prefix="qw-nbd-"))
     sock = sock_dir / "nbd.sock"
-    proc = subprocess.Popen(
+    proc = processes.spawn(
         ["qemu-nbd", "-f", fmt, "-k", str(sock), "-e", "2", str(image)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -192,12 +200,7 @@ def nbd_export(image: Path | str, *, fmt: str = "raw", timeout: float = 10.0) ->
             time.sleep(0.02)
         yield sock
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        processes.stop(proc, grace=10)
         if proc.stderr:
             proc.stderr.close()
         shutil.rmtree(sock_dir, ignore_errors=True)

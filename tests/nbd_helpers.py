@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import processes
 from qwamos.nbd.client import NBDClient, NBDClientError
 
 SERVE = [sys.executable, "-m", "qwamos.nbd.export"]  # the export as its own program (what the VM supervisor runs)
@@ -30,7 +31,7 @@ def wait_answers(sock: Path, proc: subprocess.Popen, timeout: float = 30) -> Non
 
 @contextlib.contextmanager
 def serving(vol: Path, ks: Path, sock: Path, *extra: str):
-    proc = subprocess.Popen(
+    proc = processes.spawn(
         [*SERVE, str(vol), "--socket", str(sock), "--keystore", str(ks), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -39,13 +40,7 @@ def serving(vol: Path, ks: Path, sock: Path, *extra: str):
         wait_answers(sock, proc)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        processes.stop(proc, signal.SIGTERM, grace=20)  # SIGTERM (flush and exit), then SIGKILL its group
         proc.stdout.close()
         proc.stderr.close()
 

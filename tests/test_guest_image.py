@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import processes
 from guestlib import (
     ARCHES,
     DEFAULT_OFFSET,
@@ -249,7 +251,7 @@ def test_idle_guest_powers_off_on_system_powerdown(arch, tmp_path):
         serial_log=log,
         extra=["-qmp", f"unix:{qmp_sock},server=on,wait=off"],
     )
-    proc = subprocess.Popen(["timeout", "--foreground", "-k", "5", "240", *argv], stdin=subprocess.DEVNULL)
+    proc = processes.spawn(argv, stdin=subprocess.DEVNULL)  # QEMU itself, in its own process group
     try:
         deadline = time.monotonic() + 180
         while "GUEST-READY" not in (log.read_text(errors="replace") if log.exists() else ""):
@@ -259,9 +261,7 @@ def test_idle_guest_powers_off_on_system_powerdown(arch, tmp_path):
         qmp(qmp_sock, "system_powerdown")
         assert proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        processes.stop(proc, signal.SIGKILL)  # the whole group, reaped, whatever happened above
         qmp_sock.unlink(missing_ok=True)
     found = parse_markers(log.read_text(errors="replace"))
     assert "POWERDOWN" in found and "DONE" in found
