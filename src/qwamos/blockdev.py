@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 from typing import Protocol, runtime_checkable
 
-from qwamos.errors import ReadOnlyVolumeError
-from qwamos.fsutil import pwrite_all
+from qwamos.errors import NotARegularFileError, ReadOnlyVolumeError
+from qwamos.fsutil import open_regular, pwrite_all
 
 BLOCK_SIZE = 4096
 
@@ -98,7 +98,11 @@ class FileBackend:
     def __init__(self, path: str, *, read_only: bool = False) -> None:
         self.path = str(path)
         self._read_only = read_only
-        self._fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self._fd = open_regular(  # a FIFO or device would block or misreport its size: refused at once
+            self.path,
+            (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC,
+            lambda kind: NotARegularFileError(path=self.path, kind=kind),
+        )
         self._size = os.fstat(self._fd).st_size
 
     @property

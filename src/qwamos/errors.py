@@ -70,6 +70,12 @@ class NotAQvolError(VolumeError):
     exit_code = 10
 
 
+class NotARegularFileError(VolumeError):
+    """{path} is {kind}, not a regular file; a volume must be one (refused without reading or waiting on it)."""
+
+    exit_code = 10
+
+
 class UnsupportedVersionError(VolumeError):
     """{path}: unsupported qvol format version {version!r}; this qwamos reads format versions {supported}."""
 

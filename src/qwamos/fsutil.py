@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,48 @@ _tmp_counter = itertools.count()
 SOCKET_PATH_MAX = 107  # bytes of a sockaddr_un path, without the terminating NUL
 
 Buffer = bytes | bytearray | memoryview
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, for error messages."""
+    for test, kind in _KINDS:
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def open_regular(path: str | os.PathLike[str], flags: int, refuse: Callable[[str], BaseException]) -> int:
+    """Open ``path`` with ``flags`` only if it is a regular file, without ever blocking; return the fd.
+
+    A FIFO, device, socket or directory is refused with ``refuse(kind)`` before anything could block: a
+    ``stat`` first (so a device is never even opened: opening one can have side effects), then the open
+    itself with ``O_NONBLOCK | O_NOCTTY`` (a FIFO swapped in after the stat opens at once instead of waiting
+    for a writer) and an ``fstat`` of what was really opened.  ``O_NONBLOCK`` is cleared again afterwards (it
+    means nothing for regular files, but the descriptor is handed on).  OSErrors (a missing file, no
+    permission) propagate.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise refuse(file_kind(st.st_mode))
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse(file_kind(st.st_mode))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:

@@ -20,11 +20,10 @@ import contextlib
 import errno
 import fcntl
 import os
-import stat
 from collections.abc import Iterator, Sequence
 
-from qwamos.errors import VolumeError, VolumeExistsError, VolumeLockedError
-from qwamos.fsutil import publish, pwrite_all
+from qwamos.errors import NotARegularFileError, VolumeError, VolumeExistsError, VolumeLockedError
+from qwamos.fsutil import open_regular, publish, pwrite_all
 from qwamos.storage.base import Buffer
 from qwamos.storage.sparse import PAGE, data_extents, punch_hole, reserve
 
@@ -107,22 +106,7 @@ class FileStorage:
     @classmethod
     def open(cls, path: str, *, read_only: bool = False) -> FileStorage:
         """Open an existing regular file (read-only or read-write); not locked yet (see :meth:`lock`)."""
-        # O_NONBLOCK so that a FIFO or a device given as a volume is refused instead of blocking the open;
-        # cleared again for the regular file (where it would mean nothing anyway).
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
-        try:
-            fd = os.open(path, flags)
-        except FileNotFoundError:
-            raise VolumeError(msg=f"{path}: no such file") from None
-        except OSError as e:
-            raise VolumeError(msg=f"{path}: cannot open: {e.strerror or e}") from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise VolumeError(msg=f"{path}: not a regular file")
-            os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
+        fd = _open_regular(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         return cls(path, fd, read_only=read_only)
 
     # --- the Storage interface ----------------------------------------------------------------------------
@@ -341,15 +325,25 @@ def create_file(path: str, *, overwrite: bool, random_suffix: str) -> PendingFil
     return PendingFile(path, tmp, FileStorage(tmp, fd, read_only=False), guard_fd, overwrite)
 
 
+def _open_regular(path: str, flags: int) -> int:
+    """Open a volume file, refusing anything but a regular file at once, without opening a device or waiting
+    for a FIFO's writer (``volume info FIFO`` used to hang forever): :class:`NotARegularFileError`, exit 10.
+    A missing or unopenable file is a :class:`VolumeError` naming it."""
+    try:
+        return open_regular(path, flags, lambda kind: NotARegularFileError(path=path, kind=kind))
+    except FileNotFoundError:
+        raise VolumeError(msg=f"{path}: no such file") from None
+    except OSError as e:
+        raise VolumeError(msg=f"{path}: cannot open: {e.strerror or e}") from None
+
+
 def _guard_existing(path: str, overwrite: bool) -> int | None:
     """Refuse an existing path (unless overwrite); when overwriting, hold its lock while we replace it."""
     if not os.path.lexists(path):
         return None
     if not overwrite:
         raise VolumeExistsError(path=path)
-    if not os.path.isfile(path):
-        raise VolumeError(msg=f"{path}: exists and is not a regular file; refusing to replace it")
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = _open_regular(path, os.O_RDONLY | os.O_CLOEXEC)  # never replaces (nor waits on) a FIFO, device, ...
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
