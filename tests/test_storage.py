@@ -10,7 +10,7 @@ import pytest
 
 from qwamos.errors import VolumeError, VolumeExistsError, VolumeLockedError
 from qwamos.storage import FileStorage, Storage, create_storage, open_storage
-from qwamos.storage.file import PageMap
+from qwamos.storage.bitmap import Bitmap
 from qwamos.storage.sparse import PAGE
 
 
@@ -76,9 +76,9 @@ def test_resize(store):
     assert store.read(3 * PAGE, PAGE) == bytes(PAGE)
 
 
-def test_page_map_matches_a_set():
+def test_bitmap_matches_a_set():
     rng = random.Random(7)
-    m = PageMap()
+    m = Bitmap()
     ref: set[int] = set()
     for _ in range(3000):
         a = rng.randrange(0, 600)

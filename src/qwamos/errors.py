@@ -7,7 +7,8 @@ two process entry points (``qwamos.cli.main`` and the block export's ``python -m
 
 Exit code ranges (documented in the README):
   0 ok, 1 warning, 2 generic error / bad usage,
-  10-19 volume format, 20-29 keystore, 30-39 block export, 40-49 VM manager, 50-59 migration.
+  10-19 volume format, 20-29 keystore, 30-39 block export, 40-49 VM manager, 50-59 migration,
+  60-69 storage (the byte store beneath the volume format; 10-19 were all taken).
 
 Messages never contain key material or passphrases: constructors take names, paths and indices only.
 """
@@ -140,6 +141,15 @@ class ReadOnlyVolumeError(VolumeError):
     """{path} is open read-only."""
 
     exit_code = 19
+
+
+# --- storage (60-69): the byte store beneath the volume format -----------------------------------------
+
+
+class VolumeFullError(VolumeError):
+    """{path}: I/O error: {msg} (out of space); every block keeps its old or new data: free space, retry."""
+
+    exit_code = 60
 
 
 # --- keystore (20-29) ---------------------------------------------------------------------------------

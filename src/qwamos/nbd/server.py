@@ -47,6 +47,7 @@ from qwamos.errors import (
     ReadOnlyVolumeError,
     VolumeClosedError,
     VolumeError,
+    VolumeFullError,
 )
 from qwamos.nbd import constants as c
 from qwamos.nbd.protocol import (
@@ -80,6 +81,7 @@ ERROR_MAP: tuple[tuple[type[BaseException], int], ...] = (
     (ReadOnlyVolumeError, c.EPERM),
     (BlockRangeError, c.EINVAL),
     (NonceLimitError, c.ENOSPC),
+    (VolumeFullError, c.ENOSPC),  # out of space: QEMU's werror=enospc pauses the guest instead of failing
     (VolumeClosedError, c.ESHUTDOWN),
     (VolumeError, c.EIO),
 )

@@ -10,8 +10,12 @@ them plus a little ahead (``POSIX_FADV_WILLNEED``) in one request; see :meth:`Fi
 
 Space reservation.  :meth:`FileStorage.allocate` is ``fallocate(KEEP_SIZE)``, which costs 2-3 us even over
 space already allocated (measured on ext4 and tmpfs): as much as the write it protects.  So the store keeps
-a bitmap of the pages it knows are allocated (reserved or written through it since open; punching clears
-them), and calls ``fallocate`` only for a range that has a page it does not know.
+a bitmap of the pages it knows are allocated, and calls ``fallocate`` only for a range that has a page it
+does not know.  The bitmap learns a 1 MiB window at a time from ``SEEK_DATA``/``SEEK_HOLE`` the first time a
+range in it is reserved (so a volume reopened over written data does not pay one ``fallocate`` per slot), and
+from every successful reservation; punching a hole clears its pages.  A page wrongly believed allocated would
+lose the guarantee, so the bitmap only ever learns from the filesystem's own answers, and a filesystem without
+``SEEK_HOLE`` teaches it nothing.
 """
 
 from __future__ import annotations
@@ -25,69 +29,17 @@ from collections.abc import Iterator, Sequence
 from qwamos.errors import NotARegularFileError, VolumeError, VolumeExistsError, VolumeLockedError
 from qwamos.fsutil import open_regular, publish, pwrite_all
 from qwamos.storage.base import Buffer
+from qwamos.storage.bitmap import Bitmap
 from qwamos.storage.sparse import PAGE, data_extents, punch_hole, reserve
 
 SMALL_WRITE = 2 * PAGE  # writes up to this size probe their whole range (one record); longer: the edges
 WRITE_AHEAD = 32 * 1024  # page cache filled ahead of an uncached small write (stride writes then hit it)
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _PAGE_SHIFT = 12
+_WINDOW_SHIFT = 20  # allocation learned from SEEK_DATA/SEEK_HOLE 1 MiB at a time
 _MIB = 1024 * 1024
 _ZERO_MIB = memoryview(bytes(_MIB))
 _IOV_MAX = 1024
-
-
-class PageMap:
-    """One bit per file page: set = known allocated.  Grows as pages are marked; unknown reads as 0."""
-
-    __slots__ = ("bits",)
-
-    def __init__(self) -> None:
-        self.bits = bytearray()
-
-    def known(self, first: int, last: int) -> bool:
-        """Every page in ``[first, last]`` known allocated."""
-        bits = self.bits
-        b0, b1 = first >> 3, last >> 3
-        if b1 >= len(bits):
-            return False
-        if b0 == b1:
-            mask = ((1 << (last - first + 1)) - 1) << (first & 7)
-            return bits[b0] & mask == mask
-        head = (0xFF << (first & 7)) & 0xFF
-        tail = (1 << ((last & 7) + 1)) - 1
-        if bits[b0] & head != head or bits[b1] & tail != tail:
-            return False
-        return b1 - b0 == 1 or bits.count(0xFF, b0 + 1, b1) == b1 - b0 - 1
-
-    def mark(self, first: int, last: int) -> None:
-        bits = self.bits
-        b0, b1 = first >> 3, last >> 3
-        if b1 >= len(bits):
-            bits.extend(bytes(b1 + 1 - len(bits)))
-        if b0 == b1:
-            bits[b0] |= ((1 << (last - first + 1)) - 1) << (first & 7)
-            return
-        bits[b0] |= (0xFF << (first & 7)) & 0xFF
-        bits[b1] |= (1 << ((last & 7) + 1)) - 1
-        if b1 - b0 > 1:
-            bits[b0 + 1 : b1] = b"\xff" * (b1 - b0 - 1)
-
-    def clear(self, first: int, last: int) -> None:
-        bits = self.bits
-        last = min(last, len(bits) * 8 - 1)
-        if last < first:
-            return
-        b0, b1 = first >> 3, last >> 3
-        if b0 == b1:
-            bits[b0] &= ~(((1 << (last - first + 1)) - 1) << (first & 7)) & 0xFF
-            return
-        bits[b0] &= ~(0xFF << (first & 7)) & 0xFF
-        bits[b1] &= ~((1 << ((last & 7) + 1)) - 1) & 0xFF
-        if b1 - b0 > 1:
-            bits[b0 + 1 : b1] = bytes(b1 - b0 - 1)
-
-    def reset(self) -> None:
-        self.bits = bytearray()
 
 
 class FileStorage:
@@ -101,7 +53,9 @@ class FileStorage:
         self._probe = memoryview(bytearray(SMALL_WRITE + PAGE))
         self._probe_edges = bool(_RWF_NOWAIT) and hasattr(os, "posix_fadvise") and not read_only
         self._can_reserve = True
-        self._allocated = PageMap()
+        self._allocated = Bitmap()  # pages known allocated
+        self._learned = Bitmap()  # 1 MiB windows whose allocation was read from SEEK_DATA/SEEK_HOLE
+        self._can_learn = True
 
     @classmethod
     def open(cls, path: str, *, read_only: bool = False) -> FileStorage:
@@ -170,11 +124,35 @@ class FileStorage:
             return True
         if not self._can_reserve:
             return False
+        w0, w1 = offset >> _WINDOW_SHIFT, (offset + length - 1) >> _WINDOW_SHIFT
+        if self._can_learn and not self._learned.known(w0, w1):
+            self._learn(w0 << _WINDOW_SHIFT, (w1 + 1) << _WINDOW_SHIFT)
+            self._learned.mark(w0, w1)
+            if self._allocated.known(first, last):
+                return True
         if not reserve(self._fd, offset, length):
             self._can_reserve = False
             return False
         self._allocated.mark(first, last)
         return True
+
+    def _learn(self, start: int, end: int) -> None:
+        """Mark the pages of ``[start, end)`` that the filesystem says hold data as allocated."""
+        fd = self._fd
+        pos = start
+        try:
+            while pos < end:
+                ds = os.lseek(fd, pos, os.SEEK_DATA)
+                if ds >= end:
+                    return
+                de = min(os.lseek(fd, ds, os.SEEK_HOLE), end)
+                p0, p1 = (ds + PAGE - 1) >> _PAGE_SHIFT, (de >> _PAGE_SHIFT) - 1
+                if p1 >= p0:
+                    self._allocated.mark(p0, p1)
+                pos = de
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no data after pos; anything else: cannot tell, so never learn
+                self._can_learn = False
 
     def punch(self, offset: int, length: int) -> bool:
         if length <= 0:

@@ -8,15 +8,22 @@ this is on the 4 KiB hot path, and a generator-based manager costs several times
 
 from __future__ import annotations
 
+import errno
 import threading
 from types import TracebackType
 
-from qwamos.errors import VolumeError
+from qwamos.errors import VolumeError, VolumeFullError
+
+# The store is out of space: the filesystem is full, the user's quota is spent, or the file may not grow.
+NO_SPACE = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
 
 
-def os_error(path: str, e: OSError) -> VolumeError:
-    """An OS failure mid-I/O as a volume error naming the file."""
-    return VolumeError(msg=f"{path}: I/O error: {e.strerror or e}")
+def os_error(path: str, e: OSError, doing: str = "I/O error") -> VolumeError:
+    """An OS failure as a volume error naming the file: :class:`VolumeFullError` when the store is out of
+    space (the NBD export answers that with NBD_ENOSPC, so QEMU can pause the guest), else a plain one."""
+    if e.errno in NO_SPACE:
+        return VolumeFullError(path=path, msg=e.strerror or str(e))
+    return VolumeError(msg=f"{path}: {doing}: {e.strerror or e}")
 
 
 class IOGuard:

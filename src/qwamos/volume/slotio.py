@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from qwamos.errors import AuthenticationFailed, BlockAuthError, TruncatedVolumeError
 from qwamos.storage import Storage
+from qwamos.storage.bitmap import Bitmap
 from qwamos.storage.sparse import PAGE
 from qwamos.volume.header import BLOCK_SIZE, HEADER_SIZE, SLOT_SIZE
 from qwamos.volume.slots import NonceBudget, NoncePool, SlotCipher
@@ -68,6 +69,8 @@ class SlotIO:
         self._slot_mv = memoryview(self.wbuf)[:SLOT_SIZE]
         self._read = storage.read
         self._write = storage.write
+        self._allocate = storage.allocate
+        self._reserved = Bitmap()  # slots whose space is known reserved this session (see seal_blocks)
 
     # --- runs of slots (the hot path) ---------------------------------------------------------------------
 
@@ -87,6 +90,9 @@ class SlotIO:
         write = self.storage.write
         budget = self.budget
         out_all = memoryview(self.wbuf)
+        # Reserve the run's space first: on a full disk this fails before any slot is touched, and a write
+        # into reserved space cannot stop part-way for lack of space and leave a slot half old, half new.
+        self._reserve(first, count)
         done = 0
         while done < count:
             epoch, granted = budget.take(count - done)
@@ -107,6 +113,9 @@ class SlotIO:
     # --- one slot (the 4 KiB fast path) -----------------------------------------------------------------
 
     def seal_one(self, index: int, plaintext: bytes | memoryview, length: int) -> None:
+        bits = self._reserved.bits  # the reservation of seal_blocks, its known case tested inline (hot path)
+        if not ((index >> 3) < len(bits) and bits[index >> 3] >> (index & 7) & 1):
+            self._reserve(index, 1)
         epoch = self.budget.take_one()
         out = self._slot_mv
         self.cipher.seal_one(out, index, plaintext, epoch, self._nonces.take(1), length)
@@ -122,6 +131,11 @@ class SlotIO:
         except AuthenticationFailed:
             raise BlockAuthError(path=self.path, index=index) from None
 
+    def _reserve(self, first: int, count: int) -> None:
+        """Reserve the space of ``count`` slots from ``first`` (raises OSError ENOSPC... when there is none)."""
+        if self._allocate(HEADER_SIZE + first * SLOT_SIZE, count * SLOT_SIZE):
+            self._reserved.mark(first, first + count - 1)
+
     # --- emptying slots -----------------------------------------------------------------------------------
 
     def clear_slots(self, first: int, count: int, may_trim: bool) -> None:
@@ -130,6 +144,7 @@ class SlotIO:
         start = HEADER_SIZE + first * SLOT_SIZE
         end = start + count * SLOT_SIZE
         self.dirty = True
+        self._reserved.clear(first, first + count - 1)  # their pages may be punched below
         if may_trim:
             ps, pe = round_up(start, PAGE), end // PAGE * PAGE
             if pe > ps and self.storage.punch(ps, pe - ps):

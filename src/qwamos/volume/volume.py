@@ -32,14 +32,13 @@ from qwamos.errors import (
     InvalidArgument,
     ReadOnlyVolumeError,
     VolumeClosedError,
-    VolumeError,
     VolumeExistsError,
 )
 from qwamos.storage import Storage, create_storage, open_storage
 from qwamos.volume import create as creation
 from qwamos.volume import header as hdr
 from qwamos.volume import inspection, metadata
-from qwamos.volume.guard import IOGuard
+from qwamos.volume.guard import IOGuard, os_error
 from qwamos.volume.header import BLOCK_SIZE, Header
 from qwamos.volume.header_store import HeaderStore, UnverifiedHeader, initial_copies, read_header
 from qwamos.volume.inspection import ProgressFn
@@ -107,7 +106,7 @@ class PQCVolume:
         try:
             pending = create_storage(self.path, overwrite=overwrite, random_suffix=crypto.new_id_hex(6))
         except OSError as e:
-            raise VolumeError(msg=f"{self.path}: cannot create: {e.strerror or e}") from None
+            raise os_error(self.path, e, "cannot create") from None
         key_id: str | None = None
         try:
             key_id, key = provider.new_volume_key(vm_name, name)
@@ -127,7 +126,7 @@ class PQCVolume:
             if isinstance(e, FileExistsError):
                 raise VolumeExistsError(path=self.path) from None
             if isinstance(e, OSError):
-                raise VolumeError(msg=f"{self.path}: cannot create: {e.strerror or e}") from None
+                raise os_error(self.path, e, "cannot create") from None
             raise
         return key_id
 
