@@ -117,7 +117,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(info)
     else:
-        _print_fields(info)
+        shown = dict(info)
+        if "header_copies" in shown:  # one line: "A ok (seq 3); B damaged: failed authentication ..."
+            shown["header_copies"] = "; ".join(
+                f"{c['copy']} {c['state']}"
+                + (f" (seq {c['seq']})" if c.get("seq") is not None else "")
+                + (f": {c['error']}" if c.get("error") else "")
+                for c in info["header_copies"]
+            )
+        _print_fields(shown)
     return 0
 
 
