@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import MemoryKeys
 from qwamos import storage as storage_mod
 from qwamos.errors import BlockAuthError
 from qwamos.storage import FileStorage
 from qwamos.volume import PQCVolume
 from qwamos.volume.header import SLOT_SIZE
-from volume_helpers import MemoryKeys
 
 BLOCKS = 6
 ROUNDS = 4
