@@ -47,10 +47,19 @@ def run_dir(root: str | os.PathLike[str], name: str) -> Path:
 
 
 def list_vm_names(root: str | os.PathLike[str]) -> list[str]:
-    """Names of the directories under ``<root>/vms`` that hold a ``config.yaml``, sorted."""
+    """Names of the directories under ``<root>/vms`` that hold a ``config.yaml``, sorted.
+
+    Any ``config.yaml`` that is not a directory counts, even a FIFO or a dangling link: ``vm list`` then shows
+    that VM with its config error instead of hiding it (nothing here opens the file)."""
     vms = Path(root) / "vms"
     if not vms.is_dir():
         return []
     return sorted(
-        d.name for d in vms.iterdir() if d.is_dir() and _NAME.fullmatch(d.name) and (d / CONFIG_NAME).is_file()
+        d.name
+        for d in vms.iterdir()
+        if d.is_dir() and _NAME.fullmatch(d.name) and _is_config_entry(d / CONFIG_NAME)
     )
+
+
+def _is_config_entry(path: Path) -> bool:
+    return os.path.lexists(path) and not path.is_dir()

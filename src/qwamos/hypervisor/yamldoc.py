@@ -124,7 +124,7 @@ def _check_bounds(text: str, path: Path) -> None:
         total = size + (open_nodes[-1][1] if open_nodes else 0)
         if total > MAX_NODES:
             raise ConfigError(
-                f"more than {MAX_NODES} values once its aliases are expanded (an alias bomb?); not a VM config",
+                f"more than {MAX_NODES} values, counting each alias expanded (an alias bomb?); not a VM config",
                 path=str(path),
             )
         if open_nodes:
