@@ -13,13 +13,18 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from nbd_helpers import SERVE, serving, uri
+import processes
+from nbd_helpers import SERVE, serving, uri, wait_answers
+from qwamos.keystore import PQCKeystore
 from qwamos.nbd.client import NBDClient
+from qwamos.volume import PQCVolume
 
 SIZE = 4 << 20
 
@@ -27,8 +32,6 @@ SIZE = 4 << 20
 @pytest.fixture
 def vols(tmp_path) -> tuple[Path, Path, Path]:
     """Two volumes under one keystore: the running export's and the intruder's."""
-    from qwamos.keystore import PQCKeystore
-    from qwamos.volume import PQCVolume
 
     ks = tmp_path / "keystore"
     a, b = tmp_path / "a.qvol", tmp_path / "b.qvol"
@@ -136,3 +139,42 @@ def test_a_stale_socket_file_is_replaced(vols, short_dir):
     with serving(a, ks, sock), NBDClient.connect_unix(str(sock)) as cl:
         assert cl.info.size == SIZE
     assert not sock.exists()
+
+
+def test_the_pidfile_disappears_only_after_the_volume_is_closed(vols, short_dir):
+    """A supervisor reads "pidfile gone" as "stopped": by then the volume must be flushed, closed and
+    unlocked.  The child records, inside PQCVolume.close, whether its pidfile still exists."""
+    a, _b, ks = vols
+    sock, pid = short_dir / "s", short_dir / "export.pid"
+    code = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+        from qwamos.nbd import export
+        from qwamos.volume import PQCVolume
+
+        pid_path, seen, real_close = Path(sys.argv[1]), [], PQCVolume.close
+
+        def close(self):
+            seen.append(pid_path.exists())
+            real_close(self)
+
+        PQCVolume.close = close
+        rc = export.main(sys.argv[2:])
+        print("pidfile present at close:", seen)
+        sys.exit(rc)
+        """
+    )
+    argv = [sys.executable, "-c", code, str(pid), str(a), "--socket", str(sock), "--keystore", str(ks)]
+    proc = processes.spawn([*argv, "--pidfile", str(pid)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_answers(sock, proc)
+        assert pid.exists()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        processes.stop(proc)
+    assert proc.returncode == 0, err
+    assert "pidfile present at close: [True]" in out.decode(), out + err
+    assert not pid.exists() and not sock.exists()
+    PQCVolume(a, keystore=PQCKeystore(ks)).open().close()  # and nothing holds the volume any more

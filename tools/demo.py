@@ -215,9 +215,15 @@ def main() -> int:
         set_mode(config, "idle")
         run(["vm", "start", VM], env)
         run(["vm", "status", VM], env)
-        wait_for_guest_ready(vm_dir / "run" / "serial.log")
+        serial_log = vm_dir / "run" / "serial.log"
+        wait_for_guest_ready(serial_log)
         run(["vm", "stop", VM, "--timeout", "10"], env)
         run(["vm", "status", VM], env)
+        # GUEST-READY promised that the power button is watched: the stop must have been a clean power-off,
+        # not the hard stop after the timeout (which is what a missed button press looks like).
+        if "GUEST-POWERDOWN" not in serial_log.read_text(errors="replace"):
+            raise DemoFailure("the guest did not see the ACPI power button; `vm stop` had to force it off")
+        print("   guest: GUEST-POWERDOWN (a clean power-off on the power button)")
 
         step("The host checks the volume: every block authenticates")
         run(["volume", "check", str(qvol)], env)

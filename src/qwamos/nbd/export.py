@@ -163,13 +163,15 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
             if notify is not None:
                 notify()
 
+        server.run(ready)
+    finally:
         try:
-            server.run(ready)
+            backend.close()
         finally:
+            # Last of all: a supervisor takes "pidfile gone" to mean "stopped", so the volume must be flushed,
+            # closed and unlocked by then (removed only if it names this process: a refused start never does).
             if pid_path is not None:
                 pidfile.remove_pidfile(pid_path)
-    finally:
-        backend.close()
 
 
 # --- arguments, shared by this entry point and `qwamos volume serve` ------------------------------------
