@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import processes
+from qwamos.nbd.client import nbd_answers
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST_DIR = Path(os.environ.get("QWAMOS_GUEST_DIR", REPO / "build" / "guest"))
@@ -186,14 +187,16 @@ def nbd_export(image: Path | str, *, fmt: str = "raw", timeout: float = 10.0) ->
     sock_dir = Path(tempfile.mkdtemp(prefix="qw-nbd-"))
     sock = sock_dir / "nbd.sock"
     proc = processes.spawn(
-        ["qemu-nbd", "-f", fmt, "-k", str(sock), "-e", "2", str(image)],
+        # --persistent: the readiness probe below is a client too, and must not make qemu-nbd exit
+        ["qemu-nbd", "-f", fmt, "-k", str(sock), "-e", "2", "--persistent", str(image)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + timeout
-        while not sock.exists():
+        # ready when it answers the NBD handshake (the socket file exists a moment before it listens)
+        while not nbd_answers(sock, timeout=2.0):
             if proc.poll() is not None or time.monotonic() > deadline:
                 err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
                 raise GuestError(f"qemu-nbd did not start serving {image}: {err.strip()}")
