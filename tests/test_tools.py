@@ -154,3 +154,32 @@ def test_stderr_text_is_short_and_unprefixed():
     assert tools.stderr_text(b"qemu-img: Could not open 'x': No such file\n") == "Could not open 'x': No such file"
     assert tools.stderr_text(b"") == "no message"
     assert len(tools.stderr_text(b"x" * 5000)) == 600
+
+
+def test_a_python_child_also_gets_its_import_path_and_nothing_else(leaky_env, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/some/src")
+    assert "PYTHONPATH" not in tools.environment()
+    env = tools.environment(python=True)
+    assert env["PYTHONPATH"] == "/some/src"
+    assert set(env) <= set(tools.ENV_ALLOW) | {"PYTHONPATH"}
+    res = tools.run(["env", "-0"], python=True)
+    seen = _parse(res.stdout, b"\0")
+    assert seen["PYTHONPATH"] == "/some/src" and not set(seen) & set(SECRETS)
+
+
+def test_the_kvm_smoke_test_runs_through_the_runner(leaky_env, monkeypatch):
+    """The smoke child is a real Python process started by ``tools.run(python=True)``: a secret-free
+    environment, and its verdict parsed from the real output (here on whatever KVM this host has)."""
+    from qwamos.hypervisor import kvm
+
+    calls = []
+    real = tools.run
+
+    def recording(argv, **kw):
+        calls.append((argv, kw))
+        return real(argv, **kw)
+
+    monkeypatch.setattr(tools, "run", recording)
+    ok, text = kvm._smoke_test(kvm.host_arch())
+    assert calls and calls[0][1].get("python") is True and "--smoke" in calls[0][0]
+    assert isinstance(ok, bool) and text

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+from qwamos.errors import QemuError
+from qwamos.hypervisor import tools
 
 KVM_DEVICE = "/dev/kvm"
 SMOKE_TIMEOUT = 5.0
@@ -69,17 +71,13 @@ def _loaded_kvm_modules() -> set[str]:
 def _smoke_test(arch: str) -> tuple[bool, str]:
     """Run :func:`_smoke_main` in a child with a timeout: a broken KVM can hang ``KVM_RUN`` forever."""
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "qwamos.hypervisor.kvm", "--smoke", arch],
-            capture_output=True,
-            text=True,
-            timeout=SMOKE_TIMEOUT,
-            check=False,
-            env={k: v for k, v in os.environ.items() if not k.startswith("QWAMOS_")},
+        proc = tools.run(
+            [sys.executable, "-m", "qwamos.hypervisor.kvm", "--smoke", arch], timeout=SMOKE_TIMEOUT, python=True
         )
-    except subprocess.TimeoutExpired:
+    except QemuError:  # it did not finish (a hung KVM_RUN)
         return False, f"KVM smoke test did not finish within {SMOKE_TIMEOUT:g} s"
-    out = (proc.stdout.strip() or proc.stderr.strip() or "no output").splitlines()[-1]
+    stdout, stderr = (x.decode("utf-8", "replace").strip() for x in (proc.stdout, proc.stderr))
+    out = (stdout or stderr or "no output").splitlines()[-1]
     return proc.returncode == 0, out
 
 

@@ -1,4 +1,5 @@
-"""The one way this project runs an external program (qemu-img, qemu-nbd, nbdcopy, cp, QEMU itself).
+"""The one way this project runs an external program (qemu-img, qemu-nbd, nbdcopy, cp, QEMU itself, the KVM
+smoke test).
 
 Every such child gets :func:`environment`: the few variables on :data:`ENV_ALLOW` and nothing else.  An
 allow-list rather than a deny-list because a deny-list has to guess every name a secret may hide under
@@ -25,6 +26,8 @@ from qwamos.errors import QemuError, QwamosError
 # Locale and search path for the tool, a temp dir for qemu-img's scratch files, HOME for nothing in
 # particular but some tools complain without it.  Nothing else of the caller's environment is passed.
 ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "TMPDIR", "HOME")
+# A Python child of our own (the KVM smoke test) also needs to find this package when it is not installed.
+PYTHON_ENV_ALLOW = ("PYTHONPATH",)
 
 # Tool name -> (environment variable overriding its path, Debian package that has it).
 TOOLS = {
@@ -36,10 +39,12 @@ TOOLS = {
 ErrorFactory = Callable[[str], QwamosError]
 
 
-def environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment every child program gets: the :data:`ENV_ALLOW` subset of ``environ`` (default ours)."""
+def environment(environ: Mapping[str, str] | None = None, *, python: bool = False) -> dict[str, str]:
+    """The environment every child program gets: the :data:`ENV_ALLOW` subset of ``environ`` (default ours),
+    plus :data:`PYTHON_ENV_ALLOW` for a ``python`` child of this package."""
     env = os.environ if environ is None else environ
-    return {k: env[k] for k in ENV_ALLOW if k in env}
+    allow = ENV_ALLOW + (PYTHON_ENV_ALLOW if python else ())
+    return {k: env[k] for k in allow if k in env}
 
 
 def tool_path(name: str) -> str:
@@ -70,6 +75,7 @@ def run(
     timeout: float | None = 120,
     error: ErrorFactory = _qemu_error,
     input: bytes | None = None,
+    python: bool = False,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a tool to completion with :func:`environment`, capturing stdout and stderr (bytes).
 
@@ -80,7 +86,7 @@ def run(
     args = _argv(argv)
     try:
         return subprocess.run(
-            args, capture_output=True, timeout=timeout, check=False, env=environment(), input=input
+            args, capture_output=True, timeout=timeout, check=False, env=environment(python=python), input=input
         )
     except FileNotFoundError:
         raise error(not_installed(os.path.basename(argv[0]))) from None
