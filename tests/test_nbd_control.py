@@ -416,3 +416,21 @@ def test_a_second_export_on_the_same_control_path_is_refused_and_leaves_the_firs
         assert not os.path.exists(ex.path + "2")
         with ControlClient.connect(ex.cpath) as cc:
             assert cc.status()["export"]["socket"] == ex.path
+
+
+def test_requests_held_at_shutdown_are_dropped_not_run():
+    backend = CountingBackend(SIZE)
+    with running(backend) as ex:
+        with ControlClient.connect(ex.cpath) as cc:
+            cc.quiesce(detach=True)
+        nbd = NBDClient.connect_unix(ex.path)
+        nbd.send_request(c.CMD_WRITE, 0, 4096, data=b"w" * 4096)
+        with ControlClient.connect(ex.cpath) as cc:
+            assert cc.status()["quiesced"] is True
+    assert backend.writes == 0  # the export stopped without running the WRITE that waited behind the gate
+    try:
+        reply = nbd.sock.recv(16)
+    except ConnectionResetError:  # closed with the unread WRITE in its buffer
+        reply = b""
+    assert reply == b""  # and without acknowledging it
+    nbd.close()

@@ -108,3 +108,40 @@ def test_unencrypted_vm_boots_from_qcow2(root, mgr):
     assert re.fullmatch(r"[0-9a-f]{64}", _line(text, "GUEST-WROTE"))
     assert not list(cfg.parent.glob("*.qvol"))
     assert (cfg.parent / "disk.qcow2").exists()
+
+
+def test_a_running_encrypted_vm_answers_on_its_export_control_channel(root, mgr):
+    """`vm status` shows the export's own report; `export quiesce/resume --vm` steer it while the guest runs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    kernel, initrd = _guest("x86_64")
+    write_config(
+        root, "enc", machine="pc", kernel=kernel, initrd=initrd, encrypted=True, size="64M",
+        cmdline="quiet qwamos.mode=idle",
+    )  # fmt: skip
+    mgr.start("enc")
+    run = mgr.run_dir("enc")
+    wait_for(lambda: "GUEST-READY" in run.serial_log.read_text(errors="replace"), BOOT_TIMEOUT, "GUEST-READY")
+    assert os.stat(run.export_ctl).st_mode & 0o777 == 0o600
+    st = mgr.export_status("enc")
+    assert st["connections"] == 1 and st["requests_served"] > 0 and st["quiesced"] is False
+    assert st["volume"]["path"].endswith(".qvol") and st["volume"]["uuid"]
+
+    def qwamos(*argv: str) -> subprocess.CompletedProcess:
+        res = subprocess.run(
+            [sys.executable, "-m", "qwamos.cli.main", *argv], capture_output=True, text=True, timeout=120
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res
+
+    assert "export: 1 connection(s)" in qwamos("vm", "--root", str(root), "status", "enc").stdout
+    qwamos("export", "quiesce", "--vm", "enc", "--root", str(root))
+    out = json.loads(qwamos("vm", "--root", str(root), "status", "enc", "--json").stdout)
+    assert out["state"] == "running" and out["export"]["quiesced"] is True
+    qwamos("export", "resume", "--vm", "enc", "--root", str(root))
+    assert mgr.export_status("enc")["quiesced"] is False
+    mgr.stop("enc")
+    assert mgr.export_status("enc") is None and not run.export_ctl.exists()

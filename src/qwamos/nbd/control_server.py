@@ -361,7 +361,8 @@ class ControlServer:
             if s.transport is not None:
                 s.transport.close()
         self.keys.wipe_all()
-        self.export.gate.release_all()
+        # The quiesce gate stays as it is: a held export is closing, and requests that waited behind the gate
+        # are dropped with their connections (never acknowledged), not run in the last moment.
         if self._sock is not None:
             self._sock.close()
             self._sock = None
