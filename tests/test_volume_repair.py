@@ -114,6 +114,21 @@ def test_truncated_inside_copy_a_is_a_clear_error(vol, keys, length):
         repair(vol.path, keys)
 
 
+def test_cli_check_mentions_a_damaged_header_copy(env, capsys):
+    disk = env / "h.qvol"
+    assert main(["volume", "create", str(disk), "--size", "64K"]) == 0
+    write_at(disk, os.path.getsize(disk) - 10, b"\xee" * 10)  # copy B's MAC
+    capsys.readouterr()
+    assert main(["volume", "check", str(disk)]) == 0  # every block is fine
+    assert "header copy B is damaged; `qwamos volume repair` rewrites it" in capsys.readouterr().err
+    assert main(["volume", "check", str(disk), "--json"]) == 0
+    assert [c["state"] for c in json.loads(capsys.readouterr().out)["header_copies"]] == ["ok", "damaged"]
+    assert main(["volume", "repair", str(disk), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["actions"] == ["rewrite header copies from copy A (seq 1)"]
+    assert main(["volume", "check", str(disk)]) == 0
+    assert "header copy" not in capsys.readouterr().err
+
+
 def test_repair_rewrites_a_damaged_copy_from_the_good_one(vol, keys):
     write_at(vol.path, 1000, os.urandom(3096))  # copy A torn
     before = file_digest(vol.path)

@@ -142,16 +142,23 @@ def cmd_check(args: argparse.Namespace) -> int:
             raise
         return _check_truncated(args, ks)
     with v:
-        total = v.info()["total_blocks"]
+        info = v.info()
+        total = info["total_blocks"]
         progress = Progress(total, label="Checking", enabled=args.progress)
         bad = v.check(progress=lambda done, _total: progress.update(done))
         progress.finish()
+    damaged = [c for c in info.get("header_copies", []) if c["state"] in ("damaged", "missing")]
     if args.json:
-        emit_json({"path": str(args.path), "total_blocks": total, "bad_blocks": bad, "ok": not bad})
+        out = {"path": str(args.path), "total_blocks": total, "bad_blocks": bad, "ok": not bad}
+        if damaged:  # the blocks are fine, but the header has lost its redundancy
+            out["header_copies"] = info["header_copies"]
+        emit_json(out)
     elif bad:
         message(f"{args.path}: {len(bad)} block(s) failed authentication: {_blocks(bad)}")
     else:
         message(f"{args.path}: all blocks authenticate ({total} blocks)")
+    for c in damaged if not args.json else []:
+        message(f"{args.path}: header copy {c['copy']} is {c['state']}; `qwamos volume repair` rewrites it")
     return 14 if bad else 0
 
 
