@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import threading
 
 import pytest
 
-from qwamos.errors import VolumeError, VolumeExistsError, VolumeLockedError
-from qwamos.storage import FileStorage, Storage, create_storage, open_storage
+from qwamos.errors import BlockAuthError, VolumeError, VolumeExistsError, VolumeFullError, VolumeLockedError
+from qwamos.storage import SCHEMES, FileStorage, Storage, create_storage, open_storage
 from qwamos.storage.bitmap import Bitmap
 from qwamos.storage.sparse import PAGE
+from qwamos.volume import PQCVolume
 
 
 @pytest.fixture
@@ -173,3 +175,68 @@ def test_create_commit_abort_and_refuse_existing(tmp_path):
     with pytest.raises(VolumeLockedError):
         create_storage(path, overwrite=True, random_suffix="jkl")
     held.close()
+
+
+class Faulty:
+    """A Storage wrapper that tears a write or fails a flush on demand: the seam for crash and fault tests
+    (registered as a URI scheme, so a volume opened as ``faulty:PATH`` does all its I/O through it)."""
+
+    def __init__(self, inner: FileStorage) -> None:
+        self.inner = inner
+        self.tear_next_write: int | None = None  # write only this many bytes of the next write, then fail
+        self.fail_flush: int | None = None  # errno for every flush
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def write(self, offset, bufs):
+        if self.tear_next_write is not None:
+            data = b"".join(bytes(b) for b in bufs)[: self.tear_next_write]
+            self.tear_next_write = None
+            self.inner.write(offset, (data,))
+            raise OSError(errno.EIO, "injected torn write")
+        self.inner.write(offset, bufs)
+
+    def flush(self):
+        if self.fail_flush is not None:
+            raise OSError(self.fail_flush, os.strerror(self.fail_flush))
+        self.inner.flush()
+
+
+@pytest.fixture
+def faulty(monkeypatch):
+    opened: list[Faulty] = []
+
+    def open_faulty(path: str, *, read_only: bool = False) -> Faulty:
+        opened.append(Faulty(FileStorage.open(path, read_only=read_only)))
+        return opened[-1]
+
+    monkeypatch.setitem(SCHEMES, "faulty", (open_faulty, SCHEMES["file"][1]))
+    return opened
+
+
+def test_a_wrapped_store_sees_every_write_and_a_torn_slot_is_caught(tmp_path, keys, faulty):
+    vol = tmp_path / "v.qvol"
+    PQCVolume(vol, keystore=keys).create("v", "vm", size_bytes=1 << 20)
+    with PQCVolume(f"faulty:{vol}", keystore=keys) as v:
+        assert isinstance(faulty[0], Storage)
+        v.write_block(5, b"a" * 4096)
+        faulty[0].tear_next_write = 1000
+        with pytest.raises(VolumeError, match="injected torn write"):
+            v.write_block(5, b"b" * 4096)
+        assert v.check() == [5]
+    with PQCVolume(vol, keystore=keys, read_only=True) as v, pytest.raises(BlockAuthError):
+        v.read_block(5)
+
+
+def test_a_failing_final_flush_is_a_volume_error_and_still_closes(tmp_path, keys, faulty):
+    vol = tmp_path / "v.qvol"
+    PQCVolume(vol, keystore=keys).create("v", "vm", size_bytes=1 << 20)
+    v = PQCVolume(f"faulty:{vol}", keystore=keys).open()
+    v.write_block(0, b"x")
+    faulty[0].fail_flush = errno.ENOSPC
+    with pytest.raises(VolumeFullError):
+        v.close()
+    assert not v.is_open
+    with PQCVolume(vol, keystore=keys) as again:  # the lock was released
+        assert again.read_block(0) == b"x"

@@ -163,8 +163,11 @@ class PQCVolume:
         return self
 
     def close(self) -> None:
-        """Make writes durable (fdatasync), release the lock, forget the keys.  Safe to call twice."""
-        with self._guard.lock:
+        """Make writes durable (fdatasync), release the lock, forget the keys.  Safe to call twice.
+
+        A failing final flush (EIO, or ENOSPC on filesystems that allocate late) raises the volume's error for
+        it, after the volume was closed anyway."""
+        with self._guard:
             storage = self._storage
             if storage is None:
                 return
