@@ -195,6 +195,32 @@ def test_discarded_blocks_are_reserved_again_before_a_rewrite(small_fs):
             assert v.read(blk * 4096, 4096) in (bytes(4096), _pattern(8)[:4096], _block(blk))
 
 
+def test_cli_exit_code_60_when_even_the_header_does_not_fit(small_fs, tmp_path, monkeypatch, capsys):
+    """`qwamos volume create` on a full filesystem: exit 60 with the message, no file left, key discarded;
+    and `volume check` exits 0 on a full disk (reading needs no space)."""
+    from qwamos.cli.main import main
+    from qwamos.keystore import PQCKeystore
+
+    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "ks"))
+    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
+    assert main(["volume", "create", str(small_fs / "ok.qvol"), "--size", "32M"]) == 0
+    filler = small_fs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:  # fill the filesystem to the last block
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\xee" * 4096)
+    finally:
+        os.close(fd)
+    capsys.readouterr()
+    assert main(["volume", "create", str(small_fs / "full.qvol"), "--size", "1M"]) == 60
+    err = capsys.readouterr().err
+    assert "full.qvol" in err and ("No space left on device" in err or "quota" in err), err
+    assert sorted(p.name for p in small_fs.iterdir() if p.name != "lost+found") == ["filler", "ok.qvol"]
+    assert len(PQCKeystore(tmp_path / "ks").list_keys()) == 1  # the key made for the refused volume is gone
+    assert main(["volume", "check", str(small_fs / "ok.qvol")]) == 0
+
+
 @pytest.mark.qemu
 def test_fill_through_the_nbd_export_with_real_clients(small_fs, tmp_path):
     from qwamos.keystore import PQCKeystore
