@@ -54,8 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp = add("stop", "stop the VM: ACPI powerdown, hard stop after --timeout", cmd_stop)
     sp.add_argument("--timeout", type=float, default=DEFAULT_STOP_TIMEOUT, help="seconds to wait for the guest")
     sp.add_argument("--force", action="store_true", help="skip the ACPI powerdown; stop QEMU now")
-    sp = add("status", "running, stopped, starting or crashed", cmd_status)
+    sp = add("status", "running, paused (e.g. disk full), stopped, starting or crashed", cmd_status)
     sp.add_argument("--json", action="store_true")
+    add("resume", "continue a VM that QEMU paused on a full disk (after freeing space)", cmd_resume)
     add("console", "attach to the serial console (detach with Ctrl-])", cmd_console)
 
     sp = add("create", "write a new VM config", cmd_create)
@@ -138,7 +139,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     mgr = _manager(args)
     st = mgr.status(args.vm)
-    export = mgr.export_status(args.vm) if st.state in ("running", "crashed") else None
+    export = mgr.export_status(args.vm) if st.state in ("running", "paused", "crashed") else None
     if args.json:
         emit_json({**st.to_dict(), "export": export})
     else:
@@ -190,10 +191,19 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    before = _manager(args).resume(args.vm)
+    message(
+        f"{args.vm}: resumed"
+        + (" (QEMU retries the write; it pauses again if the disk is still full)" if before.disk_full else "")
+    )
+    return 0
+
+
 def cmd_console(args: argparse.Namespace) -> int:
     mgr = _manager(args)
     st = mgr.status(args.vm)
-    if st.state != "running":
+    if st.state not in ("running", "paused"):
         raise VMStateError(name=args.vm, state=st.state, msg="the console is only available while it runs")
     _attach(mgr, args.vm, detach_ok=True)
     return 0

@@ -40,13 +40,14 @@ from qwamos.hypervisor import config as configmod
 from qwamos.hypervisor import info as infomod
 from qwamos.hypervisor import kvm, layout, tools
 from qwamos.hypervisor.config import VMConfig
-from qwamos.hypervisor.process import RunDir, live_process, stop_export, stop_qemu, wait_until
+from qwamos.hypervisor.guest_state import query_guest_state
+from qwamos.hypervisor.process import RunDir, live_process, qmp_execute, stop_export, stop_qemu, wait_until
 from qwamos.hypervisor.qemu import Disk, build_command, find_binary, guest_arch
 from qwamos.hypervisor.supervisor import STOP_REQUEST
 from qwamos.hypervisor.vocab import ACCELS, DEFAULT_ALGORITHM
 from qwamos.nbd.export import command as export_command
 
-STATES = ("running", "stopped", "starting", "crashed")
+STATES = ("running", "paused", "stopped", "starting", "crashed")
 START_TIMEOUT = 60.0
 DEFAULT_STOP_TIMEOUT = 30.0
 
@@ -77,6 +78,8 @@ class VMStatus:
     reason: str = ""
     pids: dict[str, int] = field(default_factory=dict)
     run_dir: str = ""
+    disk_full: bool = False  # paused by QEMU because a guest write found no space (``vm resume`` continues)
+    qemu_status: str | None = None  # QEMU's own run state when its monitor answered
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +88,8 @@ class VMStatus:
             "reason": self.reason,
             "pids": self.pids,
             "run_dir": self.run_dir,
+            "disk_full": self.disk_full,
+            "qemu_status": self.qemu_status,
         }
 
 
@@ -213,8 +218,13 @@ class VMManager:
         }
 
     def info_text(self, name: str) -> str:
+        """The spec's info block; a paused VM (say, on a full disk) gets a ``State:`` line after it."""
         cfg = self.load(name)
-        return infomod.render_info(cfg, **self._info_args(cfg))
+        text = infomod.render_info(cfg, **self._info_args(cfg))
+        st = self.status(name)
+        if st.state == "paused":
+            text += f"\nState:        paused ({st.reason})"
+        return text
 
     def info(self, name: str) -> dict[str, Any]:
         cfg = self.load(name)
@@ -248,6 +258,7 @@ class VMManager:
                 st.state, st.reason = "crashed", "the block export is not running (QEMU has lost its disk)"
             else:
                 st.state, st.reason = "running", "" if procs["supervisor"] else "supervisor is gone"
+                self._guest_state(st, run)
         elif procs["export"]:
             st.state, st.reason = "crashed", "QEMU is not running but its block export is (run stop to clean up)"
         elif phase in ("running", "starting") and not procs["supervisor"]:
@@ -256,6 +267,37 @@ class VMManager:
             st.state, st.reason = "crashed", reason
         else:
             st.state, st.reason = "stopped", reason
+        return st
+
+    def _guest_state(self, st: VMStatus, run: RunDir) -> None:
+        """Refine "running" from QEMU's monitor: a guest QEMU paused (on a full disk, or by a QMP ``stop``)
+        is "paused", with why and what to do (:mod:`qwamos.hypervisor.guest_state`)."""
+        guest = query_guest_state(run.qmp_sock)
+        if guest is None:
+            return
+        st.qemu_status = guest.status
+        if guest.paused:
+            st.state, st.disk_full, st.reason = "paused", guest.disk_full, guest.describe(st.name)
+
+    def resume(self, name: str) -> VMStatus:
+        """Continue a guest QEMU paused — after a full disk, once space is freed — with QMP ``cont``.
+
+        QEMU retries the write that failed; if the disk is still full the guest pauses again.  A VM that is
+        not paused is a VMStateError.  Returns the status just before ``cont``.
+        """
+        from qemu.qmp import QMPError
+
+        st = self.status(name)
+        if st.state != "paused":
+            raise VMStateError(
+                name=name,
+                state=st.state,
+                msg="it is not paused; resume continues a guest QEMU paused on a full disk",
+            )
+        try:
+            qmp_execute(self.run_dir(name).qmp_sock, "cont")
+        except (OSError, QMPError, TimeoutError) as e:
+            raise VMError(f"QEMU did not continue {name!r}: {e}") from None
         return st
 
     def export_status(self, name: str) -> dict[str, Any] | None:
@@ -503,6 +545,8 @@ class VMManager:
         how = "gone"
         qemu = live_process(run.qemu_pid)
         if qemu is not None:
+            # A paused guest cannot answer the ACPI power button: go straight to quit.
+            force = force or st.state == "paused"
             how = stop_qemu(qemu, run.qmp_sock, powerdown_timeout=timeout, force=force)
         # The supervisor now stops the export (flush first) and records the exit; wait for it, then sweep.
         sup = live_process(run.supervisor_pid)

@@ -171,7 +171,7 @@ def connect_unix(path: Path, timeout: float = 2.0) -> socket.socket:
 # --- QMP ----------------------------------------------------------------------------------------------
 
 
-async def _qmp(path: Path, command: str, arguments: dict[str, object] | None, timeout: float) -> object:
+async def _qmp(path: Path, commands: list[tuple[str, dict[str, object] | None]], timeout: float) -> list[object]:
     import asyncio
 
     from qemu.qmp import QMPClient
@@ -181,7 +181,7 @@ async def _qmp(path: Path, command: str, arguments: dict[str, object] | None, ti
     client = QMPClient("qwamos")
     try:
         await asyncio.wait_for(client.connect(sock), timeout)
-        return await asyncio.wait_for(client.execute(command, arguments), timeout)
+        return [await asyncio.wait_for(client.execute(c, a), timeout) for c, a in commands]
     finally:
         with contextlib.suppress(Exception):
             await client.disconnect()
@@ -195,9 +195,16 @@ def qmp_execute(
     Raises OSError (socket missing/refused), QMPError (protocol or command error) or TimeoutError.
     QEMU's monitor serves one client at a time, so nothing here keeps a connection open.
     """
+    return qmp_execute_many(path, [(command, arguments)], timeout)[0]
+
+
+def qmp_execute_many(
+    path: Path, commands: list[tuple[str, dict[str, object] | None]], timeout: float = 5.0
+) -> list[object]:
+    """Run several QMP commands over one connection, in order; their results (errors as in qmp_execute)."""
     import asyncio
 
-    return asyncio.run(_qmp(path, command, arguments, timeout))
+    return asyncio.run(_qmp(path, commands, timeout))
 
 
 def qmp_status(path: Path, timeout: float = 2.0) -> str | None:

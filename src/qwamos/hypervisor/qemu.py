@@ -220,8 +220,14 @@ def console_and_monitor_args() -> list[str]:
     ]
 
 
+# A write that fails with ENOSPC (the image's file system is full, or the export answered NBD_ENOSPC) stops the
+# guest until ``vm resume`` instead of failing its I/O; other errors, and all read errors, reach the guest.
+DISK_ERROR_POLICY = "werror=enospc,rerror=report"
+
+
 def disk_args(cfg: QemuConfig, disk: Disk | None) -> list[str]:
-    """The primary disk: a blockdev (NBD socket, or file + explicit format) under a virtio-blk device."""
+    """The primary disk: a blockdev (NBD socket, or file + explicit format) under a virtio-blk device that
+    pauses the guest on ENOSPC (:data:`DISK_ERROR_POLICY`, see :mod:`qwamos.hypervisor.guest_state`)."""
     if disk is None:
         return []
     path = _opt(cfg, disk.path, "disk path")
@@ -236,7 +242,7 @@ def disk_args(cfg: QemuConfig, disk: Disk | None) -> list[str]:
         ]
     else:
         raise ConfigError(f"unknown disk kind {disk.kind!r}", path=_where(cfg))
-    return [*argv, "-device", "virtio-blk-pci,drive=disk0,id=vda"]
+    return [*argv, "-device", f"virtio-blk-pci,drive=disk0,id=vda,{DISK_ERROR_POLICY}"]
 
 
 def network_args(cfg: QemuConfig) -> list[str]:
