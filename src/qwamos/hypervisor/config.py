@@ -24,6 +24,7 @@ from qwamos.hypervisor.vocab import (
     ACCELS,
     ALGORITHMS,
     DEFAULT_ALGORITHM,
+    DEFAULT_GIC_VERSION,
     DEFAULT_KEM,
     DEFAULT_MACHINE,
     DEFAULT_NETWORK_DEVICE,
@@ -89,7 +90,7 @@ class VMConfig:
         dirname = self.path.parent.name
         if self._get("vm", "name") is not None and self.name != dirname and self.path.name == layout.CONFIG_NAME:
             self.warnings.append(f"{where}: vm.name {self.name!r} differs from the directory name {dirname!r}")
-        if self._get("machine", "gic_version") is not None and self.machine_type != "virt":
+        if self._get("machine", "gic_version") is not None and not MACHINES[self.machine_type].has_gic:
             self.warnings.append(
                 f"{where}: machine.gic_version is ignored: machine.type {self.machine_type!r} has no GIC"
             )
@@ -149,7 +150,7 @@ class VMConfig:
     def gic_version(self) -> int | str | None:
         value = self._get("machine", "gic_version")
         if value is None:
-            return 3 if self.machine_type == "virt" else None
+            return DEFAULT_GIC_VERSION if MACHINES[self.machine_type].has_gic else None
         return int(value) if str(value).isdigit() else str(value)
 
     @property

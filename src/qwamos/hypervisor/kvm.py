@@ -25,12 +25,10 @@ from pathlib import Path
 
 from qwamos.errors import QemuError
 from qwamos.hypervisor import tools
+from qwamos.hypervisor.vocab import ARCH_ALIASES
 
 KVM_DEVICE = "/dev/kvm"
 SMOKE_TIMEOUT = 5.0
-
-# Host machine names (platform.machine()) -> the guest architecture names used in configs.
-_HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
 
 @dataclass(frozen=True)
@@ -43,8 +41,9 @@ class KvmProbe:
 
 
 def host_arch() -> str:
+    """The host's architecture under the name configs use (``platform.machine()``'s ``arm64`` -> ``aarch64``)."""
     m = platform.machine().lower()
-    return _HOST_ARCH.get(m, m)
+    return ARCH_ALIASES.get(m, m)
 
 
 def _cpu_flags() -> set[str]:

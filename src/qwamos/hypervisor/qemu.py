@@ -30,6 +30,7 @@ from qwamos.errors import ConfigError
 from qwamos.hypervisor import tools
 from qwamos.hypervisor.process import RunDir
 from qwamos.hypervisor.vocab import (
+    DEFAULT_GIC_VERSION,
     DEFAULT_NETWORK_DEVICE,
     MAC_EXAMPLE,
     MAC_PATTERN,
@@ -171,8 +172,8 @@ def base_args(cfg: QemuConfig) -> list[str]:
 def machine_args(cfg: QemuConfig, machine: Machine, accel: str) -> list[str]:
     """``-machine`` (with the GIC version on ``virt``) and ``-accel``."""
     spec = machine.name
-    if machine.name == "virt":
-        gic = cfg.gic_version if cfg.gic_version not in (None, "") else 3
+    if machine.has_gic:
+        gic = cfg.gic_version if cfg.gic_version not in (None, "") else DEFAULT_GIC_VERSION
         spec += f",gic-version={_opt(cfg, gic, 'machine.gic_version')}"
     return ["-machine", spec, "-accel", accel]
 

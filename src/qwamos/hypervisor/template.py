@@ -19,6 +19,7 @@ from qwamos.hypervisor.schema import MIN_MEMORY_MB, check_mac, check_memory, che
 from qwamos.hypervisor.sizes import parse_size
 from qwamos.hypervisor.vocab import (
     ACCELS,
+    DEFAULT_GIC_VERSION,
     DEFAULT_NETWORK_DEVICE,
     MAC_EXAMPLE,
     NETWORK_MODES,
@@ -129,7 +130,7 @@ def new_config_text(
         description=_yaml_scalar(description or f"{name} VM"),
         machine=machine.name,
         accel=accel,
-        gic="  gic_version: 3\n" if machine.name == "virt" else "",
+        gic=f"  gic_version: {DEFAULT_GIC_VERSION}\n" if machine.has_gic else "",
         cpu=_yaml_scalar(cpu_model or machine.default_cpu),
         cores=int(cpu_cores),
         memory=int(memory_mb),

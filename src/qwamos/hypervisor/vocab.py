@@ -27,18 +27,28 @@ class Machine:
     default_cpu: str  # ``hardware.cpu.model`` when the config names none (TCG; KVM uses ``host``)
     # False when QEMU's own default CPU for the machine cannot run the guest, so ``-cpu`` is always given
     qemu_default_cpu_boots: bool
+    has_gic: bool = False  # an Arm interrupt controller whose version ``machine.gic_version`` picks
 
 
 MACHINES: dict[str, Machine] = {
     m.name: m
     for m in (
         # virt's own default CPU is a 32-bit Cortex-A15, which cannot run an arm64 kernel
-        Machine("virt", "aarch64", "qemu-system-aarch64", "ttyAMA0", "cortex-a76", qemu_default_cpu_boots=False),
+        Machine(
+            "virt",
+            "aarch64",
+            "qemu-system-aarch64",
+            "ttyAMA0",
+            "cortex-a76",
+            qemu_default_cpu_boots=False,
+            has_gic=True,
+        ),
         Machine("q35", "x86_64", "qemu-system-x86_64", "ttyS0", "max", qemu_default_cpu_boots=True),
         Machine("pc", "x86_64", "qemu-system-x86_64", "ttyS0", "max", qemu_default_cpu_boots=True),
     )
 }
 MACHINE_ARCH: dict[str, str] = {name: m.arch for name, m in MACHINES.items()}
+DEFAULT_GIC_VERSION = 3
 DEFAULT_MACHINE = "virt"  # what an absent ``machine.type`` means (the spec's example is an arm64 VM)
 
 ARCHES = ("aarch64", "x86_64")
