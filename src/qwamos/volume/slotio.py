@@ -71,6 +71,7 @@ class SlotIO:
         self._write = storage.write
         self._allocate = storage.allocate
         self._reserved = Bitmap()  # slots whose space is known reserved this session (see seal_blocks)
+        self._reserved_bits = self._reserved.bits  # grows in place (Bitmap.mark extends it)
 
     # --- runs of slots (the hot path) ---------------------------------------------------------------------
 
@@ -113,8 +114,11 @@ class SlotIO:
     # --- one slot (the 4 KiB fast path) -----------------------------------------------------------------
 
     def seal_one(self, index: int, plaintext: bytes | memoryview, length: int) -> None:
-        bits = self._reserved.bits  # the reservation of seal_blocks, its known case tested inline (hot path)
-        if not ((index >> 3) < len(bits) and bits[index >> 3] >> (index & 7) & 1):
+        try:  # the reservation of seal_blocks; its known case tested inline (the 4 KiB hot path)
+            known = self._reserved_bits[index >> 3] >> (index & 7) & 1
+        except IndexError:
+            known = 0
+        if not known:
             self._reserve(index, 1)
         epoch = self.budget.take_one()
         out = self._slot_mv
