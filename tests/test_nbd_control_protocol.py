@@ -216,14 +216,28 @@ def test_attachment_only_where_the_command_takes_one():
     assert conn.next_event().blob == KEY
 
 
+class SpyBuffer(bytearray):
+    """A receive buffer that records what each deletion releases (``del b[:n]`` on a bytearray only moves its
+    start: the released bytes stay in its memory, which is why the protocol zeroes them first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released: list[bytes] = []
+
+    def __delitem__(self, key) -> None:
+        self.released.append(bytes(self[key]))
+        super().__delitem__(key)
+
+
 def test_key_never_in_repr_and_receive_buffer_is_zeroed():
     conn = cp.ControlConnection()
+    conn._buf = spy = SpyBuffer()
     conn.receive_data(req("set-key", {"purpose": "rotation-target", "key_id": "key-1"}, KEY))
-    buf = conn._buf
     ev = conn.next_event()
     assert ev.blob == bytearray(KEY)
     assert KEY not in repr(ev).encode() and KEY.hex() not in repr(ev) and "32 bytes" in repr(ev)
-    assert KEY not in bytes(buf)
+    assert spy.released and all(chunk == bytes(len(chunk)) for chunk in spy.released)
+    assert KEY not in bytes(spy)
     cp.wipe(ev.blob)
     assert ev.blob == bytes(32)
 
