@@ -405,3 +405,38 @@ def test_the_request_attachment_is_wiped_once_the_handler_ran():
         ex.ctl.add_handler("set-key", keep)
         assert cc.set_key("rotation-target", "k", KEY) == {"kept": True}
     assert seen == [bytearray(32)]
+
+
+def test_fuzz_garbage_on_live_control_connections_never_hurts_the_export():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    frames = st.one_of(
+        st.binary(max_size=64),
+        st.builds(lambda c, b: bytes(cp.encode_request(c, None, b)), st.sampled_from(["status", "flush", "x"]),
+                  st.binary(max_size=40)),
+        st.builds(lambda n: struct.pack(">4sBBHII", b"QCTL", 1, 1, 0, n, 0), st.integers(0, (1 << 32) - 1)),
+    )  # fmt: skip
+    with running(MemoryBackend(SIZE)) as ex, NBDClient.connect_unix(ex.path) as nbd:
+        nbd.write(0, b"k" * 4096)
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(st.lists(frames, max_size=4), st.booleans())
+        def poke(chunks, wait):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(30)
+            s.connect(ex.cpath)
+            with contextlib.suppress(OSError):
+                for chunk in chunks:
+                    s.sendall(chunk)
+                if wait:
+                    s.shutdown(socket.SHUT_WR)
+                    while s.recv(65536):
+                        pass
+            s.close()
+
+        poke()
+        with ControlClient.connect(ex.cpath) as cc:
+            st_ = cc.status()
+            assert st_["quiesced"] is False and st_["keys"] == []
+        assert nbd.read(0, 4096) == b"k" * 4096
