@@ -363,3 +363,30 @@ def test_unknown_features_follow_their_compat_class(vol, keys, compat):
     with PQCVolume(vol.path, keystore=keys) as v:  # compat: writable, and kept on every rewrite
         v.write_block(0, b"z")
     assert read_header(vol.path)["features"] == {"future_thing": {"compat": "compat", "x": 1}}
+
+
+def test_a_failed_commit_writes_the_damaged_copy_first_next_time(vol, keys, monkeypatch):
+    """An I/O error while writing the second copy leaves it torn; the retry must start with that copy, not
+    with the only good one (else one more torn write would leave no valid copy at all)."""
+    real = header_store.write_copy
+    calls = []
+
+    def flaky(storage, blob, offset):
+        calls.append(offset)
+        if len(calls) in (2, 3):  # commit 1: second copy torn + EIO; commit 2: its first copy torn + EIO
+            storage.write(offset, (bytes(blob)[:1000] + bytes(3096),))  # torn: the rest of the sector lost
+            raise OSError(5, "Input/output error")
+        real(storage, blob, offset)
+
+    monkeypatch.setattr(header_store, "write_copy", flaky)
+    with PQCVolume(vol.path, keystore=keys) as v:
+        for _ in range(2):
+            with pytest.raises(Exception, match="I/O error"):
+                v.write_block(1, b"never")
+    monkeypatch.undo()
+    assert calls[2] == calls[1]  # the retry began with the copy that had failed, not the good one
+    _assert_all_blocks(vol.path, keys)  # one valid copy is left, the volume opens
+    with PQCVolume(vol.path, keystore=keys) as v:
+        v.write_block(1, b"now")
+    states, _ = _states(vol.path, keys)
+    assert states == {"A": "ok", "B": "ok"}

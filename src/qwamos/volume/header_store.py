@@ -224,12 +224,21 @@ def _report(name: str, cand: Candidate, chosen: Header) -> CopyReport:
     return CopyReport(name, cand.offset, STALE, seq=h.seq)
 
 
-def commit(storage: Storage, header: Header, volume_key: bytes, *, disk_seq: int, chosen: str) -> Header:
+def commit(
+    storage: Storage,
+    header: Header,
+    volume_key: bytes,
+    *,
+    disk_seq: int,
+    chosen: str,
+    done: list[int] | None = None,
+) -> Header:
     """Write ``header`` (v2) durably to both copies, the non-chosen one first, each followed by a flush.
 
     Returns the header as written (``seq = disk_seq + 1``).  Raises the OSError of a failed write: the copy
     not yet written still holds a valid state.  The space of both copies is reserved before either is
-    written, so a full disk fails the commit before it touches a copy.
+    written, so a full disk fails the commit before it touches a copy.  ``done`` collects the offsets of
+    the copies written and flushed, so that a caller can tell which copy is the good one after a failure.
     """
     new = replace(header, seq=disk_seq + 1)
     blob = memoryview(hdr.encode(new, header_mac_key(volume_key, new.uuid_bytes, new.format_version)))
@@ -239,6 +248,8 @@ def commit(storage: Storage, header: Header, volume_key: bytes, *, disk_seq: int
     for off in order:
         write_copy(storage, blob, off)
         storage.flush()
+        if done is not None:
+            done.append(off)
     return new
 
 
@@ -285,7 +296,18 @@ class HeaderStore:
         if self.header.format_version == hdr.FORMAT_V1:
             self.upgrade()
             header = replace(header, format_version=hdr.FORMAT_V2, header_b_offset=self.header.header_b_offset)
-        self.header = commit(self.storage, header, self.volume_key, disk_seq=self._disk_seq, chosen=self._chosen)
+        done: list[int] = []
+        try:
+            self.header = commit(
+                self.storage, header, self.volume_key, disk_seq=self._disk_seq, chosen=self._chosen, done=done
+            )
+        except BaseException:
+            # A copy may now hold seq + 1 (the next attempt must go past it), and when the first copy was
+            # written, it is the good one: the next attempt must write the other (possibly torn) one first.
+            self._disk_seq += 1
+            if done:
+                self._chosen = "A" if done[0] == 0 else "B"
+            raise
         self._disk_seq = self.header.seq
         self._chosen = "A"
         self.copies = [
