@@ -34,10 +34,8 @@ class QuiesceGate:
         self.members = members
         self._holders: set[object] = set()
         self._waiters: list[asyncio.Future[None]] = []
-
-    @property
-    def held(self) -> bool:
-        return bool(self._holders)
+        # A plain attribute, not a property: every NBD request checks it (see NBDConnection._process).
+        self.held = False
 
     @property
     def holders(self) -> int:
@@ -52,17 +50,20 @@ class QuiesceGate:
 
     def hold(self, token: object) -> None:
         self._holders.add(token)
+        self.held = True
 
     def release(self, token: object) -> None:
         """Drop one hold; when none is left, every connection takes requests again."""
         if token in self._holders:
             self._holders.discard(token)
             if not self._holders:
+                self.held = False
                 self._resume()
 
     def release_all(self) -> None:
         if self._holders:
             self._holders.clear()
+            self.held = False
             self._resume()
 
     def _resume(self) -> None:
