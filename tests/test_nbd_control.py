@@ -440,3 +440,26 @@ def test_fuzz_garbage_on_live_control_connections_never_hurts_the_export():
             st_ = cc.status()
             assert st_["quiesced"] is False and st_["keys"] == []
         assert nbd.read(0, 4096) == b"k" * 4096
+
+
+class FailingFlushBackend(MemoryBackend):
+    def flush(self) -> None:
+        raise OSError(5, "Input/output error")
+
+
+def test_flush_reaches_the_backend_and_its_failure_is_a_structured_error():
+    backend = MemoryBackend(SIZE)
+    with running(backend) as ex, ControlClient.connect(ex.cpath) as cc:
+        before = backend.flushes
+        assert cc.flush() == {"flushed": True}
+        assert backend.flushes == before + 1
+    failing = FailingFlushBackend(SIZE)
+    with running(failing) as ex, ControlClient.connect(ex.cpath) as cc:
+        with pytest.raises(ControlChannelError) as ei:
+            cc.flush()
+        assert ei.value.code == cp.E_FAILED and "Input/output error" in str(ei.value)
+        with pytest.raises(ControlChannelError) as ei:
+            cc.quiesce()
+        assert ei.value.code == cp.E_FAILED
+        assert cc.status()["quiesced"] is False  # a quiesce whose flush failed holds nothing
+        failing.flush = lambda: None  # let the export stop cleanly
