@@ -351,3 +351,9 @@ def test_fuzz_arguments_are_judged_never_crash(args, command, blob):
         assert spec.check(ev.args, len(ev.blob)) is None
     else:
         assert one_error(conn).code in (cp.E_BAD_ARGUMENT, cp.E_UNKNOWN_COMMAND)
+
+
+def test_key_size_is_the_volume_key_size():
+    from qwamos import crypto
+
+    assert cp.KEY_SIZE == crypto.KEY_SIZE
