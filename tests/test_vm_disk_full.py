@@ -179,7 +179,7 @@ def _console(mgr: VMManager, name: str) -> str:
 @pytest.mark.qemu
 @pytest.mark.guest
 @pytest.mark.parametrize("encrypted", [False, True], ids=["raw", "qvol"])
-def test_full_disk_pauses_the_guest_and_resume_finishes_its_write(root, mgr, small_fs, encrypted):
+def test_full_disk_pauses_the_guest_and_resume_finishes_its_write(root, mgr, small_fs, encrypted, capsys):
     files = guest_files("aarch64")
     if files is None:
         pytest.skip("test guest for aarch64 not built (make guest)")
@@ -208,6 +208,9 @@ def test_full_disk_pauses_the_guest_and_resume_finishes_its_write(root, mgr, sma
     assert (st.state, st.disk_full) == ("paused", True), (st, _console(mgr, "full")[-2000:])
     assert st.reason.startswith("disk full:") and "vda" in st.reason
     assert "GUEST-WROTE" not in _console(mgr, "full")
+    capsys.readouterr()
+    assert main(["vm", "--root", str(root), "status", "full"]) == 0
+    assert capsys.readouterr().out.startswith("full: paused (disk full: QEMU paused the guest when a write to vda")
 
     filler.unlink()
     assert main(["vm", "--root", str(root), "resume", "full"]) == 0
