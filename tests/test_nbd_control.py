@@ -463,3 +463,21 @@ def test_flush_reaches_the_backend_and_its_failure_is_a_structured_error():
         assert ei.value.code == cp.E_FAILED
         assert cc.status()["quiesced"] is False  # a quiesce whose flush failed holds nothing
         failing.flush = lambda: None  # let the export stop cleanly
+
+
+def test_quiesce_waits_for_a_long_read_whose_client_is_slow_to_take_it():
+    data = bytes(range(256)) * (8 << 12)  # 8 MiB
+    backend = MemoryBackend(SIZE)
+    backend.pwrite(0, data)
+    with running(backend) as ex, ControlClient.connect(ex.cpath) as watcher:
+        nbd = NBDClient.connect_unix(ex.path)
+        cookie = nbd.send_request(c.CMD_READ, 0, len(data))  # > 1 MiB: produced in pieces as the client reads
+        wait_for(lambda: watcher.status()["in_flight"] == 1, "the READ waits for its client")
+        with pytest.raises(ControlChannelError) as ei:
+            watcher.quiesce(timeout=0.2)
+        assert ei.value.code == cp.E_TIMEOUT
+        with ControlClient.connect(ex.cpath) as q:
+            q.sock.sendall(cp.encode_request("quiesce", {"timeout": 60}))
+            assert nbd.recv_reply(len(data)) == (cookie, 0, data)  # the client takes its data...
+            assert q._receive().result["quiesced"] is True  # ...and the READ no longer holds up the quiesce
+        nbd.close()
