@@ -128,6 +128,12 @@ def test_validated_fields_after_mac(vol, keys):
         lambda f: f.update(epoch=True),
         lambda f: f.update(epoch_reserved=f["epoch_limit"] + 1),
         lambda f: f.update(extra="field"),
+        lambda f: f.update(data_offset=8192),  # v2: slots at 4096 only, in this version
+        lambda f: f.update(seq=0),
+        lambda f: f.update(header_b_offset=f["header_b_offset"] + 1),
+        lambda f: f.update(features={"BAD NAME": {"compat": "compat"}}),
+        lambda f: f.update(features={"x": {"compat": "maybe"}}),
+        lambda f: f.update(metadata={"offset": 0, "length": 1, "sha256": "0" * 64}),
         lambda f: f.pop("name"),
     ):
         saved = read_head(vol.path)

@@ -58,7 +58,6 @@ MAX_EPOCH_LIMIT = 2**32
 MAX_TOTAL_BLOCKS = 2**40
 MAX_NAME_LEN = 255
 MAX_SEQ = 2**53  # exact in every JSON implementation (IEEE doubles)
-MAX_DATA_OFFSET = 2**30
 MAX_METADATA_LENGTH = 2**30
 MAX_FEATURES = 32
 
@@ -342,9 +341,9 @@ def validate(path: str, fields: dict[str, Any]) -> Header:
         )
         if version == FORMAT_V1:
             return Header(**common, format_version=FORMAT_V1, seq=0)
-        data_offset = _int(fields, "data_offset", HEADER_SIZE, MAX_DATA_OFFSET)
-        if data_offset % HEADER_SIZE:
-            raise ValueError(f"data_offset {data_offset} is not a multiple of {HEADER_SIZE}")
+        # Recorded so that a later version can move the slots; this one reads and writes them at 4096 only
+        # (docs/qvol-format.md, section 2.1), so anything else is refused rather than misread.
+        data_offset = _int(fields, "data_offset", V1_DATA_OFFSET, V1_DATA_OFFSET)
         area_start = round_up(data_offset + total * SLOT_SIZE, HEADER_SIZE)
         b_offset = _int(fields, "header_b_offset", area_start, area_start + MAX_METADATA_LENGTH * 4)
         if b_offset % HEADER_SIZE:
