@@ -13,6 +13,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,7 +51,7 @@ class Export:
 
 
 @contextlib.contextmanager
-def running(backend, *, allowed_uids=None, **kw) -> Iterator[Export]:
+def running(backend, *, allowed_uids=None, frame_timeout=10.0, **kw) -> Iterator[Export]:
     """An export with its control channel, its loop in a thread; stopped (and joined) on exit."""
     d = tempfile.mkdtemp(prefix="ctlt", dir="/tmp")
     path = os.path.join(d, "s")
@@ -60,7 +61,9 @@ def running(backend, *, allowed_uids=None, **kw) -> Iterator[Export]:
     def target() -> None:
         async def main() -> None:
             srv = ExportServer(backend, unix_path=path, **kw)
-            ctl = ControlServer(srv, control_path_for(path), allowed_uids=allowed_uids)
+            ctl = ControlServer(
+                srv, control_path_for(path), allowed_uids=allowed_uids, frame_timeout=frame_timeout
+            )
             box.update(srv=srv, ctl=ctl, loop=asyncio.get_running_loop(), stop=asyncio.Event())
             await srv.serve_until(box["stop"], ready.set)
 
@@ -86,8 +89,6 @@ def running(backend, *, allowed_uids=None, **kw) -> Iterator[Export]:
 
 def wait_for(cond, what: str, timeout: float = 30.0) -> None:
     """Poll a condition the server reaches by itself (no assertion about how fast)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, f"never happened: {what}"
@@ -481,3 +482,19 @@ def test_quiesce_waits_for_a_long_read_whose_client_is_slow_to_take_it():
             assert nbd.recv_reply(len(data)) == (cookie, 0, data)  # the client takes its data...
             assert q._receive().result["quiesced"] is True  # ...and the READ no longer holds up the quiesce
         nbd.close()
+
+
+def test_a_stalled_partial_frame_is_closed_and_frees_its_slot():
+    with running(MemoryBackend(SIZE), frame_timeout=0.2) as ex:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(30)  # far beyond the frame timeout: the server, not this, ends the wait
+        s.connect(ex.cpath)
+        s.sendall(bytes(cp.encode_request("status"))[:10])
+        reply = ControlClient(s, ex.cpath)._receive()
+        assert not reply.ok and reply.code == cp.E_TIMEOUT
+        assert s.recv(1) == b""
+        s.close()
+        with ControlClient.connect(ex.cpath) as cc:  # an idle connection between requests is not cut
+            cc.status()
+            time.sleep(0.5)  # longer than the frame timeout
+            assert cc.status()["control_connections"] == 1

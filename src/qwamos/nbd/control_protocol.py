@@ -326,6 +326,11 @@ class ControlConnection:
             return
         self._buf += data
 
+    @property
+    def partial(self) -> bool:
+        """Bytes of a frame not yet complete are buffered (and no request is pending)."""
+        return self.state is State.IDLE and bool(self._buf)
+
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()

@@ -47,6 +47,7 @@ log = logging.getLogger("qwamos.nbd.control")
 
 DEFAULT_QUIESCE_TIMEOUT = 30.0  # s a quiesce waits for in-flight NBD requests before it gives up
 MAX_SESSIONS = 16  # concurrent control connections; more are refused
+FRAME_TIMEOUT = 10.0  # s a begun frame may take to arrive in full before the connection is closed
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -197,6 +198,7 @@ class ControlSession(asyncio.Protocol):
         self.peer: Peer | None = None
         self.task: asyncio.Task[None] | None = None
         self.closed = False
+        self._frame_timer: asyncio.TimerHandle | None = None  # armed while a frame is partly received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -214,6 +216,7 @@ class ControlSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._disarm()
         srv = self.server
         srv.sessions.discard(self)
         if self.task is not None and not self.task.done():
@@ -231,13 +234,35 @@ class ControlSession(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    def _disarm(self) -> None:
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
+
+    def _frame_expired(self) -> None:
+        """A client that began a frame and stalled: it would hold one of the MAX_SESSIONS slots forever."""
+        self._frame_timer = None
+        if self.closed or not self.proto.partial:
+            return
+        log.warning("control: closing a connection whose frame stalled for %g s", self.server.frame_timeout)
+        self.proto.refuse(cp.E_TIMEOUT, f"incomplete frame for {self.server.frame_timeout:g} s")
+        self._send(self.proto.data_to_send())
+        self.closed = True
+        self.transport.close()
+
     def _pump(self) -> None:
         if self.task is not None or self.closed:
             return
         ev = self.proto.next_event()
         self._send(self.proto.data_to_send())
         if ev is None:
+            if not self.proto.partial:
+                self._disarm()
+            elif self._frame_timer is None:
+                loop = asyncio.get_running_loop()
+                self._frame_timer = loop.call_later(self.server.frame_timeout, self._frame_expired)
             return
+        self._disarm()
         if isinstance(ev, cp.Closed):
             log.warning("control: closing a connection: %s", ev.reason)
             self.closed = True
@@ -282,6 +307,7 @@ class ControlServer:
         allowed_uids: tuple[int, ...] | None = None,
         commands: dict[str, cp.CommandSpec] | None = None,
         required: bool = True,
+        frame_timeout: float = FRAME_TIMEOUT,
     ) -> None:
         self.export = export
         self.path = Path(path)
@@ -289,6 +315,7 @@ class ControlServer:
         # asked for by path (--control) is required: the export refuses to start without it.
         self.required = required
         self.enabled = True
+        self.frame_timeout = frame_timeout
         self.allowed_uids = (os.geteuid(), 0) if allowed_uids is None else allowed_uids
         self.commands = cp.COMMANDS if commands is None else commands
         self.sessions: set[ControlSession] = set()
