@@ -78,7 +78,6 @@ V1_FIELDS = frozenset(
         "epoch_limit",
     )
 )
-FIELDS = V1_FIELDS  # the v1 name, kept for callers that meant v1
 V2_FIELDS = V1_FIELDS | {"seq", "data_offset", "header_b_offset", "metadata", "features"}
 METADATA_FIELDS = frozenset(("offset", "length", "sha256"))
 
