@@ -49,7 +49,7 @@ def doc_key_files() -> list[dict]:
 
 
 V = doc_values()
-HYBRID_DOC, LEGACY_DOC = doc_key_files()
+HYBRID_DOC, LEGACY_DOC, V2_DOC, PIN_DOC = doc_key_files()
 HYBRID_CT = base64.b64decode(HYBRID_DOC["kem_ciphertext"])
 LABEL = b"QWAMOS-KEM-v1/x25519-mlkem1024"
 LEGACY_LABEL = b"QWAMOS-KEM-v1/ecdh-curve25519"
@@ -73,6 +73,11 @@ def test_the_document_holds_every_vector_this_module_checks():
         "legacy shared secret",
         "wrap key (legacy)",
         "volume key (legacy)",
+        "auth key",
+        "commit secret",
+        "mac (version 2)",
+        "volume uuid",
+        "key commitment",
     }
     assert set(V) == expected
     assert V["identity private key"] == bytes(range(96))
@@ -339,7 +344,9 @@ def test_key_file_known_answer(doc, kind, tmp_path, monkeypatch):
     path = tmp_path / f"{doc['key_id']}.key"
     data = json.dumps(doc, indent=2).encode()
     parsed = keyfile.parse(data, path, doc["key_id"])
-    assert keyfile.unwrap(parsed, path, ident) == V[f"volume key ({kind})"]
+    assert keyfile.unwrap_v1(parsed, path, ident) == V[f"volume key ({kind})"]
+    with pytest.raises(KeyFileCorruptError, match="no MAC"):
+        keyfile.unwrap(parsed, path, ident)  # version 1 is read only by the upgrade
     # the documented recipe, recomputed with the crypto library directly
     ss = V[f"{kind} shared secret"]
     wrap_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"", info=b"qwamos/keystore/v1/wrap").derive(ss)
@@ -349,11 +356,57 @@ def test_key_file_known_answer(doc, kind, tmp_path, monkeypatch):
     sealed = ChaCha20Poly1305(wrap_key).encrypt(nonce, V[f"volume key ({kind})"], aad)
     assert base64.b64encode(sealed).decode() == doc["wrapped_key"]
 
-    # and the keystore's writer, given the vector's KEM output and nonce, writes the same document
+
+def test_key_file_v2_known_answer(tmp_path, monkeypatch):
+    from qwamos.keystore import keyfile
+    from qwamos.keystore.identity import Identity, auth_key
+
+    doc = V2_DOC
+    ident = Identity.from_private(V["identity private key"])
+    path = tmp_path / f"{doc['key_id']}.key"
+    got = keyfile.unwrap_full(keyfile.parse(json.dumps(doc, indent=2).encode(), path, doc["key_id"]), path, ident)
+    assert (got.key, got.commit_secret, got.commitment_required) == (
+        V["volume key (hybrid)"],
+        V["commit secret"],
+        True,
+    )
+    # the documented recipe, recomputed with the crypto library and hmac directly
+    auth = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"", info=b"qwamos/keystore/v2/auth").derive(
+        V["identity private key"]
+    )
+    assert auth == V["auth key"] == auth_key(ident)
+    aad = _canonical({k: v for k, v in doc.items() if k not in ("wrapped_key", "mac")})
+    nonce = base64.b64decode(doc["nonce"])
+    sealed = ChaCha20Poly1305(V["wrap key (hybrid)"]).encrypt(
+        nonce, V["volume key (hybrid)"] + V["commit secret"], aad
+    )
+    assert base64.b64encode(sealed).decode() == doc["wrapped_key"]
+    mac = hmac.new(auth, _canonical({k: v for k, v in doc.items() if k != "mac"}), hashlib.sha256).digest()
+    assert mac == V["mac (version 2)"] == base64.b64decode(doc["mac"])
+    # the keystore's writer, given the vector's KEM output and nonce, writes the same document
     ct = base64.b64decode(doc["kem_ciphertext"])
-    monkeypatch.setattr(crypto, "kem_encapsulate", lambda kem, public: (ss, ct))
+    monkeypatch.setattr(crypto, "kem_encapsulate", lambda kem, public: (V["hybrid shared secret"], ct))
     monkeypatch.setattr(crypto, "random_bytes", lambda n: nonce)
-    assert keyfile.wrap(doc["key_id"], doc["kem"], ident, V[f"volume key ({kind})"]) == doc
+    written = keyfile.wrap(
+        doc["key_id"], doc["kem"], ident, V["volume key (hybrid)"], sealed=True, commit_secret=V["commit secret"]
+    )
+    assert written == doc
+
+
+def test_pin_and_commitment_known_answer(tmp_path):
+    from qwamos.keystore import pin
+    from qwamos.keystore.identity import Identity
+    from qwamos.volume.keys import key_commitment
+
+    ident = Identity.from_private(V["identity private key"])
+    assert pin.document(ident, True) == PIN_DOC
+    mac = hmac.new(V["auth key"], _canonical({k: v for k, v in PIN_DOC.items() if k != "mac"}), hashlib.sha256)
+    assert base64.b64encode(mac.digest()).decode() == PIN_DOC["mac"]
+    pin.verify(pin.parse(json.dumps(PIN_DOC).encode(), tmp_path / "identity.pin"), tmp_path, ident)
+    label = b"qwamos/qvol/v2/key-commitment"
+    K, S, uuid = V["volume key (hybrid)"], V["commit secret"], V["volume uuid"]
+    expected = hmac.new(S, label + uuid + hashlib.sha256(K).digest() + V2_DOC["key_id"].encode(), hashlib.sha256)
+    assert expected.digest() == V["key commitment"] == key_commitment(S, K, uuid, V2_DOC["key_id"])
 
 
 def test_key_file_known_answer_through_a_real_keystore(tmp_path):
@@ -373,6 +426,19 @@ def test_key_file_known_answer_through_a_real_keystore(tmp_path):
     ks = PQCKeystore(ks_dir, passphrase=b"")
     assert ks.volume_key(HYBRID_DOC["key_id"]) == V["volume key (hybrid)"]
     assert ks.volume_key(LEGACY_DOC["key_id"]) == V["volume key (legacy)"]
+    # the first open pinned the keystore and upgraded both files to version 2 (MACed, same keys)
+    for doc in (HYBRID_DOC, LEGACY_DOC):
+        upgraded = json.loads((ks_dir / f"{doc['key_id']}.key").read_text())
+        assert upgraded["version"] == 2 and upgraded["commitment_required"] is False
+    assert json.loads((ks_dir / "identity.pin").read_text())["legacy_key_files"] == {}
+    fresh = PQCKeystore(ks_dir, passphrase=b"")
+    assert fresh.volume_key(HYBRID_DOC["key_id"]) == V["volume key (hybrid)"]
+    # a version 1 file written after the pin (here: the original vector put back) is refused as forged
+    write_private(ks_dir / f"{HYBRID_DOC['key_id']}.key", json.dumps(HYBRID_DOC, indent=2).encode())
+    with pytest.raises(KeyFileCorruptError, match="did not hold when it was pinned"):
+        PQCKeystore(ks_dir, passphrase=b"").volume_key(HYBRID_DOC["key_id"])
+    with pytest.raises(KeyFileCorruptError, match="did not hold when it was pinned"):
+        PQCKeystore(ks_dir).get_metadata(HYBRID_DOC["key_id"])
 
 
 def test_key_file_vector_refuses_a_changed_byte_of_every_field(tmp_path):
@@ -386,4 +452,10 @@ def test_key_file_vector_refuses_a_changed_byte_of_every_field(tmp_path):
         raw[len(raw) // 2] ^= 1
         doc = dict(HYBRID_DOC, **{field: base64.b64encode(raw).decode()})
         with pytest.raises(KeyFileCorruptError):
+            keyfile.unwrap_v1(keyfile.parse(json.dumps(doc).encode(), path, doc["key_id"]), path, ident)
+    for field in ("kem_ciphertext", "nonce", "wrapped_key", "mac"):
+        raw = bytearray(base64.b64decode(V2_DOC[field]))
+        raw[len(raw) // 2] ^= 1
+        doc = dict(V2_DOC, **{field: base64.b64encode(raw).decode()})
+        with pytest.raises(KeyFileCorruptError, match="MAC check failed"):
             keyfile.unwrap(keyfile.parse(json.dumps(doc).encode(), path, doc["key_id"]), path, ident)

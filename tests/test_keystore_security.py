@@ -15,6 +15,7 @@ import pytest
 
 from qwamos.errors import (
     HeaderCorruptError,
+    IdentityChangedError,
     IdentityNotFoundError,
     KeyFileCorruptError,
     KeystorePermissionError,
@@ -51,7 +52,7 @@ def test_directory_0700_files_0600(tmp_path: Path) -> None:
         os.umask(old)
     assert mode(tmp_path / "deep" / "ks") == 0o700
     names = sorted(os.listdir(tmp_path / "deep" / "ks"))
-    assert "identity.key" in names and "identity.pub" in names and len(names) == 6
+    assert "identity.key" in names and "identity.pub" in names and "identity.pin" in names and len(names) == 7
     for name in names:
         assert mode(tmp_path / "deep" / "ks" / name) == 0o600, name
 
@@ -165,7 +166,9 @@ def test_sealed_identity_header_is_bound(tmp_path: Path, field: str, value: obje
     path.write_text(json.dumps(doc))
     ks = make(tmp_path / "ks", passphrase=b"pw")
     if changed:
-        with pytest.raises(WrongPassphraseError):
+        # another fingerprint is refused by the pin before the passphrase is even tried; the rest by the AEAD
+        expected = IdentityChangedError if field == "fingerprint" else WrongPassphraseError
+        with pytest.raises(expected):
             ks.volume_key(key_id)
     else:
         assert ks.volume_key(key_id) == key
@@ -235,12 +238,13 @@ def test_key_file_in_another_keystore_fails(tmp_path: Path) -> None:
     shutil.copy(tmp_path / "ks" / f"{key_id}.key", tmp_path / "other" / f"{key_id}.key")
     with pytest.raises(KeyFileCorruptError, match="wrapped to identity"):
         other.volume_key(key_id)
-    # Even with the fingerprint field edited to match, the KEM secret differs and the AEAD refuses.
+    # Even with the fingerprint field edited to match, the MAC (under the other identity) refuses it, and
+    # without the MAC check the KEM secret would differ and the AEAD refuse.
     path = tmp_path / "other" / f"{key_id}.key"
     doc = json.loads(path.read_text())
     doc["identity_fingerprint"] = other.identity_info()["fingerprint"]
     path.write_text(json.dumps(doc))
-    with pytest.raises(KeyFileCorruptError, match="authentication failed"):
+    with pytest.raises(KeyFileCorruptError, match="MAC check failed"):
         other.volume_key(key_id)
 
 
@@ -296,7 +300,12 @@ def _tampered_docs(doc: dict, other_id: str) -> list[tuple[str, dict]]:
         out.append((name, d))
 
     variant("format", format="qwamos-volume-kex")
-    variant("version", version=2)
+    variant("version", version=1)
+    variant("version-3", version=3)
+    variant("identity_sealed", identity_sealed=not doc["identity_sealed"])
+    variant("commitment_required", commitment_required=not doc["commitment_required"])
+    variant("mac", mac=_flip_b64(doc["mac"], 0))
+    variant("mac-last", mac=_flip_b64(doc["mac"], -1))
     variant("version-bool", version=True)
     variant("key_id", key_id=other_id)
     variant("kem", kem="ecdh-curve25519" if doc["kem"] == "x25519-mlkem1024" else "x25519-mlkem1024")
@@ -386,11 +395,11 @@ def test_swapping_key_files_between_ids_fails(tmp_path: Path) -> None:
     pa.write_bytes(db)
     with pytest.raises(KeyFileCorruptError, match="does not match the file name"):
         ks.volume_key(a)
-    # Id inside edited to match: the AAD no longer matches.
+    # Id inside edited to match: the MAC (and the AAD) no longer match.
     doc = json.loads(db)
     doc["key_id"] = a
     pa.write_text(json.dumps(doc))
-    with pytest.raises(KeyFileCorruptError, match="authentication failed"):
+    with pytest.raises(KeyFileCorruptError, match="MAC check failed"):
         ks.volume_key(a)
     pa.write_bytes(da)
     assert ks.volume_key(a) == ka and ks.volume_key(b) == kb
@@ -439,7 +448,7 @@ def test_duplicate_field_refused(tmp_path: Path) -> None:
     key_id, _ = ks.new_volume_key("vm", "disk")
     path = tmp_path / "ks" / f"{key_id}.key"
     text = path.read_text()
-    doctored = text.replace('"version": 1,', '"version": 1,\n  "version": 1,', 1)
+    doctored = text.replace('"version": 2,', '"version": 2,\n  "version": 2,', 1)
     assert doctored != text
     path.write_text(doctored)
     with pytest.raises(KeyFileCorruptError, match="JSON"):
@@ -465,7 +474,7 @@ def test_recovery_document_fields_are_bound(tmp_path: Path) -> None:
         bad = {**doc, field: value}
         with pytest.raises(WrongPassphraseError):
             dst.import_key(json.dumps(bad).encode(), b"pw")
-    for field, value in [("format", "other"), ("version", 2), ("kdf", "scrypt"), ("aead", "aes-256-gcm")]:
+    for field, value in [("format", "other"), ("version", 3), ("kdf", "scrypt"), ("aead", "aes-256-gcm")]:
         with pytest.raises(KeyFileCorruptError):
             dst.import_key(json.dumps({**doc, field: value}).encode(), b"pw")
     with pytest.raises(KeyFileCorruptError):

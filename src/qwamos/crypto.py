@@ -77,6 +77,11 @@ def new_volume_key() -> bytes:
     return random_bytes(KEY_SIZE)
 
 
+def new_commitment_secret() -> bytes:
+    """A new 32-byte secret a key file carries next to its volume key, for the volume header's key commitment."""
+    return random_bytes(KEY_SIZE)
+
+
 def new_nonce() -> bytes:
     """One random 12-byte AEAD nonce (key-file wrapping, passphrase sealing)."""
     return random_bytes(NONCE_SIZE)

@@ -203,6 +203,24 @@ class IdentityNotFoundError(KeystoreError):
     exit_code = 26
 
 
+class IdentityChangedError(KeystoreError):
+    """Keystore {keystore} is pinned to identity {pinned}, but its identity.key is now {found}: {msg}"""
+
+    exit_code = 27
+
+
+class IdentityUnsealedError(IdentityChangedError):
+    """Keystore {keystore}: identity {pinned} was sealed with a passphrase, identity.key is now unsealed: {msg}"""
+
+    exit_code = 27
+
+
+class KeyInUseError(KeystoreError):
+    """Key {key_id!r} is in use by {users}; not deleted (forcing it makes unreadable: {consequence})."""
+
+    exit_code = 28
+
+
 # --- block export (30-39) -----------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ Thin over :class:`qwamos.keystore.PQCKeystore`.  Passphrases never come from arg
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     action("init", "create the keystore identity now (sealed if a passphrase is given)", cmd_init, passphrase=True)
     action("identity", "show the identity's fingerprint and whether it is sealed", cmd_identity)
     action("list", "list keys with their metadata", cmd_list)
-    s = action("show", "show one key's metadata", cmd_show)
+    s = action("show", "show one key's metadata, state and users", cmd_show, passphrase=True)
     s.add_argument("key_id", metavar="KEY_ID")
+    s.add_argument(
+        "--verify", action="store_true", help="also check the key file completely (MAC, pin; opens the identity)"
+    )
     d = action("delete", "overwrite and remove a key (irreversible without an export)", cmd_delete, json_out=False)
     d.add_argument("key_id", metavar="KEY_ID")
     d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    d.add_argument("--force", action="store_true", help="delete even when volumes use it (they become unreadable)")
     r = action("rotate", "make a new key succeeding KEY_ID (the old key is kept)", cmd_rotate, passphrase=True)
     r.add_argument("key_id", metavar="KEY_ID")
     e = action("export", "write a passphrase-sealed recovery copy of a key", cmd_export, passphrase=True)
@@ -117,22 +122,44 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_usage(ks: PQCKeystore, meta: dict[str, Any]) -> dict[str, Any]:
+    """A key's metadata plus ``state``, ``successors``, ``users`` and ``vms`` (PQCKeystore.key_usage)."""
+    return {**meta, **ks.key_usage(meta["key_id"])}
+
+
+def _users_text(usage: dict[str, Any]) -> str:
+    live = [u for u in usage["users"] if u["state"] == "live"]
+    stale = len(usage["users"]) - len(live)
+    parts = [u["path"] + (f" ({u['vm_name']})" if u["vm_name"] else "") for u in live]
+    if stale:
+        parts.append(f"{stale} stale")
+    return ", ".join(parts) or "-"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     ks = PQCKeystore(args.keystore)
-    keys = ks.list_keys()
+    keys = [k if "error" in k else _with_usage(ks, k) for k in ks.list_keys()]
     if args.json:
         emit_json(keys)
         return 0
     if not keys:
         message(f"no keys in {ks.path}")
         return 0
-    rows = [("KEY ID", "VM", "TYPE", "CREATED", "ROTATIONS")]
+    rows = [("KEY ID", "VM", "TYPE", "STATE", "CREATED", "ROTATIONS", "USED BY")]
     for k in keys:
         if "error" in k:
-            rows.append((k["key_id"], "-", "ERROR", k["error"], "-"))
+            rows.append((k["key_id"], "-", "ERROR", "-", k["error"], "-", "-"))
         else:
             rows.append(
-                (k["key_id"], k["vm_name"] or "-", k["key_type"], k["created_at"] or "-", str(k["rotation_count"]))
+                (
+                    k["key_id"],
+                    k["vm_name"] or "-",
+                    k["key_type"],
+                    k["state"],
+                    k["created_at"] or "-",
+                    str(k["rotation_count"]),
+                    _users_text(k),
+                )
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
@@ -141,8 +168,30 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    meta = PQCKeystore(args.keystore).get_metadata(args.key_id)
-    emit_json(meta) if args.json else _print_fields(meta)
+    ks = open_keystore(args)
+    meta = _with_usage(ks, ks.get_metadata(args.key_id))
+    # Check the key file completely whenever that needs no prompt (unsealed identity, or a passphrase given):
+    # a forged file is refused here too.  A sealed identity without a passphrase only with --verify.
+    ident = ks.identity_info()
+    quiet = ident is not None and (
+        not ident["sealed"] or args.passphrase_fd is not None or bool(os.environ.get("QWAMOS_PASSPHRASE"))
+    )
+    verify = args.verify or quiet
+    if verify:
+        ks.verify_key(args.key_id)
+    meta["verified"] = verify
+    if args.json:
+        emit_json(meta)
+        return 0
+    shown = {k: v for k, v in meta.items() if k not in ("users", "successors", "vms")}
+    shown["successors"] = ", ".join(meta["successors"]) or "-"
+    shown["vms"] = ", ".join(meta["vms"]) or "-"
+    shown["verified"] = "yes (pin, MAC, AEAD)" if verify else "no (sealed identity: pass --verify to check)"
+    _print_fields(shown)
+    for u in meta["users"]:
+        extra = f" ({u['reason']})" if u["state"] == "stale" else ""
+        vm = f" VM {u['vm_name']}" if u["vm_name"] else ""
+        print(f"user:  {u['state']}: {u['path']} uuid {u['volume_uuid']}{vm}{extra}")
     return 0
 
 
@@ -157,8 +206,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
         if answer.strip() != "yes":
             message("not deleted")
             return 1
-    ks.delete_key(args.key_id)
+    lost = ks.delete_key(args.key_id, force=args.force)
     message(f"deleted key {args.key_id}")
+    for u in lost:
+        vm = f" (VM {u['vm_name']})" if u["vm_name"] else ""
+        warn(f"volume {u['path']}{vm} is now unreadable (unless a 'key export' copy of the key exists)")
     return 0
 
 

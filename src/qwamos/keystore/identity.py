@@ -21,6 +21,7 @@ PUBLIC_FORMAT = "qwamos-keystore-identity-public"
 PRIVATE_FORMAT = "qwamos-keystore-identity"
 VERSION = 1
 SEAL_INFO = b"qwamos/keystore/v1/identity-seal"
+AUTH_INFO = b"qwamos/keystore/v2/auth"
 PRIVATE_SIZE = crypto.MLKEM_SEED_SIZE + crypto.X25519_SIZE
 PUBLIC_SIZE = crypto.MLKEM_PK_SIZE + crypto.X25519_SIZE
 
@@ -50,6 +51,14 @@ class Identity:
     def from_private(cls, private: bytes) -> Identity:
         public = crypto.kem_public_from_private(private)
         return cls(private, public, fingerprint(public))
+
+
+def auth_key(ident: Identity) -> bytes:
+    """The identity's MAC key: ``HKDF-SHA256(private key (96 bytes), salt=b"", info="qwamos/keystore/v2/auth")``.
+
+    Only the holder of the private key can compute it, which is what a KEM ciphertext cannot prove: key files
+    (version 2) and the pin are MACed with it, so someone holding only ``identity.pub`` cannot forge them."""
+    return crypto.hkdf_sha256(ident.private, salt=b"", info=AUTH_INFO)
 
 
 def public_document(ident: Identity) -> dict[str, Any]:

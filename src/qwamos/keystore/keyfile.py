@@ -1,29 +1,38 @@
-"""``<key_id>.key``: one volume key, encapsulated to the identity and wrapped with AEAD; and key ids.
+"""``<key_id>.key``: one volume key, encapsulated to the identity, wrapped with AEAD and (version 2)
+authenticated by the identity's holder; and key ids.
 
 Wrapping (docs/keystore-format.md has the full recipe)::
 
     ss, kem_ciphertext = KEM.Encap(identity public key)         # x25519-mlkem1024 or ecdh-curve25519
     wrap_key           = HKDF-SHA256(ss, salt=b"", info=b"qwamos/keystore/v1/wrap")
-    wrapped_key        = ChaCha20-Poly1305(wrap_key).seal(nonce, volume_key, aad)
-    aad                = canonical JSON of every field of the file except wrapped_key
+    wrapped_key        = ChaCha20-Poly1305(wrap_key).seal(nonce, secret, aad)
+    aad                = canonical JSON of every field of the file except wrapped_key (and mac)
+    mac                = HMAC-SHA256(auth_key, canonical JSON of every field except mac)       (version 2)
 
-so the key id, KEM name, identity fingerprint and KEM ciphertext cannot be changed or swapped between files
-without the unwrap failing.
+A KEM ciphertext proves nothing about who made it: anyone holding ``identity.pub`` can encapsulate a key of
+their choice.  Version 1 files had only the AEAD, so such a forged file unwrapped.  Version 2 adds ``mac``
+under ``auth_key = HKDF(identity private key, ...)`` (:func:`qwamos.keystore.identity.auth_key`), which only
+the identity's holder can compute, and checks it before anything in the file is used; it also binds the
+identity's sealed flag (the pin, :mod:`qwamos.keystore.pin`) and carries, next to the volume key, the key's
+commitment secret (the volume header's ``key_commitment`` feature, docs/qvol-format.md).  Version 1 files
+are read only to upgrade them (:mod:`qwamos.keystore.keystore`).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qwamos import crypto
 from qwamos.errors import AuthenticationFailed, InvalidArgument, KeyFileCorruptError
 from qwamos.keystore.files import b64encode, b64field, canonical_json, int_field, parse_document, str_field
-from qwamos.keystore.identity import Identity
+from qwamos.keystore.identity import Identity, auth_key
 
 FORMAT = "qwamos-volume-key"
-VERSION = 1
+VERSION_1 = 1  # AEAD only: read to be upgraded, never written
+VERSION = 2  # what is written: + identity_sealed, commitment_required, mac; secret = key || commitment secret
 WRAP_INFO = b"qwamos/keystore/v1/wrap"
 WRAP_AEAD = crypto.CHACHA20_POLY1305
 KEY_SUFFIX = ".key"
@@ -37,7 +46,20 @@ RESERVED_IDS = frozenset({"identity"})
 RANDOM_HEX = 16
 _SLUG_MAX = MAX_KEY_ID - len("vm-") - 1 - RANDOM_HEX
 
-_FIELDS = {"format", "version", "key_id", "kem", "identity_fingerprint", "kem_ciphertext", "nonce", "wrapped_key"}
+_FIELDS_V1 = {
+    "format",
+    "version",
+    "key_id",
+    "kem",
+    "identity_fingerprint",
+    "kem_ciphertext",
+    "nonce",
+    "wrapped_key",
+}
+_FIELDS = _FIELDS_V1 | {"identity_sealed", "commitment_required", "mac"}
+MAC_SIZE = 32
+COMMIT_SECRET_SIZE = 32
+_SECRET_SIZES = {VERSION_1: crypto.KEY_SIZE, VERSION: crypto.KEY_SIZE + COMMIT_SECRET_SIZE}
 _CT_SIZES = {crypto.HYBRID_KEM: crypto.MLKEM_CT_SIZE + crypto.X25519_SIZE, crypto.LEGACY_KEM: crypto.X25519_SIZE}
 
 
@@ -65,15 +87,41 @@ def new_key_id(name: str) -> str:
 
 
 def _aad(doc: dict[str, Any]) -> bytes:
-    return canonical_json({k: v for k, v in doc.items() if k != "wrapped_key"})
+    return canonical_json({k: v for k, v in doc.items() if k not in ("wrapped_key", "mac")})
 
 
-def wrap(key_id: str, kem: str, ident: Identity, volume_key: bytes) -> dict[str, Any]:
-    """The ``.key`` document for ``volume_key``, encapsulated to ``ident``."""
+def _mac_input(doc: dict[str, Any]) -> bytes:
+    return canonical_json({k: v for k, v in doc.items() if k != "mac"})
+
+
+@dataclass(frozen=True)
+class Unwrapped:
+    """What a key file holds: the volume key, the key's commitment secret (None in a version 1 file) and
+    whether every volume under the key must carry a header commitment (``commitment_required``)."""
+
+    key: bytes = field(repr=False)
+    commit_secret: bytes | None = field(repr=False)
+    commitment_required: bool
+
+
+def wrap(
+    key_id: str,
+    kem: str,
+    ident: Identity,
+    volume_key: bytes,
+    *,
+    sealed: bool,
+    commit_secret: bytes,
+    commitment_required: bool = True,
+) -> dict[str, Any]:
+    """The version 2 ``.key`` document for ``volume_key``, encapsulated to ``ident`` and authenticated with
+    its ``auth_key``; ``sealed`` is whether ``ident`` is sealed with a passphrase (bound, see the pin)."""
     if kem not in _CT_SIZES:
         raise InvalidArgument(f"unknown key type {kem!r}; choose {crypto.HYBRID_KEM} or {crypto.LEGACY_KEM}")
     if len(volume_key) != crypto.KEY_SIZE:
         raise InvalidArgument(f"a volume key is {crypto.KEY_SIZE} bytes")
+    if len(commit_secret) != COMMIT_SECRET_SIZE:
+        raise InvalidArgument(f"a commitment secret is {COMMIT_SECRET_SIZE} bytes")
     ss, ct = crypto.kem_encapsulate(kem, ident.public)
     nonce = crypto.new_nonce()
     doc: dict[str, Any] = {
@@ -82,20 +130,26 @@ def wrap(key_id: str, kem: str, ident: Identity, volume_key: bytes) -> dict[str,
         "key_id": validate_key_id(key_id),
         "kem": kem,
         "identity_fingerprint": ident.fingerprint,
+        "identity_sealed": bool(sealed),
+        "commitment_required": bool(commitment_required),
         "kem_ciphertext": b64encode(ct),
         "nonce": b64encode(nonce),
     }
     wrap_key = crypto.hkdf_sha256(ss, salt=b"", info=WRAP_INFO)
-    doc["wrapped_key"] = b64encode(crypto.Aead(WRAP_AEAD, wrap_key).seal(nonce, volume_key, _aad(doc)))
+    secret = bytes(volume_key) + bytes(commit_secret)
+    doc["wrapped_key"] = b64encode(crypto.Aead(WRAP_AEAD, wrap_key).seal(nonce, secret, _aad(doc)))
+    doc["mac"] = b64encode(crypto.hmac_sha256(auth_key(ident), _mac_input(doc)))
     return doc
 
 
 def parse(data: bytes, path: Path, expected_key_id: str) -> dict[str, Any]:
-    """Parse and shape-check a ``.key`` file (no secret needed); the key id must match the file name."""
-    doc = parse_document(data, path, fields=_FIELDS)
-    if doc.get("format") != FORMAT:
+    """Parse and shape-check a ``.key`` file of version 1 or 2 (no secret needed); the key id must match the
+    file name.  Check ``doc["version"]``: only the keystore's upgrade may accept a version 1 file."""
+    probe = parse_document(data, path, fields=_FIELDS, required={"format", "version"})
+    if probe.get("format") != FORMAT:
         raise KeyFileCorruptError(path=str(path), msg=f"format is not {FORMAT!r}")
-    int_field(doc, "version", path, lo=VERSION, hi=VERSION)
+    version = int_field(probe, "version", path, lo=VERSION_1, hi=VERSION)
+    doc = parse_document(data, path, fields=_FIELDS if version == VERSION else _FIELDS_V1)
     if doc.get("key_id") != expected_key_id:
         raise KeyFileCorruptError(path=str(path), msg="the key id inside does not match the file name")
     kem = doc.get("kem")
@@ -104,18 +158,39 @@ def parse(data: bytes, path: Path, expected_key_id: str) -> dict[str, Any]:
     str_field(doc, "identity_fingerprint", path, max_len=16)
     b64field(doc, "kem_ciphertext", path, length=_CT_SIZES[kem])
     b64field(doc, "nonce", path, length=crypto.NONCE_SIZE)
-    b64field(doc, "wrapped_key", path, length=crypto.KEY_SIZE + crypto.TAG_SIZE)
+    b64field(doc, "wrapped_key", path, length=_SECRET_SIZES[version] + crypto.TAG_SIZE)
+    if version == VERSION:
+        for name in ("identity_sealed", "commitment_required"):
+            if not isinstance(doc.get(name), bool):
+                raise KeyFileCorruptError(path=str(path), msg=f"field {name!r} is not a boolean")
+        b64field(doc, "mac", path, length=MAC_SIZE)
     return doc
 
 
-def unwrap(doc: dict[str, Any], path: Path, ident: Identity) -> bytes:
-    """Recover the volume key from a parsed document, or raise :class:`KeyFileCorruptError`."""
+def verify_mac(doc: dict[str, Any], path: Path, ident: Identity) -> None:
+    """Check a version 2 file's ``mac`` under ``ident``'s ``auth_key``: proof that the identity's holder
+    wrote the file (a KEM ciphertext alone is no such proof)."""
+    if doc.get("version") != VERSION:
+        raise KeyFileCorruptError(path=str(path), msg=f"a version {doc.get('version')} key file has no MAC")
+    try:
+        crypto.verify_hmac_sha256(auth_key(ident), _mac_input(doc), b64field(doc, "mac", path, length=MAC_SIZE))
+    except AuthenticationFailed:
+        raise KeyFileCorruptError(
+            path=str(path),
+            msg="MAC check failed: the file was not written by this keystore's identity (forged or modified)",
+        ) from None
+
+
+def _check_identity(doc: dict[str, Any], path: Path, ident: Identity) -> None:
     if not crypto.constant_time_eq(doc["identity_fingerprint"].encode(), ident.fingerprint.encode()):
         raise KeyFileCorruptError(
             path=str(path),
             msg=f"wrapped to identity {doc['identity_fingerprint']}, this keystore's identity is "
             f"{ident.fingerprint}",
         )
+
+
+def _open_secret(doc: dict[str, Any], path: Path, ident: Identity) -> bytes:
     ct = b64field(doc, "kem_ciphertext", path)
     try:
         ss = crypto.kem_decapsulate(doc["kem"], ident.private, ct)
@@ -124,9 +199,34 @@ def unwrap(doc: dict[str, Any], path: Path, ident: Identity) -> bytes:
         raise KeyFileCorruptError(path=str(path), msg="KEM ciphertext rejected") from None
     wrap_key = crypto.hkdf_sha256(ss, salt=b"", info=WRAP_INFO)
     try:
-        key = crypto.Aead(WRAP_AEAD, wrap_key).open(
+        return crypto.Aead(WRAP_AEAD, wrap_key).open(
             b64field(doc, "nonce", path), b64field(doc, "wrapped_key", path), _aad(doc)
         )
     except AuthenticationFailed:
         raise KeyFileCorruptError(path=str(path), msg="authentication failed") from None
-    return key
+
+
+def unwrap_full(doc: dict[str, Any], path: Path, ident: Identity) -> Unwrapped:
+    """Recover what a parsed version 2 document holds, or raise :class:`KeyFileCorruptError`.
+
+    Order: the identity fingerprint, then the MAC (before the KEM ciphertext or anything else is used), then
+    decapsulation and the AEAD.  The sealed flag is the pin's business (:mod:`qwamos.keystore.pin`)."""
+    _check_identity(doc, path, ident)
+    verify_mac(doc, path, ident)
+    secret = _open_secret(doc, path, ident)
+    key, commit = secret[: crypto.KEY_SIZE], secret[crypto.KEY_SIZE :]
+    return Unwrapped(key, commit, bool(doc["commitment_required"]))
+
+
+def unwrap(doc: dict[str, Any], path: Path, ident: Identity) -> bytes:
+    """The volume key of a version 2 document (:func:`unwrap_full`); a version 1 document is refused."""
+    return unwrap_full(doc, path, ident).key
+
+
+def unwrap_v1(doc: dict[str, Any], path: Path, ident: Identity) -> bytes:
+    """The volume key of a version 1 document (AEAD only).  Only the upgrade calls this: such a file is
+    trusted only while the keystore has never been pinned (docs/keystore-format.md, "Upgrade")."""
+    if doc.get("version") != VERSION_1:
+        raise KeyFileCorruptError(path=str(path), msg="not a version 1 key file")
+    _check_identity(doc, path, ident)
+    return _open_secret(doc, path, ident)

@@ -6,6 +6,8 @@ Directory (default ``~/.qwamos/keystore``, else ``$QWAMOS_KEYSTORE``, else the c
     identity.key        private key, plain or sealed with a passphrase (Argon2id)
     <key_id>.key        one volume key, KEM-encapsulated and AEAD-wrapped to the identity
     <key_id>.meta       the spec's descriptive fields (unauthenticated label, no secret)
+    <key_id>.users      which volumes and VMs use the key (unauthenticated records, see users.py)
+    identity.pin        the identity's fingerprint and sealed flag, MACed by the identity (see pin.py)
 
 The class is both the spec's API (``generate_key``, ``rotate_key``, ``list_keys`` ...) and the volume
 layer's ``KeyProvider`` (``new_volume_key``, ``volume_key``, ``discard_key``).  The identity's private key
@@ -16,6 +18,8 @@ write the directory cannot redirect new keys to a key pair of their own.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,16 +27,20 @@ from typing import Any
 
 from qwamos import crypto
 from qwamos.errors import (
+    IdentityChangedError,
     IdentityNotFoundError,
+    IdentityUnsealedError,
     InvalidArgument,
     KeyExistsError,
     KeyFileCorruptError,
+    KeyInUseError,
     KeyNotFoundError,
     KeystoreError,
     PassphraseRequiredError,
+    QwamosError,
 )
 from qwamos.keystore import identity as idmod
-from qwamos.keystore import keyfile, metadata, recovery
+from qwamos.keystore import keyfile, metadata, pin, recovery, users
 from qwamos.keystore.files import (
     check_private_dir,
     check_private_file,
@@ -51,6 +59,8 @@ IDENTITY_KEY = "identity.key"
 IDENTITY_PUB = "identity.pub"
 
 PassphraseSource = bytes | str | Callable[[], bytes | str | None] | None
+log = logging.getLogger("qwamos.keystore")
+ACTIVE, SUPERSEDED, RETIRED = "active", "superseded", "retired"
 
 
 def default_path() -> Path:
@@ -78,6 +88,7 @@ class PQCKeystore:
         self._passphrase_source = passphrase
         self.argon2_params = argon2_params or Argon2Params()
         self._identity: idmod.Identity | None = None
+        self._sealed = False
         check_private_dir(self.path)
         check_private_file(self.path / IDENTITY_KEY)
 
@@ -150,30 +161,155 @@ class PQCKeystore:
             self._identity = self._create_identity()
             return self._identity
         pf = idmod.parse_private(data, key_path)
+        self._precheck_pin(pf)  # a replaced identity is refused before any passphrase is asked for
         passphrase = self._passphrase() if pf.sealed else None
         if pf.sealed and not passphrase:
             raise PassphraseRequiredError(what=f"The keystore identity {key_path}")
         ident = idmod.open_private(pf, passphrase)
+        self._enforce_pin(ident, pf.sealed)  # before identity.pub, whose mismatch message assumes no attack
         self._check_or_write_public(ident)
-        self._identity = ident
+        self._identity, self._sealed = ident, pf.sealed
         return ident
+
+    # --- the pin (pin.py) ------------------------------------------------------------------------------
+
+    def _pin_path(self) -> Path:
+        return self.path / pin.FILE_NAME
+
+    def _read_pin(self) -> dict[str, Any] | None:
+        try:
+            return pin.parse(read_bounded(self._pin_path()), self._pin_path())
+        except FileNotFoundError:
+            return None
+
+    def _changed(self, pinned: str, found: str, why: str) -> IdentityChangedError:
+        return IdentityChangedError(
+            keystore=str(self.path),
+            pinned=pinned,
+            found=found,
+            msg=f"{why}; identity.key was replaced (restore the original; a deliberate identity change goes "
+            "through a rotate-identity command, never by copying files)",
+        )
+
+    def _precheck_pin(self, pf: idmod.PrivateFile) -> None:
+        """Refuse, without a passphrase, an identity.key that claims another fingerprint than the pin."""
+        doc = self._read_pin()
+        if doc is not None and doc["identity_fingerprint"] != pf.fingerprint:
+            raise self._changed(doc["identity_fingerprint"], pf.fingerprint, f"{pin.FILE_NAME} names the former")
+
+    def _enforce_pin(self, ident: idmod.Identity, sealed: bool) -> None:
+        """Check the opened identity against the pin (or, without one, against the key files), upgrade the
+        version 1 key files the pin lists, and write the pin when it is missing.  See pin.py."""
+        pin_path = self._pin_path()
+        doc = self._read_pin()
+        if doc is not None:
+            if not crypto.constant_time_eq(doc["identity_fingerprint"].encode(), ident.fingerprint.encode()):
+                raise self._changed(doc["identity_fingerprint"], ident.fingerprint, f"{pin.FILE_NAME} names it")
+            pin.verify(doc, pin_path, ident)
+            if doc["identity_sealed"] and not sealed:
+                raise self._unsealed(ident, f"{pin.FILE_NAME} records it sealed")
+            if doc["legacy_key_files"]:
+                self._upgrade_legacy(ident, sealed, doc["legacy_key_files"])
+            return
+        # No pin: a keystore this version never opened, or a deleted pin.  The key files speak instead.
+        legacy: dict[str, str] = {}
+        pinned_before = False
+        for key_id, data, kdoc, kpath in self._key_files():
+            if kdoc["identity_fingerprint"] != ident.fingerprint:
+                claimed = kdoc["identity_fingerprint"]
+                raise self._changed(claimed, ident.fingerprint, f"{kpath.name} is bound to it")
+            if kdoc["version"] == keyfile.VERSION_1:
+                legacy[key_id] = pin.file_digest(data)
+                continue
+            try:
+                keyfile.verify_mac(kdoc, kpath, ident)
+            except KeyFileCorruptError:
+                continue  # not ours: it fails at its own unwrap
+            pinned_before = True
+            if kdoc["identity_sealed"] and not sealed:
+                raise self._unsealed(ident, f"{kpath.name} records it sealed")
+        if pinned_before:
+            # Key files this identity MACed exist, so the pin was deleted: version 1 files appeared since the
+            # keystore was pinned (forged, or restored from an old copy) and are not upgraded.
+            legacy = {}
+            log.warning("%s: %s was missing; rewritten from the authenticated key files", self.path, pin.FILE_NAME)
+        ensure_private_dir(self.path)
+        write_private(pin_path, dump_document(pin.document(ident, sealed, legacy)))
+        if legacy:
+            self._upgrade_legacy(ident, sealed, legacy)
+
+    def _unsealed(self, ident: idmod.Identity, why: str) -> IdentityUnsealedError:
+        return IdentityUnsealedError(
+            keystore=str(self.path),
+            pinned=ident.fingerprint,
+            msg=f"{why}; someone who had the private key wrote it unsealed (restore the sealed identity.key)",
+        )
+
+    def _key_files(self) -> list[tuple[str, bytes, dict[str, Any], Path]]:
+        """Every key file that parses (version 1 or 2), with its bytes; damaged ones are skipped here (they
+        fail on their own when used)."""
+        out = []
+        for key_id in self._key_ids():
+            path = self._key_path(key_id)
+            try:
+                data = read_bounded(path)
+                out.append((key_id, data, keyfile.parse(data, path, key_id), path))
+            except (FileNotFoundError, KeystoreError):
+                continue
+        return out
+
+    def _upgrade_legacy(self, ident: idmod.Identity, sealed: bool, legacy: dict[str, str]) -> None:
+        """Re-wrap every version 1 key file the pin lists as version 2 (MACed), then drop it from the pin.
+
+        Crash-safe: each key file is replaced atomically, and the pin keeps listing a file until the pin is
+        rewritten after all of them; a listed file found already upgraded is skipped.  A version 1 file whose
+        bytes differ from the pinned digest is left alone (and refused when used)."""
+        for key_id, digest in sorted(legacy.items()):
+            try:
+                path = self._key_path(key_id)
+                data = read_bounded(path)
+                kdoc = keyfile.parse(data, path, key_id)
+            except (FileNotFoundError, KeystoreError, InvalidArgument):
+                continue
+            if kdoc["version"] != keyfile.VERSION_1 or pin.file_digest(data) != digest:
+                continue
+            try:
+                key = keyfile.unwrap_v1(kdoc, path, ident)
+            except KeyFileCorruptError as e:
+                log.warning("%s: not upgraded: %s", path, e)
+                continue
+            new = keyfile.wrap(
+                key_id,
+                kdoc["kem"],
+                ident,
+                key,
+                sealed=sealed,
+                commit_secret=crypto.new_commitment_secret(),
+                commitment_required=False,  # volumes of the version 1 era carry no commitment
+            )
+            write_private(path, dump_document(new))
+            log.info("%s: upgraded to key file version %d (authenticated)", path, keyfile.VERSION)
+        write_private(self._pin_path(), dump_document(pin.document(ident, sealed)))
 
     def _create_identity(self) -> idmod.Identity:
         pub_path = self.path / IDENTITY_PUB
-        if pub_path.exists() or any(self._key_ids()):
+        if pub_path.exists() or self._pin_path().exists() or any(self._key_ids()):
             raise IdentityNotFoundError(
                 keystore=str(self.path),
-                msg=f"{IDENTITY_KEY} is missing but {IDENTITY_PUB} or key files exist; restore {IDENTITY_KEY} "
-                "(a new identity would not unwrap the existing keys)",
+                msg=f"{IDENTITY_KEY} is missing but {IDENTITY_PUB}, {pin.FILE_NAME} or key files exist; restore "
+                f"{IDENTITY_KEY} (a new identity would not unwrap the existing keys)",
             )
         ensure_private_dir(self.path)
         ident = idmod.Identity.generate()
-        doc = idmod.private_document(ident, self._passphrase(), self.argon2_params)
+        passphrase = self._passphrase()
+        doc = idmod.private_document(ident, passphrase, self.argon2_params)
         try:
             write_private(self.path / IDENTITY_KEY, dump_document(doc), replace=False, key_id=IDENTITY_KEY)
         except KeyExistsError:
             # Another process created it first: use theirs.
             return self._open_identity(create=False)
+        self._sealed = bool(passphrase)
+        write_private(self._pin_path(), dump_document(pin.document(ident, self._sealed)))
         write_private(pub_path, dump_document(idmod.public_document(ident)))
         return ident
 
@@ -226,10 +362,28 @@ class PQCKeystore:
 
     # --- writing keys --------------------------------------------------------------------------------
 
-    def _store(self, key_id: str, key: bytes, meta: dict[str, Any], *, kem: str, replace: bool) -> None:
+    def _store(
+        self,
+        key_id: str,
+        key: bytes,
+        meta: dict[str, Any],
+        *,
+        kem: str,
+        replace: bool,
+        commit_secret: bytes | None = None,
+        commitment_required: bool = True,
+    ) -> None:
         ident = self._open_identity(create=True)
         meta = {**meta, "key_type": kem, "public_key_fingerprint": ident.fingerprint}
-        doc = keyfile.wrap(key_id, kem, ident, key)
+        doc = keyfile.wrap(
+            key_id,
+            kem,
+            ident,
+            key,
+            sealed=self._sealed,
+            commit_secret=commit_secret or crypto.new_commitment_secret(),
+            commitment_required=commitment_required,
+        )
         write_private(self._key_path(key_id), dump_document(doc), replace=replace, key_id=key_id)
         try:
             write_private(self._meta_path(key_id), dump_document(meta))
@@ -255,9 +409,91 @@ class PQCKeystore:
         return self._create(vm_name or volume_name, vm_name, crypto.HYBRID_KEM)
 
     def volume_key(self, key_id: str) -> bytes:
-        """Unwrap the key ``key_id`` (opening the identity, so possibly asking for the passphrase)."""
+        """Unwrap the key ``key_id`` (opening the identity, so possibly asking for the passphrase).  The key
+        file's MAC is checked first: a file the identity's holder did not write is refused."""
+        return self._unwrap(key_id).key
+
+    def _unwrap(self, key_id: str) -> keyfile.Unwrapped:
+        self._read_key_doc(key_id)  # KeyNotFoundError / a malformed file before the passphrase is asked for
+        ident = self._open_identity(create=False)  # checks the pin; upgrades pinned version 1 files
         doc, path = self._read_key_doc(key_id)
-        return keyfile.unwrap(doc, path, self._open_identity(create=False))
+        if doc["version"] == keyfile.VERSION_1:
+            raise KeyFileCorruptError(
+                path=str(path),
+                msg="a version 1 (unauthenticated) key file that this keystore did not hold when it was "
+                "pinned: forged, or restored from an old copy (restore the key with 'qwamos key import')",
+            )
+        got = keyfile.unwrap_full(doc, path, ident)
+        if doc["identity_sealed"] and not self._sealed:
+            raise self._unsealed(ident, f"{path.name} records it sealed")
+        return got
+
+    def verify_key(self, key_id: str) -> None:
+        """Check ``key_id`` completely without returning anything: the pin, the key file's MAC and its AEAD
+        (opens the identity, so may ask for the passphrase).  ``key show --verify``."""
+        self._unwrap(key_id)
+
+    def volume_commitment_secret(self, key_id: str) -> tuple[bytes, bool]:
+        """``(commit_secret, required)`` of ``key_id``, for the volume header's ``key_commitment`` feature
+        (docs/qvol-format.md): a secret that exists only inside the authenticated key file, so that knowing a
+        volume key is not enough to make a header that commits to it.  ``required``: every volume under the
+        key must carry the commitment (false for keys upgraded from version 1, whose volumes predate it)."""
+        got = self._unwrap(key_id)
+        assert got.commit_secret is not None
+        return got.commit_secret, got.commitment_required
+
+    def record_volume_use(self, key_id: str, volume_path: str, volume_uuid: str, vm_name: str) -> None:
+        """Remember that the volume at ``volume_path`` (absolute) uses ``key_id`` (written only when the record
+        changes).  Called by the volume layer on create and open; metadata, never authority (users.py)."""
+        path = self._users_path(key_id)
+        current = self._read_users(key_id)
+        new = users.with_volume(current, volume_path, volume_uuid, vm_name, metadata.now())
+        if new is not None:
+            write_private(path, dump_document(new))
+
+    def _users_path(self, key_id: str) -> Path:
+        return self.path / (keyfile.validate_key_id(key_id) + users.SUFFIX)
+
+    def _read_users(self, key_id: str) -> dict[str, Any]:
+        path = self._users_path(key_id)
+        try:
+            return users.parse(read_bounded(path), path, key_id)
+        except FileNotFoundError:
+            return users.empty(key_id)
+        except KeystoreError as e:
+            log.warning("%s: ignored: %s", path, e)
+            return users.empty(key_id)
+
+    def key_users(self, key_id: str) -> list[dict[str, Any]]:
+        """The recorded users of ``key_id``, each with ``state``: ``live`` (the file at ``path`` still is that
+        volume under that key) or ``stale`` (with ``reason``: gone, or now another volume)."""
+        out = []
+        for v in self._read_users(key_id)["volumes"]:
+            reason = _stale_reason(v["path"], v["volume_uuid"], key_id)
+            out.append({**v, "state": "stale" if reason else "live", **({"reason": reason} if reason else {})})
+        return out
+
+    def key_usage(self, key_id: str) -> dict[str, Any]:
+        """``{"state": active|superseded|retired, "successors": [...], "users": [...], "vms": [...]}``.
+
+        ``superseded``: a key made by rotating this one exists and live volumes still use this one;
+        ``retired``: superseded and no live volume uses it (safe to delete once exported); else ``active``."""
+        check_private_dir(self.path)
+        found = self.has_key(key_id)
+        if not found:
+            raise KeyNotFoundError(key_id=key_id, keystore=str(self.path))
+        recorded = self.key_users(key_id)
+        live = [u for u in recorded if u["state"] == "live"]
+        successors = []
+        for other in self._key_ids():
+            meta = None
+            with contextlib.suppress(KeystoreError):
+                meta = self._read_meta(other)
+            if meta is not None and meta.get("rotated_from") == key_id:
+                successors.append(other)
+        state = ACTIVE if not successors else (SUPERSEDED if live else RETIRED)
+        vms = sorted({u["vm_name"] for u in live if u["vm_name"]})
+        return {"state": state, "successors": successors, "users": recorded, "vms": vms}
 
     def discard_key(self, key_id: str) -> None:
         """Remove a key whose volume could not be created; a missing key is not an error."""
@@ -284,7 +520,9 @@ class PQCKeystore:
     def get_metadata(self, key_id: str) -> dict[str, Any]:
         """The spec's fields for ``key_id``.  ``key_type`` and ``public_key_fingerprint`` come from the
         ``.key`` file (what is actually used to unwrap) when the ``.meta`` copy disagrees or is missing."""
-        doc, _ = self._read_key_doc(key_id)
+        doc, path = self._read_key_doc(key_id)
+        if doc["version"] == keyfile.VERSION_1:
+            self._check_listed_legacy(key_id, path)
         meta = self._read_meta(key_id)
         out: dict[str, Any] = {name: None for name in metadata.SPEC_FIELDS}
         if meta is not None:
@@ -294,19 +532,49 @@ class PQCKeystore:
         out["public_key_fingerprint"] = doc["identity_fingerprint"]
         return out
 
+    def _check_listed_legacy(self, key_id: str, path: Path) -> None:
+        """Without the identity: a version 1 key file in a pinned keystore must be one the pin lists (by
+        digest) for upgrade; anything else is forged or restored from an old copy.  (The pin is read
+        unverified here; opening the identity verifies it.)"""
+        try:
+            doc = self._read_pin()
+        except KeystoreError:
+            return
+        if doc is None:
+            return
+        if doc["legacy_key_files"].get(key_id) != pin.file_digest(read_bounded(path)):
+            raise KeyFileCorruptError(
+                path=str(path),
+                msg="a version 1 (unauthenticated) key file that this keystore did not hold when it was pinned: "
+                "forged, or restored from an old copy (restore the key with 'qwamos key import')",
+            )
+
     def has_key(self, key_id: str) -> bool:
         """True if either of the key's files exists (even damaged: such a key can still be deleted)."""
         return self._key_path(key_id).exists() or self._meta_path(key_id).exists()
 
-    def delete_key(self, key_id: str) -> None:
-        """Overwrite the key's files with random bytes, fsync, unlink.  Irreversible without an export."""
-        if not self._remove(key_id):
+    def delete_key(self, key_id: str, *, force: bool = False) -> list[dict[str, Any]]:
+        """Overwrite the key's files with random bytes, fsync, unlink.  Irreversible without an export.
+
+        A key that live volumes use (``key_users``) is refused with :class:`KeyInUseError` naming them, unless
+        ``force``; stale records do not block.  Returns the live users, which are now unreadable."""
+        if not self.has_key(key_id):
             raise KeyNotFoundError(key_id=key_id, keystore=str(self.path))
+        live = [u for u in self.key_users(key_id) if u["state"] == "live"]
+        if live and not force:
+            raise KeyInUseError(
+                key_id=key_id,
+                users=describe_users(live),
+                consequence=", ".join(u["path"] for u in live),
+            )
+        self._remove(key_id)
+        return live
 
     def _remove(self, key_id: str) -> bool:
         check_private_dir(self.path)
         removed = overwrite_and_unlink(self._key_path(key_id))
         removed = overwrite_and_unlink(self._meta_path(key_id)) or removed
+        overwrite_and_unlink(self._users_path(key_id))
         return removed
 
     def rotate_key(self, old_id: str) -> str:
@@ -328,13 +596,16 @@ class PQCKeystore:
 
     def export_key(self, key_id: str, passphrase: bytes) -> bytes:
         """A recovery document for ``key_id`` sealed with ``passphrase`` (independent of the identity)."""
-        key = self.volume_key(key_id)
+        got = self._unwrap(key_id)
         meta = self.get_metadata(key_id)
-        return recovery.export_document(key_id, key, meta, passphrase, self.argon2_params)
+        assert got.commit_secret is not None
+        return recovery.export_document(
+            key_id, got.key, got.commit_secret, got.commitment_required, meta, passphrase, self.argon2_params
+        )
 
     def import_key(self, data: bytes, passphrase: bytes, *, overwrite: bool = False) -> str:
         """Store the key from a recovery document, wrapped to this keystore's identity; its id."""
-        key_id, key, old = recovery.import_document(data, passphrase)
+        key_id, key, commit, required, old = recovery.import_document(data, passphrase)
         if not overwrite and self._key_path(key_id).exists():
             raise KeyExistsError(key_id=key_id)
         meta = metadata.build(
@@ -347,8 +618,39 @@ class PQCKeystore:
             rotation_count=_count(old.get("rotation_count")),
             rotated_from=_text(old.get("rotated_from")),
         )
-        self._store(key_id, key, meta, kem=crypto.HYBRID_KEM, replace=overwrite)
+        self._store(
+            key_id,
+            key,
+            meta,
+            kem=crypto.HYBRID_KEM,
+            replace=overwrite,
+            commit_secret=commit,
+            commitment_required=required,
+        )
         return key_id
+
+
+def describe_users(live: list[dict[str, Any]]) -> str:
+    """``volume PATH (VM vm)`` for each user, for messages."""
+    return ", ".join(f"volume {u['path']}" + (f" (VM {u['vm_name']})" if u["vm_name"] else "") for u in live)
+
+
+def _stale_reason(path: str, volume_uuid: str, key_id: str) -> str | None:
+    """Why a usage record no longer holds (None when the file at ``path`` is still that volume, judged by its
+    unauthenticated header: records are metadata, and a wrong guess here only changes what is listed)."""
+    from qwamos.volume.header_store import read_header
+
+    if not os.path.lexists(path):
+        return "the volume file is gone"
+    try:
+        fields = read_header(path)
+    except (QwamosError, OSError) as e:
+        return f"not a readable volume any more ({type(e).__name__})"
+    if fields.get("volume_uuid") != volume_uuid:
+        return f"the file now holds another volume ({fields.get('volume_uuid')})"
+    if fields.get("key_id") != key_id:
+        return f"the volume now uses key {fields.get('key_id')}"
+    return None
 
 
 def _text(value: object) -> str | None:

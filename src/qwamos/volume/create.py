@@ -12,6 +12,7 @@ from qwamos import crypto
 from qwamos.errors import InvalidArgument
 from qwamos.volume import header as hdr
 from qwamos.volume.header import BLOCK_SIZE, Header
+from qwamos.volume.keys import key_commitment
 
 MIB = 1024 * 1024
 
@@ -44,10 +45,24 @@ def check_arguments(name: str, vm_name: str, size: int, epoch_limit: int | None)
 
 
 def new_header(
-    name: str, vm_name: str, key_id: str, algorithm: str, total: int, size: int, epoch_limit: int
+    name: str,
+    vm_name: str,
+    key_id: str,
+    algorithm: str,
+    total: int,
+    size: int,
+    epoch_limit: int,
+    *,
+    volume_key: bytes | None = None,
+    commit_secret: bytes | None = None,
 ) -> Header:
-    """The header of a volume about to be created: a fresh UUID, epoch 0, nothing reserved."""
+    """The header of a volume about to be created: a fresh UUID, epoch 0, nothing reserved; with a
+    ``commit_secret`` (from the key provider) the ``key_commitment`` feature committing to ``volume_key``."""
     uuid = crypto.new_uuid()  # shaped as a version-4 UUID; 122 random bits
+    features: dict = {}
+    if commit_secret is not None and volume_key is not None:
+        value = key_commitment(commit_secret, volume_key, uuid, key_id).hex()
+        features[hdr.KEY_COMMITMENT] = {"compat": hdr.INCOMPAT, "commitment": value}
     return Header(
         volume_uuid=uuid.hex(),
         name=name,
@@ -58,4 +73,5 @@ def new_header(
         size_bytes=size,
         created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         epoch_limit=epoch_limit,
+        features=features,
     )

@@ -90,7 +90,8 @@ COMPAT_CLASSES = (COMPAT, RO_COMPAT, INCOMPAT)
 # Features this version implements.  Names reserved for other work, with the class they are meant to have, are
 # listed in docs/qvol-format.md ("Features"); until one is implemented here a volume using it follows the
 # rules of its class like any unknown feature.
-KNOWN_FEATURES: frozenset[str] = frozenset()
+KEY_COMMITMENT = "key_commitment"  # docs/qvol-format.md 2.5.1: the header commits to its key
+KNOWN_FEATURES: frozenset[str] = frozenset({KEY_COMMITMENT})
 
 _UUID_RE = re.compile(r"[0-9a-f]{32}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -306,6 +307,13 @@ def _features(v: Any) -> dict[str, Any]:
             raise ValueError(f"feature name {name!r} is not [a-z][a-z0-9_]{{0,31}}")
         if not isinstance(spec, dict) or spec.get("compat") not in COMPAT_CLASSES:
             raise ValueError(f"feature {name!r} must be an object with compat in {list(COMPAT_CLASSES)}")
+        if name == KEY_COMMITMENT and (
+            set(spec) != {"compat", "commitment"}
+            or spec["compat"] != INCOMPAT
+            or not isinstance(spec["commitment"], str)
+            or not _SHA256_RE.fullmatch(spec["commitment"])
+        ):
+            raise ValueError(f"feature {name!r} must be {{compat: incompat, commitment: 64 lowercase hex}}")
     return v
 
 

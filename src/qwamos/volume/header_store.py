@@ -32,6 +32,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from qwamos import crypto
 from qwamos.errors import (
     HeaderCorruptError,
     KeystoreError,
@@ -44,7 +45,7 @@ from qwamos.errors import (
 from qwamos.storage import Storage, open_storage
 from qwamos.volume import header as hdr
 from qwamos.volume.header import HEADER_SIZE, Header
-from qwamos.volume.keys import KeyProvider, check_volume_key, header_mac_key
+from qwamos.volume.keys import KeyProvider, check_volume_key, header_mac_key, key_commitment
 
 log = logging.getLogger("qwamos.volume")
 
@@ -113,7 +114,13 @@ def _pread(storage: Storage, offset: int, size: int) -> bytes:
     return storage.read(offset, size)
 
 
-def _judge(path: str, cand: Candidate, keys: dict[str, bytes], provider: KeyProvider) -> None:
+def _judge(
+    path: str,
+    cand: Candidate,
+    keys: dict[str, bytes],
+    provider: KeyProvider,
+    commits: dict[str, tuple[bytes, bool]] | None = None,
+) -> None:
     """Fill ``cand.header`` (valid) or ``cand.error`` (why not).  Key lookups are cached per key id."""
     try:
         fields = hdr.parse_unverified(path, cand.data)
@@ -128,9 +135,40 @@ def _judge(path: str, cand: Candidate, keys: dict[str, bytes], provider: KeyProv
             raise HeaderCorruptError(
                 path=path, msg=f"a header copy at offset {cand.offset} that belongs elsewhere"
             )
+        check_commitment(path, header, key, provider, {} if commits is None else commits)
         cand.header, cand.key = header, key
     except (QwamosError, TypeError) as e:
         cand.error = e if isinstance(e, QwamosError) else HeaderCorruptError(path=path, msg=str(e))
+
+
+def check_commitment(
+    path: str, header: Header, key: bytes, provider: KeyProvider, cache: dict[str, tuple[bytes, bool]]
+) -> None:
+    """The ``key_commitment`` feature (docs/qvol-format.md 2.5.1), when the provider can check it: the header
+    must commit to its key under the key's commitment secret, and must carry the commitment when the key
+    file requires it.  A bare-key provider (no ``volume_commitment_secret``) trusts whoever handed it the key."""
+    lookup = getattr(provider, "volume_commitment_secret", None)
+    if lookup is None:
+        return
+    if header.key_id not in cache:
+        secret, required = lookup(header.key_id)
+        cache[header.key_id] = (bytes(secret), bool(required))
+    secret, required = cache[header.key_id]
+    feature = header.features.get(hdr.KEY_COMMITMENT)
+    if feature is None:
+        if required:
+            raise HeaderCorruptError(
+                path=path,
+                msg=f"the header carries no key commitment, but every volume under key {header.key_id} must "
+                "(the volume was not made with this keystore's key)",
+            )
+        return
+    expected = key_commitment(secret, key, header.uuid_bytes, header.key_id).hex()
+    if not crypto.constant_time_eq(expected.encode(), feature["commitment"].encode()):
+        raise HeaderCorruptError(
+            path=path,
+            msg=f"key commitment failed: the header was not made with this keystore's key file {header.key_id}",
+        )
 
 
 def _b_hints(a_data: bytes, size: int) -> list[int]:
@@ -158,14 +196,15 @@ def load(path: str, storage: Storage, provider: KeyProvider) -> Loaded:
     """
     size = storage.size()
     keys: dict[str, bytes] = {}
+    commits: dict[str, tuple[bytes, bool]] = {}
     a = Candidate(0, _pread(storage, 0, HEADER_SIZE))
-    _judge(path, a, keys, provider)
+    _judge(path, a, keys, provider, commits)
     bs: list[Candidate] = []
     for off in _b_hints(a.data, size):
         data = _pread(storage, off, HEADER_SIZE)
         if len(data) == HEADER_SIZE and hdr.looks_like_header(data):
             bs.append(Candidate(off, data))
-            _judge(path, bs[-1], keys, provider)
+            _judge(path, bs[-1], keys, provider, commits)
     valid = [c for c in [a, *bs] if c.header is not None]
     for c in [a, *bs]:
         if isinstance(c.error, UnsupportedVersionError):

@@ -10,6 +10,16 @@ volumes that somehow shared K still get unrelated subkeys:
 * ``data_key(e)    = HKDF(K, salt=uuid, info=b"qwamos/qvol/v1/data-epoch" || u16be(e))``
 
 A new epoch means a new data key; that is how the volume rekeys before a key's nonce budget runs out.
+
+A provider may offer two extras, looked up with ``getattr`` (a bare-key provider, such as a dict or the
+export's key handed over a pipe, has neither):
+
+* ``volume_commitment_secret(key_id) -> (secret, required)``: the key's commitment secret, which lives only
+  inside the authenticated key file.  New volumes then carry the header feature ``key_commitment`` =
+  :func:`key_commitment`, checked at every open through such a provider; a header without it is refused when
+  ``required``.  Knowing the volume key is thus not enough to make a header the keystore accepts.
+* ``record_volume_use(key_id, path, volume_uuid, vm_name)``: the keystore's usage records (``key delete``
+  refuses a key in use).  Metadata only: a failure is logged and ignored.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from qwamos import crypto
 HEADER_MAC_INFO = b"qwamos/qvol/v1/header-mac"
 HEADER_MAC_INFO_V2 = b"qwamos/qvol/v2/header-mac"
 METADATA_INFO = b"qwamos/qvol/v2/metadata"
+KEY_COMMITMENT_LABEL = b"qwamos/qvol/v2/key-commitment"
 DATA_KEY_INFO = b"qwamos/qvol/v1/data-epoch"
 MAX_EPOCH = 0xFFFF
 
@@ -48,6 +59,14 @@ def check_volume_key(key: object) -> bytes:
     if not isinstance(key, bytes | bytearray) or len(key) != crypto.KEY_SIZE:
         raise TypeError(f"the key provider returned something other than {crypto.KEY_SIZE} key bytes")
     return bytes(key)
+
+
+def key_commitment(commit_secret: bytes, volume_key: bytes, uuid: bytes, key_id: str) -> bytes:
+    """The ``key_commitment`` feature's value: ``HMAC-SHA256(commit_secret, "qwamos/qvol/v2/key-commitment" ||
+    uuid (16) || SHA-256(volume_key) || key_id (UTF-8))`` (fixed-length parts first, so unambiguous)."""
+    return crypto.hmac_sha256(
+        commit_secret, KEY_COMMITMENT_LABEL + uuid + crypto.sha256(volume_key) + key_id.encode("utf-8")
+    )
 
 
 def header_mac_key(volume_key: bytes, uuid: bytes, version: int = 1) -> bytes:

@@ -22,6 +22,7 @@ correct (they share the scratch buffers).  Writers and readers in other processe
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import weakref
 from typing import Any
@@ -30,6 +31,7 @@ from qwamos import crypto
 from qwamos.errors import (
     BlockRangeError,
     InvalidArgument,
+    QwamosError,
     ReadOnlyVolumeError,
     VolumeClosedError,
     VolumeExistsError,
@@ -50,6 +52,21 @@ __all__ = ["PQCVolume", "UnverifiedHeader", "read_header"]
 
 _ZERO_BYTES = bytes(BLOCK_SIZE)
 _ZERO_MV = memoryview(_ZERO_BYTES)
+
+
+log = logging.getLogger("qwamos.volume")
+
+
+def _record_use(provider: KeyProvider, path: str, header: Header) -> None:
+    """Tell a provider that keeps usage records (the keystore: ``key delete`` refuses a key in use) that this
+    volume uses its key.  Records are metadata: a failure is logged, never fails the create or open."""
+    record = getattr(provider, "record_volume_use", None)
+    if record is None:
+        return
+    try:
+        record(header.key_id, os.path.abspath(path), header.volume_uuid, header.vm_name)
+    except (QwamosError, OSError) as e:
+        log.warning("%s: the key's usage record was not updated: %s", path, e)
 
 
 class PQCVolume:
@@ -113,7 +130,11 @@ class PQCVolume:
             key = check_volume_key(key)
             if not isinstance(key_id, str) or not 1 <= len(key_id) <= creation.hdr.MAX_NAME_LEN:
                 raise InvalidArgument(f"the key provider returned an unusable key id {key_id!r}")
-            header = creation.new_header(name, vm_name, key_id, alg, total, size, limit)
+            commit_lookup = getattr(provider, "volume_commitment_secret", None)
+            commit_secret = bytes(commit_lookup(key_id)[0]) if commit_lookup is not None else None
+            header = creation.new_header(
+                name, vm_name, key_id, alg, total, size, limit, volume_key=key, commit_secret=commit_secret
+            )
             storage = pending.storage
             storage.resize(header.file_size)  # sparse: a volume of any size costs its header pages
             for offset, blob in initial_copies(header, key):
@@ -128,6 +149,7 @@ class PQCVolume:
             if isinstance(e, OSError):
                 raise os_error(self.path, e, "cannot create") from None
             raise
+        _record_use(provider, self.path, header)
         return key_id
 
     def open(self) -> PQCVolume:
@@ -151,6 +173,7 @@ class PQCVolume:
         except BaseException:
             storage.close()
             raise
+        _record_use(provider, self.path, header)
         self._storage = storage
         self._header = header
         self._store = store

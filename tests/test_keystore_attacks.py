@@ -1,0 +1,259 @@
+"""The storage tamperer's attacks of issue 10 on the keystore, performed as the attacker would, through the
+real CLI: a forged key file, a swapped identity, deleting a key in use, a volume made by someone who knows
+only the volume key.  docs/threat-model.md names these tests in its "cannot" rows.
+
+The attacker has write access to the keystore directory and the disk and holds ``identity.pub`` only: no
+``identity.key`` contents, no passphrase.  The victim's keystore is sealed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MemoryKeys
+from qwamos import crypto
+from qwamos.cli.main import main
+from qwamos.errors import HeaderCorruptError, IdentityChangedError, IdentityUnsealedError, KeyInUseError
+from qwamos.keystore import Argon2Params, PQCKeystore
+from qwamos.keystore.files import canonical_json
+from qwamos.keystore.identity import Identity, private_document
+from qwamos.volume import PQCVolume
+
+QWAMOS = Path(sys.executable).parent / "qwamos"
+CHEAP = Argon2Params(memory_kib=8, iterations=1, lanes=1)
+VICTIM_PASS = "victim passphrase"
+SECRET = b"the victim's secret data " * 100
+ATTACKER_KEY = bytes(range(100, 132))
+ATTACKER_DATA = b"attacker-chosen contents " * 100
+
+
+@pytest.fixture
+def victim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A sealed keystore with one VM volume holding secret data, made through the CLI."""
+    for name in ("QWAMOS_PASSPHRASE", "QWAMOS_KEYSTORE", "QWAMOS_ROOT", "QWAMOS_RECOVERY_PASSPHRASE"):
+        monkeypatch.delenv(name, raising=False)
+    ks_dir = tmp_path / "ks"
+    monkeypatch.setenv("QWAMOS_KEYSTORE", str(ks_dir))
+    PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode(), argon2_params=CHEAP).init_identity()
+    vol = tmp_path / "vms" / "web" / "disk.qvol"
+    vol.parent.mkdir(parents=True)
+    monkeypatch.setenv("QWAMOS_PASSPHRASE", VICTIM_PASS)
+    assert main(["volume", "create", str(vol), "--size", "1M", "--vm", "web", "--json"]) == 0
+    monkeypatch.delenv("QWAMOS_PASSPHRASE")
+    ks = PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode())
+    key_id = ks.list_keys()[0]["key_id"]
+    with PQCVolume(vol, keystore=ks) as v:
+        v.write(0, SECRET)
+    return {"ks": ks_dir, "vol": vol, "key_id": key_id, "tmp": tmp_path}
+
+
+def _public(ks_dir: Path) -> tuple[bytes, str]:
+    doc = json.loads((ks_dir / "identity.pub").read_text())
+    return base64.b64decode(doc["public_key"]), doc["fingerprint"]
+
+
+def forge_key_file(ks_dir: Path, key_id: str, key: bytes, *, version: int) -> None:
+    """What the attacker writes with identity.pub alone: a KEM ciphertext and AEAD around a key of their
+    choice.  Version 2 needs a MAC under the identity's auth key, which they cannot compute: they try a
+    MAC under a key of their own."""
+    public, fp = _public(ks_dir)
+    ss, ct = crypto.kem_encapsulate(crypto.HYBRID_KEM, public)
+    nonce = bytes(12)
+    doc: dict = {"format": "qwamos-volume-key", "version": version, "key_id": key_id, "kem": crypto.HYBRID_KEM}
+    doc["identity_fingerprint"] = fp
+    secret = key
+    if version == 2:
+        doc.update(identity_sealed=True, commitment_required=False)
+        secret = key + bytes(32)
+    doc.update(kem_ciphertext=base64.b64encode(ct).decode(), nonce=base64.b64encode(nonce).decode())
+    wrap_key = crypto.hkdf_sha256(ss, salt=b"", info=b"qwamos/keystore/v1/wrap")
+    aad = canonical_json({k: v for k, v in doc.items()})
+    doc["wrapped_key"] = base64.b64encode(crypto.Aead(crypto.CHACHA20_POLY1305, wrap_key).seal(nonce, secret, aad))
+    doc["wrapped_key"] = doc["wrapped_key"].decode()
+    if version == 2:
+        own = crypto.hkdf_sha256(b"attacker's own secret", salt=b"", info=b"qwamos/keystore/v2/auth")
+        doc["mac"] = base64.b64encode(crypto.hmac_sha256(own, canonical_json(doc))).decode()
+    (ks_dir / f"{key_id}.key").write_text(json.dumps(doc, indent=2))
+
+
+def replace_volume(vol: Path, key_id: str, key: bytes, data: bytes) -> None:
+    """The attacker's own volume under ``key``, with the victim's key id in its header, put in place."""
+
+    class Attacker(MemoryKeys):
+        def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
+            self.keys[key_id] = key
+            return key_id, key
+
+    fake = vol.with_name("forged.qvol")
+    keys = Attacker()
+    PQCVolume(fake, keystore=keys).create("disk", vm_name="web", size_mb=1)
+    with PQCVolume(fake, keystore=keys) as v:
+        v.write(0, data)
+    os.replace(fake, vol)
+
+
+def _victim_cli(capsys, monkeypatch, *argv: str) -> tuple[int, str]:
+    monkeypatch.setenv("QWAMOS_PASSPHRASE", VICTIM_PASS)
+    rc = main(list(argv))
+    monkeypatch.delenv("QWAMOS_PASSPHRASE")
+    out, err = capsys.readouterr()
+    return rc, out + err
+
+
+def _serve(vol: Path, sock: Path, ks_dir: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QWAMOS_")}
+    env.update(QWAMOS_KEYSTORE=str(ks_dir), QWAMOS_PASSPHRASE=VICTIM_PASS)
+    # A served forged volume would run until the timeout kills it: the test then fails, as it should.
+    return subprocess.run(
+        [str(QWAMOS), "volume", "serve", str(vol), "--socket", str(sock)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("version", [1, 2], ids=["v1-unauthenticated", "v2-wrong-mac"])
+def test_forged_key_file_and_volume_are_refused_by_every_command(victim, capsys, monkeypatch, short_dir, version):
+    ks_dir, vol, key_id = victim["ks"], victim["vol"], victim["key_id"]
+    forge_key_file(ks_dir, key_id, ATTACKER_KEY, version=version)
+    replace_volume(vol, key_id, ATTACKER_KEY, ATTACKER_DATA)
+    why = "did not hold when it was pinned" if version == 1 else "MAC check failed"
+    for argv in (["volume", "info", str(vol)], ["volume", "check", str(vol)], ["key", "show", key_id]):
+        rc, text = _victim_cli(capsys, monkeypatch, *argv)
+        assert rc == 23 and why in text, (argv, rc, text)
+    # key show without any passphrase (sealed identity): a version 1 forgery is still refused, by the pin
+    rc = main(["key", "show", key_id])
+    text = capsys.readouterr().err
+    if version == 1:
+        assert rc == 23 and why in text
+    proc = _serve(vol, short_dir / "s.sock", ks_dir)
+    assert proc.returncode == 23 and why in proc.stderr, proc.stderr
+    assert not (short_dir / "s.sock").exists()
+    # and through the library: no key comes out
+    with pytest.raises(Exception, match=why):
+        PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode()).volume_key(key_id)
+
+
+def test_knowing_the_volume_key_is_not_enough_to_forge_a_volume(victim, capsys, monkeypatch):
+    """Someone who learned the volume key (a recovery copy, a leaked process) but not the key file's
+    commitment secret makes a volume with the victim's key id and key: the header does not commit."""
+    ks_dir, vol, key_id = victim["ks"], victim["vol"], victim["key_id"]
+    ks = PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode())
+    key = ks.volume_key(key_id)
+    replace_volume(vol, key_id, key, ATTACKER_DATA)
+    with pytest.raises(HeaderCorruptError, match="carries no key commitment"):
+        PQCVolume(vol, keystore=ks, read_only=True).open()
+    rc, text = _victim_cli(capsys, monkeypatch, "volume", "info", str(vol))
+    assert rc == 12 and "no key commitment" in text
+
+
+def test_identity_swap_unsealed_over_sealed_is_refused(victim, capsys, monkeypatch):
+    ks_dir, vol = victim["ks"], victim["vol"]
+    attacker_dir = victim["tmp"] / "attacker"
+    PQCKeystore(attacker_dir, passphrase=b"", argon2_params=CHEAP).init_identity()  # unsealed
+    for name in ("identity.key", "identity.pub"):
+        shutil.copy(attacker_dir / name, ks_dir / name)
+    before = sorted(os.listdir(ks_dir))
+    new_vol = vol.with_name("second.qvol")
+    # no passphrase: the attacker's unsealed identity would need none, yet nothing is wrapped to it
+    rc = main(["volume", "create", str(new_vol), "--size", "1M", "--vm", "web"])
+    err = capsys.readouterr().err
+    assert rc == 27 and "pinned to identity" in err and "identity.key was replaced" in err, err
+    assert not new_vol.exists() and sorted(os.listdir(ks_dir)) == before
+    # with the victim's passphrase given, as a victim would: the same refusal
+    rc, text = _victim_cli(capsys, monkeypatch, "volume", "create", str(new_vol), "--size", "1M")
+    assert rc == 27 and not new_vol.exists(), text
+    rc, text = _victim_cli(capsys, monkeypatch, "volume", "info", str(vol))
+    assert rc == 27, text
+    # the pin deleted as well: the key files (MACed by the real identity) still name it
+    (ks_dir / "identity.pin").unlink()
+    with pytest.raises(IdentityChangedError, match="is bound to it"):
+        PQCKeystore(ks_dir).new_volume_key("web", "third")
+    assert not (ks_dir / "identity.pin").exists()
+
+
+def test_identity_swap_to_a_sealed_attacker_identity_is_refused_before_the_passphrase(victim):
+    ks_dir = victim["ks"]
+    attacker_dir = victim["tmp"] / "attacker"
+    PQCKeystore(attacker_dir, passphrase=b"attacker", argon2_params=CHEAP).init_identity()
+    shutil.copy(attacker_dir / "identity.key", ks_dir / "identity.key")
+    asked = []
+
+    def passphrase() -> bytes:
+        asked.append(1)
+        return VICTIM_PASS.encode()
+
+    with pytest.raises(IdentityChangedError):
+        PQCKeystore(ks_dir, passphrase=passphrase).volume_key(victim["key_id"])
+    assert asked == []  # the victim's passphrase is never offered to the attacker's identity
+
+
+def test_the_same_identity_rewritten_unsealed_is_refused(victim):
+    """Someone who had the private key writes it back unsealed: the pin remembers it was sealed."""
+    ks_dir = victim["ks"]
+    ks = PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode())
+    ident = ks._open_identity(create=False)
+    doc = private_document(Identity.from_private(ident.private), None, CHEAP)
+    (ks_dir / "identity.key").write_text(json.dumps(doc))
+    with pytest.raises(IdentityUnsealedError, match=r"identity\.pin records it sealed"):
+        PQCKeystore(ks_dir).volume_key(victim["key_id"])
+    (ks_dir / "identity.pin").unlink()  # and without the pin, the key files remember
+    with pytest.raises(IdentityUnsealedError, match="records it sealed"):
+        PQCKeystore(ks_dir).volume_key(victim["key_id"])
+
+
+def test_deleting_a_key_in_use_is_refused_and_names_its_users(victim, capsys):
+    ks_dir, vol, key_id = victim["ks"], victim["vol"], victim["key_id"]
+    rc = main(["key", "delete", key_id, "--yes"])
+    err = capsys.readouterr().err
+    assert rc == 28 and str(vol) in err and "VM web" in err, err
+    assert (ks_dir / f"{key_id}.key").exists()
+    with PQCVolume(vol, keystore=PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode())) as v:
+        assert v.read(0, len(SECRET)) == SECRET
+    assert main(["key", "list", "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["state"] == "active" and listed["vms"] == ["web"]
+    assert [(u["path"], u["state"]) for u in listed["users"]] == [(str(vol), "live")]
+    assert main(["key", "show", key_id]) == 0
+    assert f"live: {vol}" in capsys.readouterr().out
+    with pytest.raises(KeyInUseError):
+        PQCKeystore(ks_dir).delete_key(key_id)
+    # --force deletes and says what became unreadable
+    rc = main(["key", "delete", key_id, "--yes", "--force"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "now unreadable" in err and str(vol) in err
+    assert not (ks_dir / f"{key_id}.key").exists() and not (ks_dir / f"{key_id}.users").exists()
+
+
+def test_stale_records_are_listed_and_do_not_block(victim, capsys):
+    ks_dir, vol, key_id = victim["ks"], victim["vol"], victim["key_id"]
+    moved = vol.with_name("moved.qvol")
+    os.rename(vol, moved)
+    usage = PQCKeystore(ks_dir).key_usage(key_id)
+    assert [(u["state"], u["reason"]) for u in usage["users"]] == [("stale", "the volume file is gone")]
+    # opened at its new place, the volume is recorded there
+    with PQCVolume(moved, keystore=PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode()), read_only=True):
+        pass
+    states = {u["path"]: u["state"] for u in PQCKeystore(ks_dir).key_users(key_id)}
+    assert states == {str(vol): "stale", str(moved): "live"}
+    moved.unlink()
+    assert main(["key", "delete", key_id, "--yes"]) == 0
+
+
+def test_rotation_states(victim):
+    ks_dir, key_id = victim["ks"], victim["key_id"]
+    ks = PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode(), argon2_params=CHEAP)
+    new_id = ks.rotate_key(key_id)
+    assert ks.key_usage(key_id)["state"] == "superseded" and ks.key_usage(key_id)["successors"] == [new_id]
+    assert ks.key_usage(new_id)["state"] == "active"
+    victim["vol"].unlink()
+    assert ks.key_usage(key_id)["state"] == "retired"
