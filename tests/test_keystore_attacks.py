@@ -238,14 +238,19 @@ def test_stale_records_are_listed_and_do_not_block(victim, capsys):
     ks_dir, vol, key_id = victim["ks"], victim["vol"], victim["key_id"]
     moved = vol.with_name("moved.qvol")
     os.rename(vol, moved)
-    usage = PQCKeystore(ks_dir).key_usage(key_id)
-    assert [(u["state"], u["reason"]) for u in usage["users"]] == [("stale", "the volume file is gone")]
-    # opened at its new place, the volume is recorded there
-    with PQCVolume(moved, keystore=PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode()), read_only=True):
+    # renamed within its directory (as migration places its .partial file): found by its UUID, still live
+    (user,) = PQCKeystore(ks_dir).key_users(key_id)
+    assert (user["path"], user["recorded_path"], user["state"]) == (str(moved), str(vol), "live")
+    assert main(["key", "delete", key_id, "--yes"]) == 28
+    # opened for writing at its new place, the volume is recorded there
+    with PQCVolume(moved, keystore=PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode())):
         pass
-    states = {u["path"]: u["state"] for u in PQCKeystore(ks_dir).key_users(key_id)}
-    assert states == {str(vol): "stale", str(moved): "live"}
+    assert [u["path"] for u in PQCKeystore(ks_dir).key_users(key_id)] == [str(moved)]
     moved.unlink()
+    usage = PQCKeystore(ks_dir).key_usage(key_id)
+    assert {u["state"] for u in usage["users"]} == {"stale"} and usage["vms"] == []
+    assert all(u["reason"] == "the volume file is gone" for u in usage["users"])
+    capsys.readouterr()
     assert main(["key", "delete", key_id, "--yes"]) == 0
 
 

@@ -466,12 +466,20 @@ class PQCKeystore:
 
     def key_users(self, key_id: str) -> list[dict[str, Any]]:
         """The recorded users of ``key_id``, each with ``state``: ``live`` (the file at ``path`` still is that
-        volume under that key) or ``stale`` (with ``reason``: gone, or now another volume)."""
-        out = []
+        volume under that key) or ``stale`` (with ``reason``: gone, or now another volume).  A volume renamed
+        within its directory (migration places ``.disk.qvol.partial`` as ``disk.qvol``) is found there by its
+        UUID: then ``path`` is where it is now and ``recorded_path`` where it was recorded."""
+        out: dict[str, dict[str, Any]] = {}
         for v in self._read_users(key_id)["volumes"]:
             reason = _stale_reason(v["path"], v["volume_uuid"], key_id)
-            out.append({**v, "state": "stale" if reason else "live", **({"reason": reason} if reason else {})})
-        return out
+            entry = {**v, "state": "stale" if reason else "live", **({"reason": reason} if reason else {})}
+            if reason and not os.path.lexists(v["path"]):
+                moved = _find_by_uuid(os.path.dirname(v["path"]), v["volume_uuid"], key_id)
+                if moved is not None:
+                    entry = {**v, "path": moved, "recorded_path": v["path"], "state": "live"}
+            if entry["path"] not in out or out[entry["path"]]["state"] != "live":
+                out[entry["path"]] = entry
+        return sorted(out.values(), key=lambda u: u["path"])
 
     def key_usage(self, key_id: str) -> dict[str, Any]:
         """``{"state": active|superseded|retired, "successors": [...], "users": [...], "vms": [...]}``.
@@ -633,6 +641,21 @@ class PQCKeystore:
 def describe_users(live: list[dict[str, Any]]) -> str:
     """``volume PATH (VM vm)`` for each user, for messages."""
     return ", ".join(f"volume {u['path']}" + (f" (VM {u['vm_name']})" if u["vm_name"] else "") for u in live)
+
+
+def _find_by_uuid(directory: str, volume_uuid: str, key_id: str) -> str | None:
+    """A ``*.qvol`` file in ``directory`` that is the volume ``volume_uuid`` under ``key_id`` (by its
+    unauthenticated header), or None."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return None
+    for name in names[:4096]:
+        if name.endswith(".qvol"):
+            path = os.path.join(directory, name)
+            if os.path.isfile(path) and _stale_reason(path, volume_uuid, key_id) is None:
+                return path
+    return None
 
 
 def _stale_reason(path: str, volume_uuid: str, key_id: str) -> str | None:

@@ -59,7 +59,8 @@ log = logging.getLogger("qwamos.volume")
 
 def _record_use(provider: KeyProvider, path: str, header: Header) -> None:
     """Tell a provider that keeps usage records (the keystore: ``key delete`` refuses a key in use) that this
-    volume uses its key.  Records are metadata: a failure is logged, never fails the create or open."""
+    volume uses its key; on create and on writable opens (a VM's export, migration, repair), not on reads.
+    Records are metadata: a failure is logged, never fails the create or open."""
     record = getattr(provider, "record_volume_use", None)
     if record is None:
         return
@@ -173,7 +174,8 @@ class PQCVolume:
         except BaseException:
             storage.close()
             raise
-        _record_use(provider, self.path, header)
+        if not self._read_only:
+            _record_use(provider, self.path, header)  # reads leave the keystore as it was, too
         self._storage = storage
         self._header = header
         self._store = store
