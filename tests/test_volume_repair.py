@@ -161,6 +161,15 @@ def test_repair_reports_and_zeroes_bad_blocks(vol, keys):
             assert v.read(i * 4096, 4096) == (bytes(4096) if i in (2, 9, 17) else _expect(i))
 
 
+def test_copy_a_damaged_and_copy_b_cut_off_says_so(vol, keys):
+    write_at(vol.path, 4095, b"\x00")  # copy A's MAC
+    _cut(vol.path, _slots_end() + 100)  # every slot there, copy B gone
+    with pytest.raises(HeaderCorruptError, match=r"A: failed authentication.*B: past the end of the file"):
+        PQCVolume(vol.path, keystore=keys, read_only=True).open()
+    with pytest.raises(HeaderCorruptError, match="nothing to repair from"):
+        repair(vol.path, keys)
+
+
 def test_repair_with_both_copies_damaged_refuses(vol, keys):
     write_at(vol.path, 0, bytes(4096))
     write_at(vol.path, os.path.getsize(vol.path) - 100, b"x" * 100)

@@ -211,17 +211,23 @@ def load(path: str, storage: Storage, provider: KeyProvider) -> Loaded:
             raise c.error  # written by a newer qwamos: never fall back to an older copy of our own
     if not valid:
         b_errors = [c.error for c in bs if c.error is not None]
+        a_text = "missing" if isinstance(a.error, TruncatedVolumeError) else _text(a.error)
         if not b_errors:
-            raise a.error  # type: ignore[misc]
-        for e in [a.error, *b_errors]:
-            if isinstance(e, KeystoreError):
-                raise e
-        a_text = (
-            "missing" if isinstance(a.error, TruncatedVolumeError) else str(a.error.kwargs.get("msg") or a.error)
-        )
+            claimed = _claimed_b(a.data)
+            if claimed is None or not isinstance(a.error, HeaderCorruptError):
+                raise a.error  # type: ignore[misc]  # v1, not a volume, no key: as before
+            where = (
+                "past the end of the file" if size < claimed + HEADER_SIZE else f"no header at offset {claimed}"
+            )
+            b_text = where
+        else:
+            for e in [a.error, *b_errors]:
+                if isinstance(e, KeystoreError):
+                    raise e
+            b_text = _text(b_errors[0])
         raise HeaderCorruptError(
             path=path,
-            msg=f"both header copies are unusable (A: {a_text}; B: {_text(b_errors[0])})",
+            msg=f"both header copies are unusable (A: {a_text}; B: {b_text}); nothing to repair from",
         )
     best = max(valid, key=lambda c: (c.header.seq, c is a))
     header = best.header
@@ -240,6 +246,16 @@ def load(path: str, storage: Storage, provider: KeyProvider) -> Loaded:
         else:
             copies.append(_report("B", at, header))
     return Loaded(header, best.key, copies, disk_seq, chosen, {c.offset: c.data for c in [a, *bs]})
+
+
+def _claimed_b(a_data: bytes) -> int | None:
+    """Where an (unverified) v2 copy A says copy B is, or None."""
+    try:
+        fields = hdr.parse_unverified("", a_data)
+    except QwamosError:
+        return None
+    b = fields.get("header_b_offset")
+    return b if fields.get("format_version") == hdr.FORMAT_V2 and type(b) is int and b > 0 else None
 
 
 def _text(e: QwamosError | None) -> str:
