@@ -262,3 +262,34 @@ def test_rotation_states(victim):
     assert ks.key_usage(new_id)["state"] == "active"
     victim["vol"].unlink()
     assert ks.key_usage(key_id)["state"] == "retired"
+
+
+def test_vm_config_records_the_identity_and_start_refuses_another(tmp_path, monkeypatch):
+    """The pin outside the keystore: the VM config names the identity its volume's key was made under, and a
+    start refuses a keystore with another identity even when the keystore's own pin was deleted too."""
+    from qwamos.hypervisor.config import VMConfig
+    from qwamos.hypervisor.manager import CreatedDisk, VMManager
+    from vm_helpers import write_config
+
+    for name in ("QWAMOS_PASSPHRASE", "QWAMOS_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    ks_dir = tmp_path / "keystore"
+    monkeypatch.setenv("QWAMOS_KEYSTORE", str(ks_dir))
+    kernel = tmp_path / "kernel.bin"
+    kernel.write_bytes(bytes(4096))
+    cfg_path = write_config(tmp_path / "root", "vm1", kernel=kernel, encrypted=True)
+    mgr = VMManager(tmp_path / "root")
+    cfg = mgr.load("vm1")
+    created = CreatedDisk()
+    mgr.create_disk(cfg, mgr.plan_disk(cfg), created)
+    mgr.record_disk(cfg, created)
+    fingerprint = PQCKeystore(ks_dir).identity_info()["fingerprint"]
+    assert VMConfig.load(cfg_path).identity_fingerprint == fingerprint
+    mgr.plan_disk(mgr.load("vm1"))  # the same identity: accepted
+    attacker_dir = tmp_path / "attacker"
+    PQCKeystore(attacker_dir, passphrase=b"", argon2_params=CHEAP).init_identity()
+    for name in ("identity.key", "identity.pub"):
+        shutil.copy(attacker_dir / name, ks_dir / name)
+    (ks_dir / "identity.pin").unlink()
+    with pytest.raises(IdentityChangedError, match=r"storage\.encryption\.identity_fingerprint"):
+        mgr.plan_disk(mgr.load("vm1"))

@@ -229,6 +229,15 @@ class VMConfig:
         value = self._get("storage", "encryption", "key_id")
         return None if value in (None, "") else str(value)
 
+    @property
+    def identity_fingerprint(self) -> str | None:
+        """The keystore identity the VM's key was made under (the keystore's pin, docs/keystore-format.md)."""
+        value = self._get("storage", "encryption", "identity_fingerprint")
+        return None if value in (None, "") else str(value)
+
+    def set_identity_fingerprint(self, fingerprint: str) -> None:
+        self._set(("storage", "encryption", "identity_fingerprint"), fingerprint)
+
     def encrypted_disk_path(self) -> Path:
         """Where the encrypted volume lives: beside the configured disk, with a ``.qvol`` suffix."""
         return self.disk_path.with_suffix(".qvol")
@@ -247,7 +256,7 @@ class VMConfig:
 
     def clear_key(self) -> None:
         """Forget the recorded key (used when a VM is migrated back to an unencrypted disk)."""
-        for k in ("key_id", "algorithm", "key_encapsulation"):
+        for k in ("key_id", "algorithm", "key_encapsulation", "identity_fingerprint"):
             self._delete(("storage", "encryption", k))
 
     def set_disk_path(self, path: str | os.PathLike[str]) -> None:

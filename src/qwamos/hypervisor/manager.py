@@ -399,6 +399,8 @@ class VMManager:
                 "refusing to create a new empty disk in its place",
                 path=str(cfg.path),
             )
+        if vol.exists() and cfg.identity_fingerprint:
+            check_identity_pin(self._keystore(), cfg.identity_fingerprint, cfg.path)
         return DiskPlan(
             Disk("nbd", RunDir.EXPORT),
             export_argv=self._export_argv(vol),
@@ -429,6 +431,9 @@ class VMManager:
         """Once the VM runs: write a new volume's key ID, cipher and path into the config."""
         if created.encrypted and created.key_id is not None and created.path is not None:
             cfg.set_encryption(key_id=created.key_id, algorithm=created.algorithm)
+            info = created.keystore.identity_info() if hasattr(created.keystore, "identity_info") else None
+            if info:
+                cfg.set_identity_fingerprint(info["fingerprint"])  # the keystore's pin, kept outside it too
             cfg.set_disk_path(created.path)
             cfg.save()
 
@@ -571,3 +576,20 @@ class VMManager:
         for p in (run.qemu_pid, run.export_pid, run.supervisor_pid, run.path / STOP_REQUEST):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+
+
+def check_identity_pin(keystore: Any, pinned: str, config_path: Path) -> None:
+    """Refuse a keystore whose identity is not the one the VM config recorded (an ``identity.key`` copied
+    over the keystore's; the keystore's own pin catches it too, this holds if that pin was deleted)."""
+    info = keystore.identity_info() if hasattr(keystore, "identity_info") else None
+    found = info["fingerprint"] if info else "none"
+    if found != pinned:
+        from qwamos.errors import IdentityChangedError
+
+        raise IdentityChangedError(
+            keystore=str(getattr(keystore, "path", "?")),
+            pinned=pinned,
+            found=found,
+            msg=f"{config_path} records the former (storage.encryption.identity_fingerprint); restore the "
+            "keystore's identity.key",
+        )

@@ -142,6 +142,7 @@ SCHEMA: dict[str, Any] = {
             "algorithm": _choice(*ALGORITHMS),
             "key_encapsulation": _choice(*KEY_ENCAPSULATIONS),
             "key_id": _str,
+            "identity_fingerprint": _str,
         }
     },
     "autostart": _bool,
