@@ -319,3 +319,166 @@ def kem_decapsulate(kem: str, private: bytes, ciphertext: bytes) -> bytes:
 
 def _combine(ss_m: bytes, ss_x: bytes, ct_m: bytes, ct_x: bytes, pk_m: bytes, pk_x: bytes) -> bytes:
     return sha3_256(_HYBRID_LABEL + ss_m + ss_x + ct_m + ct_x + pk_m + pk_x)
+
+
+# --- X.509 for the NBD export's mutual TLS (docs/nbd-export.md "TLS") ---------------------------------------
+# A small private CA, its server certificate and its client certificates, shaped the way QEMU's
+# tls-creds-x509 and libnbd (both GnuTLS) check them: the CA has basicConstraints CA:TRUE and keyCertSign;
+# a leaf is CA:FALSE with digitalSignature + keyEncipherment (QEMU refuses a critical keyUsage without
+# keyEncipherment) and the extended key usage of its role; a server certificate names every host and address
+# clients dial in its subjectAltName (GnuTLS checks the name the client connected to).  ECDSA P-256 with
+# SHA-256: what every TLS 1.3 stack accepts.
+
+X509_DAYS_CA = 3650
+X509_DAYS_LEAF = 825
+
+
+def _x509_key_pem(key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _x509_builder(subject_cn: str, issuer: object, public_key: object, days: int) -> object:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer if issuer is not None else name)  # type: ignore[arg-type]
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))  # clocks of two hosts differ a little
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)  # type: ignore[arg-type]
+    )
+
+
+def x509_new_ca(common_name: str, *, days: int = X509_DAYS_CA) -> tuple[bytes, bytes]:
+    """A self-signed CA certificate and its private key, both PEM: ``(cert, key)``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = _x509_builder(common_name, None, key.public_key(), days)
+    cert = (
+        builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)  # type: ignore[attr-defined]
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM), _x509_key_pem(key)
+
+
+def x509_issue(
+    ca_cert_pem: bytes,
+    ca_key_pem: bytes,
+    common_name: str,
+    *,
+    server: bool,
+    hosts: tuple[str, ...] = (),
+    days: int = X509_DAYS_LEAF,
+) -> tuple[bytes, bytes]:
+    """A leaf certificate signed by the CA, and its new private key (PEM): a server certificate (serverAuth,
+    ``hosts`` as DNS names or IP addresses in subjectAltName) or a client certificate (clientAuth)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+        ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    except ValueError as e:
+        raise InvalidArgument(f"cannot load the CA certificate or key: {e}") from None
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = _x509_builder(common_name, ca_cert.subject, key.public_key(), days)
+    builder = (
+        builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)  # type: ignore[attr-defined]
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+    )
+    if hosts:
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    return cert.public_bytes(serialization.Encoding.PEM), _x509_key_pem(key)
+
+
+def x509_describe(cert_pem: bytes) -> dict[str, object]:
+    """Subject CN, issuer CN, validity end and subjectAltNames of a PEM certificate (for ``qwamos tls``)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as e:
+        raise InvalidArgument(f"not a PEM certificate: {e}") from None
+
+    def cn(name: x509.Name) -> str:
+        attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(attrs[0].value) if attrs else ""
+
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        hosts = [str(v) for v in san.get_values_for_type(x509.DNSName)]
+        hosts += [str(v) for v in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        hosts = []
+    return {
+        "subject": cn(cert.subject),
+        "issuer": cn(cert.issuer),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "hosts": hosts,
+        "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+    }
