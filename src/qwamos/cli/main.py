@@ -29,6 +29,7 @@ COMMAND_GROUPS = {
     "vm": "vm_cmd",
     "export": "export_cmd",
     "migrate": "migrate_cmd",
+    "tls": "tls_cmd",
 }
 COMMAND_MODULES = tuple(COMMAND_GROUPS.values())
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import struct
 from dataclasses import dataclass
 
@@ -60,10 +61,25 @@ class NBDClient:
         return cl
 
     @classmethod
-    def connect_tcp(cls, host: str, port: int, *, timeout: float = 10.0, name: str = "") -> NBDClient:
+    def connect_tcp(
+        cls,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 10.0,
+        name: str = "",
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> NBDClient:
+        """Connect and negotiate; with ``tls``, NBD_OPT_STARTTLS first and every option inside TLS (the
+        server's certificate is checked against ``server_hostname``, default ``host``)."""
         s = socket.create_connection((host, port), timeout=timeout)
         cl = cls(s)
-        cl.handshake(name)
+        try:
+            cl.handshake(name, tls=tls, server_hostname=server_hostname or host)
+        except BaseException:
+            cl.close()
+            raise
         return cl
 
     def recv_exact(self, n: int) -> bytes:
@@ -90,9 +106,18 @@ class NBDClient:
             raise NBDClientError("bad option reply magic")
         return option, rtype, self.recv_exact(length)
 
-    def handshake(self, name: str = "", *, info_requests: tuple[int, ...] = (c.INFO_BLOCK_SIZE,)) -> Negotiated:
+    def handshake(
+        self,
+        name: str = "",
+        *,
+        info_requests: tuple[int, ...] = (c.INFO_BLOCK_SIZE,),
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> Negotiated:
         self.greeting()
         self.sock.sendall(struct.pack(">I", c.FLAG_C_FIXED_NEWSTYLE | c.FLAG_C_NO_ZEROES))
+        if tls is not None:
+            self.starttls(tls, server_hostname)
         raw = name.encode()
         data = struct.pack(">I", len(raw)) + raw + struct.pack(">H", len(info_requests))
         data += b"".join(struct.pack(">H", r) for r in info_requests)
@@ -111,6 +136,14 @@ class NBDClient:
                 _, neg.min_block, neg.preferred_block, neg.max_payload = struct.unpack(">HIII", payload)
         self.info = neg
         return neg
+
+    def starttls(self, ctx: ssl.SSLContext, server_hostname: str | None) -> None:
+        """NBD_OPT_STARTTLS, then the TLS handshake on this socket (proto.md "TLS support")."""
+        self.send_option(c.OPT_STARTTLS)
+        _, rtype, payload = self.recv_option_reply()
+        if rtype != c.REP_ACK:
+            raise NBDClientError(f"NBD_OPT_STARTTLS refused (0x{rtype:x}): {payload.decode(errors='replace')}")
+        self.sock = ctx.wrap_socket(self.sock, server_hostname=server_hostname)
 
     # --- transmission ---------------------------------------------------------------------------------------
 

@@ -29,9 +29,9 @@ log = logging.getLogger("qwamos.nbd")
 
 TCP_WARNING = """\
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
-!! WARNING: serving the DECRYPTED volume on {addr} without TLS or authentication.
-!! Anyone who can reach this address can read and overwrite the plaintext disk.
-!! Bind 127.0.0.1 (the default) or use --socket unless this network is trusted.
+!! WARNING: serving the DECRYPTED volume on {addr} without TLS or authentication (--insecure-no-tls).
+!! Anyone who can reach this address -- on loopback, every local user -- can read and overwrite the
+!! plaintext disk.  Use --socket, or --tls-dir with client certificates (qwamos tls init).
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
 
 Announce = Callable[[str], None]
@@ -55,10 +55,27 @@ class ExportSpec:
     raw: bool = False
     control: Path | None = None  # the control socket (docs/control-channel.md); None: no control channel
     control_required: bool = True  # False for the default <socket>.ctl: a taken path only warns
+    tls_dir: Path | None = None  # TCP over mutual TLS: the directory of `qwamos tls init` (qwamos.nbd.tls)
+    tls_allow: tuple[str, ...] = ()  # client certificate names admitted (empty: any client of our CA)
+    insecure_no_tls: bool = False  # plain TCP, on explicit request only
 
     def check(self) -> None:
         if self.unix_path is None and self.tcp is None:
             raise InvalidArgument("give --socket PATH and/or --tcp [HOST:]PORT")
+        if self.tcp is not None and self.tls_dir is None and not self.insecure_no_tls:
+            raise InvalidArgument(
+                "--tcp needs --tls-dir DIR (mutual TLS; make one with `qwamos tls init`): plain TCP lets "
+                "anyone who can connect, every local user included, read and overwrite the decrypted disk; "
+                "--insecure-no-tls overrides"
+            )
+        if self.tls_dir is not None and self.insecure_no_tls:
+            raise InvalidArgument("--tls-dir and --insecure-no-tls contradict each other")
+        if (self.tls_dir is not None or self.tls_allow) and self.tcp is None:
+            raise InvalidArgument(
+                "--tls-dir/--tls-allow apply to --tcp only (a UNIX socket is guarded by its mode)"
+            )
+        if self.tls_allow and self.tls_dir is None:
+            raise InvalidArgument("--tls-allow needs --tls-dir")
         if self.daemon and self.pidfile is None:
             raise InvalidArgument("--daemon needs --pidfile FILE (so that the server can be found and stopped)")
 
@@ -112,11 +129,16 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
     ``announce`` receives the human lines (where it serves, the TCP warning); default: the log.
     """
     from qwamos.nbd import daemon
-    from qwamos.nbd.server import ExportServer, is_loopback
+    from qwamos.nbd.server import ExportServer
 
     say = announce or log.warning
     spec.check()
     pid_path = spec.pidfile.absolute() if spec.pidfile is not None else None
+    tls = None
+    if spec.tls_dir is not None:
+        from qwamos.nbd.tls import server_tls
+
+        tls = server_tls(spec.tls_dir, spec.tls_allow or None)  # refused before the volume is opened
     if pid_path is not None:
         pidfile.claim_pidfile(pid_path, _pidfile_busy)
     backend = open_backend(spec, keystore)
@@ -129,6 +151,8 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
             read_only=spec.read_only,
             socket_mode=spec.socket_mode,
             max_connections=spec.max_connections,
+            tls=tls,
+            insecure_tcp=spec.insecure_no_tls,
         )
         ctl = None
         if spec.control is not None:
@@ -142,8 +166,8 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
             where.append(f"unix:{spec.unix_path}")
         if server.tcp_address is not None:
             host, port = server.tcp_address
-            where.append(f"tcp:{host}:{port}")
-            if not is_loopback(host):
+            where.append(f"{'tls' if tls is not None else 'tcp'}:{host}:{port}")
+            if tls is None:
                 say(TCP_WARNING.format(addr=f"{host}:{port}"))
         ro = " (read-only)" if server.export.read_only else ""
         say(f"Serving {spec.path}{ro} ({server.export.size} bytes) on {', '.join(where)}")
@@ -184,7 +208,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tcp",
         metavar="[HOST:]PORT",
-        help="also/instead listen on TCP (default host 127.0.0.1; other addresses are unencrypted: warning)",
+        help="also/instead listen on TCP (default host 127.0.0.1); needs --tls-dir (or --insecure-no-tls)",
+    )
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        metavar="DIR",
+        help="serve --tcp over mutual TLS with the CA and server certificate of `qwamos tls init --dir DIR`",
+    )
+    p.add_argument(
+        "--tls-allow",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="admit only client certificates with this name (repeatable; default: any client of the CA)",
+    )
+    p.add_argument(
+        "--insecure-no-tls",
+        action="store_true",
+        help="serve --tcp in plaintext without authentication: anyone who can connect owns the disk",
     )
     p.add_argument("--read-only", action="store_true", help="open the volume read-only; writes answer EPERM")
     p.add_argument("--socket-mode", default="0600", help="permissions of the UNIX socket (default 0600)")
@@ -222,6 +264,9 @@ def spec_from_args(args: argparse.Namespace) -> ExportSpec:
         raw=args.raw,
         control=_control_path(args),
         control_required=getattr(args, "control", None) is not None,
+        tls_dir=args.tls_dir,
+        tls_allow=tuple(args.tls_allow),
+        insecure_no_tls=args.insecure_no_tls,
     )
     spec.check()
     return spec

@@ -13,6 +13,14 @@ bytes to :meth:`ServerConnection.receive_data`.  WRITE payloads are delivered in
 bytes as views into that buffer, so no request size makes the buffer grow.  A view handed out in an event is
 valid only until the next call into the connection.
 
+TLS (proto.md "TLS support", FORCEDTLS mode): with ``tls_required`` every option before NBD_OPT_STARTTLS
+is answered NBD_REP_ERR_TLS_REQD (NBD_OPT_EXPORT_NAME, which cannot be answered with an error, closes the
+connection; NBD_OPT_ABORT is honoured).  NBD_OPT_STARTTLS is acknowledged and yields :class:`StartTLS`: the
+caller sends the ACK in plaintext, upgrades the transport (the TLS handshake and certificate checks are the
+I/O layer's) and calls :meth:`ServerConnection.tls_established`; option haggling then starts over inside
+TLS.  Until then the connection consumes no input, and a client that sent anything after NBD_OPT_STARTTLS
+without waiting for the ACK is disconnected (those bytes would be the TLS handshake, read as plaintext).
+
 Two kinds of failure, as in h11: :class:`LocalProtocolError` means the caller misused this API;
 a misbehaving peer never raises — it yields a :class:`Closed` event with the reason, after which the
 caller sends what :meth:`data_to_send` still holds and closes the connection.
@@ -87,6 +95,13 @@ class Ready(Event):
     def __init__(self, export_name: str, strict: bool) -> None:
         self.export_name = export_name
         self.strict = strict
+
+
+class StartTLS(Event):
+    """The client sent NBD_OPT_STARTTLS and the ACK is queued: send it, then run the TLS handshake on the
+    transport and call :meth:`ServerConnection.tls_established` (or close if the handshake fails)."""
+
+    __slots__ = ()
 
 
 class Read(Event):
@@ -164,6 +179,7 @@ NEED_DATA = None  # next_event() result: feed more bytes
 class State(Enum):
     CLIENT_FLAGS = "client-flags"
     OPTIONS = "options"
+    STARTTLS = "starttls"  # ACK queued; waiting for the I/O layer's TLS handshake (tls_established)
     TRANSMISSION = "transmission"
     CLOSED = "closed"
 
@@ -186,10 +202,19 @@ class ServerConnection:
     :class:`Closed` or :class:`Disconnect`, send what is left in :meth:`data_to_send` and close.
     """
 
-    def __init__(self, export: ExportInfo, *, chunk: int = c.CHUNK, max_request: int = c.MAX_REQUEST) -> None:
+    def __init__(
+        self,
+        export: ExportInfo,
+        *,
+        chunk: int = c.CHUNK,
+        max_request: int = c.MAX_REQUEST,
+        tls_required: bool = False,
+    ) -> None:
         if export.size < 0:
             raise LocalProtocolError("export size must be >= 0")
         self.export = export
+        self.tls_required = tls_required  # FORCEDTLS: nothing but STARTTLS/ABORT before TLS is up
+        self.tls = False  # the I/O layer finished the TLS handshake (tls_established)
         self.state = State.CLIENT_FLAGS
         self.strict = False  # client accepted NBD_INFO_BLOCK_SIZE in NBD_OPT_GO: enforce alignment
         self.no_zeroes = False
@@ -286,6 +311,13 @@ class ServerConnection:
         the next bytes, if any, start a new request.  Quiescing stops a connection only here."""
         return self.state is State.TRANSMISSION and not self._w_left and not self._skip
 
+    def tls_established(self) -> None:
+        """The transport now speaks TLS (after :class:`StartTLS`): option haggling resumes inside it."""
+        if self.state is not State.STARTTLS:
+            raise LocalProtocolError("tls_established() without a StartTLS event")
+        self.tls = True
+        self.state = State.OPTIONS
+
     # --- output -----------------------------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
@@ -310,7 +342,7 @@ class ServerConnection:
             state = self.state
             if state is State.TRANSMISSION:
                 return self._next_request()
-            if state is State.CLOSED:
+            if state is State.CLOSED or state is State.STARTTLS:
                 return NEED_DATA
             if self._skip:
                 if not self._do_skip():
@@ -345,6 +377,8 @@ class ServerConnection:
         (flags,) = struct.unpack(">I", self._take(4))
         if flags & ~(c.FLAG_C_FIXED_NEWSTYLE | c.FLAG_C_NO_ZEROES):
             return self._close(f"unknown client flags 0x{flags:08x}")
+        if self.tls_required and not flags & c.FLAG_C_FIXED_NEWSTYLE:
+            return self._close("TLS is required and the client does not speak fixed newstyle")
         self.no_zeroes = bool(flags & c.FLAG_C_NO_ZEROES)
         self.state = State.OPTIONS
         return None
@@ -363,6 +397,8 @@ class ServerConnection:
             return self._close("bad option magic")
         if length > c.MAX_OPTION_DATA:
             self._start += _OPTION.size
+            if self.tls_required and not self.tls:
+                return self._close("oversized option before TLS")
             if option == c.OPT_EXPORT_NAME:
                 return self._close("export name too long")
             self._skip = length
@@ -372,6 +408,11 @@ class ServerConnection:
             return None
         self._start += _OPTION.size
         data = bytes(self._take(length))
+        if self.tls_required and not self.tls:
+            return self._before_tls(option, data)
+        if option == c.OPT_STARTTLS and self.tls:
+            self._opt_error(option, c.REP_ERR_INVALID, "TLS is already negotiated")
+            return None
         if option == c.OPT_EXPORT_NAME:
             return self._export_name(data)
         if option == c.OPT_ABORT:
@@ -390,6 +431,26 @@ class ServerConnection:
         if option in (c.OPT_INFO, c.OPT_GO):
             return self._info_go(option, data)
         self._opt_error(option, c.REP_ERR_UNSUP, f"option {option} is not supported")
+        return None
+
+    def _before_tls(self, option: int, data: bytes) -> Event | None:
+        """FORCEDTLS: only STARTTLS and ABORT are honoured before TLS; every other option is refused."""
+        if option == c.OPT_STARTTLS:
+            if data:
+                self._opt_error(option, c.REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+                return None
+            if self._end - self._start or self._pending:
+                return self._close("data after NBD_OPT_STARTTLS before the TLS handshake")
+            self._opt_reply(option, c.REP_ACK)
+            self.state = State.STARTTLS
+            return StartTLS()
+        if option == c.OPT_ABORT:
+            self._opt_reply(option, c.REP_ACK)
+            self.state = State.CLOSED
+            return Disconnect()
+        if option == c.OPT_EXPORT_NAME:
+            return self._close("NBD_OPT_EXPORT_NAME before TLS (this export requires TLS)")
+        self._opt_error(option, c.REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
         return None
 
     def _name_ok(self, raw: bytes) -> str | None:

@@ -18,6 +18,14 @@ left.  From Python 3.12 on, the selector transport keeps a view of whatever it c
 instead of copying it, so a reply buffer is reused only after the transport has sent every byte of it
 (:class:`ReplyBuffers`); reusing it earlier served other requests' data on 3.12+ (issue 8).
 
+TLS: a TCP listener serves only over mutual TLS (:mod:`qwamos.nbd.tls`) unless the export was explicitly made
+insecure.  The protocol answers every option before NBD_OPT_STARTTLS with NBD_REP_ERR_TLS_REQD; on
+:class:`~qwamos.nbd.protocol.StartTLS` the plaintext ACK is written, reading stops, and ``loop.start_tls``
+wraps the same transport (TLS 1.3, client certificate required); a failed handshake or a client name not
+allowed closes the connection.  The TLS transport copies what it is given into the TLS session when it
+encrypts, and counts what it has not encrypted yet in ``get_write_buffer_size()``, so the buffer-ownership
+rule above holds for it unchanged.
+
 Errors: :data:`ERROR_MAP` turns backend exceptions into NBD error codes in one place; a block that fails
 authentication answers EIO for that request and is logged with its index; the server keeps serving.
 """
@@ -59,6 +67,7 @@ from qwamos.nbd.protocol import (
     Read,
     Ready,
     ServerConnection,
+    StartTLS,
     State,
     Trim,
     Write,
@@ -67,6 +76,7 @@ from qwamos.nbd.protocol import (
     reply_header,
 )
 from qwamos.nbd.quiesce import QuiesceGate
+from qwamos.nbd.tls import HANDSHAKE_TIMEOUT, ServerTLS
 
 log = logging.getLogger("qwamos.nbd")
 
@@ -152,9 +162,11 @@ class _Shared:
 class NBDConnection(asyncio.BufferedProtocol):
     """One client connection: feeds the sans-IO protocol and executes its events against the backend."""
 
-    def __init__(self, shared: _Shared) -> None:
+    def __init__(self, shared: _Shared, tls: ServerTLS | None = None) -> None:
         self.shared = shared
-        self.proto = ServerConnection(shared.export)
+        self.tls = tls  # None: plaintext (UNIX socket, or a TCP export made with insecure_tcp)
+        self.proto = ServerConnection(shared.export, tls_required=tls is not None)
+        self._upgrading = False  # between StartTLS and the end of the TLS handshake
         self.transport: asyncio.Transport | None = None
         self.id = shared.next_id
         shared.next_id += 1
@@ -241,6 +253,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if tr is None or self._closing:
             return
         gate = self.shared.gate
+        upgrade = False
         try:
             while not self._write_paused:
                 if self._r_left:
@@ -260,6 +273,9 @@ class NBDConnection(asyncio.BufferedProtocol):
                     self._reply(ev.cookie, self._call(self.shared.backend.flush))
                 elif cls is Zero or cls is Trim:
                     self._zero(ev)
+                elif cls is StartTLS:
+                    upgrade = True
+                    break
                 elif cls is Ready:
                     log.info(
                         "connection %d: export %r, block sizes %s",
@@ -274,6 +290,9 @@ class NBDConnection(asyncio.BufferedProtocol):
             out = proto.data_to_send()
             if out and not self._closing:
                 self._send(out)
+        if upgrade:
+            self._start_tls()
+            return
         if self._write_paused or (gate.held and proto.at_request_boundary):
             if not self._read_paused:
                 self._read_paused = True
@@ -283,6 +302,48 @@ class NBDConnection(asyncio.BufferedProtocol):
             tr.resume_reading()
         if gate.held:
             gate.settled()
+
+    # --- TLS upgrade -------------------------------------------------------------------------------------------
+
+    def _start_tls(self) -> None:
+        """The ACK to NBD_OPT_STARTTLS has been written in plaintext: stop reading (the next bytes are the
+        client's TLS handshake, which must reach the TLS layer, not the protocol) and upgrade."""
+        tr = self.transport
+        self._upgrading = True
+        tr.pause_reading()
+        self._read_paused = True
+        asyncio.get_running_loop().create_task(self._upgrade(tr))
+
+    async def _upgrade(self, plain: asyncio.Transport) -> None:
+        tls = self.tls
+        assert tls is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(
+                plain, self, tls.context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+            )
+        except Exception as e:  # the handshake's error (bad or no certificate, timeout, reset)
+            log.warning("connection %d: TLS handshake failed: %s", self.id, e or type(e).__name__)
+            plain.abort()
+            self.connection_lost(None)
+            return
+        if new is None or self._closing:  # closed meanwhile (server stopping)
+            plain.abort()
+            self.connection_lost(None)
+            return
+        self.transport = new  # type: ignore[assignment]
+        name = tls.admits(new.get_extra_info("peercert"))
+        if name is None:
+            log.warning("connection %d: TLS client certificate not allowed on this export; closing", self.id)
+            self._closing = True
+            new.abort()
+            return
+        log.info("connection %d: TLS up (%s), client %r", self.id, new.get_extra_info("cipher"), name)
+        new.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._upgrading = False
+        self._read_paused = False  # the TLS transport reads from the start
+        self.proto.tls_established()
+        self._process()
 
     def _finish(self, ev: Disconnect | Closed) -> None:
         if isinstance(ev, Closed):
@@ -537,9 +598,18 @@ class ExportServer:
         read_only: bool | None = None,
         socket_mode: int = 0o600,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        tls: ServerTLS | None = None,
+        insecure_tcp: bool = False,
     ) -> None:
         if unix_path is None and tcp is None:
             raise ExportError("give a UNIX socket path or a TCP address to listen on")
+        if tcp is not None and tls is None and not insecure_tcp:
+            raise ExportError(
+                "a TCP export needs TLS with client certificates (--tls-dir DIR, see `qwamos tls init`); "
+                "plain TCP lets anyone who can connect read and overwrite the decrypted disk "
+                "(--insecure-no-tls if you really mean it)"
+            )
+        self.tls = tls
         ro = backend.read_only if read_only is None else (read_only or backend.read_only)
         self.export = ExportInfo(size=backend.size, read_only=ro, name=name, description=description)
         self.backend = backend
@@ -611,7 +681,7 @@ class ExportServer:
             if s.family == socket.AF_UNIX:
                 srv = await loop.create_unix_server(lambda: NBDConnection(shared), sock=s)
             else:
-                srv = await loop.create_server(lambda: NBDConnection(shared), sock=s)
+                srv = await loop.create_server(lambda: NBDConnection(shared, self.tls), sock=s)
             self._servers.append(srv)
         for svc in self.services:
             await svc.start()
