@@ -293,3 +293,75 @@ def test_vm_config_records_the_identity_and_start_refuses_another(tmp_path, monk
     (ks_dir / "identity.pin").unlink()
     with pytest.raises(IdentityChangedError, match=r"storage\.encryption\.identity_fingerprint"):
         mgr.plan_disk(mgr.load("vm1"))
+
+
+# --- what must keep working: recovery, upgrade, legacy volumes ------------------------------------------
+
+
+def test_a_recovered_key_still_opens_its_committed_volume(victim):
+    """The commitment secret travels in the recovery document: a key imported into another keystore (another
+    identity: the recovery case) opens the volume whose header commits to it."""
+    ks_dir, vol, key_id = victim["ks"], victim["vol"], victim["key_id"]
+    ks = PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode(), argon2_params=CHEAP)
+    doc = ks.export_key(key_id, b"recovery pw")
+    assert json.loads(doc)["version"] == 2
+    other = PQCKeystore(victim["tmp"] / "other", passphrase=b"", argon2_params=CHEAP)
+    assert other.import_key(doc, b"recovery pw") == key_id
+    with PQCVolume(vol, keystore=other, read_only=True) as v:
+        assert v.header.features["key_commitment"]["compat"] == "incompat"
+        assert v.read(0, len(SECRET)) == SECRET
+
+
+def _legacy_key_file(ks: PQCKeystore, key_id: str, key: bytes) -> bytes:
+    """A version 1 key file as the previous qwamos wrote it, for ``ks``'s identity."""
+    ident = ks._open_identity(create=False)
+    ss, ct = crypto.kem_encapsulate(crypto.HYBRID_KEM, ident.public)
+    nonce = crypto.new_nonce()
+    doc = {
+        "format": "qwamos-volume-key",
+        "version": 1,
+        "key_id": key_id,
+        "kem": crypto.HYBRID_KEM,
+        "identity_fingerprint": ident.fingerprint,
+        "kem_ciphertext": base64.b64encode(ct).decode(),
+        "nonce": base64.b64encode(nonce).decode(),
+    }
+    wrap_key = crypto.hkdf_sha256(ss, salt=b"", info=b"qwamos/keystore/v1/wrap")
+    sealed = crypto.Aead(crypto.CHACHA20_POLY1305, wrap_key).seal(nonce, key, canonical_json(doc))
+    doc["wrapped_key"] = base64.b64encode(sealed).decode()
+    return json.dumps(doc, indent=2).encode()
+
+
+def test_a_keystore_of_the_previous_version_is_upgraded_and_its_volumes_still_open(tmp_path, monkeypatch):
+    """A keystore as the previous version left it (version 1 key files, no pin) with a volume of that era (no
+    commitment): the first open pins the keystore, upgrades every key file, and the volume opens."""
+    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
+    ks_dir = tmp_path / "ks"
+    ks = PQCKeystore(ks_dir, passphrase=b"pw", argon2_params=CHEAP)
+    ks.init_identity()
+    legacy = MemoryKeys(seed=b"legacy era")
+    vol = tmp_path / "old.qvol"
+    PQCVolume(vol, keystore=legacy).create("old", vm_name="web", size_mb=1)
+    ((key_id, key),) = legacy.keys.items()
+    with PQCVolume(vol, keystore=legacy) as v:
+        v.write(0, SECRET)
+    second = "vm-web-00000000000000aa"
+    for kid, data in ((key_id, _legacy_key_file(ks, key_id, key)), (second, _legacy_key_file(ks, second, key))):
+        (ks_dir / f"{kid}.key").write_bytes(data)
+    (ks_dir / "identity.pin").unlink()  # the previous version wrote none
+    from qwamos.keystore import pin
+
+    fresh = PQCKeystore(ks_dir, passphrase=b"pw")
+    assert fresh.volume_key(key_id) == key  # the first open is the upgrade
+    for kid in (key_id, second):
+        assert json.loads((ks_dir / f"{kid}.key").read_text())["version"] == 2
+    assert json.loads((ks_dir / "identity.pin").read_text())["legacy_key_files"] == {}
+    with PQCVolume(vol, keystore=PQCKeystore(ks_dir, passphrase=b"pw")) as v:
+        assert v.read(0, len(SECRET)) == SECRET
+    # the resumed upgrade: put one version 1 file back and a pin listing it, as a crash would leave them
+    old = _legacy_key_file(fresh, second, key)
+    (ks_dir / f"{second}.key").write_bytes(old)
+    opened = fresh._open_identity(create=False)
+    (ks_dir / "identity.pin").write_text(json.dumps(pin.document(opened, True, {second: pin.file_digest(old)})))
+    assert PQCKeystore(ks_dir, passphrase=b"pw").volume_key(second) == key
+    assert json.loads((ks_dir / f"{second}.key").read_text())["version"] == 2
