@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VERSIONS=(${QWAMOS_OTHER_PYTHONS:-3.12 3.13})
-DATA_PATH_TESTS=(tests/test_volume_*.py tests/test_keystore_*.py tests/test_nbd_*.py tests/test_migrate_*.py)
+DATA_PATH_TESTS=(tests/test_crypto.py tests/test_volume_*.py tests/test_keystore_*.py tests/test_nbd_*.py tests/test_migrate_*.py)
 
 find_python() {
     local v=$1 cand

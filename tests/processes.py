@@ -50,14 +50,22 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 20.0)
     id, cannot have been reused by an unrelated process.
     """
     if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+        _signal_group(proc, sig)
         deadline = time.monotonic() + grace
         while not _exited(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the rest of the group, or the leader that ignored ``sig``
+        _signal_group(proc, signal.SIGKILL)  # the rest of the group, or the leader that ignored ``sig``
     return proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """``sig`` to the process group ``proc`` leads (made by :func:`spawn`), or to ``proc`` alone if it leads
+    none (a plain ``Popen``)."""
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
 
 
 def _exited(pid: int) -> bool:
