@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from qwamos import crypto
@@ -49,7 +50,7 @@ def doc_key_files() -> list[dict]:
 
 
 V = doc_values()
-HYBRID_DOC, LEGACY_DOC, V2_DOC, PIN_DOC = doc_key_files()
+HYBRID_DOC, LEGACY_DOC, V2_DOC, PIN_DOC, SEALED_IDENTITY_DOC = doc_key_files()
 HYBRID_CT = base64.b64decode(HYBRID_DOC["kem_ciphertext"])
 LABEL = b"QWAMOS-KEM-v1/x25519-mlkem1024"
 LEGACY_LABEL = b"QWAMOS-KEM-v1/ecdh-curve25519"
@@ -78,6 +79,8 @@ def test_the_document_holds_every_vector_this_module_checks():
         "mac (version 2)",
         "volume uuid",
         "key commitment",
+        "argon2id output (identity seal)",
+        "seal key (identity)",
     }
     assert set(V) == expected
     assert V["identity private key"] == bytes(range(96))
@@ -459,3 +462,76 @@ def test_key_file_vector_refuses_a_changed_byte_of_every_field(tmp_path):
         doc = dict(V2_DOC, **{field: base64.b64encode(raw).decode()})
         with pytest.raises(KeyFileCorruptError, match="MAC check failed"):
             keyfile.unwrap(keyfile.parse(json.dumps(doc).encode(), path, doc["key_id"]), path, ident)
+
+
+# --- sealed documents (Argon2id + ChaCha20-Poly1305) ------------------------------------------------------
+
+PASSPHRASE = b"correct horse battery staple"
+
+
+def test_sealed_identity_known_answer(tmp_path, monkeypatch):
+    from qwamos.keystore import identity as idmod
+    from qwamos.keystore import sealing
+
+    doc = SEALED_IDENTITY_DOC
+    assert sealing.open_sealed(doc, PASSPHRASE, tmp_path / "identity.key", info=idmod.SEAL_INFO) == bytes(
+        range(96)
+    )
+    # the documented recipe with the crypto library directly
+    salt, nonce = base64.b64decode(doc["salt"]), base64.b64decode(doc["nonce"])
+    p = doc["kdf_params"]
+    stretched = Argon2id(
+        salt=salt, length=32, iterations=p["iterations"], lanes=p["lanes"], memory_cost=p["memory_kib"]
+    ).derive(PASSPHRASE)
+    assert stretched == V["argon2id output (identity seal)"]
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"", info=idmod.SEAL_INFO).derive(stretched)
+    assert key == V["seal key (identity)"]
+    aad = _canonical({k: v for k, v in doc.items() if k != "ciphertext"})
+    sealed = ChaCha20Poly1305(key).encrypt(nonce, V["identity private key"], aad)
+    assert base64.b64encode(sealed).decode() == doc["ciphertext"]
+    # and the keystore's writer, given the vector's salt and nonce, writes the same document
+    monkeypatch.setattr(crypto, "new_salt", lambda size=16: salt)
+    monkeypatch.setattr(crypto, "new_nonce", lambda: nonce)
+    ident = idmod.Identity.from_private(V["identity private key"])
+    params = sealing.Argon2Params(memory_kib=p["memory_kib"], iterations=p["iterations"], lanes=p["lanes"])
+    assert idmod.private_document(ident, PASSPHRASE, params) == doc
+
+
+def test_sealed_identity_vector_refuses_every_changed_field_and_a_wrong_passphrase(tmp_path):
+    from qwamos.keystore import identity as idmod
+    from qwamos.keystore import sealing
+
+    path = tmp_path / "identity.key"
+    doc = SEALED_IDENTITY_DOC
+    with pytest.raises(AuthenticationFailed):
+        sealing.open_sealed(doc, b"correct horse battery stapler", path, info=idmod.SEAL_INFO)
+    variants = [
+        dict(doc, fingerprint="0000000000000000"),
+        dict(doc, version=2),
+        dict(doc, kdf_params=dict(doc["kdf_params"], memory_kib=128)),
+        dict(doc, kdf_params=dict(doc["kdf_params"], iterations=1)),
+        dict(doc, salt=base64.b64encode(bytes(16)).decode()),
+        dict(doc, nonce=base64.b64encode(bytes(12)).decode()),
+    ]
+    for changed in variants:
+        with pytest.raises(AuthenticationFailed):
+            sealing.open_sealed(changed, PASSPHRASE, path, info=idmod.SEAL_INFO)
+    with pytest.raises(AuthenticationFailed):  # the same passphrase and salt under the other purpose's label
+        sealing.open_sealed(doc, PASSPHRASE, path, info=b"qwamos/keystore/v1/recovery-seal")
+
+
+def test_identity_pub_whose_fingerprint_field_does_not_match_its_key_is_refused(tmp_path):
+    from qwamos.keystore import PQCKeystore
+    from qwamos.keystore.files import write_private
+    from qwamos.keystore.identity import Identity, private_document, public_document
+    from qwamos.keystore.sealing import Argon2Params
+
+    ks_dir = tmp_path / "ks"
+    ks_dir.mkdir(mode=0o700)
+    ident = Identity.from_private(V["identity private key"])
+    write_private(ks_dir / "identity.key", json.dumps(private_document(ident, None, Argon2Params())).encode())
+    pub = dict(public_document(ident), fingerprint="0123456789abcdef")  # the right key, a wrong label
+    write_private(ks_dir / "identity.pub", json.dumps(pub).encode())
+    write_private(ks_dir / f"{HYBRID_DOC['key_id']}.key", json.dumps(HYBRID_DOC).encode())
+    with pytest.raises(KeyFileCorruptError, match="fingerprint does not match"):
+        PQCKeystore(ks_dir, passphrase=b"").volume_key(HYBRID_DOC["key_id"])
