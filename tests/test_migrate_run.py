@@ -438,3 +438,18 @@ def test_a_failed_way_back_leaves_everything_as_it_was(env: Env, how: str) -> No
     assert env.snapshot() == before
     migrate("vm", keystore=env.ks(), direction=TO_QCOW2)
     assert not VMConfig.load(env.vm_dir() / "config.yaml").encryption_enabled
+
+
+def test_the_keystore_records_the_migrated_volume_as_its_keys_user(env: Env) -> None:
+    """Migration creates ``.disk.qvol.partial`` and places it as ``disk.qvol``: the key's usage record finds
+    it there, so ``key delete`` refuses the key of the migrated VM."""
+    from qwamos.errors import KeyInUseError
+
+    env.make_vm()
+    migrate("vm", keystore=env.ks())
+    key_id = VMConfig.load(env.vm_dir() / "config.yaml").key_id
+    ks = PQCKeystore()
+    live = [u for u in ks.key_users(key_id) if u["state"] == "live"]
+    assert [(u["path"], u["vm_name"]) for u in live] == [(str(env.vm_dir() / "disk.qvol"), "vm")]
+    with pytest.raises(KeyInUseError):
+        ks.delete_key(key_id)
