@@ -174,6 +174,11 @@ def test_identity_swap_unsealed_over_sealed_is_refused(victim, capsys, monkeypat
     assert rc == 27 and not new_vol.exists(), text
     rc, text = _victim_cli(capsys, monkeypatch, "volume", "info", str(vol))
     assert rc == 27, text
+    assert main(["key", "identity", "--json"]) == 27  # shows both fingerprints, then says what happened
+    out, err = capsys.readouterr()
+    shown = json.loads(out)
+    assert shown["pinned_fingerprint"] != shown["fingerprint"] and shown["pinned_sealed"] is True
+    assert "identity.key was replaced" in err
     # the pin deleted as well: the key files (MACed by the real identity) still name it
     (ks_dir / "identity.pin").unlink()
     with pytest.raises(IdentityChangedError, match="is bound to it"):

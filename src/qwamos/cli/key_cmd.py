@@ -119,6 +119,7 @@ def cmd_identity(args: argparse.Namespace) -> int:
         message(f"{ks.path} has no identity yet (it is created with the first key, or by 'qwamos key init')")
         return 1
     emit_json(info) if args.json else _print_fields(info)
+    ks.check_pin()  # after printing: say what identity.key and identity.pin each claim, then refuse
     return 0
 
 

@@ -129,12 +129,36 @@ class PQCKeystore:
             pf = idmod.parse_private(read_bounded(key_path), key_path)
         except FileNotFoundError:
             return None
+        try:
+            pinned = self._read_pin()
+        except KeystoreError:
+            pinned = None
         return {
             "path": str(self.path),
             "fingerprint": pf.fingerprint,
             "kem": crypto.HYBRID_KEM,
             "sealed": pf.sealed,
+            # What identity.pin says (read without the identity, so unverified: opening it verifies).
+            "pinned_fingerprint": pinned["identity_fingerprint"] if pinned else None,
+            "pinned_sealed": pinned["identity_sealed"] if pinned else None,
         }
+
+    def check_pin(self) -> None:
+        """Raise what opening the identity would (:class:`IdentityChangedError`, :class:`IdentityUnsealedError`)
+        when ``identity.pin`` contradicts ``identity.key``, without opening it (``key identity``)."""
+        info = self.identity_info()
+        if info is None or info["pinned_fingerprint"] is None:
+            return
+        if info["pinned_fingerprint"] != info["fingerprint"]:
+            raise self._changed(
+                info["pinned_fingerprint"], info["fingerprint"], f"{pin.FILE_NAME} names the former"
+            )
+        if info["pinned_sealed"] and not info["sealed"]:
+            raise IdentityUnsealedError(
+                keystore=str(self.path),
+                pinned=info["fingerprint"],
+                msg=f"{pin.FILE_NAME} records it sealed; restore the sealed identity.key",
+            )
 
     def init_identity(self) -> dict[str, Any]:
         """Create the identity now (sealed when a passphrase is available); refuse if there is one."""
