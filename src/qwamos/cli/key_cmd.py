@@ -200,6 +200,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
     ks = PQCKeystore(args.keystore)
     if not ks.has_key(args.key_id):  # before asking anything; a damaged key can still be deleted
         raise KeyNotFoundError(key_id=args.key_id, keystore=str(ks.path))
+    if not args.force:
+        ks.check_not_in_use(args.key_id)  # refuse before asking for a confirmation
     if not args.yes:
         if not sys.stdin.isatty():
             raise InvalidArgument("refusing to delete a key without confirmation: pass --yes")

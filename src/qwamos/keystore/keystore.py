@@ -592,14 +592,22 @@ class PQCKeystore:
         ``force``; stale records do not block.  Returns the live users, which are now unreadable."""
         if not self.has_key(key_id):
             raise KeyNotFoundError(key_id=key_id, keystore=str(self.path))
-        live = [u for u in self.key_users(key_id) if u["state"] == "live"]
-        if live and not force:
+        live = self.check_not_in_use(key_id) if not force else self._live_users(key_id)
+        self._remove(key_id)
+        return live
+
+    def _live_users(self, key_id: str) -> list[dict[str, Any]]:
+        return [u for u in self.key_users(key_id) if u["state"] == "live"]
+
+    def check_not_in_use(self, key_id: str) -> list[dict[str, Any]]:
+        """Raise :class:`KeyInUseError` naming the live users of ``key_id``; ``[]`` when it has none."""
+        live = self._live_users(key_id)
+        if live:
             raise KeyInUseError(
                 key_id=key_id,
                 users=describe_users(live),
                 consequence=", ".join(u["path"] for u in live),
             )
-        self._remove(key_id)
         return live
 
     def _remove(self, key_id: str) -> bool:
