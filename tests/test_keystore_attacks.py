@@ -154,6 +154,9 @@ def test_knowing_the_volume_key_is_not_enough_to_forge_a_volume(victim, capsys, 
         PQCVolume(vol, keystore=ks, read_only=True).open()
     rc, text = _victim_cli(capsys, monkeypatch, "volume", "info", str(vol))
     assert rc == 12 and "no key commitment" in text
+    from qwamos.volume.header_store import read_header
+
+    assert read_header(vol, keystore=ks).authenticated is False  # dump-header's check, and a VM start's
 
 
 def test_identity_swap_unsealed_over_sealed_is_refused(victim, capsys, monkeypatch):
@@ -312,6 +315,9 @@ def test_a_recovered_key_still_opens_its_committed_volume(victim):
     assert json.loads(doc)["version"] == 2
     other = PQCKeystore(victim["tmp"] / "other", passphrase=b"", argon2_params=CHEAP)
     assert other.import_key(doc, b"recovery pw") == key_id
+    from qwamos.volume.header_store import read_header
+
+    assert read_header(vol, keystore=other).authenticated is True
     with PQCVolume(vol, keystore=other, read_only=True) as v:
         assert v.header.features["key_commitment"]["compat"] == "incompat"
         assert v.read(0, len(SECRET)) == SECRET

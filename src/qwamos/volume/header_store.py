@@ -424,8 +424,9 @@ class HeaderStore:
 
 
 class UnverifiedHeader(dict):
-    """The header's JSON fields as a plain dict, plus ``authenticated``: whether the MAC was checked and
-    passed.  When False the fields are only what the file claims."""
+    """The header's JSON fields as a plain dict, plus ``authenticated``: whether the MAC (and the key
+    commitment, when the provider can check it) was checked and passed.  When False the fields are only what
+    the file claims."""
 
     authenticated: bool = False
     copy: str = "A"  # which copy the fields come from (B when copy A is unreadable)
@@ -468,6 +469,9 @@ def read_header(path: str | os.PathLike[str], keystore: KeyProvider | None = Non
             key = check_volume_key(keystore.volume_key(result["key_id"]))
             mac_key = header_mac_key(key, bytes.fromhex(result["volume_uuid"]), result["format_version"])
             hdr.verify(p, data, mac_key)
+            # the key commitment too, when the provider can check it (2.5.1): a header made by someone who
+            # knows the key but not the key file's secret is not authentic either
+            check_commitment(p, hdr.validate(p, fields), key, keystore, {})
         except (HeaderCorruptError, KeystoreError):
             return result
         result.authenticated = True
