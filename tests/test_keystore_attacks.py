@@ -157,6 +157,21 @@ def test_knowing_the_volume_key_is_not_enough_to_forge_a_volume(victim, capsys, 
     from qwamos.volume.header_store import read_header
 
     assert read_header(vol, keystore=ks).authenticated is False  # dump-header's check, and a VM start's
+    # with a commitment, under a secret of their own: it does not verify
+
+    class Guessing(MemoryKeys):
+        def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
+            self.keys[key_id] = key
+            return key_id, key
+
+        def volume_commitment_secret(self, kid: str) -> tuple[bytes, bool]:
+            return bytes(32), True
+
+    fake = vol.with_name("guessed.qvol")
+    PQCVolume(fake, keystore=Guessing()).create("disk", vm_name="web", size_mb=1)
+    os.replace(fake, vol)
+    with pytest.raises(HeaderCorruptError, match="key commitment failed"):
+        PQCVolume(vol, keystore=ks, read_only=True).open()
 
 
 def test_identity_swap_unsealed_over_sealed_is_refused(victim, capsys, monkeypatch):
