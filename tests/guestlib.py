@@ -142,8 +142,11 @@ def run_guest(
     memory: int = 256,
     timeout: float = 180.0,
     extra: list[str] | None = None,
+    prefix: list[str] | None = None,
 ) -> str:
-    """Boot the guest until it powers off; return its console text.  Raises GuestError on timeout or failure."""
+    """Boot the guest until it powers off; return its console text.  Raises GuestError on timeout or failure.
+
+    ``prefix`` runs QEMU under a wrapper that execs it (``ip netns exec NS``), so QEMU stays the child."""
     serial_log = Path(serial_log)
     argv = qemu_command(
         arch, disk_args=disk_args, append=append, serial_log=serial_log, memory=memory, extra=extra
@@ -151,7 +154,11 @@ def run_guest(
     # QEMU itself is the child (no `timeout` wrapper whose death would orphan it), in its own process group,
     # killed with its group on timeout or on any exception here, and by the kernel if this process dies.
     proc = processes.spawn(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*(prefix or []), *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     timed_out = False
     try:
