@@ -117,6 +117,22 @@ def test_tcp_without_tls_is_refused_before_the_volume_is_opened(qvol):
         assert res.returncode == 2 and "--tls-dir" in res.stderr and "--insecure-no-tls" in res.stderr
 
 
+def test_the_library_refuses_a_plain_tcp_export_unless_told(tmp_path):
+    from qwamos.blockdev import FileBackend
+    from qwamos.errors import ExportError
+    from qwamos.nbd.server import ExportServer
+
+    img = tmp_path / "raw.img"
+    img.write_bytes(bytes(1 << 20))
+    backend = FileBackend(str(img))
+    try:
+        with pytest.raises(ExportError, match="needs TLS"):
+            ExportServer(backend, tcp=("127.0.0.1", 0))
+        ExportServer(backend, tcp=("127.0.0.1", 0), insecure_tcp=True)  # told: allowed (and warned by the CLI)
+    finally:
+        backend.close()
+
+
 def test_insecure_no_tls_serves_plain_tcp_with_a_loud_warning_even_on_loopback(qvol):
     vol, ks = qvol
     for addr in ("0", "0.0.0.0:0"):
@@ -124,6 +140,7 @@ def test_insecure_no_tls_serves_plain_tcp_with_a_loud_warning_even_on_loopback(q
             _proc,
             port,
             text,
+            _log,
         ):
             assert "WARNING" in text and "without TLS" in text and "every local user" in text
             with NBDClient.connect_tcp("127.0.0.1", port) as cl:
@@ -139,6 +156,7 @@ def test_tls_export_admits_only_clients_of_our_ca(qvol, certs):
         proc,
         port,
         text,
+        log,
     ):
         assert "WARNING" not in text and f"tls:127.0.0.1:{port}" in text
         # libnbd (GnuTLS) with our client certificate
@@ -176,6 +194,9 @@ def test_tls_export_admits_only_clients_of_our_ca(qvol, certs):
         with pytest.raises(ssl.SSLCertVerificationError):
             NBDClient.connect_tcp("127.0.0.1", port, tls=evil)
         assert proc.poll() is None  # refusals never hurt the server
+    # refused by the TLS handshake itself (CERT_REQUIRED against our CA), not only by a later check
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in log[0] and "CERTIFICATE_VERIFY_FAILED" in log[0], log[0]
+    assert "not allowed" not in log[0]
 
 
 def test_tls_allow_admits_only_named_clients(qvol, certs):
@@ -189,10 +210,11 @@ def test_tls_allow_admits_only_named_clients(qvol, certs):
         str(certs.server),
         "--tls-allow",
         "qemu1",
-    ) as (_proc, port, _text):
+    ) as (_proc, port, _text, log):
         assert run("nbdinfo", "--size", nbds_uri("127.0.0.1", port, certs.client)).stdout.strip() == str(SIZE)
         res = run("nbdinfo", "--size", nbds_uri("127.0.0.1", port, certs.other), ok=False)
         assert res.returncode != 0 and not res.stdout
+    assert "not allowed on this export" in log[0]
 
 
 def _sha(path: Path) -> str:

@@ -104,7 +104,7 @@ def test_vm_host_boots_the_guest_from_a_qvol_served_by_the_storage_host_over_mut
         "--tls-dir",
         str(certs.server),
         popen_prefix=tuple(hosts.on(hosts.storage)),
-    ) as (server, port, text):
+    ) as (server, port, text, log):
         assert f"tls:{hosts.storage_addr}:{PORT}" in text and "WARNING" not in text
         # the VM host: libnbd with our client certificate sees the export; without one, or with a certificate
         # of another CA, it is refused; plain NBD is refused
@@ -144,6 +144,7 @@ def test_vm_host_boots_the_guest_from_a_qvol_served_by_the_storage_host_over_mut
         )
         assert read.get("MARKER") == marker and read.get("READ") == wrote["WROTE"], read
         assert server.poll() is None
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in log[0] and "CERTIFICATE_VERIFY_FAILED" in log[0], log[0]
 
     # what the guest wrote is in the encrypted volume (read back here with the volume key)
     from qwamos.keystore import PQCKeystore

@@ -54,20 +54,23 @@ def qemu_tls_opts(host: str, port: int, certs: Path, node: str = "d0") -> tuple[
 @contextlib.contextmanager
 def serving_tcp(argv_prefix: list[str], vol: Path, *extra: str, popen_prefix: tuple[str, ...] = ()):
     """Serve ``vol`` (``argv_prefix`` = the keystore options) with ``extra`` options; yields (proc, port,
-    announce text).  ``popen_prefix`` runs the export under a wrapper (``ip netns exec NS``)."""
+    announce text, log): ``log`` (a list) receives the rest of the server's stderr once it has stopped.
+    ``popen_prefix`` runs the export under a wrapper (``ip netns exec NS``)."""
     proc = processes.spawn(
         [*popen_prefix, *SERVE, str(vol), *argv_prefix, *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+    log: list[str] = []
     try:
         lines = [proc.stderr.readline()]
         while "Serving" not in lines[-1]:
             assert lines[-1] or proc.poll() is None, f"server exited: {''.join(lines)}"
             lines.append(proc.stderr.readline())
         port = int(lines[-1].rsplit(":", 1)[1])
-        yield proc, port, "".join(lines)
+        yield proc, port, "".join(lines), log
     finally:
         processes.stop(proc, signal.SIGTERM, grace=20)
+        log.append(proc.stderr.read())
         proc.stderr.close()
