@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import processes
 from nbd_helpers import SERVE
 from qwamos.nbd.client import NBDClient, nbd_answers
 from qwamos.pidfile import wait_until
@@ -33,7 +34,7 @@ def deep_dir():
 def raw_export(directory: Path, *extra: str):
     """The export as the supervisor runs it: cwd = the directory, a bare socket name; a raw 1 MiB image."""
     (directory / "disk.img").write_bytes(bytes(1 << 20))
-    proc = subprocess.Popen(
+    proc = processes.spawn(
         [*SERVE, "disk.img", "--raw", "--socket", "export.sock", *extra],
         cwd=directory,
         stderr=subprocess.PIPE,
@@ -41,9 +42,7 @@ def raw_export(directory: Path, *extra: str):
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(20)
+        processes.stop(proc, signal.SIGTERM, grace=20)  # then SIGKILL: nothing outlives a failing test
         proc.stderr.close()
 
 
