@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import processes
-from nbd_helpers import SERVE, serving, uri, wait_answers
+from nbd_helpers import SERVE, SERVE_CLI, serving, uri, wait_answers
 from qwamos.keystore import PQCKeystore
 from qwamos.nbd.client import NBDClient
 from qwamos.volume import PQCVolume
@@ -40,9 +40,11 @@ def vols(tmp_path) -> tuple[Path, Path, Path]:
     return a, b, ks
 
 
-def serve_once(vol: Path, ks: Path, sock: Path, *extra: str) -> subprocess.CompletedProcess:
+def serve_once(
+    vol: Path, ks: Path, sock: Path, *extra: str, program: list[str] = SERVE
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*SERVE, str(vol), "--socket", str(sock), "--keystore", str(ks), *extra],
+        [*program, str(vol), "--socket", str(sock), "--keystore", str(ks), *extra],
         capture_output=True,
         text=True,
         timeout=60,
@@ -58,7 +60,8 @@ def assert_first_export_still_serves(sock: Path, marker: bytes) -> None:
     assert json.loads(res.stdout)["exports"][0]["export-size"] == SIZE
 
 
-def test_refused_foreground_server_leaves_the_running_export_s_socket(vols, short_dir):
+@pytest.mark.parametrize("program", [SERVE, SERVE_CLI], ids=["export-program", "qwamos-volume-serve"])
+def test_refused_foreground_server_leaves_the_running_export_s_socket(vols, short_dir, program):
     a, b, ks = vols
     sock = short_dir / "s"
     marker = b"A" * 4096
@@ -68,7 +71,7 @@ def test_refused_foreground_server_leaves_the_running_export_s_socket(vols, shor
             cl.flush()
         before = sock.lstat()
         for _ in range(2):  # a second refusal too: nothing accumulates
-            res = serve_once(b, ks, sock)
+            res = serve_once(b, ks, sock, program=program)
             assert res.returncode == 30, res.stderr
             assert "already listening" in res.stderr
         after = sock.lstat()
