@@ -14,8 +14,16 @@ LINT_PATHS := src tests bench tools hypervisor/scripts
 
 DEPS_STAMP := build/.deps.stamp
 VENV_STAMP := $(VENV)/.installed.stamp
+# Every Python package a venv gets (runtime, dev tools, pip, the build backend) comes from this lock, pinned
+# with hashes for Python 3.11-3.13 (uv's --universal markers); the project itself is then installed with
+# --no-deps --no-build-isolation, so nothing unpinned or unhashed is fetched.  `make lock` regenerates it.
+LOCK := requirements/ci.lock
+LOCK_INPUTS := pyproject.toml requirements/build.in
+# uv only regenerates the lock (`make lock`); installing from it needs nothing but pip.
+UV_VERSION ?= 0.13.9
+LOCK_TOOL := build/lock-tool
 
-.PHONY: all deps venv pyc guest lint test demo demo-guest bench clean distclean
+.PHONY: all deps venv pyc guest lint test demo demo-guest bench clean distclean lock dist
 
 all: test
 
@@ -25,11 +33,22 @@ $(DEPS_STAMP): scripts/install-deps.sh
 	mkdir -p build && touch $@
 
 venv: $(VENV_STAMP)
-$(VENV_STAMP): pyproject.toml | $(DEPS_STAMP)
+$(VENV_STAMP): pyproject.toml $(LOCK) | $(DEPS_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --require-hashes -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# Regenerate the lock after changing dependencies in pyproject.toml or requirements/build.in (then commit it).
+# Add --upgrade (make lock LOCK_FLAGS=--upgrade) to move every pin to the newest release.
+lock:
+	test -x $(LOCK_TOOL)/bin/uv || { $(PYTHON) -m venv $(LOCK_TOOL) && $(LOCK_TOOL)/bin/pip install -q 'uv==$(UV_VERSION)'; }
+	$(LOCK_TOOL)/bin/uv pip compile -q $(LOCK_INPUTS) --extra dev --generate-hashes --universal \
+		--python-version 3.11 --custom-compile-command 'make lock' $(LOCK_FLAGS) -o $(LOCK)
+
+# A wheel and an sdist in build/dist, built with the locked backend (no download).
+dist: venv
+	$(PY) -m build --no-isolation --sdist --wheel --outdir build/dist .
 
 guest: deps
 	for arch in $(GUEST_ARCHES); do $(PYTHON) tools/build_guest.py $$arch build/guest/$$arch || exit 1; done

@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VERSIONS=(${QWAMOS_OTHER_PYTHONS:-3.12 3.13})
+# The same hashed lock as the Makefile's venv (it covers 3.11-3.13), then the project without dependencies.
+LOCK=requirements/ci.lock
 DATA_PATH_TESTS=(tests/test_crypto.py tests/test_volume_*.py tests/test_keystore_*.py tests/test_nbd_*.py tests/test_migrate_*.py)
 
 find_python() {
@@ -32,11 +34,11 @@ for v in "${VERSIONS[@]}"; do
     fi
     venv=.venv-$v
     stamp=$venv/.installed.stamp
-    if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
-        echo "test-other-pythons: building $venv from $py"
+    if [[ ! -f $stamp || pyproject.toml -nt $stamp || $LOCK -nt $stamp ]]; then
+        echo "test-other-pythons: building $venv from $py (packages from $LOCK)"
         [[ -x $venv/bin/python ]] || "$py" -m venv "$venv"
-        "$venv/bin/python" -m pip install -q -U pip
-        "$venv/bin/python" -m pip install -q -e '.[dev]'
+        "$venv/bin/python" -m pip install -q --require-hashes -r "$LOCK"
+        "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
         touch "$stamp"
     fi
     echo "test-other-pythons: data-path tests under $("$venv/bin/python" --version)"

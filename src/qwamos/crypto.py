@@ -125,6 +125,21 @@ def new_scrub_bytes(size: int) -> bytes:
     return random_bytes(size)
 
 
+# --- what is in use ---------------------------------------------------------------------------------
+
+
+def library_versions() -> dict[str, str]:
+    """The crypto library's version and the OpenSSL it is linked against, for ``qwamos --version``.
+
+    An operator (or a bug report) needs the versions actually loaded, not the ones a lock or a distribution
+    promised: a wheel bundles its own OpenSSL, a distro build links the system's.
+    """
+    import cryptography
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    return {"cryptography": cryptography.__version__, "openssl": backend.openssl_version_text()}
+
+
 # --- AEAD ---------------------------------------------------------------------------------------------
 
 

@@ -34,6 +34,26 @@ COMMAND_GROUPS = {
 COMMAND_MODULES = tuple(COMMAND_GROUPS.values())
 
 
+def version_text() -> str:
+    """``qwamos --version``: the package's version and the crypto library and OpenSSL actually loaded."""
+    from qwamos.crypto import library_versions
+
+    libs = library_versions()
+    return f"qwamos {__version__}\ncryptography {libs['cryptography']}\n{libs['openssl']}"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked: building the text imports the crypto library, which building
+    the parser (every command, ``--help``) should not pay for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: object, values: object, option: object = None):
+        print(version_text())
+        parser.exit()
+
+
 def _requested_group(argv: Sequence[str] | None) -> str | None:
     """The command group argv names, if any: its first word that is not an option.
 
@@ -54,7 +74,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 warning, 2 error/usage, 10-19 volume, 20-29 keystore, "
         "30-39 export, 40-49 VM, 50-59 migration.  See README.md.",
     )
-    parser.add_argument("--version", action="version", version=f"qwamos {__version__}")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print the version and the crypto library's versions, and exit"
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     group = _requested_group(argv)
