@@ -33,6 +33,7 @@ MAP: dict[str, list[str]] = {
     "errors": ["test_errors.py"],
     "fsutil": ["test_fsutil.py"],
     "pidfile": ["test_pidfile.py"],
+    "nodump": ["test_keypipe.py", "test_secrets_env.py"],
     "strictjson": ["test_strictjson.py", "test_keystore_security.py"],
     "hypervisor.config": ["test_config.py"],
     "hypervisor.console": ["test_console.py"],
@@ -60,7 +61,7 @@ MAP: dict[str, list[str]] = {
     "keystore.keyfile": [*KEYSTORE, "test_crypto.py"],
     "keystore.keystore": [*KEYSTORE, "test_keystore_attacks.py"],
     "keystore.metadata": KEYSTORE,
-    "keystore.passphrase": ["test_keystore_api.py", "test_key_cli.py"],
+    "keystore.passphrase": ["test_keystore_api.py", "test_key_cli.py", "test_keypipe.py", "test_secrets_env.py"],
     "keystore.pin": ["test_keystore_attacks.py", "test_crypto.py", *KEYSTORE],
     "keystore.users": ["test_keystore_attacks.py", "test_key_cli.py"],
     "keystore.recovery": KEYSTORE,
@@ -78,6 +79,7 @@ MAP: dict[str, list[str]] = {
     "nbd.control_protocol": ["test_nbd_control_protocol.py"],
     "nbd.control_server": ["test_nbd_control.py", "test_nbd_control_live.py"],
     "nbd.daemon": ["test_nbd_qemu.py", "test_nbd_socket_ownership.py"],
+    "nbd.keypipe": ["test_keypipe.py", "test_secrets_env.py"],
     "nbd.export": ["test_nbd_export.py", "test_nbd_qemu.py", "test_nbd_socket_ownership.py"],
     "nbd.protocol": ["test_nbd_protocol.py", "test_nbd_pipelining.py", "test_nbd_tls_protocol.py"],
     "nbd.quiesce": ["test_nbd_control.py", "test_nbd_control_live.py"],
@@ -97,6 +99,7 @@ MAP: dict[str, list[str]] = {
     "volume.repair": ["test_volume_repair.py"],
     "volume.slotio": ["test_volume_roundtrip.py", "test_volume_failing_slots.py", "test_volume_full.py"],
     "volume.slots": ["test_volume_vectors.py", "test_volume_nonce.py"],
+    "volume.unlock": ["test_keypipe.py", "test_secrets_env.py"],
     "volume.volume": ["test_volume_roundtrip.py", "test_volume_model.py", "test_volume_tamper.py"],
 }
 

@@ -1,7 +1,8 @@
 """``qwamos key [--keystore DIR] init|identity|list|show|delete|rotate|export|import``.
 
 Thin over :class:`qwamos.keystore.PQCKeystore`.  Passphrases never come from argv: the keystore one from
-``--passphrase-fd N``, ``$QWAMOS_PASSPHRASE`` or a prompt; the recovery-file one from
+``--passphrase-fd N``, ``--passphrase-file PATH``, systemd credentials, ``$QWAMOS_PASSPHRASE`` or a prompt
+(every action accepts the options, :mod:`qwamos.cli.keystore_args`); the recovery-file one from
 ``--recovery-passphrase-fd N``, ``$QWAMOS_RECOVERY_PASSPHRASE``, ``$QWAMOS_PASSPHRASE`` or a prompt.
 """
 
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qwamos.cli.keystore_args import open_keystore
+from qwamos.cli.keystore_args import add_keystore_args, open_keystore
 from qwamos.cli.output import emit_json, message, warn
 from qwamos.errors import InvalidArgument, KeyExistsError, KeyNotFoundError
 from qwamos.keystore import PQCKeystore, read_passphrase
@@ -28,20 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keystore", type=Path, default=None, metavar="DIR", help=_KEYSTORE_HELP)
     ksub = p.add_subparsers(dest="key_command", metavar="ACTION", required=True)
 
-    def action(name: str, help_: str, func: Any, *, json_out: bool = True, passphrase: bool = False) -> Any:
+    def action(name: str, help_: str, func: Any, *, json_out: bool = True, passphrase: bool = True) -> Any:
         a = ksub.add_parser(name, help=help_)
         # Also accepted after the action; SUPPRESS keeps it from overriding the group-level value.
         a.add_argument("--keystore", type=Path, default=argparse.SUPPRESS, metavar="DIR", help=_KEYSTORE_HELP)
         if json_out:
             a.add_argument("--json", action="store_true", help="print the result as JSON")
         if passphrase:
-            a.add_argument(
-                "--passphrase-fd",
-                type=int,
-                default=None,
-                metavar="N",
-                help="read the keystore passphrase from file descriptor N (else $QWAMOS_PASSPHRASE or a prompt)",
-            )
+            add_keystore_args(a, keystore=False)
         a.set_defaults(func=func)
         return a
 
@@ -100,7 +95,13 @@ def _print_fields(fields: dict[str, Any]) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    pp = read_passphrase(fd=args.passphrase_fd, prompt="New keystore passphrase (empty: none): ", confirm=True)
+    pp = read_passphrase(
+        fd=args.passphrase_fd,
+        file=args.passphrase_file,
+        credentials=True,
+        prompt="New keystore passphrase (empty: none): ",
+        confirm=True,
+    )
     ks = PQCKeystore(args.keystore, passphrase=lambda: pp)
     info = ks.init_identity()
     if args.json:
@@ -113,7 +114,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_identity(args: argparse.Namespace) -> int:
-    ks = PQCKeystore(args.keystore)
+    ks = open_keystore(args)
     info = ks.identity_info()
     if info is None:
         message(f"{ks.path} has no identity yet (it is created with the first key, or by 'qwamos key init')")
@@ -138,7 +139,7 @@ def _users_text(usage: dict[str, Any]) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    ks = PQCKeystore(args.keystore)
+    ks = open_keystore(args)
     keys = [k if "error" in k else _with_usage(ks, k) for k in ks.list_keys()]
     if args.json:
         emit_json(keys)
@@ -175,7 +176,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     # a forged file is refused here too.  A sealed identity without a passphrase only with --verify.
     ident = ks.identity_info()
     quiet = ident is not None and (
-        not ident["sealed"] or args.passphrase_fd is not None or bool(os.environ.get("QWAMOS_PASSPHRASE"))
+        not ident["sealed"]
+        or args.passphrase_fd is not None
+        or args.passphrase_file is not None
+        or bool(os.environ.get("QWAMOS_PASSPHRASE"))
     )
     verify = args.verify or quiet
     if verify:
@@ -197,7 +201,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    ks = PQCKeystore(args.keystore)
+    ks = open_keystore(args)
     if not ks.has_key(args.key_id):  # before asking anything; a damaged key can still be deleted
         raise KeyNotFoundError(key_id=args.key_id, keystore=str(ks.path))
     if not args.force:

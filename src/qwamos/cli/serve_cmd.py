@@ -1,16 +1,26 @@
 """``qwamos volume serve VOL.qvol --socket PATH``: the volume as an NBD export for QEMU.
 
 Thin over :mod:`qwamos.nbd.export` (the lifecycle and its options live there).  Foreground by default
-(SIGTERM/SIGINT flush and exit 0); ``--daemon --pidfile F`` for supervisors.  The keystore passphrase comes
-from ``QWAMOS_PASSPHRASE`` or ``--passphrase-fd``, never from argv.
+(SIGTERM/SIGINT flush and exit 0); ``--daemon --pidfile F`` for supervisors.
+
+This command is only the *starting* process: it unwraps the volume key (the keystore passphrase comes from
+``--passphrase-fd``, ``--passphrase-file``, systemd credentials, ``QWAMOS_PASSPHRASE`` or a prompt, never
+from argv), verifying the header MAC, then replaces itself (``execve``, same pid) with the export program
+``python -m qwamos.nbd.export``, which gets the key through the key pipe (:mod:`qwamos.nbd.keypipe`) and the
+allow-listed environment: the long-running export holds no passphrase, and ``QWAMOS_PASSPHRASE`` does not
+survive into its ``/proc/<pid>/environ``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sys
 
+from qwamos import pidfile
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
-from qwamos.cli.output import message
+from qwamos.hypervisor import tools
 from qwamos.nbd import export
 
 
@@ -27,7 +37,22 @@ def register_serve(vsub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     spec = export.spec_from_args(args)
-    export.serve(spec, keystore=lambda: open_keystore(args), announce=message)
-    if not spec.daemon:
-        message("Export stopped; volume flushed and closed.")
-    return 0
+    argv = export.command_for_spec(spec, verbose=min(getattr(args, "verbose", 0) or 0, 2))
+    if spec.pidfile is not None:  # refuse a served export before asking for any key (as the export would)
+        pidfile.claim_pidfile(spec.pidfile.absolute(), export.pidfile_busy)
+    pass_fd = None
+    if not spec.raw:
+        from qwamos.nbd.keypipe import key_pipe
+        from qwamos.volume.unlock import unlock_key
+
+        key_id, key = unlock_key(spec.path, open_keystore(args))
+        pass_fd = key_pipe(key)
+        os.set_inheritable(pass_fd, True)
+        argv += export.key_args(pass_fd, key_id)
+    if args.passphrase_fd is not None:  # read already; the export does not inherit it
+        with contextlib.suppress(OSError):
+            os.close(args.passphrase_fd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, tools.environment(python=True))  # noqa: S606 (argv list, no shell)
+    return 0  # not reached

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qwamos.cli.keystore_args import add_keystore_args, open_keystore
 from qwamos.cli.output import emit_json, message, warn
 from qwamos.errors import VMStateError
 from qwamos.hypervisor import console
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp = add("info", "the VM's configuration, accelerator and encryption", cmd_info)
     sp.add_argument("--json", action="store_true")
     sp = add("start", "start the VM (in the background)", cmd_start)
+    add_keystore_args(sp, keystore=False)  # the volume key is unwrapped here, never in the VM's processes
     sp.add_argument("--foreground", action="store_true", help="attach the serial console until the VM exits")
     sp = add("stop", "stop the VM: ACPI powerdown, hard stop after --timeout", cmd_stop)
     sp.add_argument("--timeout", type=float, default=DEFAULT_STOP_TIMEOUT, help="seconds to wait for the guest")
@@ -82,13 +84,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _manager(args: argparse.Namespace) -> VMManager:
+    """The manager; its keystore (opened only by a start that needs a volume key) asks for the passphrase
+    through the shared options: --passphrase-fd/--passphrase-file, systemd credentials, the environment
+    or a prompt."""
     keystore = getattr(args, "keystore", None)
-    factory = None
-    if keystore is not None or getattr(args, "passphrase_fd", None) is not None:
-        from qwamos.cli.keystore_args import open_keystore
 
-        def factory() -> Any:
-            return open_keystore(args)
+    def factory() -> Any:
+        return open_keystore(args)
 
     return VMManager(getattr(args, "root", None), keystore=keystore, keystore_factory=factory)
 

@@ -101,6 +101,7 @@ class DiskPlan:
     export_argv: list[str] | None = None
     new_volume: Path | None = None  # an encrypted volume to create with a new key
     new_qcow2: Path | None = None  # a qcow2 image to create
+    volume: Path | None = None  # the encrypted volume the export serves (its key is unwrapped at start)
 
 
 @dataclass
@@ -351,7 +352,8 @@ class VMManager:
         created = CreatedDisk()
         try:
             self.create_disk(cfg, plan.disk, created)
-            self._launch(self.run_dir(name), plan.argv, plan.disk.export_argv)
+            key = self.unlock_disk(plan.disk, created)
+            self._launch(self.run_dir(name), plan.argv, plan.disk.export_argv, key=key)
             self.record_disk(cfg, created)
         except BaseException:
             self.undo_start(name, created)
@@ -405,6 +407,7 @@ class VMManager:
             Disk("nbd", RunDir.EXPORT),
             export_argv=self._export_argv(vol),
             new_volume=None if vol.exists() else vol,
+            volume=vol,
         )
 
     def _export_argv(self, vol: Path) -> list[str]:
@@ -426,6 +429,18 @@ class VMManager:
         elif disk.new_qcow2 is not None:
             self._create_qcow2(disk.new_qcow2, cfg)
             created.path = disk.new_qcow2
+
+    def unlock_disk(self, disk: DiskPlan, created: CreatedDisk) -> tuple[str, bytes] | None:
+        """Unwrap the encrypted disk's key here, in the starting process (the only one that may ask for a
+        passphrase), verifying its header MAC; the export gets the key through the key pipe
+        (:mod:`qwamos.nbd.keypipe`).  None for an unencrypted VM."""
+        if disk.export_argv is None or disk.volume is None:
+            return None
+        from qwamos.volume.unlock import unlock_key
+
+        if created.keystore is None:
+            created.keystore = self._keystore()
+        return unlock_key(disk.volume, created.keystore)
 
     def record_disk(self, cfg: VMConfig, created: CreatedDisk) -> None:
         """Once the VM runs: write a new volume's key ID, cipher and path into the config."""
@@ -483,30 +498,55 @@ class VMManager:
                 image.unlink()
             raise QemuError(f"qemu-img create {image}: {out.stderr.decode(errors='replace').strip()}")
 
-    def _launch(self, run: RunDir, argv: list[str], export_argv: list[str] | None) -> None:
-        """Start the supervisor and wait for its one-line verdict on the status pipe."""
+    def _launch(
+        self,
+        run: RunDir,
+        argv: list[str],
+        export_argv: list[str] | None,
+        *,
+        key: tuple[str, bytes] | None = None,
+    ) -> None:
+        """Start the supervisor and wait for its one-line verdict on the status pipe.
+
+        ``key`` (key ID, volume key) goes to the export through a key pipe the supervisor inherits and
+        passes on (its number is in launch.json; the key is never written anywhere).  The supervisor gets
+        the allow-listed environment of every child (:func:`qwamos.hypervisor.tools.environment`): no
+        ``QWAMOS_PASSPHRASE`` or other secret reaches it, the export or QEMU.
+        """
+        from qwamos.nbd.export import key_args
+        from qwamos.nbd.keypipe import key_pipe
+
         run.create()
         run.clear()
         if run.serial_log.exists():  # one log per boot; the previous one is kept beside it
             os.replace(run.serial_log, run.serial_log.with_name(run.serial_log.name + ".1"))
-        fd = os.open(run.launch_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"qemu": argv, "export": export_argv, "ready_timeout": 30}, f, indent=1)
-        rfd, wfd = os.pipe()
+        key_fd = key_pipe(key[1]) if key is not None and export_argv else None
         try:
-            log_fd = os.open(run.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            with os.fdopen(log_fd, "ab") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "qwamos.hypervisor.supervisor", str(run.path), str(wfd)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    pass_fds=(wfd,),
-                    start_new_session=True,
-                    close_fds=True,
-                )
+            if key_fd is not None and export_argv is not None and key is not None:
+                export_argv = [*export_argv, *key_args(key_fd, key[0])]
+            launch = {"qemu": argv, "export": export_argv, "export_key_fd": key_fd, "ready_timeout": 30}
+            fd = os.open(run.launch_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(launch, f, indent=1)
+            rfd, wfd = os.pipe()
+            try:
+                log_fd = os.open(run.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                with os.fdopen(log_fd, "ab") as log:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "qwamos.hypervisor.supervisor", str(run.path), str(wfd)],
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=log,
+                        pass_fds=(wfd,) if key_fd is None else (wfd, key_fd),
+                        start_new_session=True,
+                        close_fds=True,
+                        env=tools.environment(python=True),
+                    )
+            finally:
+                os.close(wfd)
         finally:
-            os.close(wfd)
+            if key_fd is not None:
+                os.close(key_fd)  # the supervisor has its copy; the key is in the pipe, not in this process
         with os.fdopen(rfd, "rb") as status:
             ready, _, _ = select.select([status], [], [], START_TIMEOUT)
             line = status.readline() if ready else b""

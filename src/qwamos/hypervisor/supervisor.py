@@ -12,7 +12,14 @@ The supervisor reads ``launch.json`` (argv lists only; no secret is ever written
    ``stopped`` after a guest poweroff or a requested stop, ``crashed`` (with the reason) otherwise.
 
 Children get ``PR_SET_PDEATHSIG=SIGTERM``: if the supervisor itself is killed, QEMU and the export are told to
-exit rather than being orphaned.  QEMU runs with the secret-free environment from :mod:`qwamos.hypervisor.qemu`.
+exit rather than being orphaned.  Both run with the allow-listed environment of :mod:`qwamos.hypervisor.tools`
+(the supervisor itself was started with it): no ``QWAMOS_PASSPHRASE`` anywhere in the VM's processes.
+
+Keys: ``launch.json``'s ``export_key_fd`` names the key pipe ``start`` created (:mod:`qwamos.nbd.keypipe`).
+The supervisor never reads it: it passes the descriptor to the export (``pass_fds``) and closes its own copy
+at once, before QEMU is started, so QEMU inherits no key material and no key descriptor.  The supervisor is
+non-dumpable while it holds the descriptor (another process of our uid cannot open it through
+``/proc/<pid>/fd``), and stays so.
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qwamos.hypervisor import tools
 from qwamos.hypervisor.process import RunDir, exit_description, qmp_status, stop_export, stop_qemu
 from qwamos.hypervisor.qemu import qemu_environment
 from qwamos.nbd.client import nbd_answers
+from qwamos.nodump import make_non_dumpable
 from qwamos.pidfile import ProcRef, write_pidfile
 
 STOP_REQUEST = "stop-requested"
@@ -59,7 +68,9 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " / ".join(line.strip() for line in text[-lines:] if line.strip())
 
 
-def _spawn(argv: list[str], run: RunDir, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _spawn(
+    argv: list[str], run: RunDir, log: Path, env: dict[str, str], pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
             argv,
@@ -69,7 +80,8 @@ def _spawn(argv: list[str], run: RunDir, log: Path, env: dict[str, str]) -> subp
             stdout=out,
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,  # safe: the supervisor is single-threaded
-            close_fds=True,
+            close_fds=True,  # only pass_fds (the export's key pipe) cross: never a key descriptor into QEMU
+            pass_fds=pass_fds,
         )
 
 
@@ -99,6 +111,13 @@ def _wait_ready(
         time.sleep(interval)
 
 
+def _close_key_fd(fd: object) -> None:
+    """Drop the supervisor's copy of the key pipe (the export has its own, or the start failed)."""
+    if isinstance(fd, int):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 class Supervisor:
     def __init__(self, run: RunDir) -> None:
         self.run = run
@@ -111,8 +130,18 @@ class Supervisor:
     def start(self) -> None:
         timeout = float(self.launch.get("ready_timeout", 30))
         export_argv = self.launch.get("export")
+        key_fd = self.launch.get("export_key_fd")
         if export_argv:
-            self.export = _spawn(export_argv, self.run, self.run.export_log, dict(os.environ))
+            try:
+                self.export = _spawn(
+                    export_argv,
+                    self.run,
+                    self.run.export_log,
+                    tools.environment(python=True),
+                    pass_fds=(key_fd,) if isinstance(key_fd, int) else (),
+                )
+            finally:
+                _close_key_fd(key_fd)
             self.export_ref = ProcRef.of(self.export.pid)
             write_pidfile(self.run.export_pid, self.export_ref)
             _wait_ready(
@@ -203,6 +232,7 @@ def _cleanup(run: RunDir) -> None:
 
 
 def main(run_dir: str, status_fd: int) -> int:
+    make_non_dumpable()  # it holds the export's key pipe until the export has started
     run = RunDir(Path(run_dir))
     os.umask(0o077)  # sockets, logs and pidfiles created from here on (by us, QEMU, the export) are 0600
     write_pidfile(run.supervisor_pid, ProcRef.of(os.getpid()))

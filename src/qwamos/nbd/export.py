@@ -7,7 +7,12 @@ before the fork, so it reaches the caller with its exit code.  :func:`serve` is 
 supervisor launches :func:`command`'s argv (this module as a program) and ``qwamos volume serve`` is a thin
 CLI over the same :func:`add_arguments` / :func:`spec_from_args` / :func:`serve`.
 
-The passphrase comes from ``QWAMOS_PASSPHRASE`` or ``--passphrase-fd``, never from argv.
+Keys: a VM start (and ``qwamos volume serve``) unwraps the volume key in the starting process and hands it
+over with ``--key-fd N --key-id ID`` (the key pipe, :mod:`qwamos.nbd.keypipe`), so that this long-running
+process never holds a passphrase and is started with a scrubbed environment.  Run by hand without
+``--key-fd``, it opens the keystore itself (passphrase from ``--passphrase-fd``, ``--passphrase-file``,
+systemd credentials, ``QWAMOS_PASSPHRASE`` or a prompt; never from argv).  Either way it marks itself
+non-dumpable (:mod:`qwamos.nodump`) before it reads a key.
 """
 
 from __future__ import annotations
@@ -119,7 +124,7 @@ def _default_keystore() -> Any:
     return PQCKeystore()
 
 
-def _pidfile_busy(message: str) -> ExportError:
+def pidfile_busy(message: str) -> ExportError:
     return ExportError(f"{message}; is the export already served?")
 
 
@@ -140,7 +145,7 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
 
         tls = server_tls(spec.tls_dir, spec.tls_allow or None)  # refused before the volume is opened
     if pid_path is not None:
-        pidfile.claim_pidfile(pid_path, _pidfile_busy)
+        pidfile.claim_pidfile(pid_path, pidfile_busy)
     backend = open_backend(spec, keystore)
     try:
         server = ExportServer(
@@ -298,31 +303,89 @@ def command(
     return argv
 
 
+def key_args(fd: int, key_id: str) -> list[str]:
+    """The options that hand the export its volume key through the key pipe ``fd`` (:mod:`.keypipe`)."""
+    return ["--key-fd", str(fd), "--key-id", key_id]
+
+
+def command_for_spec(spec: ExportSpec, *, verbose: int = 0) -> list[str]:
+    """The export program's argv that serves ``spec`` (what ``qwamos volume serve`` execs into)."""
+    argv = [sys.executable, "-m", "qwamos.nbd.export", *(["-" + "v" * verbose] if verbose else [])]
+    argv.append(os.fspath(spec.path))
+    if spec.unix_path is not None:
+        argv += ["--socket", os.fspath(spec.unix_path)]
+    if spec.tcp is not None:
+        host, port = spec.tcp
+        argv += ["--tcp", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if spec.name:
+        argv += ["--name", spec.name]
+    argv += ["--socket-mode", f"{spec.socket_mode:04o}", "--max-connections", str(spec.max_connections)]
+    for flag, on in (("--read-only", spec.read_only), ("--daemon", spec.daemon), ("--raw", spec.raw)):
+        if on:
+            argv.append(flag)
+    if spec.pidfile is not None:
+        argv += ["--pidfile", os.fspath(spec.pidfile)]
+    if spec.log_file is not None:
+        argv += ["--log-file", os.fspath(spec.log_file)]
+    if spec.control is None:
+        argv.append("--no-control")
+    elif spec.control_required:
+        argv += ["--control", os.fspath(spec.control)]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m qwamos.nbd.export VOL --socket S [--keystore DIR] [--passphrase-fd N] ...``: the export as
     a program, without the CLI's other command groups.  Messages and exit codes as ``qwamos volume serve``."""
-    from qwamos.keystore import PQCKeystore
-    from qwamos.keystore.passphrase import cached_passphrase
+    from qwamos.keystore.passphrase import add_passphrase_arguments
+    from qwamos.nodump import make_non_dumpable
 
     parser = argparse.ArgumentParser(prog="python -m qwamos.nbd.export", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0)
     add_arguments(parser)
     parser.add_argument("--keystore", type=Path, default=None, metavar="DIR", help="keystore directory")
-    parser.add_argument("--passphrase-fd", type=int, default=None, metavar="N", help="read the passphrase here")
+    add_passphrase_arguments(parser)
+    parser.add_argument(
+        "--key-fd", type=int, default=None, metavar="N", help="read the 32-byte volume key from this pipe"
+    )
+    parser.add_argument("--key-id", default=None, metavar="ID", help="with --key-fd: the key's ID")
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="qwamos: %(levelname)s: %(message)s", stream=sys.stderr)
+    make_non_dumpable()  # before any key or passphrase is read: no core dump, no /proc/<pid>/mem for others
 
     def body() -> None:
+        if (args.key_fd is None) != (args.key_id is None):
+            raise InvalidArgument("--key-fd and --key-id go together")
+        keystore = _key_from_pipe(args) if args.key_fd is not None else _keystore_from_args(args)
         spec = spec_from_args(args)
-        passphrase = cached_passphrase(fd=args.passphrase_fd, prompt="Keystore passphrase: ")
-        serve(
-            spec,
-            keystore=lambda: PQCKeystore(args.keystore, passphrase=passphrase),
-            announce=lambda text: print(text, file=sys.stderr, flush=True),
-        )
+        serve(spec, keystore=keystore, announce=lambda text: print(text, file=sys.stderr, flush=True))
+        if not spec.daemon:
+            print("Export stopped; volume flushed and closed.", file=sys.stderr, flush=True)
 
     return run_main(body)
+
+
+def _key_from_pipe(args: argparse.Namespace) -> KeystoreFactory:
+    """Read the key pipe now (it is the first thing done, so a failed start never leaves it unread) and
+    return a provider of that one key."""
+    from qwamos.nbd.keypipe import read_key
+    from qwamos.volume.keys import SingleKeyProvider
+
+    key = read_key(args.key_fd)
+    try:
+        provider = SingleKeyProvider(args.key_id, key)
+    finally:
+        key[:] = bytes(len(key))
+    return lambda: provider
+
+
+def _keystore_from_args(args: argparse.Namespace) -> KeystoreFactory:
+    from qwamos.keystore import PQCKeystore
+    from qwamos.keystore.passphrase import passphrase_from_args
+
+    passphrase = passphrase_from_args(args, prompt="Keystore passphrase: ")
+    return lambda: PQCKeystore(args.keystore, passphrase=passphrase)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import struct
 from typing import Protocol, runtime_checkable
 
 from qwamos import crypto
+from qwamos.errors import InvalidArgument, KeyNotFoundError
 
 HEADER_MAC_INFO = b"qwamos/qvol/v1/header-mac"
 HEADER_MAC_INFO_V2 = b"qwamos/qvol/v2/header-mac"
@@ -85,3 +86,53 @@ def metadata_key(volume_key: bytes, uuid: bytes) -> bytes:
     """The key of sealed metadata entries (v2): separate from the data keys, so metadata encryptions never
     count against a data epoch's nonce budget."""
     return crypto.hkdf_sha256(volume_key, salt=uuid, info=METADATA_INFO)
+
+
+class SingleKeyProvider:
+    """A provider that knows one key: the volume key handed to the block export through its key pipe
+    (docs/nbd-export.md, "The key pipe").  The process that holds it never sees a keystore or a passphrase;
+    the header MAC is still verified with this key, so a key for another volume (or a swapped file) fails
+    as it would with the keystore."""
+
+    def __init__(self, key_id: str, key: bytes | bytearray) -> None:
+        self.key_id = key_id
+        self._key = bytearray(check_volume_key(key))
+
+    def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
+        raise InvalidArgument("this process holds one volume key and cannot create volumes")
+
+    def volume_key(self, key_id: str) -> bytes:
+        if key_id != self.key_id or not self._key:
+            raise KeyNotFoundError(key_id=key_id, keystore=f"the key handed to this process ({self.key_id})")
+        return bytes(self._key)
+
+    def discard_key(self, key_id: str) -> None:
+        """Nothing to discard: this provider never makes keys."""
+
+    def wipe(self) -> None:
+        """Overwrite this provider's copy (best effort: the volume keeps derived subkeys while open)."""
+        self._key[:] = bytes(len(self._key))
+        self._key = bytearray()
+
+
+class KeyRecorder:
+    """Wraps a provider and remembers each key it handed out, so that the starting process can unwrap a
+    volume's key once (opening the volume, which verifies the header MAC) and pass it on."""
+
+    def __init__(self, inner: KeyProvider) -> None:
+        self.inner = inner
+        self.keys: dict[str, bytes] = {}
+
+    def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
+        key_id, key = self.inner.new_volume_key(vm_name, volume_name)
+        self.keys[key_id] = check_volume_key(key)
+        return key_id, key
+
+    def volume_key(self, key_id: str) -> bytes:
+        key = check_volume_key(self.inner.volume_key(key_id))
+        self.keys[key_id] = key
+        return key
+
+    def discard_key(self, key_id: str) -> None:
+        self.keys.pop(key_id, None)
+        self.inner.discard_key(key_id)
