@@ -309,7 +309,8 @@ def key_args(fd: int, key_id: str) -> list[str]:
 
 
 def command_for_spec(spec: ExportSpec, *, verbose: int = 0) -> list[str]:
-    """The export program's argv that serves ``spec`` (what ``qwamos volume serve`` execs into)."""
+    """The export program's argv that serves ``spec`` (what ``qwamos volume serve`` execs into).  Every field
+    of :class:`ExportSpec` must round-trip through it (tests/test_nbd_export.py checks each one)."""
     argv = [sys.executable, "-m", "qwamos.nbd.export", *(["-" + "v" * verbose] if verbose else [])]
     argv.append(os.fspath(spec.path))
     if spec.unix_path is not None:
@@ -327,6 +328,12 @@ def command_for_spec(spec: ExportSpec, *, verbose: int = 0) -> list[str]:
         argv += ["--pidfile", os.fspath(spec.pidfile)]
     if spec.log_file is not None:
         argv += ["--log-file", os.fspath(spec.log_file)]
+    if spec.tls_dir is not None:
+        argv += ["--tls-dir", os.fspath(spec.tls_dir)]
+    for name in spec.tls_allow:
+        argv += ["--tls-allow", name]
+    if spec.insecure_no_tls:
+        argv.append("--insecure-no-tls")
     if spec.control is None:
         argv.append("--no-control")
     elif spec.control_required:
