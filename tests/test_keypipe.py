@@ -47,6 +47,16 @@ def test_key_pipe_carries_exactly_the_key_and_is_closed_by_the_reader():
     assert _closed(fd)
 
 
+def test_key_pipe_vector_of_docs_nbd_export():
+    """docs/nbd-export.md, "The key pipe": the key 00..1f is exactly these 32 bytes, then end-of-file."""
+    fd = key_pipe(bytes(range(32)))
+    try:
+        assert os.read(fd, 64) == bytes.fromhex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
+        assert os.read(fd, 64) == b""
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("data", [b"", b"x" * 31, b"x" * 33, b"x" * 4096], ids=["empty", "31", "33", "4096"])
 def test_a_short_or_long_key_pipe_is_refused_and_closed(data):
     fd = _pipe(data)
