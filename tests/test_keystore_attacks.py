@@ -391,3 +391,18 @@ def test_a_keystore_of_the_previous_version_is_upgraded_and_its_volumes_still_op
     (ks_dir / "identity.pin").write_text(json.dumps(pin.document(opened, True, {second: pin.file_digest(old)})))
     assert PQCKeystore(ks_dir, passphrase=b"pw").volume_key(second) == key
     assert json.loads((ks_dir / f"{second}.key").read_text())["version"] == 2
+
+
+def test_a_damaged_pin_is_refused_and_rewritten_once_deleted(victim):
+    ks_dir, key_id = victim["ks"], victim["key_id"]
+    from qwamos.errors import KeyFileCorruptError
+
+    pin_path = ks_dir / "identity.pin"
+    genuine = json.loads(pin_path.read_text())
+    forged = {**genuine, "identity_sealed": False}  # claiming "never sealed", without the identity's MAC
+    pin_path.write_text(json.dumps(forged))
+    with pytest.raises(KeyFileCorruptError, match="pin was not written by this keystore's identity"):
+        PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode()).volume_key(key_id)
+    pin_path.unlink()
+    assert PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode()).volume_key(key_id)
+    assert json.loads(pin_path.read_text()) == genuine
