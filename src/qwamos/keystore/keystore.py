@@ -438,7 +438,10 @@ class PQCKeystore:
         return self._unwrap(key_id).key
 
     def _unwrap(self, key_id: str) -> keyfile.Unwrapped:
-        self._read_key_doc(key_id)  # KeyNotFoundError / a malformed file before the passphrase is asked for
+        # KeyNotFoundError, a malformed file, a version 1 file the pin does not list: before any passphrase
+        doc, path = self._read_key_doc(key_id)
+        if doc["version"] == keyfile.VERSION_1:
+            self._check_listed_legacy(key_id, path)
         ident = self._open_identity(create=False)  # checks the pin; upgrades pinned version 1 files
         doc, path = self._read_key_doc(key_id)
         if doc["version"] == keyfile.VERSION_1:
