@@ -50,11 +50,24 @@ def test_spec_from_args():
         (("v.qvol",), "--socket PATH and/or --tcp"),
         (("v.qvol", "--socket", "s", "--daemon"), "--daemon needs --pidfile"),
         (("v.qvol", "--socket", "s", "--socket-mode", "rw"), "expected octal"),
+        (("v.qvol", "--tcp", "0"), "--tcp needs --tls-dir"),
+        (("v.qvol", "--tcp", "0", "--tls-dir", "d", "--insecure-no-tls"), "contradict"),
+        (("v.qvol", "--socket", "s", "--tls-dir", "d"), "apply to --tcp only"),
+        (("v.qvol", "--tcp", "0", "--insecure-no-tls", "--tls-allow", "x"), "--tls-allow needs --tls-dir"),
     ],
 )
 def test_spec_refusals(argv, words):
     with pytest.raises(InvalidArgument, match=words):
         export.spec_from_args(_args(*argv))
+
+
+def test_tls_options_reach_the_spec():
+    spec = export.spec_from_args(
+        _args("v.qvol", "--tcp", "0", "--tls-dir", "d", "--tls-allow", "a", "--tls-allow", "b")
+    )
+    assert spec.tls_dir == Path("d") and spec.tls_allow == ("a", "b") and not spec.insecure_no_tls
+    spec = export.spec_from_args(_args("v.qvol", "--tcp", "0", "--insecure-no-tls"))
+    assert spec.tls_dir is None and spec.insecure_no_tls
 
 
 def test_serve_refuses_before_opening_anything(tmp_path):
