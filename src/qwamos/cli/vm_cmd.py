@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qwamos.cli import vm_ops_cmd
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
 from qwamos.cli.output import emit_json, message, warn
 from qwamos.errors import VMStateError
@@ -81,6 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--network", default="nat", dest="network_mode", choices=NETWORK_MODES)
     sp.add_argument("--mac", default=None)
     sp.add_argument("--encrypted", action="store_true", help="storage.encryption.enabled: true")
+
+    vm_ops_cmd.register(add)
 
 
 def _manager(args: argparse.Namespace) -> VMManager:
