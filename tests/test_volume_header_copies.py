@@ -23,7 +23,7 @@ from qwamos.errors import HeaderCorruptError, ReadOnlyVolumeError, UnsupportedFe
 from qwamos.volume import PQCVolume, header_store, read_header
 from qwamos.volume import header as hdr
 from qwamos.volume.keys import header_mac_key
-from volume_helpers import file_digest, read_head, write_at
+from volume_helpers import file_digest, flip_byte, read_head, write_at
 
 BLOCKS = 40
 DATA = {i: bytes([i + 1]) * 4096 for i in range(0, BLOCKS, 3)}  # every third block written
@@ -92,7 +92,7 @@ def _tear(path, copy_offset, how):
     elif how == "flipped-magic":
         write_at(path, copy_offset + 3, b"\x00")
     elif how == "flipped-mac":
-        write_at(path, copy_offset + 4095, b"\x00")
+        flip_byte(path, copy_offset + 4095)
     else:
         raise AssertionError(how)
 

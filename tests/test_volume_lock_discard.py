@@ -11,7 +11,7 @@ import pytest
 
 from qwamos.errors import VolumeLockedError
 from qwamos.volume import PQCVolume
-from volume_helpers import read_slot
+from volume_helpers import flip_byte, read_slot
 
 MIB = 1024 * 1024
 
@@ -124,9 +124,7 @@ def test_check_reports_progress_and_bad_blocks_in_a_sparse_volume(tmp_path, keys
     with vol.open():
         for i in (0, 100_000, 262_143):
             vol.write_block(i, b"x")
-    fd = os.open(vol.path, os.O_WRONLY)
-    os.pwrite(fd, b"\x01", 4096 + 100_000 * 4128 + 50)
-    os.close(fd)
+    flip_byte(vol.path, 4096 + 100_000 * 4128 + 50)
     seen = []
     with PQCVolume(vol.path, keystore=keys, read_only=True) as v:
         assert v.check(progress=lambda done, total: seen.append((done, total))) == [100_000]

@@ -12,7 +12,7 @@ from qwamos.errors import HeaderCorruptError, InvalidArgument, NotAQvolError
 from qwamos.volume import PQCVolume, read_header
 from qwamos.volume import metadata as meta
 from qwamos.volume.header import MetadataRef
-from volume_helpers import write_at
+from volume_helpers import flip_byte, write_at
 
 BLOCKS = 20
 
@@ -95,12 +95,12 @@ def test_tampered_metadata_is_refused(vol, keys):
         ents = meta.entries(v.path, v._storage, v.header)
         root = v.header.metadata
     bitmap = ents["cbt/bitmap"]
-    write_at(vol.path, bitmap.offset + 10, b"\x02")
+    flip_byte(vol.path, bitmap.offset + 10)
     with PQCVolume(vol.path, keystore=keys, read_only=True) as v:
         with pytest.raises(HeaderCorruptError, match="damaged or was replaced"):
             v.read_metadata("cbt/bitmap")
         assert v.read_metadata("snapshots/names") == b"secret"  # the others are fine
-    write_at(vol.path, root.offset + 30, b"X")  # the root itself
+    flip_byte(vol.path, root.offset + 30)  # the root itself
     with PQCVolume(vol.path, keystore=keys, read_only=True) as v:
         with pytest.raises(HeaderCorruptError, match="metadata root does not match"):
             v.metadata_names()
@@ -185,7 +185,7 @@ def test_repair_reports_and_drops_damaged_metadata(vol, keys):
         v.write_metadata({"cbt/bitmap": b"\x07" * 9000, "snapshots/table": b"t" * 100})
         bitmap = meta.entries(v.path, v._storage, v.header)["cbt/bitmap"]
     assert repair(vol.path, keys, dry_run=True).metadata == "ok (2 entries)"
-    write_at(vol.path, bitmap.offset + 1, b"\x00")
+    flip_byte(vol.path, bitmap.offset + 1)
     report = repair(vol.path, keys)
     assert report.damaged_metadata == ["cbt/bitmap"] and report.exit_code == 12
     report = repair(vol.path, keys, zero_bad=True)

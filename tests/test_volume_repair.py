@@ -16,7 +16,7 @@ from qwamos.cli.main import main
 from qwamos.errors import HeaderCorruptError, TruncatedVolumeError
 from qwamos.volume import PQCVolume
 from qwamos.volume.repair import repair
-from volume_helpers import file_digest, write_at
+from volume_helpers import file_digest, flip_byte, write_at
 
 BLOCKS = 30
 SLOT = 4128
@@ -162,7 +162,7 @@ def test_repair_reports_and_zeroes_bad_blocks(vol, keys):
 
 
 def test_copy_a_damaged_and_copy_b_cut_off_says_so(vol, keys):
-    write_at(vol.path, 4095, b"\x00")  # copy A's MAC
+    flip_byte(vol.path, 4095)  # copy A's MAC
     _cut(vol.path, _slots_end() + 100)  # every slot there, copy B gone
     with pytest.raises(HeaderCorruptError, match=r"A: failed authentication.*B: past the end of the file"):
         PQCVolume(vol.path, keystore=keys, read_only=True).open()
@@ -201,7 +201,7 @@ def test_cli_check_and_repair_of_a_truncated_volume(env, capsys):
 
     with PQCVolume(disk, keystore=PQCKeystore()) as v:
         v.write(0, b"\x5a" * BLOCKS * 4096)
-    write_at(disk, 4096 + 3 * SLOT + 77, b"\xff")  # block 3 bad
+    flip_byte(disk, 4096 + 3 * SLOT + 77)  # block 3 bad
     _cut(disk, 4096 + 20 * SLOT + 10)
     capsys.readouterr()
     assert main(["volume", "check", str(disk), "--json"]) == 13

@@ -45,6 +45,17 @@ def write_at(path: Path, offset: int, data: bytes) -> None:
         os.close(fd)
 
 
+def flip_byte(path: Path | str, offset: int) -> None:
+    """Damage one byte for certain: XOR it with 0xFF.  (Writing a constant instead leaves the byte as it was
+    one time in 256 when it already held that value, and the test that expected damage then fails at random.)"""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        (old,) = os.pread(fd, 1, offset)
+        os.pwrite(fd, bytes([old ^ 0xFF]), offset)
+    finally:
+        os.close(fd)
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
