@@ -85,7 +85,7 @@ MAP: dict[str, list[str]] = {
     "nbd.export": ["test_nbd_export.py", "test_nbd_qemu.py", "test_nbd_socket_ownership.py"],
     "nbd.protocol": ["test_nbd_protocol.py", "test_nbd_pipelining.py", "test_nbd_tls_protocol.py"],
     "nbd.quiesce": ["test_nbd_control.py", "test_nbd_control_live.py"],
-    "nbd.tls": ["test_nbd_tls.py", "test_nbd_tls_netns.py"],
+    "nbd.tls": ["test_nbd_tls.py", "test_nbd_tls_server.py", "test_nbd_tls_netns.py"],
     "nbd.server": ["test_nbd_server.py", "test_nbd_pipelining.py", "test_nbd_block_sizes.py", "test_nbd_tls.py"],
     "storage.base": ["test_storage.py"],
     "storage.bitmap": ["test_storage.py"],
