@@ -23,7 +23,13 @@ LOCK_INPUTS := pyproject.toml requirements/build.in
 UV_VERSION ?= 0.13.9
 LOCK_TOOL := build/lock-tool
 
-.PHONY: all deps venv pyc guest lint test demo demo-guest bench clean distclean lock dist
+# `make install`: the files around the package (systemd units; later man pages and completions) under
+# $(DESTDIR)$(PREFIX); the package itself comes from pip/pipx (qwamos at $(PREFIX)/bin/qwamos).
+PREFIX ?= /usr/local
+DESTDIR ?=
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+
+.PHONY: all deps venv pyc guest lint test demo demo-guest bench clean distclean lock dist install
 
 all: test
 
@@ -82,6 +88,14 @@ bench: deps venv pyc
 	$(PY) bench/nbd.py
 	$(PY) bench/migrate.py
 	$(PY) bench/boot.py --arch $(ARCH)
+
+# The shipped units name /usr/local/bin/qwamos; installed ones name $(PREFIX)/bin/qwamos.
+install:
+	install -d $(DESTDIR)$(UNITDIR)
+	for unit in contrib/systemd/*.service; do \
+		sed 's|/usr/local/bin/qwamos|$(PREFIX)/bin/qwamos|g' $$unit > $(DESTDIR)$(UNITDIR)/$$(basename $$unit) && \
+		chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$unit) || exit 1; \
+	done
 
 clean:
 	rm -rf build/guest build/.deps.stamp
