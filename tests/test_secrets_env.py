@@ -261,3 +261,45 @@ def _key_id(vol: Path) -> str:
     from qwamos.volume import read_header
 
     return str(read_header(vol)["key_id"])
+
+
+def _process_starts(tree) -> list[tuple[int, str, bool]]:
+    """(line, call, passes an explicit environment) for every call that starts a program."""
+    import ast
+
+    starts = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+        name = f"{owner}.{node.func.attr}"
+        if owner == "subprocess" and node.func.attr in ("Popen", "run", "call", "check_call", "check_output"):
+            starts.append((node.lineno, name, any(k.arg == "env" for k in node.keywords)))
+        elif owner == "os" and (
+            node.func.attr.startswith(("exec", "spawn", "posix_spawn")) or node.func.attr == "system"
+        ):
+            starts.append((node.lineno, name, node.func.attr in ("execve", "execvpe") and len(node.args) == 3))
+    return starts
+
+
+def test_every_program_the_tool_starts_gets_an_explicit_environment():
+    """No child inherits the caller's environment (and with it QWAMOS_PASSPHRASE) by default: every place
+    in src/ that starts a program names its environment (tools.environment(), the allow-list)."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "qwamos"
+    found, leaks = 0, []
+    for path in sorted(src.rglob("*.py")):
+        for line, call, has_env in _process_starts(ast.parse(path.read_text())):
+            found += 1
+            if not has_env:
+                leaks.append(f"{path.relative_to(src)}:{line} {call}")
+    assert found >= 4 and leaks == []
+
+
+def test_the_process_start_checker_sees_a_leak():
+    import ast
+
+    code = "import os, subprocess\nsubprocess.Popen(['x'])\nsubprocess.run(['x'], env={})\nos.execv('x', ['x'])\n"
+    assert _process_starts(ast.parse(code)) == [(2, "subprocess.Popen", False), (3, "subprocess.run", True),
+                                                (4, "os.execv", False)]  # fmt: skip

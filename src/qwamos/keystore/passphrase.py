@@ -14,13 +14,15 @@ Never from argv (``ps`` shows every process's arguments to every user).  The sou
    tool starts gets a scrubbed environment, so it never goes further than the command that reads it;
 5. a prompt (``getpass``), only when stdin is a terminal.
 
-This module prints nothing itself; on a terminal ``getpass`` writes the prompt to ``/dev/tty``.
+This module prints nothing itself (under systemd, a passphrase taken from the environment is logged as a
+deprecation warning); on a terminal ``getpass`` writes the prompt to ``/dev/tty``.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import logging
 import os
 import stat
 import sys
@@ -28,6 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qwamos.errors import InvalidArgument
+
+log = logging.getLogger("qwamos.keystore")
 
 MAX_PASSPHRASE = 4096
 CREDENTIAL_NAME = "qwamos-passphrase"
@@ -135,6 +139,13 @@ def read_passphrase(
     for name in names:
         value = os.environ.get(name)
         if value is not None:
+            if os.environ.get("INVOCATION_ID"):  # set by systemd for every unit it runs
+                log.warning(
+                    "%s is deprecated for services: give the passphrase as the systemd credential %r "
+                    "(LoadCredentialEncrypted=) or with --passphrase-file (docs/vm-manager.md)",
+                    name,
+                    CREDENTIAL_NAME,
+                )
             return value.encode("utf-8")
     if not (sys.stdin is not None and sys.stdin.isatty()):
         return None
