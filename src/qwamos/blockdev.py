@@ -11,17 +11,41 @@ Contract:
   * ``pwrite``/``zero``/``trim`` on a read-only backend raise :class:`qwamos.errors.ReadOnlyVolumeError`;
   * after ``flush`` returns, everything written before it is durable (fdatasync); ``fua=True`` makes that
     one write durable before returning.
+
+Optional capability (nbdkit's ``can_extents``): ``extents(offset, length)`` returns contiguous
+``(start, end, hole)`` ranges from ``offset`` covering the range or a prefix of it (a caller wanting the rest
+asks again from where they end); ``hole`` ranges are unallocated and read as zeros; a range not known to be
+a hole is reported as data.  The export offers the NBD ``base:allocation`` context only for a backend that
+has it (:func:`can_extents`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 from qwamos.errors import NotARegularFileError, ReadOnlyVolumeError
 from qwamos.fsutil import open_regular, pwrite_all
 
 BLOCK_SIZE = 4096
+
+Extent = tuple[int, int, bool]  # (start, end, hole), bytes
+
+
+def can_extents(backend: object) -> bool:
+    """True when ``backend`` answers allocation queries (has the optional ``extents`` method)."""
+    return callable(getattr(backend, "extents", None))
+
+
+def _merge(out: list[Extent], start: int, end: int, hole: bool) -> None:
+    if end <= start:
+        return
+    if out and out[-1][2] == hole and out[-1][1] == start:
+        out[-1] = (out[-1][0], end, hole)
+    else:
+        out.append((start, end, hole))
 
 
 @runtime_checkable
@@ -81,6 +105,18 @@ class MemoryBackend:
     def zero(self, offset: int, length: int, may_trim: bool = True) -> None:
         self._check_writable()
         self._buf[offset : offset + length] = bytes(length)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """RAM has no allocation: every all-zero 4 KiB block is reported as a hole (it reads as zeros)."""
+        out: list[Extent] = []
+        view = memoryview(self._buf)
+        zero = bytes(BLOCK_SIZE)
+        pos, end = offset, offset + length
+        while pos < end:
+            stop = min(end, (pos // BLOCK_SIZE + 1) * BLOCK_SIZE)
+            _merge(out, pos, stop, view[pos:stop] == zero[: stop - pos])
+            pos = stop
+        return out
 
     def close(self) -> None:
         pass
@@ -153,6 +189,28 @@ class FileBackend:
             n = min(len(self._ZEROS), end - offset)
             self.pwrite(offset, memoryview(self._ZEROS)[:n])
             offset += n
+
+    def extents(self, offset: int, length: int) -> Iterable[Extent]:
+        """The file's own holes (SEEK_DATA/SEEK_HOLE); a filesystem without them reports everything as data."""
+        out: list[Extent] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                    data = end
+                else:  # cannot tell (EINVAL, EOPNOTSUPP...): data
+                    _merge(out, pos, end, False)
+                    break
+            data = min(data, end)
+            _merge(out, pos, data, True)
+            if data >= end:
+                break
+            hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
+            _merge(out, data, hole, False)
+            pos = hole
+        return out
 
     def close(self) -> None:
         if self._fd >= 0:

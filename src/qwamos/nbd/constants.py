@@ -19,10 +19,13 @@ OPT_STARTTLS = 5
 OPT_INFO = 6
 OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
 
 REP_ACK = 1
 REP_SERVER = 2
 REP_INFO = 3
+REP_META_CONTEXT = 4
 REP_FLAG_ERROR = 1 << 31
 REP_ERR_UNSUP = REP_FLAG_ERROR | 1
 REP_ERR_POLICY = REP_FLAG_ERROR | 2
@@ -49,6 +52,21 @@ TFLAG_CAN_MULTI_CONN = 1 << 8
 # --- requests and replies -----------------------------------------------------------------------------------
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+# structured reply chunks (proto.md "Structured reply chunk message")
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) + 1
+REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+
+# metadata contexts: the one this server knows, and its base:allocation flags
+CONTEXT_BASE_ALLOCATION = "base:allocation"
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
 
 CMD_READ = 0
 CMD_WRITE = 1
@@ -82,4 +100,5 @@ MAX_PAYLOAD = 1 << 20  # advertised maximum payload (proto.md: SHOULD be >= 1 Mi
 MAX_REQUEST = 1 << 25  # 32 MiB: largest READ/WRITE accepted from a client that ignores MAX_PAYLOAD
 CHUNK = 1 << 20  # write payloads reach the backend, and reads leave it, in pieces of at most this size
 MAX_OPTION_DATA = 1 << 16  # option payloads larger than this are discarded unread and answered TOO_BIG
+MAX_EXTENTS = 8192  # block-status descriptors per reply at most (64 KiB of payload); the client asks again
 MAX_NAME = 4096  # export names longer than this are refused (proto.md limits strings to 4096 bytes)

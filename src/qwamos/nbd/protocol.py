@@ -21,6 +21,15 @@ I/O layer's) and calls :meth:`ServerConnection.tls_established`; option haggling
 TLS.  Until then the connection consumes no input, and a client that sent anything after NBD_OPT_STARTTLS
 without waiting for the ACK is disconnected (those bytes would be the TLS handshake, read as plaintext).
 
+Structured replies and block status (proto.md "Structured reply chunk message", "Metadata querying"): a client
+that negotiates NBD_OPT_STRUCTURED_REPLY gets every READ reply, errors included, as structured chunks (the
+encoders are :func:`pack_data_header_into`, :func:`hole_chunk`, :func:`error_chunk`, :func:`none_chunk`); other
+commands keep simple replies, which the protocol allows.  When the export can answer allocation queries
+(``ExportInfo.block_status``), NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT offer the one context
+``base:allocation`` and NBD_CMD_BLOCK_STATUS yields :class:`BlockStatus`, answered with
+:func:`block_status_chunk`.  NBD_CMD_BLOCK_STATUS without a selected context is EINVAL.  Extended headers
+(64-bit lengths) are not offered.
+
 Two kinds of failure, as in h11: :class:`LocalProtocolError` means the caller misused this API;
 a misbehaving peer never raises — it yields a :class:`Closed` event with the reason, after which the
 caller sends what :meth:`data_to_send` still holds and closes the connection.
@@ -39,8 +48,13 @@ _REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, lengt
 _REPLY = struct.Struct(">IIQ")  # magic, error, cookie  (16 bytes)
 _OPTION = struct.Struct(">QII")  # IHAVEOPT, option, length
 _OPT_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
+_CHUNK = struct.Struct(">IHHQI")  # structured reply chunk: magic, flags, type, cookie, payload length (20 bytes)
+_DATA_CHUNK = struct.Struct(">IHHQIQ")  # an OFFSET_DATA chunk's header with its offset (28 bytes)
 REPLY_SIZE = _REPLY.size
 REQUEST_SIZE = _REQUEST.size
+CHUNK_HEADER_SIZE = _CHUNK.size
+DATA_HEADER_SIZE = _DATA_CHUNK.size
+BASE_ALLOCATION_ID = 1  # the metadata context id of base:allocation on every connection
 
 _CMD_NAMES = {
     c.CMD_READ: "READ",
@@ -49,6 +63,7 @@ _CMD_NAMES = {
     c.CMD_FLUSH: "FLUSH",
     c.CMD_TRIM: "TRIM",
     c.CMD_WRITE_ZEROES: "WRITE_ZEROES",
+    c.CMD_BLOCK_STATUS: "BLOCK_STATUS",
 }
 
 
@@ -64,6 +79,7 @@ class ExportInfo:
     read_only: bool = False
     name: str = ""
     description: str = ""
+    block_status: bool = False  # the backend answers allocation queries: offer base:allocation
 
     @property
     def transmission_flags(self) -> int:
@@ -158,6 +174,21 @@ class Zero(Event):
         self.may_trim = may_trim
 
 
+class BlockStatus(Event):
+    """NBD_CMD_BLOCK_STATUS for the ``base:allocation`` context (``context_id``); ``req_one`` is
+    NBD_CMD_FLAG_REQ_ONE (answer one extent only).  The range is validated and non-empty; the reply is
+    :func:`block_status_chunk`."""
+
+    __slots__ = ("context_id", "cookie", "length", "offset", "req_one")
+
+    def __init__(self, cookie: int, offset: int, length: int, req_one: bool, context_id: int) -> None:
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self.req_one = req_one
+        self.context_id = context_id
+
+
 class Disconnect(Event):
     """The client sent NBD_CMD_DISC (transmission) or NBD_OPT_ABORT (handshake): close once replies are out."""
 
@@ -194,6 +225,58 @@ def pack_reply_into(buf: bytearray | memoryview, cookie: int, error: int = 0) ->
     _REPLY.pack_into(buf, 0, c.SIMPLE_REPLY_MAGIC, error, cookie)
 
 
+# --- structured reply chunks (only after NBD_OPT_STRUCTURED_REPLY) -------------------------------------------
+
+
+def pack_data_header_into(
+    buf: bytearray | memoryview, pos: int, cookie: int, offset: int, n: int, done: bool
+) -> None:
+    """An NBD_REPLY_TYPE_OFFSET_DATA header (28 bytes) at ``buf[pos:]`` for ``n`` data bytes that follow it."""
+    flags = c.REPLY_FLAG_DONE if done else 0
+    _DATA_CHUNK.pack_into(
+        buf, pos, c.STRUCTURED_REPLY_MAGIC, flags, c.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n, offset
+    )
+
+
+def hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:
+    """NBD_REPLY_TYPE_OFFSET_HOLE: ``length`` bytes from ``offset`` read as zeros (no data sent)."""
+    flags = c.REPLY_FLAG_DONE if done else 0
+    return _CHUNK.pack(c.STRUCTURED_REPLY_MAGIC, flags, c.REPLY_TYPE_OFFSET_HOLE, cookie, 12) + struct.pack(
+        ">QI", offset, length
+    )
+
+
+def none_chunk(cookie: int) -> bytes:
+    """NBD_REPLY_TYPE_NONE with the DONE flag: the request succeeded and nothing more follows."""
+    return _CHUNK.pack(c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE, c.REPLY_TYPE_NONE, cookie, 0)
+
+
+def error_chunk(cookie: int, error: int, message: str = "", offset: int | None = None) -> bytes:
+    """The final chunk of a failed request: NBD_REPLY_TYPE_ERROR, or NBD_REPLY_TYPE_ERROR_OFFSET when the
+    failure is tied to ``offset`` (inside the request; data chunks before it may already have been sent)."""
+    if not error:
+        raise LocalProtocolError("an error chunk needs a non-zero error")
+    msg = message.encode()[: c.MAX_NAME]
+    payload = struct.pack(">IH", error, len(msg)) + msg
+    rtype = c.REPLY_TYPE_ERROR
+    if offset is not None:
+        payload += struct.pack(">Q", offset)
+        rtype = c.REPLY_TYPE_ERROR_OFFSET
+    return _CHUNK.pack(c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE, rtype, cookie, len(payload)) + payload
+
+
+def block_status_chunk(cookie: int, context_id: int, extents: list[tuple[int, int]]) -> bytes:
+    """The final NBD_REPLY_TYPE_BLOCK_STATUS chunk: ``extents`` are ``(length, flags)`` descriptors (at least one,
+    each length > 0 and < 2**32)."""
+    if not extents:
+        raise LocalProtocolError("a block status reply needs at least one extent")
+    body = b"".join(struct.pack(">II", length, flags) for length, flags in extents)
+    header = _CHUNK.pack(
+        c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE, c.REPLY_TYPE_BLOCK_STATUS, cookie, 4 + len(body)
+    )
+    return header + struct.pack(">I", context_id) + body
+
+
 class ServerConnection:
     """Server side of one NBD connection, handshake through transmission, with no I/O.
 
@@ -219,6 +302,8 @@ class ServerConnection:
         self.strict = False  # client accepted NBD_INFO_BLOCK_SIZE in NBD_OPT_GO: enforce alignment
         self.no_zeroes = False
         self.export_name = ""
+        self.structured = False  # NBD_OPT_STRUCTURED_REPLY negotiated
+        self.contexts: dict[int, str] = {}  # metadata contexts selected by NBD_OPT_SET_META_CONTEXT
         self.requests = 0
         self._chunk = chunk
         self._max_request = max_request
@@ -430,8 +515,53 @@ class ServerConnection:
             return None
         if option in (c.OPT_INFO, c.OPT_GO):
             return self._info_go(option, data)
+        if option in (c.OPT_STRUCTURED_REPLY, c.OPT_LIST_META_CONTEXT, c.OPT_SET_META_CONTEXT):
+            self._metadata_option(option, data)
+            return None
         self._opt_error(option, c.REP_ERR_UNSUP, f"option {option} is not supported")
         return None
+
+    # --- structured replies and metadata contexts (handshake) -------------------------------------------------
+
+    def _metadata_option(self, option: int, data: bytes) -> None:
+        """NBD_OPT_STRUCTURED_REPLY, NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT (replies queued)."""
+        if option == c.OPT_STRUCTURED_REPLY:
+            if data:
+                self._opt_error(option, c.REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            elif self.structured:
+                self._opt_error(option, c.REP_ERR_INVALID, "structured replies are already negotiated")
+            else:
+                self.structured = True
+                self._opt_reply(option, c.REP_ACK)
+            return
+        setting = option == c.OPT_SET_META_CONTEXT
+        if setting:
+            self.contexts = {}  # SET replaces the selection, a failed one with nothing
+        if not self.structured:
+            # SET must follow structured replies (its replies need them); LIST is harmless but follows QEMU.
+            self._opt_error(option, c.REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
+            return
+        parsed = _parse_meta_request(data)
+        if isinstance(parsed, str):
+            self._opt_error(option, c.REP_ERR_INVALID, parsed)
+            return
+        raw_name, queries = parsed
+        if self._name_ok(raw_name) is None:
+            self._opt_error(option, c.REP_ERR_UNKNOWN, "no such export")
+            return
+        found = []
+        if self.export.block_status:
+            base = c.CONTEXT_BASE_ALLOCATION
+            if not queries and not setting:
+                found = [base]  # LIST with no query: every context the export has
+            elif any(q == base or (q == "base:" and not setting) for q in queries):
+                found = [base]  # LIST "base:" = the whole namespace; SET selects only by full name
+        if setting:
+            self.contexts = {BASE_ALLOCATION_ID: found[0]} if found else {}
+        for name in found:
+            cid = BASE_ALLOCATION_ID if setting else 0  # LIST replies carry id 0 (proto.md)
+            self._opt_reply(option, c.REP_META_CONTEXT, struct.pack(">I", cid) + name.encode())
+        self._opt_reply(option, c.REP_ACK)
 
     def _before_tls(self, option: int, data: bytes) -> Event | None:
         """FORCEDTLS: only STARTTLS and ABORT are honoured before TLS; every other option is refused."""
@@ -542,11 +672,11 @@ class ServerConnection:
         size = self.export.size
         if cmd == c.CMD_READ:
             if flags & ~c.CMD_FLAG_FUA:
-                self._error(cookie, c.EINVAL)
+                self._read_error(cookie, c.EINVAL, "unsupported READ flags")
             elif length > self._max_request:
-                self._error(cookie, c.EOVERFLOW if length > c.MAX_PAYLOAD else c.EINVAL)
+                self._read_error(cookie, c.EOVERFLOW if length > c.MAX_PAYLOAD else c.EINVAL, "READ too long")
             elif offset + length > size or not self._aligned(offset, length):
-                self._error(cookie, c.EINVAL)
+                self._read_error(cookie, c.EINVAL, "READ out of range or unaligned")
             else:
                 return Read(cookie, offset, length)
             return None
@@ -599,7 +729,35 @@ class ServerConnection:
         if cmd == c.CMD_DISC:
             self.state = State.CLOSED
             return Disconnect()
-        self._error(cookie, c.EINVAL)  # CACHE, BLOCK_STATUS (never negotiated) and unknown commands
+        if cmd == c.CMD_BLOCK_STATUS:
+            return self._check_block_status(flags, cookie, offset, length)
+        self._error(cookie, c.EINVAL)  # CACHE and unknown commands
+        return None
+
+    def _read_error(self, cookie: int, error: int, message: str) -> None:
+        """A READ refused before any data: a simple reply, or a structured error chunk once negotiated (a
+        simple reply to a READ is then forbidden)."""
+        if self.structured:
+            self._out.append(error_chunk(cookie, error, message))
+        else:
+            self._error(cookie, error)
+
+    def _check_block_status(self, flags: int, cookie: int, offset: int, length: int) -> Event | None:
+        """NBD_CMD_BLOCK_STATUS: only with a selected context (EINVAL otherwise, proto.md), REQ_ONE the only
+        flag, a non-empty range inside the export (alignment as for READ)."""
+        if not self.contexts:
+            message = "no metadata context was selected (NBD_OPT_SET_META_CONTEXT)"
+        elif flags & ~c.CMD_FLAG_REQ_ONE:
+            message = "unsupported BLOCK_STATUS flags"
+        elif not length or offset + length > self.export.size or not self._aligned(offset, length):
+            message = "BLOCK_STATUS range empty, out of range or unaligned"
+        else:
+            cid = next(iter(self.contexts))
+            return BlockStatus(cookie, offset, length, bool(flags & c.CMD_FLAG_REQ_ONE), cid)
+        if self.structured:
+            self._out.append(error_chunk(cookie, c.EINVAL, message))
+        else:
+            self._error(cookie, c.EINVAL)
         return None
 
     def _aligned(self, offset: int, length: int) -> bool:
@@ -626,6 +784,41 @@ class ServerConnection:
         self._w_left = left - piece
         self._w_first = False
         return ev
+
+
+def _parse_meta_request(data: bytes) -> tuple[bytes, list[str]] | str:
+    """Parse NBD_OPT_{LIST,SET}_META_CONTEXT data (u32 name length, name, u32 query count, then u32 length +
+    string per query) into the raw export name and the queries; a message string when malformed."""
+    if len(data) < 8:
+        return "option data too short"
+    (namelen,) = struct.unpack_from(">I", data, 0)
+    if namelen > c.MAX_NAME or 4 + namelen + 4 > len(data):
+        return "export name length exceeds the option length"
+    raw_name = data[4 : 4 + namelen]
+    pos = 4 + namelen
+    (count,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    if count > (len(data) - pos) // 4:
+        return "more queries than the option length can hold"
+    queries: list[str] = []
+    for _ in range(count):
+        if pos + 4 > len(data):
+            return "query list truncated"
+        (qlen,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        if qlen > c.MAX_NAME or pos + qlen > len(data):
+            return "query length exceeds the option length"
+        try:
+            query = data[pos : pos + qlen].decode()
+        except UnicodeDecodeError:
+            return "query is not UTF-8"
+        pos += qlen
+        if ":" not in query:
+            return "a query must start with a namespace (for example base:)"
+        queries.append(query)
+    if pos != len(data):
+        return "trailing bytes after the query list"
+    return raw_name, queries
 
 
 def describe_command(cmd: int) -> str:

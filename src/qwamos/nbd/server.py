@@ -26,6 +26,13 @@ allowed closes the connection.  The TLS transport copies what it is given into t
 encrypts, and counts what it has not encrypted yet in ``get_write_buffer_size()``, so the buffer-ownership
 rule above holds for it unchanged.
 
+Structured replies (once the client negotiated them): a READ is answered in NBD_REPLY_TYPE_OFFSET_DATA chunks,
+one per ``CHUNK`` piece, built in the same reply buffers under the same ownership rule; the last carries the
+DONE flag.  A piece that fails after earlier pieces were sent ends the reply with NBD_REPLY_TYPE_ERROR_OFFSET
+(with simple replies that case can only be a hard disconnect).  NBD_CMD_BLOCK_STATUS is answered from the
+backend's optional ``extents`` (:func:`qwamos.blockdev.can_extents`): holes as NBD_STATE_HOLE|NBD_STATE_ZERO,
+adjacent extents of one kind merged, at most ``MAX_EXTENTS`` descriptors, never past the requested range.
+
 Errors: :data:`ERROR_MAP` turns backend exceptions into NBD error codes in one place; a block that fails
 authentication answers EIO for that request and is logged with its index; the server keeps serving.
 """
@@ -46,7 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from qwamos.blockdev import BlockBackend
+from qwamos.blockdev import BlockBackend, can_extents
 from qwamos.errors import (
     BlockAuthError,
     BlockRangeError,
@@ -59,7 +66,9 @@ from qwamos.errors import (
 )
 from qwamos.nbd import constants as c
 from qwamos.nbd.protocol import (
+    DATA_HEADER_SIZE,
     REPLY_SIZE,
+    BlockStatus,
     Closed,
     Disconnect,
     ExportInfo,
@@ -72,6 +81,10 @@ from qwamos.nbd.protocol import (
     Trim,
     Write,
     Zero,
+    block_status_chunk,
+    error_chunk,
+    none_chunk,
+    pack_data_header_into,
     pack_reply_into,
     reply_header,
 )
@@ -121,7 +134,7 @@ class ReplyBuffers:
     """
 
     KEEP_FREE = 2
-    SIZE = REPLY_SIZE + c.CHUNK
+    SIZE = max(REPLY_SIZE, DATA_HEADER_SIZE) + c.CHUNK  # a simple reply or an OFFSET_DATA chunk, then data
 
     def __init__(self) -> None:
         self.written = 0  # bytes handed to the transport so far, by every write of this connection
@@ -175,7 +188,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._closing = False
         self._write_error = 0
         self._buffers = ReplyBuffers()
-        # a READ longer than CHUNK still being produced
+        # a READ longer than CHUNK still being produced (every structured READ goes through these)
+        self._r_cookie = 0
         self._r_offset = 0
         self._r_left = 0
         self.closed = asyncio.get_running_loop().create_future()
@@ -273,6 +287,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                     self._reply(ev.cookie, self._call(self.shared.backend.flush))
                 elif cls is Zero or cls is Trim:
                     self._zero(ev)
+                elif cls is BlockStatus:
+                    self._block_status(ev)
                 elif cls is StartTLS:
                     upgrade = True
                     break
@@ -395,6 +411,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._send(reply_header(cookie, error))
 
     def _read(self, ev: Read) -> None:
+        if self.proto.structured:
+            self._read_structured(ev)
+            return
         length = ev.length
         sh = self.shared
         if length <= SMALL_READ:  # small reads: the backend's one-block fast path beats readinto here
@@ -420,6 +439,9 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _read_piece(self) -> None:
         """The next piece of a READ longer than CHUNK (only clients that ignore our advertised maximum send
         those).  Its header already said success, so a failure now can only be a hard disconnect."""
+        if self.proto.structured:
+            self._read_chunk()
+            return
         n = min(self._r_left, c.CHUNK)
         buf = self._take_buffer()
         try:
@@ -434,6 +456,80 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._send_buffer(buf, REPLY_SIZE, REPLY_SIZE + n)
         self._r_offset += n
         self._r_left -= n
+
+    # --- structured replies: READ in chunks, BLOCK_STATUS -----------------------------------------------------
+
+    def _read_structured(self, ev: Read) -> None:
+        """A READ with structured replies: one OFFSET_DATA chunk per ``CHUNK`` piece (the rest follow from
+        :meth:`_process`, like a long simple READ), so an error after data went out is still reportable."""
+        if not ev.length:
+            self._send(none_chunk(ev.cookie))
+            return
+        self._r_cookie, self._r_offset, self._r_left = ev.cookie, ev.offset, ev.length
+        self._read_chunk()
+
+    def _read_chunk(self) -> None:
+        cookie, offset = self._r_cookie, self._r_offset
+        n = min(self._r_left, c.CHUNK)
+        done = n == self._r_left
+        try:
+            if n <= SMALL_READ:  # as for simple replies: the backend's one-block fast path, then one copy
+                data = self.shared.backend.pread(offset, n)
+                head = bytearray(DATA_HEADER_SIZE)
+                pack_data_header_into(head, 0, cookie, offset, n, done)
+                self._send(bytes(head) + data)
+            else:
+                buf = self._take_buffer()
+                self._fill(memoryview(buf)[DATA_HEADER_SIZE : DATA_HEADER_SIZE + n], offset, n)
+                pack_data_header_into(buf, 0, cookie, offset, n, done)
+                self._send_buffer(buf, 0, DATA_HEADER_SIZE + n)
+        except Exception as e:
+            self._r_left = 0
+            where = offset
+            index = getattr(e, "kwargs", {}).get("index") if isinstance(e, BlockAuthError) else None
+            if isinstance(index, int) and offset <= index * c.MIN_BLOCK < offset + n:
+                where = index * c.MIN_BLOCK
+            code = self._failed(e)
+            self._send(error_chunk(cookie, code, f"read failed at offset {where}", offset=where))
+            return
+        self._r_offset += n
+        self._r_left -= n
+
+    def _block_status(self, ev: BlockStatus) -> None:
+        """Answer base:allocation for ``[offset, offset+length)`` (or, REQ_ONE, its first extent)."""
+        try:
+            descriptors = self._allocation(ev.offset, ev.length, ev.req_one)
+        except Exception as e:
+            self._send(error_chunk(ev.cookie, self._failed(e), "block status failed"))
+            return
+        self._send(block_status_chunk(ev.cookie, ev.context_id, descriptors))
+
+    def _allocation(self, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
+        """``(length, flags)`` descriptors from the backend's extents: merged, inside the request, contiguous
+        from ``offset``, at most ``MAX_EXTENTS`` (one with REQ_ONE); what the backend leaves unsaid is data."""
+        hole_flags = c.STATE_HOLE | c.STATE_ZERO
+        end = offset + length
+        pos = offset
+        out: list[tuple[int, int]] = []
+        for start, stop, hole in self.shared.backend.extents(offset, length):  # type: ignore[attr-defined]
+            start, stop = max(start, pos), min(stop, end)
+            if stop <= start:
+                continue
+            if start != pos:
+                break  # a gap: the backend said nothing about it, so stop here (the client asks again)
+            flags = hole_flags if hole else 0
+            if out and out[-1][1] == flags:
+                out[-1] = (out[-1][0] + stop - start, flags)
+            elif (req_one and out) or len(out) >= c.MAX_EXTENTS:
+                break
+            else:
+                out.append((stop - start, flags))
+            pos = stop
+            if pos >= end:
+                break
+        if not out:
+            out.append((length, 0))  # nothing known: data (always a correct answer)
+        return out
 
     def _fill(self, out: memoryview, offset: int, n: int) -> None:
         readinto = self.shared.readinto
@@ -611,7 +707,13 @@ class ExportServer:
             )
         self.tls = tls
         ro = backend.read_only if read_only is None else (read_only or backend.read_only)
-        self.export = ExportInfo(size=backend.size, read_only=ro, name=name, description=description)
+        self.export = ExportInfo(
+            size=backend.size,
+            read_only=ro,
+            name=name,
+            description=description,
+            block_status=can_extents(backend),
+        )
         self.backend = backend
         self.unix_path = Path(unix_path) if unix_path is not None else None
         self.tcp = tcp

@@ -37,9 +37,9 @@ from qwamos.errors import (
     VolumeExistsError,
 )
 from qwamos.storage import Storage, create_storage, open_storage
+from qwamos.volume import allocation, inspection, metadata
 from qwamos.volume import create as creation
 from qwamos.volume import header as hdr
-from qwamos.volume import inspection, metadata
 from qwamos.volume.guard import IOGuard, os_error
 from qwamos.volume.header import BLOCK_SIZE, Header
 from qwamos.volume.header_store import HeaderStore, UnverifiedHeader, initial_copies, read_header
@@ -489,6 +489,15 @@ class PQCVolume:
 
     def zero(self, offset: int, length: int, may_trim: bool = True) -> None:
         self.write_zeroes(offset, length, may_trim=may_trim)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Contiguous ``(start, end, hole)`` byte ranges from ``offset`` over ``[offset, offset+length)`` or a
+        prefix of it: ``hole`` where no block was written (or it was discarded), which reads as zeros.  The
+        optional ``extents`` of :class:`~qwamos.blockdev.BlockBackend`; see :mod:`qwamos.volume.allocation`."""
+        with self._guard:
+            _, header = self._state()
+            self._check_range(offset, length)
+            return allocation.extents(self._io, header, offset, length)
 
     # --- integrity and information -----------------------------------------------------------------------------
 
