@@ -643,14 +643,16 @@ def test_nbdinfo_map_shows_exactly_the_written_ranges(sparse_export):
 def test_copies_of_the_sparse_export_are_sparse_and_identical(sparse_export, tmp_path, tool):
     sock, content = sparse_export
     out = tmp_path / "out.raw"
-    if tool == "qemu-img":
+    if tool == "qemu-img":  # its own zero detection cannot be turned off without allocating everything
         cmd = ["qemu-img", "convert", "-f", "raw", "-O", "raw", uri(sock), str(out)]
     else:
         out.write_bytes(b"")
-        cmd = ["nbdcopy", uri(sock), str(out)]
+        cmd = ["nbdcopy", "--sparse=0", uri(sock), str(out)]  # no zero detection: the holes come from extents
     subprocess.run(cmd, check=True, timeout=120)
     assert out.read_bytes() == content
     written = sum(e - s for s, e in WRITTEN)
     in_file = sum(e - s for s, e in allocated(out))
-    assert in_file <= written + 64 * 1024, f"{tool} allocated {in_file} bytes for {written} written"
-    assert os.stat(out).st_blocks * 512 <= written + 256 * 1024  # what du reports
+    # nbdcopy without zero detection copies whole requests (256 KiB) around the small data ranges
+    slack = 64 * 1024 if tool == "qemu-img" else MIB
+    assert in_file <= written + slack, f"{tool} allocated {in_file} bytes for {written} written"
+    assert os.stat(out).st_blocks * 512 <= written + slack + 192 * 1024  # what du reports
