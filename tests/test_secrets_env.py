@@ -303,3 +303,37 @@ def test_the_process_start_checker_sees_a_leak():
     code = "import os, subprocess\nsubprocess.Popen(['x'])\nsubprocess.run(['x'], env={})\nos.execv('x', ['x'])\n"
     assert _process_starts(ast.parse(code)) == [(2, "subprocess.Popen", False), (3, "subprocess.run", True),
                                                 (4, "os.execv", False)]  # fmt: skip
+
+
+def test_the_starting_process_checks_the_key_commitment_the_export_cannot(env, tmp_path, short_dir):
+    """The export opens its volume with a bare key and cannot check the header's key commitment (it needs
+    the key file's secret): the starting process checks it while it unwraps.  A volume made by someone who
+    knows the volume key but not the key file (test_keystore_attacks.py) is refused by `volume serve` and
+    by the unwrap a VM start does, before any export runs."""
+    from conftest import MemoryKeys
+    from qwamos.errors import HeaderCorruptError
+    from qwamos.volume import PQCVolume
+    from qwamos.volume.unlock import unlock_key
+
+    ks, vol = tmp_path / "ks", tmp_path / "v.qvol"
+    res = qwamos(["volume", "create", str(vol), "--size", "1M"], dict(env, QWAMOS_PASSPHRASE=PASSPHRASE.decode()))
+    assert res.returncode == 0, res.stderr.decode()
+    key_id = _key_id(vol)
+    key = PQCKeystore(ks, passphrase=PASSPHRASE).volume_key(key_id)
+
+    class KnowsTheKey(MemoryKeys):
+        def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
+            self.keys[key_id] = key
+            return key_id, key
+
+    forged = tmp_path / "forged.qvol"
+    PQCVolume(forged, keystore=KnowsTheKey()).create("v", "", size_mb=1)
+    os.replace(forged, vol)
+    with pytest.raises(HeaderCorruptError, match="no key commitment"):
+        unlock_key(vol, PQCKeystore(ks, passphrase=PASSPHRASE))
+    sock = short_dir / "s"
+    res = qwamos(
+        ["volume", "serve", str(vol), "--socket", str(sock)], dict(env, QWAMOS_PASSPHRASE=PASSPHRASE.decode())
+    )
+    assert res.returncode == 12 and b"no key commitment" in res.stderr, res.stderr
+    assert not sock.exists()

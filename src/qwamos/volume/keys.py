@@ -25,7 +25,7 @@ export's key handed over a pipe, has neither):
 from __future__ import annotations
 
 import struct
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from qwamos import crypto
 from qwamos.errors import InvalidArgument, KeyNotFoundError
@@ -136,3 +136,8 @@ class KeyRecorder:
     def discard_key(self, key_id: str) -> None:
         self.keys.pop(key_id, None)
         self.inner.discard_key(key_id)
+
+    def __getattr__(self, name: str) -> Any:
+        """The inner provider's optional extras (``volume_commitment_secret``, ``record_volume_use``) pass
+        through unchanged: wrapping a keystore must not skip the key-commitment check."""
+        return getattr(self.inner, name)
