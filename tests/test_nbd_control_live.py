@@ -68,6 +68,7 @@ def test_status_of_a_served_volume_and_the_socket_files(qvol, short_dir):
             "read_only": False,
             "socket": str(sock),
             "tcp": None,
+            "tls": None,
             "control_socket": str(ctl),
         }
         assert st["volume"] == {

@@ -252,8 +252,25 @@ def test_tls_reply_path_is_byte_identical_under_pipelining(qvol, certs, short_di
     assert [_sha(p) for p in (out1, out2, out3, out4)] == [want] * 4
 
 
+def test_export_status_says_whether_tcp_is_tls():
+    from qwamos.cli.export_cmd import render_status
+
+    st = {
+        "export": {"socket": "/r/s", "tcp": "192.0.2.1:10809", "tls": True, "size": 4096, "read_only": False},
+        **{"pid": 1, "uid": 0, "uptime_s": 1.0, "connections": 0, "max_connections": 8, "requests_served": 0},
+        **{"quiesced": False, "quiesce_holds": 0},
+    }
+    assert "tcp:          192.0.2.1:10809  (mutual TLS)" in render_status(st).splitlines()
+    st["export"]["tls"] = False
+    assert "PLAINTEXT" in render_status(st)
+    st["export"]["tcp"] = None
+    assert "tcp:" not in render_status(st)
+
+
 def _port_of(sock: Path) -> int:
     from qwamos.nbd.control_client import ControlClient
 
     with ControlClient.for_export(sock) as cc:
-        return int(cc.status()["export"]["tcp"].rsplit(":", 1)[1])
+        ex = cc.status()["export"]
+    assert ex["tls"] is True  # the status says the TCP listener is TLS-only
+    return int(ex["tcp"].rsplit(":", 1)[1])

@@ -76,8 +76,11 @@ def render_status(st: dict[str, Any]) -> str:
     lines = [
         f"export:       {ex.get('socket') or ex.get('tcp')}  ({_size(ex['size'])}, {ex['size']} bytes"
         + (", read-only)" if ex["read_only"] else ")"),
-        f"volume:       {vol.get('path', '-')}",
     ]
+    if ex.get("tcp"):
+        security = "mutual TLS" if ex.get("tls") else "PLAINTEXT, no authentication (--insecure-no-tls)"
+        lines.append(f"tcp:          {ex['tcp']}  ({security})")
+    lines.append(f"volume:       {vol.get('path', '-')}")
     if vol.get("uuid"):
         lines.append(f"volume uuid:  {vol['uuid']}  (key {vol.get('key_id')}, {vol.get('algorithm')})")
     lines += [

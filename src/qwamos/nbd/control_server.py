@@ -448,6 +448,7 @@ class ControlServer:
                 "read_only": ex.export.read_only,
                 "socket": os.path.abspath(ex.unix_path) if ex.unix_path is not None else None,
                 "tcp": f"{ex.tcp_address[0]}:{ex.tcp_address[1]}" if ex.tcp_address else None,
+                "tls": (ex.tls is not None) if ex.tcp_address else None,  # TCP over mutual TLS (nbd/tls.py)
                 "control_socket": os.path.abspath(self.path),
             },
             "volume": describe_backend(ex.backend),
