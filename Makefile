@@ -23,13 +23,13 @@ LOCK_INPUTS := pyproject.toml requirements/build.in
 UV_VERSION ?= 0.13.9
 LOCK_TOOL := build/lock-tool
 
-# `make install`: the files around the package (systemd units; later man pages and completions) under
+# `make install`: the files around the package (systemd units, the man page, bash and zsh completions) under
 # $(DESTDIR)$(PREFIX); the package itself comes from pip/pipx (qwamos at $(PREFIX)/bin/qwamos).
 PREFIX ?= /usr/local
 DESTDIR ?=
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all deps venv pyc guest lint test demo demo-guest bench clean distclean lock dist install
+.PHONY: all deps venv pyc guest lint test demo demo-guest bench clean distclean lock dist install man completion
 
 all: test
 
@@ -89,8 +89,37 @@ bench: deps venv pyc
 	$(PY) bench/migrate.py
 	$(PY) bench/boot.py --arch $(ARCH)
 
+# Man page and shell completion, generated from the argument parser (qwamos.cli.main.full_parser) by
+# argparse-manpage and shtab from the lock; `make man completion` (or `make install`) writes them to
+# $(GEN_DIR)/man and $(GEN_DIR)/completion.  The file rule needs only an installed venv, not the deps chain.
+GEN_DIR ?= build
+MAN_PAGE := $(GEN_DIR)/man/qwamos.1
+BASH_COMPLETION := $(GEN_DIR)/completion/qwamos.bash
+ZSH_COMPLETION := $(GEN_DIR)/completion/_qwamos
+CLI_SOURCES := $(wildcard src/qwamos/cli/*.py) src/qwamos/__init__.py
+
+man: venv
+	@$(MAKE) --no-print-directory $(MAN_PAGE)
+completion: venv
+	@$(MAKE) --no-print-directory $(BASH_COMPLETION) $(ZSH_COMPLETION)
+
+$(MAN_PAGE): $(CLI_SOURCES)
+	mkdir -p $(@D)
+	$(VENV)/bin/argparse-manpage --module qwamos.cli.main --function full_parser --prog qwamos \
+		--project-name qwamos --version "$$($(PY) -c 'import qwamos; print(qwamos.__version__)')" \
+		--manual-title "QWAMOS manual" --description "encrypted VM storage and encrypted VMs" --output $@
+$(BASH_COMPLETION): $(CLI_SOURCES)
+	mkdir -p $(@D)
+	$(VENV)/bin/shtab --error-unimportable --shell=bash --prog=qwamos qwamos.cli.main.full_parser --output $@
+$(ZSH_COMPLETION): $(CLI_SOURCES)
+	mkdir -p $(@D)
+	$(VENV)/bin/shtab --error-unimportable --shell=zsh --prog=qwamos qwamos.cli.main.full_parser --output $@
+
 # The shipped units name /usr/local/bin/qwamos; installed ones name $(PREFIX)/bin/qwamos.
-install:
+install: $(MAN_PAGE) $(BASH_COMPLETION) $(ZSH_COMPLETION)
+	install -D -m 0644 $(MAN_PAGE) $(DESTDIR)$(PREFIX)/share/man/man1/qwamos.1
+	install -D -m 0644 $(BASH_COMPLETION) $(DESTDIR)$(PREFIX)/share/bash-completion/completions/qwamos
+	install -D -m 0644 $(ZSH_COMPLETION) $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_qwamos
 	install -d $(DESTDIR)$(UNITDIR)
 	for unit in contrib/systemd/*.service; do \
 		sed 's|/usr/local/bin/qwamos|$(PREFIX)/bin/qwamos|g' $$unit > $(DESTDIR)$(UNITDIR)/$$(basename $$unit) && \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages QWAMOS needs (QEMU for x86_64 and arm64, NBD tools, fio, python3-venv, and
-# virt-xml-validate with its xmllint to check `qwamos vm domxml` against libvirt's schema) and
+# virt-xml-validate with its xmllint to check `qwamos vm domxml` against libvirt's schema, zsh to check the
+# generated completion) and
 # enable the arm64 foreign architecture so tools/build_guest.py can `apt-get download` arm64 guest packages.
 # Idempotent and quick when everything is there: apt-get update runs only when something is missing.
 set -euo pipefail
@@ -9,6 +10,7 @@ PACKAGES=(
     qemu-utils qemu-system-x86 qemu-system-arm ipxe-qemu
     libnbd-bin nbdkit fio
     libvirt-clients libxml2-utils
+    zsh
     python3 python3-venv ca-certificates
     xz-utils zstd coreutils
 )

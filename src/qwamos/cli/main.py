@@ -86,6 +86,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def full_parser() -> argparse.ArgumentParser:
+    """The parser with every command group, whatever ``sys.argv`` says: what the man page (argparse-manpage)
+    and the shell completions (shtab) are generated from (``make man completion``)."""
+    return build_parser([])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
