@@ -178,7 +178,16 @@ def test_make_install_puts_the_units_under_prefix_with_its_qwamos(tmp_path):
         pytest.skip("make missing")
     dest = tmp_path / "dest"
     subprocess.run(
-        ["make", "-s", "-C", str(REPO), "install", f"DESTDIR={dest}", "PREFIX=/opt/qw"],
+        [
+            "make",
+            "-s",
+            "-C",
+            str(REPO),
+            "install",
+            f"DESTDIR={dest}",
+            "PREFIX=/opt/qw",
+            f"GEN_DIR={tmp_path / 'gen'}",
+        ],
         check=True,
         capture_output=True,
         timeout=120,
