@@ -35,6 +35,7 @@ from qwamos.hypervisor.config import VMConfig
 from qwamos.hypervisor.manager import VMManager
 from qwamos.keystore import PQCKeystore
 from qwamos.migrate import TO_QCOW2, Hooks, migrate
+from qwamos.migrate.copy import _ReadAhead
 from qwamos.volume import PQCVolume
 from vm_helpers import write_config
 
@@ -82,6 +83,13 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
     kernel.write_bytes(struct.pack("<II", 0xD503207F, 0x17FFFFFF) + bytes(4088))
     (tmp_path / "scratch").mkdir()
     return Env(tmp_path, root, keystore, kernel)
+
+
+# A source too large for the QEMU side to finish before the Recorder kills it (2 MiB into a phase): by then our
+# read-ahead holds at most 2 + DEPTH chunks and the pipe 1 MiB, so nbdcopy is still blocked writing.  With the
+# 5 MiB ODD_SIZE it could finish first, the kill found nothing to kill, and the run succeeded (one run in many).
+KILL_SIZE = 16 * MIB + 3 * 512
+assert KILL_SIZE > (2 + _ReadAhead.DEPTH + 2) * MIB
 
 
 class Recorder(Hooks):
@@ -253,7 +261,7 @@ def test_running_vm_is_refused(env: Env) -> None:
     ],
 )
 def test_failure_leaves_everything_as_it_was_and_a_rerun_works(env: Env, how: str, match: str | None) -> None:
-    env.make_vm()
+    env.make_vm(size=KILL_SIZE)
     d = env.vm_dir()
     src = d / "disk.qcow2"
     if how == "unreadable-midway":
@@ -281,7 +289,7 @@ def test_failure_leaves_everything_as_it_was_and_a_rerun_works(env: Env, how: st
         assert "volume_created" in rec.types() and rec.types()[-1] == "rolled_back"
     # Re-running works once the cause is gone.
     if how == "unreadable-midway":
-        make_source(src.with_name("fixed.qcow2"))
+        make_source(src.with_name("fixed.qcow2"), size=KILL_SIZE)
         os.replace(src.with_name("fixed.qcow2"), src)
     if how == "unreadable-header":
         src.write_bytes(good)
@@ -425,7 +433,7 @@ def test_the_migrated_vm_starts_from_its_volume(env: Env) -> None:
 
 @pytest.mark.parametrize("how", ["kill-copy", "kill-verify", "ctrl-c-copy"])
 def test_a_failed_way_back_leaves_everything_as_it_was(env: Env, how: str) -> None:
-    env.make_vm()
+    env.make_vm(size=KILL_SIZE)
     migrate("vm", keystore=env.ks())
     before = env.snapshot()
     phase = how.rsplit("-", 1)[1]
