@@ -322,6 +322,7 @@ class ServerConnection:
         self._skip = 0  # payload bytes to discard (rejected WRITE or oversized option)
         self._after_skip: bytes | None = None  # option reply to queue once the skipped data is gone
         self._after_skip_close: str | None = None
+        self._starved = False  # the handshake parser needs more bytes (set where _ensure fails)
         greeting = struct.pack(">QQH", c.NBDMAGIC, c.IHAVEOPT, c.FLAG_FIXED_NEWSTYLE | c.FLAG_NO_ZEROES)
         self._out.append(greeting)
 
@@ -433,12 +434,14 @@ class ServerConnection:
                 if not self._do_skip():
                     return NEED_DATA
                 continue
-            before = self._start
+            self._starved = False
             ev = self._next_option() if state is State.OPTIONS else self._client_flags()
             if ev is not None:
                 return ev
-            if self.state is state and not self._skip and self._start == before:
-                return NEED_DATA  # no progress: the next option is incomplete
+            if self._starved:
+                # The next option (or the client flags) is incomplete.  Said explicitly: comparing read
+                # positions missed an option whose length equalled the position before a compaction.
+                return NEED_DATA
 
     def _do_skip(self) -> bool:
         """Discard skipped payload bytes; True once all of it is gone."""
@@ -458,6 +461,7 @@ class ServerConnection:
 
     def _client_flags(self) -> Event | None:
         if not self._ensure(4):
+            self._starved = True
             return None
         (flags,) = struct.unpack(">I", self._take(4))
         if flags & ~(c.FLAG_C_FIXED_NEWSTYLE | c.FLAG_C_NO_ZEROES):
@@ -476,6 +480,7 @@ class ServerConnection:
 
     def _next_option(self) -> Event | None:
         if not self._ensure(_OPTION.size):
+            self._starved = True
             return None
         magic, option, length = _OPTION.unpack_from(self._view, self._start)
         if magic != c.IHAVEOPT:
@@ -490,6 +495,7 @@ class ServerConnection:
             self._after_skip = _OPT_REPLY.pack(c.OPT_REPLY_MAGIC, option, c.REP_ERR_TOO_BIG, 0)
             return None
         if not self._ensure(_OPTION.size + length):
+            self._starved = True
             return None
         self._start += _OPTION.size
         data = bytes(self._take(length))
