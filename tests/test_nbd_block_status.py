@@ -656,3 +656,53 @@ def test_copies_of_the_sparse_export_are_sparse_and_identical(sparse_export, tmp
     slack = 64 * 1024 if tool == "qemu-img" else MIB
     assert in_file <= written + slack, f"{tool} allocated {in_file} bytes for {written} written"
     assert os.stat(out).st_blocks * 512 <= written + slack + 192 * 1024  # what du reports
+
+
+def test_metadata_options_are_refused_before_tls_and_work_inside_it():
+    conn = ServerConnection(ExportInfo(size=SIZE, block_status=True), tls_required=True)
+    conn.data_to_send()
+    conn.receive_data(
+        struct.pack(">I", 1) + opt(c.OPT_STRUCTURED_REPLY) + opt(c.OPT_SET_META_CONTEXT, meta_data())
+    )
+    assert events(conn) == []
+    assert [r[1] for r in opt_replies(conn.data_to_send())] == [c.REP_ERR_TLS_REQD, c.REP_ERR_TLS_REQD]
+    assert not conn.structured and not conn.contexts
+    conn.receive_data(opt(c.OPT_STARTTLS))
+    events(conn)
+    conn.data_to_send()
+    conn.tls_established()
+    conn.receive_data(
+        opt(c.OPT_STRUCTURED_REPLY) + opt(c.OPT_SET_META_CONTEXT, meta_data()) + opt(c.OPT_GO, go_data())
+    )
+    assert isinstance(events(conn)[-1], Ready)
+    reps = [r[1] for r in opt_replies(conn.data_to_send())]
+    assert reps[:3] == [c.REP_ACK, c.REP_META_CONTEXT, c.REP_ACK]
+    conn.receive_data(req(c.CMD_BLOCK_STATUS, 0, BS))
+    assert isinstance(events(conn)[0], BlockStatus)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sets(st.integers(0, 63), max_size=40),
+    st.integers(0, 63),
+    st.integers(1, 64),
+    st.booleans(),
+)
+def test_fuzzed_block_status_describes_the_content(blocks, first, count, req_one):
+    """Whatever the layout and request: one reply, contiguous from the offset, inside the request, merged,
+    and every range flagged as a hole reads as zeros while every written block is reported as data."""
+    backend = layout(64 * BS, blocks, seed=len(blocks))
+    count = min(count, 64 - first)
+    descs = status(backend, first * BS, count * BS, c.CMD_FLAG_REQ_ONE if req_one else 0)
+    assert descs and all(n > 0 for n, _ in descs)
+    assert sum(n for n, _ in descs) <= count * BS
+    assert not req_one or len(descs) == 1
+    assert all(a[1] != b[1] for a, b in itertools.pairwise(descs))  # merged
+    pos = first * BS
+    for n, flags in descs:
+        assert flags in (0, HOLE)
+        written = {b for b in range(pos // BS, (pos + n) // BS) if b in blocks}
+        assert (flags == HOLE) == (not written), f"range {pos}+{n} flagged {flags}"
+        pos += n
+    if not req_one:
+        assert pos == (first + count) * BS  # the whole request answered (far below the limits)
