@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages QWAMOS needs (QEMU for x86_64 and arm64, NBD tools, fio, python3-venv, and
 # virt-xml-validate with its xmllint to check `qwamos vm domxml` against libvirt's schema, zsh to check the
-# generated completion) and
+# generated completion), Ceph 16 (one-node test cluster: scripts/ceph-cluster.sh; librbd for rbd: volumes), and
 # enable the arm64 foreign architecture so tools/build_guest.py can `apt-get download` arm64 guest packages.
 # Idempotent and quick when everything is there: apt-get update runs only when something is missing.
 set -euo pipefail
@@ -13,6 +13,7 @@ PACKAGES=(
     zsh
     python3 python3-venv ca-certificates
     xz-utils zstd coreutils
+    ceph-mon ceph-mgr ceph-osd ceph-common python3-rbd python3-rados qemu-block-extra
 )
 
 if [[ $(id -u) -ne 0 ]]; then

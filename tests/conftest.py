@@ -90,3 +90,11 @@ def no_process_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) ->
         pytest.fail(
             f"{len(left)} process(es) started by this test session were still running (now killed):\n{listing}"
         )
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[object]:
+    """The one-node test Ceph cluster (tests/ceph_helpers.py): started on first use, stopped at the end."""
+    import ceph_helpers
+
+    yield from ceph_helpers.start_cluster()

@@ -102,6 +102,8 @@ MAP: dict[str, list[str]] = {
     "storage.base": ["test_storage.py"],
     "storage.bitmap": ["test_storage.py"],
     "storage.file": ["test_storage.py"],
+    "storage.librbd": ["test_storage_rbd.py"],
+    "storage.rbd": ["test_storage_rbd.py"],
     "storage.sparse": ["test_storage.py"],
     "volume.create": ["test_volume_roundtrip.py", "test_volume_errors.py"],
     "volume.guard": ["test_volume_errors.py", "test_volume_full.py"],

@@ -20,6 +20,7 @@ import sys
 
 from qwamos import pidfile
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
+from qwamos.cli.volume_cmd import add_ceph_args, volume_location
 from qwamos.hypervisor import tools
 from qwamos.nbd import export
 
@@ -32,10 +33,12 @@ def register_serve(vsub: argparse._SubParsersAction) -> None:
     )
     export.add_arguments(s)
     add_keystore_args(s)
+    add_ceph_args(s)
     s.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    args.path = volume_location(args)
     spec = export.spec_from_args(args)
     argv = export.command_for_spec(spec, verbose=min(getattr(args, "verbose", 0) or 0, 2))
     if spec.pidfile is not None:  # refuse a served export before asking for any key (as the export would)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from qwamos.cli.output import Progress, emit_json, message
 from qwamos.errors import TruncatedVolumeError
 from qwamos.hypervisor.sizes import format_size, parse_size
 from qwamos.hypervisor.vocab import ALGORITHMS, DEFAULT_ALGORITHM
+from qwamos.storage.rbd import with_options
 from qwamos.volume import PQCVolume, read_header
 from qwamos.volume.repair import RepairReport, repair
 
@@ -24,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     vsub = p.add_subparsers(dest="volume_command", metavar="ACTION", required=True)
 
     c = vsub.add_parser("create", help="create an encrypted volume with a new key")
-    c.add_argument("path", type=Path, help="the .qvol file to create")
+    c.add_argument("path", type=Path, help="the .qvol file (or rbd:POOL/IMAGE) to create")
     c.add_argument("--size", required=True, help="virtual size: bytes or with K/M/G/T suffix (e.g. 10G)")
     c.add_argument("--name", help="volume name recorded in the header (default: file stem)")
     c.add_argument("--vm", default="", dest="vm_name", help="VM name recorded in the header and key id")
@@ -37,12 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--force", action="store_true", help="replace an existing file")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     add_keystore_args(c)
+    add_ceph_args(c)
     c.set_defaults(func=cmd_create)
 
     i = vsub.add_parser("info", help="show a volume's header and allocation (authenticated)")
     i.add_argument("path", type=Path)
     i.add_argument("--json", action="store_true")
     add_keystore_args(i)
+    add_ceph_args(i)
     i.set_defaults(func=cmd_info)
 
     k = vsub.add_parser("check", help="authenticate every non-empty block; exit 14 if any is bad")
@@ -50,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--json", action="store_true")
     k.add_argument("--progress", action="store_true", help="show progress on stderr")
     add_keystore_args(k)
+    add_ceph_args(k)
     k.set_defaults(func=cmd_check)
 
     r = vsub.add_parser(
@@ -69,11 +74,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--json", action="store_true", help="print the report as JSON")
     r.add_argument("--progress", action="store_true", help="show progress on stderr")
     add_keystore_args(r)
+    add_ceph_args(r)
     r.set_defaults(func=cmd_repair)
 
     d = vsub.add_parser("dump-header", help="print the raw header fields, without needing the key")
     d.add_argument("path", type=Path)
     d.add_argument("--json", action="store_true")
+    add_ceph_args(d)
     d.set_defaults(func=cmd_dump_header)
 
     try:
@@ -85,7 +92,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         register_serve(vsub)
 
 
+def add_ceph_args(p: argparse.ArgumentParser) -> None:
+    """``--ceph-conf``/``--ceph-id`` for an ``rbd:POOL/IMAGE`` volume (defaults as the ``rbd`` tool's)."""
+    p.add_argument(
+        "--ceph-conf", metavar="PATH", help="for rbd: volumes: Ceph configuration (default $CEPH_CONF, /etc/ceph)"
+    )
+    p.add_argument("--ceph-id", metavar="NAME", help="for rbd: volumes: the Ceph client id (default admin)")
+
+
+def volume_location(args: argparse.Namespace) -> Path:
+    """The volume argument, with ``--ceph-conf``/``--ceph-id`` folded into an ``rbd:`` location (as
+    ``:conf=``/``:id=``, so that processes started for it reach the same cluster: the export is started with
+    an allow-listed environment, without ``$CEPH_CONF``, so that one is folded in too)."""
+    conf = getattr(args, "ceph_conf", None) or os.environ.get("CEPH_CONF") or None
+    return Path(with_options(str(args.path), conf, getattr(args, "ceph_id", None)))
+
+
 def cmd_create(args: argparse.Namespace) -> int:
+    args.path = volume_location(args)
     size = parse_size(args.size, what="--size")
     ks = open_keystore(args)
     name = args.name or args.path.stem
@@ -111,6 +135,7 @@ def _print_fields(fields: dict[str, Any]) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    args.path = volume_location(args)
     ks = open_keystore(args)
     with PQCVolume(args.path, keystore=ks, read_only=True) as v:
         info = v.info()
@@ -134,6 +159,7 @@ def _blocks(indices: list[int], limit: int = 50) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    args.path = volume_location(args)
     ks = open_keystore(args)
     try:
         v = PQCVolume(args.path, keystore=ks, read_only=True).open()
@@ -210,6 +236,7 @@ def _print_report(report: RepairReport) -> None:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
+    args.path = volume_location(args)
     ks = open_keystore(args)
     progress = Progress(100, label="Checking", enabled=args.progress)
     printed = []
@@ -244,6 +271,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_dump_header(args: argparse.Namespace) -> int:
+    args.path = volume_location(args)
     header = read_header(args.path)
     if args.json:
         emit_json(header)

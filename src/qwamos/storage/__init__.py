@@ -1,19 +1,30 @@
 """The storage layer: the raw byte store beneath the volume format (see :mod:`qwamos.storage.base`).
 
-One factory opens a store from a location: a path (or ``file:PATH``) is a :class:`FileStorage`.  Other
-stores (a Ceph RBD image, a fault-injecting wrapper for tests) implement the same :class:`Storage` protocol
-and are added to :data:`SCHEMES` under their URI scheme.
+One factory opens a store from a location: a path (or ``file:PATH``) is a :class:`FileStorage`,
+``rbd:POOL/IMAGE`` a Ceph RBD image (:class:`RBDStorage`).  Other stores (a fault-injecting wrapper for tests)
+implement the same :class:`Storage` protocol and are added to :data:`SCHEMES` under their URI scheme.
 """
 
 from __future__ import annotations
 
 from qwamos.storage.base import PendingStorage, Storage
 from qwamos.storage.file import FileStorage, PendingFile, create_file
+from qwamos.storage.rbd import RBDStorage, create_rbd
 
-__all__ = ["SCHEMES", "FileStorage", "PendingFile", "PendingStorage", "Storage", "create_storage", "open_storage"]
+__all__ = [
+    "SCHEMES",
+    "FileStorage",
+    "PendingFile",
+    "PendingStorage",
+    "RBDStorage",
+    "Storage",
+    "create_storage",
+    "file_path",
+    "open_storage",
+]
 
 # scheme -> (open(location, read_only), create(location, overwrite, random_suffix))
-SCHEMES = {"file": (FileStorage.open, create_file)}
+SCHEMES = {"file": (FileStorage.open, create_file), "rbd": (RBDStorage.open, create_rbd)}
 
 
 def _split(location: str) -> tuple[str, str]:
@@ -35,3 +46,9 @@ def create_storage(location: str, *, overwrite: bool, random_suffix: str) -> Pen
     ``commit()``."""
     scheme, rest = _split(location)
     return SCHEMES[scheme][1](rest, overwrite=overwrite, random_suffix=random_suffix)
+
+
+def file_path(location: str) -> str | None:
+    """The local path when ``location`` is a file, else None (an ``rbd:`` image has no path on this host)."""
+    scheme, rest = _split(location)
+    return rest if scheme == "file" else None

@@ -29,7 +29,7 @@ from typing import Any
 from qwamos import crypto
 from qwamos.errors import HeaderCorruptError, InvalidArgument, VolumeError
 from qwamos.fsutil import fsync_dir, write_all
-from qwamos.storage import Storage, open_storage
+from qwamos.storage import Storage, file_path, open_storage
 from qwamos.volume import header_store, metadata
 from qwamos.volume.header import BLOCK_SIZE, SLOT_SIZE, Header
 from qwamos.volume.header_store import HeaderStore
@@ -266,7 +266,9 @@ def _judge_metadata(report: RepairReport, storage: Storage, header: Header) -> b
 def _save(report: RepairReport) -> str:
     """Write the report next to the volume (0600, fsynced) before anything is zeroed; return its path."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    target = f"{report.path}.repair-{stamp}.json"
+    local = file_path(report.path)  # beside a file; for an rbd: image in the current directory
+    base = local if local is not None else report.path.split(":")[1].replace("/", "_")
+    target = f"{base}.repair-{stamp}.json"
     report.report_file = target
     body = json.dumps(report.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -36,7 +36,7 @@ from qwamos.errors import (
     VolumeClosedError,
     VolumeExistsError,
 )
-from qwamos.storage import Storage, create_storage, open_storage
+from qwamos.storage import Storage, create_storage, file_path, open_storage
 from qwamos.volume import allocation, inspection, metadata
 from qwamos.volume import create as creation
 from qwamos.volume import header as hdr
@@ -65,7 +65,13 @@ def _record_use(provider: KeyProvider, path: str, header: Header) -> None:
     if record is None:
         return
     try:
-        record(header.key_id, os.path.abspath(path), header.volume_uuid, header.vm_name)
+        local = file_path(path)
+        record(
+            header.key_id,
+            os.path.abspath(local) if local is not None else path,
+            header.volume_uuid,
+            header.vm_name,
+        )
     except (QwamosError, OSError) as e:
         log.warning("%s: the key's usage record was not updated: %s", path, e)
 

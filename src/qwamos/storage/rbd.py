@@ -1,0 +1,442 @@
+"""``RBDStorage``: a Ceph RBD image as the volume's byte store, through librbd's C API (:mod:`.librbd`).
+
+Location: ``rbd:POOL/IMAGE`` with optional ``:conf=PATH`` and ``:id=NAME`` suffixes (QEMU's spelling of the
+same options, ``\\:`` for a colon inside a value), e.g. ``rbd:vms/web.qvol:id=qwamos``.  The options travel
+inside the location so that every process a command starts (``volume serve``, a VM's export) reaches the same
+cluster as the user.  Defaults are the ``rbd`` tool's: the configuration from ``$CEPH_CONF`` or
+/etc/ceph/ceph.conf (librados' search path), the identity ``client.admin``; ``$CEPH_ARGS`` is applied on top
+(``--id``/``--name`` in it choose the identity when ``:id=`` is not given).
+
+Mapping of the contract (:mod:`qwamos.storage.base`):
+
+* bytes are the image's bytes: a ``.qvol`` on RBD has the file's layout byte for byte, so ``rbd export``
+  gives a ``.qvol`` file and ``rbd import`` of one gives an RBD volume;
+* sparse: a new image has no objects; ``allocated_bytes`` counts the objects that exist (``rbd du``);
+* ``punch`` and ``zero`` are ``rbd_write_zeroes``: librbd removes whole objects and zeroes partial ranges, so
+  the range always reads as zeros (``rbd_discard`` may skip a range smaller than the discard granularity);
+* ``allocate`` cannot reserve (RBD is thin-provisioned cluster-wide): False.  A full cluster makes librados
+  *wait* for space by default; we bound every OSD operation with ``rados_osd_op_timeout`` (30 s unless the
+  configuration sets one) so that a write fails instead of hanging; mapping a full cluster to ENOSPC exactly
+  is later work;
+* ``flush`` is ``rbd_flush`` (librbd's cache, then the OSDs' acknowledgement: durable on the cluster);
+* ``lock``: a writer takes librbd's exclusive lock explicitly (``rbd_lock_acquire``, which also stops librbd
+  from handing the lock to another client on request; ``rbd lock ls`` shows it).  A second writer is refused
+  naming the holder; a reader is refused while a writer holds the lock (librbd has no shared lock, so a writer
+  does not see readers, unlike ``flock``).  An image without the exclusive-lock feature gets RBD's advisory
+  lock instead (the advisory and the managed lock share one name, so an image with the feature cannot take
+  both: librbd's writes would wait forever for its own lock).  A holder that died: librbd breaks its lock
+  (blocklisting the dead client, so it can never write again) once the cluster sees its watch expire (30 s);
+  until then the lock is refused; ``rbd lock rm`` breaks it by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import itertools
+import os
+import shlex
+import socket
+from collections.abc import Iterator, Sequence
+
+from qwamos.errors import VolumeError, VolumeExistsError, VolumeLockedError
+from qwamos.storage.base import Buffer
+from qwamos.storage.librbd import DIFF_CB, RBD_FEATURE_EXCLUSIVE_LOCK, RBD_LOCK_MODE_EXCLUSIVE, check, lib
+
+OSD_OP_TIMEOUT = "30"  # seconds: bounded waits for OSD operations (librados' default 0 waits forever)
+MOUNT_TIMEOUT = "30"  # seconds to reach the monitors (librados' default is 300)
+_cookies = itertools.count(1)
+
+
+class RBDLocation:
+    """A parsed ``POOL/IMAGE[:conf=PATH][:id=NAME]``."""
+
+    def __init__(self, pool: str, image: str, conf: str | None = None, client_id: str | None = None) -> None:
+        self.pool, self.image, self.conf, self.client_id = pool, image, conf, client_id
+
+    @classmethod
+    def parse(cls, rest: str) -> RBDLocation:
+        parts = _split_unescaped(rest)
+        pool, sep, image = parts[0].partition("/")
+        if not sep or not pool or not image or "/" in image or "@" in image:
+            raise VolumeError(msg=f"rbd:{rest}: an RBD location is rbd:POOL/IMAGE[:conf=PATH][:id=NAME]")
+        opts: dict[str, str] = {}
+        for p in parts[1:]:
+            key, eq, value = p.partition("=")
+            if not eq or key not in ("conf", "id") or not value:
+                raise VolumeError(msg=f"rbd:{rest}: unknown or empty option {p!r} (conf=PATH, id=NAME)")
+            opts[key] = value
+        return cls(pool, image, opts.get("conf"), opts.get("id"))
+
+    def uri(self, image: str | None = None) -> str:
+        """``rbd:POOL/IMAGE`` (for messages: no options)."""
+        return f"rbd:{self.pool}/{image or self.image}"
+
+
+def with_options(location: str, conf: str | None, client_id: str | None) -> str:
+    """``location`` with ``:conf=``/``:id=`` added when it is an ``rbd:`` location and they are given (the CLI's
+    ``--ceph-conf``/``--ceph-id``); any other location unchanged."""
+    if not location.startswith("rbd:"):
+        return location
+    for key, value in (("conf", conf), ("id", client_id)):
+        if value:
+            location += f":{key}=" + value.replace("\\", "\\\\").replace(":", "\\:")
+    return location
+
+
+def _split_unescaped(text: str) -> list[str]:
+    parts, cur, it = [], [], iter(text)
+    for ch in it:
+        if ch == "\\":
+            cur.append(next(it, ""))
+        elif ch == ":":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def _client_id(explicit: str | None) -> str:
+    """The identity: ``:id=``, else ``--id``/``--user``/``--name`` in ``$CEPH_ARGS``, else ``admin``."""
+    if explicit:
+        return explicit
+    args = shlex.split(os.environ.get("CEPH_ARGS", ""))
+    for i, a in enumerate(args):
+        for flag in ("--id", "--user", "-i", "--name", "-n"):
+            value = None
+            if a == flag and i + 1 < len(args):
+                value = args[i + 1]
+            elif a.startswith(flag + "="):
+                value = a[len(flag) + 1 :]
+            if value:
+                return value.removeprefix("client.") if flag in ("--name", "-n") else value
+    return "admin"
+
+
+class _Cluster:
+    """A librados connection and an I/O context on one pool."""
+
+    def __init__(self, loc: RBDLocation) -> None:
+        L = lib()
+        self.handle = ctypes.c_void_p()
+        self.ioctx = ctypes.c_void_p()
+        name = f"client.{_client_id(loc.client_id)}".encode()
+        check(L.rados_create2(ctypes.byref(self.handle), b"ceph", name, 0), "rados_create2")
+        try:
+            conf = loc.conf.encode() if loc.conf else None  # None: $CEPH_CONF, /etc/ceph/ceph.conf, ...
+            check(L.rados_conf_read_file(self.handle, conf), f"reading {loc.conf or 'the Ceph configuration'}")
+            check(L.rados_conf_parse_env(self.handle, b"CEPH_ARGS"), "CEPH_ARGS")
+            for option, default, ours in (
+                (b"rados_osd_op_timeout", "0", OSD_OP_TIMEOUT),
+                (b"client_mount_timeout", "300", MOUNT_TIMEOUT),
+            ):
+                if self._get(option).split(".")[0] == default:
+                    check(L.rados_conf_set(self.handle, option, ours.encode()), "rados_conf_set")
+            check(L.rados_connect(self.handle), "connecting to the Ceph cluster")
+            check(
+                L.rados_ioctx_create(self.handle, loc.pool.encode(), ctypes.byref(self.ioctx)), f"pool {loc.pool}"
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def _get(self, option: bytes) -> str:
+        buf = ctypes.create_string_buffer(256)
+        if lib().rados_conf_get(self.handle, option, buf, len(buf)) < 0:
+            return ""
+        return buf.value.decode()
+
+    def close(self) -> None:
+        L = lib()
+        if self.ioctx:
+            L.rados_ioctx_destroy(self.ioctx)
+            self.ioctx = ctypes.c_void_p()
+        if self.handle:
+            L.rados_shutdown(self.handle)
+            self.handle = ctypes.c_void_p()
+
+
+def _connect(loc: RBDLocation) -> _Cluster:
+    try:
+        return _Cluster(loc)
+    except OSError as e:
+        raise VolumeError(msg=f"{loc.uri()}: {e.strerror or e}") from None
+
+
+class RBDStorage:
+    """An open RBD image.  See :mod:`qwamos.storage.base` for the contract and this module for the mapping."""
+
+    def __init__(self, loc: RBDLocation, cluster: _Cluster, image: ctypes.c_void_p, *, read_only: bool) -> None:
+        self.loc = loc
+        self._cluster = cluster
+        self._image = image
+        self._read_only = read_only
+        self._cookie: bytes | None = None  # an advisory lock's cookie
+        self._lock_kind: str | None = None  # "managed" (exclusive-lock feature), "advisory", "none" (reader)
+
+    @classmethod
+    def open(cls, rest: str, *, read_only: bool = False) -> RBDStorage:
+        loc = RBDLocation.parse(rest)
+        cluster = _connect(loc)
+        try:
+            image = _open_image(cluster, loc, loc.image, read_only)
+        except BaseException:
+            cluster.close()
+            raise
+        return cls(loc, cluster, image, read_only=read_only)
+
+    # --- the Storage interface ----------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.loc.uri()
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    def read_into(self, offset: int, buf: memoryview) -> int:
+        want = min(len(buf), max(0, self.size() - offset))
+        if want <= 0:
+            return 0
+        target = (ctypes.c_char * want).from_buffer(buf)
+        got = check(lib().rbd_read(self._image, offset, want, target), "rbd_read")
+        return got
+
+    def read(self, offset: int, length: int) -> bytes:
+        want = min(length, max(0, self.size() - offset))
+        if want <= 0:
+            return b""
+        out = ctypes.create_string_buffer(want)
+        got = check(lib().rbd_read(self._image, offset, want, out), "rbd_read")
+        return out.raw[:got]
+
+    def write(self, offset: int, bufs: Sequence[Buffer]) -> None:
+        data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        length = len(data)
+        done = 0
+        while done < length:  # librbd writes all or fails; the loop only guards a short count
+            n = check(
+                lib().rbd_write(self._image, offset + done, length - done, data[done:] if done else data),
+                "rbd_write",
+            )
+            if n == 0:
+                raise OSError(errno.EIO, "rbd_write wrote nothing")
+            done += n
+
+    def allocate(self, offset: int, length: int) -> bool:
+        return length <= 0  # thin-provisioned: nothing to reserve (see the module docstring)
+
+    def punch(self, offset: int, length: int) -> bool:
+        self.zero(offset, length)
+        return True
+
+    def zero(self, offset: int, length: int) -> None:
+        if length > 0:
+            check(lib().rbd_write_zeroes(self._image, offset, length, 0, 0), "rbd_write_zeroes")
+
+    def extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        return iter(self._diff(start, end))
+
+    def _diff(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The ranges of ``[start, end)`` in objects that exist (whole objects: coarse but never missing data)."""
+        out: list[tuple[int, int]] = []
+        if end <= start:
+            return out
+
+        def cb(off: int, length: int, exists: int, _arg: object) -> int:
+            if exists:
+                s, e = max(off, start), min(off + length, end)
+                if out and out[-1][1] == s:
+                    out[-1] = (out[-1][0], e)
+                elif e > s:
+                    out.append((s, e))
+            return 0
+
+        callback = DIFF_CB(cb)
+        check(
+            lib().rbd_diff_iterate2(self._image, None, start, end - start, 0, 1, callback, None),
+            "rbd_diff_iterate2",
+        )
+        return out
+
+    def allocated_bytes(self) -> int:
+        return sum(e - s for s, e in self._diff(0, self.size()))
+
+    def flush(self) -> None:
+        check(lib().rbd_flush(self._image), "rbd_flush")
+
+    def size(self) -> int:
+        size = ctypes.c_uint64()
+        check(lib().rbd_get_size(self._image, ctypes.byref(size)), "rbd_get_size")
+        return size.value
+
+    def resize(self, size: int) -> None:
+        check(lib().rbd_resize(self._image, size), "rbd_resize")
+
+    def lock(self, *, shared: bool) -> None:
+        if self._lock_kind is not None:
+            return
+        L = lib()
+        if shared:  # librbd has no shared managed lock: refuse only while a writer holds the image
+            holders = self.lockers(exclusive_only=True)
+            if holders:
+                raise VolumeLockedError(path=self.name, msg=f"(RBD lock held by {holders})")
+            self._lock_kind = "none"
+            return
+        features = ctypes.c_uint64()
+        check(L.rbd_get_features(self._image, ctypes.byref(features)), "rbd_get_features")
+        if features.value & RBD_FEATURE_EXCLUSIVE_LOCK:
+            ret = L.rbd_lock_acquire(self._image, RBD_LOCK_MODE_EXCLUSIVE)
+            kind = "managed"
+        else:
+            cookie = f"qwamos {socket.gethostname()} pid {os.getpid()} #{next(_cookies)}".encode()
+            ret = L.rbd_lock_exclusive(self._image, cookie)
+            kind, self._cookie = "advisory", cookie
+        if ret in (-errno.EROFS, -errno.EBUSY, -errno.EEXIST):
+            self._cookie = None
+            raise VolumeLockedError(path=self.name, msg=f"(RBD lock held by {self.lockers() or 'another client'})")
+        check(ret, "taking the RBD lock")
+        self._lock_kind = kind
+
+    def lockers(self, *, exclusive_only: bool = False) -> str:
+        """Who holds the image's lock: ``client.4140 'cookie' at ADDR`` per holder, for messages (empty when
+        nobody does, or, with ``exclusive_only``, when the lock is shared)."""
+        L = lib()
+        exclusive = ctypes.c_int()
+        sizes = [ctypes.c_size_t(4096) for _ in range(4)]
+        bufs = [ctypes.create_string_buffer(4096) for _ in range(4)]
+        n = L.rbd_list_lockers(
+            self._image,
+            ctypes.byref(exclusive),
+            *itertools.chain.from_iterable((b, ctypes.byref(s)) for b, s in zip(bufs, sizes, strict=True)),
+        )
+        if n <= 0 or (exclusive_only and not exclusive.value):
+            return ""
+        _tag, clients, cookies, addrs = (
+            b.raw[: s.value].split(b"\0")[:n] for b, s in zip(bufs, sizes, strict=True)
+        )
+        return ", ".join(
+            f"{c.decode(errors='replace')} {k.decode(errors='replace')!r} at {a.decode(errors='replace')}"
+            for c, k, a in zip(clients, cookies, addrs, strict=False)
+        )
+
+    def close(self) -> None:
+        image, self._image = self._image, ctypes.c_void_p()
+        if image:
+            L = lib()
+            if self._lock_kind == "managed":
+                L.rbd_lock_release(image)
+            elif self._cookie is not None:
+                L.rbd_unlock(image, self._cookie)
+            self._cookie = self._lock_kind = None
+            L.rbd_close(image)
+        self._cluster.close()
+
+    def close_image(self) -> None:
+        """Close the image but keep the connection (a pending create still renames or removes with it)."""
+        image, self._image = self._image, ctypes.c_void_p()
+        if image:
+            lib().rbd_close(image)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<RBDStorage {self.name!r}{' read-only' if self._read_only else ''}>"
+
+
+def _open_image(cluster: _Cluster, loc: RBDLocation, image: str, read_only: bool) -> ctypes.c_void_p:
+    handle = ctypes.c_void_p()
+    L = lib()
+    opener = L.rbd_open_read_only if read_only else L.rbd_open
+    ret = opener(cluster.ioctx, image.encode(), ctypes.byref(handle), None)
+    if ret == -errno.ENOENT:
+        raise VolumeError(msg=f"{loc.uri(image)}: no such RBD image")
+    if ret < 0:
+        raise VolumeError(msg=f"{loc.uri(image)}: cannot open: {os.strerror(-ret)}")
+    return handle
+
+
+class PendingRBD:
+    """A new image under a temporary name in the same pool; :meth:`commit` renames it into place."""
+
+    def __init__(self, loc: RBDLocation, tmp: str, storage: RBDStorage, old: RBDStorage | None) -> None:
+        self.loc = loc
+        self._tmp = tmp
+        self._storage = storage
+        self._old = old  # the image being replaced, held locked until the new one is in place
+
+    @property
+    def storage(self) -> RBDStorage:
+        return self._storage
+
+    def commit(self) -> None:
+        """Flush, then rename the new image to its name.  Without overwrite ``rbd_rename`` refuses an existing
+        name (``FileExistsError``).  Overwriting removes the old image first (it was locked until then): not
+        atomic as on a file system, where a crash in between leaves only the new image under its temporary
+        name."""
+        self._storage.flush()
+        cluster = self._storage._cluster
+        self._storage.close_image()
+        L = lib()
+        if self._old is not None:
+            self._old.close()
+            self._old = None
+            check(L.rbd_remove(cluster.ioctx, self.loc.image.encode()), f"removing the old {self.loc.uri()}")
+        ret = L.rbd_rename(cluster.ioctx, self._tmp.encode(), self.loc.image.encode())
+        if ret == -errno.EEXIST:
+            self.abort()
+            raise FileExistsError(errno.EEXIST, f"{self.loc.uri()} exists")
+        try:
+            check(ret, "rbd_rename")
+        finally:
+            cluster.close()
+
+    def abort(self) -> None:
+        """Remove the temporary image (safe after a failed commit, and twice)."""
+        cluster = self._storage._cluster
+        self._storage.close_image()
+        if cluster.ioctx:
+            lib().rbd_remove(cluster.ioctx, self._tmp.encode())
+        cluster.close()
+        if self._old is not None:
+            self._old.close()
+            self._old = None
+
+
+def create_rbd(rest: str, *, overwrite: bool, random_suffix: str) -> PendingRBD:
+    """Start a new, empty image for ``rbd:POOL/IMAGE`` under ``IMAGE.RANDOM.tmp``.  An existing image is
+    refused (``VolumeExistsError``) unless ``overwrite``; then its exclusive lock is taken and held until the
+    new image replaces it (``VolumeLockedError`` while another holds it)."""
+    loc = RBDLocation.parse(rest)
+    old: RBDStorage | None = None
+    cluster = _connect(loc)
+    try:
+        probe = ctypes.c_void_p()
+        L = lib()
+        ret = L.rbd_open_read_only(cluster.ioctx, loc.image.encode(), ctypes.byref(probe), None)
+        if ret == 0:
+            L.rbd_close(probe)
+            if not overwrite:
+                raise VolumeExistsError(path=loc.uri())
+            old = RBDStorage.open(rest, read_only=False)
+            old.lock(shared=False)
+        elif ret != -errno.ENOENT:
+            raise VolumeError(msg=f"{loc.uri()}: cannot open: {os.strerror(-ret)}")
+        tmp = f"{loc.image}.{random_suffix}.tmp"
+        order = ctypes.c_int(0)
+        check(L.rbd_create(cluster.ioctx, tmp.encode(), 0, ctypes.byref(order)), f"creating {loc.uri(tmp)}")
+        image = _open_image(cluster, loc, tmp, False)
+    except BaseException:
+        cluster.close()
+        if old is not None:
+            old.close()
+        raise
+    return PendingRBD(loc, tmp, RBDStorage(loc, cluster, image, read_only=False), old)

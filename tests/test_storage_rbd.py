@@ -1,0 +1,199 @@
+"""``.qvol`` volumes on Ceph RBD (``rbd:POOL/IMAGE``), against a real one-node cluster (tests/ceph_helpers.py).
+
+The byte layout is the file's: ``rbd export`` gives a .qvol file and ``rbd import`` of one gives an RBD volume.
+Every test uses its own image name; the cluster is shared by the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import processes
+from nbd_helpers import serving, uri
+from qwamos.cli.main import main
+from qwamos.errors import VolumeLockedError
+from qwamos.nbd.client import NBDClient
+from qwamos.storage import open_storage
+from qwamos.volume import PQCVolume
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "ks"))
+    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
+    return tmp_path
+
+
+def _json(capsys):
+    return json.loads(capsys.readouterr().out)
+
+
+def _pattern(n: int, seed: int) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(256)) * (n // 256)
+
+
+def test_cli_create_info_check_dump_and_sparse(ceph_cluster, env, capsys):
+    loc = "rbd:rbd/cli-a"
+    conf = str(ceph_cluster.conf)
+    assert (
+        main(["volume", "create", loc, "--size", "10G", "--json", "--ceph-conf", conf, "--ceph-id", "admin"]) == 0
+    )
+    created = _json(capsys)
+    assert created["size_bytes"] == 10 * GIB
+    # An unwritten 10 GiB volume uses its two header objects (first and last 4 MiB object) and nothing else.
+    assert ceph_cluster.used_bytes("cli-a") <= 8 * MIB
+    assert main(["volume", "info", loc, "--json", "--ceph-conf", conf]) == 0
+    info = _json(capsys)
+    assert info["key_id"] == created["key_id"] and info["allocated_blocks"] == 0
+
+    from qwamos.keystore import PQCKeystore
+
+    with PQCVolume(loc, keystore=PQCKeystore()) as v:
+        v.write(5 * GIB, _pattern(64 * 1024, 1))
+    assert main(["volume", "check", loc, "--json"]) == 0  # CEPH_CONF from the environment
+    assert _json(capsys)["ok"] is True
+    assert ceph_cluster.used_bytes("cli-a") <= 12 * MIB
+    assert main(["volume", "dump-header", loc, "--json"]) == 0
+    assert _json(capsys)["volume_uuid"] == info["volume_uuid"]
+    assert main(["volume", "repair", loc, "--dry-run", "--json"]) == 0
+    # An existing image is refused without --force; a missing pool or bad location is a clear error.
+    assert main(["volume", "create", loc, "--size", "1M"]) == 16
+    assert main(["volume", "info", "rbd:nopool/x"]) != 0
+    assert "nopool" in capsys.readouterr().err
+
+
+def test_api_roundtrip_export_import(ceph_cluster, keys, tmp_path):
+    loc = "rbd:rbd/api-a"
+    PQCVolume(loc, keystore=keys).create("api", "vm1", size_bytes=64 * MIB)
+    writes = {0: _pattern(8192, 3), 10 * MIB + 100: _pattern(40960, 5), 64 * MIB - 4096: _pattern(4096, 9)}
+    with PQCVolume(loc, keystore=keys) as v:
+        for off, data in writes.items():
+            v.write(off, data)
+        v.discard(20 * MIB, 4 * MIB)
+    with PQCVolume(loc, keystore=keys, read_only=True) as v:
+        for off, data in writes.items():
+            assert v.read(off, len(data)) == data
+        assert v.check() == []
+
+    # rbd export: the image's bytes are a valid .qvol file.
+    f = tmp_path / "exported.qvol"
+    ceph_cluster.rbd("export", "rbd/api-a", str(f))
+    with PQCVolume(f, keystore=keys) as v:
+        assert v.check() == []
+        for off, data in writes.items():
+            assert v.read(off, len(data)) == data
+        v.write(30 * MIB, _pattern(4096, 11))
+    # rbd import of a .qvol file: a valid RBD volume.
+    ceph_cluster.rbd("import", str(f), "rbd/api-imp")
+    with PQCVolume("rbd:rbd/api-imp", keystore=keys) as v:
+        assert v.check() == []
+        assert v.read(30 * MIB, 4096) == _pattern(4096, 11)
+        assert v.read(0, 8192) == writes[0]
+    # The bytes are the same either way.
+    back = tmp_path / "back.qvol"
+    ceph_cluster.rbd("export", "rbd/api-imp", str(back))
+    assert back.read_bytes() == f.read_bytes()
+
+
+def test_tampering_on_the_cluster_is_detected(ceph_cluster, keys):
+    loc = "rbd:rbd/tamper-a"
+    PQCVolume(loc, keystore=keys).create("t", "", size_bytes=4 * MIB)
+    with PQCVolume(loc, keystore=keys) as v:
+        v.write(0, _pattern(3 * 4096, 2))
+    s = open_storage(loc)
+    s.lock(shared=False)
+    byte = s.read(4096 + 4128 + 100, 1)
+    s.write(4096 + 4128 + 100, (bytes([byte[0] ^ 1]),))
+    s.close()
+    with PQCVolume(loc, keystore=keys, read_only=True) as v:
+        assert v.check() == [1]
+
+
+def test_second_writer_refused_naming_the_holder(ceph_cluster, keys):
+    loc = "rbd:rbd/lock-a"
+    PQCVolume(loc, keystore=keys).create("l", "", size_bytes=4 * MIB)
+    with PQCVolume(loc, keystore=keys) as first:
+        first.write(0, b"\1" * 4096)
+        with pytest.raises(VolumeLockedError, match=r"client\.\d+"):
+            PQCVolume(loc, keystore=keys).open()
+        with pytest.raises(VolumeLockedError, match=r"client\.\d+"):
+            PQCVolume(loc, keystore=keys, read_only=True).open()
+        first.write(4096, b"\2" * 4096)  # the refused writer took nothing from the holder
+        first.flush()
+    with PQCVolume(loc, keystore=keys) as again:  # released on close
+        assert again.read(0, 8192) == b"\1" * 4096 + b"\2" * 4096
+
+
+def test_serve_with_qemu_img_and_nbdcopy(ceph_cluster, env, short_dir, tmp_path):
+    loc = "rbd:rbd/serve-a"
+    ks = env / "ks"
+    assert main(["volume", "create", loc, "--size", "16M", "--keystore", str(ks)]) == 0
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(16 * MIB))
+    sock = short_dir / "s.sock"
+    with serving(loc, ks, sock):
+        subprocess.run(
+            ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri(sock)], check=True, timeout=120
+        )
+        out = tmp_path / "out.raw"
+        subprocess.run(["nbdcopy", uri(sock), str(out)], check=True, timeout=120)
+    assert out.read_bytes() == src.read_bytes()
+    assert main(["volume", "check", loc, "--keystore", str(ks)]) == 0
+
+
+def test_kill9_of_the_export_loses_no_flushed_write(ceph_cluster, env, short_dir):
+    loc = "rbd:rbd/kill-a"
+    ks = env / "ks"
+    assert main(["volume", "create", loc, "--size", "8M", "--keystore", str(ks)]) == 0
+    sock = short_dir / "k.sock"
+    proc = processes.spawn(
+        [
+            sys.executable,
+            "-m",
+            "qwamos.cli.main",
+            "volume",
+            "serve",
+            loc,
+            "--socket",
+            str(sock),
+            "--keystore",
+            str(ks),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        from nbd_helpers import wait_answers
+
+        wait_answers(sock, proc)
+        c = NBDClient.connect_unix(str(sock))
+        c.write(0, _pattern(64 * 1024, 4))
+        c.write(1 * MIB, _pattern(4096, 6))
+        c.flush()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        processes.stop(proc, signal.SIGKILL)
+        proc.stdout.close()
+        proc.stderr.close()
+    # The dead export still holds the image's lock: refused, naming it, until an operator breaks it.
+    from qwamos.keystore import PQCKeystore
+
+    with pytest.raises(VolumeLockedError, match=r"client\.\d+"):
+        PQCVolume(loc, keystore=PQCKeystore(ks), read_only=True).open()
+    locks = json.loads(ceph_cluster.rbd("lock", "ls", "--format", "json", "rbd/kill-a").stdout)
+    for lk in locks:
+        ceph_cluster.rbd("lock", "rm", "rbd/kill-a", lk["id"], lk["locker"])
+    with PQCVolume(loc, keystore=PQCKeystore(ks), read_only=True) as v:
+        assert v.read(0, 64 * 1024) == _pattern(64 * 1024, 4)
+        assert v.read(1 * MIB, 4096) == _pattern(4096, 6)
+        assert v.check() == []
