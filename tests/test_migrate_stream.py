@@ -30,7 +30,7 @@ def _nonzero_blocks(data: bytes) -> int:
 
 
 def _migrate_into_volume(src: Path, fmt: str, qvol: Path, keys: MemoryKeys) -> PQCVolume:
-    info = qemuimg.info(src)
+    info = qemuimg.info(src, fmt=fmt)
     assert info.format == fmt
     vol = PQCVolume(qvol, keystore=keys)
     vol.create("disk", "vm", size_bytes=info.virtual_size)
@@ -78,7 +78,9 @@ def test_killed_stream_is_an_error(tmp_path: Path) -> None:
     src = tmp_path / "big.qcow2"
     size = 256 * MIB
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), str(size)], check=True)
-    subprocess.run(["qemu-io", "-c", f"write -P 0x42 0 {size}", str(src)], check=True, capture_output=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P 0x42 0 {size}", str(src)], check=True, capture_output=True
+    )
     vol = PQCVolume(tmp_path / "big.qvol", keystore=MemoryKeys())
     vol.create("big", "vm", size_bytes=size)
     seen: list[int] = []
@@ -109,7 +111,7 @@ def test_back_to_qcow2(tmp_path: Path) -> None:
         vol.close()
     res = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(src), str(out)], check=False)
     assert res.returncode == 0
-    assert qemuimg.info(out).virtual_size == ODD_SIZE
+    assert qemuimg.info(out, fmt="qcow2").virtual_size == ODD_SIZE
     # Holes stay holes on the way back too: far less allocated than the virtual size.
     assert os.stat(out).st_blocks * 512 < ODD_SIZE // 2
 
@@ -130,7 +132,7 @@ def test_no_plaintext_written_anywhere_while_streaming(tmp_path: Path) -> None:
 def test_size_mismatch_names_both_sizes_and_the_fix(tmp_path: Path) -> None:
     src = tmp_path / "disk.qcow2"
     make_source(src)
-    info = qemuimg.info(src)
+    info = qemuimg.info(src, fmt="qcow2")
     check_size(info, ODD_SIZE, tmp_path / "config.yaml")  # equal: fine
     with pytest.raises(SizeMismatchError) as e:
         check_size(info, 10 * MIB, tmp_path / "config.yaml")
@@ -144,7 +146,7 @@ def test_unreadable_source_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "disk.qcow2"
     bad.write_bytes(b"QFI\xfb" + b"\xff" * 100)  # a qcow2 magic with a nonsense header
     with pytest.raises(MigrationError, match="cannot read the source disk"):
-        qemuimg.info(bad)
+        qemuimg.info(bad, fmt="qcow2")
 
 
 def test_parallel_reader_thread_is_gone_after_compare(tmp_path: Path) -> None:

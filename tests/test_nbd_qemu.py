@@ -44,7 +44,7 @@ def test_qemu_img_info_nbdinfo_and_clean_sigterm(qvol, short_dir):
     sock = short_dir / "s"
     with serving(vol, ks, sock) as proc:
         assert oct(sock.stat().st_mode & 0o777) == "0o600"
-        assert f"virtual size: 64 MiB ({SIZE} bytes)" in run("qemu-img", "info", uri(sock))
+        assert f"virtual size: 64 MiB ({SIZE} bytes)" in run("qemu-img", "info", "-f", "raw", uri(sock))
         info = json.loads(run("nbdinfo", "--json", uri(sock)))["exports"][0]
         assert info["export-size"] == SIZE
         assert (info["block_size_minimum"], info["block_size_preferred"]) == (4096, 4096)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from dataclasses import dataclass, replace
@@ -11,6 +12,7 @@ import pytest
 
 from qwamos.errors import ConfigError
 from qwamos.hypervisor import kvm
+from qwamos.hypervisor.imagespec import Backing
 from qwamos.hypervisor.process import RunDir, qmp_execute, qmp_status, wait_until
 from qwamos.hypervisor.qemu import Disk, build_command, kernel_append, qemu_environment
 
@@ -73,12 +75,34 @@ def test_encrypted_disk_is_virtio_blk_over_nbd_socket():
     assert _after(argv, "-device")[0] == "virtio-blk-pci,drive=disk0,id=vda,werror=enospc,rerror=report"
 
 
-def test_qcow2_disk_has_explicit_format():
+def test_qcow2_disk_has_explicit_format_and_no_backing_file():
     argv = build_command(Cfg(), accel="tcg", disk=Disk("qcow2", "/vms/vm1/disk.qcow2"))
-    assert _after(argv, "-blockdev") == [
-        "driver=file,node-name=file0,filename=/vms/vm1/disk.qcow2",
-        "driver=qcow2,node-name=disk0,file=file0",
-    ]
+    assert argv.count("-blockdev") == 1
+    assert json.loads(_after(argv, "-blockdev")[0]) == {
+        "driver": "qcow2",
+        "node-name": "disk0",
+        "file": {"driver": "file", "filename": "/vms/vm1/disk.qcow2", "node-name": "file0"},
+        "backing": None,  # whatever backing file the image's header names is never opened
+    }
+
+
+def test_raw_disk_stays_raw():
+    argv = build_command(Cfg(), accel="tcg", disk=Disk("raw", "/vms/vm1/disk.img"))
+    assert json.loads(_after(argv, "-blockdev")[0]) == {
+        "driver": "raw",
+        "node-name": "disk0",
+        "file": {"driver": "file", "filename": "/vms/vm1/disk.img", "node-name": "file0"},
+    }
+
+
+def test_declared_backing_file_is_named_with_its_format():
+    disk = Disk("qcow2", "/vms/vm1/disk.qcow2", Backing("/img/base.raw", "raw"))
+    tree = json.loads(_after(build_command(Cfg(), accel="tcg", disk=disk), "-blockdev")[0])
+    assert tree["backing"] == {
+        "driver": "raw",
+        "file": {"driver": "file", "filename": "/img/base.raw"},
+        "read-only": True,
+    }
 
 
 def test_nat_network_has_device_and_mac():

@@ -68,7 +68,15 @@ def test_vm1_and_vm10_run_at_once_and_stopping_vm1_leaves_vm10(root, mgr, idle_k
         assert res.created_disk == str(root / "vms" / name / "disk.qcow2")
     info = json.loads(
         subprocess.run(
-            ["qemu-img", "info", "--output=json", "--force-share", str(root / "vms/vm1/disk.qcow2")],
+            [
+                "qemu-img",
+                "info",
+                "--output=json",
+                "-f",
+                "qcow2",
+                "--force-share",
+                str(root / "vms/vm1/disk.qcow2"),
+            ],
             capture_output=True,
             check=True,
         ).stdout

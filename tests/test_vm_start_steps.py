@@ -6,6 +6,7 @@ files, a real keystore and real ``qemu-img``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def test_plan_of_a_new_qcow2_vm_creates_nothing_and_names_the_image(root, kernel
     image = cfg_path.parent / "disk.qcow2"
     assert plan.disk.new_qcow2 == image and plan.disk.new_volume is None and plan.disk.export_argv is None
     assert (plan.disk.qemu.kind, plan.disk.qemu.path) == ("qcow2", str(image))
-    assert f"driver=file,node-name=file0,filename={image}" in plan.argv
+    assert json.loads(plan.argv[plan.argv.index("-blockdev") + 1])["file"]["filename"] == str(image)
     assert plan.accel.accel == "tcg" and plan.warnings == []
 
 

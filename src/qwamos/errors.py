@@ -274,6 +274,18 @@ class QemuError(VMError):
     exit_code = 44
 
 
+class VolumeBindingError(VMError):
+    """VM {name!r} is bound to another volume: {msg}"""
+
+    exit_code = 45
+
+
+class UnsafePathError(ConfigError):
+    """{path}: {msg}"""
+
+    exit_code = 46
+
+
 # --- migration (50-59) --------------------------------------------------------------------------------
 
 

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "migrate",
         help="move a VM's disk onto an encrypted .qvol (or back with --to-qcow2), verified before the switch",
-        description="Copy a VM's disk (qcow2, raw, vmdk, vdi...) into a new encrypted volume through QEMU "
+        description="Copy a VM's disk (qcow2 or raw, as its config names it: never probed) into a new encrypted "
+        "volume through QEMU "
         "without any plaintext temporary file, compare every byte, and only then switch the config. On any "
         "failure or Ctrl-C nothing is changed.",
     )
@@ -41,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="check everything and say what would happen")
     p.add_argument("--json", action="store_true", help="print progress and results as JSON lines")
     p.add_argument("--to-qcow2", action="store_true", help="decrypt the VM's volume back to a qcow2 disk")
+    p.add_argument(
+        "--allow-backing",
+        action="store_true",
+        help="read the backing file a qcow2 source names (refused without this: a guest can write such a "
+        "header into a disk); its format comes from the config's hardware.disk.primary.backing, else the header",
+    )
     p.add_argument(
         "--algorithm",
         default=None,
@@ -66,12 +73,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         keystore=ks,
         algorithm=args.algorithm,
         report=view.event,
+        allow_backing=args.allow_backing,
     )
     return 0
 
 
 def _dry_run(args: argparse.Namespace, ks: Any, direction: str) -> int:
-    plan = make_plan(args.vm, root=args.root, direction=direction, backup=not args.no_backup, keystore=ks)
+    plan = make_plan(
+        args.vm,
+        root=args.root,
+        direction=direction,
+        backup=not args.no_backup,
+        keystore=ks,
+        allow_backing=args.allow_backing,
+    )
     leftover = Journal.read(journal_path_for(plan.vm))
     doc = plan.to_dict()
     doc["interrupted_run"] = leftover

@@ -17,6 +17,7 @@ from typing import Any
 from qwamos.errors import ConfigError, InvalidArgument
 from qwamos.fsutil import atomic_write, fsync_dir
 from qwamos.hypervisor import layout
+from qwamos.hypervisor.imagespec import Backing
 from qwamos.hypervisor.schema import MIN_MEMORY_MB, SCHEMA, validate
 from qwamos.hypervisor.sizes import parse_size
 from qwamos.hypervisor.template import DEFAULT_DISK_SIZE, new_config_text
@@ -32,6 +33,7 @@ from qwamos.hypervisor.vocab import (
     MACHINE_ARCH,
     MACHINES,
     NETWORK_MODES,
+    default_disk_format,
 )
 from qwamos.hypervisor.yamldoc import MAX_CONFIG_BYTES, Document, read_config_file
 
@@ -174,6 +176,28 @@ class VMConfig:
         )
 
     @property
+    def disk_format(self) -> str:
+        """``hardware.disk.primary.format``, else derived from the disk's *name* (``.qcow2``: qcow2, else raw);
+        never from the file's content (see :mod:`qwamos.hypervisor.imagespec`)."""
+        value = self._get("hardware", "disk", "primary", "format")
+        return str(value).lower() if value else default_disk_format(str(self.disk_path))
+
+    @property
+    def disk_backing(self) -> Backing | None:
+        """The backing file the config declares for a qcow2 disk (``hardware.disk.primary.backing``), or None:
+        then QEMU is told the disk has none, whatever its header says."""
+        path = self._path_value(self._get("hardware", "disk", "primary", "backing", "path"))
+        if path is None:
+            return None
+        fmt = self._get("hardware", "disk", "primary", "backing", "format")
+        if not fmt:
+            raise ConfigError(
+                "hardware.disk.primary.backing.format is required with a backing path (it is never probed)",
+                path=str(self.path),
+            )
+        return Backing(str(path), str(fmt).lower())
+
+    @property
     def disk_size_text(self) -> str:
         return str(self._get("hardware", "disk", "primary", "size", default=DEFAULT_DISK_SIZE))
 
@@ -238,6 +262,12 @@ class VMConfig:
     def set_identity_fingerprint(self, fingerprint: str) -> None:
         self._set(("storage", "encryption", "identity_fingerprint"), fingerprint)
 
+    def volume_uuid(self) -> str | None:
+        """The UUID of the volume this VM is bound to (``storage.encryption.volume_uuid``): a start refuses a
+        ``.qvol`` whose authenticated header names another one (a swapped disk)."""
+        value = self._get("storage", "encryption", "volume_uuid")
+        return None if value in (None, "") else str(value)
+
     def encrypted_disk_path(self) -> Path:
         """Where the encrypted volume lives: beside the configured disk, with a ``.qvol`` suffix."""
         return self.disk_path.with_suffix(".qvol")
@@ -251,13 +281,27 @@ class VMConfig:
         self._set(("storage", "encryption", "key_encapsulation"), key_encapsulation)
         self._set(("storage", "encryption", "key_id"), key_id)
 
+    def set_volume_binding(self, *, volume_uuid: str, key_id: str) -> None:
+        """Bind the VM to a volume: its UUID and key ID, as its authenticated header names them.  Called by
+        the commands that create or replace a VM's disk on purpose (first start, migrate), never implied."""
+        self._set(("storage", "encryption", "key_id"), key_id)
+        self._set(("storage", "encryption", "volume_uuid"), volume_uuid)
+
     def set_encryption_enabled(self, enabled: bool) -> None:
         self._set(("storage", "encryption", "enabled"), enabled)
 
     def clear_key(self) -> None:
         """Forget the recorded key (used when a VM is migrated back to an unencrypted disk)."""
-        for k in ("key_id", "algorithm", "key_encapsulation", "identity_fingerprint"):
+        for k in ("key_id", "algorithm", "key_encapsulation", "identity_fingerprint", "volume_uuid"):
             self._delete(("storage", "encryption", k))
+
+    def set_disk_format(self, fmt: str) -> None:
+        self._set(("hardware", "disk", "primary", "format"), fmt)
+
+    def clear_disk_format(self) -> None:
+        """Forget the plain disk's format and declared backing file (when migration replaces the disk)."""
+        for keys in (("format",), ("backing", "path"), ("backing", "format")):
+            self._delete(("hardware", "disk", "primary", *keys))
 
     def set_disk_path(self, path: str | os.PathLike[str]) -> None:
         """Point ``hardware.disk.primary.path`` at ``path``, keeping the user's spelling (``~/...``, relative)
@@ -310,7 +354,12 @@ class VMConfig:
             },
             "cpu": {"model": self.cpu_model, "cores": self.cpu_cores},
             "memory_mb": self.memory_mb,
-            "disk": {"path": str(self.disk_path), "size": self.disk_size_text, "size_bytes": self.disk_size_bytes},
+            "disk": {
+                "path": str(self.disk_path),
+                "size": self.disk_size_text,
+                "size_bytes": self.disk_size_bytes,
+                "format": None if self.encryption_enabled else self.disk_format,
+            },
             "boot": {
                 "kernel": str(self.kernel) if self.kernel else None,
                 "initrd": str(self.initrd) if self.initrd else None,
@@ -322,6 +371,7 @@ class VMConfig:
                 "algorithm": self.encryption_algorithm,
                 "key_encapsulation": self.key_encapsulation,
                 "key_id": self.key_id,
+                "volume_uuid": self.volume_uuid,
             },
             "autostart": self.autostart,
             "warnings": list(self.warnings),

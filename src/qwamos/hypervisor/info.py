@@ -26,7 +26,9 @@ Lines the spec does not show (all documented in ``docs/vm-config.md``):
   work for the guest, ``Acceleration: TCG (software emulation)`` when ``accel: tcg`` is configured;
 * ``Encryption:   🔓 DISABLED`` for an unencrypted VM;
 * ``  Key ID:     (created on first start)`` before the first start of an encrypted VM;
-* ``  KEM:        ecdh-curve25519 (...)`` only when the config names the spec's ``ecdh-curve25519``.
+* ``  KEM:        ecdh-curve25519 (...)`` only when the config names the spec's ``ecdh-curve25519``;
+* ``  Volume:     <uuid> (matches the config)`` for an encrypted VM, or ``⚠️  MISMATCH: ...`` when the disk
+  at its path is not the volume the VM is bound to (``vm start`` then refuses it, exit 45).
 """
 
 from __future__ import annotations
@@ -55,8 +57,16 @@ def accel_label(requested: str, used: str, reason: str = "") -> str:
     return "TCG (software emulation)"
 
 
-def render_info(cfg: VMConfig, *, accel_label: str, key_id: str | None, algorithm_label: str | None) -> str:
-    """The text block (no trailing newline).  ``algorithm_label`` None: the config's algorithm, displayed."""
+def render_info(
+    cfg: VMConfig,
+    *,
+    accel_label: str,
+    key_id: str | None,
+    algorithm_label: str | None,
+    volume: str | None = None,
+) -> str:
+    """The text block (no trailing newline).  ``algorithm_label`` None: the config's algorithm, displayed;
+    ``volume``: the binding line (:meth:`qwamos.hypervisor.binding.BindingCheck.describe`)."""
     lines = [
         RULE,
         f"VM: {cfg.name}",
@@ -78,6 +88,8 @@ def render_info(cfg: VMConfig, *, accel_label: str, key_id: str | None, algorith
             f"  Algorithm:  {shown}",
             f"  Key ID:     {key_id or NO_KEY_YET}",
         ]
+        if volume is not None:
+            lines.append(f"  Volume:     {volume}")
         if cfg.key_encapsulation == "ecdh-curve25519":
             lines.append(f"  KEM:        ecdh-curve25519 (as configured; new keys use {DEFAULT_KEM})")
     else:

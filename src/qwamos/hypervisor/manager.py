@@ -35,16 +35,24 @@ from pathlib import Path
 from typing import Any
 
 from qwamos.crypto import resolve_algorithm
-from qwamos.errors import ConfigError, ExportError, QemuError, VMError, VMNotFoundError, VMStateError
+from qwamos.errors import (
+    ConfigError,
+    ExportError,
+    QemuError,
+    VMError,
+    VMNotFoundError,
+    VMStateError,
+    VolumeBindingError,
+)
+from qwamos.hypervisor import binding, kvm, layout, tools
 from qwamos.hypervisor import config as configmod
 from qwamos.hypervisor import info as infomod
-from qwamos.hypervisor import kvm, layout, tools
 from qwamos.hypervisor.config import VMConfig
 from qwamos.hypervisor.guest_state import query_guest_state
 from qwamos.hypervisor.process import RunDir, live_process, qmp_execute, stop_export, stop_qemu, wait_until
 from qwamos.hypervisor.qemu import Disk, build_command, find_binary, guest_arch
 from qwamos.hypervisor.supervisor import STOP_REQUEST
-from qwamos.hypervisor.vocab import ACCELS, DEFAULT_ALGORITHM
+from qwamos.hypervisor.vocab import ACCELS, BOOT_FORMATS, DEFAULT_ALGORITHM
 from qwamos.nbd.export import command as export_command
 
 STATES = ("running", "paused", "stopped", "starting", "crashed")
@@ -100,7 +108,8 @@ class DiskPlan:
     qemu: Disk
     export_argv: list[str] | None = None
     new_volume: Path | None = None  # an encrypted volume to create with a new key
-    new_qcow2: Path | None = None  # a qcow2 image to create
+    new_qcow2: Path | None = None  # an unencrypted image to create (in the config's format, qcow2 or raw)
+    bind: tuple[str, str] | None = None  # (UUID, key ID) to record once running (a config without a binding)
     volume: Path | None = None  # the encrypted volume the export serves (its key is unwrapped at start)
 
 
@@ -121,6 +130,7 @@ class CreatedDisk:
     path: Path | None = None
     encrypted: bool = False
     key_id: str | None = None
+    volume_uuid: str | None = None
     algorithm: str = ""
     keystore: Any = None
 
@@ -218,10 +228,15 @@ class VMManager:
             "algorithm_label": infomod.algorithm_label(cfg.encryption_algorithm),
         }
 
+    def volume_binding(self, cfg: VMConfig) -> binding.BindingCheck | None:
+        """An encrypted VM's binding against the volume at its disk path (None for an unencrypted VM)."""
+        return binding.check(cfg, self._volume_path(cfg)) if cfg.encryption_enabled else None
+
     def info_text(self, name: str) -> str:
         """The spec's info block; a paused VM (say, on a full disk) gets a ``State:`` line after it."""
         cfg = self.load(name)
-        text = infomod.render_info(cfg, **self._info_args(cfg))
+        bound = self.volume_binding(cfg)
+        text = infomod.render_info(cfg, **self._info_args(cfg), volume=bound.describe() if bound else None)
         st = self.status(name)
         if st.state == "paused":
             text += f"\nState:        paused ({st.reason})"
@@ -230,6 +245,8 @@ class VMManager:
     def info(self, name: str) -> dict[str, Any]:
         cfg = self.load(name)
         data = dict(infomod.info_dict(cfg, **self._info_args(cfg)))
+        bound = self.volume_binding(cfg)
+        data["binding"] = bound.to_dict() if bound else None
         acc = self.accel_for(cfg)
         data["accel"] = {"requested": acc.requested, "effective": acc.accel, "reason": acc.reason}
         data["state"] = self.status(name).to_dict()
@@ -355,6 +372,7 @@ class VMManager:
             key = self.unlock_disk(plan.disk, created)
             self._launch(self.run_dir(name), plan.argv, plan.disk.export_argv, key=key)
             self.record_disk(cfg, created)
+            self.record_binding(cfg, plan.disk, on_warning)
         except BaseException:
             self.undo_start(name, created)
             raise
@@ -383,11 +401,24 @@ class VMManager:
 
     def plan_disk(self, cfg: VMConfig) -> DiskPlan:
         """What QEMU opens and what must exist first: the ``.qvol`` through the export (created with a new key
-        on the first start) or the qcow2/raw image (a missing qcow2 is created)."""
+        on the first start; an existing one must be the volume the VM is bound to) or the qcow2/raw image in
+        the config's format, never probed (a missing one is created)."""
         if not cfg.encryption_enabled:
             image = Path(cfg.disk_path).expanduser().absolute()
             new = None if image.exists() else image
-            return DiskPlan(Disk(self._image_format(image, cfg), str(image)), new_qcow2=new)
+            fmt = cfg.disk_format
+            if fmt not in BOOT_FORMATS:
+                raise ConfigError(
+                    f"disk image {image} is {fmt}; only qcow2 and raw are started directly "
+                    f"(qwamos migrate {cfg.name} copies it into an encrypted volume)",
+                    path=str(cfg.path),
+                )
+            backing = cfg.disk_backing
+            if backing is not None and fmt != "qcow2":
+                raise ConfigError(
+                    f"hardware.disk.primary.backing needs a qcow2 disk (format is {fmt})", path=str(cfg.path)
+                )
+            return DiskPlan(Disk(fmt, str(image), backing), new_qcow2=new)  # type: ignore[arg-type]
         vol = self._volume_path(cfg)
         if vol.exists() and not cfg.key_id:
             raise ConfigError(
@@ -403,22 +434,37 @@ class VMManager:
             )
         if vol.exists() and cfg.identity_fingerprint:
             check_identity_pin(self._keystore(), cfg.identity_fingerprint, cfg.path)
-        return DiskPlan(
+        if not vol.exists():
+            return DiskPlan(
+                Disk("nbd", RunDir.EXPORT), export_argv=self._export_argv(vol), new_volume=vol, volume=vol
+            )
+        bound = binding.check(cfg, vol)
+        bound.refuse_mismatch(cfg.name)
+        if bound.state == binding.UNREADABLE:
+            raise VolumeBindingError(name=cfg.name, msg=bound.detail)
+        plan = DiskPlan(
             Disk("nbd", RunDir.EXPORT),
-            export_argv=self._export_argv(vol),
-            new_volume=None if vol.exists() else vol,
+            export_argv=self._export_argv(vol, expect_uuid=bound.found_uuid, expect_key_id=cfg.key_id),
             volume=vol,
         )
+        if bound.state == binding.UNBOUND:
+            plan.bind = (str(bound.found_uuid), str(cfg.key_id))
+        return plan
 
-    def _export_argv(self, vol: Path) -> list[str]:
-        """The block export as its own program (the nbd layer's entry point, not the CLI)."""
-        return export_command(vol, RunDir.EXPORT, keystore=self.keystore_dir)
+    def _export_argv(
+        self, vol: Path, *, expect_uuid: str | None = None, expect_key_id: str | None = None
+    ) -> list[str]:
+        """The block export as its own program (the nbd layer's entry point, not the CLI); it refuses any
+        volume but the expected one, after authenticating its header."""
+        return export_command(
+            vol, RunDir.EXPORT, keystore=self.keystore_dir, expect_uuid=expect_uuid, expect_key_id=expect_key_id
+        )
 
     def create_disk(self, cfg: VMConfig, disk: DiskPlan, created: CreatedDisk) -> None:
         """Create the disk the plan says is missing, noting in ``created`` what now exists (for undo)."""
         if disk.new_volume is not None:
             created.keystore = self._keystore()
-            from qwamos.volume import PQCVolume
+            from qwamos.volume import PQCVolume, read_header
 
             # "auto" is resolved now, so that the config records the cipher actually in use.
             created.algorithm = resolve_algorithm(cfg.encryption_algorithm or DEFAULT_ALGORITHM)
@@ -426,8 +472,12 @@ class VMManager:
                 disk.new_volume.stem, cfg.name, size_bytes=cfg.disk_size_bytes, algorithm=created.algorithm
             )
             created.path, created.encrypted = disk.new_volume, True
+            created.volume_uuid = str(read_header(disk.new_volume)["volume_uuid"])
+            disk.export_argv = self._export_argv(
+                disk.new_volume, expect_uuid=created.volume_uuid, expect_key_id=created.key_id
+            )
         elif disk.new_qcow2 is not None:
-            self._create_qcow2(disk.new_qcow2, cfg)
+            self._create_image(disk.new_qcow2, cfg)
             created.path = disk.new_qcow2
 
     def unlock_disk(self, disk: DiskPlan, created: CreatedDisk) -> tuple[str, bytes] | None:
@@ -443,14 +493,30 @@ class VMManager:
         return unlock_key(disk.volume, created.keystore)
 
     def record_disk(self, cfg: VMConfig, created: CreatedDisk) -> None:
-        """Once the VM runs: write a new volume's key ID, cipher and path into the config."""
+        """Once the VM runs: write a new volume's key ID, UUID (the binding), cipher and path into the config."""
         if created.encrypted and created.key_id is not None and created.path is not None:
             cfg.set_encryption(key_id=created.key_id, algorithm=created.algorithm)
             info = created.keystore.identity_info() if hasattr(created.keystore, "identity_info") else None
             if info:
                 cfg.set_identity_fingerprint(info["fingerprint"])  # the keystore's pin, kept outside it too
+            if created.volume_uuid is not None:
+                cfg.set_volume_binding(volume_uuid=created.volume_uuid, key_id=created.key_id)
             cfg.set_disk_path(created.path)
             cfg.save()
+
+    def record_binding(self, cfg: VMConfig, disk: DiskPlan, on_warning: Callable[[str], None] | None) -> None:
+        """Once the VM runs on an existing volume the config had no binding for (a config from before
+        bindings): bind it to the volume the export authenticated, and say so."""
+        if disk.bind is None:
+            return
+        uuid, key_id = disk.bind
+        cfg.set_volume_binding(volume_uuid=uuid, key_id=key_id)
+        cfg.save()
+        if on_warning:
+            on_warning(
+                f"{cfg.path}: bound VM {cfg.name!r} to volume {uuid} (storage.encryption.volume_uuid); "
+                "from now on a start refuses any other volume at its disk path"
+            )
 
     def undo_start(self, name: str, created: CreatedDisk) -> None:
         """After a failed start: stop whatever runs, delete the disk this start created, discard its key."""
@@ -469,29 +535,14 @@ class VMManager:
             return Path(cfg.disk_path).expanduser().absolute()
         return Path(cfg.encrypted_disk_path()).expanduser().absolute()
 
-    def _image_format(self, image: Path, cfg: VMConfig) -> str:
-        if not image.exists() or image.suffix == ".qcow2":
-            return "qcow2"
-        out = tools.run(
-            ["qemu-img", "info", "--output=json", "--force-share", str(image)],
-            error=lambda m: ConfigError(m, path=str(cfg.path)),
-        )
-        if out.returncode != 0:
-            detail = out.stderr.decode(errors="replace").strip()
-            raise ConfigError(f"cannot read disk image {image}: {detail}", path=str(cfg.path))
-        fmt = json.loads(out.stdout).get("format")
-        if fmt not in ("qcow2", "raw"):
-            raise ConfigError(
-                f"disk image {image} is {fmt}; only qcow2 and raw are started directly", path=str(cfg.path)
-            )
-        return str(fmt)
-
-    def _create_qcow2(self, image: Path, cfg: VMConfig) -> None:
+    def _create_image(self, image: Path, cfg: VMConfig) -> None:
+        """A new empty disk in the config's format (qcow2 or raw), with no backing file."""
+        fmt = getattr(cfg, "disk_format", "qcow2")
         if not image.parent.is_dir():
             raise ConfigError(f"directory {image.parent} for the disk does not exist", path=str(cfg.path))
         out = tools.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(cfg.disk_size_bytes)],
-            error=lambda m: ConfigError(f"{m} (needed to create the qcow2 disk)", path=str(cfg.path)),
+            ["qemu-img", "create", "-q", "-f", fmt, str(image), str(cfg.disk_size_bytes)],
+            error=lambda m: ConfigError(f"{m} (needed to create the {fmt} disk)", path=str(cfg.path)),
         )
         if out.returncode != 0:
             with contextlib.suppress(FileNotFoundError):

@@ -7,7 +7,8 @@ What the command line looks like and why:
   * QMP on a UNIX socket in the run directory, for readiness checks and staged shutdown.
   * The disk is a ``virtio-blk-pci`` device over either an ``nbd`` blockdev (encrypted volumes: QEMU reads the
     volume through the block export on a private socket, so it never sees a key) or a ``file`` +
-    ``qcow2``/``raw`` blockdev for unencrypted disks.  The format is always explicit: QEMU never probes.
+    ``qcow2``/``raw`` blockdev for unencrypted disks, given as JSON (:mod:`qwamos.hypervisor.imagespec`).  The
+    format is always explicit and a qcow2's backing file is the declared one or ``null``: QEMU never probes.
   * Run-directory files (sockets, logs) are named relative to the run directory, which is QEMU's working
     directory, so that deep paths cannot exceed the 107-byte UNIX socket limit.
   * QEMU's option syntax uses commas as separators; a value containing one is rejected with a clear error
@@ -19,6 +20,7 @@ binary to run.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,6 +30,7 @@ from typing import Literal, Protocol
 
 from qwamos.errors import ConfigError
 from qwamos.hypervisor import tools
+from qwamos.hypervisor.imagespec import Backing, blockdev
 from qwamos.hypervisor.process import RunDir
 from qwamos.hypervisor.vocab import (
     DEFAULT_GIC_VERSION,
@@ -74,11 +77,13 @@ class Disk:
     """The VM's primary disk as QEMU opens it.
 
     ``kind="nbd"``: ``path`` is the export's socket (relative to the run directory, or absolute);
-    ``"qcow2"``/``"raw"``: ``path`` is the image file.
+    ``"qcow2"``/``"raw"``: ``path`` is the image file, opened as that format (named from the config, never
+    probed), a qcow2 with ``backing`` when the config declares one and with ``"backing": null`` otherwise.
     """
 
     kind: Literal["nbd", "qcow2", "raw"]
     path: str
+    backing: Backing | None = None
 
 
 def _where(cfg: QemuConfig) -> str:
@@ -235,12 +240,8 @@ def disk_args(cfg: QemuConfig, disk: Disk | None) -> list[str]:
     if disk.kind == "nbd":
         argv = ["-blockdev", f"driver=nbd,node-name=disk0,server.type=unix,server.path={path}"]
     elif disk.kind in ("qcow2", "raw"):
-        argv = [
-            "-blockdev",
-            f"driver=file,node-name=file0,filename={path}",
-            "-blockdev",
-            f"driver={disk.kind},node-name=disk0,file=file0",
-        ]
+        tree = blockdev(path, disk.kind, backing=disk.backing, node_name="disk0", file_node_name="file0")
+        argv = ["-blockdev", json.dumps(tree, separators=(",", ":"))]
     else:
         raise ConfigError(f"unknown disk kind {disk.kind!r}", path=_where(cfg))
     return [*argv, "-device", f"virtio-blk-pci,drive=disk0,id=vda,{DISK_ERROR_POLICY}"]

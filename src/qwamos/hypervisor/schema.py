@@ -19,6 +19,8 @@ from qwamos.hypervisor.sizes import parse_size
 from qwamos.hypervisor.vocab import (
     ACCELS,
     ALGORITHMS,
+    BACKING_FORMATS,
+    DISK_FORMATS,
     KEY_ENCAPSULATIONS,
     MAC_EXAMPLE,
     MAC_PATTERN,
@@ -126,13 +128,25 @@ def check_mac(value: Any) -> str | None:
     return None
 
 
+def check_uuid(value: Any) -> str | None:
+    ok = isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+    return None if ok else f"expected the volume's UUID (32 lowercase hex digits), got {show(value)}"
+
+
 SCHEMA: dict[str, Any] = {
     "vm": {"name": _vm_name, "type": _str, "description": _str},
     "machine": {"type": _choice(*MACHINES), "accel": _choice(*ACCELS), "gic_version": _gic},
     "hardware": {
         "cpu": {"model": _str, "cores": check_positive_int},
         "memory": {"size": check_memory},
-        "disk": {"primary": {"path": _str, "size": check_size}},
+        "disk": {
+            "primary": {
+                "path": _str,
+                "size": check_size,
+                "format": _choice(*DISK_FORMATS),
+                "backing": {"path": _str, "format": _choice(*BACKING_FORMATS)},
+            }
+        },
     },
     "boot": {"kernel": _str, "initrd": _str, "cmdline": _str},
     "network": {"mode": _choice(*NETWORK_MODES), "device": _str, "mac": check_mac},
@@ -143,6 +157,7 @@ SCHEMA: dict[str, Any] = {
             "key_encapsulation": _choice(*KEY_ENCAPSULATIONS),
             "key_id": _str,
             "identity_fingerprint": _str,
+            "volume_uuid": check_uuid,
         }
     },
     "autostart": _bool,

@@ -59,6 +59,15 @@ DEFAULT_MACHINE_FOR_ARCH = {"aarch64": "virt", "x86_64": "q35"}
 DEFAULT_ARCH = "aarch64"
 
 ACCELS = ("kvm", "tcg")
+# Formats of an unencrypted disk image.  The format is always named from the config
+# (``hardware.disk.primary.format``, default: ``qcow2`` for a ``.qcow2`` path, else ``raw``) and never probed:
+# a raw disk's first bytes are the guest's, and a guest that writes a qcow2 header naming a host file as its
+# backing file must not get that file (QEMU's format-probing CVE class).
+DISK_FORMATS = ("qcow2", "raw", "vmdk", "vdi", "vhdx", "vpc")  # what ``qwamos migrate`` reads
+BOOT_FORMATS = ("qcow2", "raw")  # what ``vm start`` gives QEMU directly
+BACKING_FORMATS = ("qcow2", "raw")
+# The default format for a file name's suffix (anything else: raw).
+FORMAT_SUFFIXES = {".qcow2": "qcow2", ".vmdk": "vmdk", ".vdi": "vdi", ".vhdx": "vhdx", ".vhd": "vpc"}
 NETWORK_MODES = ("nat", "none")
 DEFAULT_NETWORK_DEVICE = "virtio-net-pci"
 
@@ -99,6 +108,13 @@ def machine_for(machine_type: str | None = None, arch: str | None = None) -> Mac
             f"for {wanted} use {fitting} (or leave out one of the two)"
         )
     return machine
+
+
+def default_disk_format(path: str) -> str:
+    """The disk format a config means when it names none: from the file *name* only (``.qcow2`` is qcow2,
+    ``.vmdk`` vmdk, ..., anything else raw), never from the file's content."""
+    _, dot, suffix = path.lower().rpartition(".")
+    return FORMAT_SUFFIXES.get(dot + suffix, "raw") if dot else "raw"
 
 
 def algorithm_label(name: str | None) -> str:

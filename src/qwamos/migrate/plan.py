@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qwamos.errors import MigrationError, SizeMismatchError, VMStateError
+from qwamos.hypervisor.imagespec import Backing
+from qwamos.hypervisor.vocab import BACKING_FORMATS
 from qwamos.migrate import qemuimg
 from qwamos.migrate.vmview import VMView, load_vm
 from qwamos.volume import PQCVolume
@@ -41,6 +43,7 @@ class MigrationPlan:
     size_bytes: int
     source_key_id: str | None = None
     source_algorithm: str | None = None
+    source_backing: Backing | None = None  # the source's backing file, only with allow_backing (format named)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -155,16 +158,43 @@ def make_plan(
     direction: Direction = TO_QVOL,
     backup: bool = True,
     keystore: Any = None,
+    allow_backing: bool = False,
 ) -> MigrationPlan:
     """Check everything and decide what to do; change nothing.  Raises the error a real run would raise."""
     vm = load_vm(name, root=root)
     refuse_running(vm)
     if direction == TO_QVOL:
-        return _plan_to_qvol(vm, backup)
+        return _plan_to_qvol(vm, backup, allow_backing)
     return _plan_to_qcow2(vm, backup, keystore)
 
 
-def _plan_to_qvol(vm: VMView, backup: bool) -> MigrationPlan:
+def source_backing(vm: VMView, source: qemuimg.ImageInfo, allow: bool) -> Backing | None:
+    """The backing file the copy may read, or a refusal.  A qcow2 header naming a backing file is what a guest
+    writes into its own raw disk to be handed a host file, so a backing file is read only when asked for
+    (``--allow-backing``), and then with its format named: the config's declaration, else the header's."""
+    if not source.backing_file:
+        return None
+    declared = vm.config.disk_backing
+    if not allow:
+        raise MigrationError(
+            msg=f"{source.path} ({source.format}) names a backing file {source.backing_file}; refusing to read "
+            "it. If that file is really this disk's base image, run again with --allow-backing (its data is "
+            "then copied into the volume; declare its format as hardware.disk.primary.backing.format, or it "
+            "is taken from the image's header). Nothing was changed."
+        )
+    if declared is not None:
+        return declared
+    fmt = source.backing_format
+    if fmt not in BACKING_FORMATS:
+        raise MigrationError(
+            msg=f"{source.path}: the header names no usable format for its backing file {source.backing_file} "
+            f"({fmt!r}); declare it in {vm.config_path} as hardware.disk.primary.backing (path and format: "
+            f"{' or '.join(BACKING_FORMATS)}). Nothing was changed."
+        )
+    return Backing(str(source.backing_file), str(fmt))
+
+
+def _plan_to_qvol(vm: VMView, backup: bool, allow_backing: bool = False) -> MigrationPlan:
     if vm.encrypted:
         raise MigrationError(
             msg=f"VM {vm.name!r} already uses encrypted storage ({vm.qvol_path}); "
@@ -175,7 +205,8 @@ def _plan_to_qvol(vm: VMView, backup: bool) -> MigrationPlan:
         raise MigrationError(msg=f"the VM's disk {src_path} does not exist (nothing to migrate)")
     if not os.access(src_path, os.R_OK):
         raise MigrationError(msg=f"cannot read the source disk {src_path}: permission denied")
-    source = qemuimg.info(src_path)
+    source = qemuimg.info(src_path, fmt=vm.disk_format)
+    backing = source_backing(vm, source, allow_backing)
     if source.encrypted:
         raise MigrationError(
             msg=f"{src_path} is a QEMU-encrypted {source.format} image; decrypt it with qemu-img first"
@@ -205,6 +236,7 @@ def _plan_to_qvol(vm: VMView, backup: bool) -> MigrationPlan:
         partial=partial,
         backup=backup_path,
         size_bytes=source.virtual_size,
+        source_backing=backing,
         warnings=warnings,
     )
 
@@ -217,6 +249,14 @@ def _plan_to_qcow2(vm: VMView, backup: bool, keystore: Any) -> MigrationPlan:
         raise MigrationError(msg=f"the VM's encrypted disk {src_path} does not exist (nothing to migrate)")
     with PQCVolume(src_path, keystore=keystore, read_only=True) as vol:  # authenticates the header
         size, key_id, algorithm = vol.size, vol.key_id, vol.header.algorithm
+        uuid = vol.header.volume_uuid
+    bound_uuid, bound_key = vm.config.volume_uuid, vm.config.key_id
+    if (bound_uuid is not None and uuid != bound_uuid) or (bound_key is not None and key_id != bound_key):
+        raise MigrationError(
+            msg=f"{src_path} is volume {uuid} (key {key_id!r}), but VM {vm.name!r} is bound to volume "
+            f"{bound_uuid} (key {bound_key!r}); refusing to decrypt another disk into this VM. "
+            "Nothing was changed."
+        )
     source = qemuimg.ImageInfo(
         path=str(src_path),
         format="qvol",

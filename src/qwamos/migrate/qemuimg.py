@@ -1,6 +1,7 @@
 """The ``qemu-img`` calls migration makes: ``info`` (what is the source, how big is it?) and ``create`` (an
 empty qcow2 to decrypt into), through :mod:`qwamos.hypervisor.tools` (argument lists, the allow-listed
-environment), with absolute paths (so that no file name is ever taken for a QEMU protocol prefix such as ``nbd:``).
+environment), with absolute paths (so that no file name is ever taken for a QEMU protocol prefix such as ``nbd:``)
+and always with the format named (``-f``): nothing here lets QEMU probe one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class ImageInfo:
     actual_size: int | None
     backing_file: str | None
     encrypted: bool
+    backing_format: str | None = None  # the format the header names for its backing file (never probed)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -35,6 +37,7 @@ class ImageInfo:
             "virtual_size": self.virtual_size,
             "actual_size": self.actual_size,
             "backing_file": self.backing_file,
+            "backing_format": self.backing_format,
         }
 
 
@@ -42,16 +45,15 @@ def _error(msg: str) -> MigrationError:
     return MigrationError(msg=msg)
 
 
-def info(path: str | os.PathLike[str], *, fmt: str | None = None) -> ImageInfo:
-    """Inspect an image.  Without ``fmt`` QEMU probes the format; the result pins it for later calls.
+def info(path: str | os.PathLike[str], *, fmt: str) -> ImageInfo:
+    """Inspect an image *as* ``fmt`` (the config's format: never probed, so a raw disk whose guest wrote a
+    qcow2 header into it is still raw).  ``qemu-img info`` reads only the image's own header: a backing file
+    it names is reported, not opened.
 
     A running QEMU holds a write lock on its disk, so this also fails (clearly) on a disk in use.
     """
     p = os.fspath(path)
-    cmd = ["qemu-img", "info", "--output=json"]
-    if fmt:
-        cmd += ["-f", fmt]
-    cmd.append(os.path.abspath(p))
+    cmd = ["qemu-img", "info", "--output=json", "-f", fmt, os.path.abspath(p)]
     res = tools.run(cmd, timeout=120, error=_error)
     if res.returncode != 0:
         raise MigrationError(msg=f"cannot read the source disk {p}: {tools.stderr_text(res.stderr)}")
@@ -72,6 +74,7 @@ def info(path: str | os.PathLike[str], *, fmt: str | None = None) -> ImageInfo:
         actual_size=int(actual) if isinstance(actual, int) else None,
         backing_file=doc.get("full-backing-filename") or doc.get("backing-filename"),
         encrypted=encrypted,
+        backing_format=doc.get("backing-filename-format"),
     )
 
 

@@ -106,6 +106,7 @@ def migrate(
     algorithm: str | None = None,
     report: Report | None = None,
     hooks: Hooks | None = None,
+    allow_backing: bool = False,
 ) -> MigrationResult:
     """Migrate VM ``name``'s disk (see the module docstring).  Raises a :class:`QwamosError` on refusal or
     failure, after rolling back; ``KeyboardInterrupt`` also rolls back and is re-raised."""
@@ -117,7 +118,9 @@ def migrate(
     try:
         if leftover is not None:
             recover(leftover, vm, ks, emit)
-        plan = make_plan(name, root=root, direction=direction, backup=backup, keystore=ks)
+        plan = make_plan(
+            name, root=root, direction=direction, backup=backup, keystore=ks, allow_backing=allow_backing
+        )
         emit({"type": "plan", **plan.to_dict()})
         for w in plan.warnings:
             emit({"type": "warning", "message": w})
@@ -145,6 +148,7 @@ class _Run:
         self.key_id: str | None = None
         self.algorithm_used: str | None = None
         self.backup_made = False
+        self.volume_uuid: str | None = None
 
     def execute(self) -> MigrationResult:
         p = self.plan
@@ -204,6 +208,7 @@ class _Run:
         self.journal.write(key_id=self.key_id)
         with vol:
             self.algorithm_used = vol.header.algorithm
+            self.volume_uuid = vol.header.volume_uuid
             self.emit(
                 {
                     "type": "volume_created",
@@ -215,12 +220,15 @@ class _Run:
                 }
             )
             self.hooks.call("after_volume", p)
-            src, fmt = p.source.path, p.source.format
+            src, fmt, back = p.source.path, p.source.format, p.source_backing
             self._phase(
-                "copy", lambda prog: self._stream(ImageStream.reader(src, fmt), copy.stream_to_volume, vol, prog)
+                "copy",
+                lambda prog: self._stream(ImageStream.reader(src, fmt, back), copy.stream_to_volume, vol, prog),
             )
             vol.flush()
-            self._phase("verify", lambda prog: self._stream(ImageStream.reader(src, fmt), copy.compare, vol, prog))
+            self._phase(
+                "verify", lambda prog: self._stream(ImageStream.reader(src, fmt, back), copy.compare, vol, prog)
+            )
             self.emit({"type": "verified"})
             return vol.allocated_blocks()
 
@@ -275,9 +283,14 @@ class _Run:
             kem = getattr(self.ks, "key_encapsulation", None)
             extra = {"key_encapsulation": kem} if kem else {}
             cfg.set_encryption(key_id=self.key_id, algorithm=self.algorithm_used, **extra)
+            assert self.volume_uuid is not None
+            cfg.set_volume_binding(volume_uuid=self.volume_uuid, key_id=self.key_id)  # the VM's new disk
+            cfg.clear_disk_format()  # the plain disk's format and backing no longer describe the disk
         else:
             cfg.set_encryption_enabled(False)
-            cfg.clear_key()
+            cfg.clear_key()  # the binding too: the VM's disk is now a plain qcow2
+            cfg.clear_disk_format()
+            cfg.set_disk_format("qcow2")
         if vm.disk_path != p.target:
             cfg.set_disk_path(p.target)
         cfg.save()

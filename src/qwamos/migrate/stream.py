@@ -1,6 +1,7 @@
 """Guest-visible bytes of a disk image as a pipe, read and written by QEMU's own block layer.
 
-``qemu-nbd`` opens the image (any format QEMU reads: qcow2, raw, vmdk, vdi, ...), ``nbdcopy`` streams its
+``qemu-nbd`` opens the image (qcow2 or raw, as the config names it: never probed, and a qcow2 with its declared
+backing file or ``"backing": null``, see :mod:`qwamos.hypervisor.imagespec`), ``nbdcopy`` streams its
 virtual disk in order through a pipe to or from this process.  The data exists in plaintext only in the
 pipe's kernel buffer and in our process's memory — never in a file — and the image is opened with QEMU's
 locking, so a disk that a running VM holds cannot be opened.
@@ -22,6 +23,7 @@ import threading
 from qwamos.errors import MigrationError
 from qwamos.fsutil import write_all
 from qwamos.hypervisor import tools
+from qwamos.hypervisor.imagespec import Backing, json_filename
 
 PIPE_SIZE = 1 << 20
 
@@ -42,21 +44,20 @@ class ImageStream:
         self._stderr: list[bytes] = []
 
     @classmethod
-    def reader(cls, path: str, fmt: str) -> ImageStream:
+    def reader(cls, path: str, fmt: str, backing: Backing | None = None) -> ImageStream:
         qemu_nbd = tools.tool_path("qemu-nbd")
-        server = [qemu_nbd, "--read-only", "--format", fmt, "--cache=writeback", os.path.abspath(path)]
+        image = json_filename(path, fmt, backing=backing)
+        server = [qemu_nbd, "--read-only", "--cache=writeback", image]
         return cls(["nbdcopy", "--", "[", *server, "]", "-"], writing=False, what=f"reading {path}")
 
     @classmethod
     def writer(cls, path: str, fmt: str) -> ImageStream:
         server = [
             tools.tool_path("qemu-nbd"),
-            "--format",
-            fmt,
             "--cache=writeback",
             "--discard=unmap",
             "--detect-zeroes=unmap",
-            os.path.abspath(path),
+            json_filename(path, fmt),
         ]
         argv = ["nbdcopy", "--destination-is-zero", "--flush", "--", "-", "[", *server, "]"]
         return cls(argv, writing=True, what=f"writing {path}")

@@ -29,6 +29,11 @@ class VMView:
         return Path(self.config.disk_path)
 
     @property
+    def disk_format(self) -> str:
+        """The plain disk's format as the config names it (or derives it from the name): never probed."""
+        return str(self.config.disk_format)
+
+    @property
     def qvol_path(self) -> Path:
         """Where this VM's encrypted disk lives (or will)."""
         return Path(self.config.encrypted_disk_path())

@@ -63,6 +63,10 @@ class ExportSpec:
     tls_dir: Path | None = None  # TCP over mutual TLS: the directory of `qwamos tls init` (qwamos.nbd.tls)
     tls_allow: tuple[str, ...] = ()  # client certificate names admitted (empty: any client of our CA)
     insecure_no_tls: bool = False  # plain TCP, on explicit request only
+    # The volume this export must be (a VM's binding, docs/vm-config.md): checked against the header after the
+    # volume has authenticated it, so a swapped or re-labelled disk is refused before anything is served.
+    expect_uuid: str | None = None
+    expect_key_id: str | None = None
 
     def check(self) -> None:
         if self.unix_path is None and self.tcp is None:
@@ -115,7 +119,24 @@ def open_backend(spec: ExportSpec, keystore: KeystoreFactory | None) -> BlockBac
     from qwamos.volume import PQCVolume
 
     provider = keystore() if keystore is not None else _default_keystore()
-    return PQCVolume(spec.path, keystore=provider, read_only=spec.read_only).open()
+    vol = PQCVolume(spec.path, keystore=provider, read_only=spec.read_only).open()
+    try:
+        check_binding(spec, vol.header.volume_uuid, vol.key_id)
+    except BaseException:
+        vol.close()
+        raise
+    return vol
+
+
+def check_binding(spec: ExportSpec, uuid: str, key_id: str) -> None:
+    """Refuse a volume whose authenticated UUID or key ID is not the expected one (a swapped disk)."""
+    wrong = []
+    if spec.expect_uuid is not None and uuid != spec.expect_uuid:
+        wrong.append(f"it is volume {uuid}, expected {spec.expect_uuid}")
+    if spec.expect_key_id is not None and key_id != spec.expect_key_id:
+        wrong.append(f"it uses key {key_id!r}, expected {spec.expect_key_id!r}")
+    if wrong:
+        raise ExportError(f"{spec.path} is not the volume this VM is bound to: {'; '.join(wrong)}")
 
 
 def _default_keystore() -> Any:
@@ -248,6 +269,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="control socket (status, quiesce, flush, keys; always 0600; default: the --socket path + .ctl)",
     )
     p.add_argument("--no-control", action="store_true", help="run without a control socket")
+    p.add_argument("--expect-uuid", metavar="UUID", help="refuse to serve unless the volume's UUID is this one")
+    p.add_argument("--expect-key-id", metavar="ID", help="refuse to serve unless the volume uses this key ID")
 
 
 def spec_from_args(args: argparse.Namespace) -> ExportSpec:
@@ -272,6 +295,8 @@ def spec_from_args(args: argparse.Namespace) -> ExportSpec:
         tls_dir=args.tls_dir,
         tls_allow=tuple(args.tls_allow),
         insecure_no_tls=args.insecure_no_tls,
+        expect_uuid=getattr(args, "expect_uuid", None),
+        expect_key_id=getattr(args, "expect_key_id", None),
     )
     spec.check()
     return spec
@@ -293,13 +318,23 @@ def _control_path(args: argparse.Namespace) -> Path | None:
 
 
 def command(
-    path: str | os.PathLike[str], socket: str, *, keystore: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    socket: str,
+    *,
+    keystore: str | os.PathLike[str] | None = None,
+    expect_uuid: str | None = None,
+    expect_key_id: str | None = None,
 ) -> list[str]:
-    """The argv that serves ``path`` on the UNIX socket ``socket`` as its own process (for supervisors)."""
+    """The argv that serves ``path`` on the UNIX socket ``socket`` as its own process (for supervisors); with
+    ``expect_*`` it refuses any other volume (the VM's binding)."""
     argv = [sys.executable, "-m", "qwamos.nbd.export"]
     argv += [os.fspath(path), "--socket", socket]
     if keystore is not None:
         argv += ["--keystore", os.fspath(keystore)]
+    if expect_uuid is not None:
+        argv += ["--expect-uuid", expect_uuid]
+    if expect_key_id is not None:
+        argv += ["--expect-key-id", expect_key_id]
     return argv
 
 
