@@ -9,6 +9,7 @@ import shutil
 import socket
 import stat
 import struct
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -249,3 +250,46 @@ def test_live_fuzz_then_a_correct_client_gets_correct_data(junk, handshake):
         s.close()
         with NBDClient.connect_unix(path) as cl:
             assert cl.read(0, 8192) == bytes(4096) + b"\x5a" * 4096
+
+
+def _read_until_closed(s: socket.socket) -> bytes:
+    """Everything the server sends before it closes the connection (the greeting, then EOF or a reset)."""
+    s.settimeout(60)  # a bound on a hung test, not a timing assertion: the server closes long before
+    got = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(4096):
+            got += chunk
+    return got
+
+
+def test_idle_sockets_that_never_finish_the_handshake_lose_their_slots():
+    """Issue 10 item 7: every slot taken by sockets that connect and say nothing; the server closes them after
+    the handshake timeout and a real client gets in (the default is 10 s; 0.5 s here)."""
+    be = MemoryBackend(SIZE)
+    with running(be, max_connections=4, handshake_timeout=0.5) as (srv, path):
+        idle = []
+        for _ in range(4):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            idle.append(s)
+        for s in idle:
+            assert _read_until_closed(s).startswith(b"NBDMAGIC")  # greeted, then dropped
+            s.close()
+        with NBDClient.connect_unix(path) as cl:
+            cl.write(0, b"\x05" * 4096)
+            assert cl.read(0, 4096) == b"\x05" * 4096
+            threading.Event().wait(1.0)  # idle in transmission past the handshake timeout: still served
+            assert cl.read(0, 4096) == b"\x05" * 4096
+        if shutil.which("nbdinfo"):  # and libnbd's client, as QEMU's peers speak it
+            out = subprocess.run(
+                ["nbdinfo", "--size", f"nbd+unix:///?socket={path}"], capture_output=True, text=True, timeout=60
+            )
+            assert out.stdout.strip() == str(SIZE), out.stderr
+        assert srv.handshake_timeout == 0.5
+
+
+def test_handshake_timeout_default_is_a_few_seconds():
+    from qwamos.nbd.server import NBD_HANDSHAKE_TIMEOUT as HANDSHAKE_TIMEOUT
+
+    assert 2 <= HANDSHAKE_TIMEOUT <= 30
+    assert ExportServer(MemoryBackend(4096), unix_path="/nonexistent/x").handshake_timeout == HANDSHAKE_TIMEOUT

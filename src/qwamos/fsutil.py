@@ -69,6 +69,28 @@ def open_regular(path: str | os.PathLike[str], flags: int, refuse: Callable[[str
     return fd
 
 
+def make_private_dirs(path: str | os.PathLike[str]) -> list[Path]:
+    """Create ``path`` and every missing parent 0700, *whatever the umask* (``mkdir -p`` under umask 000 would
+    make them 0777, and ``Path.mkdir(parents=True)`` gives the parents the umask's default even when the leaf
+    gets a mode).  Existing directories are left as they are (their owners' checks decide).  Returns the
+    directories created, outermost first."""
+    target = Path(path)
+    missing: list[Path] = []
+    p = target
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    created: list[Path] = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue  # made concurrently by someone else: not ours to chmod
+        os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
+        created.append(d)
+    return created
+
+
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """Make a rename or unlink in ``directory`` durable (best effort where directories cannot be fsynced)."""
     fd = os.open(directory, os.O_RDONLY | _CLOEXEC)

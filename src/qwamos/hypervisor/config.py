@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qwamos.errors import ConfigError, InvalidArgument
-from qwamos.fsutil import atomic_write, fsync_dir
+from qwamos.fsutil import atomic_write, fsync_dir, make_private_dirs
 from qwamos.hypervisor import layout
 from qwamos.hypervisor.imagespec import Backing
 from qwamos.hypervisor.schema import MIN_MEMORY_MB, SCHEMA, validate
@@ -382,7 +382,7 @@ def write_new_config(root: str | os.PathLike[str], name: str, text: str | None =
     """Create ``<root>/vms/<name>/config.yaml`` from ``text`` (or from ``fields`` via :func:`new_config_text`).
 
     Refuses to overwrite (``O_EXCL``, so two concurrent creates cannot both win); the text is validated
-    first, so a config is never written that ``load`` would refuse.  The VM directory is created 0700.
+    first, so a config is never written that ``load`` would refuse.  Every directory created is 0700.
     """
     if text is None:
         text = new_config_text(name, **fields)
@@ -390,7 +390,8 @@ def write_new_config(root: str | os.PathLike[str], name: str, text: str | None =
         raise InvalidArgument("write_new_config: pass either the config text or fields, not both")
     path = layout.config_path(root, name)
     VMConfig.from_text(text, path)  # never write a config we would refuse to load
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dirs(path.parent)  # root, vms/ and the VM directory: 0700 whatever the umask
+    layout.check_vm_paths(root, name)  # existing ones: another user's refused, looser ones tightened
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:

@@ -174,9 +174,12 @@ class VMManager:
         return layout.config_path(self.root, name)
 
     def load(self, name: str) -> VMConfig:
+        """The VM's config, after :func:`~qwamos.hypervisor.layout.check_vm_paths` (another user's directory or
+        config, or a config others can write, is refused; directories looser than 0700 are tightened)."""
         path = self.config_path(name)
         if not path.exists():
             raise VMNotFoundError(name=name, root=str(self.root), path=str(path))
+        layout.check_vm_paths(self.root, name)
         return VMConfig.load(path)
 
     def run_dir(self, name: str) -> RunDir:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from qwamos.errors import VMError
-from qwamos.fsutil import SOCKET_PATH_MAX, atomic_write, short_path
+from qwamos.fsutil import SOCKET_PATH_MAX, atomic_write, make_private_dirs, short_path
 from qwamos.nbd.control_protocol import control_path_for
 from qwamos.pidfile import ProcRef, live_process, proc_start_time, read_pidfile, wait_until, write_pidfile
 
@@ -121,7 +121,7 @@ class RunDir:
         return self.path / "supervisor.log"
 
     def create(self) -> None:
-        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(self.path)
         os.chmod(self.path, 0o700)
 
     def clear(self) -> None:

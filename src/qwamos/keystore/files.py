@@ -19,7 +19,7 @@ from typing import Any
 
 from qwamos import crypto, strictjson
 from qwamos.errors import KeyExistsError, KeyFileCorruptError, KeystoreError, KeystorePermissionError
-from qwamos.fsutil import atomic_write, write_all
+from qwamos.fsutil import atomic_write, make_private_dirs, write_all
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -36,7 +36,7 @@ def ensure_private_dir(path: Path) -> None:
     An existing directory is not chmod-ed silently: if it is too open, :func:`check_private_dir` refuses.
     """
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(path.parent)  # ~/.qwamos too: 0700 whatever the umask
         with contextlib.suppress(FileExistsError):
             path.mkdir(mode=DIR_MODE)
             os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask

@@ -23,10 +23,14 @@ KDF_NAME = "argon2id"
 AEAD_NAME = crypto.CHACHA20_POLY1305
 SALT_SIZE = 16
 
-# Bounds accepted when reading a document: generous, but a modified file cannot ask for 1 TiB of memory.
-MAX_MEMORY_KIB = 4 * 1024 * 1024
-MAX_ITERATIONS = 64
-MAX_LANES = 64
+# Bounds accepted when reading (and writing) a document, checked before Argon2id runs: a modified file cannot
+# make the keystore allocate GiBs or spin for minutes before the MAC says it was modified.  Up to 1 GiB, up to
+# 16 passes, and at most 2 GiB x passes of work in all (the default, 64 MiB x 3, is 192 MiB x passes; the cap
+# is about 10x that: ~2 s here).  RFC 9106's first option (2 GiB, 1 pass) is therefore refused.
+MAX_MEMORY_KIB = 1024 * 1024
+MAX_ITERATIONS = 16
+MAX_LANES = 16
+MAX_WORK_KIB = 2 * 1024 * 1024  # memory_kib * iterations
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class Argon2Params:
             raise InvalidArgument(f"argon2id memory must be in [8 * lanes, {MAX_MEMORY_KIB}] KiB")
         if not 1 <= self.iterations <= MAX_ITERATIONS:
             raise InvalidArgument(f"argon2id iterations must be in [1, {MAX_ITERATIONS}]")
+        if self.memory_kib * self.iterations > MAX_WORK_KIB:
+            raise InvalidArgument(f"argon2id memory x iterations must be at most {MAX_WORK_KIB} KiB")
 
     def to_json(self) -> dict[str, int]:
         return {"memory_kib": self.memory_kib, "iterations": self.iterations, "lanes": self.lanes}
@@ -52,12 +58,24 @@ class Argon2Params:
     def from_json(cls, obj: Any, path: Path | str) -> Argon2Params:
         if not isinstance(obj, dict) or set(obj) != {"memory_kib", "iterations", "lanes"}:
             raise KeyFileCorruptError(path=str(path), msg="kdf_params must hold memory_kib, iterations, lanes")
-        lanes = int_field(obj, "lanes", path, lo=1, hi=MAX_LANES)
-        return cls(
-            memory_kib=int_field(obj, "memory_kib", path, lo=8 * lanes, hi=MAX_MEMORY_KIB),
-            iterations=int_field(obj, "iterations", path, lo=1, hi=MAX_ITERATIONS),
-            lanes=lanes,
-        )
+        big = 1 << 62  # type and sign first; the cost bounds below get their own message
+        lanes = int_field(obj, "lanes", path, lo=1, hi=big)
+        memory = int_field(obj, "memory_kib", path, lo=8 * lanes, hi=big)
+        iterations = int_field(obj, "iterations", path, lo=1, hi=big)
+        if (
+            lanes > MAX_LANES
+            or memory > MAX_MEMORY_KIB
+            or iterations > MAX_ITERATIONS
+            or memory * iterations > MAX_WORK_KIB
+        ):
+            raise KeyFileCorruptError(
+                path=str(path),
+                msg=f"kdf_params ask for Argon2id with memory_kib={memory}, iterations={iterations}, "
+                f"lanes={lanes}; this keystore accepts at most memory_kib={MAX_MEMORY_KIB}, "
+                f"iterations={MAX_ITERATIONS}, lanes={MAX_LANES} and memory_kib x iterations <= {MAX_WORK_KIB} "
+                "(refused before any work)",
+            )
+        return cls(memory_kib=memory, iterations=iterations, lanes=lanes)
 
 
 SEALED_FIELDS = {"kdf", "kdf_params", "salt", "aead", "nonce", "ciphertext"}

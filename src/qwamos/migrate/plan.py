@@ -127,6 +127,17 @@ def refuse_running(vm: VMView) -> None:
         )
 
 
+def refuse_symlink_delete(path: Path, backup: bool) -> None:
+    """``--no-backup`` deletes the source after the switch; for a symbolic link that would remove only the
+    link and leave the plaintext where it points (while saying "deleted"), so it is refused."""
+    if not backup and path.is_symlink():
+        raise MigrationError(
+            msg=f"{path} is a symbolic link (to {os.path.realpath(path)}); --no-backup would delete only the "
+            "link and leave the data it points to. Point hardware.disk.primary.path at the real file, or "
+            "migrate with a backup and delete the file yourself. Nothing was changed."
+        )
+
+
 def _refuse_existing(path: Path, what: str) -> None:
     if os.path.lexists(path):
         raise MigrationError(
@@ -205,6 +216,7 @@ def _plan_to_qvol(vm: VMView, backup: bool, allow_backing: bool = False) -> Migr
         raise MigrationError(msg=f"the VM's disk {src_path} does not exist (nothing to migrate)")
     if not os.access(src_path, os.R_OK):
         raise MigrationError(msg=f"cannot read the source disk {src_path}: permission denied")
+    refuse_symlink_delete(src_path, backup)
     source = qemuimg.info(src_path, fmt=vm.disk_format)
     backing = source_backing(vm, source, allow_backing)
     if source.encrypted:
@@ -247,6 +259,7 @@ def _plan_to_qcow2(vm: VMView, backup: bool, keystore: Any) -> MigrationPlan:
     src_path = vm.qvol_path
     if not src_path.exists():
         raise MigrationError(msg=f"the VM's encrypted disk {src_path} does not exist (nothing to migrate)")
+    refuse_symlink_delete(src_path, backup)
     with PQCVolume(src_path, keystore=keystore, read_only=True) as vol:  # authenticates the header
         size, key_id, algorithm = vol.size, vol.key_id, vol.header.algorithm
         uuid = vol.header.volume_uuid

@@ -302,7 +302,10 @@ class _Run:
         p = self.plan
         finish_committed(self.journal.record, self.ks, self.emit)
         if p.backup is None and p.direction == TO_QVOL:
-            self.emit({"type": "deleted", "path": str(p.source.path)})
+            if os.path.lexists(p.source.path):  # never claim a deletion that did not happen
+                self.emit({"type": "warning", "message": f"{p.source.path} could not be deleted; remove it"})
+            else:
+                self.emit({"type": "deleted", "path": str(p.source.path)})
         self.journal.remove()
 
     # -- rollback ---------------------------------------------------------------------------------------

@@ -75,4 +75,5 @@ def load_vm(name: str, *, root: str | os.PathLike[str] | None = None) -> VMView:
     path = Path(layout.config_path(r, name))
     if not path.exists():
         raise VMNotFoundError(name=name, root=str(r), path=str(path))
+    layout.check_vm_paths(r, name)  # another user's directory or config is refused, as by the VM manager
     return VMView(name=name, root=r, config_path=path, config=VMConfig.load(path))

@@ -11,7 +11,9 @@ Memory is bounded per connection: a fixed receive buffer (``CHUNK`` plus slack, 
 ``asyncio.BufferedProtocol``), WRITE payloads applied in ``CHUNK`` pieces as they arrive, READ replies
 produced in ``CHUNK`` pieces into the connection's reply buffers (:class:`ReplyBuffers`), and reading from
 a client paused while its unsent replies exceed ``WRITE_HIGH_WATER``.  Connections beyond
-``max_connections`` are closed at once (before the greeting).
+``max_connections`` are closed at once (before the greeting), and a connection that has not finished the
+handshake within ``handshake_timeout`` (:data:`NBD_HANDSHAKE_TIMEOUT`, TLS included) is closed, so idle
+sockets cannot hold the slots.
 
 Buffer ownership: a buffer handed to ``transport.write`` belongs to the transport until its bytes have
 left.  From Python 3.12 on, the selector transport keeps a view of whatever it could not send at once
@@ -96,6 +98,10 @@ log = logging.getLogger("qwamos.nbd")
 WRITE_HIGH_WATER = 256 * 1024  # stop reading a client while this much of its replies is unsent
 ZERO_PIECE = 32 * 1024 * 1024  # TRIM/WRITE_ZEROES reach the backend in pieces of at most this size
 DEFAULT_MAX_CONNECTIONS = 8
+# A connection that has not finished the handshake (reached transmission) this many seconds after it was
+# accepted is closed: otherwise max_connections idle sockets, from any local user who can connect, would take
+# every slot and lock the VM's QEMU out.  Real clients finish in milliseconds.
+NBD_HANDSHAKE_TIMEOUT = 10.0
 SMALL_READ = 4096  # reads up to this size go through pread (copying 4 KiB costs less than the general path)
 
 # Backend exception -> NBD error, first match wins (subclasses before their bases).
@@ -159,11 +165,17 @@ class _Shared:
     """State every connection of one export shares: the backend, the export and the connection limit."""
 
     def __init__(
-        self, backend: BlockBackend, export: ExportInfo, max_connections: int, gate: QuiesceGate | None = None
+        self,
+        backend: BlockBackend,
+        export: ExportInfo,
+        max_connections: int,
+        gate: QuiesceGate | None = None,
+        handshake_timeout: float = NBD_HANDSHAKE_TIMEOUT,
     ) -> None:
         self.backend = backend
         self.export = export
         self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
         self.connections: set[NBDConnection] = set()
         self.gate = gate if gate is not None else QuiesceGate(lambda: self.connections)
         self.requests_closed = 0  # requests of connections that are gone (status counters)
@@ -193,6 +205,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._r_offset = 0
         self._r_left = 0
         self.closed = asyncio.get_running_loop().create_future()
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio callbacks ------------------------------------------------------------------------------------
 
@@ -207,10 +220,25 @@ class NBDConnection(asyncio.BufferedProtocol):
         sh.connections.add(self)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         log.info("connection %d opened", self.id)
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            sh.handshake_timeout, self._handshake_expired
+        )
         self._send(self.proto.data_to_send())
+
+    def _handshake_expired(self) -> None:
+        """Still negotiating ``handshake_timeout`` seconds after the accept: give the slot back."""
+        self._handshake_timer = None
+        if self._closing or self.proto.state is State.TRANSMISSION or self.transport is None:
+            return
+        log.warning("connection %d closed: no NBD handshake within %g s", self.id, self.shared.handshake_timeout)
+        self._closing = True
+        self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         if self in self.shared.connections:
             self.shared.connections.discard(self)
             self.shared.requests_closed += self.proto.requests
@@ -293,6 +321,9 @@ class NBDConnection(asyncio.BufferedProtocol):
                     upgrade = True
                     break
                 elif cls is Ready:
+                    if self._handshake_timer is not None:
+                        self._handshake_timer.cancel()
+                        self._handshake_timer = None
                     log.info(
                         "connection %d: export %r, block sizes %s",
                         self.id,
@@ -696,6 +727,7 @@ class ExportServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         tls: ServerTLS | None = None,
         insecure_tcp: bool = False,
+        handshake_timeout: float = NBD_HANDSHAKE_TIMEOUT,
     ) -> None:
         if unix_path is None and tcp is None:
             raise ExportError("give a UNIX socket path or a TCP address to listen on")
@@ -719,6 +751,7 @@ class ExportServer:
         self.tcp = tcp
         self.socket_mode = socket_mode
         self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
         self._socks: list[socket.socket] = []
         self._unix_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file this server made
         self._servers: list[asyncio.base_events.Server] = []
@@ -778,7 +811,9 @@ class ExportServer:
     async def start(self) -> None:
         self.bind()
         loop = asyncio.get_running_loop()
-        shared = self._shared = _Shared(self.backend, self.export, self.max_connections, self.gate)
+        shared = self._shared = _Shared(
+            self.backend, self.export, self.max_connections, self.gate, self.handshake_timeout
+        )
         for s in self._socks:
             if s.family == socket.AF_UNIX:
                 srv = await loop.create_unix_server(lambda: NBDConnection(shared), sock=s)
