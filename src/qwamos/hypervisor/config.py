@@ -262,6 +262,7 @@ class VMConfig:
     def set_identity_fingerprint(self, fingerprint: str) -> None:
         self._set(("storage", "encryption", "identity_fingerprint"), fingerprint)
 
+    @property
     def volume_uuid(self) -> str | None:
         """The UUID of the volume this VM is bound to (``storage.encryption.volume_uuid``): a start refuses a
         ``.qvol`` whose authenticated header names another one (a swapped disk)."""

@@ -113,7 +113,12 @@ def check_config_file(path: Path) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISLNK(st.st_mode):
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return  # a dangling link: loading it says what is wrong
+    if not stat.S_ISREG(st.st_mode):
+        return  # a FIFO or device: the config loader refuses it without reading it (exit 41)
     if not _owned_by_us(st):
         raise UnsafePathError(
             path=str(path),
