@@ -373,6 +373,10 @@ def command_for_spec(spec: ExportSpec, *, verbose: int = 0) -> list[str]:
         argv.append("--no-control")
     elif spec.control_required:
         argv += ["--control", os.fspath(spec.control)]
+    if spec.expect_uuid is not None:
+        argv += ["--expect-uuid", spec.expect_uuid]
+    if spec.expect_key_id is not None:
+        argv += ["--expect-key-id", spec.expect_key_id]
     return argv
 
 
