@@ -44,7 +44,7 @@ def qwamos(root: Path, *argv: str) -> subprocess.CompletedProcess:
 
 
 def make_vm(root: Path, name: str, machine: str, **kw) -> tuple[Path, Path]:
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)  # as the tool makes it (a looser root gets a notice)
     kernel = root / f"{name}-vmlinuz"
     initrd = root / f"{name}-initrd"
     kernel.write_bytes(b"kernel")

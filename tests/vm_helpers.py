@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+from qwamos.fsutil import make_private_dirs
+
 GUEST_DIR = Path(os.environ.get("QWAMOS_GUEST_DIR", Path(__file__).resolve().parents[1] / "build" / "guest"))
 
 
@@ -34,7 +36,7 @@ def write_config(
 ) -> Path:
     """Write ``<root>/vms/<name>/config.yaml`` as a user would, following the spec's example."""
     vm_dir = root / "vms" / name
-    vm_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(vm_dir)  # 0700, as `vm create` makes them (a looser one is tightened with a notice)
     cpu = cpu or ("cortex-a76" if machine == "virt" else "qemu64")
     lines = [
         "vm:",
