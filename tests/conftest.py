@@ -64,6 +64,20 @@ def keys() -> MemoryKeys:
 
 
 @pytest.fixture
+def qvol(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    """A new encrypted volume and its keystore, ``(tmp_path/disk.qvol, tmp_path/keystore)``, of the test
+    module's ``SIZE`` (64 MiB if it has none)."""
+    from qwamos.keystore import PQCKeystore
+    from qwamos.volume import PQCVolume
+
+    ks = tmp_path / "keystore"
+    vol = tmp_path / "disk.qvol"
+    size = getattr(request.module, "SIZE", 64 << 20)
+    PQCVolume(vol, keystore=PQCKeystore(ks)).create("disk", "vm", size_bytes=size)
+    return vol, ks
+
+
+@pytest.fixture
 def short_dir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="qw", dir="/tmp"))
     yield d

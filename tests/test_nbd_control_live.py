@@ -25,17 +25,6 @@ SIZE = 64 << 20
 QWAMOS = [sys.executable, "-m", "qwamos.cli.main"]
 
 
-@pytest.fixture
-def qvol(tmp_path) -> tuple[Path, Path]:
-    from qwamos.keystore import PQCKeystore
-    from qwamos.volume import PQCVolume
-
-    ks = tmp_path / "keystore"
-    vol = tmp_path / "disk.qvol"
-    PQCVolume(vol, keystore=PQCKeystore(ks)).create("disk", "vm", size_bytes=SIZE)
-    return vol, ks
-
-
 def header_of(vol: Path, ks: Path):
     from qwamos.keystore import PQCKeystore
     from qwamos.volume import PQCVolume

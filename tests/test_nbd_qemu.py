@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,17 +19,6 @@ from qwamos.pidfile import ProcRef, read_pidfile
 pytestmark = pytest.mark.qemu
 
 SIZE = 64 << 20
-
-
-@pytest.fixture
-def qvol(tmp_path) -> tuple[Path, Path]:
-    from qwamos.keystore import PQCKeystore
-    from qwamos.volume import PQCVolume
-
-    ks = tmp_path / "keystore"
-    vol = tmp_path / "disk.qvol"
-    PQCVolume(vol, keystore=PQCKeystore(ks)).create("disk", "vm", size_bytes=SIZE)
-    return vol, ks
 
 
 def run(*argv: str) -> str:

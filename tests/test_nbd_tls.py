@@ -27,17 +27,6 @@ SIZE = 64 << 20
 
 
 @pytest.fixture
-def qvol(tmp_path) -> tuple[Path, Path]:
-    from qwamos.keystore import PQCKeystore
-    from qwamos.volume import PQCVolume
-
-    ks = tmp_path / "keystore"
-    vol = tmp_path / "disk.qvol"
-    PQCVolume(vol, keystore=PQCKeystore(ks)).create("disk", "vm", size_bytes=SIZE)
-    return vol, ks
-
-
-@pytest.fixture
 def certs(tmp_path):
     return make_certs(tmp_path / "pki")
 

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -73,17 +72,6 @@ def hosts() -> Iterator[Hosts]:
         for ns in made:  # deleting a namespace deletes its end of the veth pair, and with it the pair
             with contextlib.suppress(RuntimeError):
                 _ip("netns", "del", ns)
-
-
-@pytest.fixture
-def qvol(tmp_path) -> tuple[Path, Path]:
-    from qwamos.keystore import PQCKeystore
-    from qwamos.volume import PQCVolume
-
-    ks = tmp_path / "keystore"
-    vol = tmp_path / "disk.qvol"
-    PQCVolume(vol, keystore=PQCKeystore(ks)).create("disk", "vm", size_bytes=SIZE)
-    return vol, ks
 
 
 def run_in(ns: list[str], *argv: str) -> subprocess.CompletedProcess:
