@@ -109,6 +109,15 @@ mon warn on pool no redundancy = false
 mon data avail warn = 1
 mon data avail crit = 0
 
+[client]
+# Ceph 16's librbd sends writes on at once (policy writearound) and is writethrough until the first flush; a
+# writeback cache from the start, written back after 10 minutes at the earliest, makes a client that forgets
+# to flush lose its writes on kill -9, so the tests see it (tests/test_storage_rbd.py, the kill -9 test)
+rbd cache = true
+rbd cache policy = writeback
+rbd cache writethrough until flush = false
+rbd cache max dirty age = 600
+
 [mon]
 mon data = $dir/mon.\$id
 mon allow pool delete = true
