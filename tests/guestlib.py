@@ -187,10 +187,12 @@ def parse_markers(text: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def nbd_export(image: Path | str, *, fmt: str = "raw", timeout: float = 10.0) -> Iterator[Path]:
+def nbd_export(image: Path | str, *, fmt: str = "raw", timeout: float = 60.0) -> Iterator[Path]:
     """Serve ``image`` with ``qemu-nbd`` on a fresh UNIX socket for the duration of the block; yields the socket.
 
-    The socket lives in a short private temp directory (UNIX socket paths are limited to ~107 bytes)."""
+    The socket lives in a short private temp directory (UNIX socket paths are limited to ~107 bytes).
+    Readiness is the handshake answering and an early exit is seen at once, so ``timeout`` only bounds a
+    qemu-nbd that hangs: it is as generous as a start on a loaded machine can need (the manager's 60 s)."""
     sock_dir = Path(tempfile.mkdtemp(prefix="qw-nbd-"))
     sock = sock_dir / "nbd.sock"
     proc = processes.spawn(

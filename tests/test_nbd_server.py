@@ -12,6 +12,7 @@ import struct
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -154,11 +155,15 @@ def test_extra_connections_are_refused_and_others_keep_working():
         a.write(0, b"\x07" * 4096)
         assert b.read(0, 4096) == b"\x07" * 4096
         a.disconnect()
-        for _ in range(50):  # the server sees the disconnect asynchronously
+        # The server frees the slot when it sees the disconnect, asynchronously; a connect is the only way
+        # to observe that, so wait for one to succeed (the deadline bounds a slot that is never freed).
+        deadline = time.monotonic() + 30
+        while True:
             try:
                 d = NBDClient.connect_unix(path)
                 break
             except (NBDClientError, OSError):
+                assert time.monotonic() < deadline, "the server never freed the disconnected client's slot"
                 threading.Event().wait(0.05)
         assert d.read(0, 4096) == b"\x07" * 4096
         d.disconnect()

@@ -18,7 +18,7 @@ import pytest
 
 from qwamos.cli.main import main
 from qwamos.hypervisor.manager import VMManager
-from qwamos.hypervisor.process import ProcRef, live_process, proc_start_time, read_pidfile
+from qwamos.hypervisor.process import ProcRef, live_process, proc_start_time, read_pidfile, write_pidfile
 from vm_helpers import wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,6 +125,34 @@ def test_killed_qemu_is_reported_crashed_and_nothing_is_left(root, mgr, idle_ker
     assert mgr.status("crashy").state == "running"
     mgr.stop("crashy", force=True)
     assert mgr.status("crashy").state == "stopped"
+
+
+def test_a_recorded_exit_is_reported_only_once_the_supervisor_is_gone(root, idle_kernel, tmp_path):
+    """The supervisor writes how the run ended, then removes its sockets and pidfiles and exits: a status
+    read in between said "crashed" with the supervisor still listed (a full-suite run under load saw it).
+    Here a stand-in supervisor holds that window open on purpose; status must wait it out."""
+    write_config(root, "vm1", kernel=idle_kernel)
+    run = VMManager(root).run_dir("vm1")
+    run.create()
+    gate = tmp_path / "gate"
+    script = (  # the supervisor's last steps, once the test has read the state: unlink its pidfile, exit
+        "import os, sys, time\n"
+        "while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
+        "time.sleep(0.5)\n"
+        "os.unlink(sys.argv[2])\n"
+    )
+    sup = subprocess.Popen([sys.executable, "-c", script, str(gate), str(run.supervisor_pid)])
+    try:
+        write_pidfile(run.supervisor_pid, ProcRef.of(sup.pid))
+        run.write_state(phase="crashed", reason="QEMU killed by SIGKILL")
+        gate.touch()
+        st = VMManager(root).status("vm1")
+        assert (st.state, st.pids) == ("crashed", {})
+        assert proc_start_time(sup.pid) is None  # reaped: status waited for the process, not just the file
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+        sup.wait()
 
 
 @pytest.mark.parametrize("encrypted", [False, True])

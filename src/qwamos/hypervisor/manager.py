@@ -58,6 +58,9 @@ from qwamos.nbd.export import command as export_command
 STATES = ("running", "paused", "stopped", "starting", "crashed")
 START_TIMEOUT = 60.0
 DEFAULT_STOP_TIMEOUT = 30.0
+# After recording how a run ended the supervisor only unlinks its sockets and pidfiles and exits; status waits
+# that long for it (generous: a loaded machine can take seconds to run an interpreter's exit).
+SUPERVISOR_FINISH_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -269,8 +272,16 @@ class VMManager:
             k: live_process(p)
             for k, p in (("supervisor", run.supervisor_pid), ("qemu", run.qemu_pid), ("export", run.export_pid))
         }
-        st.pids = {k: r.pid for k, r in procs.items() if r is not None}
         phase = state.get("phase")
+        sup = procs["supervisor"]
+        if phase in ("stopped", "crashed") and sup is not None and not procs["qemu"] and not procs["export"]:
+            # The supervisor has recorded the exit and is removing what the run left: a final state is only
+            # reported once it is gone, so "stopped"/"crashed" never comes with a live supervisor.
+            sup.wait(SUPERVISOR_FINISH_TIMEOUT)
+            state = run.read_state()
+            phase = state.get("phase")
+            procs["supervisor"] = live_process(run.supervisor_pid)
+        st.pids = {k: r.pid for k, r in procs.items() if r is not None}
         reason = str(state.get("reason") or "")
         if phase == "starting" and procs["supervisor"]:
             st.state = "starting"

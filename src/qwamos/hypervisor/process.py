@@ -180,7 +180,13 @@ async def _qmp(path: Path, commands: list[tuple[str, dict[str, object] | None]],
     sock.setblocking(False)
     client = QMPClient("qwamos")
     try:
-        await asyncio.wait_for(client.connect(sock), timeout)
+        try:
+            await asyncio.wait_for(client.connect(sock), timeout)
+        except AssertionError as e:
+            # qemu.qmp's connect() asserts its session is RUNNING after negotiating; a QEMU that closes the
+            # monitor right then (it is exiting: guest power-off, `quit`) has its reader task already
+            # disconnecting, and the assert fails.  That is a hung-up monitor, not a bug of ours.
+            raise ConnectionResetError(f"QEMU's monitor {path} hung up as the QMP session started") from e
         return [await asyncio.wait_for(client.execute(c, a), timeout) for c, a in commands]
     finally:
         with contextlib.suppress(Exception):
@@ -192,7 +198,8 @@ def qmp_execute(
 ) -> object:
     """Run one QMP command on the monitor socket ``path`` and return its result.
 
-    Raises OSError (socket missing/refused), QMPError (protocol or command error) or TimeoutError.
+    Raises OSError (socket missing/refused, or QEMU hung up: it is exiting), QMPError (protocol or command
+    error) or TimeoutError.
     QEMU's monitor serves one client at a time, so nothing here keeps a connection open.
     """
     return qmp_execute_many(path, [(command, arguments)], timeout)[0]
