@@ -156,6 +156,25 @@ def test_paused_qemu_shows_paused_and_resume_continues_it(root, mgr, idle_kernel
     assert mgr.status("idle").state == "stopped"
 
 
+@pytest.mark.qemu
+def test_a_busy_monitor_is_reported_as_such_not_as_qemu_s_word(root, mgr, idle_kernel):
+    """QEMU's monitor serves one client at a time: while another holds it, status cannot ask QEMU, and says so
+    (the run state is unknown) instead of reporting "running" as if QEMU had answered."""
+    write_config(root, "idle", kernel=idle_kernel)
+    mgr.start("idle")
+    qmp_execute(mgr.run_dir("idle").qmp_sock, "stop")  # paused: a status that cannot ask must not say running
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as holder:
+        holder.settimeout(30)
+        holder.connect(str(mgr.run_dir("idle").qmp_sock))
+        assert b"QMP" in holder.recv(4096)  # the greeting: this connection now holds the monitor
+        st = mgr.status("idle")
+        assert (st.state, st.qemu_status) == ("running", None)
+        assert "monitor did not answer" in st.reason and "unknown" in st.reason
+    st = wait_for(lambda: (s := mgr.status("idle")).qemu_status and s, 60, "the monitor to serve status again")
+    assert (st.state, st.qemu_status) == ("paused", "paused")
+    mgr.stop("idle", force=True)
+
+
 # --- end to end on a full file system ---------------------------------------------------------------------
 
 

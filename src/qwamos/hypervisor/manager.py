@@ -306,6 +306,10 @@ class VMManager:
         is "paused", with why and what to do (:mod:`qwamos.hypervisor.guest_state`)."""
         guest = query_guest_state(run.qmp_sock)
         if guest is None:
+            # QEMU runs but its monitor (one client at a time) did not answer in time: another client holds it,
+            # QEMU is exiting, or the machine is loaded.  Say so rather than pass "running" off as QEMU's word.
+            unknown = "QEMU's monitor did not answer (busy with another client, or exiting): run state unknown"
+            st.reason = f"{st.reason}; {unknown}" if st.reason else unknown
             return
         st.qemu_status = guest.status
         if guest.paused:
