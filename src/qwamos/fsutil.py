@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import socket
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -220,3 +221,17 @@ def short_path(path: str | os.PathLike[str]) -> Iterator[str]:
         yield f"/proc/self/fd/{dfd}/{p.name}"
     finally:
         os.close(dfd)
+
+
+def connect_unix(path: str | os.PathLike[str], timeout: float) -> socket.socket:
+    """A stream socket connected to the UNIX socket ``path`` (any length, via :func:`short_path`), with
+    ``timeout`` set; closed again if the connection fails."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        with short_path(path) as p:
+            s.connect(p)
+    except OSError:
+        s.close()
+        raise
+    return s

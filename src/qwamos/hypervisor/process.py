@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qwamos import fsutil
 from qwamos.errors import VMError
-from qwamos.fsutil import SOCKET_PATH_MAX, atomic_write, make_private_dirs, short_path
+from qwamos.fsutil import SOCKET_PATH_MAX, atomic_write, make_private_dirs
 from qwamos.nbd.control_protocol import control_path_for
 from qwamos.pidfile import ProcRef, live_process, proc_start_time, read_pidfile, wait_until, write_pidfile
 
@@ -157,15 +158,7 @@ class RunDir:
 
 
 def connect_unix(path: Path, timeout: float = 2.0) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        with short_path(path) as p:
-            s.connect(p)
-    except OSError:
-        s.close()
-        raise
-    return s
+    return fsutil.connect_unix(path, timeout)
 
 
 # --- QMP ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import ssl
 import struct
 from dataclasses import dataclass
 
-from qwamos.fsutil import short_path
+from qwamos.fsutil import connect_unix
 from qwamos.nbd import constants as c
 
 
@@ -47,15 +47,7 @@ class NBDClient:
     def connect_unix(
         cls, path: str | os.PathLike[str], *, timeout: float = 10.0, go: bool = True, name: str = ""
     ) -> NBDClient:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        try:
-            with short_path(path) as p:
-                s.connect(p)
-        except OSError:
-            s.close()
-            raise
-        cl = cls(s)
+        cl = cls(connect_unix(path, timeout))
         if go:
             cl.handshake(name)
         return cl
