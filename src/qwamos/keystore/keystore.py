@@ -89,6 +89,10 @@ class PQCKeystore:
         self.argon2_params = argon2_params or Argon2Params()
         self._identity: idmod.Identity | None = None
         self._sealed = False
+        # The last key file unwrapped, as (key_id, its parsed document, result): opening a volume asks for its
+        # key and then for its commitment secret, and both live in the one key file.  Reused only while the
+        # file still holds the same document, so a changed, replaced or deleted file is read and checked anew.
+        self._last_unwrap: tuple[str, dict[str, Any], keyfile.Unwrapped] | None = None
         check_private_dir(self.path)
         check_private_file(self.path / IDENTITY_KEY)
 
@@ -450,7 +454,12 @@ class PQCKeystore:
                 msg="a version 1 (unauthenticated) key file that this keystore did not hold when it was "
                 "pinned: forged, or restored from an old copy (restore the key with 'qwamos key import')",
             )
-        got = keyfile.unwrap_full(doc, path, ident)
+        last = self._last_unwrap
+        if last is not None and last[0] == key_id and last[1] == doc:
+            got = last[2]
+        else:
+            got = keyfile.unwrap_full(doc, path, ident)
+            self._last_unwrap = (key_id, doc, got)
         if doc["identity_sealed"] and not self._sealed:
             raise self._unsealed(ident, f"{path.name} records it sealed")
         return got
