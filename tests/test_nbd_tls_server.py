@@ -12,7 +12,6 @@ import pytest
 
 from qwamos.blockdev import MemoryBackend
 from qwamos.nbd import constants as c
-from qwamos.nbd import server as server_mod
 from qwamos.nbd import tls
 from qwamos.nbd.client import NBDClient, NBDClientError
 from test_nbd_server import running
@@ -55,9 +54,10 @@ def test_pipelined_reads_over_tls_are_byte_identical(certs):
                 assert data == backend.pread(off, n), f"READ {off}+{n}"
 
 
-def test_a_client_stalling_after_starttls_is_cut_off(certs, monkeypatch):
-    monkeypatch.setattr(server_mod, "HANDSHAKE_TIMEOUT", 0.5)
-    with running(MemoryBackend(SIZE), tcp=("127.0.0.1", 0), tls=tls.server_tls(certs.server)) as (srv, _path):
+def test_a_client_stalling_after_starttls_is_cut_off(certs):
+    with running(
+        MemoryBackend(SIZE), tcp=("127.0.0.1", 0), tls=tls.server_tls(certs.server), handshake_timeout=0.5
+    ) as (srv, _path):
         s = socket.create_connection(srv.tcp_address, timeout=30)
         with s:
             cl = NBDClient(s)

@@ -91,7 +91,7 @@ from qwamos.nbd.protocol import (
     reply_header,
 )
 from qwamos.nbd.quiesce import QuiesceGate
-from qwamos.nbd.tls import HANDSHAKE_TIMEOUT, ServerTLS
+from qwamos.nbd.tls import ServerTLS
 
 log = logging.getLogger("qwamos.nbd")
 
@@ -366,8 +366,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         assert tls is not None
         loop = asyncio.get_running_loop()
         try:
+            # One bound for the whole negotiation, the TLS upgrade included: the handshake timer started at the
+            # accept also aborts a stalled upgrade; asyncio's own limit is set to the same value.
             new = await loop.start_tls(
-                plain, self, tls.context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+                plain, self, tls.context, server_side=True, ssl_handshake_timeout=self.shared.handshake_timeout
             )
         except Exception as e:  # the handshake's error (bad or no certificate, timeout, reset)
             log.warning("connection %d: TLS handshake failed: %s", self.id, e or type(e).__name__)

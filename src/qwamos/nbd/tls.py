@@ -39,7 +39,6 @@ CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
 CLIENTS = "clients"
 
-HANDSHAKE_TIMEOUT = 10.0  # seconds for the TLS handshake after NBD_OPT_STARTTLS's ACK
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
