@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +76,25 @@ def qvol(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, Path]:
     size = getattr(request.module, "SIZE", 64 << 20)
     PQCVolume(vol, keystore=PQCKeystore(ks)).create("disk", "vm", size_bytes=size)
     return vol, ks
+
+
+@pytest.fixture
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A VM root ``tmp_path/root`` (not created) with the keystore beside it and no ambient passphrase or
+    root from the environment.  (Modules that need another kind of root define their own ``root``.)"""
+    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "keystore"))
+    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
+    monkeypatch.delenv("QWAMOS_ROOT", raising=False)
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def idle_kernel(tmp_path: Path) -> Path:
+    """An aarch64 'kernel' that waits for interrupts forever (``wfi; b .``): the VM runs, idles, and costs
+    no CPU."""
+    k = tmp_path / "idle.bin"
+    k.write_bytes(struct.pack("<II", 0xD503207F, 0x17FFFFFF) + bytes(4088))
+    return k
 
 
 @pytest.fixture

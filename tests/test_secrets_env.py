@@ -22,7 +22,6 @@ import contextlib
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -58,14 +57,6 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     monkeypatch.setenv("QWAMOS_KEYSTORE", str(ks))
     monkeypatch.setenv("QWAMOS_ROOT", str(tmp_path / "root"))
     return {k: v for k, v in os.environ.items()}
-
-
-@pytest.fixture
-def idle_kernel(tmp_path: Path) -> Path:
-    """An aarch64 'kernel' that waits for interrupts forever (as in test_vm_manager.py)."""
-    k = tmp_path / "idle.bin"
-    k.write_bytes(struct.pack("<II", 0xD503207F, 0x17FFFFFF) + bytes(4088))
-    return k
 
 
 @pytest.fixture

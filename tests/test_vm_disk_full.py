@@ -17,7 +17,6 @@ import json
 import os
 import re
 import socket
-import struct
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -33,14 +32,6 @@ from vm_helpers import guest_files, wait_for, write_config
 
 BOOT_TIMEOUT = 180.0
 VDA = "/machine/peripheral/vda/virtio-backend"
-
-
-@pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "keystore"))
-    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
-    monkeypatch.delenv("QWAMOS_ROOT", raising=False)
-    return tmp_path / "root"
 
 
 @pytest.fixture
@@ -115,14 +106,6 @@ def test_a_monitor_hanging_up_after_negotiation_is_unknown_not_an_error(tmp_path
 
 
 # --- a real QEMU, paused and resumed ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def idle_kernel(tmp_path: Path) -> Path:
-    """An aarch64 'kernel' that waits for interrupts forever (``wfi; b .``)."""
-    k = tmp_path / "idle.bin"
-    k.write_bytes(struct.pack("<II", 0xD503207F, 0x17FFFFFF) + bytes(4088))
-    return k
 
 
 @pytest.mark.qemu

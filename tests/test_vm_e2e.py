@@ -21,13 +21,6 @@ BOOT_TIMEOUT = 180.0
 
 
 @pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "keystore"))
-    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
-    return tmp_path / "root"
-
-
-@pytest.fixture
 def mgr(root: Path):
     m = VMManager(root)
     yield m

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -22,22 +21,6 @@ from qwamos.hypervisor.process import ProcRef, live_process, proc_start_time, re
 from vm_helpers import wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "keystore"))
-    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
-    monkeypatch.delenv("QWAMOS_ROOT", raising=False)
-    return tmp_path / "root"
-
-
-@pytest.fixture
-def idle_kernel(tmp_path: Path) -> Path:
-    """An aarch64 'kernel' that waits for interrupts forever: the VM runs, idles, and costs no CPU."""
-    k = tmp_path / "idle.bin"
-    k.write_bytes(struct.pack("<II", 0xD503207F, 0x17FFFFFF) + bytes(4088))
-    return k
 
 
 @pytest.fixture

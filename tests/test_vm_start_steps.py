@@ -19,14 +19,6 @@ from vm_helpers import write_config
 
 
 @pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "keystore"))
-    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
-    monkeypatch.delenv("QWAMOS_ROOT", raising=False)
-    return tmp_path / "root"
-
-
-@pytest.fixture
 def kernel(tmp_path: Path) -> Path:
     k = tmp_path / "kernel.bin"
     k.write_bytes(bytes(4096))
