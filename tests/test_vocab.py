@@ -52,7 +52,8 @@ def test_unknown_names_list_the_choices():
 
 
 def _create(tmp_path: Path, *argv: str) -> int:
-    return main(["vm", "--root", str(tmp_path), "create", "v", "--kernel", "/k", *argv])
+    (tmp_path / "k").write_bytes(b"k")
+    return main(["vm", "--root", str(tmp_path), "create", "v", "--kernel", str(tmp_path / "k"), *argv])
 
 
 def test_vm_create_honours_arch_with_machine_and_refuses_a_mismatch(tmp_path, capsys):

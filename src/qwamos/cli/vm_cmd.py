@@ -72,13 +72,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     sp.add_argument("--cpu", default=None, dest="cpu_model", help="CPU model (e.g. cortex-a76)")
     sp.add_argument("--cpus", type=int, default=1, dest="cpu_cores")
-    sp.add_argument("--memory", type=int, default=512, dest="memory_mb", help="MB")
+    sp.add_argument(
+        "--memory", default="512", dest="memory_mb", help="MB (2048), or a size in whole MB (2G); default 512"
+    )
     sp.add_argument("--disk-size", default="10G")
     sp.add_argument("--disk-path", default=None)
-    sp.add_argument("--kernel", default=None)
-    sp.add_argument("--initrd", default=None)
+    sp.add_argument("--kernel", default=None, help="guest kernel (required; relative to the current directory)")
+    sp.add_argument("--initrd", default=None, help="initrd (relative to the current directory)")
     sp.add_argument("--cmdline", default=None)
-    sp.add_argument("--accel", default="kvm", choices=ACCELS)
+    sp.add_argument(
+        "--accel", default=None, choices=ACCELS, help="default: kvm where it runs this guest here, else tcg"
+    )
     sp.add_argument("--network", default="nat", dest="network_mode", choices=NETWORK_MODES)
     sp.add_argument("--mac", default=None)
     sp.add_argument("--encrypted", action="store_true", help="storage.encryption.enabled: true")
@@ -226,13 +230,15 @@ def _attach(mgr: VMManager, name: str, *, detach_ok: bool) -> str:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    path = _manager(args).create(
+    mgr = _manager(args)
+    memory = args.memory_mb.strip()
+    path = mgr.create(
         args.vm,
         machine_type=args.machine,
         arch=args.arch,
         cpu_model=args.cpu_model,
         cpu_cores=args.cpu_cores,
-        memory_mb=args.memory_mb,
+        memory_mb=int(memory) if memory.isdigit() else memory,
         disk_size=args.disk_size,
         disk_path=args.disk_path,
         kernel=args.kernel,
@@ -244,4 +250,9 @@ def cmd_create(args: argparse.Namespace) -> int:
         encrypted=args.encrypted,
     )
     message(f"created {path}")
+    if args.accel is None:
+        cfg = mgr.load(args.vm)
+        if cfg.accel == "tcg":
+            why = mgr.default_accel(cfg.arch).reason
+            message(f"accel: tcg (KVM cannot run this {cfg.arch} guest here: {why})")
     return 0

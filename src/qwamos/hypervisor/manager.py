@@ -38,6 +38,7 @@ from qwamos.crypto import resolve_algorithm
 from qwamos.errors import (
     ConfigError,
     ExportError,
+    InvalidArgument,
     QemuError,
     VMError,
     VMNotFoundError,
@@ -52,7 +53,7 @@ from qwamos.hypervisor.guest_state import query_guest_state
 from qwamos.hypervisor.process import RunDir, live_process, qmp_execute, stop_export, stop_qemu, wait_until
 from qwamos.hypervisor.qemu import Disk, build_command, find_binary, guest_arch
 from qwamos.hypervisor.supervisor import STOP_REQUEST
-from qwamos.hypervisor.vocab import ACCELS, BOOT_FORMATS, DEFAULT_ALGORITHM
+from qwamos.hypervisor.vocab import ACCELS, BOOT_FORMATS, DEFAULT_ALGORITHM, machine_for, normalize_arch
 from qwamos.nbd.export import command as export_command
 
 STATES = ("running", "paused", "stopped", "starting", "crashed")
@@ -352,12 +353,45 @@ class VMManager:
 
     # --- create -------------------------------------------------------------------------------------
 
-    def create(self, name: str, **fields: Any) -> Path:
-        """Write a new ``config.yaml`` from fields (see :func:`qwamos.hypervisor.config.write_new_config`)."""
+    def create(
+        self,
+        name: str,
+        *,
+        kernel: str | os.PathLike[str] | None = None,
+        initrd: str | os.PathLike[str] | None = None,
+        accel: str | None = None,
+        machine_type: str | None = None,
+        arch: str | None = None,
+        **fields: Any,
+    ) -> Path:
+        """Write a new ``config.yaml`` from fields (see :func:`qwamos.hypervisor.config.write_new_config`),
+        checked as ``start`` would check it, so that a created VM can start.
+
+        ``kernel`` (required) and ``initrd`` must be files; a relative path is taken relative to the caller's
+        current directory (where the user typed it) and written absolute — the config reads relative paths
+        against the VM's directory, so writing it as given would name another file.  ``accel`` ``None``
+        means what :meth:`default_accel` says works for that guest here.
+        """
         path = self.config_path(name)
         if path.exists():
             raise VMStateError(name=name, state="already defined", msg=f"{path} exists")
-        return Path(configmod.write_new_config(self.root, name, **fields))
+        machine = machine_for(machine_type, arch)
+        if kernel is None or not str(kernel):
+            raise InvalidArgument("a kernel is needed: a VM boots its kernel directly (give its path)")
+        boot = {"kernel": _boot_file("kernel", kernel)}
+        if initrd is not None and str(initrd):
+            boot["initrd"] = _boot_file("initrd", initrd)
+        chosen = accel if accel is not None else self.default_accel(machine.arch).accel
+        return Path(
+            configmod.write_new_config(self.root, name, machine_type=machine.name, accel=chosen, **boot, **fields)
+        )
+
+    def default_accel(self, arch: str) -> Accel:
+        """The accelerator a new VM of ``arch`` gets: ``kvm`` where :mod:`qwamos.hypervisor.kvm` finds it
+        really works for that guest on this host (as ``start`` decides), else ``tcg`` with the probe's
+        reason (``/dev/kvm`` may exist and still not run the guest)."""
+        probe = kvm.probe(normalize_arch(arch))
+        return Accel("default", "kvm" if probe.usable else "tcg", probe.reason)
 
     # --- start --------------------------------------------------------------------------------------
 
@@ -702,3 +736,14 @@ def check_identity_pin(keystore: Any, pinned: str, config_path: Path) -> None:
             msg=f"{config_path} records the former (storage.encryption.identity_fingerprint); restore the "
             "keystore's identity.key",
         )
+
+
+def _boot_file(label: str, value: str | os.PathLike[str]) -> str:
+    """A boot file named at ``vm create``, absolute: ``~`` expanded, relative paths against the current
+    directory (the config would read them against the VM's directory).  It must be a regular file."""
+    path = Path(os.path.expanduser(os.fspath(value))).absolute()
+    if not path.is_file():
+        shown = os.fspath(value)
+        where = "" if shown == str(path) else f" ({path})"
+        raise InvalidArgument(f"{label} {shown}{where} does not exist or is not a file")
+    return str(path)

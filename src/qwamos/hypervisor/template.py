@@ -45,7 +45,7 @@ hardware:
     model: {cpu}
     cores: {cores}
   memory:
-    size: {memory}  # MB
+    size: {memory}
   disk:
     primary:
       path: {disk_path}
@@ -88,7 +88,7 @@ def new_config_text(
     arch: str | None = None,
     cpu_model: str | None = None,
     cpu_cores: int = 1,
-    memory_mb: int = 512,
+    memory_mb: int | str = 512,
     disk_size: str | int = DEFAULT_DISK_SIZE,
     disk_path: str | None = None,
     kernel: str | None = None,
@@ -118,8 +118,13 @@ def new_config_text(
         raise InvalidArgument(f"network mode {network_mode!r}: use one of {', '.join(NETWORK_MODES)}")
     if check_positive_int(cpu_cores):
         raise InvalidArgument(f"CPU count {cpu_cores!r}: expected an integer of at least 1")
+    if isinstance(memory_mb, str) and memory_mb.strip().isdigit():
+        memory_mb = int(memory_mb)  # a bare number is MB, as in the config
     if check_memory(memory_mb):
-        raise InvalidArgument(f"memory {memory_mb!r}: expected an integer number of MB, at least {MIN_MEMORY_MB}")
+        raise InvalidArgument(
+            f"memory {memory_mb!r}: expected a number of MB (at least {MIN_MEMORY_MB}) or a size in whole MB "
+            "such as 2G"
+        )
     parse_size(disk_size, what="disk size")
     mac = mac or new_mac_address(NEW_MAC_PREFIX)
     if check_mac(mac):
@@ -133,7 +138,8 @@ def new_config_text(
         gic=f"  gic_version: {DEFAULT_GIC_VERSION}\n" if machine.has_gic else "",
         cpu=_yaml_scalar(cpu_model or machine.default_cpu),
         cores=int(cpu_cores),
-        memory=int(memory_mb),
+        # as given: 2048 (MB, commented) or 2G, which the config accepts alike
+        memory=f"{memory_mb}  # MB" if isinstance(memory_mb, int) else _yaml_scalar(memory_mb),
         disk_path=_yaml_scalar(disk_path or "disk.qcow2"),
         disk_size=_yaml_scalar(str(disk_size)),
         kernel=_yaml_scalar(kernel or ""),
