@@ -107,6 +107,7 @@ MAP: dict[str, list[str]] = {
     "storage.librbd": ["test_storage_rbd.py"],
     "storage.rbd": ["test_storage_rbd.py"],
     "storage.sparse": ["test_storage.py"],
+    "volume.cbt": ["test_volume_cbt.py"],
     "volume.create": ["test_volume_roundtrip.py", "test_volume_errors.py"],
     "volume.guard": ["test_volume_errors.py", "test_volume_full.py"],
     "volume.header": ["test_volume_vectors.py", "test_volume_header_copies.py"],

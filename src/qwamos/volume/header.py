@@ -91,7 +91,11 @@ COMPAT_CLASSES = (COMPAT, RO_COMPAT, INCOMPAT)
 # listed in docs/qvol-format.md ("Features"); until one is implemented here a volume using it follows the
 # rules of its class like any unknown feature.
 KEY_COMMITMENT = "key_commitment"  # docs/qvol-format.md 2.5.1: the header commits to its key
-KNOWN_FEATURES: frozenset[str] = frozenset({KEY_COMMITMENT})
+CBT = "cbt"  # docs/qvol-format.md 2.5.2: changed-block tracking (qwamos.volume.cbt)
+KNOWN_FEATURES: frozenset[str] = frozenset({KEY_COMMITMENT, CBT})
+CBT_FIELDS = frozenset(("compat", "id", "generation", "state"))
+CBT_STATES = ("clean", "active", "incomplete")
+MAX_CBT_GENERATION = 2**53
 
 _UUID_RE = re.compile(r"[0-9a-f]{32}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -314,6 +318,19 @@ def _features(v: Any) -> dict[str, Any]:
             or not _SHA256_RE.fullmatch(spec["commitment"])
         ):
             raise ValueError(f"feature {name!r} must be {{compat: incompat, commitment: 64 lowercase hex}}")
+        if name == CBT and (
+            set(spec) != CBT_FIELDS
+            or spec["compat"] != RO_COMPAT
+            or not isinstance(spec["id"], str)
+            or not _UUID_RE.fullmatch(spec["id"])
+            or type(spec["generation"]) is not int
+            or not 1 <= spec["generation"] <= MAX_CBT_GENERATION
+            or spec["state"] not in CBT_STATES
+        ):
+            raise ValueError(
+                f"feature {name!r} must be {{compat: ro_compat, id: 32 lowercase hex, generation: 1..2^53, "
+                "state: clean|active|incomplete}}"
+            )
     return v
 
 

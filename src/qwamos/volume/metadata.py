@@ -171,8 +171,17 @@ def read(path: str, storage: Storage, header: Header, volume_key: bytes, name: s
     return data
 
 
-def write(store: HeaderStore, updates: dict[str, bytes | None], *, sealed: bool = False) -> None:
+def write(
+    store: HeaderStore,
+    updates: dict[str, bytes | None],
+    *,
+    sealed: bool = False,
+    features: dict[str, Any] | None = None,
+) -> None:
     """Set (bytes) or remove (None) entries, copy-on-write, then commit the header that references them.
+
+    ``features``, when given, replaces the header's features in the same commit (a feature whose state and
+    metadata must change together, such as change tracking's bitmap and its ``clean`` state).
 
     Order: new extents written and fdatasynced; the header committed (copy B first: when the area grew, at
     its new place at the end of the file); the old copy B's place zeroed.  A crash before the commit leaves
@@ -216,7 +225,10 @@ def write(store: HeaderStore, updates: dict[str, bytes | None], *, sealed: bool 
     end = max([round_up(e.offset + e.length, HEADER_SIZE) for e in new_entries.values()] + [root_off + len(root)])
     new_b = max(old_b, round_up(end, HEADER_SIZE))
     new = replace(
-        header, metadata=MetadataRef(root_off, len(root), crypto.sha256(root).hex()), header_b_offset=new_b
+        header,
+        metadata=MetadataRef(root_off, len(root), crypto.sha256(root).hex()),
+        header_b_offset=new_b,
+        features=header.features if features is None else features,
     )
     store.store(new)
     if new_b != old_b:  # the old copy B now lies in free space: an older state must not be found there later

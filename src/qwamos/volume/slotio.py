@@ -10,12 +10,13 @@ Not thread-safe: the volume calls in under its lock (the buffers are shared).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from qwamos.errors import AuthenticationFailed, BlockAuthError, TruncatedVolumeError
 from qwamos.storage import Storage
 from qwamos.storage.bitmap import Bitmap
 from qwamos.storage.sparse import PAGE
+from qwamos.volume.cbt import Tracker
 from qwamos.volume.header import BLOCK_SIZE, HEADER_SIZE, SLOT_SIZE
 from qwamos.volume.slots import NonceBudget, NoncePool, SlotCipher
 
@@ -41,10 +42,19 @@ def runs(offset: int, length: int) -> Iterator[tuple[int, int, int, int, int]]:
         pos += n
 
 
+def _no_arm() -> None:
+    return None
+
+
 class SlotIO:
     """Reads, seals and writes the slots of one open volume file.
 
     ``dirty`` turns True with the first slot written (the volume then fdatasyncs at close).
+
+    ``tracker`` (changed-block tracking, :mod:`qwamos.volume.cbt`) is marked by every content change before
+    the slot is written; ``arm`` is called first when the tracker is not yet armed (it commits the header's
+    ``active`` state).  The writers take ``track=False`` for rewrites that keep the content (re-encryption by
+    key rotation): those must not count as changes.
     """
 
     def __init__(
@@ -72,6 +82,15 @@ class SlotIO:
         self._allocate = storage.allocate
         self._reserved = Bitmap()  # slots whose space is known reserved this session (see seal_blocks)
         self._reserved_bits = self._reserved.bits  # grows in place (Bitmap.mark extends it)
+        self.tracker: Tracker | None = None
+        self.arm: Callable[[], None] = _no_arm
+
+    def _track(self, first: int, count: int) -> None:
+        tracker = self.tracker
+        if tracker is not None:
+            if not tracker.armed:
+                self.arm()
+            tracker.mark(first, count)
 
     # --- runs of slots (the hot path) ---------------------------------------------------------------------
 
@@ -86,14 +105,20 @@ class SlotIO:
         if bad:
             raise BlockAuthError(path=self.path, index=bad[0])
 
-    def seal_blocks(self, first: int, plaintext: memoryview, count: int, length: int = BLOCK_SIZE) -> None:
-        """Encrypt ``count`` (<= MAX_RUN) blocks and write their slots with one pwrite per epoch segment."""
+    def seal_blocks(
+        self, first: int, plaintext: memoryview, count: int, length: int = BLOCK_SIZE, *, track: bool = True
+    ) -> None:
+        """Encrypt ``count`` (<= MAX_RUN) blocks and write their slots with one pwrite per epoch segment.
+
+        ``track=False``: a rewrite of the same content (key rotation), not marked as changed."""
         write = self.storage.write
         budget = self.budget
         out_all = memoryview(self.wbuf)
         # Reserve the run's space first: on a full disk this fails before any slot is touched, and a write
         # into reserved space cannot stop part-way for lack of space and leave a slot half old, half new.
         self._reserve(first, count)
+        if track and self.tracker is not None:
+            self._track(first, count)
         done = 0
         while done < count:
             epoch, granted = budget.take(count - done)
@@ -113,13 +138,19 @@ class SlotIO:
 
     # --- one slot (the 4 KiB fast path) -----------------------------------------------------------------
 
-    def seal_one(self, index: int, plaintext: bytes | memoryview, length: int) -> None:
+    def seal_one(self, index: int, plaintext: bytes | memoryview, length: int, *, track: bool = True) -> None:
         try:  # the reservation of seal_blocks; its known case tested inline (the 4 KiB hot path)
             known = self._reserved_bits[index >> 3] >> (index & 7) & 1
         except IndexError:
             known = 0
         if not known:
             self._reserve(index, 1)
+        tracker = self.tracker
+        if tracker is not None and track:
+            if not tracker.armed:
+                self.arm()
+            tracker.bits[index >> 3] |= 1 << (index & 7)
+            tracker.dirty = True
         epoch = self.budget.take_one()
         out = self._slot_mv
         self.cipher.seal_one(out, index, plaintext, epoch, self._nonces.take(1), length)
@@ -142,9 +173,11 @@ class SlotIO:
 
     # --- emptying slots -----------------------------------------------------------------------------------
 
-    def clear_slots(self, first: int, count: int, may_trim: bool) -> None:
+    def clear_slots(self, first: int, count: int, may_trim: bool, *, track: bool = True) -> None:
         """Make ``count`` slots from ``first`` all-zero: holes where whole pages allow (``may_trim``), zeros
         written elsewhere."""
+        if track and self.tracker is not None:
+            self._track(first, count)
         start = HEADER_SIZE + first * SLOT_SIZE
         end = start + count * SLOT_SIZE
         self.dirty = True

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import weakref
+from dataclasses import replace
 from typing import Any
 
 from qwamos import crypto
@@ -37,7 +38,7 @@ from qwamos.errors import (
     VolumeExistsError,
 )
 from qwamos.storage import Storage, create_storage, file_path, open_storage
-from qwamos.volume import allocation, inspection, metadata
+from qwamos.volume import allocation, cbt, inspection, metadata
 from qwamos.volume import create as creation
 from qwamos.volume import header as hdr
 from qwamos.volume.guard import IOGuard, os_error
@@ -95,6 +96,7 @@ class PQCVolume:
         self._io: SlotIO | None = None
         self._nonces = NoncePool()
         self._guard = IOGuard(self.path)
+        self._tracker: cbt.Tracker | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -191,6 +193,14 @@ class PQCVolume:
             self.path, header.epoch, header.epoch_reserved, header.epoch_limit, lambda e, r: persist()(e, r)
         )
         self._io = SlotIO(self.path, storage, cipher, budget, self._nonces)
+        if not self._read_only and cbt.FEATURE in header.features:
+            try:
+                self._start_tracking()
+            except BaseException:
+                self._io = None
+                self._storage = None
+                storage.close()
+                raise
         return self
 
     def close(self) -> None:
@@ -205,9 +215,11 @@ class PQCVolume:
             try:
                 if self._io is not None and self._io.dirty:
                     storage.flush()
+                self._persist_tracking()
             finally:
                 self._storage = None
                 self._io = None
+                self._tracker = None
                 if self._store is not None:
                     self._store.forget()
                 self._store = None
@@ -434,11 +446,13 @@ class PQCVolume:
                 io.seal_blocks(block, work, count)
 
     def flush(self) -> None:
-        """Everything written so far is durable when this returns (fdatasync)."""
+        """Everything written so far is durable when this returns (fdatasync); with change tracking, the
+        bitmap too (when it changed since: one metadata write and one header commit)."""
         with self._guard:
             storage, _ = self._state()
             if not self._read_only:
                 storage.flush()
+                self._persist_tracking()
 
     # --- zeroing / discard ----------------------------------------------------------------------------------
 
@@ -545,6 +559,124 @@ class PQCVolume:
             metadata.write(self._store, updates, sealed=sealed)
             self._header = self._store.header
 
+    # --- changed-block tracking (docs/qvol-format.md section 2.5.2, qwamos.volume.cbt) ----------------------
+
+    def _start_tracking(self) -> None:
+        """Load the tracking state of a writable open; a crashed session (``active``) or a lost bitmap makes
+        the generation incomplete (the next backup reads everything)."""
+        header = self._header
+        spec = header.features[cbt.FEATURE]
+        size = cbt.bitmap_bytes(header.total_blocks)
+        bits: bytearray | None = None
+        if spec["state"] == cbt.CLEAN:
+            try:
+                data = metadata.read(self.path, self._storage, header, self._store.volume_key, cbt.ENTRY)
+            except QwamosError as e:
+                log.warning(
+                    "%s: change-tracking bitmap unreadable (%s): the next backup reads everything", self.path, e
+                )
+                data = None
+            if data is not None:
+                bits = cbt.decode_bitmap(data, spec["generation"], header.total_blocks)
+        elif spec["state"] == cbt.ACTIVE:
+            log.warning(
+                "%s: the last writer did not persist its change tracking: the next backup reads everything",
+                self.path,
+            )
+        tracker = cbt.Tracker(
+            spec["id"], spec["generation"], bits if bits is not None else bytearray(size), bits is not None
+        )
+        # a header already saying active/incomplete covers this session's changes: nothing to commit first
+        tracker.armed = spec["state"] != cbt.CLEAN or bits is None
+        self._tracker = tracker
+        self._io.tracker = tracker
+        self._io.arm = self._arm_tracking
+
+    def _cbt_header(self, tracking_id: str, generation: int, state: str) -> dict[str, Any]:
+        return {**self._header.features, cbt.FEATURE: cbt.feature(tracking_id, generation, state)}
+
+    def _arm_tracking(self) -> None:
+        """Before the first change of a session reaches the disk: the header says ``active`` (committed)."""
+        tracker = self._tracker
+        features = self._cbt_header(tracker.tracking_id, tracker.generation, cbt.ACTIVE)
+        self._store.store(replace(self._header, features=features))
+        self._header = self._store.header
+        tracker.armed = True
+
+    def _persist_tracking(self, *, force: bool = False) -> None:
+        """Write the bitmap and the header's settled state (``clean``, or ``incomplete``) in one commit, after
+        the data it describes was made durable (the caller flushed)."""
+        tracker = getattr(self, "_tracker", None)
+        if tracker is None or self._io is None:
+            return
+        if not (force or tracker.dirty or self._header.features[cbt.FEATURE]["state"] == cbt.ACTIVE):
+            return
+        state = cbt.CLEAN if tracker.complete else cbt.INCOMPLETE
+        blob = cbt.encode_bitmap(tracker.generation, self._header.total_blocks, tracker.bits)
+        features = self._cbt_header(tracker.tracking_id, tracker.generation, state)
+        metadata.write(self._store, {cbt.ENTRY: blob}, features=features)
+        self._header = self._store.header
+        tracker.dirty = False
+        tracker.armed = state == cbt.INCOMPLETE
+
+    @property
+    def cbt_enabled(self) -> bool:
+        return cbt.FEATURE in self._state()[1].features
+
+    def cbt_rotate(self) -> cbt.Snapshot:
+        """End the current tracking generation and start the next (enabling tracking if it was off).
+
+        Returns the ended generation's changes; ``complete`` False when they cannot be trusted.  Everything
+        written before the call is made durable first, so the returned bitmap and the new generation split the
+        volume's history at one point: a backup taken now reads the changes in the snapshot, and the next
+        backup reads the changes recorded from here on.  Writable opens only."""
+        with self._guard:
+            storage, header = self._writable()
+            tracker = getattr(self, "_tracker", None)
+            if tracker is None:
+                tracking_id, generation = crypto.new_id_hex(16), 0
+                snap = cbt.Snapshot(
+                    tracking_id, 0, False, bytes(cbt.bitmap_bytes(header.total_blocks)), 1, header.total_blocks
+                )
+            else:
+                tracking_id, generation = tracker.tracking_id, tracker.generation
+                if generation >= cbt.MAX_CBT_GENERATION:
+                    tracking_id, generation = crypto.new_id_hex(16), 0
+                snap = cbt.Snapshot(
+                    tracker.tracking_id,
+                    tracker.generation,
+                    tracker.complete,
+                    bytes(tracker.bits),
+                    generation + 1,
+                    header.total_blocks,
+                )
+            storage.flush()
+            fresh = cbt.Tracker(
+                tracking_id, generation + 1, bytearray(cbt.bitmap_bytes(header.total_blocks)), True
+            )
+            blob = cbt.encode_bitmap(fresh.generation, header.total_blocks, fresh.bits)
+            features = self._cbt_header(tracking_id, fresh.generation, cbt.CLEAN)
+            metadata.write(self._store, {cbt.ENTRY: blob}, features=features)
+            self._header = self._store.header
+            self._tracker = fresh
+            self._io.tracker = fresh
+            self._io.arm = self._arm_tracking
+            return replace(snap, tracking_id=tracking_id)
+
+    def cbt_info(self) -> dict[str, Any] | None:
+        """``{id, generation, state, changed_blocks, complete}`` of the tracking, None when it is off."""
+        with self._guard:
+            _, header = self._state()
+            spec = header.features.get(cbt.FEATURE)
+            if spec is None:
+                return None
+            tracker = getattr(self, "_tracker", None)
+            out = {"id": spec["id"], "generation": spec["generation"], "state": spec["state"]}
+            if tracker is not None:
+                out["changed_blocks"] = sum(bin(b).count("1") for b in tracker.bits)
+                out["complete"] = tracker.complete
+            return out
+
     def info(self) -> dict[str, Any]:
         """Header fields plus where the file stands: allocated blocks and bytes, the path, and what was found
         of each header copy (``header_copies``; ``header_fallback`` is True when one is damaged or missing)."""
@@ -552,4 +684,5 @@ class PQCVolume:
             _, header = self._state()
             out = inspection.info(self.path, self._io, header, read_only=self._read_only)
             out.update(self._store.info())  # header_copies, header_fallback
-            return out
+        out["cbt"] = self.cbt_info()
+        return out
