@@ -4,15 +4,21 @@ the branch that added it for the mutations tried)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
+from migrate_helpers import MIB, make_source, raw_bytes
 from qwamos.cli.main import main
+from qwamos.errors import KeyInUseError
 from qwamos.hypervisor import kvm
 from qwamos.hypervisor.config import VMConfig
 from qwamos.hypervisor.manager import VMManager
+from qwamos.keystore import PQCKeystore
+from qwamos.volume import PQCVolume
+from vm_helpers import write_config
 
 
 def _create(root: Path, name: str, *argv: str) -> int:
@@ -96,3 +102,61 @@ def test_create_memory_the_config_refuses_is_refused(root, idle_kernel, given, c
 def test_created_vm_is_private(root, idle_kernel):
     assert _create(root, "v", "--kernel", str(idle_kernel)) == 0
     assert os.stat(root / "vms" / "v").st_mode & 0o777 == 0o700
+
+
+# --- migration round trip --------------------------------------------------------------------------------
+
+
+def _migrate_json(root: Path, name: str, *argv: str, capsys) -> dict:
+    capsys.readouterr()
+    assert main(["migrate", "--root", str(root), name, "--json", *argv]) == 0, capsys.readouterr().err
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    return next(e for e in events if e["type"] == "complete")
+
+
+def _vm_with_qcow2(root: Path, name: str, kernel: Path, tmp_path: Path) -> tuple[Path, bytes]:
+    write_config(root, name, kernel=kernel, size="4M")
+    disk = root / "vms" / name / "disk.qcow2"
+    make_source(disk, size=4 * MIB)
+    return disk, raw_bytes(disk, "qcow2", tmp_path)
+
+
+def test_migration_round_trip_needs_no_hand_work_and_keeps_every_key_accounted_for(
+    root, tmp_path, idle_kernel, capsys
+):
+    disk, plain = _vm_with_qcow2(root, "rt", idle_kernel, tmp_path)
+    vm_dir = disk.parent
+    ks = PQCKeystore(root.parent / "keystore")
+
+    first = _migrate_json(root, "rt", capsys=capsys)
+    back = _migrate_json(root, "rt", "--to-qcow2", capsys=capsys)
+    again = _migrate_json(root, "rt", capsys=capsys)  # used to fail: disk.qcow2.backup already exists
+    assert Path(first["backup"]) == vm_dir / "disk.qcow2.backup"
+    assert Path(again["backup"]) == vm_dir / "disk.qcow2.backup.2"  # the first backup is never replaced
+    assert (vm_dir / "disk.qcow2.backup").read_bytes() != b""
+    assert raw_bytes(vm_dir / "disk.qcow2.backup", "qcow2", tmp_path) == plain
+    with PQCVolume(vm_dir / "disk.qvol", keystore=ks, read_only=True) as vol:
+        assert vol.read(0, vol.size) == plain
+        assert vol.key_id == again["key_id"] != first["key_id"]
+
+    # the volume kept by --to-qcow2 still needs the first key: its record follows it to the backup's name,
+    # so deleting the key is refused while the backup exists, and the transcript names both steps
+    assert back["backup"] == str(vm_dir / "disk.qvol.backup") and back["backup_key_id"] == first["key_id"]
+    with pytest.raises(KeyInUseError):
+        ks.delete_key(first["key_id"])
+    live = [u["path"] for u in ks.key_users(first["key_id"]) if u["state"] == "live"]
+    assert live == [str(vm_dir / "disk.qvol.backup")]
+    assert ks.unused_keys("rt") == []
+
+    # once the backup is deleted, the next run lists its key with the command that removes it
+    (vm_dir / "disk.qvol.backup").unlink()
+    last = _migrate_json(root, "rt", "--to-qcow2", capsys=capsys)
+    assert last["unused_keys"] == [first["key_id"]]
+    capsys.readouterr()
+    os.unlink(vm_dir / "disk.qvol.backup")
+    assert main(["migrate", "--root", str(root), "rt"]) == 0
+    out = capsys.readouterr().out
+    assert f"qwamos key delete {first['key_id']}" in out and f"qwamos key delete {again['key_id']}" in out
+    for key_id in (first["key_id"], again["key_id"]):  # the command given works
+        ks.delete_key(key_id)
+    assert ks.unused_keys("rt") == []

@@ -256,5 +256,8 @@ class _TextView:
         self.out(f"1. Test the VM: ./vm_manager.py start {self.vm}")
         self.out("2. Verify data integrity")
         if ev.get("backup"):
-            self.out(f"3. Delete backup: rm {ev['backup']}")
+            then = f"; then its key: qwamos key delete {ev['backup_key_id']}" if ev.get("backup_key_id") else ""
+            self.out(f"3. Delete backup: rm {ev['backup']}{then}")
+        for key_id in ev.get("unused_keys") or ():
+            self.out(f"Key {key_id} is used by no volume any more; remove it: qwamos key delete {key_id}")
         self.out(RULE)

@@ -487,6 +487,37 @@ class PQCKeystore:
         if new is not None:
             write_private(path, dump_document(new))
 
+    def forget_volume_use(
+        self, key_id: str, volume_path: str, volume_uuid: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Drop the record of the volume at ``volume_path`` (it was deleted, or moved: the caller records the
+        new path first) and, given its ``volume_uuid``, the stale records of that volume under earlier names
+        (migration creates it as ``.disk.qvol.partial``); returns the key's remaining *live* users, so that
+        a caller deleting a volume knows whether the key still has one."""
+        if self.has_key(key_id):
+            doc = self._read_users(key_id)
+            also = {
+                u.get("recorded_path", u["path"])
+                for u in self.key_users(key_id)
+                if volume_uuid is not None
+                and u["volume_uuid"] == volume_uuid
+                and (u["state"] == "stale" or u.get("path") == volume_path)
+            }
+            new = users.without_volume(doc, volume_path, also)
+            if new is not None:
+                write_private(self._users_path(key_id), dump_document(new))
+        return self._live_users(key_id)
+
+    def unused_keys(self, vm_name: str) -> list[str]:
+        """The keys made for ``vm_name`` that no recorded volume uses any more (every record stale, or none):
+        left behind by a deleted volume or backup.  Listed for the user to remove (``key delete``), never
+        removed here: records are metadata, and a volume they do not know of may still need the key."""
+        out = []
+        for meta in self.list_keys():
+            if meta.get("vm_name") == vm_name and not meta.get("error") and not self._live_users(meta["key_id"]):
+                out.append(meta["key_id"])
+        return out
+
     def _users_path(self, key_id: str) -> Path:
         return self.path / (keyfile.validate_key_id(key_id) + users.SUFFIX)
 

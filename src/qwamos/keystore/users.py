@@ -11,6 +11,7 @@ again at its path refreshes its record.
 
 from __future__ import annotations
 
+from collections.abc import Set
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +56,10 @@ def with_volume(doc: dict[str, Any], path: str, volume_uuid: str, vm_name: str, 
     vols.append({"path": path, "volume_uuid": volume_uuid, "vm_name": vm_name, "recorded_at": now})
     vols.sort(key=lambda v: v["path"])
     return {**doc, "volumes": vols[-MAX_VOLUMES:]}
+
+
+def without_volume(doc: dict[str, Any], path: str, also: Set[str] = frozenset()) -> dict[str, Any] | None:
+    """``doc`` without the record of the volume at ``path`` (and those at the paths in ``also``); None when
+    it has none of them."""
+    vols = [v for v in doc["volumes"] if v["path"] != path and v["path"] not in also]
+    return None if len(vols) == len(doc["volumes"]) else {**doc, "volumes": vols}

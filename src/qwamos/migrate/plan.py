@@ -145,6 +145,23 @@ def _refuse_existing(path: Path, what: str) -> None:
         )
 
 
+MAX_BACKUPS = 99
+
+
+def free_backup_path(source: Path) -> Path:
+    """The backup's name: ``<disk>.backup``, or when an earlier migration's backup holds that name (a round
+    trip: ``migrate``, ``migrate --to-qcow2``, ``migrate``), ``<disk>.backup.2``, ``.3``, ...: an earlier
+    backup is the user's data and is never replaced, and a round trip needs no file moved by hand."""
+    for n in range(1, MAX_BACKUPS + 1):
+        path = Path(f"{source}.backup" + (f".{n}" if n > 1 else ""))
+        if not os.path.lexists(path):
+            return path
+    raise MigrationError(
+        msg=f"{source}.backup .. .backup.{MAX_BACKUPS} all exist; delete the backups you no longer need and run "
+        "the migration again"
+    )
+
+
 def _check_space(directory: Path, needed: int) -> None:
     try:
         free = shutil.disk_usage(directory).free
@@ -227,9 +244,7 @@ def _plan_to_qvol(vm: VMView, backup: bool, allow_backing: bool = False) -> Migr
     target = vm.qvol_path
     _refuse_existing(target, "the encrypted disk")
     partial = partial_path_for(target)
-    backup_path = Path(f"{src_path}.backup") if backup else None
-    if backup_path is not None:
-        _refuse_existing(backup_path, "the backup")
+    backup_path = free_backup_path(src_path) if backup else None
     warnings: list[str] = []
     if source.backing_file:
         warnings.append(
@@ -281,9 +296,7 @@ def _plan_to_qcow2(vm: VMView, backup: bool, keystore: Any) -> MigrationPlan:
     check_size(source, vm.disk_size_bytes, vm.config_path)
     target = vm.plain_disk_path
     _refuse_existing(target, "the qcow2 disk")
-    backup_path = Path(f"{src_path}.backup") if backup else None
-    if backup_path is not None:
-        _refuse_existing(backup_path, "the backup")
+    backup_path = free_backup_path(src_path) if backup else None
     warnings = [f"{target} will hold the VM's data unencrypted"]
     _check_space(target.parent, source.actual_size or 0)
     return MigrationPlan(

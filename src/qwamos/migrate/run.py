@@ -64,6 +64,8 @@ class MigrationResult:
     algorithm: str | None
     backup: Path | None
     allocated_blocks: int | None = None
+    backup_key_id: str | None = None  # --to-qcow2: the key the kept volume backup still needs
+    unused_keys: list[str] | None = None  # the VM's keys no recorded volume uses (for ``key delete``)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +77,8 @@ class MigrationResult:
             "backup": str(self.backup) if self.backup else None,
             "size_bytes": self.plan.size_bytes,
             "allocated_blocks": self.allocated_blocks,
+            "backup_key_id": self.backup_key_id,
+            "unused_keys": list(self.unused_keys or []),
         }
 
 
@@ -185,6 +189,8 @@ class _Run:
             algorithm=self.algorithm_used if p.direction == TO_QVOL else None,
             backup=p.backup,
             allocated_blocks=allocated,
+            backup_key_id=p.source_key_id if p.direction == TO_QCOW2 and p.backup is not None else None,
+            unused_keys=_unused_keys(self.ks, p.vm.name),
         )
         self.emit({"type": "complete", **result.to_dict()})
         return result
@@ -398,11 +404,40 @@ def finish_committed(record: dict[str, Any], keystore: Any, emit: Report) -> Non
     backup = Path(record["backup"]) if record.get("backup") else None
     if backup is not None and not backup.exists():
         raise MigrationError(msg=f"the backup {backup} is missing; leaving {source} in place")
+    if backup is not None and record["direction"] == TO_QCOW2 and record.get("source_key_id"):
+        _record_backup_use(keystore, record["source_key_id"], source, backup)
     _unlink(source)
     if backup is None and record["direction"] == TO_QVOL:
         emit({"type": "warning", "message": "deleted file data may persist on flash storage (see --no-backup)"})
     if backup is None and record["direction"] == TO_QCOW2 and record.get("source_key_id"):
         keystore.delete_key(record["source_key_id"])
+
+
+def _unused_keys(keystore: Any, vm_name: str) -> list[str]:
+    """Keys of the VM that no recorded volume uses (a deleted backup's, a killed run's): listed with the
+    command that removes them, never removed here (docs/migration.md, *Round trips and keys*)."""
+    lookup = getattr(keystore, "unused_keys", None)
+    if lookup is None:
+        return []
+    try:
+        return list(lookup(vm_name))
+    except QwamosError:
+        return []
+
+
+def _record_backup_use(keystore: Any, key_id: str, source: Path, backup: Path) -> None:
+    """The volume kept as ``backup`` still needs its key: record it at its new name (``key delete`` then
+    refuses while it exists, and ``key list`` shows who uses the key) and forget the old name.  Records are
+    metadata: a keystore without them (a bare key provider in tests) is left alone."""
+    record = getattr(keystore, "record_volume_use", None)
+    forget = getattr(keystore, "forget_volume_use", None)
+    if record is None or forget is None or not backup.exists():
+        return
+    fields = read_header(backup)
+    if fields.get("key_id") != key_id:
+        return
+    record(key_id, str(backup.absolute()), str(fields["volume_uuid"]), str(fields.get("vm_name") or ""))
+    forget(key_id, str(source.absolute()), str(fields["volume_uuid"]))
 
 
 def recover(record: dict[str, Any], vm: VMView, keystore: Any, emit: Report) -> None:
