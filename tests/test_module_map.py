@@ -27,7 +27,7 @@ MAP: dict[str, list[str]] = {
     "cli.output": ["test_volume_cli.py"],
     "cli.serve_cmd": ["test_nbd_qemu.py", "test_nbd_socket_ownership.py"],
     "cli.tls_cmd": ["test_nbd_tls.py"],
-    "cli.vm_cmd": ["test_vm_manager.py", "test_vocab.py"],
+    "cli.vm_cmd": ["test_vm_manager.py", "test_vocab.py", "test_vm_lifecycle.py"],
     "cli.vm_ops_cmd": ["test_libvirt_domxml.py", "test_autostart_units.py"],
     "cli.volume_cmd": ["test_volume_cli.py", "test_volume_repair.py"],
     "crypto": ["test_crypto.py", "test_crypto_draws.py", "test_nbd_tls.py"],
@@ -45,6 +45,7 @@ MAP: dict[str, list[str]] = {
     "hypervisor.info": ["test_info_render.py"],
     "hypervisor.kvm": ["test_qemu_cmdline.py"],
     "hypervisor.libvirt": ["test_libvirt_domxml.py"],
+    "hypervisor.lifecycle": ["test_vm_lifecycle.py"],
     "hypervisor.layout": ["test_config.py"],
     "hypervisor.manager": [
         "test_vm_manager.py",

@@ -12,8 +12,8 @@ import pytest
 
 from migrate_helpers import MIB, make_source, raw_bytes
 from qwamos.cli.main import main
-from qwamos.errors import KeyInUseError
-from qwamos.hypervisor import kvm
+from qwamos.errors import KeyInUseError, VMStateError, VolumeLockedError
+from qwamos.hypervisor import kvm, lifecycle
 from qwamos.hypervisor.config import VMConfig
 from qwamos.hypervisor.manager import VMManager
 from qwamos.keystore import PQCKeystore
@@ -160,3 +160,109 @@ def test_migration_round_trip_needs_no_hand_work_and_keeps_every_key_accounted_f
     for key_id in (first["key_id"], again["key_id"]):  # the command given works
         ks.delete_key(key_id)
     assert ks.unused_keys("rt") == []
+
+
+# --- vm delete -------------------------------------------------------------------------------------------
+
+
+def _encrypted_vm(root: Path, name: str, kernel: Path) -> tuple[VMManager, Path, str]:
+    """A stopped encrypted VM whose volume exists (created by a real start), its volume and key id."""
+    write_config(root, name, kernel=kernel, encrypted=True, size="4M")
+    mgr = VMManager(root)
+    mgr.start(name)
+    mgr.stop(name, force=True)
+    cfg = mgr.load(name)
+    return mgr, Path(cfg.disk_path), str(cfg.key_id)
+
+
+def _delete(root: Path, name: str, *argv: str) -> int:
+    return main(["vm", "--root", str(root), "delete", name, *argv])
+
+
+@pytest.mark.qemu
+def test_delete_refuses_a_running_vm_and_changes_nothing(root, idle_kernel, capsys):
+    mgr, vol, key_id = _encrypted_vm(root, "d1", idle_kernel)
+    ks = PQCKeystore(root.parent / "keystore")
+    mgr.start("d1")
+    try:
+        before = {p: p.read_bytes() for p in (root / "vms" / "d1").iterdir() if p.is_file()}
+        assert _delete(root, "d1", "--yes") == 43
+        assert "running" in capsys.readouterr().err
+        assert {p: p.read_bytes() for p in (root / "vms" / "d1").iterdir() if p.is_file()} == before
+        assert ks.has_key(key_id)
+        # the library call is refused as well, even with a plan made while it was stopped
+        mgr.stop("d1", force=True)
+        plan = lifecycle.plan_delete(mgr, "d1")
+        mgr.start("d1")
+        with pytest.raises(VMStateError):
+            lifecycle.delete(mgr, plan)
+        assert vol.exists() and ks.has_key(key_id)
+    finally:
+        mgr.stop("d1", force=True)
+
+
+@pytest.mark.qemu
+def test_delete_removes_disk_config_and_key(root, idle_kernel, capsys):
+    _mgr, vol, key_id = _encrypted_vm(root, "d2", idle_kernel)
+    ks = PQCKeystore(root.parent / "keystore")
+    assert _delete(root, "d2") == 2  # off a terminal without --yes: refused
+    assert vol.exists() and ks.has_key(key_id)
+    capsys.readouterr()
+    assert _delete(root, "d2", "--yes", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["deleted_keys"] == [key_id] and out["kept_keys"] == {}
+    assert not (root / "vms" / "d2").exists() and not ks.has_key(key_id)
+    assert not list((root.parent / "keystore").glob(f"{key_id}*"))  # .key, .meta and .users are gone
+
+
+@pytest.mark.qemu
+def test_delete_keeps_a_key_another_live_volume_uses(root, idle_kernel, tmp_path, capsys):
+    _mgr, vol, key_id = _encrypted_vm(root, "d3", idle_kernel)
+    ks = PQCKeystore(root.parent / "keystore")
+    copy = tmp_path / "elsewhere.qvol"
+    copy.write_bytes(vol.read_bytes())
+    with PQCVolume(copy, keystore=ks) as v:  # a writable open records the copy as a user of the key
+        v.write(0, b"still mine")
+    assert _delete(root, "d3", "--yes") == 0
+    err = capsys.readouterr().err
+    assert f"kept key {key_id}" in err and str(copy) in err
+    assert ks.has_key(key_id) and not vol.exists()
+    with PQCVolume(copy, keystore=ks, read_only=True) as v:
+        assert v.read(0, 10) == b"still mine"
+    assert [u["path"] for u in ks.key_users(key_id)] == [str(copy)]  # the deleted volume's record is gone
+
+
+@pytest.mark.qemu
+def test_delete_keep_disk_keeps_the_volume_and_its_key(root, idle_kernel, capsys):
+    _mgr, vol, key_id = _encrypted_vm(root, "d4", idle_kernel)
+    ks = PQCKeystore(root.parent / "keystore")
+    assert _delete(root, "d4", "--keep-disk", "--yes") == 0
+    assert vol.exists() and ks.has_key(key_id)
+    assert not (root / "vms" / "d4" / "config.yaml").exists()
+    assert "d4" not in [r["name"] for r in VMManager(root).list_vms()]
+    with PQCVolume(vol, keystore=ks, read_only=True) as v:
+        assert v.key_id == key_id
+
+
+def test_delete_plain_vm_removes_its_backups_and_the_kept_volume_backup_key(root, tmp_path, idle_kernel, capsys):
+    disk, _ = _vm_with_qcow2(root, "d5", idle_kernel, tmp_path)
+    first = _migrate_json(root, "d5", capsys=capsys)
+    _migrate_json(root, "d5", "--to-qcow2", capsys=capsys)  # keeps disk.qvol.backup under the first key
+    ks = PQCKeystore(root.parent / "keystore")
+    assert _delete(root, "d5", "--yes", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["deleted_keys"] == [first["key_id"]] and not ks.has_key(first["key_id"])
+    assert str(disk.parent / "disk.qcow2.backup") in out["other_files"]
+    assert not disk.parent.exists()
+
+
+@pytest.mark.qemu
+def test_delete_refuses_a_volume_someone_has_open(root, idle_kernel):
+    """The status check and the deletion are not atomic: the volume's lock closes the gap (an export that
+    opened the volume in between holds it, and one that comes later cannot open it)."""
+    mgr, vol, key_id = _encrypted_vm(root, "d6", idle_kernel)
+    ks = PQCKeystore(root.parent / "keystore")
+    plan = lifecycle.plan_delete(mgr, "d6")
+    with PQCVolume(vol, keystore=ks), pytest.raises(VolumeLockedError):
+        lifecycle.delete(mgr, plan)
+    assert vol.exists() and ks.has_key(key_id) and (root / "vms" / "d6" / "config.yaml").exists()

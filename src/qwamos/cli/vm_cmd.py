@@ -13,8 +13,8 @@ from typing import Any
 from qwamos.cli import vm_ops_cmd
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
 from qwamos.cli.output import emit_json, message, warn
-from qwamos.errors import VMStateError
-from qwamos.hypervisor import console
+from qwamos.errors import InvalidArgument, VMStateError
+from qwamos.hypervisor import console, lifecycle
 from qwamos.hypervisor.manager import DEFAULT_STOP_TIMEOUT, VMManager
 from qwamos.hypervisor.process import live_process
 from qwamos.hypervisor.vocab import ACCELS, ARCHES, DEFAULT_MACHINE_FOR_ARCH, MACHINES, NETWORK_MODES
@@ -86,6 +86,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--network", default="nat", dest="network_mode", choices=NETWORK_MODES)
     sp.add_argument("--mac", default=None)
     sp.add_argument("--encrypted", action="store_true", help="storage.encryption.enabled: true")
+
+    sp = add(
+        "delete", "delete a stopped VM: its disk, its config, and its key when nothing else uses it", cmd_delete
+    )
+    sp.add_argument(
+        "--keep-disk", action="store_true", help="keep the disk files and their keys; remove the config"
+    )
+    sp.add_argument("--yes", action="store_true", help="do not ask for confirmation (required off a terminal)")
+    sp.add_argument("--json", action="store_true", help="print what was deleted and kept as JSON")
+    sp.epilog = (
+        "examples:\n  qwamos vm delete web\n  qwamos vm delete web --keep-disk --yes\n"
+        "  qwamos vm delete web --yes --json"
+    )
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
 
     vm_ops_cmd.register(add)
 
@@ -227,6 +241,36 @@ def _attach(mgr: VMManager, name: str, *, detach_ok: bool) -> str:
         detach_ok=detach_ok,
         notice=message,
     )
+
+
+def _confirm(lines: list[str], question: str, *, yes: bool) -> None:
+    """Show what would happen and ask (``--yes`` answers; off a terminal it is required)."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise InvalidArgument(f"{question.rstrip('?')}: refusing without confirmation off a terminal; pass --yes")
+    for line in lines:
+        message(f"  {line}")
+    answer = input(f"{question} Type 'yes': ")
+    if answer.strip() != "yes":
+        raise InvalidArgument("not confirmed; nothing was changed")
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    mgr = _manager(args)
+    plan = lifecycle.plan_delete(mgr, args.vm, keep_disk=args.keep_disk)
+    _confirm(plan.describe(), f"Delete VM {args.vm}?", yes=args.yes)
+    result = lifecycle.delete(mgr, plan)
+    if args.json:
+        emit_json(result.to_dict())
+    message(f"deleted VM {args.vm}" + (" (disk kept)" if args.keep_disk else ""))
+    for key_id in result.deleted_keys:
+        message(f"deleted key {key_id} (no other volume used it)")
+    for key_id, users in result.kept_keys.items():
+        message(f"kept key {key_id}: still used by {', '.join(users)}")
+    for key_id in result.unused_keys:
+        message(f"key {key_id} is used by no volume any more; remove it: qwamos key delete {key_id}")
+    return 0
 
 
 def cmd_create(args: argparse.Namespace) -> int:

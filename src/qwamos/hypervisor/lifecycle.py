@@ -1,0 +1,202 @@
+"""The lifecycle verbs beyond start/stop: ``vm delete`` (here), ``vm resize`` and ``vm clone``.
+
+Each is a plan (every check, nothing changed: what the CLI shows before it asks for confirmation) and an
+execution, as ``start`` and ``migrate`` are.
+
+**Delete** removes a stopped VM: its encrypted volumes (the disk and any ``*.qvol*`` backup in the VM
+directory) or its plain disk, then its config and directory.  A volume's key goes through the key-use
+records (docs/keystore-format.md, ``<key_id>.users``): the deleted volume's record is dropped, and the key
+is deleted only when no other live volume uses it (else it is kept and its users named).  ``keep_disk``
+keeps every disk file and its key and removes only the config and the run directory, so the VM is no longer
+listed.  Order, for a crash or a kill part-way: volumes and keys first, the config last; a VM whose disk is
+gone but whose config remains is refused by ``start`` ("the config records key ... but the encrypted disk
+... is missing") and ``vm delete`` run again finishes the job.  While it works it holds each volume's
+exclusive lock, so an export (a start) cannot open a volume being deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qwamos.errors import QwamosError, VMStateError
+from qwamos.hypervisor import layout
+
+if TYPE_CHECKING:
+    from qwamos.hypervisor.manager import VMManager
+    from qwamos.storage.base import Storage
+
+
+@dataclass
+class VolumeFile:
+    """An encrypted volume the delete removes (or keeps), as its header claims (unverified: the key is not
+    needed to delete, and the records it drives are metadata)."""
+
+    path: Path
+    key_id: str
+    volume_uuid: str
+
+
+@dataclass
+class DeletePlan:
+    """What ``vm delete`` would remove and keep, for the confirmation and ``--json``."""
+
+    name: str
+    vm_dir: Path
+    keep_disk: bool
+    volumes: list[VolumeFile] = field(default_factory=list)
+    plain_disks: list[Path] = field(default_factory=list)  # unencrypted disk image(s)
+    config_key: str | None = None  # the key the config records (its volume may already be gone)
+    other_files: list[Path] = field(default_factory=list)  # the rest of the VM directory (backups, logs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vm": self.name,
+            "vm_dir": str(self.vm_dir),
+            "keep_disk": self.keep_disk,
+            "volumes": [
+                {"path": str(v.path), "key_id": v.key_id, "volume_uuid": v.volume_uuid} for v in self.volumes
+            ],
+            "plain_disks": [str(p) for p in self.plain_disks],
+            "other_files": [str(p) for p in self.other_files],
+        }
+
+    def describe(self) -> list[str]:
+        """One line per thing that goes (or stays), for the confirmation prompt."""
+        lines = [f"the VM {self.name!r}: its config and run directory ({self.vm_dir})"]
+        for v in self.volumes:
+            lines.append(f"{'keep' if self.keep_disk else 'delete'} encrypted disk {v.path} (key {v.key_id})")
+        for p in self.plain_disks:
+            lines.append(f"{'keep' if self.keep_disk else 'delete'} disk {p} (unencrypted)")
+        for p in self.other_files:
+            lines.append(f"{'keep' if self.keep_disk else 'delete'} {p}")
+        return lines
+
+
+@dataclass
+class DeleteResult:
+    plan: DeletePlan
+    deleted_files: list[str] = field(default_factory=list)
+    deleted_keys: list[str] = field(default_factory=list)
+    kept_keys: dict[str, list[str]] = field(default_factory=dict)  # key -> paths of live users that keep it
+    unused_keys: list[str] = field(default_factory=list)  # the VM's keys no recorded volume uses
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.plan.to_dict(),
+            "deleted_files": self.deleted_files,
+            "deleted_keys": self.deleted_keys,
+            "kept_keys": self.kept_keys,
+            "unused_keys": self.unused_keys,
+        }
+
+
+def plan_delete(mgr: VMManager, name: str, *, keep_disk: bool = False) -> DeletePlan:
+    """Every check of a delete, nothing changed: the VM exists and is stopped; its disks are found."""
+    cfg = mgr.load(name)
+    refuse_unless_stopped(mgr, name, "delete")
+    vm_dir = Path(layout.vm_dir(mgr.root, name))
+    plan = DeletePlan(name, vm_dir, keep_disk, config_key=cfg.key_id)
+    candidates: list[Path] = [mgr._volume_path(cfg)] if cfg.encryption_enabled else []
+    # every volume in the VM directory: the disk, ``disk.qvol.backup`` kept by ``migrate --to-qcow2``, ...
+    candidates += sorted(p for p in vm_dir.iterdir() if ".qvol" in p.name and p.is_file() and not p.is_symlink())
+    for path in dict.fromkeys(candidates):
+        vol = _volume_file(path) if path.is_file() else None
+        if vol is not None:
+            plan.volumes.append(vol)
+    disk = Path(cfg.disk_path).expanduser().absolute()
+    if not cfg.encryption_enabled and disk.is_file():
+        plan.plain_disks.append(disk)
+    listed = {v.path for v in plan.volumes} | set(plan.plain_disks) | {vm_dir / layout.CONFIG_NAME}
+    plan.other_files = sorted(
+        p for p in vm_dir.iterdir() if p not in listed and p.name != "run" and not p.name.startswith(".qwamos-")
+    )
+    return plan
+
+
+def delete(mgr: VMManager, plan: DeletePlan) -> DeleteResult:
+    """Carry out :func:`plan_delete`'s plan (the VM is checked once more: it may have been started since)."""
+    refuse_unless_stopped(mgr, plan.name, "delete")
+    result = DeleteResult(plan)
+    keystore = _keystore(mgr) if plan.volumes or plan.config_key else None
+    with contextlib.ExitStack() as locks:
+        for vol in plan.volumes:
+            locks.enter_context(_locked(vol.path))  # an export (a start) cannot open it meanwhile
+        if not plan.keep_disk:
+            for vol in plan.volumes:
+                vol.path.unlink(missing_ok=True)
+                result.deleted_files.append(str(vol.path))
+                _drop_key_use(keystore, vol, result)
+            for disk in plan.plain_disks:
+                disk.unlink(missing_ok=True)
+                result.deleted_files.append(str(disk))
+    config = Path(layout.config_path(mgr.root, plan.name))
+    if plan.keep_disk:
+        config.unlink(missing_ok=True)
+        shutil.rmtree(Path(layout.run_dir(mgr.root, plan.name)), ignore_errors=True)
+    else:
+        config.unlink(missing_ok=True)  # first: a VM without its config is no longer listed, whatever follows
+        shutil.rmtree(plan.vm_dir)
+    result.deleted_files.append(str(config))
+    if keystore is not None and not plan.keep_disk:
+        with contextlib.suppress(QwamosError, OSError):
+            result.unused_keys = keystore.unused_keys(plan.name)
+    return result
+
+
+def refuse_unless_stopped(mgr: VMManager, name: str, verb: str) -> None:
+    """A verb that changes a VM's disk or files runs only on a stopped VM (a crashed one has leftovers that
+    ``vm stop`` cleans up first)."""
+    st = mgr.status(name)
+    if st.state != "stopped":
+        raise VMStateError(
+            name=name,
+            state=st.state,
+            msg=f"stop it first (qwamos vm stop {name}); {verb} works on a stopped VM only",
+        )
+
+
+def _volume_file(path: Path) -> VolumeFile | None:
+    from qwamos.volume import read_header
+
+    try:
+        fields = read_header(path)
+    except (QwamosError, OSError):
+        return None
+    return VolumeFile(path, str(fields["key_id"]), str(fields["volume_uuid"]))
+
+
+def _keystore(mgr: VMManager) -> Any:
+    """The keystore, for its records and key files only (no identity, no passphrase needed)."""
+    from qwamos.keystore import PQCKeystore
+
+    return PQCKeystore(mgr.keystore_dir)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Any:
+    """Hold the volume's exclusive lock (refused at once, ``VolumeLockedError``, if anyone has it open)."""
+    from qwamos.storage import open_storage
+
+    storage: Storage = open_storage(str(path), read_only=True)
+    try:
+        storage.lock(shared=False)
+        yield storage
+    finally:
+        storage.close()
+
+
+def _drop_key_use(keystore: Any, vol: VolumeFile, result: DeleteResult) -> None:
+    """The volume is gone: drop its record, and delete the key unless another live volume uses it."""
+    if keystore is None or not keystore.has_key(vol.key_id):
+        return
+    live = keystore.forget_volume_use(vol.key_id, str(vol.path), vol.volume_uuid)
+    if live:
+        result.kept_keys[vol.key_id] = [u["path"] for u in live]
+        return
+    if vol.key_id not in result.deleted_keys:
+        keystore.delete_key(vol.key_id)
+        result.deleted_keys.append(vol.key_id)
