@@ -21,7 +21,13 @@ import pytest
 from conftest import MemoryKeys
 from qwamos import crypto
 from qwamos.cli.main import main
-from qwamos.errors import HeaderCorruptError, IdentityChangedError, IdentityUnsealedError, KeyInUseError
+from qwamos.errors import (
+    HeaderCorruptError,
+    IdentityChangedError,
+    IdentityUnsealedError,
+    KeyInUseError,
+    KeyStateError,
+)
 from qwamos.keystore import Argon2Params, PQCKeystore
 from qwamos.keystore.files import canonical_json
 from qwamos.keystore.identity import Identity, private_document
@@ -287,8 +293,17 @@ def test_rotation_states(victim):
     new_id = ks.rotate_key(key_id)
     assert ks.key_usage(key_id)["state"] == "superseded" and ks.key_usage(key_id)["successors"] == [new_id]
     assert ks.key_usage(new_id)["state"] == "active"
+    assert ks.rotate_key(key_id) == new_id  # never a second successor
+    with pytest.raises(KeyInUseError):  # a live volume still uses it
+        ks.retire_key(key_id)
+    with pytest.raises(KeyInUseError):
+        ks.destroy_key(key_id)
     victim["vol"].unlink()
+    assert ks.key_usage(key_id)["state"] == "superseded" and ks.key_usage(key_id)["live_users"] == 0
+    ks.retire_key(key_id)
     assert ks.key_usage(key_id)["state"] == "retired"
+    with pytest.raises(KeyStateError):
+        ks.rotate_key(key_id)
 
 
 def test_vm_config_records_the_identity_and_start_refuses_another(tmp_path, monkeypatch):

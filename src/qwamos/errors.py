@@ -221,6 +221,12 @@ class KeyInUseError(KeystoreError):
     exit_code = 28
 
 
+class KeyStateError(KeystoreError):
+    """Key {key_id!r} is {state}: {msg}"""
+
+    exit_code = 29
+
+
 # --- block export (30-39) -----------------------------------------------------------------------------
 
 

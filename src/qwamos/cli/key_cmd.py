@@ -1,4 +1,4 @@
-"""``qwamos key [--keystore DIR] init|identity|list|show|delete|rotate|export|import``.
+"""``qwamos key [--keystore DIR] init|identity|list|show|delete|rotate|rotate-identity|passphrase|export|import``.
 
 Thin over :class:`qwamos.keystore.PQCKeystore`.  Passphrases never come from argv: the keystore one from
 ``--passphrase-fd N``, ``--passphrase-file PATH``, systemd credentials, ``$QWAMOS_PASSPHRASE`` or a prompt
@@ -54,6 +54,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--force", action="store_true", help="delete even when volumes use it (they become unreadable)")
     r = action("rotate", "make a new key succeeding KEY_ID (the old key is kept)", cmd_rotate, passphrase=True)
     r.add_argument("key_id", metavar="KEY_ID")
+    ri = action(
+        "rotate-identity",
+        "new identity key pair; re-wrap every key to it, update VM configs, destroy the old identity",
+        cmd_rotate_identity,
+    )
+    ri.add_argument(
+        "--root", type=Path, default=None, metavar="DIR", help="VM root whose configs name the identity"
+    )
+    ri.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    ri.epilog = (
+        "examples:\n  qwamos key rotate-identity --yes\n"
+        "  qwamos key rotate-identity --passphrase-file /etc/qwamos/pp --yes"
+    )
+    ri.formatter_class = argparse.RawDescriptionHelpFormatter
+    pp = action("passphrase", "seal the identity, change its passphrase, or unseal it", cmd_passphrase)
+    pp.add_argument(
+        "--new-passphrase-fd", type=int, default=None, metavar="N", help="read the new passphrase from fd N"
+    )
+    pp.add_argument(
+        "--new-passphrase-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="read the new passphrase from PATH (0600)",
+    )
+    pp.add_argument("--unseal", action="store_true", help="store the identity unsealed (file permissions only)")
+    pp.add_argument("--yes", action="store_true", help="confirm --unseal without a prompt")
+    pp.epilog = (
+        "examples:\n  qwamos key passphrase                      (asks the current and the new one)\n"
+        "  qwamos key passphrase --passphrase-fd 3 --new-passphrase-fd 4\n  qwamos key passphrase --unseal --yes"
+    )
+    pp.formatter_class = argparse.RawDescriptionHelpFormatter
     e = action("export", "write a passphrase-sealed recovery copy of a key", cmd_export, passphrase=True)
     e.add_argument("key_id", metavar="KEY_ID")
     e.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="recovery file to write")
@@ -233,6 +265,88 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         f"volumes encrypted under {args.key_id} still use it: keep it until their data is re-encrypted "
         "(re-encryption is not implemented yet)"
     )
+    return 0
+
+
+def _confirm(args: argparse.Namespace, question: str) -> bool:
+    """``--yes``, else a typed 'yes' on a terminal; without a terminal the command refuses (exit 2)."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise InvalidArgument("refusing without confirmation: pass --yes")
+    return input(f"{question} Type 'yes': ").strip() == "yes"
+
+
+def cmd_rotate_identity(args: argparse.Namespace) -> int:
+    from qwamos.hypervisor.keyrotation import update_identity_fingerprints
+    from qwamos.hypervisor.manager import VMManager
+
+    ks = open_keystore(args)
+    manager = VMManager(args.root, keystore=ks.path)
+    pending = ks.pending_identity_switch()
+    if pending is None:
+        if not _confirm(args, f"Replace the identity of {ks.path} and destroy the old one?"):
+            message("not rotated")
+            return 1
+        result = ks.rotate_identity()
+        message(f"re-wrapped {len(result['rewrapped'])} key file(s) to identity {result['new_fingerprint']}")
+        old_fp, new_fp = result["old_fingerprint"], result["new_fingerprint"]
+    else:
+        old_fp, new_fp = pending["old_fingerprint"], pending["new_fingerprint"]
+        message(f"finishing the interrupted rotation of identity {old_fp} to {new_fp}")
+        result = {"old_fingerprint": old_fp, "new_fingerprint": new_fp, "rewrapped": None, "resumed": True}
+    upd = update_identity_fingerprints(manager, old_fp, new_fp)
+    for name, err in upd.errors.items():
+        warn(f"VM {name}: config not updated ({err}); fix it, then run 'qwamos key rotate-identity' again")
+    if upd.errors:
+        return 1
+    ks.finish_identity_switch()
+    result = {**result, "vm_configs_updated": upd.updated, "destroyed": f"identity {old_fp}"}
+    if args.json:
+        emit_json(result)
+    else:
+        print(new_fp)
+    for name in upd.updated:
+        message(f"VM {name}: storage.encryption.identity_fingerprint is now {new_fp}")
+    message(f"destroyed the old identity {old_fp} (identity.key overwritten and removed)")
+    return 0
+
+
+def cmd_passphrase(args: argparse.Namespace) -> int:
+    ks = open_keystore(args)
+    info = ks.identity_info()
+    if info is None:
+        raise InvalidArgument(f"{ks.path} has no identity yet (create one with 'qwamos key init')")
+    if args.unseal:
+        if args.new_passphrase_fd is not None or args.new_passphrase_file is not None:
+            raise InvalidArgument("--unseal takes no new passphrase")
+        if not info["sealed"]:
+            message("the identity is not sealed; nothing to do")
+            return 0
+        if not _confirm(args, "Store the identity unsealed (protected by file permissions only)?"):
+            message("not changed")
+            return 1
+        new = None
+    else:
+        new = read_passphrase(
+            fd=args.new_passphrase_fd,
+            file=args.new_passphrase_file,
+            env=None,
+            prompt="New keystore passphrase: ",
+            confirm=True,
+        )
+        if not new:
+            raise InvalidArgument(
+                "a new passphrase is needed (--new-passphrase-fd, --new-passphrase-file or a terminal); to store "
+                "the identity unsealed, pass --unseal"
+            )
+    result = ks.change_passphrase(new)
+    verb = "unsealed" if not result["sealed"] else ("re-sealed" if result["was_sealed"] else "sealed")
+    if args.json:
+        emit_json({**result, "action": verb})
+    message(f"identity {result['new_fingerprint']} {verb}; {len(result['rewrapped'])} key file(s) rewritten")
+    if not result["sealed"]:
+        warn("the identity is not sealed with a passphrase; it is protected by file permissions only")
     return 0
 
 

@@ -237,7 +237,7 @@ class VMManager:
 
     def volume_binding(self, cfg: VMConfig) -> binding.BindingCheck | None:
         """An encrypted VM's binding against the volume at its disk path (None for an unencrypted VM)."""
-        return binding.check(cfg, self._volume_path(cfg)) if cfg.encryption_enabled else None
+        return binding.check(cfg, self.volume_path(cfg)) if cfg.encryption_enabled else None
 
     def info_text(self, name: str) -> str:
         """The spec's info block; a paused VM (say, on a full disk) gets a ``State:`` line after it."""
@@ -471,7 +471,7 @@ class VMManager:
                     f"hardware.disk.primary.backing needs a qcow2 disk (format is {fmt})", path=str(cfg.path)
                 )
             return DiskPlan(Disk(fmt, str(image), backing), new_qcow2=new)  # type: ignore[arg-type]
-        vol = self._volume_path(cfg)
+        vol = self.volume_path(cfg)
         if vol.exists() and not cfg.key_id:
             raise ConfigError(
                 f"{vol} exists but storage.encryption.key_id is not set; add the volume's key ID "
@@ -582,7 +582,8 @@ class VMManager:
             with contextlib.suppress(Exception):
                 created.keystore.discard_key(created.key_id)
 
-    def _volume_path(self, cfg: VMConfig) -> Path:
+    def volume_path(self, cfg: VMConfig) -> Path:
+        """The encrypted volume an encrypted VM uses (its configured `.qvol`, else the one beside its disk)."""
         if cfg.disk_path and str(cfg.disk_path).endswith(".qvol"):
             return Path(cfg.disk_path).expanduser().absolute()
         return Path(cfg.encrypted_disk_path()).expanduser().absolute()
@@ -729,12 +730,17 @@ def check_identity_pin(keystore: Any, pinned: str, config_path: Path) -> None:
     if found != pinned:
         from qwamos.errors import IdentityChangedError
 
+        pending = keystore.pending_identity_switch() if hasattr(keystore, "pending_identity_switch") else None
+        if pending and pending["old_fingerprint"] == pinned and pending["new_fingerprint"] == found:
+            fix = "an identity rotation switched the keystore and was interrupted before it updated this config: "
+            fix += "run 'qwamos key rotate-identity' again to finish it"
+        else:
+            fix = "restore the keystore's identity.key"
         raise IdentityChangedError(
             keystore=str(getattr(keystore, "path", "?")),
             pinned=pinned,
             found=found,
-            msg=f"{config_path} records the former (storage.encryption.identity_fingerprint); restore the "
-            "keystore's identity.key",
+            msg=f"{config_path} records the former (storage.encryption.identity_fingerprint); {fix}",
         )
 
 

@@ -35,12 +35,14 @@ from qwamos.errors import (
     KeyFileCorruptError,
     KeyInUseError,
     KeyNotFoundError,
+    KeyStateError,
     KeystoreError,
     PassphraseRequiredError,
     QwamosError,
 )
+from qwamos.fsutil import fsync_dir
 from qwamos.keystore import identity as idmod
-from qwamos.keystore import keyfile, metadata, pin, recovery, users
+from qwamos.keystore import keyfile, metadata, pin, recovery, rewrap, switch, tombstone, users
 from qwamos.keystore.files import (
     check_private_dir,
     check_private_file,
@@ -60,7 +62,7 @@ IDENTITY_PUB = "identity.pub"
 
 PassphraseSource = bytes | str | Callable[[], bytes | str | None] | None
 log = logging.getLogger("qwamos.keystore")
-ACTIVE, SUPERSEDED, RETIRED = "active", "superseded", "retired"
+ACTIVE, SUPERSEDED, RETIRED, DESTROYED = metadata.ACTIVE, metadata.SUPERSEDED, metadata.RETIRED, metadata.DESTROYED
 
 
 def default_path() -> Path:
@@ -94,6 +96,9 @@ class PQCKeystore:
         # file still holds the same document, so a changed, replaced or deleted file is read and checked anew.
         self._last_unwrap: tuple[str, dict[str, Any], keyfile.Unwrapped] | None = None
         check_private_dir(self.path)
+        # An identity switch (rotate-identity, passphrase) killed midway is finished or undone before
+        # anything here is read: the keystore is always wholly old or wholly new.
+        switch.recover(self.path)
         check_private_file(self.path / IDENTITY_KEY)
 
     def __repr__(self) -> str:
@@ -402,6 +407,35 @@ class PQCKeystore:
         commitment_required: bool = True,
     ) -> None:
         ident = self._open_identity(create=True)
+        with switch.locked(self.path, exclusive=False):  # never in the middle of an identity switch
+            self._check_identity_current(ident)
+            self._store_locked(ident, key_id, key, meta, kem, replace, commit_secret, commitment_required)
+
+    def _check_identity_current(self, ident: idmod.Identity) -> None:
+        """Refuse to wrap to an identity that was switched since this instance opened it (another process
+        ran rotate-identity meanwhile): a key wrapped to the old identity would be lost with it."""
+        try:
+            pf = idmod.parse_private(read_bounded(self.path / IDENTITY_KEY), self.path / IDENTITY_KEY)
+        except FileNotFoundError:
+            pf = None
+        if pf is None or pf.fingerprint != ident.fingerprint:
+            raise self._changed(
+                ident.fingerprint,
+                pf.fingerprint if pf else "none",
+                "the identity was switched while this command ran (key rotate-identity); run it again",
+            )
+
+    def _store_locked(
+        self,
+        ident: idmod.Identity,
+        key_id: str,
+        key: bytes,
+        meta: dict[str, Any],
+        kem: str,
+        replace: bool,
+        commit_secret: bytes | None,
+        commitment_required: bool,
+    ) -> None:
         meta = {**meta, "key_type": kem, "public_key_fingerprint": ident.fingerprint}
         doc = keyfile.wrap(
             key_id,
@@ -419,12 +453,14 @@ class PQCKeystore:
             overwrite_and_unlink(self._key_path(key_id))
             raise
 
-    def _create(self, id_name: str, vm_name: str, kem: str, **meta_fields: Any) -> tuple[str, bytes]:
+    def _create(
+        self, id_name: str, vm_name: str, kem: str, *, key_id: str | None = None, **meta_fields: Any
+    ) -> tuple[str, bytes]:
         if kem not in crypto.KEMS:
             raise InvalidArgument(f"unknown key type {kem!r}; choose {crypto.HYBRID_KEM} or {crypto.LEGACY_KEM}")
         self._open_identity(create=True)  # before drawing the key: fail early on a passphrase problem
         key = crypto.new_volume_key()
-        key_id = keyfile.new_key_id(id_name)
+        key_id = key_id or keyfile.new_key_id(id_name)
         meta = metadata.build(key_id, vm_name, kem, "", **meta_fields)
         self._store(key_id, key, meta, kem=kem, replace=False)
         return key_id, key
@@ -444,6 +480,7 @@ class PQCKeystore:
     def _unwrap(self, key_id: str) -> keyfile.Unwrapped:
         # KeyNotFoundError, a malformed file, a version 1 file the pin does not list: before any passphrase
         doc, path = self._read_key_doc(key_id)
+        self._refuse_destroyed(key_id)
         if doc["version"] == keyfile.VERSION_1:
             self._check_listed_legacy(key_id, path)
         ident = self._open_identity(create=False)  # checks the pin; upgrades pinned version 1 files
@@ -549,26 +586,118 @@ class PQCKeystore:
         return sorted(out.values(), key=lambda u: u["path"])
 
     def key_usage(self, key_id: str) -> dict[str, Any]:
-        """``{"state": active|superseded|retired, "successors": [...], "users": [...], "vms": [...]}``.
+        """``{"state", "successor", "successors", "users", "vms", "live_users"}`` for ``key_id``.
 
-        ``superseded``: a key made by rotating this one exists and live volumes still use this one;
-        ``retired``: superseded and no live volume uses it (safe to delete once exported); else ``active``."""
+        ``state`` is the key's lifecycle state (:meth:`key_state`): ``active``, ``superseded`` (a successor
+        exists; re-encryption of its volumes is pending or running), ``retired`` (kept, after rotation, for
+        copies made before it; never a rotation target).  ``users`` are the usage records with their
+        verification (:meth:`key_users`); ``live_users`` counts those that still hold."""
         check_private_dir(self.path)
-        found = self.has_key(key_id)
-        if not found:
+        if not self.has_key(key_id):
             raise KeyNotFoundError(key_id=key_id, keystore=str(self.path))
         recorded = self.key_users(key_id)
         live = [u for u in recorded if u["state"] == "live"]
-        successors = []
-        for other in self._key_ids():
+        state, successor = self.key_state(key_id)
+        successors = [successor] if successor else []
+        for other in self._key_ids():  # keys made by the old rotate_key name their predecessor only
             meta = None
             with contextlib.suppress(KeystoreError):
                 meta = self._read_meta(other)
-            if meta is not None and meta.get("rotated_from") == key_id:
+            if meta is not None and meta.get("rotated_from") == key_id and other not in successors:
                 successors.append(other)
-        state = ACTIVE if not successors else (SUPERSEDED if live else RETIRED)
+        if state == ACTIVE and successors:
+            state = SUPERSEDED
         vms = sorted({u["vm_name"] for u in live if u["vm_name"]})
-        return {"state": state, "successors": successors, "users": recorded, "vms": vms}
+        return {
+            "state": state,
+            "successor": successors[0] if successors else None,
+            "successors": successors,
+            "users": recorded,
+            "live_users": len(live),
+            "vms": vms,
+        }
+
+    def key_state(self, key_id: str) -> tuple[str, str | None]:
+        """``(state, successor)`` as the key's ``.meta`` (or tombstone) records it; ``active`` when neither
+        says otherwise.  A label, like all of ``.meta``: it steers rotation, never decryption."""
+        tomb = self.tombstone(key_id)
+        if tomb is not None:
+            return DESTROYED, tomb["successor"] or None
+        meta = None
+        with contextlib.suppress(KeystoreError):
+            meta = self._read_meta(key_id)
+        if meta is None:
+            return ACTIVE, None
+        return str(meta.get("state") or ACTIVE), meta.get("successor")
+
+    def _set_state(self, key_id: str, **fields: Any) -> None:
+        """Rewrite ``key_id``'s ``.meta`` with ``fields`` changed (atomically); a missing or damaged ``.meta``
+        is rebuilt from what :meth:`get_metadata` knows."""
+        meta = self._read_meta_or_none(key_id)
+        if meta is None:
+            known = self.get_metadata(key_id)
+            meta = metadata.build(
+                key_id,
+                _text(known.get("vm_name")) or "",
+                known["key_type"],
+                known["public_key_fingerprint"],
+                created_at=_text(known.get("created_at")),
+                last_rotated=_text(known.get("last_rotated")),
+                rotation_count=_count(known.get("rotation_count")),
+                rotated_from=_text(known.get("rotated_from")),
+            )
+        meta = {**meta, **fields, "state_changed_at": metadata.now()}
+        write_private(self._meta_path(key_id), dump_document(meta))
+
+    def _read_meta_or_none(self, key_id: str) -> dict[str, Any] | None:
+        try:
+            return self._read_meta(key_id)
+        except KeystoreError as e:
+            log.warning("%s: rebuilt: %s", self._meta_path(key_id), e)
+            return None
+
+    # --- tombstones -----------------------------------------------------------------------------------
+
+    def _tomb_path(self, key_id: str) -> Path:
+        return self.path / (keyfile.validate_key_id(key_id) + tombstone.SUFFIX)
+
+    def tombstone(self, key_id: str) -> dict[str, Any] | None:
+        """The tombstone of a destroyed key (``destroyed_at``, ``successor``, ``reason``), or None."""
+        path = self._tomb_path(key_id)
+        try:
+            return tombstone.parse(read_bounded(path), path, key_id)
+        except FileNotFoundError:
+            return None
+        except KeystoreError as e:
+            log.warning("%s: ignored: %s", path, e)
+            return None
+
+    def destroyed_keys(self) -> list[dict[str, Any]]:
+        """Every tombstone (sorted by id)."""
+        out = []
+        for name in sorted(_listdir(self.path)):
+            stem, dot, ext = name.rpartition(".")
+            if not dot or "." + ext != tombstone.SUFFIX:
+                continue
+            with contextlib.suppress(InvalidArgument):
+                tomb = self.tombstone(keyfile.validate_key_id(stem))
+                if tomb is not None:
+                    out.append(tomb)
+        return out
+
+    def _refuse_destroyed(self, key_id: str) -> None:
+        tomb = self.tombstone(key_id)
+        if tomb is None:
+            return
+        if self._key_path(key_id).exists():
+            msg = (
+                f"its destruction began at {tomb['destroyed_at']} and did not finish (run 'qwamos key rotate "
+                f"{key_id}' again to finish it)"
+            )
+        else:
+            succ = f", succeeded by {tomb['successor']}" if tomb["successor"] else ""
+            msg = f"it was destroyed at {tomb['destroyed_at']}{succ}; nothing can use it any more"
+        raise KeyStateError(key_id=key_id, state=DESTROYED, msg=msg)
 
     def discard_key(self, key_id: str) -> None:
         """Remove a key whose volume could not be created; a missing key is not an error."""
@@ -661,21 +790,111 @@ class PQCKeystore:
         return removed
 
     def rotate_key(self, old_id: str) -> str:
-        """A new random key succeeding ``old_id``: ``rotation_count + 1``, ``last_rotated`` now,
-        ``created_at`` kept, ``rotated_from`` = ``old_id``.  The old key stays: a volume encrypted under it
-        keeps working until its data is re-encrypted (not implemented yet)."""
-        old = self.get_metadata(old_id)
+        """Make the successor of ``old_id`` and mark ``old_id`` superseded; return the successor's id.
+
+        This is the keystore's half of a rotation, and all of it: it re-encrypts nothing.  The successor is a
+        new random key (``rotation_count + 1``, ``last_rotated`` now, ``created_at`` kept, ``rotated_from``
+        = ``old_id``).  The old key's ``.meta`` gets ``state: superseded`` and ``successor`` *before* the
+        successor is created, so a crash in between is finished by the next call (which creates the
+        recorded successor under that id) and a key never gets two successors.  Calling it again on a
+        superseded key returns the successor it already has.  A retired or destroyed key is refused
+        (:class:`KeyStateError`).  The old key keeps unwrapping: volumes under it stay readable until they
+        are re-encrypted from above (``qwamos key rotate`` / ``qwamos volume reencrypt``, which move each
+        volume's usage record with :meth:`move_volume_use`), after which :meth:`destroy_key` or
+        :meth:`retire_key` ends it."""
+        self._refuse_destroyed(old_id)
+        old = self.get_metadata(old_id)  # KeyNotFoundError before anything is written
+        state, successor = self.key_state(old_id)
+        if state == RETIRED:
+            raise KeyStateError(
+                key_id=old_id,
+                state=state,
+                msg=f"it was rotated to {successor or '?'} already and is kept only "
+                "for copies made before; rotate the successor instead",
+            )
+        if successor is None:
+            legacy = self.key_usage(old_id)["successors"]  # made by an earlier version's rotate_key
+            if legacy:
+                self._set_state(old_id, state=SUPERSEDED, successor=legacy[0])
+                return legacy[0]
+        if successor is not None and self._key_path(successor).exists():
+            if state != SUPERSEDED:
+                self._set_state(old_id, state=SUPERSEDED, successor=successor)
+            return successor
         vm_name = old["vm_name"] if isinstance(old.get("vm_name"), str) else ""
-        key_id, _ = self._create(
+        self._open_identity(create=False)  # a passphrase problem fails before the old key is marked
+        new_id = successor or keyfile.new_key_id(vm_name or old_id)
+        self._set_state(old_id, state=SUPERSEDED, successor=new_id)
+        self._create(
             vm_name or old_id,
             vm_name,
             crypto.HYBRID_KEM,
+            key_id=new_id,
             created_at=old.get("created_at"),
             last_rotated=metadata.now(),
             rotation_count=int(old.get("rotation_count") or 0) + 1,
             rotated_from=old_id,
         )
-        return key_id
+        return new_id
+
+    def move_volume_use(self, old_id: str, new_id: str, volume_path: str, volume_uuid: str, vm_name: str) -> None:
+        """After the volume at ``volume_path`` was re-encrypted from ``old_id`` to ``new_id``: record it under
+        ``new_id`` first, then drop it from ``old_id`` (a crash in between leaves it in both, and the old
+        record is then stale: the header names the new key)."""
+        self.record_volume_use(new_id, volume_path, volume_uuid, vm_name)
+        self.forget_volume_use(old_id, volume_path)
+
+    def forget_volume_use(self, key_id: str, volume_path: str) -> bool:
+        """Drop the record of the volume at ``volume_path`` from ``key_id``'s users; False if there was none."""
+        current = self._read_users(key_id)
+        kept = [v for v in current["volumes"] if v["path"] != volume_path]
+        if len(kept) == len(current["volumes"]):
+            return False
+        write_private(self._users_path(key_id), dump_document({**current, "volumes": kept}))
+        return True
+
+    def retire_key(self, key_id: str) -> None:
+        """``superseded`` -> ``retired``: the key file stays (for copies made before the rotation, ``--keep-old``)
+        but the key is never a rotation's source again.  Refused while live volumes still use it."""
+        self._refuse_destroyed(key_id)
+        state, successor = self.key_state(key_id)
+        if state == ACTIVE:
+            raise KeyStateError(
+                key_id=key_id, state=state, msg="only a superseded key (rotate it first) is retired"
+            )
+        self.check_not_in_use(key_id)
+        if state != RETIRED:
+            self._set_state(key_id, state=RETIRED, successor=successor)
+
+    def destroy_key(self, key_id: str, *, reason: str = "rotated") -> dict[str, Any]:
+        """End a superseded (or retired) key: write its tombstone, then overwrite and unlink its ``.key``,
+        ``.meta`` and ``.users`` files and fsync the directory.  Refused for an active key (use
+        :meth:`delete_key`) and while live volumes use it (:class:`KeyInUseError`).  Idempotent: a key whose
+        tombstone exists is finished (its files removed if a crash left them).  Returns the tombstone plus
+        ``files``: the paths overwritten and removed by this call."""
+        tomb = self.tombstone(key_id)
+        if tomb is None:
+            if not self.has_key(key_id):
+                raise KeyNotFoundError(key_id=key_id, keystore=str(self.path))
+            state, successor = self.key_state(key_id)
+            if state == ACTIVE:
+                raise KeyStateError(
+                    key_id=key_id, state=state, msg="an active key is not destroyed by rotation (see 'key delete')"
+                )
+            self.check_not_in_use(key_id)
+            vm_name = ""
+            with contextlib.suppress(KeystoreError):
+                vm_name = _text(self.get_metadata(key_id).get("vm_name")) or ""
+            tomb = tombstone.document(key_id, vm_name, metadata.now(), successor or "", reason)
+            write_private(self._tomb_path(key_id), dump_document(tomb))
+        files = []
+        for path in (self._key_path(key_id), self._meta_path(key_id), self._users_path(key_id)):
+            if overwrite_and_unlink(path):
+                files.append(str(path))
+        fsync_dir(self.path)
+        if self._last_unwrap is not None and self._last_unwrap[0] == key_id:
+            self._last_unwrap = None
+        return {**tomb, "files": files}
 
     def export_key(self, key_id: str, passphrase: bytes) -> bytes:
         """A recovery document for ``key_id`` sealed with ``passphrase`` (independent of the identity)."""
@@ -712,10 +931,100 @@ class PQCKeystore:
         )
         return key_id
 
+    # --- identity rotation and passphrase changes (switch.py, rewrap.py) --------------------------------
+
+    def rotate_identity(self) -> dict[str, Any]:
+        """Replace the identity with a new ML-KEM-1024 + X25519 key pair: every identity-bound document
+        (volume key files and every kind registered in :mod:`qwamos.keystore.rewrap`) is re-wrapped to it,
+        a new pin written (:func:`pin.repin`), and the old ``identity.key`` overwritten and removed, as one
+        crash-safe switch (:mod:`qwamos.keystore.switch`).  The new identity is sealed with the current
+        passphrase when the old one was sealed.  No volume data changes: volume keys stay the same.
+
+        The switch's journal stays (``phase: switched``) until :meth:`finish_identity_switch`: the caller
+        updates the records of the fingerprint outside the keystore (VM configs) first.  Returns
+        ``{"old_fingerprint", "new_fingerprint", "rewrapped": [file names], "sealed"}``."""
+        return self._switch_identity(switch.ROTATE_IDENTITY, new_passphrase=None)
+
+    def change_passphrase(self, new_passphrase: bytes | None) -> dict[str, Any]:
+        """Seal the identity with ``new_passphrase`` (an unsealed one, or a new passphrase for a sealed one);
+        ``None``/empty unseals it.  The key files and the pin bind the sealed flag, so they are re-written
+        in the same crash-safe switch as ``identity.key``.  The current passphrase (if sealed) comes from
+        the keystore's passphrase source.  Returns what :meth:`rotate_identity` returns (same fingerprint)."""
+        return self._switch_identity(switch.PASSPHRASE, new_passphrase=new_passphrase or None)
+
+    def pending_identity_switch(self) -> dict[str, Any] | None:
+        """An identity rotation that switched the keystore and whose records outside it (VM configs) may
+        still name the old fingerprint: ``{"old_fingerprint", "new_fingerprint", ...}``, else None."""
+        return switch.pending(self.path)
+
+    def finish_identity_switch(self) -> None:
+        """The caller has updated every record of the old fingerprint: forget the switch's journal."""
+        switch.finish(self.path)
+
+    def _switch_identity(self, operation: str, *, new_passphrase: bytes | None) -> dict[str, Any]:
+        if switch.pending(self.path) is not None and operation == switch.ROTATE_IDENTITY:
+            raise KeystoreError(
+                msg="the previous identity rotation is not finished (VM configs may still name the old "
+                "fingerprint): run 'qwamos key rotate-identity' again to finish it"
+            )
+        old = self._open_identity(create=False)  # the passphrase is asked here, outside the lock
+        old_sealed = self._sealed
+        with switch.locked(self.path, exclusive=True):
+            self._check_identity_current(old)
+            if operation == switch.ROTATE_IDENTITY:
+                new = idmod.Identity.generate()
+                seal_with = self._passphrase() if old_sealed else None
+            else:
+                new, seal_with = old, new_passphrase
+            sealed = bool(seal_with)
+            files: dict[str, bytes] = {}
+            claimed = {self.path / n for n in (IDENTITY_KEY, IDENTITY_PUB, pin.FILE_NAME)}  # rewritten below
+            for kind in rewrap.kinds():
+                for path in kind.files(self.path):
+                    rel = str(path.relative_to(self.path))
+                    files[rel] = kind.rewrap(read_bounded(path), path, old, new, sealed)
+                    claimed.add(path)
+            left = rewrap.unclaimed(self.path, old.fingerprint, claimed, skip={switch.DIR_NAME})
+            if left:
+                raise KeystoreError(
+                    msg="these files are bound to the identity but no re-wrapper is registered for them, so "
+                    f"switching would make them unreadable: {', '.join(map(str, left))}"
+                )
+            files[IDENTITY_KEY] = dump_document(idmod.private_document(new, seal_with, self.argon2_params))
+            files[pin.FILE_NAME] = dump_document(pin.repin(new, sealed))
+            if new is not old:
+                files[IDENTITY_PUB] = dump_document(idmod.public_document(new))
+            switch.run(
+                self.path,
+                operation,
+                old.fingerprint,
+                new.fingerprint,
+                files,
+                keep_journal=operation == switch.ROTATE_IDENTITY,
+            )
+        self._identity, self._sealed, self._last_unwrap = new, sealed, None
+        if operation == switch.PASSPHRASE:
+            self._passphrase_source = seal_with
+        rewrapped = sorted(r for r in files if r not in (IDENTITY_KEY, IDENTITY_PUB, pin.FILE_NAME))
+        return {
+            "old_fingerprint": old.fingerprint,
+            "new_fingerprint": new.fingerprint,
+            "sealed": sealed,
+            "was_sealed": old_sealed,
+            "rewrapped": rewrapped,
+        }
+
 
 def describe_users(live: list[dict[str, Any]]) -> str:
     """``volume PATH (VM vm)`` for each user, for messages."""
     return ", ".join(f"volume {u['path']}" + (f" (VM {u['vm_name']})" if u["vm_name"] else "") for u in live)
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
 
 
 def _find_by_uuid(directory: str, volume_uuid: str, key_id: str) -> str | None:

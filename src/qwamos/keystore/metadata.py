@@ -26,7 +26,10 @@ SPEC_FIELDS = (
     "key_type",
     "public_key_fingerprint",
 )
-_OPTIONAL = {"format", "version", "rotated_from"}
+# Ours, optional: the rotation chain and the key's state (docs/keystore-format.md, "Key states").
+_OPTIONAL = {"format", "version", "rotated_from", "successor", "state", "state_changed_at"}
+ACTIVE, SUPERSEDED, RETIRED, DESTROYED = "active", "superseded", "retired", "destroyed"
+STATES = (ACTIVE, SUPERSEDED, RETIRED)  # what a .meta may say; DESTROYED lives in the tombstone
 
 
 def now() -> str:
@@ -73,8 +76,11 @@ def parse(data: bytes, path: Path, expected_key_id: str) -> dict[str, Any]:
         raise KeyFileCorruptError(path=str(path), msg="the key id inside does not match the file name")
     for name in ("vm_name", "created_at", "last_rotated", "public_key_fingerprint"):
         str_field(doc, name, path)
-    if "rotated_from" in doc:
-        str_field(doc, "rotated_from", path)
+    for name in ("rotated_from", "successor", "state_changed_at"):
+        if name in doc:
+            str_field(doc, name, path)
+    if "state" in doc and doc["state"] not in STATES:
+        raise KeyFileCorruptError(path=str(path), msg=f"unknown state {doc['state']!r}")
     int_field(doc, "rotation_count", path, lo=0, hi=2**31 - 1)
     if doc["key_type"] not in crypto.KEMS:
         raise KeyFileCorruptError(path=str(path), msg=f"unknown key_type {doc['key_type']!r}")

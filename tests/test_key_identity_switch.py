@@ -1,0 +1,251 @@
+"""``rotate_identity`` and ``change_passphrase``: every key survives, and a kill -9 at any file-system step
+leaves the keystore wholly old or wholly new (qwamos.keystore.switch).
+
+The kill tests fork a child that counts its file-system mutations (rename, link, unlink, write, fsync, mkdir,
+rmdir) and SIGKILLs itself just before the N-th one, for every N until a run completes; after each kill a
+fresh ``PQCKeystore`` (whose constructor recovers) must open with exactly the old or the new identity (and
+passphrase), unwrap every key to the same bytes, and leave no staged file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from qwamos.errors import KeystoreError, PassphraseRequiredError, WrongPassphraseError
+from qwamos.keystore import Argon2Params, PQCKeystore, rewrap, switch
+
+CHEAP = Argon2Params(memory_kib=8, iterations=1, lanes=1)
+OLD_PASS, NEW_PASS = b"old passphrase", b"new passphrase"
+_MUTATIONS = ("replace", "rename", "link", "unlink", "write", "fsync", "mkdir", "rmdir")
+
+
+def seed(path: Path, passphrase: bytes | None, n: int = 3) -> dict[str, bytes]:
+    ks = PQCKeystore(path, passphrase=passphrase, argon2_params=CHEAP)
+    ids = [ks.generate_key(f"vm{i}") for i in range(n)]
+    return {i: ks.volume_key(i) for i in ids}
+
+
+def check_whole(path: Path, keys: dict[str, bytes], states: list[tuple[str, bytes | None]]) -> str:
+    """The keystore at ``path`` is one of ``states`` (fingerprint, passphrase): it opens with that
+    passphrase, every key unwraps to its old bytes, nothing staged is left (but a switched journal).
+    Returns the fingerprint found."""
+    ks = PQCKeystore(path, argon2_params=CHEAP)  # recovers
+    stage = path / switch.DIR_NAME
+    if stage.exists():
+        assert sorted(os.listdir(stage)) == [switch.JOURNAL]
+        assert switch.read_journal(path)["phase"] == switch.SWITCHED
+    fp = ks.identity_info()["fingerprint"]
+    ks.check_pin()
+    matching = [pp for f, pp in states if f == fp]
+    assert matching, f"fingerprint {fp} is neither the old nor the new identity"
+    opened, got = None, None
+    for pp in matching:
+        try:
+            k = PQCKeystore(path, passphrase=pp, argon2_params=CHEAP)
+            got = {i: k.volume_key(i) for i in keys}
+        except (WrongPassphraseError, PassphraseRequiredError):
+            continue
+        opened = pp
+        assert got == keys
+        break
+        assert opened is not None or pp is None
+    assert got == keys, "no passphrase of the old or new state opens the identity with every key"
+    leftovers = [p for p in path.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    return fp
+
+
+def crash_at(n: int, target) -> bool:
+    """Run ``target()`` in a forked child that SIGKILLs itself before its ``n``-th file-system mutation.
+    True if the child was killed, False if it finished (exit 0)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            count = [0]
+            for name in _MUTATIONS:
+                real = getattr(os, name)
+
+                def wrapped(*a, _real=real, **kw):
+                    count[0] += 1
+                    if count[0] == n:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return _real(*a, **kw)
+
+                setattr(os, name, wrapped)
+            target()
+        except BaseException:
+            os._exit(3)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        return True
+    assert os.WEXITSTATUS(status) == 0, "the operation failed in the child"
+    return False
+
+
+def kill_everywhere(tmp_path: Path, template: Path, op, states_of, keys, *, stride: int = 1) -> int:
+    """Kill ``op`` at every stride-th mutation; check each result; return how many kills were tried."""
+    kills = 0
+    n = 1
+    seen = set()
+    while True:
+        ks_dir = tmp_path / f"run{n}"
+        shutil.copytree(template, ks_dir)
+        killed = crash_at(n, lambda d=ks_dir: op(d))
+        fp = check_whole(ks_dir, keys, states_of(template))
+        seen.add(fp)
+        if not killed:
+            break
+        kills += 1
+        n += stride
+        shutil.rmtree(ks_dir)
+    assert len(seen) == 2 or states_of(template)[0][0] == states_of(template)[1][0]
+    return kills
+
+
+def _fp(path: Path) -> str:
+    return PQCKeystore(path).identity_info()["fingerprint"]
+
+
+def test_rotate_identity_rewraps_every_key_and_destroys_the_old_identity(tmp_path: Path) -> None:
+    ks_dir = tmp_path / "ks"
+    keys = seed(ks_dir, OLD_PASS)
+    old_key_bytes = (ks_dir / "identity.key").read_bytes()
+    peek = tmp_path / "peek"
+    os.link(ks_dir / "identity.key", peek)  # keeps the old inode reachable to see what happened to its bytes
+    ks = PQCKeystore(ks_dir, passphrase=OLD_PASS, argon2_params=CHEAP)
+    old_fp = ks.identity_info()["fingerprint"]
+    result = ks.rotate_identity()
+    assert result["old_fingerprint"] == old_fp != result["new_fingerprint"]
+    assert sorted(result["rewrapped"]) == sorted(f"{k}.key" for k in keys)
+    assert peek.read_bytes() != old_key_bytes and len(peek.read_bytes()) == len(old_key_bytes)  # overwritten
+    fresh = PQCKeystore(ks_dir, passphrase=OLD_PASS, argon2_params=CHEAP)
+    assert fresh.identity_info()["fingerprint"] == result["new_fingerprint"]
+    assert {k: fresh.volume_key(k) for k in keys} == keys
+    assert fresh.pending_identity_switch()["old_fingerprint"] == old_fp
+    with pytest.raises(KeystoreError, match="not finished"):
+        fresh.rotate_identity()
+    fresh.finish_identity_switch()
+    assert fresh.pending_identity_switch() is None and not (ks_dir / switch.DIR_NAME).exists()
+    # new keys made afterwards are wrapped to the new identity
+    new_id = fresh.generate_key("later")
+    assert (
+        PQCKeystore(ks_dir, passphrase=OLD_PASS).get_metadata(new_id)["public_key_fingerprint"]
+        == (result["new_fingerprint"])
+    )
+
+
+def test_rotate_identity_refuses_an_unclaimed_bound_document(tmp_path: Path) -> None:
+    """A document naming the identity that no registered kind re-wraps would become unreadable: refused."""
+    ks_dir = tmp_path / "ks"
+    keys = seed(ks_dir, None, 1)
+    ks = PQCKeystore(ks_dir, argon2_params=CHEAP)
+    fp = ks.identity_info()["fingerprint"]
+    (ks_dir / "grants").mkdir(mode=0o700)
+    grant = ks_dir / "grants" / "g1.json"
+    grant.write_text(f'{{"format": "x-grant", "identity_fingerprint": "{fp}"}}')
+    with pytest.raises(KeystoreError, match="no re-wrapper is registered"):
+        ks.rotate_identity()
+    assert _fp(ks_dir) == fp and not (ks_dir / switch.DIR_NAME).exists()
+
+    # A registered kind is re-wrapped in the same switch.
+    def files(d: Path) -> list[Path]:
+        return sorted((d / "grants").glob("*.json"))
+
+    def rewrap_grant(data, path, old, new, sealed):
+        assert old.fingerprint == fp
+        return data.replace(old.fingerprint.encode(), new.fingerprint.encode())
+
+    rewrap.register(rewrap.WrappedKind("test-grant", files, rewrap_grant))
+    try:
+        result = ks.rotate_identity()
+    finally:
+        rewrap._KINDS.pop("test-grant")
+    assert "grants/g1.json" in result["rewrapped"]
+    assert result["new_fingerprint"] in grant.read_text()
+    assert {k: PQCKeystore(ks_dir).volume_key(k) for k in keys} == keys
+
+
+def test_change_passphrase_seal_change_unseal(tmp_path: Path) -> None:
+    ks_dir = tmp_path / "ks"
+    keys = seed(ks_dir, None)
+    ks = PQCKeystore(ks_dir, argon2_params=CHEAP)
+    assert ks.change_passphrase(OLD_PASS)["sealed"] is True
+    # every key file now binds "sealed" (so an unsealed identity.key swapped in later is refused by each)
+    assert all(json.loads((ks_dir / f"{k}.key").read_text())["identity_sealed"] is True for k in keys)
+    with pytest.raises(Exception, match="sealed"):
+        PQCKeystore(ks_dir).volume_key(next(iter(keys)))
+    ks = PQCKeystore(ks_dir, passphrase=OLD_PASS, argon2_params=CHEAP)
+    ks.change_passphrase(NEW_PASS)
+    with pytest.raises(WrongPassphraseError):
+        PQCKeystore(ks_dir, passphrase=OLD_PASS).volume_key(next(iter(keys)))
+    ks = PQCKeystore(ks_dir, passphrase=NEW_PASS, argon2_params=CHEAP)
+    assert {k: ks.volume_key(k) for k in keys} == keys
+    ks.change_passphrase(None)
+    ks = PQCKeystore(ks_dir, argon2_params=CHEAP)
+    assert ks.identity_info()["sealed"] is False and {k: ks.volume_key(k) for k in keys} == keys
+    assert not (ks_dir / switch.DIR_NAME).exists()
+
+
+def test_kill_anywhere_in_rotate_identity(tmp_path: Path) -> None:
+    template = tmp_path / "template"
+    keys = seed(template, OLD_PASS, 2)
+    old_fp = _fp(template)
+
+    def op(d: Path) -> None:
+        PQCKeystore(d, passphrase=OLD_PASS, argon2_params=CHEAP).rotate_identity()
+
+    def states(_t: Path) -> list[tuple[str, bytes | None]]:
+        # the new fingerprint is not known in advance: any fingerprint but the old one is "new", and then
+        # it must open with the (unchanged) passphrase and unwrap every key
+        return [(old_fp, OLD_PASS)]
+
+    kills, n, seen = 0, 1, set()
+    while True:
+        d = tmp_path / f"run{n}"
+        shutil.copytree(template, d)
+        killed = crash_at(n, lambda d=d: op(d))
+        fp = _fp(d)
+        check_whole(d, keys, [(old_fp, OLD_PASS), (fp, OLD_PASS)])
+        seen.add("old" if fp == old_fp else "new")
+        shutil.rmtree(d)
+        if not killed:
+            break
+        kills += 1
+        n += 1
+    assert seen == {"old", "new"} and kills >= 20, (seen, kills)
+
+
+@pytest.mark.parametrize(
+    ("start", "new"), [(None, OLD_PASS), (OLD_PASS, NEW_PASS), (OLD_PASS, None)], ids=["seal", "change", "unseal"]
+)
+def test_kill_anywhere_in_change_passphrase(tmp_path: Path, start: bytes | None, new: bytes | None) -> None:
+    template = tmp_path / "template"
+    keys = seed(template, start, 2)
+    fp = _fp(template)
+
+    def op(d: Path) -> None:
+        PQCKeystore(d, passphrase=start, argon2_params=CHEAP).change_passphrase(new)
+
+    kills = kill_everywhere(tmp_path, template, op, lambda _t: [(fp, start), (fp, new)], keys, stride=2)
+    assert kills >= 10
+
+
+def test_a_keystore_opened_before_a_rotation_refuses_to_wrap_to_the_old_identity(tmp_path: Path) -> None:
+    from qwamos.errors import IdentityChangedError
+
+    ks_dir = tmp_path / "ks"
+    keys = seed(ks_dir, None, 1)
+    stale = PQCKeystore(ks_dir, argon2_params=CHEAP)
+    stale.volume_key(next(iter(keys)))  # identity opened (and cached) before the rotation
+    PQCKeystore(ks_dir, argon2_params=CHEAP).rotate_identity()
+    with pytest.raises(IdentityChangedError, match="switched while this command ran"):
+        stale.generate_key("late")
+    assert len(PQCKeystore(ks_dir).list_keys()) == 1
