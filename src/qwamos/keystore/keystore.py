@@ -842,16 +842,7 @@ class PQCKeystore:
         ``new_id`` first, then drop it from ``old_id`` (a crash in between leaves it in both, and the old
         record is then stale: the header names the new key)."""
         self.record_volume_use(new_id, volume_path, volume_uuid, vm_name)
-        self.forget_volume_use(old_id, volume_path)
-
-    def forget_volume_use(self, key_id: str, volume_path: str) -> bool:
-        """Drop the record of the volume at ``volume_path`` from ``key_id``'s users; False if there was none."""
-        current = self._read_users(key_id)
-        kept = [v for v in current["volumes"] if v["path"] != volume_path]
-        if len(kept) == len(current["volumes"]):
-            return False
-        write_private(self._users_path(key_id), dump_document({**current, "volumes": kept}))
-        return True
+        self.forget_volume_use(old_id, volume_path, volume_uuid)
 
     def retire_key(self, key_id: str) -> None:
         """``superseded`` -> ``retired``: the key file stays (for copies made before the rotation, ``--keep-old``)
