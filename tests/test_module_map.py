@@ -122,6 +122,8 @@ MAP: dict[str, list[str]] = {
     "volume.keys": ["test_volume_vectors.py"],
     "volume.metadata": ["test_volume_metadata.py"],
     "volume.repair": ["test_volume_repair.py"],
+    "volume.rotation": ["test_volume_rotation.py"],
+    "volume.blockcopy": ["test_volume_blockcopy.py"],
     "volume.slotio": ["test_volume_roundtrip.py", "test_volume_failing_slots.py", "test_volume_full.py"],
     "volume.slots": ["test_volume_vectors.py", "test_volume_nonce.py"],
     "volume.unlock": ["test_keypipe.py", "test_secrets_env.py"],

@@ -143,6 +143,12 @@ class ReadOnlyVolumeError(VolumeError):
     exit_code = 19
 
 
+class RotationError(VolumeError):
+    """{path}: key rotation: {msg}"""
+
+    exit_code = 10
+
+
 # --- storage (60-69): the byte store beneath the volume format -----------------------------------------
 
 

@@ -92,10 +92,24 @@ COMPAT_CLASSES = (COMPAT, RO_COMPAT, INCOMPAT)
 # rules of its class like any unknown feature.
 KEY_COMMITMENT = "key_commitment"  # docs/qvol-format.md 2.5.1: the header commits to its key
 CBT = "cbt"  # docs/qvol-format.md 2.5.2: changed-block tracking (qwamos.volume.cbt)
-KNOWN_FEATURES: frozenset[str] = frozenset({KEY_COMMITMENT, CBT})
 CBT_FIELDS = frozenset(("compat", "id", "generation", "state"))
 CBT_STATES = ("clean", "active", "incomplete")
 MAX_CBT_GENERATION = 2**53
+ROTATION = "rotation"  # docs/qvol-format.md 2.5.3: re-encryption under a new key in progress
+ROTATION_FIELDS = frozenset(
+    (
+        "compat",
+        "old_key_id",
+        "old_key_check",
+        "old_epoch_max",
+        "progress",
+        "journal_offset",
+        "journal_slots",
+        "resilience",
+    )
+)
+MAX_JOURNAL_SLOTS = 16384  # 64 MiB of slots per journalled batch at most
+KNOWN_FEATURES: frozenset[str] = frozenset({KEY_COMMITMENT, CBT, ROTATION})
 
 _UUID_RE = re.compile(r"[0-9a-f]{32}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -334,6 +348,42 @@ def _features(v: Any) -> dict[str, Any]:
     return v
 
 
+def rotation_journal_length(slots: int) -> int:
+    """Bytes of a rotation journal extent of ``slots`` slots: one descriptor page, then the slots, rounded
+    up to 4 KiB (docs/qvol-format.md 2.5.3)."""
+    return round_up(HEADER_SIZE + slots * SLOT_SIZE, HEADER_SIZE)
+
+
+def _check_rotation(spec: dict[str, Any], area: tuple[int, int], total: int, epoch: int) -> None:
+    """The ``rotation`` feature's fields (2.5.3): exact members, ranges, and a journal extent that lies in the
+    metadata area."""
+    if set(spec) != ROTATION_FIELDS or spec["compat"] != INCOMPAT or spec["resilience"] != "journal":
+        raise ValueError(f"feature {ROTATION!r} must have exactly {sorted(ROTATION_FIELDS)} (incompat, journal)")
+    old = spec["old_key_id"]
+    if not isinstance(old, str) or not 1 <= len(old) <= MAX_NAME_LEN:
+        raise ValueError("rotation old_key_id must be a string of 1..255 characters")
+    check = spec["old_key_check"]
+    if not isinstance(check, str) or not _SHA256_RE.fullmatch(check):
+        raise ValueError("rotation old_key_check must be 64 lowercase hex characters")
+    old_max = _int(spec, "old_epoch_max", 0, max(0, epoch - 1))
+    if old_max >= epoch:
+        raise ValueError(f"rotation old_epoch_max {old_max} must be below the header's epoch {epoch}")
+    _int(spec, "progress", 0, total)
+    slots = _int(spec, "journal_slots", 1, MAX_JOURNAL_SLOTS)
+    offset = _int(spec, "journal_offset", area[0], area[1])
+    if offset % HEADER_SIZE or offset + rotation_journal_length(slots) > area[1]:
+        raise ValueError(f"rotation journal at {offset} ({slots} slots) outside the metadata area {area}")
+
+
+def feature_extents(header: Header) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the metadata-area extents that header features reference directly (not through
+    the metadata root): never to be written over by a metadata update."""
+    rot = header.features.get(ROTATION)
+    if rot is None:
+        return []
+    return [(rot["journal_offset"], rotation_journal_length(rot["journal_slots"]))]
+
+
 def validate(path: str, fields: dict[str, Any]) -> Header:
     """Type- and range-check every field of an AUTHENTICATED header (v1 or v2)."""
     try:
@@ -372,6 +422,9 @@ def validate(path: str, fields: dict[str, Any]) -> Header:
         b_offset = _int(fields, "header_b_offset", area_start, area_start + MAX_METADATA_LENGTH * 4)
         if b_offset % HEADER_SIZE:
             raise ValueError(f"header_b_offset {b_offset} is not a multiple of {HEADER_SIZE}")
+        features = _features(fields.get("features"))
+        if ROTATION in features:
+            _check_rotation(features[ROTATION], (area_start, b_offset), total, common["epoch"])
         return Header(
             **common,
             format_version=FORMAT_V2,
@@ -379,7 +432,7 @@ def validate(path: str, fields: dict[str, Any]) -> Header:
             data_offset=data_offset,
             header_b_offset=b_offset,
             metadata=_metadata(fields.get("metadata"), area_start, b_offset),
-            features=_features(fields.get("features")),
+            features=features,
         )
     except ValueError as e:
         raise HeaderCorruptError(path=path, msg=str(e)) from None

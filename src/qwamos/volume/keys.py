@@ -35,6 +35,8 @@ HEADER_MAC_INFO_V2 = b"qwamos/qvol/v2/header-mac"
 METADATA_INFO = b"qwamos/qvol/v2/metadata"
 KEY_COMMITMENT_LABEL = b"qwamos/qvol/v2/key-commitment"
 DATA_KEY_INFO = b"qwamos/qvol/v1/data-epoch"
+ROTATION_JOURNAL_INFO = b"qwamos/qvol/v2/rotation-journal"
+ROTATION_OLD_KEY_INFO = b"qwamos/qvol/v2/rotation-old-key"
 MAX_EPOCH = 0xFFFF
 
 
@@ -88,6 +90,18 @@ def metadata_key(volume_key: bytes, uuid: bytes) -> bytes:
     return crypto.hkdf_sha256(volume_key, salt=uuid, info=METADATA_INFO)
 
 
+def rotation_journal_key(new_key: bytes, uuid: bytes) -> bytes:
+    """The MAC key of a rotation journal's descriptor (docs/qvol-format.md 2.5.3), from the NEW volume key:
+    only a holder of the key the volume is moving to can make a descriptor that recovery acts on."""
+    return crypto.hkdf_sha256(new_key, salt=uuid, info=ROTATION_JOURNAL_INFO)
+
+
+def rotation_old_key_check(old_key: bytes, uuid: bytes) -> bytes:
+    """A check value of the OLD key for the ``rotation`` feature: lets an open mid-rotation tell a wrong old
+    key (refused at once) from damaged slots.  A PRF output: it reveals nothing of the key."""
+    return crypto.hkdf_sha256(old_key, salt=uuid, info=ROTATION_OLD_KEY_INFO)
+
+
 class SingleKeyProvider:
     """A provider that knows one key: the volume key handed to the block export through its key pipe
     (docs/nbd-export.md, "The key pipe").  The process that holds it never sees a keystore or a passphrase;
@@ -97,22 +111,41 @@ class SingleKeyProvider:
     def __init__(self, key_id: str, key: bytes | bytearray) -> None:
         self.key_id = key_id
         self._key = bytearray(check_volume_key(key))
+        # Further keys handed over later (the old key of a rotation in progress, the target of an online
+        # rotation received over the control channel): key_id -> key.
+        self._more: dict[str, bytearray] = {}
 
     def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
         raise InvalidArgument("this process holds one volume key and cannot create volumes")
 
     def volume_key(self, key_id: str) -> bytes:
+        extra = self._more.get(key_id)
+        if extra:
+            return bytes(extra)
         if key_id != self.key_id or not self._key:
             raise KeyNotFoundError(key_id=key_id, keystore=f"the key handed to this process ({self.key_id})")
         return bytes(self._key)
+
+    def add_key(self, key_id: str, key: bytes | bytearray) -> None:
+        """Hold one more key (a rotation's old or new key); replaces an earlier copy under the same ID."""
+        self.forget_key(key_id)
+        self._more[key_id] = bytearray(check_volume_key(key))
+
+    def forget_key(self, key_id: str) -> None:
+        """Overwrite and drop a key given with :meth:`add_key` (a finished rotation's old key)."""
+        old = self._more.pop(key_id, None)
+        if old is not None:
+            old[:] = bytes(len(old))
 
     def discard_key(self, key_id: str) -> None:
         """Nothing to discard: this provider never makes keys."""
 
     def wipe(self) -> None:
-        """Overwrite this provider's copy (best effort: the volume keeps derived subkeys while open)."""
+        """Overwrite this provider's copies (best effort: the volume keeps derived subkeys while open)."""
         self._key[:] = bytes(len(self._key))
         self._key = bytearray()
+        for key_id in list(self._more):
+            self.forget_key(key_id)
 
 
 class KeyRecorder:

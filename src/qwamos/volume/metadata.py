@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 from qwamos import crypto, strictjson
 from qwamos.errors import AuthenticationFailed, HeaderCorruptError, InvalidArgument
-from qwamos.volume.header import HEADER_SIZE, MAX_METADATA_LENGTH, Header, MetadataRef, canonical_json, round_up
+from qwamos.volume.header import (
+    HEADER_SIZE,
+    MAX_METADATA_LENGTH,
+    Header,
+    MetadataRef,
+    canonical_json,
+    feature_extents,
+    round_up,
+)
 from qwamos.volume.keys import metadata_key
 
 if TYPE_CHECKING:
@@ -187,7 +195,28 @@ def write(
     its new place at the end of the file); the old copy B's place zeroed.  A crash before the commit leaves
     the old metadata referenced and whole.
     """
-    path, storage, header = store.path, store.storage, store.header
+    old_b = store.header.header_b_offset
+    new, _ = stage(store, store.header, store.volume_key, updates, sealed=sealed)
+    if features is not None:
+        new = replace(new, features=features)
+    store.store(new)
+    retire_copy_b(store.storage, old_b, new)
+
+
+def stage(
+    store: HeaderStore,
+    header: Header,
+    volume_key: bytes,
+    updates: dict[str, bytes | None],
+    *,
+    sealed: bool = False,
+    reserve: list[int] | None = None,
+) -> tuple[Header, list[int]]:
+    """The copy-on-write half of :func:`write`: place and write the new entries (sealed under ``volume_key``'s
+    metadata key) and the new root, and fdatasync; return ``header`` changed to reference them (NOT committed)
+    and the offsets of the extra extents of lengths ``reserve`` placed for a header feature (written by the
+    caller).  The caller commits the header, then calls :func:`retire_copy_b`."""
+    path, storage = store.path, store.storage
     if header.format_version != 2:
         raise InvalidArgument("metadata needs a v2 volume (open it writable once to upgrade)")
     current = entries(path, storage, header)
@@ -200,15 +229,16 @@ def write(
         if not isinstance(value, bytes | bytearray) or not 1 <= len(value) <= MAX_METADATA_LENGTH - 64:
             raise InvalidArgument(f"metadata entry {name!r} must be 1..{MAX_METADATA_LENGTH - 64} bytes")
         blobs[name] = (
-            seal(metadata_key(store.volume_key, header.uuid_bytes), header, name, bytes(value))
+            seal(metadata_key(volume_key, header.uuid_bytes), header, name, bytes(value))
             if sealed
             else bytes(value)
         )
     if len(keep) + len(blobs) > MAX_ENTRIES:
         raise InvalidArgument(f"at most {MAX_ENTRIES} metadata entries")
     old_b = header.header_b_offset
-    # busy: everything the header in use references (entries, root) and copy B -- never written over
-    busy = [(e.offset, e.length) for e in current.values()] + [(old_b, HEADER_SIZE)]
+    # busy: everything the header in use references (entries, root, a feature's own extents) and copy B --
+    # never written over
+    busy = [(e.offset, e.length) for e in current.values()] + [(old_b, HEADER_SIZE), *feature_extents(header)]
     if header.metadata is not None:
         busy.append((header.metadata.offset, header.metadata.length))
     offsets = plan(header, busy, list(blobs.values()))
@@ -216,21 +246,28 @@ def write(
     for off, (name, blob) in zip(offsets, blobs.items(), strict=True):
         new_entries[name] = Entry(off, len(blob), crypto.sha256(blob).hex(), sealed)
         busy.append((off, len(blob)))
-    root = encode_root(new_entries)
-    [root_off] = plan(header, busy, [root])
-    for off, blob in [*zip(offsets, blobs.values(), strict=True), (root_off, root)]:
-        storage.write(off, (blob,))
-    storage.flush()
+    extra = [bytes(n) for n in reserve or []]
+    extra_offsets = plan(header, busy, extra)
+    busy += [(o, len(b)) for o, b in zip(extra_offsets, extra, strict=True)]
+    ends = [o + len(b) for o, b in zip(extra_offsets, extra, strict=True)]
+    ref = header.metadata
+    if updates:
+        root = encode_root(new_entries)
+        [root_off] = plan(header, busy, [root])
+        for off, blob in [*zip(offsets, blobs.values(), strict=True), (root_off, root)]:
+            storage.write(off, (blob,))
+        storage.flush()
+        ref = MetadataRef(root_off, len(root), crypto.sha256(root).hex())
+    if ref is not None:
+        ends.append(ref.offset + ref.length)
+    ends += [e.offset + e.length for e in new_entries.values()]
     # copy B stays unless the extents the new header references reach past it (the old copy B was kept free)
-    end = max([round_up(e.offset + e.length, HEADER_SIZE) for e in new_entries.values()] + [root_off + len(root)])
-    new_b = max(old_b, round_up(end, HEADER_SIZE))
-    new = replace(
-        header,
-        metadata=MetadataRef(root_off, len(root), crypto.sha256(root).hex()),
-        header_b_offset=new_b,
-        features=header.features if features is None else features,
-    )
-    store.store(new)
-    if new_b != old_b:  # the old copy B now lies in free space: an older state must not be found there later
+    new_b = max([old_b] + [round_up(end, HEADER_SIZE) for end in ends])
+    return replace(header, metadata=ref, header_b_offset=new_b), extra_offsets
+
+
+def retire_copy_b(storage: Storage, old_b: int, new: Header) -> None:
+    """After a commit that moved copy B: zero its old place, so that no older state can be found there later."""
+    if new.header_b_offset != old_b:
         storage.write(old_b, (bytes(HEADER_SIZE),))
         storage.flush()

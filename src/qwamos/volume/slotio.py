@@ -84,6 +84,9 @@ class SlotIO:
         self._reserved_bits = self._reserved.bits  # grows in place (Bitmap.mark extends it)
         self.tracker: Tracker | None = None
         self.arm: Callable[[], None] = _no_arm
+        # Slots served from memory instead of the file: a read-only open of a volume whose key rotation was
+        # interrupted mid-batch (torn slots whose old bytes the rotation journal holds; qwamos.volume.rotation).
+        self.overlay: dict[int, bytes] = {}
 
     def _track(self, first: int, count: int) -> None:
         tracker = self.tracker
@@ -100,6 +103,10 @@ class SlotIO:
         got = self.storage.read_into(HEADER_SIZE + first * SLOT_SIZE, raw)
         if got < len(raw):
             raise TruncatedVolumeError(path=self.path, msg=f"slot {first + got // SLOT_SIZE} is past end of file")
+        if self.overlay:
+            for index, slot in self.overlay.items():
+                if first <= index < first + count:
+                    raw[(index - first) * SLOT_SIZE : (index - first + 1) * SLOT_SIZE] = slot
         bad: list[int] = []
         self.cipher.open_run(self.rbuf, first, count, out, bad)  # reads only the first `count` slots
         if bad:
@@ -136,6 +143,27 @@ class SlotIO:
             write(HEADER_SIZE + (first + done) * SLOT_SIZE, (out,))
             done += granted
 
+    # --- key rotation (qwamos.volume.rotation) -------------------------------------------------------------
+
+    def rotation_buffer(self, count: int) -> memoryview:
+        """A buffer for ``count`` raw slots, kept for the next batch of a rotation (freed by
+        :meth:`drop_rotation_buffer`)."""
+        need = count * SLOT_SIZE
+        buf = getattr(self, "_rot_buf", None)
+        if buf is None or len(buf) < need:
+            buf = self._rot_buf = bytearray(need)
+        return memoryview(buf)[:need]
+
+    def drop_rotation_buffer(self) -> None:
+        buf = getattr(self, "_rot_buf", None)
+        if buf is not None:
+            buf[:] = bytes(len(buf))
+            self._rot_buf = None
+
+    def take_nonces(self, count: int) -> memoryview:
+        """``count`` fresh nonces (12 bytes each) from the volume's pool."""
+        return self._nonces.take(count)
+
     # --- one slot (the 4 KiB fast path) -----------------------------------------------------------------
 
     def seal_one(self, index: int, plaintext: bytes | memoryview, length: int, *, track: bool = True) -> None:
@@ -158,7 +186,9 @@ class SlotIO:
         self._write(HEADER_SIZE + index * SLOT_SIZE, (out,))
 
     def open_one(self, index: int) -> tuple[bytes, int] | None:
-        slot = self._read(HEADER_SIZE + index * SLOT_SIZE, SLOT_SIZE)
+        slot = self.overlay.get(index) if self.overlay else None
+        if slot is None:
+            slot = self._read(HEADER_SIZE + index * SLOT_SIZE, SLOT_SIZE)
         if len(slot) < SLOT_SIZE:
             raise TruncatedVolumeError(path=self.path, msg=f"slot {index} is past end of file")
         try:

@@ -51,22 +51,94 @@ class SlotCipher:
     Not thread-safe: it reuses one AAD buffer (the volume serialises I/O).
     """
 
-    def __init__(self, volume_key: bytes, uuid: bytes, algorithm: str, max_epoch: int) -> None:
+    def __init__(
+        self,
+        volume_key: bytes,
+        uuid: bytes,
+        algorithm: str,
+        max_epoch: int,
+        *,
+        old_key: bytes | None = None,
+        old_epoch_max: int = -1,
+    ) -> None:
         self._key = volume_key
         self._uuid = uuid
         self.algorithm = algorithm
         self._alg_id = crypto.ALGORITHM_IDS[algorithm]
         self.max_epoch = max_epoch  # slots claiming a later epoch cannot be genuine
+        # During a key rotation (docs/qvol-format.md 2.5.2) slots of epochs <= old_epoch_max are still under
+        # the old volume key; every later epoch is under the current one.
+        self._old_key = old_key
+        self.old_epoch_max = old_epoch_max if old_key is not None else -1
         self._aeads: dict[int, crypto.Aead] = {}
         self._aad = bytearray(AAD_SIZE)
         self._aad[:16] = uuid
 
+    def epoch_key(self, epoch: int) -> bytes:
+        """The data key of ``epoch``: under the old volume key for epochs a rotation has not yet moved."""
+        key = self._old_key if epoch <= self.old_epoch_max and self._old_key is not None else self._key
+        return data_key(key, self._uuid, epoch)
+
     def aead(self, epoch: int) -> crypto.Aead:
         a = self._aeads.get(epoch)
         if a is None:
-            a = crypto.Aead(self.algorithm, data_key(self._key, self._uuid, epoch))
+            a = crypto.Aead(self.algorithm, self.epoch_key(epoch))
             self._aeads[epoch] = a
         return a
+
+    def start_rotation(self, new_key: bytes, old_epoch_max: int) -> None:
+        """The volume key becomes ``new_key``; epochs up to ``old_epoch_max`` stay under the key used so far."""
+        self._old_key, self._key = self._key, new_key
+        self.old_epoch_max = old_epoch_max
+        self._aeads = {e: a for e, a in self._aeads.items() if e <= old_epoch_max}
+
+    def finish_rotation(self) -> None:
+        """Forget the old key: no slot is under it any more, and nothing may be opened with it again."""
+        self._old_key = None
+        self.old_epoch_max = -1
+        self._aeads = {}
+
+    def rekey_run(
+        self, buf: memoryview, first_index: int, count: int, todo: list[int], epoch: int, nonces: memoryview
+    ) -> None:
+        """Re-seal in place, under ``epoch`` (a current-key epoch), the slots of ``buf`` (``count`` raw slots
+        from ``first_index``) whose offsets in slots are listed in ``todo`` -- each opened under its own
+        (old-key) epoch first.  ``nonces`` holds ``len(todo) * 12`` fresh bytes.  Raises
+        :class:`AuthenticationFailed` with ``index`` set on a slot that does not authenticate (nothing is
+        sealed then).  Thread-safe for disjoint ``buf`` ranges once :meth:`aead` has made the keys involved
+        (its own AAD and plaintext buffers)."""
+        aad = bytearray(AAD_SIZE)
+        aad[:16] = self._uuid
+        aad_mv = memoryview(aad)
+        plain = bytearray(BLOCK_SIZE)
+        pmv = memoryview(plain)
+        pack = _AAD_TAIL.pack_into
+        unpack = _WORD.unpack_from
+        alg = self._alg_id
+        aeads = self._aeads
+        seal = aeads[epoch].seal_into
+        n = 0
+        for k in todo:
+            o = k * SLOT_SIZE
+            i = first_index + k
+            old_epoch, length = unpack(buf, o)
+            if not 1 <= length <= BLOCK_SIZE or old_epoch not in aeads:
+                e = AuthenticationFailed()
+                e.index = i  # type: ignore[attr-defined]
+                raise e
+            pack(aad, 16, i, old_epoch, length, alg)
+            try:
+                aeads[old_epoch].open_into(buf[o + 4 : o + 16], buf[o + CT_OFFSET : o + SLOT_SIZE], aad_mv, pmv)
+            except AuthenticationFailed as e:
+                e.index = i  # type: ignore[attr-defined]
+                raise
+            pack(aad, 16, i, epoch, length, alg)
+            _WORD.pack_into(buf, o, epoch, length)
+            nonce = nonces[n : n + NONCE_SIZE]
+            buf[o + 4 : o + 16] = nonce
+            seal(nonce, pmv, aad_mv, buf[o + CT_OFFSET : o + SLOT_SIZE])
+            n += NONCE_SIZE
+        plain[:] = ZERO_BLOCK  # no plaintext left behind in a buffer the garbage collector frees later
 
     def seal_run(
         self,

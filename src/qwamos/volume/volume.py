@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import weakref
 from dataclasses import replace
 from typing import Any
@@ -34,18 +35,20 @@ from qwamos.errors import (
     InvalidArgument,
     QwamosError,
     ReadOnlyVolumeError,
+    RotationError,
     VolumeClosedError,
     VolumeExistsError,
 )
 from qwamos.storage import Storage, create_storage, file_path, open_storage
-from qwamos.volume import allocation, cbt, inspection, metadata
+from qwamos.volume import allocation, cbt, inspection, metadata, rotation
 from qwamos.volume import create as creation
 from qwamos.volume import header as hdr
+from qwamos.volume.blockcopy import throttle
 from qwamos.volume.guard import IOGuard, os_error
 from qwamos.volume.header import BLOCK_SIZE, Header
 from qwamos.volume.header_store import HeaderStore, UnverifiedHeader, initial_copies, read_header
 from qwamos.volume.inspection import ProgressFn
-from qwamos.volume.keys import KeyProvider, check_volume_key
+from qwamos.volume.keys import KeyProvider, check_volume_key, rotation_old_key_check
 from qwamos.volume.slotio import SlotIO, round_up, runs
 from qwamos.volume.slots import NonceBudget, NoncePool, SlotCipher
 
@@ -97,6 +100,7 @@ class PQCVolume:
         self._nonces = NoncePool()
         self._guard = IOGuard(self.path)
         self._tracker: cbt.Tracker | None = None
+        self._rotator: rotation.Rotator | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -182,17 +186,43 @@ class PQCVolume:
         except BaseException:
             storage.close()
             raise
+        rot = header.features.get(hdr.ROTATION)
+        try:
+            old_key = None if rot is None else self._rotation_old_key(provider, header, rot)
+            cipher = SlotCipher(
+                store.volume_key,
+                header.uuid_bytes,
+                header.algorithm,
+                header.epoch,
+                old_key=old_key,
+                old_epoch_max=-1 if rot is None else rot["old_epoch_max"],
+            )
+            persist = weakref.WeakMethod(self._persist_budget)  # no cycle: a dropped volume is freed at once
+            budget = NonceBudget(
+                self.path, header.epoch, header.epoch_reserved, header.epoch_limit, lambda e, r: persist()(e, r)
+            )
+            io = SlotIO(self.path, storage, cipher, budget, self._nonces)
+            if rot is not None:
+                # A slot of the journalled batch torn by a crash gets its old bytes back: written back before
+                # any I/O when writable; served from memory when read-only (the file is not ours to change).
+                with self._guard:
+                    rotator = rotation.Rotator(self.path, store, io)
+                    if self._read_only:
+                        io.overlay = rotator.restorable()
+                        restored = len(io.overlay)
+                    else:
+                        restored = rotator.recover()
+                if restored:
+                    log.warning("%s: restored %d torn slot(s) from the rotation journal", self.path, restored)
+        except BaseException:
+            storage.close()
+            raise
         if not self._read_only:
             _record_use(provider, self.path, header)  # reads leave the keystore as it was, too
         self._storage = storage
         self._header = header
         self._store = store
-        cipher = SlotCipher(store.volume_key, header.uuid_bytes, header.algorithm, header.epoch)
-        persist = weakref.WeakMethod(self._persist_budget)  # no cycle: a dropped volume is freed at once
-        budget = NonceBudget(
-            self.path, header.epoch, header.epoch_reserved, header.epoch_limit, lambda e, r: persist()(e, r)
-        )
-        self._io = SlotIO(self.path, storage, cipher, budget, self._nonces)
+        self._io = io
         if not self._read_only and cbt.FEATURE in header.features:
             try:
                 self._start_tracking()
@@ -202,6 +232,19 @@ class PQCVolume:
                 storage.close()
                 raise
         return self
+
+    def _rotation_old_key(self, provider: KeyProvider, header: Header, rot: dict[str, Any]) -> bytes:
+        """The old key of a rotation in progress, checked against the header's ``old_key_check``."""
+        old_id = rot["old_key_id"]
+        key = check_volume_key(provider.volume_key(old_id))
+        check = rotation_old_key_check(key, header.uuid_bytes).hex()
+        if not crypto.constant_time_eq(check.encode(), rot["old_key_check"].encode()):
+            raise RotationError(
+                path=self.path,
+                msg=f"the volume is being re-encrypted from key {old_id} to {header.key_id}, and the key given as "
+                f"{old_id} is not the one its old blocks are under",
+            )
+        return key
 
     def close(self) -> None:
         """Make writes durable (fdatasync), release the lock, forget the keys.  Safe to call twice.
@@ -213,10 +256,16 @@ class PQCVolume:
             if storage is None:
                 return
             try:
+                rot = self._rotator
+                if rot is not None and rot.batches_since_commit and hdr.ROTATION in self._header.features:
+                    rot.save_progress(self._set_header)  # the progress hint, so that a resume starts there
                 if self._io is not None and self._io.dirty:
                     storage.flush()
                 self._persist_tracking()
             finally:
+                self._rotator = None
+                if self._io is not None:
+                    self._io.drop_rotation_buffer()
                 self._storage = None
                 self._io = None
                 self._tracker = None
@@ -677,6 +726,146 @@ class PQCVolume:
                 out["complete"] = tracker.complete
             return out
 
+    # --- key rotation (docs/qvol-format.md 2.5.3; qwamos.volume.rotation) --------------------------------------
+
+    def _set_header(self, header: Header) -> None:
+        self._header = header
+
+    def rotation_state(self) -> dict[str, Any] | None:
+        """The re-encryption in progress (``old_key_id``, ``new_key_id``, ``progress``, ``total``...), or None."""
+        with self._guard:
+            _, header = self._state()
+            return rotation.state(header)
+
+    def begin_reencrypt(
+        self, new_key_id: str, *, commitment: str | None = None, batch: int = rotation.DEFAULT_BATCH
+    ) -> dict[str, Any]:
+        """Start re-encrypting this volume under the provider's key ``new_key_id`` (one header commit), or
+        resume the rotation to that key already in progress; return :meth:`rotation_state`.
+
+        A rotation to another key in progress is refused (:class:`RotationError`): finish it first.  When the
+        volume commits to its key (``key_commitment``) the new commitment comes from the provider's
+        ``volume_commitment_secret`` or, for a bare-key provider (the export), as ``commitment`` (hex)."""
+        with self._guard:
+            _, header = self._writable()
+            current = rotation.state(header)
+            if current is not None:
+                if current["new_key_id"] != new_key_id:
+                    raise RotationError(
+                        path=self.path,
+                        msg=f"a rotation from key {current['old_key_id']} to {current['new_key_id']} is in "
+                        f"progress ({current['progress']} of {current['total']} blocks); resume it with key "
+                        f"{current['new_key_id']} before rotating to {new_key_id}",
+                    )
+            else:
+                if new_key_id == header.key_id:
+                    raise RotationError(path=self.path, msg=f"the volume is already under key {new_key_id}")
+                provider = self._provider()
+                new_key = check_volume_key(provider.volume_key(new_key_id))
+                lookup = getattr(provider, "volume_commitment_secret", None)
+                secret = bytes(lookup(new_key_id)[0]) if lookup is not None else None
+                rotation.Rotator(self.path, self._store, self._io).begin(
+                    new_key_id,
+                    new_key,
+                    commit_secret=secret,
+                    commitment=commitment,
+                    batch=batch,
+                    set_header=self._set_header,
+                )
+                _record_use(provider, self.path, self._header)
+            if self._rotator is None:
+                self._rotator = rotation.Rotator(self.path, self._store, self._io)
+            return rotation.state(self._header)
+
+    def reencrypt_step(self, max_blocks: int = rotation.DEFAULT_BATCH) -> tuple[int, int]:
+        """Re-encrypt the next batches, up to ``max_blocks`` blocks of the volume (holes cost nothing); return
+        ``(done, total)``.  The lock is held per batch only, so I/O of other threads goes on in between."""
+        done = total = 0
+        covered = 0
+        while True:
+            with self._guard:
+                _, header = self._writable()
+                rot = self._rotator_for(header)
+                before = header.features[hdr.ROTATION]["progress"]
+                total = header.total_blocks
+                done, _, _ = rot.step(max_blocks - covered, self._set_header)
+            covered += max(1, done - before)
+            if done >= total or covered >= max_blocks:
+                return done, total
+
+    def finish_reencrypt(self) -> dict[str, Any]:
+        """After the last block: wipe the journal and the metadata area's free space, drop the old key, remove
+        the ``rotation`` feature (one commit).  Returns the old and new key IDs."""
+        with self._guard:
+            _, header = self._writable()
+            rot = self._rotator_for(header)
+            old = header.features[hdr.ROTATION]["old_key_id"]
+            rot.finish(self._set_header)
+            self._rotator = None
+            self._io.drop_rotation_buffer()
+            return {"old_key_id": old, "key_id": self._header.key_id}
+
+    def _rotator_for(self, header: Header) -> rotation.Rotator:
+        if hdr.ROTATION not in header.features:
+            raise RotationError(path=self.path, msg="no rotation in progress (begin_reencrypt first)")
+        if self._rotator is None:
+            self._rotator = rotation.Rotator(self.path, self._store, self._io)
+        return self._rotator
+
+    def reencrypt(
+        self,
+        new_key_id: str,
+        *,
+        progress: rotation.ProgressFn | None = None,
+        rate: int | None = None,
+        stop: rotation.StopFn | None = None,
+        commitment: str | None = None,
+        batch: int = rotation.DEFAULT_BATCH,
+    ) -> dict[str, Any]:
+        """Re-encrypt the whole volume under ``new_key_id`` (start or resume), then finish; return a summary
+        (``rewritten`` blocks, ``skipped`` blocks -- holes and blocks already under the new key --,
+        ``seconds``, ``finished``).  ``rate`` limits the bytes of the file read per second (None/0: no limit);
+        ``stop()`` returning True pauses after the current batch (``finished`` False; call again to resume)."""
+        started = time.monotonic()
+        state = self.begin_reencrypt(new_key_id, commitment=commitment, batch=batch)
+        start_progress = state["progress"]
+        rot = self._rotator
+        assert rot is not None
+        rewritten0 = rot.rewritten
+        total = state["total"]
+        done = start_progress
+        read_bytes = 0
+        finished = False
+        while True:
+            if stop is not None and stop():
+                break
+            with self._guard:
+                _, header = self._writable()
+                done, _, nbytes = self._rotator_for(header).step(batch, self._set_header)
+            read_bytes += nbytes
+            if progress is not None:
+                progress(done, total)
+            if done >= total:
+                self.finish_reencrypt()
+                finished = True
+                break
+            throttle(rate, started, read_bytes, stop)
+        if not finished:
+            with self._guard:
+                if self._rotator is not None and hdr.ROTATION in self._header.features:
+                    self._rotator.save_progress(self._set_header)
+        rewritten = rot.rewritten - rewritten0
+        return {
+            "old_key_id": state["old_key_id"],
+            "key_id": new_key_id,
+            "total_blocks": total,
+            "done_blocks": done,
+            "rewritten": rewritten,
+            "skipped": done - start_progress - rewritten,
+            "seconds": round(time.monotonic() - started, 3),
+            "finished": finished,
+        }
+
     def info(self) -> dict[str, Any]:
         """Header fields plus where the file stands: allocated blocks and bytes, the path, and what was found
         of each header copy (``header_copies``; ``header_fallback`` is True when one is damaged or missing)."""
@@ -686,3 +875,23 @@ class PQCVolume:
             out.update(self._store.info())  # header_copies, header_fallback
         out["cbt"] = self.cbt_info()
         return out
+
+
+def reencrypt_volume(
+    path: str | os.PathLike[str],
+    provider: KeyProvider,
+    new_key_id: str,
+    *,
+    progress: rotation.ProgressFn | None = None,
+    rate: int | None = None,
+    stop: rotation.StopFn | None = None,
+    commitment: str | None = None,
+    batch: int = rotation.DEFAULT_BATCH,
+) -> dict[str, Any]:
+    """Re-encrypt the (not served) volume at ``path`` under ``new_key_id`` offline: open it writable (which
+    also recovers a rotation interrupted by a crash), :meth:`PQCVolume.reencrypt`, close.  ``provider`` must
+    give both the volume's current key and ``new_key_id`` (and, mid-rotation, the old key)."""
+    with PQCVolume(path, keystore=provider) as vol:
+        return vol.reencrypt(
+            new_key_id, progress=progress, rate=rate, stop=stop, commitment=commitment, batch=batch
+        )

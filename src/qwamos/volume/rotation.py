@@ -1,0 +1,427 @@
+"""Key rotation in place: re-encrypting every slot of a volume under a new volume key, crash-safely.
+
+The format is docs/qvol-format.md section 2.5.3; the reasoning is docs/design.md ("Key rotation").  In short:
+
+* **Keys by epoch.**  Starting a rotation is one header commit: the header's ``key_id`` becomes the NEW key,
+  its MAC and key commitment are under NEW, its ``epoch`` moves one past the old one with a fresh nonce
+  reservation, and the ``rotation`` feature records the old key's ID, the last old epoch
+  (``old_epoch_max``), the progress and the journal extent.  A slot of an epoch ``<= old_epoch_max`` is still
+  under the OLD key; any later epoch is under NEW.  So reads need no map of what was rewritten, guest writes
+  during the rotation simply seal under NEW, and the new key never reuses the old key's nonce space.
+* **A journalled hot zone.**  A slot rewritten in place and torn by a power cut fails under both keys (an
+  AEAD slot has no "half old" state).  So each batch of slots is first copied, as it is on disk, into the
+  journal extent (in the metadata area) behind a descriptor MACed under a key derived from NEW, and made
+  durable; then the batch is rewritten under NEW and made durable; then the descriptor is cleared.  Recovery
+  (at every writable open) restores, from a valid descriptor's journal, each slot of its range that
+  authenticates under neither key with the journal's copy -- only when that copy authenticates under OLD for
+  that very index.  A torn journal write means no slot of its batch was touched yet.
+* **Idempotent.**  A slot already at an epoch past ``old_epoch_max`` is skipped, so the progress in the header
+  is only a hint for resuming, committed every few batches.
+* **Forward secrecy.**  Finishing zeroes the journal and every unreferenced byte of the metadata area (old
+  versions of sealed entries), sealed entries having been re-sealed under NEW when the rotation started, then
+  removes the feature (one header commit): nothing in the file authenticates under the old key afterwards.
+
+Writes of the rotation go straight to the storage (never through :class:`~qwamos.volume.slotio.SlotIO`'s
+seal paths): they change no block's content, so whatever tracks changed blocks must not see them.
+
+This module does the work on an open volume's parts (:class:`Rotator`); :class:`~qwamos.volume.volume.PQCVolume`
+holds the lock around each call.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from qwamos import crypto
+from qwamos.errors import AuthenticationFailed, BlockAuthError, RotationError, TruncatedVolumeError
+from qwamos.volume import header as hdr
+from qwamos.volume import metadata
+from qwamos.volume.header import HEADER_SIZE, SLOT_SIZE, Header
+from qwamos.volume.keys import (
+    MAX_EPOCH,
+    check_volume_key,
+    key_commitment,
+    rotation_journal_key,
+    rotation_old_key_check,
+)
+from qwamos.volume.slots import ZERO_SLOT, NonceBudget
+
+if TYPE_CHECKING:
+    from qwamos.storage import Storage
+    from qwamos.volume.header_store import HeaderStore
+    from qwamos.volume.slotio import SlotIO
+
+JOURNAL_MAGIC = b"QWAMOS-QVOL-RJNL"
+_DESC = struct.Struct(">16sQI4x")  # magic, first block, count, 4 zero bytes: 32 bytes, then the MAC
+DESC_SIZE = 64  # the significant bytes of the descriptor page (the rest of the page is zero)
+DEFAULT_BATCH = 4096  # slots per journalled batch: 16 MiB of plaintext
+PROGRESS_EVERY = 8  # batches between header commits of the progress (a hint: re-encryption is idempotent)
+PARALLEL_MIN = 512  # slots in a batch before the AEAD work is split over two threads
+
+ProgressFn = Callable[[int, int], None]
+StopFn = Callable[[], bool]
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    """Two threads for the AEAD work: ``cryptography`` releases the GIL while it encrypts."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwamos-rekey")
+        return _pool
+
+
+def descriptor(journal_key: bytes, journal_offset: int, first: int, count: int) -> bytes:
+    """The journal descriptor (docs/qvol-format.md 2.5.3): ``magic || u64 first || u32 count || 4 zero bytes ||
+    HMAC-SHA256(journal_key, those 32 bytes || u64 journal_offset)``."""
+    body = _DESC.pack(JOURNAL_MAGIC, first, count)
+    return body + crypto.hmac_sha256(journal_key, body + struct.pack(">Q", journal_offset))
+
+
+def parse_descriptor(journal_key: bytes, journal_offset: int, data: bytes, total: int) -> tuple[int, int] | None:
+    """``(first, count)`` of an authentic descriptor naming a range inside the volume, else None (cleared,
+    torn, or not ours)."""
+    if len(data) < DESC_SIZE or data[:16] != JOURNAL_MAGIC:
+        return None
+    _magic, first, count = _DESC.unpack_from(data, 0)
+    expected = crypto.hmac_sha256(journal_key, bytes(data[:32]) + struct.pack(">Q", journal_offset))
+    if not crypto.constant_time_eq(expected, bytes(data[32:DESC_SIZE])) or data[28:32] != bytes(4):
+        return None
+    if count < 1 or first + count > total:
+        return None
+    return first, count
+
+
+def state(header: Header) -> dict[str, Any] | None:
+    """The rotation in progress as a dict for callers (None when there is none)."""
+    rot = header.features.get(hdr.ROTATION)
+    if rot is None:
+        return None
+    return {
+        "old_key_id": rot["old_key_id"],
+        "new_key_id": header.key_id,
+        "old_epoch_max": rot["old_epoch_max"],
+        "progress": rot["progress"],
+        "total": header.total_blocks,
+        "journal_offset": rot["journal_offset"],
+        "journal_slots": rot["journal_slots"],
+        "resilience": rot["resilience"],
+    }
+
+
+class Rotator:
+    """The rotation work on one open volume's parts.  Not thread-safe: the volume calls in under its lock."""
+
+    def __init__(self, path: str, store: HeaderStore, io: SlotIO) -> None:
+        self.path = path
+        self.store = store
+        self.io = io
+        self.storage: Storage = store.storage
+        self.batches_since_commit = 0
+        self.rewritten = 0  # slots re-sealed by this object
+        self.journalled = 0  # slots copied to the journal by this object
+
+    @property
+    def header(self) -> Header:
+        return self.store.header
+
+    # --- the feature in the header -----------------------------------------------------------------------
+
+    def _rot(self) -> dict[str, Any]:
+        rot = self.header.features.get(hdr.ROTATION)
+        if rot is None:
+            raise RotationError(path=self.path, msg="no rotation in progress")
+        return rot
+
+    def _journal_key(self) -> bytes:
+        return rotation_journal_key(self.store.volume_key, self.header.uuid_bytes)
+
+    # --- start ---------------------------------------------------------------------------------------------
+
+    def begin(
+        self,
+        new_key_id: str,
+        new_key: bytes,
+        *,
+        commit_secret: bytes | None,
+        commitment: str | None,
+        batch: int,
+        set_header: Callable[[Header], None],
+    ) -> None:
+        """Switch the header to the new key (one commit) with the ``rotation`` feature; re-seal sealed metadata
+        entries under the new key in the same commit; place the journal extent."""
+        header = self.header
+        old_key = self.store.volume_key
+        new_key = check_volume_key(new_key)
+        if crypto.constant_time_eq(new_key, old_key):
+            raise RotationError(path=self.path, msg=f"key {new_key_id} holds the same bytes as the current key")
+        if header.format_version != hdr.FORMAT_V2:
+            self.store.upgrade()
+            header = self.header
+        if header.epoch >= MAX_EPOCH:
+            raise RotationError(path=self.path, msg="the volume's epochs are spent (65535); copy it instead")
+        uuid = header.uuid_bytes
+        features = {k: dict(v) for k, v in header.features.items()}
+        if commit_secret is not None:
+            commitment = key_commitment(commit_secret, new_key, uuid, new_key_id).hex()
+        if commitment is not None:
+            if not isinstance(commitment, str) or len(commitment) != 64:
+                raise RotationError(path=self.path, msg="the new key's commitment must be 64 hex characters")
+            features[hdr.KEY_COMMITMENT] = {"compat": hdr.INCOMPAT, "commitment": commitment.lower()}
+        elif hdr.KEY_COMMITMENT in features:
+            raise RotationError(
+                path=self.path,
+                msg="the volume commits to its key; the new key's commitment is needed (from the keystore)",
+            )
+        # Sealed metadata entries move to the new key now, in the same commit as the key: during the rotation
+        # every sealed entry is under the key the header names.
+        sealed: dict[str, bytes | None] = {}
+        for name, entry in metadata.entries(self.path, self.storage, header).items():
+            if entry.sealed:
+                sealed[name] = metadata.read(self.path, self.storage, header, old_key, name)
+        slots = max(1, min(batch, header.total_blocks, hdr.MAX_JOURNAL_SLOTS))
+        journal_len = hdr.rotation_journal_length(slots)
+        staged, [journal_offset] = metadata.stage(
+            self.store, header, new_key, sealed, sealed=True, reserve=[journal_len]
+        )
+        if self.storage.size() < staged.header_b_offset + HEADER_SIZE:
+            self.storage.resize(staged.header_b_offset + HEADER_SIZE)
+        self.storage.write(journal_offset, (bytes(HEADER_SIZE),))  # an empty descriptor
+        self.storage.flush()
+        features[hdr.ROTATION] = {
+            "compat": hdr.INCOMPAT,
+            "old_key_id": header.key_id,
+            "old_key_check": rotation_old_key_check(old_key, uuid).hex(),
+            "old_epoch_max": header.epoch,
+            "progress": 0,
+            "journal_offset": journal_offset,
+            "journal_slots": slots,
+            "resilience": "journal",
+        }
+        new = replace(
+            staged,
+            key_id=new_key_id,
+            epoch=header.epoch + 1,
+            epoch_reserved=0,
+            features=features,
+        )
+        old_b = header.header_b_offset
+        self.store.volume_key = new_key
+        try:
+            self.store.store(new)
+        except BaseException:
+            self.store.volume_key = old_key
+            raise
+        metadata.retire_copy_b(self.storage, old_b, self.header)
+        io = self.io
+        io.cipher.start_rotation(new_key, header.epoch)
+        io.cipher.max_epoch = self.header.epoch
+        budget = io.budget
+        io.budget = NonceBudget(self.path, self.header.epoch, 0, self.header.epoch_limit, budget._persist)
+        set_header(self.header)
+
+    # --- recovery ----------------------------------------------------------------------------------------
+
+    def restorable(self) -> dict[int, bytes]:
+        """The torn slots of the journalled batch and the old bytes to restore for each: every slot of an
+        authentic descriptor's range that authenticates under neither key, whose journal copy authenticates
+        under the OLD key for that very index."""
+        rot = self._rot()
+        jo, total = rot["journal_offset"], self.header.total_blocks
+        got = parse_descriptor(self._journal_key(), jo, self.storage.read(jo, DESC_SIZE), total)
+        if got is None:
+            return {}
+        first, count = got
+        journal = self.storage.read(jo + HEADER_SIZE, count * SLOT_SIZE)
+        live = self.storage.read(HEADER_SIZE + first * SLOT_SIZE, count * SLOT_SIZE)
+        if len(journal) < count * SLOT_SIZE or len(live) < count * SLOT_SIZE:
+            raise TruncatedVolumeError(path=self.path, msg="the rotation journal or its slots are cut short")
+        cipher = self.io.cipher
+        out: dict[int, bytes] = {}
+        for k in range(count):
+            o = k * SLOT_SIZE
+            index = first + k
+            if _authentic(cipher, live[o : o + SLOT_SIZE], index):
+                continue
+            old = journal[o : o + SLOT_SIZE]
+            epoch = int.from_bytes(old[:2], "big")
+            if old == ZERO_SLOT or epoch > rot["old_epoch_max"] or not _authentic(cipher, old, index):
+                continue  # nothing trustworthy to restore: the slot stays bad (an error says so when read)
+            out[index] = old
+        return out
+
+    def recover(self) -> int:
+        """Restore the torn slots of the journalled batch (:meth:`restorable`), then clear the descriptor;
+        return how many were restored.  Called at a writable open, before any other I/O."""
+        found = self.restorable()
+        for index, old in found.items():
+            self.storage.write(HEADER_SIZE + index * SLOT_SIZE, (old,))
+        self.storage.flush()
+        self.storage.write(self._rot()["journal_offset"], (bytes(DESC_SIZE),))
+        self.storage.flush()
+        return len(found)
+
+    # --- the work ------------------------------------------------------------------------------------------
+
+    def next_batch(self, start: int, limit: int) -> tuple[int, int] | None:
+        """The next run of slots from ``start`` that may hold data, at most ``limit`` long (holes skipped);
+        None when nothing is left."""
+        total = self.header.total_blocks
+        if start >= total:
+            return None
+        lo = HEADER_SIZE + start * SLOT_SIZE
+        for ds, de in self.storage.extents(lo, HEADER_SIZE + total * SLOT_SIZE):
+            s0 = max(start, (ds - HEADER_SIZE) // SLOT_SIZE)
+            s1 = min(total, -(-(de - HEADER_SIZE) // SLOT_SIZE))
+            if s1 > s0:
+                return s0, min(s1, s0 + limit)
+        return None
+
+    def step(self, limit: int, set_header: Callable[[Header], None]) -> tuple[int, int, int]:
+        """Re-encrypt one batch of at most ``limit`` slots from the progress mark (holes skipped); return
+        ``(progress, slots rewritten, bytes of the file read)``."""
+        rot = self._rot()
+        total = self.header.total_blocks
+        limit = max(1, min(limit, rot["journal_slots"]))
+        found = self.next_batch(rot["progress"], limit)
+        if found is None:
+            self._set_progress(total, set_header, force=True)
+            return total, 0, 0
+        first, stop = found
+        count = stop - first
+        buf = self.io.rotation_buffer(count)
+        got = self.storage.read_into(HEADER_SIZE + first * SLOT_SIZE, buf)
+        if got < len(buf):
+            raise TruncatedVolumeError(path=self.path, msg=f"slot {first + got // SLOT_SIZE} is past end of file")
+        old_max = rot["old_epoch_max"]
+        raw = buf.obj  # the bytearray: its startswith() compares at memcmp speed, a memoryview would not
+        todo = [
+            k
+            for k in range(count)
+            if (raw[k * SLOT_SIZE] << 8 | raw[k * SLOT_SIZE + 1]) <= old_max
+            and not raw.startswith(ZERO_SLOT, k * SLOT_SIZE)
+        ]
+        if todo:
+            self._rewrite(first, buf, todo)
+        self.batches_since_commit += 1
+        self._set_progress(stop, set_header, force=self.batches_since_commit >= PROGRESS_EVERY)
+        return stop, len(todo), len(buf)
+
+    def _rewrite(self, first: int, buf: memoryview, todo: list[int]) -> None:
+        """Journal, re-seal, write back: the crash-safe core (see the module docstring for the order)."""
+        lo, hi = todo[0], todo[-1] + 1  # only the part that changes goes to the journal and back
+        region = buf[lo * SLOT_SIZE : hi * SLOT_SIZE]
+        storage = self.storage
+        jo = self._rot()["journal_offset"]
+        desc = descriptor(self._journal_key(), jo, first + lo, hi - lo)
+        pad = bytes(HEADER_SIZE - len(desc))
+        storage.write(jo, (desc, pad, region))
+        storage.flush()  # the journal is durable before any slot of the batch is touched
+        self.journalled += hi - lo
+        self._reseal(first, buf, todo)
+        storage.write(HEADER_SIZE + (first + lo) * SLOT_SIZE, (region,))
+        storage.flush()  # the batch is durable under the new key before the journal is let go
+        self.rewritten += len(todo)
+        # Cleared without a flush: the next guest flush (or the next batch's) makes it durable; until then a
+        # torn guest write to this range could only be rolled back to the content this batch made durable.
+        storage.write(jo, (bytes(DESC_SIZE),))
+
+    def _reseal(self, first: int, buf: memoryview, todo: list[int]) -> None:
+        io = self.io
+        cipher = io.cipher
+        done = 0
+        while done < len(todo):
+            epoch, granted = io.budget.take(len(todo) - done)
+            part = todo[done : done + granted]
+            for k in part:  # make every key involved before threads use the cache
+                cipher.aead(buf[k * SLOT_SIZE] << 8 | buf[k * SLOT_SIZE + 1])
+            cipher.aead(epoch)
+            nonces = io.take_nonces(len(part))
+            try:
+                if len(part) >= PARALLEL_MIN:
+                    half = len(part) // 2
+                    pool = _executor()
+                    fut = pool.submit(cipher.rekey_run, buf, first, 0, part[half:], epoch, nonces[half * 12 :])
+                    cipher.rekey_run(buf, first, 0, part[:half], epoch, nonces[: half * 12])
+                    fut.result()
+                else:
+                    cipher.rekey_run(buf, first, 0, part, epoch, nonces)
+            except AuthenticationFailed as e:
+                raise BlockAuthError(path=self.path, index=getattr(e, "index", first)) from None
+            done += granted
+
+    def save_progress(self, set_header: Callable[[Header], None]) -> None:
+        """Commit the progress reached (when pausing or closing)."""
+        self._set_progress(self._rot()["progress"], set_header, force=True)
+
+    def _set_progress(self, progress: int, set_header: Callable[[Header], None], *, force: bool) -> None:
+        """Record the progress: in memory always (the nonce budget's header commits carry it), in the header
+        every :data:`PROGRESS_EVERY` batches and at the end."""
+        header = self.header
+        rot = dict(self._rot(), progress=progress)
+        new = replace(header, features={**header.features, hdr.ROTATION: rot})
+        if force:
+            self.store.store(new)
+            self.batches_since_commit = 0
+        else:
+            self.store.header = new  # committed later; progress only ever grows, and only past durable slots
+        set_header(self.header)
+
+    # --- finish --------------------------------------------------------------------------------------------
+
+    def finish(self, set_header: Callable[[Header], None]) -> None:
+        """Zero the journal and the metadata area's free space, then remove the feature (one commit)."""
+        rot = self._rot()
+        header = self.header
+        if rot["progress"] < header.total_blocks:
+            raise RotationError(
+                path=self.path, msg=f"not finished: {rot['progress']} of {header.total_blocks} blocks done"
+            )
+        storage = self.storage
+        storage.flush()
+        busy = [(e.offset, e.length) for e in metadata.entries(self.path, storage, header).values()]
+        if header.metadata is not None:
+            busy.append((header.metadata.offset, header.metadata.length))
+        for start, end in free_ranges(header.slots_end_aligned, header.header_b_offset, busy):
+            wipe(storage, start, end - start)
+        storage.flush()
+        features = {k: v for k, v in header.features.items() if k != hdr.ROTATION}
+        self.store.store(replace(header, features=features))
+        self.io.cipher.finish_rotation()
+        set_header(self.header)
+
+
+def free_ranges(start: int, end: int, busy: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The 4 KiB-aligned ranges of ``[start, end)`` outside every ``(offset, length)`` of ``busy``."""
+    out: list[tuple[int, int]] = []
+    pos = start
+    for off, length in sorted(busy):
+        if off > pos:
+            out.append((pos, min(off, end)))
+        pos = max(pos, hdr.round_up(off + length, HEADER_SIZE))
+    if pos < end:
+        out.append((pos, end))
+    return [(a, b) for a, b in out if b > a]
+
+
+def wipe(storage: Storage, offset: int, length: int) -> None:
+    """Make a page-aligned range read as zeros: deallocated where the store can, else zeros written."""
+    if not storage.punch(offset, length):
+        storage.zero(offset, length)
+
+
+def _authentic(cipher: Any, slot: bytes, index: int) -> bool:
+    """Whether a slot is empty or authenticates under the key of its epoch (old or new)."""
+    try:
+        cipher.open_one(slot, index)
+    except AuthenticationFailed:
+        return False
+    return True
