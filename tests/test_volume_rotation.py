@@ -445,3 +445,21 @@ def test_rotation_vectors():
         == DESCRIPTOR
         == rotation.descriptor(bytes.fromhex(JOURNAL_KEY), 1082134528, 4096, 4096).hex()
     )
+
+
+def test_rotation_marks_no_block_changed_for_incremental_backups(tmp_path, keys):
+    """Re-encryption changes no content: changed-block tracking (the cbt feature) must not see it, and the
+    generation stays complete."""
+    path, data = make(tmp_path, keys)
+    new_id, _ = keys.new_volume_key("vm", "v")
+    with PQCVolume(path, keystore=keys) as v:
+        v.cbt_rotate()  # tracking on
+        v.cbt_rotate()  # a fresh, empty, complete generation
+        assert v.reencrypt(new_id, batch=BATCH)["finished"]
+        info = v.cbt_info()
+        assert info["changed_blocks"] == 0 and info["complete"]
+        v.write_block(3, b"x" * 4096)  # while a real change is seen
+        assert v.cbt_info()["changed_blocks"] == 1
+    with PQCVolume(path, keystore=keys) as v:
+        data[3] = b"x" * 4096
+        compare(v, data)
