@@ -195,10 +195,10 @@ def test_no_backup_deletes_the_original_only_after_verification(env: Env, capsys
     d = env.vm_dir()
     expected = raw_bytes(d / "disk.qcow2", "qcow2", env.tmp / "scratch")
     rc = main(["migrate", "vm", "--no-backup"])
-    out, err = capsys.readouterr()
-    assert rc == 0
-    assert FLASH in err
-    assert "✓ Original deleted: " + str(d / "disk.qcow2") in out
+    stdout, out = capsys.readouterr()  # the transcript and the warnings are messages: stderr
+    assert rc == 0 and stdout == ""
+    assert FLASH in out
+    assert "Original deleted: " + str(d / "disk.qcow2") in out and "✓" not in out
     assert "Delete backup" not in out
     # The deletion comes after the verification and the config switch in the transcript.
     assert out.index("Verified") < out.index("Configuration updated") < out.index("Original deleted")
@@ -338,8 +338,11 @@ def test_round_trip_to_qvol_and_back_to_qcow2(env: Env, capsys) -> None:
     # Back, keeping the volume (and its key) as a backup.
     os.rename(d / "disk.qcow2.backup", env.tmp / "scratch" / "original.qcow2")
     assert main(["migrate", "--to-qcow2", "vm"]) == 0
-    out = capsys.readouterr().out
-    assert "Migration Complete" in out and "Delete backup: rm " + str(d / "disk.qvol.backup") in out
+    captured = capsys.readouterr()
+    out = captured.err  # the transcript is messages: stderr; stdout is for data (--json)
+    assert captured.out == ""
+    assert "Migration Complete" in out and "qwamos vm start vm" in out and "✓" not in out
+    assert "Delete backup: rm " + str(d / "disk.qvol.backup") in out
     cfg = VMConfig.load(d / "config.yaml")
     assert not cfg.encryption_enabled and cfg.key_id is None and cfg.disk_path == d / "disk.qcow2"
     assert COMMENT in (d / "config.yaml").read_text()

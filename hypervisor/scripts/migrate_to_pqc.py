@@ -22,4 +22,4 @@ except ImportError:
     from qwamos.cli.main import main
 
 if __name__ == "__main__":
-    sys.exit(main(["migrate", *sys.argv[1:]]))
+    sys.exit(main(["migrate", *sys.argv[1:]], spec_transcript=True))  # the spec's transcript, on stdout

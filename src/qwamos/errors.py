@@ -29,8 +29,16 @@ class QwamosError(Exception):
         self.kwargs = dict(kwargs, msg=msg)
         super().__init__(self.render())
 
-    def render(self) -> str:
-        template = (type(self).__doc__ or "{msg}").strip().splitlines()[0]
+    # The message in the CLI's words when the docstring's names a Python API argument (``overwrite=True``):
+    # the CLI never shows Python-API wording (:func:`run_main` prints :meth:`cli_message`).
+    cli_text: str | None = None
+
+    def cli_message(self) -> str:
+        """The message as the command line should say it."""
+        return self.render(self.cli_text) if self.cli_text else str(self)
+
+    def render(self, template: str | None = None) -> str:
+        template = template or (type(self).__doc__ or "{msg}").strip().splitlines()[0]
         try:
             text = template.format(**self.kwargs)
         except (KeyError, IndexError):
@@ -43,6 +51,18 @@ class QwamosError(Exception):
 
 class InvalidArgument(QwamosError, ValueError):
     """Invalid argument: {msg}"""
+
+    exit_code = 2
+
+
+class NotATerminalError(QwamosError):
+    """{what} needs a terminal, and stdin is not one: {msg}"""
+
+    exit_code = 2
+
+
+class ConfirmationRequired(QwamosError):
+    """Refusing to {action} without confirmation: stdin is not a terminal, so no one can answer; pass --yes."""
 
     exit_code = 2
 
@@ -67,6 +87,12 @@ class VolumeError(QwamosError):
 
 class NotAQvolError(VolumeError):
     """{path} is not a qvol volume (bad magic)."""
+
+    exit_code = 10
+
+
+class VolumeNotFoundError(VolumeError):
+    """{path}: no such file (no volume there)."""
 
     exit_code = 10
 
@@ -114,9 +140,10 @@ class VolumeLockedError(VolumeError):
 
 
 class VolumeExistsError(VolumeError):
-    """{path} already exists; refusing to overwrite it (pass overwrite=True / --force to replace it)."""
+    """{path} already exists; refusing to overwrite it (pass overwrite=True to replace it)."""
 
     exit_code = 16
+    cli_text = "{path} already exists; refusing to overwrite it (--force replaces it)."
 
 
 class BlockRangeError(VolumeError, IndexError):
@@ -313,6 +340,85 @@ class SizeMismatchError(MigrationError):
     exit_code = 51
 
 
+# --- the exit-code table: the README's "Exit codes" section is rendered from it ------------------------
+
+# Ranges, lowest first: (first, last, area).  New codes go inside their area's range.
+EXIT_RANGES: tuple[tuple[int, int, str], ...] = (
+    (0, 9, "general"),
+    (10, 19, "volume format"),
+    (20, 29, "keystore"),
+    (30, 39, "block export"),
+    (40, 49, "VM manager"),
+    (50, 59, "migration"),
+    (60, 69, "storage (beneath the volume format)"),
+    (130, 130, "signal"),
+)
+
+# Every exit status qwamos uses and what it means.  tests/test_errors.py checks that every error class's
+# exit_code is here and that README.md shows exactly :func:`exit_code_table_markdown` (regenerate it with
+# ``python -m qwamos.errors``).
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "warning: nothing (more) done, e.g. a confirmation declined, or the output pipe closed",
+    2: "error, bad usage (unknown command or option, invalid argument, a confirmation needed: --yes)",
+    10: "no volume there: no such file, not a qvol (bad magic), or a FIFO/device/socket/directory given as one",
+    11: "unsupported format version or feature",
+    12: "header corrupt or unauthenticated (both copies; `repair`: a copy still damaged)",
+    13: "truncated (blocks lost)",
+    14: "a block failed authentication (or a wrong key)",
+    15: "locked: open for writing by another process",
+    16: "exists (--force replaces it)",
+    17: "block out of range",
+    18: "nonce limit reached (rotate the key)",
+    19: "volume closed or read-only",
+    20: "keystore error",
+    21: "key not found",
+    22: "passphrase wrong or missing",
+    23: "key file corrupt or forged",
+    24: "unsafe permissions",
+    25: "key exists",
+    26: "identity missing (no keystore, or no identity in it yet)",
+    27: "identity changed or unsealed (the pin)",
+    28: "key in use (`key delete` without `--force`)",
+    29: "wrong key state for the operation (rotating a retired or destroyed key; an unverifiable rotation record)",
+    30: "cannot serve (e.g. the pidfile is held by a running export)",
+    31: "control channel error (e.g. no export answers)",
+    40: "VM error",
+    41: "config error",
+    42: "no such VM",
+    43: "wrong state (e.g. running, stopped)",
+    44: "QEMU failed",
+    45: "the disk is not the volume the VM is bound to (swapped or replaced `.qvol`)",
+    46: "unsafe ownership or mode (a VM directory or config owned by another user, or writable by others)",
+    50: "migration failed",
+    51: "disk size mismatch",
+    60: "out of space (ENOSPC, EDQUOT, EFBIG; every block kept its old or new data: free space and retry)",
+    130: "interrupted (Ctrl-C)",
+}
+
+
+def exit_area(code: int) -> str:
+    """The area (range) an exit code belongs to."""
+    for first, last, area in EXIT_RANGES:
+        if first <= code <= last:
+            return area
+    raise ValueError(f"exit code {code} is outside every range")
+
+
+def exit_code_table_markdown() -> str:
+    """The README's exit-code table, generated from :data:`EXIT_CODES`."""
+    rows = ["| code | area | meaning |", "|---|---|---|"]
+    rows += [f"| {code} | {exit_area(code)} | {text} |" for code, text in sorted(EXIT_CODES.items())]
+    return "\n".join(rows)
+
+
+def exit_ranges_text() -> str:
+    """One line of the ranges, for ``qwamos --help``."""
+    return ", ".join(
+        f"{first}-{last} {area}" if first != last else f"{first} {area}" for first, last, area in EXIT_RANGES[1:]
+    )
+
+
 # --- the one mapping from exceptions to exit statuses -------------------------------------------------
 
 
@@ -323,7 +429,7 @@ def run_main(body: Callable[[], int | None]) -> int:
     try:
         rc = body()
     except QwamosError as e:
-        sys.stderr.write(f"qwamos: error: {e}\n")
+        sys.stderr.write(f"qwamos: error: {e.cli_message()}\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("qwamos: interrupted\n")
@@ -331,3 +437,7 @@ def run_main(body: Callable[[], int | None]) -> int:
     except BrokenPipeError:
         return 1
     return 0 if rc is None else int(rc)
+
+
+if __name__ == "__main__":  # python -m qwamos.errors: the README's exit-code table
+    print(exit_code_table_markdown())

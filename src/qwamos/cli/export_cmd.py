@@ -12,22 +12,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qwamos.cli.output import emit_json, message
+from qwamos.cli.output import add_json_option, emit_json, message, print_data
 from qwamos.errors import InvalidArgument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="status, quiesce/resume and flush of a running block export")
+    p = sub.add_parser(
+        "export",
+        help="status, quiesce/resume and flush of a running block export",
+        examples=["qwamos export status --socket /run/disk.sock", "qwamos export quiesce --vm web"],
+    )
     esub = p.add_subparsers(dest="export_command", metavar="ACTION", required=True)
 
     def add(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
-        sp = esub.add_parser(name, help=help_text, description=help_text + ".  See docs/control-channel.md.")
+        sp = esub.add_parser(
+            name,
+            help=help_text,
+            description=help_text + ".  See docs/control-channel.md.",
+            examples=[f"qwamos export {name} --socket /run/disk.sock", f"qwamos export {name} --vm web --json"],
+        )
         where = sp.add_mutually_exclusive_group(required=True)
         where.add_argument("--socket", type=Path, metavar="PATH", help="the export's NBD socket")
         where.add_argument("--control", type=Path, metavar="PATH", help="the export's control socket")
         where.add_argument("--vm", metavar="NAME", help="the export of a running encrypted VM")
-        sp.add_argument("--root", type=Path, metavar="DIR", help="VM root for --vm (default $QWAMOS_ROOT)")
-        sp.add_argument("--json", action="store_true", help="print the reply as JSON")
+        sp.add_argument(
+            "--root", type=Path, metavar="DIR", help="VM root for --vm (default: $QWAMOS_ROOT or ~/QWAMOS)"
+        )
+        add_json_option(sp, "the reply")
         sp.set_defaults(func=func)
         return sp
 
@@ -35,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp = add(
         "quiesce", "stop taking NBD requests, finish those in flight, flush; until `export resume`", cmd_quiesce
     )
-    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for in-flight requests")
+    sp.add_argument(
+        "--timeout", type=float, default=30.0, metavar="SECONDS", help="seconds to wait for in-flight requests"
+    )
     add("resume", "take NBD requests again", cmd_resume)
     add("flush", "make everything the export has written durable", cmd_flush)
 
@@ -105,7 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(st)
     else:
-        print(render_status(st))
+        print_data(render_status(st))
     return 0
 
 

@@ -15,85 +15,156 @@ from pathlib import Path
 from typing import Any
 
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
-from qwamos.cli.output import emit_json, message, warn
-from qwamos.errors import InvalidArgument, KeyExistsError, KeyNotFoundError
+from qwamos.cli.output import (
+    add_json_option,
+    add_yes_option,
+    confirm,
+    emit_json,
+    message,
+    print_data,
+    print_fields,
+    symbol,
+    warn,
+)
+from qwamos.errors import IdentityNotFoundError, InvalidArgument, KeyExistsError, KeyNotFoundError
 from qwamos.keystore import PQCKeystore, read_passphrase
 from qwamos.keystore.files import read_bounded, write_private
 
 RECOVERY_ENV = ("QWAMOS_RECOVERY_PASSPHRASE", "QWAMOS_PASSPHRASE")
 _KEYSTORE_HELP = "keystore directory (default: $QWAMOS_KEYSTORE or ~/.qwamos/keystore)"
+_KEY_ID_HELP = "the key's id (as `qwamos key list` shows it)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("key", help="manage the keystore: list, show, rotate, delete, export/import keys")
+    p = sub.add_parser(
+        "key",
+        help="manage the keystore: list, show, rotate, delete, export/import keys",
+        examples=["qwamos key list", "qwamos key --keystore /srv/keys show vm-web-1a2b"],
+    )
     p.add_argument("--keystore", type=Path, default=None, metavar="DIR", help=_KEYSTORE_HELP)
     ksub = p.add_subparsers(dest="key_command", metavar="ACTION", required=True)
 
-    def action(name: str, help_: str, func: Any, *, json_out: bool = True, passphrase: bool = True) -> Any:
-        a = ksub.add_parser(name, help=help_)
+    def action(
+        name: str,
+        help_: str,
+        func: Any,
+        examples: list[str],
+        *,
+        json_out: bool = True,
+        passphrase: bool = True,
+    ) -> Any:
+        a = ksub.add_parser(name, help=help_, examples=examples)
         # Also accepted after the action; SUPPRESS keeps it from overriding the group-level value.
         a.add_argument("--keystore", type=Path, default=argparse.SUPPRESS, metavar="DIR", help=_KEYSTORE_HELP)
         if json_out:
-            a.add_argument("--json", action="store_true", help="print the result as JSON")
+            add_json_option(a)
         if passphrase:
             add_keystore_args(a, keystore=False)
         a.set_defaults(func=func)
         return a
 
-    action("init", "create the keystore identity now (sealed if a passphrase is given)", cmd_init, passphrase=True)
-    action("identity", "show the identity's fingerprint and whether it is sealed", cmd_identity)
-    action("list", "list keys with their metadata", cmd_list)
-    s = action("show", "show one key's metadata, state and users", cmd_show, passphrase=True)
-    s.add_argument("key_id", metavar="KEY_ID")
+    action(
+        "init",
+        "create the keystore identity now (sealed if a passphrase is given)",
+        cmd_init,
+        ["qwamos key init", "qwamos key init --passphrase-file /etc/qwamos/passphrase"],
+    )
+    action(
+        "identity",
+        "show the identity's fingerprint and whether it is sealed",
+        cmd_identity,
+        ["qwamos key identity", "qwamos key identity --json"],
+    )
+    action("list", "list keys with their metadata", cmd_list, ["qwamos key list", "qwamos key list --json"])
+    s = action(
+        "show",
+        "show one key's metadata, state and users",
+        cmd_show,
+        ["qwamos key show vm-web-1a2b", "qwamos key show vm-web-1a2b --verify --json"],
+    )
+    s.add_argument("key_id", metavar="KEY_ID", help=_KEY_ID_HELP)
     s.add_argument(
         "--verify", action="store_true", help="also check the key file completely (MAC, pin; opens the identity)"
     )
-    d = action("delete", "overwrite and remove a key (irreversible without an export)", cmd_delete, json_out=False)
-    d.add_argument("key_id", metavar="KEY_ID")
-    d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    d.add_argument("--force", action="store_true", help="delete even when volumes use it (they become unreadable)")
-    r = action("rotate", "make a new key succeeding KEY_ID (the old key is kept)", cmd_rotate, passphrase=True)
-    r.add_argument("key_id", metavar="KEY_ID")
+    d = action(
+        "delete",
+        "overwrite and remove a key (irreversible without an export)",
+        cmd_delete,
+        ["qwamos key delete vm-old-1a2b", "qwamos key delete vm-old-1a2b --yes --force"],
+        json_out=False,
+    )
+    d.add_argument("key_id", metavar="KEY_ID", help=_KEY_ID_HELP)
+    add_yes_option(d)
+    d.add_argument(
+        "--force",
+        action="store_true",
+        help="delete even when volumes use it (they become unreadable; refused by default)",
+    )
+    r = action(
+        "rotate",
+        "make a new key succeeding KEY_ID (the old key is kept)",
+        cmd_rotate,
+        ["qwamos key rotate vm-web-1a2b", "qwamos key rotate vm-web-1a2b --json"],
+    )
+    r.add_argument("key_id", metavar="KEY_ID", help=_KEY_ID_HELP)
     ri = action(
         "rotate-identity",
         "new identity key pair; re-wrap every key to it, update VM configs, destroy the old identity",
         cmd_rotate_identity,
+        ["qwamos key rotate-identity --yes", "qwamos key rotate-identity --passphrase-file /etc/qwamos/pp --yes"],
     )
     ri.add_argument(
-        "--root", type=Path, default=None, metavar="DIR", help="VM root whose configs name the identity"
+        "--root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="VM root whose configs name the identity (default: $QWAMOS_ROOT or ~/QWAMOS)",
     )
-    ri.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    ri.epilog = (
-        "examples:\n  qwamos key rotate-identity --yes\n"
-        "  qwamos key rotate-identity --passphrase-file /etc/qwamos/pp --yes"
+    add_yes_option(ri)
+    pp = action(
+        "passphrase",
+        "seal the identity, change its passphrase, or unseal it",
+        cmd_passphrase,
+        [
+            "qwamos key passphrase                      (asks the current and the new one)",
+            "qwamos key passphrase --passphrase-fd 3 --new-passphrase-fd 4",
+            "qwamos key passphrase --unseal --yes",
+        ],
     )
-    ri.formatter_class = argparse.RawDescriptionHelpFormatter
-    pp = action("passphrase", "seal the identity, change its passphrase, or unseal it", cmd_passphrase)
     pp.add_argument(
-        "--new-passphrase-fd", type=int, default=None, metavar="N", help="read the new passphrase from fd N"
+        "--new-passphrase-fd",
+        type=int,
+        default=None,
+        metavar="N",
+        help="read the new passphrase from fd N (default: --new-passphrase-file, else a prompt)",
     )
     pp.add_argument(
         "--new-passphrase-file",
         type=Path,
         default=None,
         metavar="PATH",
-        help="read the new passphrase from PATH (0600)",
+        help="read the new passphrase from PATH (0600; default: a prompt)",
     )
     pp.add_argument("--unseal", action="store_true", help="store the identity unsealed (file permissions only)")
-    pp.add_argument("--yes", action="store_true", help="confirm --unseal without a prompt")
-    pp.epilog = (
-        "examples:\n  qwamos key passphrase                      (asks the current and the new one)\n"
-        "  qwamos key passphrase --passphrase-fd 3 --new-passphrase-fd 4\n  qwamos key passphrase --unseal --yes"
+    add_yes_option(pp)
+    e = action(
+        "export",
+        "write a passphrase-sealed recovery copy of a key",
+        cmd_export,
+        ["qwamos key export vm-web-1a2b -o recovery.json", "qwamos key export vm-web-1a2b -o r.json --force"],
     )
-    pp.formatter_class = argparse.RawDescriptionHelpFormatter
-    e = action("export", "write a passphrase-sealed recovery copy of a key", cmd_export, passphrase=True)
-    e.add_argument("key_id", metavar="KEY_ID")
+    e.add_argument("key_id", metavar="KEY_ID", help=_KEY_ID_HELP)
     e.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="recovery file to write")
-    e.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    e.add_argument("--force", action="store_true", help="replace FILE if it exists (refused by default)")
     _recovery_fd(e)
-    i = action("import", "store a key from a recovery file, wrapped to this keystore", cmd_import, passphrase=True)
-    i.add_argument("file", type=Path, metavar="FILE")
-    i.add_argument("--force", action="store_true", help="replace a key with the same id")
+    i = action(
+        "import",
+        "store a key from a recovery file, wrapped to this keystore",
+        cmd_import,
+        ["qwamos key import recovery.json", "qwamos key import recovery.json --recovery-passphrase-fd 3 3<pw"],
+    )
+    i.add_argument("file", type=Path, metavar="FILE", help="the recovery file (from key export)")
+    i.add_argument("--force", action="store_true", help="replace a key with the same id (refused by default)")
     _recovery_fd(i)
 
 
@@ -104,7 +175,7 @@ def _recovery_fd(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="read the recovery file's passphrase from file descriptor N "
-        "(else $QWAMOS_RECOVERY_PASSPHRASE, $QWAMOS_PASSPHRASE, or a prompt)",
+        "(default: $QWAMOS_RECOVERY_PASSPHRASE, else $QWAMOS_PASSPHRASE, else a prompt)",
     )
 
 
@@ -120,12 +191,6 @@ def _recovery_passphrase(args: argparse.Namespace, *, confirm: bool) -> bytes:
     return pp
 
 
-def _print_fields(fields: dict[str, Any]) -> None:
-    width = max(len(k) for k in fields) + 1
-    for k, v in fields.items():
-        print(f"{k + ':':<{width}} {v}")
-
-
 def cmd_init(args: argparse.Namespace) -> int:
     pp = read_passphrase(
         fd=args.passphrase_fd,
@@ -139,7 +204,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(info)
     else:
-        _print_fields(info)
+        print_fields(info)
         if not info["sealed"]:
             warn("the identity is not sealed with a passphrase; it is protected by file permissions only")
     return 0
@@ -149,9 +214,11 @@ def cmd_identity(args: argparse.Namespace) -> int:
     ks = open_keystore(args)
     info = ks.identity_info()
     if info is None:
-        message(f"{ks.path} has no identity yet (it is created with the first key, or by 'qwamos key init')")
-        return 1
-    emit_json(info) if args.json else _print_fields(info)
+        where = "none yet" if ks.path.is_dir() else "the keystore does not exist"
+        raise IdentityNotFoundError(
+            keystore=str(ks.path), msg=f"{where} (it is made with the first key, or by `qwamos key init`)"
+        )
+    emit_json(info) if args.json else print_fields(info)
     ks.check_pin()  # after printing: say what identity.key and identity.pin each claim, then refuse
     return 0
 
@@ -197,7 +264,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+        print_data("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     return 0
 
 
@@ -224,11 +291,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     shown["successors"] = ", ".join(meta["successors"]) or "-"
     shown["vms"] = ", ".join(meta["vms"]) or "-"
     shown["verified"] = "yes (pin, MAC, AEAD)" if verify else "no (sealed identity: pass --verify to check)"
-    _print_fields(shown)
+    print_fields(shown)
     for u in meta["users"]:
         extra = f" ({u['reason']})" if u["state"] == "stale" else ""
         vm = f" VM {u['vm_name']}" if u["vm_name"] else ""
-        print(f"user:  {u['state']}: {u['path']} uuid {u['volume_uuid']}{vm}{extra}")
+        print_data(f"user:  {u['state']}: {u['path']} uuid {u['volume_uuid']}{vm}{extra}")
     return 0
 
 
@@ -238,13 +305,13 @@ def cmd_delete(args: argparse.Namespace) -> int:
         raise KeyNotFoundError(key_id=args.key_id, keystore=str(ks.path))
     if not args.force:
         ks.check_not_in_use(args.key_id)  # refuse before asking for a confirmation
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise InvalidArgument("refusing to delete a key without confirmation: pass --yes")
-        answer = input(f"Delete key {args.key_id}? Volumes using it become unreadable. Type 'yes': ")
-        if answer.strip() != "yes":
-            message("not deleted")
-            return 1
+    if not confirm(
+        f"Delete key {args.key_id}? Volumes using it become unreadable.",
+        yes=args.yes,
+        action=f"delete key {args.key_id}",
+    ):
+        message("not deleted")
+        return 1
     lost = ks.delete_key(args.key_id, force=args.force)
     message(f"deleted key {args.key_id}")
     for u in lost:
@@ -259,22 +326,13 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"old_key_id": args.key_id, "new_key_id": new_id})
     else:
-        print(new_id)
-    message(f"Rotated: {args.key_id} → {new_id}")
+        print_data(new_id)
+    message(f"Rotated: {args.key_id} {symbol('arrow', sys.stderr)} {new_id}")
     warn(
         f"volumes encrypted under {args.key_id} still use it: keep it until their data is re-encrypted "
         "(re-encryption is not implemented yet)"
     )
     return 0
-
-
-def _confirm(args: argparse.Namespace, question: str) -> bool:
-    """``--yes``, else a typed 'yes' on a terminal; without a terminal the command refuses (exit 2)."""
-    if args.yes:
-        return True
-    if not sys.stdin.isatty():
-        raise InvalidArgument("refusing without confirmation: pass --yes")
-    return input(f"{question} Type 'yes': ").strip() == "yes"
 
 
 def cmd_rotate_identity(args: argparse.Namespace) -> int:
@@ -285,7 +343,11 @@ def cmd_rotate_identity(args: argparse.Namespace) -> int:
     manager = VMManager(args.root, keystore=ks.path)
     pending = ks.pending_identity_switch()
     if pending is None:
-        if not _confirm(args, f"Replace the identity of {ks.path} and destroy the old one?"):
+        if not confirm(
+            f"Replace the identity of {ks.path} and destroy the old one?",
+            yes=args.yes,
+            action=f"rotate the identity of {ks.path}",
+        ):
             message("not rotated")
             return 1
         result = ks.rotate_identity()
@@ -305,7 +367,7 @@ def cmd_rotate_identity(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result)
     else:
-        print(new_fp)
+        print_data(new_fp)
     for name in upd.updated:
         message(f"VM {name}: storage.encryption.identity_fingerprint is now {new_fp}")
     message(f"destroyed the old identity {old_fp} (identity.key overwritten and removed)")
@@ -316,14 +378,18 @@ def cmd_passphrase(args: argparse.Namespace) -> int:
     ks = open_keystore(args)
     info = ks.identity_info()
     if info is None:
-        raise InvalidArgument(f"{ks.path} has no identity yet (create one with 'qwamos key init')")
+        raise IdentityNotFoundError(keystore=str(ks.path), msg="none yet (create one with `qwamos key init`)")
     if args.unseal:
         if args.new_passphrase_fd is not None or args.new_passphrase_file is not None:
             raise InvalidArgument("--unseal takes no new passphrase")
         if not info["sealed"]:
             message("the identity is not sealed; nothing to do")
             return 0
-        if not _confirm(args, "Store the identity unsealed (protected by file permissions only)?"):
+        if not confirm(
+            "Store the identity unsealed (protected by file permissions only)?",
+            yes=args.yes,
+            action="store the identity unsealed",
+        ):
             message("not changed")
             return 1
         new = None
@@ -376,6 +442,6 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(ks.get_metadata(key_id))
     else:
-        print(key_id)
+        print_data(key_id)
     message(f"imported key {key_id} into {ks.path}")
     return 0

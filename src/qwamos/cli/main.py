@@ -20,7 +20,9 @@ import sys
 from collections.abc import Sequence
 
 from qwamos import __version__
-from qwamos.errors import run_main
+from qwamos.cli import output
+from qwamos.cli.parser import QwamosParser, common_options
+from qwamos.errors import exit_ranges_text, run_main
 
 # Command groups: top-level command -> its module in qwamos.cli (with register(subparsers)), in help order.
 COMMAND_GROUPS = {
@@ -57,7 +59,8 @@ class _VersionAction(argparse.Action):
 def _requested_group(argv: Sequence[str] | None) -> str | None:
     """The command group argv names, if any: its first word that is not an option.
 
-    The top-level options (``-v``, ``--version``, ``-h``) take no value, so the first such word is the command.
+    The top-level options (``-q``, ``-v``, ``--version``, ``-h``) take no value, so the first such word is the
+    command.
     """
     words = sys.argv[1:] if argv is None else argv
     for word in words:
@@ -68,16 +71,20 @@ def _requested_group(argv: Sequence[str] | None) -> str | None:
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser for ``argv``: only the named command group when there is one, else every group."""
-    parser = argparse.ArgumentParser(
+    parser = QwamosParser(
         prog="qwamos",
-        description="Encrypted VM storage: .qvol volumes, a post-quantum keystore, encrypted VMs.",
-        epilog="Exit codes: 0 ok, 1 warning, 2 error/usage, 10-19 volume, 20-29 keystore, "
-        "30-39 export, 40-49 VM, 50-59 migration.  See README.md.",
+        description="Encrypted VM storage: .qvol volumes, a post-quantum keystore, encrypted VMs.  Data goes "
+        "to stdout (--json where a command has data), messages and progress to stderr.",
+        examples=[
+            "qwamos vm start web",
+            "qwamos volume create disk.qvol --size 10G",
+            "qwamos key list --json",
+        ],
+        epilog=f"Exit codes: 0 ok, 1 warning, 2 error/usage, {exit_ranges_text()}; the table is in README.md.",
     )
     parser.add_argument(
         "--version", action=_VersionAction, help="print the version and the crypto library's versions, and exit"
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     group = _requested_group(argv)
     modules = (COMMAND_GROUPS[group],) if group is not None else COMMAND_MODULES
@@ -92,10 +99,14 @@ def full_parser() -> argparse.ArgumentParser:
     return build_parser([])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, spec_transcript: bool = False) -> int:
+    """Run ``qwamos`` with ``argv``; ``spec_transcript`` is for the spec's scripts (hypervisor/scripts/), whose
+    printed transcript is the spec's contract (:class:`qwamos.cli.output.Settings`)."""
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    quiet, verbose = common_options(args)
+    output.configure(quiet=quiet, verbose=verbose, spec_transcript=spec_transcript)
+    level = logging.ERROR if quiet and not verbose else logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="qwamos: %(levelname)s: %(message)s", stream=sys.stderr)
     func = getattr(args, "func", None)
     if func is None:

@@ -1,19 +1,29 @@
 """``qwamos migrate <vm>``: move a VM's disk onto encrypted storage (``--to-qcow2``: and back).
 
 Thin over :mod:`qwamos.migrate`: the library does the work and reports events; this module draws them as
-the spec's transcript (stdout) or, with ``--json``, as one JSON object per line for scripts.
+a transcript on stderr (it reports progress; the data of a migration is its ``--json`` event stream, one JSON
+object per line on stdout).  Run as the spec's ``hypervisor/scripts/migrate_to_pqc.py`` it prints the spec's
+transcript as the spec shows it, symbols and all, on stdout (``output.settings.spec_transcript``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
-from qwamos.cli.output import Progress, emit_json
+from qwamos.cli.output import (
+    Progress,
+    add_json_option,
+    emit_json,
+    emit_json_line,
+    fancy,
+    print_data,
+    settings,
+    warn,
+)
 from qwamos.hypervisor.vocab import ALGORITHM_LABELS, ALGORITHMS, DEFAULT_ALGORITHM
 from qwamos.migrate import TO_QCOW2, TO_QVOL, make_plan, migrate
 from qwamos.migrate.journal import Journal
@@ -31,16 +41,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "volume through QEMU "
         "without any plaintext temporary file, compare every byte, and only then switch the config. On any "
         "failure or Ctrl-C nothing is changed.",
+        examples=["qwamos migrate web --dry-run", "qwamos migrate web", "qwamos migrate --to-qcow2 web --json"],
     )
     p.add_argument("vm", help="VM name (a directory under <root>/vms/)")
-    p.add_argument("--root", type=Path, default=None, help="QWAMOS root (default: $QWAMOS_ROOT or ~/QWAMOS)")
+    p.add_argument(
+        "--root", type=Path, default=None, metavar="DIR", help="QWAMOS root (default: $QWAMOS_ROOT or ~/QWAMOS)"
+    )
     p.add_argument(
         "--no-backup",
         action="store_true",
         help="delete the original after the verified switch instead of keeping it as <disk>.backup",
     )
     p.add_argument("--dry-run", action="store_true", help="check everything and say what would happen")
-    p.add_argument("--json", action="store_true", help="print progress and results as JSON lines")
+    add_json_option(p, "the events (plan, progress, results) as JSON lines")
     p.add_argument("--to-qcow2", action="store_true", help="decrypt the VM's volume back to a qcow2 disk")
     p.add_argument(
         "--allow-backing",
@@ -93,13 +106,13 @@ def _dry_run(args: argparse.Namespace, ks: Any, direction: str) -> int:
     if args.json:
         emit_json({"type": "dry_run", **doc})
         return 0
-    print(f"Dry run: migrating VM {args.vm!r} would (nothing is changed now):")
+    print_data(f"Dry run: migrating VM {args.vm!r} would (nothing is changed now):")
     if leftover:
-        print("0. clean up after the interrupted migration recorded in " + str(journal_path_for(plan.vm)))
+        print_data("0. clean up after the interrupted migration recorded in " + str(journal_path_for(plan.vm)))
     for i, step in enumerate(plan.steps(), 1):
-        print(f"{i}. {step}")
+        print_data(f"{i}. {step}")
     for w in plan.warnings:
-        print(f"warning: {w}")
+        warn(w)
     return 0
 
 
@@ -129,21 +142,33 @@ class _JsonView:
             else:
                 self.progress.update(ev["done"])
             return
-        sys.stdout.write(json.dumps(ev, default=str) + "\n")
-        sys.stdout.flush()
+        emit_json_line(ev)
 
 
 class _TextView:
-    """The spec's transcript."""
+    """The spec's transcript: on stderr, with its symbols only where they may be drawn (a terminal without
+    ``NO_COLOR``), and no progress lines off a terminal; as the spec shows it, on stdout, for the spec's script."""
 
     def __init__(self, vm: str, direction: str) -> None:
         self.vm = vm
         self.direction = direction
         self.progress: Progress | None = None
+        self.spec = settings.spec_transcript
+        self.stream = sys.stdout if self.spec else sys.stderr
+        self.symbols = self.spec or fancy(self.stream)
+        self.quiet = settings.quiet and not self.spec
 
     def out(self, text: str = "") -> None:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
+        if self.quiet:
+            return
+        if not self.symbols:  # "✓ Backup created" -> "Backup created"
+            for sym in ("✅ ", "✓ "):
+                text = text.replace(sym, "")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _progress(self, blocks: int, label: str) -> Progress:
+        return Progress(blocks, label=label, stream=self.stream, unit_bytes=4096, final_line=self.spec)
 
     def event(self, ev: dict[str, Any]) -> None:
         handler = getattr(self, "on_" + ev["type"], None)
@@ -167,7 +192,7 @@ class _TextView:
         self.out(f"Size:         {_size_text(ev['size_bytes'])}")
 
     def on_warning(self, ev: dict[str, Any]) -> None:
-        sys.stderr.write(f"warning: {ev['message']}\n")
+        warn(ev["message"])
 
     def on_recovered(self, ev: dict[str, Any]) -> None:
         what = "finished" if ev["action"] == "finished" else "rolled back"
@@ -201,11 +226,11 @@ class _TextView:
         else:
             self.out("Migrating data back to qcow2...")
         self.out(f"   Copying {ev['blocks']} blocks ({_size_text(ev['size_bytes'])})...")
-        self.progress = Progress(ev["blocks"], label="Progress", stream=sys.stdout)
+        self.progress = self._progress(ev["blocks"], "Progress")
 
     def on_verify_start(self, ev: dict[str, Any]) -> None:
         self.out("   Verifying every byte against the source...")
-        self.progress = Progress(ev["blocks"], label="Verified", stream=sys.stdout)
+        self.progress = self._progress(ev["blocks"], "Verified")
 
     def on_progress(self, ev: dict[str, Any]) -> None:
         if self.progress is None:
@@ -253,7 +278,8 @@ class _TextView:
             self.out(f"New qcow2 disk:     {ev['target']} (unencrypted)")
         self.out()
         self.out("Next steps:")
-        self.out(f"1. Test the VM: ./vm_manager.py start {self.vm}")
+        start = "./vm_manager.py start" if self.spec else "qwamos vm start"
+        self.out(f"1. Test the VM: {start} {self.vm}")
         self.out("2. Verify data integrity")
         if ev.get("backup"):
             then = f"; then its key: qwamos key delete {ev['backup_key_id']}" if ev.get("backup_key_id") else ""

@@ -30,6 +30,11 @@ def register_serve(vsub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a volume over NBD (QEMU: -blockdev driver=nbd,server.type=unix,server.path=SOCK)",
         description="Serve a .qvol volume as an NBD export until SIGTERM/SIGINT.  See docs/nbd-export.md.",
+        examples=[
+            "qwamos volume serve disk.qvol --socket /run/disk.sock",
+            "qwamos volume serve disk.qvol --tcp 0.0.0.0:10809 --tls-dir ~/.qwamos/tls",
+            "qwamos volume serve disk.qvol --socket /run/disk.sock --daemon --pidfile /run/disk.pid",
+        ],
     )
     export.add_arguments(s)
     add_keystore_args(s)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qwamos.cli.output import emit_json, message
+from qwamos.cli.output import add_json_option, emit_json, message
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tls", help="CA, server and client certificates for TCP exports (mutual TLS)")
+    p = sub.add_parser(
+        "tls",
+        help="CA, server and client certificates for TCP exports (mutual TLS)",
+        examples=["qwamos tls init --host storage1.example", "qwamos tls client vmhost1"],
+    )
     tsub = p.add_subparsers(dest="tls_command", metavar="ACTION", required=True)
     dir_help = "certificate directory (default: $QWAMOS_TLS_DIR or ~/.qwamos/tls)"
 
@@ -22,8 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "init",
         help="make a CA and the server certificate",
         description="Make a CA and a server certificate for `volume serve --tcp ... --tls-dir DIR`.",
+        examples=[
+            "qwamos tls init --host storage1.example",
+            "qwamos tls init --host storage1.example --host 192.0.2.10 --dir /etc/qwamos/tls",
+        ],
     )
-    sp.add_argument("--dir", type=Path, help=dir_help)
+    sp.add_argument("--dir", type=Path, metavar="DIR", help=dir_help)
     sp.add_argument(
         "--host",
         action="append",
@@ -31,20 +39,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="NAME|ADDR",
         help="a host name or IP address clients connect to (repeatable; clients check it)",
     )
-    sp.add_argument("--json", action="store_true", help="print the server certificate's details as JSON")
+    add_json_option(sp, "the server certificate's details")
     sp.set_defaults(func=cmd_init)
 
     sp = tsub.add_parser(
         "client",
         help="issue a client certificate",
         description="Issue a client certificate NAME (the name --tls-allow matches) signed by the CA in --dir.",
+        examples=["qwamos tls client vmhost1", "qwamos tls client vmhost1 --out /etc/qwamos/client --json"],
     )
     sp.add_argument("name", help="client name (certificate CN)")
-    sp.add_argument("--dir", type=Path, help=dir_help)
+    sp.add_argument("--dir", type=Path, metavar="DIR", help=dir_help)
     sp.add_argument(
         "--out", type=Path, metavar="DIR", help="write the client files here (default DIR/clients/NAME)"
     )
-    sp.add_argument("--json", action="store_true", help="print the certificate's details as JSON")
+    add_json_option(sp, "the certificate's details")
     sp.set_defaults(func=cmd_client)
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from qwamos.cli import vm_ops_cmd
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
-from qwamos.cli.output import emit_json, message, warn
-from qwamos.errors import InvalidArgument, VMStateError
+from qwamos.cli.output import add_json_option, add_yes_option, confirm, emit_json, message, print_data, warn
+from qwamos.errors import InvalidArgument, NotATerminalError, VMStateError
 from qwamos.hypervisor import console, lifecycle
 from qwamos.hypervisor.manager import DEFAULT_STOP_TIMEOUT, VMManager
 from qwamos.hypervisor.process import live_process
@@ -23,83 +23,166 @@ from qwamos.hypervisor.vocab import ACCELS, ARCHES, DEFAULT_MACHINE_FOR_ARCH, MA
 def _common(p: argparse.ArgumentParser, *, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     p.add_argument(
-        "--root", type=Path, default=default, metavar="DIR", help="VM root (default $QWAMOS_ROOT or ~/QWAMOS)"
+        "--root", type=Path, default=default, metavar="DIR", help="VM root (default: $QWAMOS_ROOT or ~/QWAMOS)"
     )
     p.add_argument(
         "--keystore",
         type=Path,
         default=default,
         metavar="DIR",
-        help="keystore (default $QWAMOS_KEYSTORE or ~/.qwamos/keystore)",
+        help="keystore (default: $QWAMOS_KEYSTORE or ~/.qwamos/keystore)",
     )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("vm", help="list, inspect, start, stop and create VMs")
+    p = sub.add_parser(
+        "vm",
+        help="list, inspect, start, stop and create VMs",
+        examples=["qwamos vm list", "qwamos vm --root /srv/qwamos start web"],
+    )
     _common(p, suppress=False)
     vsub = p.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
 
-    def add(name: str, help_text: str, func: Any, *, vm: bool = True) -> argparse.ArgumentParser:
-        sp = vsub.add_parser(name, help=help_text)
+    def add(
+        name: str, help_text: str, func: Any, *, vm: bool = True, examples: list[str] | None = None, **kw: Any
+    ) -> argparse.ArgumentParser:
+        """An action under ``qwamos vm`` with --root/--keystore and (``vm=True``) the VM name; ``examples``
+        default to ``qwamos vm NAME web``."""
+        sp = vsub.add_parser(
+            name, help=help_text, examples=examples or [f"qwamos vm {name}" + (" web" if vm else "")], **kw
+        )
         _common(sp, suppress=True)
         if vm:
-            sp.add_argument("vm", help="VM name")
+            sp.add_argument("vm", help="VM name (a directory under ROOT/vms/)")
         sp.set_defaults(func=func)
         return sp
 
-    sp = add("list", "table of VMs and their state", cmd_list, vm=False)
-    sp.add_argument("--json", action="store_true")
-    sp = add("info", "the VM's configuration, accelerator and encryption", cmd_info)
-    sp.add_argument("--json", action="store_true")
-    sp = add("start", "start the VM (in the background)", cmd_start)
+    sp = add("list", "table of VMs and their state", cmd_list, vm=False, examples=["qwamos vm list --json"])
+    add_json_option(sp, "the VMs")
+    sp = add(
+        "info",
+        "the VM's configuration, accelerator and encryption",
+        cmd_info,
+        examples=["qwamos vm info web", "qwamos vm info web --json"],
+    )
+    add_json_option(sp, "the VM's details")
+    sp = add(
+        "start",
+        "start the VM (in the background)",
+        cmd_start,
+        examples=[
+            "qwamos vm start web",
+            "qwamos vm start web --foreground",
+            "qwamos vm start web --passphrase-file /etc/qwamos/passphrase --json",
+        ],
+    )
     add_keystore_args(sp, keystore=False)  # the volume key is unwrapped here, never in the VM's processes
-    sp.add_argument("--foreground", action="store_true", help="attach the serial console until the VM exits")
-    sp = add("stop", "stop the VM: ACPI powerdown, hard stop after --timeout", cmd_stop)
-    sp.add_argument("--timeout", type=float, default=DEFAULT_STOP_TIMEOUT, help="seconds to wait for the guest")
+    sp.add_argument(
+        "--foreground", action="store_true", help="attach the serial console until the VM exits (needs a terminal)"
+    )
+    add_json_option(sp, "what was started (pids, serial log, created disk)")
+    sp = add(
+        "stop",
+        "stop the VM: ACPI powerdown, hard stop after --timeout",
+        cmd_stop,
+        examples=["qwamos vm stop web", "qwamos vm stop web --timeout 10", "qwamos vm stop web --force"],
+    )
+    sp.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_STOP_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds to wait for the guest",
+    )
     sp.add_argument("--force", action="store_true", help="skip the ACPI powerdown; stop QEMU now")
-    sp = add("status", "running, paused (e.g. disk full), stopped, starting or crashed", cmd_status)
-    sp.add_argument("--json", action="store_true")
+    sp = add(
+        "status",
+        "running, paused (e.g. disk full), stopped, starting or crashed",
+        cmd_status,
+        examples=["qwamos vm status web", "qwamos vm status web --json"],
+    )
+    add_json_option(sp, "the state, its reason and the export's counters")
     add("resume", "continue a VM that QEMU paused on a full disk (after freeing space)", cmd_resume)
-    add("console", "attach to the serial console (detach with Ctrl-])", cmd_console)
+    add(
+        "console",
+        "attach to the serial console (detach with Ctrl-]; needs a terminal)",
+        cmd_console,
+        examples=["qwamos vm console web", "tail -f ~/QWAMOS/vms/web/run/serial.log   # without a terminal"],
+    )
 
-    sp = add("create", "write a new VM config", cmd_create)
-    sp.add_argument("--machine", default=None, choices=list(MACHINES), help="machine type (must fit --arch)")
+    sp = add(
+        "create",
+        "write a new VM config",
+        cmd_create,
+        examples=[
+            "qwamos vm create web --arch aarch64 --disk-size 10G --encrypted --kernel vmlinuz --initrd initrd.img",
+            "qwamos vm create web --machine q35 --memory 1024 --json",
+        ],
+    )
+    sp.add_argument(
+        "--machine", default=None, choices=list(MACHINES), help="machine type (must fit --arch; default: --arch's)"
+    )
     sp.add_argument(
         "--arch",
         default=None,
         choices=ARCHES,
-        help=", ".join(f"{m} for {a}" for a, m in DEFAULT_MACHINE_FOR_ARCH.items()) + " unless --machine says",
+        help="guest architecture (default: "
+        + ", ".join(f"{m} for {a}" for a, m in DEFAULT_MACHINE_FOR_ARCH.items())
+        + ", unless --machine says)",
     )
-    sp.add_argument("--cpu", default=None, dest="cpu_model", help="CPU model (e.g. cortex-a76)")
-    sp.add_argument("--cpus", type=int, default=1, dest="cpu_cores")
+    sp.add_argument(
+        "--cpu",
+        default=None,
+        dest="cpu_model",
+        help="CPU model (e.g. cortex-a76; default: the machine's usual CPU)",
+    )
+    sp.add_argument("--cpus", type=int, default=1, dest="cpu_cores", metavar="N", help="virtual CPUs")
     sp.add_argument(
         "--memory", default="512", dest="memory_mb", help="MB (2048), or a size in whole MB (2G); default 512"
     )
-    sp.add_argument("--disk-size", default="10G")
-    sp.add_argument("--disk-path", default=None)
-    sp.add_argument("--kernel", default=None, help="guest kernel (required; relative to the current directory)")
-    sp.add_argument("--initrd", default=None, help="initrd (relative to the current directory)")
-    sp.add_argument("--cmdline", default=None)
+    sp.add_argument("--disk-size", default="10G", metavar="SIZE", help="disk size, with K/M/G/T suffix")
+    sp.add_argument(
+        "--disk-path",
+        default=None,
+        metavar="PATH",
+        help="the disk image (default: a disk file in the VM's directory)",
+    )
+    sp.add_argument(
+        "--kernel",
+        default=None,
+        metavar="PATH",
+        help="guest kernel (required; relative to the current directory; default: none)",
+    )
+    sp.add_argument(
+        "--initrd",
+        default=None,
+        metavar="PATH",
+        help="initrd (relative to the current directory; default: none)",
+    )
+    sp.add_argument("--cmdline", default=None, help="kernel command line (default: none)")
     sp.add_argument(
         "--accel", default=None, choices=ACCELS, help="default: kvm where it runs this guest here, else tcg"
     )
-    sp.add_argument("--network", default="nat", dest="network_mode", choices=NETWORK_MODES)
-    sp.add_argument("--mac", default=None)
-    sp.add_argument("--encrypted", action="store_true", help="storage.encryption.enabled: true")
+    sp.add_argument("--network", default="nat", dest="network_mode", choices=NETWORK_MODES, help="network mode")
+    sp.add_argument("--mac", default=None, help="MAC address of the NIC (default: none, QEMU picks one)")
+    sp.add_argument("--encrypted", action="store_true", help="storage.encryption.enabled: true (default: off)")
+    add_json_option(sp, "the new VM's name and config path")
 
     sp = add(
-        "delete", "delete a stopped VM: its disk, its config, and its key when nothing else uses it", cmd_delete
+        "delete",
+        "delete a stopped VM: its disk, its config, and its key when nothing else uses it",
+        cmd_delete,
+        examples=[
+            "qwamos vm delete web",
+            "qwamos vm delete web --keep-disk --yes",
+            "qwamos vm delete web --yes --json",
+        ],
     )
     sp.add_argument(
         "--keep-disk", action="store_true", help="keep the disk files and their keys; remove the config"
     )
-    sp.add_argument("--yes", action="store_true", help="do not ask for confirmation (required off a terminal)")
-    sp.add_argument("--json", action="store_true", help="print what was deleted and kept as JSON")
-    sp.epilog = (
-        "examples:\n  qwamos vm delete web\n  qwamos vm delete web --keep-disk --yes\n"
-        "  qwamos vm delete web --yes --json"
-    )
-    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_yes_option(sp)
+    add_json_option(sp, "what was deleted and kept")
 
     vm_ops_cmd.register(add)
 
@@ -117,12 +200,13 @@ def _manager(args: argparse.Namespace) -> VMManager:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    rows = _manager(args).list_vms()
+    mgr = _manager(args)
+    rows = mgr.list_vms()
     if args.json:
         emit_json(rows)
         return 0
     if not rows:
-        message("no VMs defined")
+        message(f"no VMs under {mgr.root} (each is a directory ROOT/vms/NAME with a config.yaml)")
         return 0
     header = ("NAME", "STATE", "MACHINE", "CPUS", "MEMORY", "DISK", "ENCRYPTED")
     table = [header]
@@ -143,7 +227,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        print_data("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     for r in rows:
         if r.get("error"):
             warn(f"{r['name']}: {r['error']}")
@@ -155,7 +239,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(mgr.info(args.vm))
     else:
-        print(mgr.info_text(args.vm))
+        print_data(mgr.info_text(args.vm))  # the spec's info block, its symbols included (the spec's contract)
     return 0
 
 
@@ -168,9 +252,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         pids = ", ".join(f"{k} {v}" for k, v in sorted(st.pids.items()))
         extra = "; ".join(x for x in (st.reason, f"pids: {pids}" if pids else "") if x)
-        print(f"{st.name}: {st.state}" + (f" ({extra})" if extra else ""))
+        print_data(f"{st.name}: {st.state}" + (f" ({extra})" if extra else ""))
         if export is not None:
-            print(_export_line(export))
+            print_data(_export_line(export))
     return 0
 
 
@@ -189,11 +273,30 @@ def _export_line(export: dict[str, Any]) -> str:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    if args.foreground:
+        if args.json:
+            raise InvalidArgument("--json and --foreground exclude each other (the console is on stdout)")
+        _need_terminal("vm start --foreground", args.vm, _manager(args))
     mgr = _manager(args)
     result = mgr.start(args.vm, on_warning=warn)
+    serial_log = mgr.run_dir(args.vm).serial_log
     if result.created_disk:
         message(f"created disk {result.created_disk}" + (f" (key {result.key_id})" if result.key_id else ""))
-    message(f"started {args.vm} ({result.accel.accel.upper()}); serial log: {mgr.run_dir(args.vm).serial_log}")
+    message(f"started {args.vm} ({result.accel.accel.upper()}); serial log: {serial_log}")
+    if args.json:
+        st = mgr.status(args.vm)
+        emit_json(
+            {
+                "name": args.vm,
+                "state": st.state,
+                "accel": result.accel.accel,
+                "pids": st.pids,
+                "serial_log": str(serial_log),
+                "created_disk": result.created_disk,
+                "key_id": result.key_id,
+                "warnings": result.warnings,
+            }
+        )
     if not args.foreground:
         return 0
     if _attach(mgr, args.vm, detach_ok=True) == "detached":
@@ -223,11 +326,24 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _need_terminal(what: str, name: str, mgr: VMManager) -> None:
+    """Refuse to attach the console without a terminal, saying why and what to use instead."""
+    if sys.stdin.isatty():
+        return
+    log = mgr.run_dir(name).serial_log
+    raise NotATerminalError(
+        what=what,
+        msg=f"the console relays keystrokes and detaches on Ctrl-], which needs one.  Read the guest's output "
+        f"with `tail -f {log}`, or run this from a terminal (ssh -t)",
+    )
+
+
 def cmd_console(args: argparse.Namespace) -> int:
     mgr = _manager(args)
     st = mgr.status(args.vm)
     if st.state not in ("running", "paused"):
         raise VMStateError(name=args.vm, state=st.state, msg="the console is only available while it runs")
+    _need_terminal("vm console", args.vm, mgr)
     _attach(mgr, args.vm, detach_ok=True)
     return 0
 
@@ -243,23 +359,12 @@ def _attach(mgr: VMManager, name: str, *, detach_ok: bool) -> str:
     )
 
 
-def _confirm(lines: list[str], question: str, *, yes: bool) -> None:
-    """Show what would happen and ask (``--yes`` answers; off a terminal it is required)."""
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise InvalidArgument(f"{question.rstrip('?')}: refusing without confirmation off a terminal; pass --yes")
-    for line in lines:
-        message(f"  {line}")
-    answer = input(f"{question} Type 'yes': ")
-    if answer.strip() != "yes":
-        raise InvalidArgument("not confirmed; nothing was changed")
-
-
 def cmd_delete(args: argparse.Namespace) -> int:
     mgr = _manager(args)
     plan = lifecycle.plan_delete(mgr, args.vm, keep_disk=args.keep_disk)
-    _confirm(plan.describe(), f"Delete VM {args.vm}?", yes=args.yes)
+    if not confirm(f"Delete VM {args.vm}?", yes=args.yes, action=f"delete VM {args.vm}", details=plan.describe()):
+        message("not confirmed; nothing was changed")
+        return 1
     result = lifecycle.delete(mgr, plan)
     if args.json:
         emit_json(result.to_dict())
@@ -293,6 +398,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         mac=args.mac,
         encrypted=args.encrypted,
     )
+    if args.json:
+        emit_json({"name": args.vm, "config": str(path)})
     message(f"created {path}")
     if args.accel is None:
         cfg = mgr.load(args.vm)

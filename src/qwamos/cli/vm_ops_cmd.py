@@ -13,20 +13,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-DOMXML_EPILOG = """examples:
-  qwamos vm domxml web > web.xml && virsh -c qemu:///session define web.xml
-  qwamos vm domxml web --socket /run/qwamos/web.sock
-
-The disk is read through the block export: start it first (qwamos volume serve DISK.qvol --socket SOCK),
-then virsh start.  See docs/vm-manager.md, "Running a VM under libvirt"."""
+DOMXML_EXAMPLES = [
+    "qwamos vm domxml web > web.xml && virsh -c qemu:///session define web.xml",
+    "qwamos vm domxml web --socket /run/qwamos/web.sock",
+]
+DOMXML_EPILOG = """The disk is read through the block export: start it first
+(qwamos volume serve DISK.qvol --socket SOCK), then virsh start.  See docs/vm-manager.md,
+"Running a VM under libvirt"."""
 
 
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Add this module's actions with ``vm_cmd``'s ``add(name, help, func)`` (which adds --root/--keystore
     and the VM name)."""
-    sp = add("domxml", "print a libvirt domain XML for the VM (for virsh define)", cmd_domxml)
-    sp.formatter_class = argparse.RawDescriptionHelpFormatter
-    sp.epilog = DOMXML_EPILOG
+    sp = add(
+        "domxml",
+        "print a libvirt domain XML for the VM (for virsh define)",
+        cmd_domxml,
+        examples=DOMXML_EXAMPLES,
+        epilog=DOMXML_EPILOG,
+    )
     sp.add_argument(
         "--socket",
         type=Path,
@@ -37,19 +42,25 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     register_autostart(add)
 
 
-AUTOSTART_EPILOG = """examples:
-  qwamos vm autostart                  start every VM whose config says autostart: true
-  qwamos vm autostart --stop           stop them again (ACPI powerdown first), as the unit's ExecStop does
-  systemctl enable --now qwamos-autostart.service     (contrib/systemd/, see docs/vm-manager.md)
-
-Each VM is reported on stderr as it goes; one that fails does not keep the others from starting.  Exit
-status: 0 when every autostart VM runs (or, with --stop, is stopped), else the first failure's exit code."""
+AUTOSTART_EXAMPLES = [
+    "qwamos vm autostart                  start every VM whose config says autostart: true",
+    "qwamos vm autostart --stop           stop them again (ACPI powerdown first), as the unit's ExecStop does",
+    "systemctl enable --now qwamos-autostart.service     (contrib/systemd/, see docs/vm-manager.md)",
+]
+AUTOSTART_EPILOG = """Each VM is reported on stderr as it goes; one that fails does not keep the others from
+starting.  Exit status: 0 when every autostart VM runs (or, with --stop, is stopped), else the first
+failure's exit code."""
 
 
 def register_autostart(add: Callable[..., argparse.ArgumentParser]) -> None:
-    sp = add("autostart", "start every VM whose config says autostart: true", cmd_autostart, vm=False)
-    sp.formatter_class = argparse.RawDescriptionHelpFormatter
-    sp.epilog = AUTOSTART_EPILOG
+    sp = add(
+        "autostart",
+        "start every VM whose config says autostart: true",
+        cmd_autostart,
+        vm=False,
+        examples=AUTOSTART_EXAMPLES,
+        epilog=AUTOSTART_EPILOG,
+    )
     from qwamos.cli.keystore_args import add_keystore_args
 
     add_keystore_args(sp, keystore=False)  # encrypted VMs: the passphrase, as for vm start
@@ -61,7 +72,7 @@ def register_autostart(add: Callable[..., argparse.ArgumentParser]) -> None:
         metavar="SECONDS",
         help="with --stop: seconds each guest gets to power down (default: vm stop's)",
     )
-    sp.add_argument("--json", action="store_true", help="print the outcomes as JSON on stdout")
+    sp.add_argument("--json", action="store_true", help="print the outcomes as JSON on stdout (default: text)")
 
 
 def cmd_autostart(args: argparse.Namespace) -> int:

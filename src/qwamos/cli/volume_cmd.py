@@ -6,13 +6,12 @@ Thin over :class:`qwamos.volume.PQCVolume`: parse arguments, open the keystore, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 from pathlib import Path
-from typing import Any
 
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
-from qwamos.cli.output import Progress, emit_json, message
+from qwamos.cli.output import Progress, add_json_option, decorated, emit_json, flatten, message, print_fields
 from qwamos.errors import TruncatedVolumeError
 from qwamos.hypervisor.sizes import format_size, parse_size
 from qwamos.hypervisor.vocab import ALGORITHMS, DEFAULT_ALGORITHM
@@ -22,37 +21,59 @@ from qwamos.volume.repair import RepairReport, repair
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("volume", help="create, inspect, check and serve .qvol volumes")
+    p = sub.add_parser(
+        "volume",
+        help="create, inspect, check and serve .qvol volumes",
+        examples=["qwamos volume create disk.qvol --size 10G", "qwamos volume info disk.qvol"],
+    )
     vsub = p.add_subparsers(dest="volume_command", metavar="ACTION", required=True)
 
-    c = vsub.add_parser("create", help="create an encrypted volume with a new key")
+    c = vsub.add_parser(
+        "create",
+        help="create an encrypted volume with a new key",
+        examples=[
+            "qwamos volume create disk.qvol --size 10G --vm web",
+            "qwamos volume create rbd:vms/web --size 20G --ceph-id admin",
+            "qwamos volume create disk.qvol --size 1G --force --json",
+        ],
+    )
     c.add_argument("path", type=Path, help="the .qvol file (or rbd:POOL/IMAGE) to create")
     c.add_argument("--size", required=True, help="virtual size: bytes or with K/M/G/T suffix (e.g. 10G)")
-    c.add_argument("--name", help="volume name recorded in the header (default: file stem)")
-    c.add_argument("--vm", default="", dest="vm_name", help="VM name recorded in the header and key id")
+    c.add_argument("--name", help="volume name recorded in the header (default: the file name without .qvol)")
+    c.add_argument(
+        "--vm", default="", dest="vm_name", help="VM name recorded in the header and key id (default: none)"
+    )
     c.add_argument(
         "--algorithm",
         default=DEFAULT_ALGORITHM,
         choices=ALGORITHMS,
         help=f"block cipher (default {DEFAULT_ALGORITHM}; auto = AES-256-GCM where the CPU has AES)",
     )
-    c.add_argument("--force", action="store_true", help="replace an existing file")
-    c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.add_argument("--force", action="store_true", help="replace an existing file (refused by default)")
+    add_json_option(c, "the new volume's info")
     add_keystore_args(c)
     add_ceph_args(c)
     c.set_defaults(func=cmd_create)
 
-    i = vsub.add_parser("info", help="show a volume's header and allocation (authenticated)")
-    i.add_argument("path", type=Path)
-    i.add_argument("--json", action="store_true")
+    i = vsub.add_parser(
+        "info",
+        help="show a volume's header and allocation (authenticated)",
+        examples=["qwamos volume info disk.qvol", "qwamos volume info disk.qvol --json"],
+    )
+    i.add_argument("path", type=Path, help=_PATH_HELP)
+    add_json_option(i, "the info")
     add_keystore_args(i)
     add_ceph_args(i)
     i.set_defaults(func=cmd_info)
 
-    k = vsub.add_parser("check", help="authenticate every non-empty block; exit 14 if any is bad")
-    k.add_argument("path", type=Path)
-    k.add_argument("--json", action="store_true")
-    k.add_argument("--progress", action="store_true", help="show progress on stderr")
+    k = vsub.add_parser(
+        "check",
+        help="authenticate every non-empty block; exit 14 if any is bad",
+        examples=["qwamos volume check disk.qvol --progress", "qwamos volume check disk.qvol --json"],
+    )
+    k.add_argument("path", type=Path, help=_PATH_HELP)
+    add_json_option(k, "the result")
+    k.add_argument("--progress", action="store_true", help=_PROGRESS_HELP)
     add_keystore_args(k)
     add_ceph_args(k)
     k.set_defaults(func=cmd_check)
@@ -67,19 +88,28 @@ def register(sub: argparse._SubParsersAction) -> None:
             "volume.  Exit 0 when the volume is sound afterwards, else 13 (lost blocks remain), 14 (bad blocks "
             "remain) or 12 (a header copy remains damaged)."
         ),
+        examples=[
+            "qwamos volume repair disk.qvol --dry-run",
+            "qwamos volume repair disk.qvol",
+            "qwamos volume repair disk.qvol --zero-bad --json",
+        ],
     )
-    r.add_argument("path", type=Path)
+    r.add_argument("path", type=Path, help=_PATH_HELP)
     r.add_argument("--dry-run", action="store_true", help="report only; change nothing")
     r.add_argument("--zero-bad", action="store_true", help="make bad and lost blocks read as zeros")
-    r.add_argument("--json", action="store_true", help="print the report as JSON")
-    r.add_argument("--progress", action="store_true", help="show progress on stderr")
+    add_json_option(r, "the report")
+    r.add_argument("--progress", action="store_true", help=_PROGRESS_HELP)
     add_keystore_args(r)
     add_ceph_args(r)
     r.set_defaults(func=cmd_repair)
 
-    d = vsub.add_parser("dump-header", help="print the raw header fields, without needing the key")
-    d.add_argument("path", type=Path)
-    d.add_argument("--json", action="store_true")
+    d = vsub.add_parser(
+        "dump-header",
+        help="print the raw header fields, without needing the key",
+        examples=["qwamos volume dump-header disk.qvol", "qwamos volume dump-header disk.qvol --json"],
+    )
+    d.add_argument("path", type=Path, help=_PATH_HELP)
+    add_json_option(d, "the fields")
     add_ceph_args(d)
     d.set_defaults(func=cmd_dump_header)
 
@@ -92,12 +122,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         register_serve(vsub)
 
 
+_PATH_HELP = "the .qvol file (or rbd:POOL/IMAGE)"
+_PROGRESS_HELP = "show progress with rate and ETA on stderr when it is a terminal (default: off)"
+
+
 def add_ceph_args(p: argparse.ArgumentParser) -> None:
     """``--ceph-conf``/``--ceph-id`` for an ``rbd:POOL/IMAGE`` volume (defaults as the ``rbd`` tool's)."""
     p.add_argument(
-        "--ceph-conf", metavar="PATH", help="for rbd: volumes: Ceph configuration (default $CEPH_CONF, /etc/ceph)"
+        "--ceph-conf",
+        metavar="PATH",
+        help="for rbd: volumes: Ceph configuration (default: $CEPH_CONF, else /etc/ceph)",
     )
-    p.add_argument("--ceph-id", metavar="NAME", help="for rbd: volumes: the Ceph client id (default admin)")
+    p.add_argument("--ceph-id", metavar="NAME", help="for rbd: volumes: the Ceph client id (default: admin)")
 
 
 def volume_location(args: argparse.Namespace) -> Path:
@@ -119,19 +155,11 @@ def cmd_create(args: argparse.Namespace) -> int:
         info = v.info()
     if args.json:
         emit_json(info)
-    else:
-        blocks = info["total_blocks"]
-        print(f"✅ Created encrypted volume: {args.path}")
-        print(f"   Size: {format_size(size)} ({blocks} blocks)")
-        print(f"   Key ID: {key_id}")
-        print(f"   Algorithm: {info['algorithm']}")
+    message(decorated("ok", f"Created encrypted volume: {args.path}", sys.stderr))
+    message(f"   Size: {format_size(size)} ({info['total_blocks']} blocks)")
+    message(f"   Key ID: {key_id}")
+    message(f"   Algorithm: {info['algorithm']}")
     return 0
-
-
-def _print_fields(fields: dict[str, Any]) -> None:
-    width = max(len(k) for k in fields) + 1
-    for k, v in fields.items():
-        print(f"{k + ':':<{width}} {v}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -150,7 +178,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 + (f": {c['error']}" if c.get("error") else "")
                 for c in info["header_copies"]
             )
-        _print_fields(shown)
+        print_fields(shown)
     return 0
 
 
@@ -276,5 +304,5 @@ def cmd_dump_header(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(header)
     else:
-        print(json.dumps(header, indent=2, sort_keys=True))
+        print_fields(flatten(header))
     return 0

@@ -182,14 +182,15 @@ def add_passphrase_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="read the keystore passphrase from file descriptor N "
-        "(else $CREDENTIALS_DIRECTORY/qwamos-passphrase, $QWAMOS_PASSPHRASE or a prompt)",
+        "(default: $CREDENTIALS_DIRECTORY/qwamos-passphrase, else $QWAMOS_PASSPHRASE, else a prompt)",
     )
     p.add_argument(
         "--passphrase-file",
         type=Path,
         default=None,
         metavar="PATH",
-        help="read the keystore passphrase from PATH (must be 0600 and yours; for unattended starts)",
+        help="read the keystore passphrase from PATH (must be 0600 and yours; for unattended starts; "
+        "default: as --passphrase-fd)",
     )
 
 

@@ -230,17 +230,24 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The export's options (not the keystore's, which every key-using command shares)."""
     p.add_argument("path", type=Path, help="the .qvol volume (or a raw image with --raw)")
-    p.add_argument("--socket", type=Path, metavar="PATH", help="UNIX socket to listen on")
+    p.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="UNIX socket to listen on (default: none; --socket or --tcp is needed)",
+    )
     p.add_argument(
         "--tcp",
         metavar="[HOST:]PORT",
-        help="also/instead listen on TCP (default host 127.0.0.1); needs --tls-dir (or --insecure-no-tls)",
+        help="also/instead listen on TCP (default: no TCP; host 127.0.0.1 when only a port is given); needs "
+        "--tls-dir (or --insecure-no-tls)",
     )
     p.add_argument(
         "--tls-dir",
         type=Path,
         metavar="DIR",
-        help="serve --tcp over mutual TLS with the CA and server certificate of `qwamos tls init --dir DIR`",
+        help="serve --tcp over mutual TLS with the CA and server certificate of `qwamos tls init --dir DIR` "
+        "(default: none)",
     )
     p.add_argument(
         "--tls-allow",
@@ -256,11 +263,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--read-only", action="store_true", help="open the volume read-only; writes answer EPERM")
     p.add_argument("--socket-mode", default="0600", help="permissions of the UNIX socket (default 0600)")
-    p.add_argument("--max-connections", type=int, default=8, help="concurrent clients (more are refused)")
-    p.add_argument("--name", default="", help="export name (the empty default name is always accepted)")
+    p.add_argument(
+        "--max-connections", type=int, default=8, help="concurrent clients (more are refused; default: 8)"
+    )
+    p.add_argument("--name", default="", help="export name (default: empty; the empty name is always accepted)")
     p.add_argument("--daemon", action="store_true", help="detach once the socket answers")
-    p.add_argument("--pidfile", type=Path, help="write the server's pid here (removed at exit)")
-    p.add_argument("--log-file", type=Path, help="with --daemon: append log messages here")
+    p.add_argument("--pidfile", type=Path, help="write the server's pid here (removed at exit; default: none)")
+    p.add_argument("--log-file", type=Path, help="with --daemon: append log messages here (default: discarded)")
     p.add_argument("--raw", action="store_true", help="serve a plain raw image instead of a .qvol (testing)")
     p.add_argument(
         "--control",
@@ -269,8 +278,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="control socket (status, quiesce, flush, keys; always 0600; default: the --socket path + .ctl)",
     )
     p.add_argument("--no-control", action="store_true", help="run without a control socket")
-    p.add_argument("--expect-uuid", metavar="UUID", help="refuse to serve unless the volume's UUID is this one")
-    p.add_argument("--expect-key-id", metavar="ID", help="refuse to serve unless the volume uses this key ID")
+    p.add_argument(
+        "--expect-uuid", metavar="UUID", help="refuse to serve unless the volume's UUID is this one (default: any)"
+    )
+    p.add_argument(
+        "--expect-key-id", metavar="ID", help="refuse to serve unless the volume uses this key ID (default: any)"
+    )
 
 
 def spec_from_args(args: argparse.Namespace) -> ExportSpec:

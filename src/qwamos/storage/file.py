@@ -26,7 +26,13 @@ import fcntl
 import os
 from collections.abc import Iterator, Sequence
 
-from qwamos.errors import NotARegularFileError, VolumeError, VolumeExistsError, VolumeLockedError
+from qwamos.errors import (
+    NotARegularFileError,
+    VolumeError,
+    VolumeExistsError,
+    VolumeLockedError,
+    VolumeNotFoundError,
+)
 from qwamos.fsutil import open_regular, publish, pwrite_all
 from qwamos.storage.base import Buffer
 from qwamos.storage.bitmap import Bitmap
@@ -306,11 +312,11 @@ def create_file(path: str, *, overwrite: bool, random_suffix: str) -> PendingFil
 def _open_regular(path: str, flags: int) -> int:
     """Open a volume file, refusing anything but a regular file at once, without opening a device or waiting
     for a FIFO's writer (``volume info FIFO`` used to hang forever): :class:`NotARegularFileError`, exit 10.
-    A missing or unopenable file is a :class:`VolumeError` naming it."""
+    A missing file is :class:`VolumeNotFoundError`, an unopenable one a :class:`VolumeError`, each naming it."""
     try:
         return open_regular(path, flags, lambda kind: NotARegularFileError(path=path, kind=kind))
     except FileNotFoundError:
-        raise VolumeError(msg=f"{path}: no such file") from None
+        raise VolumeNotFoundError(path=path) from None
     except OSError as e:
         raise VolumeError(msg=f"{path}: cannot open: {e.strerror or e}") from None
 

@@ -1,0 +1,298 @@
+"""The CLI's conventions (docs/cli-conventions.md), checked by running the real ``qwamos`` of every command as a
+separate process, as an operator or a script would: data on stdout and messages on stderr; every ``--json``
+parses; no decorative symbols off a terminal or with ``NO_COLOR`` (on a terminal they show); ``-q``/``-v`` in
+any position; "did you mean"; exit codes; refusals without a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from qwamos.cli.main import build_parser
+from qwamos.cli.parser import common_options
+from vm_helpers import write_config
+
+# The spec's info block keeps the symbols the spec shows (its contract), and draws the states the spec does
+# not show (disabled, TCG fallback, a mismatch) in the same style.
+INFO_BLOCK_SYMBOLS = ("✅", "🔒", "🔓", "⚠️")
+
+
+@dataclass
+class World:
+    """A keystore with one volume and key, a VM root with a stopped VM (qcow2 disk) and a TLS directory."""
+
+    tmp: Path
+    env: dict[str, str] = field(default_factory=dict)
+    key_id: str = ""
+
+    @property
+    def vol(self) -> Path:
+        return self.tmp / "disk.qvol"
+
+    def run(
+        self, *argv: str, tty: bool = False, env: dict[str, str] | None = None, stdin: int | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return run_qwamos(list(argv), {**self.env, **(env or {})}, tty=tty, stdin=stdin)
+
+
+def run_qwamos(
+    argv: list[str], env: dict[str, str], *, tty: bool = False, stdin: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``qwamos ARGV`` in its own process; ``tty``: its stdout and stderr are one terminal (read back as err)."""
+    cmd = [sys.executable, "-m", "qwamos.cli.main", *argv]
+    stdin = subprocess.DEVNULL if stdin is None else stdin
+    if not tty:
+        return subprocess.run(cmd, env=env, stdin=stdin, capture_output=True, text=True, timeout=120, check=False)
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdin=stdin, stdout=follower, stderr=follower)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        rc = proc.wait(timeout=120)
+    finally:
+        os.close(leader)
+    return subprocess.CompletedProcess(cmd, rc, "", b"".join(chunks).decode("utf-8", errors="replace"))
+
+
+def _base_env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QWAMOS_") and k != "NO_COLOR"}
+    env.update(QWAMOS_KEYSTORE=str(tmp / "keystore"), QWAMOS_ROOT=str(tmp / "root"))
+    return env
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    tmp = tmp_path_factory.mktemp("cli")
+    w = World(tmp, _base_env(tmp))
+    res = w.run("volume", "create", str(w.vol), "--size", "1M", "--json")
+    assert res.returncode == 0, res.stderr
+    w.key_id = json.loads(res.stdout)["key_id"]
+    kernel = tmp / "idle.bin"
+    kernel.write_bytes(bytes(4096))
+    write_config(tmp / "root", "web", kernel=kernel, size="1M")
+    write_config(tmp / "root", "sec", kernel=kernel, size="1M", encrypted=True, disk_name="disk.qvol")
+    disk = tmp / "root" / "vms" / "web" / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"], check=True)
+    return w
+
+
+def _ascii(text: str) -> bool:
+    return all(ord(c) < 128 for c in text)
+
+
+# (argv, what stdout holds: "json", "text" (data), "" (nothing), expected exit status)
+def _cases(w: World) -> list[tuple[list[str], str, int]]:
+    t, vol, key = w.tmp, str(w.vol), w.key_id
+    return [
+        (["volume", "create", str(t / "new.qvol"), "--size", "1M"], "", 0),
+        (["volume", "create", str(t / "new2.qvol"), "--size", "1M", "--json"], "json", 0),
+        (["volume", "info", vol], "text", 0),
+        (["volume", "info", vol, "--json"], "json", 0),
+        (["volume", "check", vol], "", 0),
+        (["volume", "check", vol, "--json", "--progress"], "json", 0),
+        (["volume", "repair", vol, "--dry-run"], "", 0),
+        (["volume", "repair", vol, "--dry-run", "--json"], "json", 0),
+        (["volume", "dump-header", vol], "text", 0),
+        (["volume", "dump-header", vol, "--json"], "json", 0),
+        (["key", "identity"], "text", 0),
+        (["key", "identity", "--json"], "json", 0),
+        (["key", "list"], "text", 0),
+        (["key", "list", "--json"], "json", 0),
+        (["key", "show", key], "text", 0),
+        (["key", "show", key, "--json"], "json", 0),
+        (["vm", "list"], "text", 0),
+        (["vm", "list", "--json"], "json", 0),
+        (["vm", "info", "web"], "text", 0),
+        (["vm", "info", "web", "--json"], "json", 0),
+        (["vm", "status", "web"], "text", 0),
+        (["vm", "status", "web", "--json"], "json", 0),
+        (["vm", "create", "made", "--kernel", str(t / "idle.bin")], "", 0),
+        (["vm", "create", "made2", "--kernel", str(t / "idle.bin"), "--json"], "json", 0),
+        (["vm", "autostart", "--json"], "json", 0),
+        (["vm", "domxml", "sec"], "text", 0),
+        (["vm", "domxml", "web"], "", 2),
+        (["vm", "stop", "web"], "", 0),
+        (["vm", "resume", "web"], "", 43),
+        (["vm", "console", "web"], "", 43),
+        (["migrate", "web", "--dry-run"], "text", 0),
+        (["migrate", "web", "--dry-run", "--json"], "json", 0),
+        (["export", "status", "--socket", str(t / "none.sock")], "", 31),
+        (["export", "status", "--socket", str(t / "none.sock"), "--json"], "", 31),
+        (["tls", "init", "--host", "localhost", "--dir", str(t / "tls")], "", 0),
+        (["tls", "client", "c1", "--dir", str(t / "tls"), "--json"], "json", 0),
+    ]
+
+
+CASE_IDS = [" ".join(a[:3]) + (" --json" if "--json" in a else "") for a, _, _ in _cases(World(Path("/t")))]
+
+
+@pytest.mark.parametrize("index", range(len(CASE_IDS)), ids=CASE_IDS)
+def test_stdout_is_data_and_stderr_messages(world: World, index: int) -> None:
+    argv, stdout_kind, code = _cases(world)[index]
+    res = world.run(*argv)
+    assert res.returncode == code, res.stderr
+    if stdout_kind == "json":
+        json.loads(res.stdout)  # one JSON document, nothing else on stdout
+    elif stdout_kind == "text":
+        assert res.stdout.strip(), "no data on stdout"
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(res.stdout)  # text unless --json
+    else:
+        assert res.stdout == "", f"messages on stdout: {res.stdout!r}"
+    # Off a terminal: no decorative symbols anywhere (the spec's info block keeps its own).
+    out = res.stdout
+    for sym in INFO_BLOCK_SYMBOLS:
+        out = out.replace(sym, "") if argv[:2] == ["vm", "info"] else out
+    assert _ascii(res.stderr), f"non-ASCII on stderr: {res.stderr!r}"
+    assert _ascii(out), f"non-ASCII on stdout: {out!r}"
+
+
+def test_a_change_reports_on_stderr(world: World) -> None:
+    res = world.run("volume", "create", str(world.tmp / "msg.qvol"), "--size", "1M")
+    assert res.stdout == "" and "Created encrypted volume: " in res.stderr and "Key ID: vm-" in res.stderr
+    assert "✅" not in res.stderr
+
+
+def test_symbols_only_on_a_terminal_without_no_color(world: World) -> None:
+    res = world.run("volume", "create", str(world.tmp / "tty.qvol"), "--size", "1M", tty=True)
+    assert res.returncode == 0 and "✅ Created encrypted volume" in res.stderr
+    res = world.run(
+        "volume", "create", str(world.tmp / "nc.qvol"), "--size", "1M", tty=True, env={"NO_COLOR": "1"}
+    )
+    assert res.returncode == 0 and "Created encrypted volume" in res.stderr and _ascii(res.stderr)
+
+
+def test_progress_with_rate_and_eta_only_on_a_terminal(world: World) -> None:
+    res = world.run("volume", "check", str(world.vol), "--progress", tty=True)
+    assert res.returncode == 0 and "Checking: 100.0%" in res.stderr and "/s" in res.stderr
+    res = world.run("volume", "check", str(world.vol), "--progress")
+    assert "Checking" not in res.stderr
+
+
+# --- -q/-v in any position --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-q", "volume", "info", "X"],
+        ["volume", "-q", "info", "X"],
+        ["volume", "info", "-q", "X"],
+        ["volume", "info", "X", "-q"],
+        ["--quiet", "vm", "list"],
+        ["vm", "--root", "/r", "list", "--quiet"],
+        ["key", "list", "-q"],
+        ["migrate", "web", "-q"],
+    ],
+)
+def test_quiet_in_any_position(argv: list[str]) -> None:
+    assert common_options(build_parser(argv).parse_args(argv)) == (True, 0)
+    verbose = [{"-q": "-v", "--quiet": "--verbose"}.get(w, w) for w in argv]
+    assert common_options(build_parser(verbose).parse_args(verbose)) == (False, 1)
+
+
+def test_verbose_counts_across_positions() -> None:
+    argv = ["-v", "volume", "info", "X", "-vv"]
+    assert common_options(build_parser(argv).parse_args(argv))[1] >= 2
+
+
+@pytest.mark.parametrize("where", [0, 1, 2, 5])
+def test_quiet_silences_messages_wherever_it_is(world: World, where: int) -> None:
+    argv = ["volume", "create", str(world.tmp / f"q{where}.qvol"), "--size", "1M"]
+    argv.insert(where, "-q")
+    res = world.run(*argv)
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
+
+
+# --- usage errors: did you mean ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [
+        (["volme", "list"], "'volume'"),
+        (["vm", "strat", "web"], "'start'"),
+        (["volume", "dump-heder", "x"], "'dump-header'"),
+        (["key", "lst"], "'list'"),
+        (["volume", "create", "x", "--size", "1M", "--algorithm", "chacha20-poly"], "'chacha20-poly1305'"),
+    ],
+)
+def test_did_you_mean(world: World, argv: list[str], suggestion: str) -> None:
+    res = world.run(*argv)
+    assert res.returncode == 2 and res.stdout == ""
+    assert f"did you mean {suggestion}" in res.stderr
+
+
+def test_no_suggestion_for_nonsense(world: World) -> None:
+    res = world.run("zzzzqqq")
+    assert res.returncode == 2 and "did you mean" not in res.stderr and "invalid choice" in res.stderr
+
+
+# --- exit codes and messages that name the thing ----------------------------------------------------------
+
+
+def test_key_identity_without_a_keystore_is_26(world: World) -> None:
+    res = world.run("key", "identity", env={"QWAMOS_KEYSTORE": str(world.tmp / "no-keystore")})
+    assert res.returncode == 26 and res.stdout == ""
+    assert str(world.tmp / "no-keystore") in res.stderr and "does not exist" in res.stderr
+
+
+@pytest.mark.parametrize("action", ["info", "check", "dump-header", "repair"])
+def test_a_missing_volume_is_no_such_file(world: World, action: str) -> None:
+    missing = world.tmp / "missing.qvol"
+    res = world.run("volume", action, str(missing))
+    assert res.returncode == 10
+    assert f"{missing}: no such file" in res.stderr and "not a qvol" not in res.stderr
+
+
+def test_an_existing_volume_names_the_cli_option(world: World) -> None:
+    res = world.run("volume", "create", str(world.vol), "--size", "1M")
+    assert res.returncode == 16 and "--force" in res.stderr and "overwrite=True" not in res.stderr
+
+
+def test_no_vms_names_the_root(world: World) -> None:
+    empty = world.tmp / "empty-root"
+    res = world.run("vm", "list", env={"QWAMOS_ROOT": str(empty)})
+    assert res.returncode == 0 and res.stdout == "" and str(empty) in res.stderr
+    res = world.run("vm", "list", "--json", env={"QWAMOS_ROOT": str(empty)})
+    assert json.loads(res.stdout) == []
+
+
+def test_unknown_vm_is_42(world: World) -> None:
+    res = world.run("vm", "info", "nope")
+    assert res.returncode == 42 and "nope" in res.stderr and str(world.tmp / "root") in res.stderr
+
+
+def test_confirmation_without_a_terminal_needs_yes(world: World) -> None:
+    res = world.run("key", "delete", "vm-no-such-key")
+    assert res.returncode == 21  # the key is looked up before anything is asked
+    rotated = world.run("key", "rotate", world.key_id, "--json")
+    new_id = json.loads(rotated.stdout)["new_key_id"]
+    res = world.run("key", "delete", new_id)
+    assert res.returncode == 2 and "--yes" in res.stderr and "not a terminal" in res.stderr
+    assert world.run("key", "show", new_id).returncode == 0  # still there
+    res = world.run("key", "delete", new_id, "--yes")
+    assert res.returncode == 0 and res.stdout == "" and world.run("key", "show", new_id).returncode == 21
+
+
+def test_console_without_a_terminal_says_why(world: World) -> None:
+    res = world.run("vm", "start", "web", "--foreground")
+    assert res.returncode == 2 and "needs a terminal" in res.stderr and "tail -f" in res.stderr
+    assert "serial.log" in res.stderr
+    assert json.loads(world.run("vm", "status", "web", "--json").stdout)["state"] == "stopped"  # not started
