@@ -155,7 +155,7 @@ def test_migration_round_trip_needs_no_hand_work_and_keeps_every_key_accounted_f
     capsys.readouterr()
     os.unlink(vm_dir / "disk.qvol.backup")
     assert main(["migrate", "--root", str(root), "rt"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # the transcript is messages: stderr
     assert f"qwamos key delete {first['key_id']}" in out and f"qwamos key delete {again['key_id']}" in out
     for key_id in (first["key_id"], again["key_id"]):  # the command given works
         ks.delete_key(key_id)
