@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     assert res.returncode == 0, res.stderr
     w.key_id = json.loads(res.stdout)["key_id"]
     kernel = tmp / "idle.bin"
-    kernel.write_bytes(bytes(4096))
+    kernel.write_bytes(struct.pack("<II", 0xD503207F, 0x17FFFFFF) + bytes(4088))  # aarch64 "wfi; b ."
     write_config(tmp / "root", "web", kernel=kernel, size="1M")
     write_config(tmp / "root", "sec", kernel=kernel, size="1M", encrypted=True, disk_name="disk.qvol")
     disk = tmp / "root" / "vms" / "web" / "disk.qcow2"
@@ -296,3 +297,83 @@ def test_console_without_a_terminal_says_why(world: World) -> None:
     assert res.returncode == 2 and "needs a terminal" in res.stderr and "tail -f" in res.stderr
     assert "serial.log" in res.stderr
     assert json.loads(world.run("vm", "status", "web", "--json").stdout)["state"] == "stopped"  # not started
+
+
+def test_a_locked_volume_names_the_process_holding_it(world: World) -> None:
+    """The holder's pid, command and directory (a VM's processes run in its run directory, which names it)."""
+    run_dir = world.tmp / "root" / "vms" / "holder" / "run"
+    run_dir.mkdir(parents=True)
+    vol = world.tmp / "locked.qvol"
+    assert world.run("volume", "create", str(vol), "--size", "1M").returncode == 0
+    code = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('locked', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(vol)],
+        cwd=run_dir,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        for argv in (["volume", "repair", str(vol)], ["volume", "create", str(vol), "--size", "1M", "--force"]):
+            res = world.run(*argv)
+            assert res.returncode == 15, res.stderr
+            assert f"pid {holder.pid}: python" in res.stderr and f"(in {run_dir})" in res.stderr
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+@pytest.mark.qemu
+def test_vm_start_json_and_a_running_vm_named_as_the_lock_holder(world: World) -> None:
+    res = world.run("vm", "start", "sec", "--json")
+    try:
+        assert res.returncode == 0, res.stderr
+        started = json.loads(res.stdout)
+        assert started["name"] == "sec" and started["state"] == "running" and started["key_id"]
+        assert started["created_disk"] and "export" in started["pids"] and "qemu" in started["pids"]
+        assert "started sec" in res.stderr and _ascii(res.stderr)
+        disk = world.tmp / "root" / "vms" / "sec" / "disk.qvol"
+        res = world.run("volume", "repair", str(disk))
+        assert res.returncode == 15
+        assert f"pid {started['pids']['export']}: " in res.stderr and "vms/sec/run)" in res.stderr
+        res = world.run("vm", "console", "sec")  # running, but stdin is not a terminal
+        assert res.returncode == 2 and "needs a terminal" in res.stderr and "serial.log" in res.stderr
+    finally:
+        world.run("vm", "stop", "sec", "--force")
+    assert json.loads(world.run("vm", "status", "sec", "--json").stdout)["state"] == "stopped"
+
+
+@pytest.mark.qemu
+def test_migrate_transcript_on_stderr_and_json_lines_on_stdout(world: World) -> None:
+    kernel = world.tmp / "idle.bin"
+    for name in ("m1", "m2"):
+        write_config(world.tmp / "root", name, kernel=kernel, size="1M")
+        disk = world.tmp / "root" / "vms" / name / "disk.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"], check=True)
+    res = world.run("migrate", "m1")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == ""
+    assert "Migration Complete!" in res.stderr and "1. Test the VM: qwamos vm start m1" in res.stderr
+    assert _ascii(res.stderr) and "Progress:" not in res.stderr  # no progress lines off a terminal
+    res = world.run("migrate", "m2", "--json")
+    assert res.returncode == 0, res.stderr
+    events = [json.loads(line) for line in res.stdout.splitlines()]
+    assert events[0]["type"] == "plan" and events[-1]["type"] == "complete"
+    assert "Migration Complete" not in res.stderr
+
+
+@pytest.mark.qemu
+def test_migrate_on_a_terminal_shows_symbols_and_progress_with_rate(world: World) -> None:
+    kernel = world.tmp / "idle.bin"
+    write_config(world.tmp / "root", "m3", kernel=kernel, size="1M")
+    disk = world.tmp / "root" / "vms" / "m3" / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"], check=True)
+    res = world.run("migrate", "m3", tty=True)
+    assert res.returncode == 0, res.stderr
+    assert "✅ Migration Complete!" in res.stderr and "✓ Configuration updated" in res.stderr
+    assert "Progress: 100.0% (256/256 blocks, " in res.stderr and "MB/s" in res.stderr

@@ -33,7 +33,7 @@ MAP: dict[str, list[str]] = {
     "cli.volume_cmd": ["test_volume_cli.py", "test_volume_repair.py"],
     "crypto": ["test_crypto.py", "test_crypto_draws.py", "test_nbd_tls.py"],
     "errors": ["test_errors.py"],
-    "fsutil": ["test_fsutil.py"],
+    "fsutil": ["test_fsutil.py", "test_cli_conventions.py"],
     "pidfile": ["test_pidfile.py"],
     "nodump": ["test_keypipe.py", "test_secrets_env.py"],
     "strictjson": ["test_strictjson.py", "test_keystore_security.py"],

@@ -134,7 +134,7 @@ class BlockAuthError(VolumeError):
 
 
 class VolumeLockedError(VolumeError):
-    """{path} is already open for writing by another process."""
+    """{path} is already open for writing by another process"""
 
     exit_code = 15
 

@@ -235,3 +235,51 @@ def connect_unix(path: str | os.PathLike[str], timeout: float) -> socket.socket:
         s.close()
         raise
     return s
+
+
+def lock_holders(fd: int) -> list[int]:
+    """The processes (other than this one) holding a lock on the file open as ``fd``, from ``/proc/locks``,
+    so that "locked" can name who has it; empty where that is not readable.
+
+    A ``/proc/locks`` line is ``N: FLOCK  ADVISORY  WRITE 7311 fe:00:2163181 0 EOF`` (the pid, then the
+    device as hexadecimal major:minor and the inode); a waiter's line has ``->`` after the number.
+    """
+    st = os.fstat(fd)
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    pids: list[int] = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 6 or parts[1] == "->":
+            continue
+        try:
+            pid = int(parts[4])
+            major, minor, inode = parts[5].split(":")
+            key = (int(major, 16), int(minor, 16), int(inode))
+        except ValueError:
+            continue
+        if key == want and pid != os.getpid() and pid not in pids:
+            pids.append(pid)
+    return pids
+
+
+def describe_process(pid: int) -> str:
+    """``pid N: COMMAND (in DIR)`` for a message, from ``/proc`` (what cannot be read is left out).  The VM
+    manager runs a VM's QEMU and block export in the VM's run directory, so DIR names the VM."""
+    text = f"pid {pid}"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode("utf-8", errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        argv = []
+    if argv:
+        words = [os.path.basename(argv[0]), *argv[1:]]
+        command = " ".join(" ".join(words).split())
+        text += ": " + (command if len(command) <= 80 else command[:77] + "...")
+    with contextlib.suppress(OSError):
+        text += f" (in {os.readlink(f'/proc/{pid}/cwd')})"
+    return text

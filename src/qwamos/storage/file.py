@@ -33,7 +33,7 @@ from qwamos.errors import (
     VolumeLockedError,
     VolumeNotFoundError,
 )
-from qwamos.fsutil import open_regular, publish, pwrite_all
+from qwamos.fsutil import describe_process, lock_holders, open_regular, publish, pwrite_all
 from qwamos.storage.base import Buffer
 from qwamos.storage.bitmap import Bitmap
 from qwamos.storage.sparse import PAGE, data_extents, punch_hole, reserve
@@ -193,7 +193,7 @@ class FileStorage:
         try:
             fcntl.flock(self._fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise VolumeLockedError(path=self.path) from None
+            raise locked_error(self.path, self._fd) from None
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
@@ -331,6 +331,15 @@ def _guard_existing(path: str, overwrite: bool) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        err = locked_error(path, fd)
         os.close(fd)
-        raise VolumeLockedError(path=path) from None
+        raise err from None
     return fd
+
+
+def locked_error(path: str, fd: int) -> VolumeLockedError:
+    """``VolumeLockedError`` naming who holds the lock (pid, command, directory), as far as /proc tells."""
+    holders = lock_holders(fd)
+    return VolumeLockedError(
+        path=path, msg=f"({'; '.join(describe_process(p) for p in holders)})" if holders else ""
+    )
