@@ -125,6 +125,7 @@ MAP: dict[str, list[str]] = {
     "volume.repair": ["test_volume_repair.py"],
     "volume.rotation": ["test_volume_rotation.py"],
     "volume.blockcopy": ["test_volume_blockcopy.py"],
+    "volume.resize": ["test_volume_resize.py", "test_vm_lifecycle.py"],
     "volume.slotio": ["test_volume_roundtrip.py", "test_volume_failing_slots.py", "test_volume_full.py"],
     "volume.slots": ["test_volume_vectors.py", "test_volume_nonce.py"],
     "volume.unlock": ["test_keypipe.py", "test_secrets_env.py"],

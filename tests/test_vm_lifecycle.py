@@ -16,6 +16,7 @@ from qwamos.errors import KeyInUseError, VMStateError, VolumeLockedError
 from qwamos.hypervisor import kvm, lifecycle
 from qwamos.hypervisor.config import VMConfig
 from qwamos.hypervisor.manager import VMManager
+from qwamos.hypervisor.process import qmp_execute
 from qwamos.keystore import PQCKeystore
 from qwamos.volume import PQCVolume
 from vm_helpers import write_config
@@ -266,3 +267,69 @@ def test_delete_refuses_a_volume_someone_has_open(root, idle_kernel):
     with PQCVolume(vol, keystore=ks), pytest.raises(VolumeLockedError):
         lifecycle.delete(mgr, plan)
     assert vol.exists() and ks.has_key(key_id) and (root / "vms" / "d6" / "config.yaml").exists()
+
+
+# --- vm resize -------------------------------------------------------------------------------------------
+
+
+def _resize(root: Path, name: str, *argv: str) -> int:
+    return main(["vm", "--root", str(root), "resize", name, *argv])
+
+
+def _guest_disk_size(mgr: VMManager, name: str) -> int:
+    """The size QEMU gives the guest's disk (query-block of the running VM)."""
+    blocks = qmp_execute(mgr.run_dir(name).qmp_sock, "query-block")
+    [vda] = [b for b in blocks if b.get("inserted")]
+    return int(vda["inserted"]["image"]["virtual-size"])
+
+
+@pytest.mark.qemu
+def test_vm_resize_grows_the_encrypted_disk_and_the_guest_sees_it(root, idle_kernel, capsys):
+    mgr, vol, key_id = _encrypted_vm(root, "r1", idle_kernel)
+    ks = PQCKeystore(root.parent / "keystore")
+    with PQCVolume(vol, keystore=ks) as v:
+        v.write(4 * MIB - 4096, b"L" * 4096)
+    assert _resize(root, "r1", "+4M") == 0
+    cfg = mgr.load("r1")
+    assert cfg.disk_size_bytes == 8 * MIB and cfg.disk_size_text == "8M"
+    with PQCVolume(vol, keystore=ks) as v:
+        assert v.size == 8 * MIB and v.key_id == key_id
+        assert v.read(4 * MIB - 4096, 4096) == b"L" * 4096
+        v.write(8 * MIB - 4096, b"N" * 4096)  # past the old end: writes and reads back
+        assert v.read(8 * MIB - 4096, 4096) == b"N" * 4096
+    mgr.start("r1")
+    try:
+        assert _guest_disk_size(mgr, "r1") == 8 * MIB
+        assert _resize(root, "r1", "16M") == 43  # running: refused (stop first), nothing changed
+    finally:
+        mgr.stop("r1", force=True)
+    assert mgr.load("r1").disk_size_bytes == 8 * MIB
+
+
+@pytest.mark.qemu
+def test_vm_resize_shrink_needs_confirmation_and_unused_blocks(root, idle_kernel, capsys):
+    mgr, vol, _ = _encrypted_vm(root, "r2", idle_kernel)
+    ks = PQCKeystore(root.parent / "keystore")
+    with PQCVolume(vol, keystore=ks) as v:
+        v.write(3 * MIB, b"U" * 4096)
+    before = vol.read_bytes()
+    assert _resize(root, "r2", "2M") == 2  # no --yes off a terminal
+    assert _resize(root, "r2", "2M", "--yes") == 17
+    assert "blocks 768 (1 block" in capsys.readouterr().err
+    assert vol.read_bytes() == before and mgr.load("r2").disk_size_bytes == 4 * MIB
+    with PQCVolume(vol, keystore=ks) as v:
+        v.discard(3 * MIB, 4096)
+    assert _resize(root, "r2", "2M", "--yes") == 0
+    assert mgr.load("r2").disk_size_bytes == 2 * MIB
+    with PQCVolume(vol, keystore=ks, read_only=True) as v:
+        assert v.size == 2 * MIB and v.check() == []
+
+
+def test_vm_resize_plain_qcow2_grows_and_refuses_a_shrink_over_data(root, tmp_path, idle_kernel, capsys):
+    disk, plain = _vm_with_qcow2(root, "r3", idle_kernel, tmp_path)  # data up to the very last byte
+    assert _resize(root, "r3", "2M", "--yes") == 17
+    assert "past the new end" in capsys.readouterr().err
+    assert raw_bytes(disk, "qcow2", tmp_path) == plain
+    assert _resize(root, "r3", "6M") == 0
+    assert raw_bytes(disk, "qcow2", tmp_path)[: len(plain)] == plain
+    assert VMManager(root).load("r3").disk_size_bytes == 6 * MIB

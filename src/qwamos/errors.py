@@ -152,6 +152,12 @@ class BlockRangeError(VolumeError, IndexError):
     exit_code = 17
 
 
+class BlocksInUseError(BlockRangeError):
+    """{path}: cannot shrink to {size} bytes: {msg}"""
+
+    exit_code = 17
+
+
 class NonceLimitError(VolumeError):
     """{path}: the key's encryption limit is reached; rotate the volume key before writing more."""
 
@@ -368,7 +374,7 @@ EXIT_CODES: dict[int, str] = {
     14: "a block failed authentication (or a wrong key)",
     15: "locked: open for writing by another process",
     16: "exists (--force replaces it)",
-    17: "block out of range",
+    17: "block out of range (or a shrink over blocks in use: they are named)",
     18: "nonce limit reached (rotate the key)",
     19: "volume closed or read-only",
     20: "keystore error",

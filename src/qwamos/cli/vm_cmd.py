@@ -17,6 +17,7 @@ from qwamos.errors import InvalidArgument, NotATerminalError, VMStateError
 from qwamos.hypervisor import console, lifecycle
 from qwamos.hypervisor.manager import DEFAULT_STOP_TIMEOUT, VMManager
 from qwamos.hypervisor.process import live_process
+from qwamos.hypervisor.sizes import format_size
 from qwamos.hypervisor.vocab import ACCELS, ARCHES, DEFAULT_MACHINE_FOR_ARCH, MACHINES, NETWORK_MODES
 
 
@@ -183,6 +184,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_yes_option(sp)
     add_json_option(sp, "what was deleted and kept")
+
+    sp = add(
+        "resize",
+        "grow or shrink the VM's disk (a shrink asks, and only over unused blocks)",
+        cmd_resize,
+        examples=[
+            "qwamos vm resize web 20G",
+            "qwamos vm resize web +5G",
+            "qwamos vm resize web 8G --yes   # shrink: refused if blocks past 8G hold data",
+        ],
+    )
+    sp.add_argument("size", help="new disk size (20G), or +SIZE to grow by that much")
+    add_keystore_args(sp, keystore=False)
+    add_yes_option(sp)
+    add_json_option(sp, "the old and new size")
 
     vm_ops_cmd.register(add)
 
@@ -357,6 +373,23 @@ def _attach(mgr: VMManager, name: str, *, detach_ok: bool) -> str:
         detach_ok=detach_ok,
         notice=message,
     )
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    mgr = _manager(args)
+    plan = lifecycle.plan_resize(mgr, args.vm, args.size)
+    if plan.shrink and not confirm(
+        f"Shrink the disk of {args.vm} from {format_size(plan.old_size)} to {format_size(plan.new_size)}?",
+        yes=args.yes,
+        action=f"shrink the disk of {args.vm}",
+    ):
+        message("not confirmed; nothing was changed")
+        return 1
+    lifecycle.resize(mgr, plan)
+    if args.json:
+        emit_json(plan.to_dict())
+    message(f"{args.vm}: disk {plan.disk} {format_size(plan.old_size)} -> {format_size(plan.new_size)}")
+    return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:

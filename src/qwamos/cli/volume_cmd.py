@@ -1,4 +1,4 @@
-"""``qwamos volume create|info|check|repair|dump-header`` (and ``serve``, from ``serve_cmd``).
+"""``qwamos volume create|info|check|repair|resize|dump-header`` (and ``serve``, from ``serve_cmd``).
 
 Thin over :class:`qwamos.volume.PQCVolume`: parse arguments, open the keystore, call the library, print.
 """
@@ -11,9 +11,19 @@ import sys
 from pathlib import Path
 
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
-from qwamos.cli.output import Progress, add_json_option, decorated, emit_json, flatten, message, print_fields
+from qwamos.cli.output import (
+    Progress,
+    add_json_option,
+    add_yes_option,
+    confirm,
+    decorated,
+    emit_json,
+    flatten,
+    message,
+    print_fields,
+)
 from qwamos.errors import TruncatedVolumeError
-from qwamos.hypervisor.sizes import format_size, parse_size
+from qwamos.hypervisor.sizes import format_size, parse_new_size, parse_size
 from qwamos.hypervisor.vocab import ALGORITHMS, DEFAULT_ALGORITHM
 from qwamos.storage.rbd import with_options
 from qwamos.volume import PQCVolume, read_header
@@ -103,6 +113,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_ceph_args(r)
     r.set_defaults(func=cmd_repair)
 
+    z = vsub.add_parser(
+        "resize",
+        help="grow or shrink a volume (crash-safe); a shrink asks, and only over unused blocks",
+        examples=[
+            "qwamos volume resize disk.qvol 20G",
+            "qwamos volume resize disk.qvol +1G",
+            "qwamos volume resize disk.qvol 8G --yes   # shrink: refused if blocks past 8G hold data",
+        ],
+    )
+    z.add_argument("path", type=Path, help=_PATH_HELP)
+    z.add_argument("size", help="new virtual size (10G, bytes), or +SIZE to grow by that much")
+    add_yes_option(z)
+    add_json_option(z, "the old and new size")
+    add_keystore_args(z)
+    add_ceph_args(z)
+    z.set_defaults(func=cmd_resize)
+
     d = vsub.add_parser(
         "dump-header",
         help="print the raw header fields, without needing the key",
@@ -159,6 +186,26 @@ def cmd_create(args: argparse.Namespace) -> int:
     message(f"   Size: {format_size(size)} ({info['total_blocks']} blocks)")
     message(f"   Key ID: {key_id}")
     message(f"   Algorithm: {info['algorithm']}")
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    args.path = volume_location(args)
+    ks = open_keystore(args)
+    with PQCVolume(args.path, keystore=ks) as v:
+        new = parse_new_size(args.size, v.size)
+        shrink = new < v.size
+        if shrink and not confirm(
+            f"Shrink {args.path} from {format_size(v.size)} to {format_size(new)}?",
+            yes=args.yes,
+            action=f"shrink {args.path}",
+        ):
+            message("not confirmed; nothing was changed")
+            return 1
+        result = v.resize(new, allow_shrink=shrink)
+    if args.json:
+        emit_json({"path": str(args.path), **result.to_dict()})
+    message(f"{args.path}: {format_size(result.old_size)} -> {format_size(result.new_size)}")
     return 0
 
 

@@ -19,7 +19,7 @@ from qwamos.fsutil import atomic_write, fsync_dir, make_private_dirs
 from qwamos.hypervisor import layout
 from qwamos.hypervisor.imagespec import Backing
 from qwamos.hypervisor.schema import MIN_MEMORY_MB, SCHEMA, validate
-from qwamos.hypervisor.sizes import parse_size
+from qwamos.hypervisor.sizes import format_size, parse_size
 from qwamos.hypervisor.template import DEFAULT_DISK_SIZE, new_config_text
 from qwamos.hypervisor.vocab import (
     ACCELS,
@@ -295,6 +295,10 @@ class VMConfig:
         """Forget the recorded key (used when a VM is migrated back to an unencrypted disk)."""
         for k in ("key_id", "algorithm", "key_encapsulation", "identity_fingerprint", "volume_uuid"):
             self._delete(("storage", "encryption", k))
+
+    def set_disk_size(self, size_bytes: int) -> None:
+        """Record the disk's new size (``vm resize``), in the shortest exact spelling (``20G``)."""
+        self._set(("hardware", "disk", "primary", "size"), format_size(size_bytes))
 
     def set_disk_format(self, fmt: str) -> None:
         self._set(("hardware", "disk", "primary", "format"), fmt)

@@ -3,6 +3,13 @@
 Each is a plan (every check, nothing changed: what the CLI shows before it asks for confirmation) and an
 execution, as ``start`` and ``migrate`` are.
 
+**Resize** (``vm resize``) changes the disk's size and then ``hardware.disk.primary.size``: an encrypted
+disk through :meth:`qwamos.volume.PQCVolume.resize` (docs/qvol-format.md 2.8: crash-safe, a shrink only over
+unused blocks, after confirmation), a qcow2/raw disk with ``qemu-img resize`` (a shrink only when
+``qemu-img map`` shows no data past the new end).  A stopped VM only (a running one: the online resize, when
+its export supports it).  The volume first, then the config: a kill in between leaves a config that names
+the old size, which the next ``vm resize`` to the same size corrects.
+
 **Delete** removes a stopped VM: its encrypted volumes (the disk and any ``*.qvol*`` backup in the VM
 directory) or its plain disk, then its config and directory.  A volume's key goes through the key-use
 records (docs/keystore-format.md, ``<key_id>.users``): the deleted volume's record is dropped, and the key
@@ -22,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qwamos.errors import QwamosError, VMStateError
+from qwamos.errors import BlocksInUseError, ConfigError, QemuError, QwamosError, VMStateError
 from qwamos.hypervisor import layout
 
 if TYPE_CHECKING:
@@ -145,6 +152,119 @@ def delete(mgr: VMManager, plan: DeletePlan) -> DeleteResult:
         with contextlib.suppress(QwamosError, OSError):
             result.unused_keys = keystore.unused_keys(plan.name)
     return result
+
+
+@dataclass
+class ResizePlan:
+    name: str
+    disk: Path
+    encrypted: bool
+    fmt: str  # "qvol", "qcow2" or "raw"
+    old_size: int
+    new_size: int
+
+    @property
+    def shrink(self) -> bool:
+        return self.new_size < self.old_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vm": self.name,
+            "disk": str(self.disk),
+            "format": self.fmt,
+            "old_size": self.old_size,
+            "new_size": self.new_size,
+        }
+
+
+def plan_resize(mgr: VMManager, name: str, size: str) -> ResizePlan:
+    """Every check of ``vm resize NAME SIZE`` (``SIZE`` or ``+SIZE``), nothing changed."""
+    from qwamos.hypervisor import binding
+    from qwamos.hypervisor.sizes import parse_new_size
+
+    cfg = mgr.load(name)
+    refuse_unless_stopped(mgr, name, "resize")
+    if cfg.encryption_enabled:
+        disk = mgr._volume_path(cfg)
+        bound = binding.check(cfg, disk)
+        bound.refuse_mismatch(name)
+        if not disk.is_file():
+            raise ConfigError(
+                f"the VM's encrypted disk {disk} does not exist (start the VM once)", path=str(cfg.path)
+            )
+        from qwamos.volume import read_header
+
+        old, fmt = int(read_header(disk)["size_bytes"]), "qvol"
+    else:
+        disk, fmt = Path(cfg.disk_path).expanduser().absolute(), cfg.disk_format
+        if fmt not in ("qcow2", "raw"):
+            raise ConfigError(f"cannot resize a {fmt} disk (qcow2 and raw only)", path=str(cfg.path))
+        if not disk.is_file():
+            raise ConfigError(f"the VM's disk {disk} does not exist (start the VM once)", path=str(cfg.path))
+        old = _image_size(disk, fmt)
+    return ResizePlan(name, disk, cfg.encryption_enabled, fmt, old, parse_new_size(size, old))
+
+
+def resize(mgr: VMManager, plan: ResizePlan, *, keystore: Any = None) -> ResizePlan:
+    """Carry out :func:`plan_resize` (the caller confirmed a shrink), then record the size in the config."""
+    refuse_unless_stopped(mgr, plan.name, "resize")
+    if plan.encrypted:
+        from qwamos.volume import PQCVolume
+
+        with PQCVolume(plan.disk, keystore=keystore if keystore is not None else mgr._keystore()) as vol:
+            vol.resize(plan.new_size, allow_shrink=plan.shrink)
+    elif plan.new_size != plan.old_size:
+        if plan.shrink:
+            used = _image_data_after(plan.disk, plan.fmt, plan.new_size)
+            if used:
+                raise BlocksInUseError(
+                    path=str(plan.disk),
+                    size=plan.new_size,
+                    msg=f"qemu-img map shows data at bytes {used} past the new end; discard it first "
+                    "(fstrim in the guest)",
+                )
+        _qemu_img(
+            [
+                "resize",
+                "-q",
+                "-f",
+                plan.fmt,
+                *(["--shrink"] if plan.shrink else []),
+                str(plan.disk),
+                str(plan.new_size),
+            ]
+        )
+    cfg = mgr.load(plan.name)
+    cfg.set_disk_size(plan.new_size)
+    cfg.save()
+    return plan
+
+
+def _qemu_img(args: list[str]) -> bytes:
+    from qwamos.hypervisor import tools
+
+    out = tools.run(["qemu-img", *args])
+    if out.returncode != 0:
+        raise QemuError(f"qemu-img {args[0]}: {tools.stderr_text(out.stderr)}")
+    return out.stdout
+
+
+def _image_size(disk: Path, fmt: str) -> int:
+    import json
+
+    return int(json.loads(_qemu_img(["info", "--output=json", "-f", fmt, str(disk)]))["virtual-size"])
+
+
+def _image_data_after(disk: Path, fmt: str, offset: int) -> str:
+    """The ranges past ``offset`` that ``qemu-img map`` says hold data (``a..b, ...``), or ``""``."""
+    import json
+
+    ranges = [
+        (max(e["start"], offset), e["start"] + e["length"])
+        for e in json.loads(_qemu_img(["map", "--output=json", "-f", fmt, str(disk)]))
+        if e.get("data") and e["start"] + e["length"] > offset
+    ]
+    return ", ".join(f"{a}..{b}" for a, b in ranges[:8]) + (", ..." if len(ranges) > 8 else "")
 
 
 def refuse_unless_stopped(mgr: VMManager, name: str, verb: str) -> None:

@@ -51,3 +51,11 @@ def format_size(n: int) -> str:
         if n >= mult and n % mult == 0:
             return f"{n // mult}{unit}"
     return str(n)
+
+
+def parse_new_size(text: str, current: int) -> int:
+    """A resize's target: ``SIZE`` (as :func:`parse_size`) or ``+SIZE``, that much more than ``current``."""
+    text = str(text).strip()
+    if text.startswith("+"):
+        return current + parse_size(text[1:], what="size")
+    return parse_size(text, what="size")

@@ -59,6 +59,8 @@ MAX_TOTAL_BLOCKS = 2**40
 MAX_NAME_LEN = 255
 MAX_SEQ = 2**53  # exact in every JSON implementation (IEEE doubles)
 MAX_METADATA_LENGTH = 2**30
+# The furthest copy B may lie: past the largest volume's slots, plus the largest metadata area.
+MAX_AREA_END = V1_DATA_OFFSET + MAX_TOTAL_BLOCKS * SLOT_SIZE + MAX_METADATA_LENGTH * 4
 MAX_FEATURES = 32
 
 V1_FIELDS = frozenset(
@@ -419,7 +421,9 @@ def validate(path: str, fields: dict[str, Any]) -> Header:
         # (docs/qvol-format.md, section 2.1), so anything else is refused rather than misread.
         data_offset = _int(fields, "data_offset", V1_DATA_OFFSET, V1_DATA_OFFSET)
         area_start = round_up(data_offset + total * SLOT_SIZE, HEADER_SIZE)
-        b_offset = _int(fields, "header_b_offset", area_start, area_start + MAX_METADATA_LENGTH * 4)
+        # Copy B may sit far past the slots while a resize moves the area (docs/qvol-format.md 2.8): bounded by
+        # the largest volume's area, not by this volume's.
+        b_offset = _int(fields, "header_b_offset", area_start, MAX_AREA_END)
         if b_offset % HEADER_SIZE:
             raise ValueError(f"header_b_offset {b_offset} is not a multiple of {HEADER_SIZE}")
         features = _features(fields.get("features"))

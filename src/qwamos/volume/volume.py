@@ -43,6 +43,7 @@ from qwamos.storage import Storage, create_storage, file_path, open_storage
 from qwamos.volume import allocation, cbt, inspection, metadata, rotation
 from qwamos.volume import create as creation
 from qwamos.volume import header as hdr
+from qwamos.volume import resize as resizemod
 from qwamos.volume.blockcopy import throttle
 from qwamos.volume.guard import IOGuard, os_error
 from qwamos.volume.header import BLOCK_SIZE, Header
@@ -607,6 +608,26 @@ class PQCVolume:
             self._writable()
             metadata.write(self._store, updates, sealed=sealed)
             self._header = self._store.header
+
+    # --- size (docs/qvol-format.md section 2.8, qwamos.volume.resize) -----------------------------------------
+
+    def resize(self, new_size: int, *, allow_shrink: bool = False) -> resizemod.ResizeResult:
+        """Grow or shrink the virtual disk to ``new_size`` bytes, crash-safely (a kill at any point leaves the
+        old or the new size).  A shrink needs ``allow_shrink`` (the caller's confirmation) and is refused
+        with :class:`~qwamos.errors.BlocksInUseError` naming the blocks past the new end that hold data."""
+        with self._guard:
+            self._writable()
+            self._storage.flush()  # written data is durable before the header changes under it
+            result = resizemod.resize(self._store, new_size, read_tail=self.read, allow_shrink=allow_shrink)
+            self._header = self._store.header
+            tracker = getattr(self, "_tracker", None)
+            if tracker is not None and result.new_blocks != result.old_blocks:
+                # the bitmap's length is the block count: the generation can no longer be trusted
+                size = cbt.bitmap_bytes(result.new_blocks)
+                tracker.bits[size:] = b""
+                tracker.bits.extend(bytes(size - len(tracker.bits)))
+                tracker.complete, tracker.dirty = False, True
+            return result
 
     # --- changed-block tracking (docs/qvol-format.md section 2.5.2, qwamos.volume.cbt) ----------------------
 
