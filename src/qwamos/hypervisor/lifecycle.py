@@ -107,7 +107,7 @@ def plan_delete(mgr: VMManager, name: str, *, keep_disk: bool = False) -> Delete
     refuse_unless_stopped(mgr, name, "delete")
     vm_dir = Path(layout.vm_dir(mgr.root, name))
     plan = DeletePlan(name, vm_dir, keep_disk, config_key=cfg.key_id)
-    candidates: list[Path] = [mgr._volume_path(cfg)] if cfg.encryption_enabled else []
+    candidates: list[Path] = [mgr.volume_path(cfg)] if cfg.encryption_enabled else []
     # every volume in the VM directory: the disk, ``disk.qvol.backup`` kept by ``migrate --to-qcow2``, ...
     candidates += sorted(p for p in vm_dir.iterdir() if ".qvol" in p.name and p.is_file() and not p.is_symlink())
     for path in dict.fromkeys(candidates):
@@ -185,7 +185,7 @@ def plan_resize(mgr: VMManager, name: str, size: str) -> ResizePlan:
     cfg = mgr.load(name)
     refuse_unless_stopped(mgr, name, "resize")
     if cfg.encryption_enabled:
-        disk = mgr._volume_path(cfg)
+        disk = mgr.volume_path(cfg)
         bound = binding.check(cfg, disk)
         bound.refuse_mismatch(name)
         if not disk.is_file():
