@@ -82,7 +82,9 @@ def baseline(raw: Path, work: Path, runs: int) -> list[float]:
         dst.unlink(missing_ok=True)
         opts = f"driver=qcow2,file.filename={src},encrypt.key-secret=sec0"
         times.append(
-            qemu_img(["convert", *secrets(), "--image-opts", opts, "-O", "qcow2", "-o", luks_args("sec1"), str(dst)])
+            qemu_img(
+                ["convert", *secrets(), "--image-opts", opts, "-O", "qcow2", "-o", luks_args("sec1"), str(dst)]
+            )
         )
     src.unlink()
     (work / "dst.qcow2").unlink(missing_ok=True)

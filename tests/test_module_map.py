@@ -84,6 +84,7 @@ MAP: dict[str, list[str]] = {
     "migrate.run": MIGRATE,
     "migrate.stream": ["test_migrate_stream.py", "test_tools.py"],
     "migrate.vmview": ["test_migrate_run.py"],
+    "nbd.rotation": ["test_volume_rotation_online.py"],
     "nbd.client": ["test_nbd_client.py"],
     "nbd.constants": ["test_nbd_protocol.py"],
     "nbd.control_client": ["test_nbd_control.py", "test_nbd_control_live.py"],

@@ -186,6 +186,10 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
 
             # Bound, started and stopped with the export.
             ctl = ControlServer(server, spec.control, required=spec.control_required)
+            if not spec.raw and not spec.read_only:
+                from qwamos.nbd.rotation import OnlineRotation
+
+                OnlineRotation(ctl)  # the reencrypt commands: online key rotation (qwamos.nbd.rotation)
         server.bind()
         where = []
         if spec.unix_path is not None:
@@ -433,7 +437,9 @@ def _key_from_pipe(args: argparse.Namespace) -> KeystoreFactory:
 
     key = read_key(args.key_fd)
     try:
-        provider = SingleKeyProvider(args.key_id, key)
+        provider = SingleKeyProvider(args.key_id, key[:32])
+        if len(key) > 32:  # a key rotation in progress: its old key follows (qwamos.nbd.keypipe)
+            provider.set_rotation_old_key(key[32:])
     finally:
         key[:] = bytes(len(key))
     return lambda: provider

@@ -17,7 +17,11 @@ from qwamos.volume.keys import KeyProvider, KeyRecorder
 
 
 def unlock_key(path: str | os.PathLike[str], provider: KeyProvider) -> tuple[str, bytes]:
-    """The key ID and 32-byte key of the volume at ``path``, authenticated by opening its header."""
+    """The key ID and 32-byte key of the volume at ``path``, authenticated by opening its header.
+
+    A volume whose key rotation is in progress (docs/qvol-format.md 2.5.3) needs its old key too until the
+    rotation ends: the bytes are then 64, the key followed by the old key (checked against the header's
+    ``old_key_check`` by the open), and the key pipe carries both."""
     from qwamos.volume.volume import PQCVolume, _record_use
 
     recorder = KeyRecorder(provider)
@@ -26,4 +30,7 @@ def unlock_key(path: str | os.PathLike[str], provider: KeyProvider) -> tuple[str
         # The process this key goes to opens the volume for writing with the bare key, which keeps no usage
         # records: record the use here, as a writable open through the keystore would.
         _record_use(provider, vol.path, vol.header)
+        state = vol.rotation_state()
+    if state is not None:
+        return key_id, recorder.keys[key_id] + recorder.keys[state["old_key_id"]]
     return key_id, recorder.keys[key_id]

@@ -759,18 +759,27 @@ class PQCVolume:
             return rotation.state(header)
 
     def begin_reencrypt(
-        self, new_key_id: str, *, commitment: str | None = None, batch: int = rotation.DEFAULT_BATCH
+        self,
+        new_key_id: str,
+        *,
+        new_key: bytes | bytearray | None = None,
+        commitment: str | None = None,
+        batch: int = rotation.DEFAULT_BATCH,
     ) -> dict[str, Any]:
         """Start re-encrypting this volume under the provider's key ``new_key_id`` (one header commit), or
         resume the rotation to that key already in progress; return :meth:`rotation_state`.
 
         A rotation to another key in progress is refused (:class:`RotationError`): finish it first.  When the
         volume commits to its key (``key_commitment``) the new commitment comes from the provider's
-        ``volume_commitment_secret`` or, for a bare-key provider (the export), as ``commitment`` (hex)."""
+        ``volume_commitment_secret`` or, for a bare-key provider (the export), as ``commitment`` (hex).
+        ``new_key``: the key's bytes when the provider does not hold it (the export is handed it over its
+        control channel); else the provider is asked for ``new_key_id``."""
         with self._guard:
             _, header = self._writable()
             current = rotation.state(header)
             if current is not None:
+                if new_key is not None and not crypto.constant_time_eq(bytes(new_key), self._store.volume_key):
+                    raise RotationError(path=self.path, msg=f"the key given as {new_key_id} is not the volume's")
                 if current["new_key_id"] != new_key_id:
                     raise RotationError(
                         path=self.path,
@@ -782,7 +791,7 @@ class PQCVolume:
                 if new_key_id == header.key_id:
                     raise RotationError(path=self.path, msg=f"the volume is already under key {new_key_id}")
                 provider = self._provider()
-                new_key = check_volume_key(provider.volume_key(new_key_id))
+                new_key = check_volume_key(provider.volume_key(new_key_id) if new_key is None else new_key)
                 lookup = getattr(provider, "volume_commitment_secret", None)
                 secret = bytes(lookup(new_key_id)[0]) if lookup is not None else None
                 rotation.Rotator(self.path, self._store, self._io).begin(
@@ -842,13 +851,14 @@ class PQCVolume:
         stop: rotation.StopFn | None = None,
         commitment: str | None = None,
         batch: int = rotation.DEFAULT_BATCH,
+        new_key: bytes | bytearray | None = None,
     ) -> dict[str, Any]:
         """Re-encrypt the whole volume under ``new_key_id`` (start or resume), then finish; return a summary
         (``rewritten`` blocks, ``skipped`` blocks -- holes and blocks already under the new key --,
         ``seconds``, ``finished``).  ``rate`` limits the bytes of the file read per second (None/0: no limit);
         ``stop()`` returning True pauses after the current batch (``finished`` False; call again to resume)."""
         started = time.monotonic()
-        state = self.begin_reencrypt(new_key_id, commitment=commitment, batch=batch)
+        state = self.begin_reencrypt(new_key_id, new_key=new_key, commitment=commitment, batch=batch)
         start_progress = state["progress"]
         rot = self._rotator
         assert rot is not None
