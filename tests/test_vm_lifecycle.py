@@ -402,7 +402,7 @@ def test_clone_of_a_running_vm_or_onto_an_existing_name_is_refused(root, idle_ke
 
 
 def test_clone_of_a_plain_vm_copies_its_image(root, tmp_path, idle_kernel, capsys):
-    disk, plain = _vm_with_qcow2(root, "c6", idle_kernel, tmp_path)
+    _disk, plain = _vm_with_qcow2(root, "c6", idle_kernel, tmp_path)
     assert _clone(root, "c6", "c7") == 0
     copy = root / "vms" / "c7" / "disk.qcow2"
     assert raw_bytes(copy, "qcow2", tmp_path) == plain
