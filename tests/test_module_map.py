@@ -30,6 +30,7 @@ MAP: dict[str, list[str]] = {
     "cli.tls_cmd": ["test_nbd_tls.py"],
     "cli.vm_cmd": ["test_vm_manager.py", "test_vocab.py", "test_vm_lifecycle.py"],
     "cli.vm_ops_cmd": ["test_libvirt_domxml.py", "test_autostart_units.py"],
+    "cli.snapshot_cmd": ["test_volume_snapshots.py"],
     "cli.volume_cmd": ["test_volume_cli.py", "test_volume_repair.py"],
     "crypto": ["test_crypto.py", "test_crypto_draws.py", "test_nbd_tls.py"],
     "errors": ["test_errors.py"],
@@ -100,6 +101,7 @@ MAP: dict[str, list[str]] = {
         "test_nbd_block_status.py",
     ],
     "nbd.quiesce": ["test_nbd_control.py", "test_nbd_control_live.py"],
+    "nbd.snapshot_ctl": ["test_volume_snapshots.py"],
     "nbd.tls": ["test_nbd_tls.py", "test_nbd_tls_server.py", "test_nbd_tls_netns.py"],
     "nbd.server": [
         "test_nbd_server.py",
@@ -123,6 +125,7 @@ MAP: dict[str, list[str]] = {
     "volume.inspection": ["test_volume_cli.py", "test_volume_errors.py"],
     "volume.keys": ["test_volume_vectors.py"],
     "volume.metadata": ["test_volume_metadata.py"],
+    "volume.snapshots": ["test_volume_snapshots.py", "test_volume_snapshot_attacks.py"],
     "volume.repair": ["test_volume_repair.py"],
     "volume.rotation": ["test_volume_rotation.py"],
     "volume.blockcopy": ["test_volume_blockcopy.py"],

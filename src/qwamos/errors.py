@@ -133,6 +133,18 @@ class BlockAuthError(VolumeError):
     exit_code = 14
 
 
+class SnapshotChainError(HeaderCorruptError):
+    """{path}: the snapshot chain failed authentication: {msg}"""
+
+    exit_code = 12
+
+
+class SnapshotError(InvalidArgument):
+    """{path}: {msg}"""
+
+    exit_code = 2
+
+
 class VolumeLockedError(VolumeError):
     """{path} is already open for writing by another process"""
 

@@ -36,6 +36,7 @@ from qwamos.errors import (
     QwamosError,
     ReadOnlyVolumeError,
     RotationError,
+    SnapshotError,
     VolumeClosedError,
     VolumeExistsError,
 )
@@ -62,7 +63,7 @@ _ZERO_MV = memoryview(_ZERO_BYTES)
 log = logging.getLogger("qwamos.volume")
 
 
-def _record_use(provider: KeyProvider, path: str, header: Header) -> None:
+def record_use(provider: KeyProvider, path: str, header: Header) -> None:
     """Tell a provider that keeps usage records (the keystore: ``key delete`` refuses a key in use) that this
     volume uses its key; on create and on writable opens (a VM's export, migration, repair), not on reads.
     Records are metadata: a failure is logged, never fails the create or open."""
@@ -81,6 +82,18 @@ def _record_use(provider: KeyProvider, path: str, header: Header) -> None:
         log.warning("%s: the key's usage record was not updated: %s", path, e)
 
 
+def _refuse_layer(path: str, header: Header) -> None:
+    """A frozen snapshot layer or an overlay opened as a plain volume would show only its own blocks."""
+    spec = header.features.get(hdr.SNAPSHOTS)
+    if spec is not None and (spec["parent"] is not None or spec["frozen"] is not None):
+        what = "a frozen snapshot layer" if spec["frozen"] is not None else "the top overlay of a snapshot chain"
+        raise SnapshotError(
+            path=path,
+            msg=f"is {what}; its empty blocks stand for its parent's, so it is opened through its chain "
+            "(qwamos.volume.snapshots.open_chain; the volume commands and the export do that)",
+        )
+
+
 class PQCVolume:
     """One ``.qvol`` file.  ``PQCVolume(path, keystore=provider)``; ``create(...)``; ``open()``; ...; ``close()``.
 
@@ -89,11 +102,19 @@ class PQCVolume:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], keystore: KeyProvider | None = None, *, read_only: bool = False
+        self,
+        path: str | os.PathLike[str],
+        keystore: KeyProvider | None = None,
+        *,
+        read_only: bool = False,
+        layer: bool = False,
     ):
         self.path = os.fspath(path)
         self.keystore = keystore
         self._read_only = bool(read_only)
+        # A layer of a snapshot chain (an overlay, or a frozen snapshot) reads wrong on its own: its empty
+        # blocks stand for its parent's.  Only the chain (qwamos.volume.snapshots) opens one, with layer=True.
+        self._layer = bool(layer)
         self._storage: Storage | None = None
         self._header: Header | None = None
         self._store: HeaderStore | None = None
@@ -163,7 +184,7 @@ class PQCVolume:
             if isinstance(e, OSError):
                 raise os_error(self.path, e, "cannot create") from None
             raise
-        _record_use(provider, self.path, header)
+        record_use(provider, self.path, header)
         return key_id
 
     def open(self) -> PQCVolume:
@@ -178,6 +199,8 @@ class PQCVolume:
                 store = HeaderStore.load(self.path, storage, provider)
                 header = store.header
                 hdr.check_features(self.path, header, writable=not self._read_only)
+                if not self._layer:
+                    _refuse_layer(self.path, header)
                 file_size = storage.size()
                 if file_size < header.slots_end:
                     raise hdr.truncation_error(self.path, header, file_size)
@@ -219,7 +242,7 @@ class PQCVolume:
             storage.close()
             raise
         if not self._read_only:
-            _record_use(provider, self.path, header)  # reads leave the keystore as it was, too
+            record_use(provider, self.path, header)  # reads leave the keystore as it was, too
         self._storage = storage
         self._header = header
         self._store = store
@@ -802,7 +825,7 @@ class PQCVolume:
                     batch=batch,
                     set_header=self._set_header,
                 )
-                _record_use(provider, self.path, self._header)
+                record_use(provider, self.path, self._header)
             if self._rotator is None:
                 self._rotator = rotation.Rotator(self.path, self._store, self._io)
             return rotation.state(self._header)
@@ -896,6 +919,22 @@ class PQCVolume:
             "seconds": round(time.monotonic() - started, 3),
             "finished": finished,
         }
+
+    def set_feature(self, name: str, value: dict[str, Any] | None) -> None:
+        """Set (or with None remove) one header feature's member and commit the header (both copies,
+        docs/qvol-format.md 2.4).  For the feature's own module (snapshots); the fields are validated as on
+        open, so a malformed value is refused before anything is written."""
+        with self._guard:
+            _, header = self._writable()
+            features = {k: dict(v) for k, v in header.features.items()}
+            if value is None:
+                features.pop(name, None)
+            else:
+                features[name] = dict(value)
+            new = replace(header, features=features)
+            hdr.validate(self.path, new.to_dict())  # HeaderCorruptError names the bad field
+            self._store.store(new)
+            self._header = self._store.header
 
     def info(self) -> dict[str, Any]:
         """Header fields plus where the file stands: allocated blocks and bytes, the path, and what was found
