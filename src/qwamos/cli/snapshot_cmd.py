@@ -9,24 +9,25 @@ from pathlib import Path
 from typing import Any
 
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
-from qwamos.cli.output import emit_json, message
+from qwamos.cli.output import add_json_option, emit_json, message, print_data
 from qwamos.errors import InvalidArgument
 from qwamos.hypervisor.sizes import format_size
 
 ACTIONS = ("create", "list", "revert", "delete")
 
-VOLUME_EPILOG = """examples:
-  qwamos volume snapshot create disk.qvol before-upgrade
-  qwamos volume snapshot list disk.qvol --json
-  qwamos volume snapshot revert disk.qvol before-upgrade
-  qwamos volume serve disk.qvol --snapshot before-upgrade --read-only --socket /tmp/snap.sock
-"""
+VOLUME_EXAMPLES = [
+    "qwamos volume snapshot create disk.qvol before-upgrade",
+    "qwamos volume snapshot list disk.qvol --json",
+    "qwamos volume snapshot revert disk.qvol before-upgrade",
+]
 
-VM_EPILOG = """examples:
-  qwamos vm snapshot create web before-upgrade      # also while the VM runs: the guest keeps running
-  qwamos vm snapshot list web
-  qwamos vm stop web && qwamos vm snapshot revert web before-upgrade
-"""
+VM_EXAMPLES = [
+    "qwamos vm snapshot create web before-upgrade",
+    "qwamos vm snapshot list web --json",
+    "qwamos vm snapshot revert web before-upgrade",
+]
+
+_NAME_HELP = "the snapshot's name, 1..255 printable characters (not for list)"
 
 
 def register_volume(vsub: argparse._SubParsersAction) -> None:
@@ -35,29 +36,36 @@ def register_volume(vsub: argparse._SubParsersAction) -> None:
         help="create, list, revert to and delete snapshots of a volume",
         description="Snapshots of a .qvol volume (docs/qvol-format.md 2.5.4): create copies nothing; revert "
         "discards the changes made since; delete keeps every other snapshot's view.  On a volume an export "
-        "serves, give its --control socket (create, list and delete run inside the export).",
-        epilog=VOLUME_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "serves, give its --control socket (create, list and delete run inside the export).  A snapshot's "
+        "view is served with `qwamos volume serve VOL --snapshot NAME --read-only`.",
+        examples=VOLUME_EXAMPLES,
     )
-    s.add_argument("action", choices=ACTIONS)
+    s.add_argument("action", choices=ACTIONS, help="what to do")
     s.add_argument("path", type=Path, help="the .qvol volume")
-    s.add_argument("name", nargs="?", help="the snapshot's name (not for list)")
-    s.add_argument("--control", type=Path, metavar="PATH", help="the control socket of the export serving it")
-    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.add_argument("name", nargs="?", help=_NAME_HELP)
+    s.add_argument(
+        "--control",
+        type=Path,
+        metavar="PATH",
+        help="the control socket of the export serving the volume (default: none, the volume is offline)",
+    )
+    add_json_option(s, "the result")
     add_keystore_args(s)
     s.set_defaults(func=cmd_volume_snapshot)
 
 
 def register_vm(add: Callable[..., argparse.ArgumentParser]) -> None:
     sp = add(
-        "snapshot", "create, list, revert to and delete snapshots of the VM's disk", cmd_vm_snapshot, vm=False
+        "snapshot",
+        "create, list, revert to and delete snapshots of the VM's disk (create/list/delete also while it runs)",
+        cmd_vm_snapshot,
+        vm=False,
+        examples=VM_EXAMPLES,
     )
-    sp.formatter_class = argparse.RawDescriptionHelpFormatter
-    sp.epilog = VM_EPILOG
-    sp.add_argument("action", choices=ACTIONS)
-    sp.add_argument("vm", help="VM name")
-    sp.add_argument("name", nargs="?", help="the snapshot's name (not for list)")
-    sp.add_argument("--json", action="store_true", help="print the result as JSON")
+    sp.add_argument("action", choices=ACTIONS, help="what to do (revert needs a stopped VM)")
+    sp.add_argument("vm", help="VM name (a directory under ROOT/vms/)")
+    sp.add_argument("name", nargs="?", help=_NAME_HELP)
+    add_json_option(sp, "the result")
     add_keystore_args(sp, keystore=False)
 
 
@@ -124,7 +132,7 @@ def _show(args: argparse.Namespace, result: dict[str, Any], what: str) -> None:
     if args.action == "list":
         snaps = result.get("snapshots", [])
         for line in snapshot_lines(snaps):
-            print(line)
+            print_data(line)
         if not snaps:
             message(f"{what}: no snapshots")
         return

@@ -211,6 +211,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_option(sp, "the new VM's config, disk and key")
 
     vm_ops_cmd.register(add)
+    from qwamos.cli.snapshot_cmd import register_vm
+
+    register_vm(add)
 
 
 def _manager(args: argparse.Namespace) -> VMManager:
@@ -261,11 +264,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from qwamos.cli.snapshot_cmd import snapshot_lines
+    from qwamos.hypervisor import snapshots
+
     mgr = _manager(args)
+    snaps = snapshots.describe(mgr, args.vm)
     if args.json:
-        emit_json(mgr.info(args.vm))
+        emit_json({**mgr.info(args.vm), "snapshots": snaps})
     else:
         print_data(mgr.info_text(args.vm))  # the spec's info block, its symbols included (the spec's contract)
+        if snaps is not None and "error" in snaps:
+            print_data(f"Snapshots:    (cannot list: {snaps['error']})")
+        elif snaps is not None and snaps["snapshots"]:
+            print_data("Snapshots:\n  " + "\n  ".join(snapshot_lines(snaps["snapshots"])))
     return 0
 
 
