@@ -121,7 +121,7 @@ install: $(MAN_PAGE) $(BASH_COMPLETION) $(ZSH_COMPLETION)
 	install -D -m 0644 $(BASH_COMPLETION) $(DESTDIR)$(PREFIX)/share/bash-completion/completions/qwamos
 	install -D -m 0644 $(ZSH_COMPLETION) $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_qwamos
 	install -d $(DESTDIR)$(UNITDIR)
-	for unit in contrib/systemd/*.service; do \
+	for unit in contrib/systemd/*.service contrib/systemd/*.timer; do \
 		sed 's|/usr/local/bin/qwamos|$(PREFIX)/bin/qwamos|g' $$unit > $(DESTDIR)$(UNITDIR)/$$(basename $$unit) && \
 		chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$unit) || exit 1; \
 	done

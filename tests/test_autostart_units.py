@@ -27,6 +27,7 @@ from vm_helpers import write_config
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "contrib" / "systemd"
 UNIT_FILES = sorted(UNITS.glob("*.service"))
+TIMER_FILES = sorted(UNITS.glob("*.timer"))
 INSTALLED_QWAMOS = "/usr/local/bin/qwamos"
 CREDENTIAL = CREDENTIAL_NAME  # the name qwamos reads from $CREDENTIALS_DIRECTORY
 
@@ -34,8 +35,13 @@ CREDENTIAL = CREDENTIAL_NAME  # the name qwamos reads from $CREDENTIALS_DIRECTOR
 # --- the units ------------------------------------------------------------------------------------------
 
 
-def test_both_units_are_shipped():
-    assert {p.name for p in UNIT_FILES} == {"qwamos-vm@.service", "qwamos-autostart.service"}
+def test_the_units_are_shipped():
+    assert {p.name for p in UNIT_FILES} == {
+        "qwamos-vm@.service",
+        "qwamos-autostart.service",
+        "qwamos-key-rotate.service",
+    }
+    assert [p.name for p in TIMER_FILES] == ["qwamos-key-rotate.timer"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (Debian: systemd)")
@@ -49,6 +55,8 @@ def test_units_pass_systemd_analyze_verify_silently(tmp_path):
         text = unit.read_text(encoding="utf-8")
         assert INSTALLED_QWAMOS in text
         (tmp_path / unit.name).write_text(text.replace(INSTALLED_QWAMOS, str(qwamos)))
+    for timer in TIMER_FILES:
+        (tmp_path / timer.name).write_text(timer.read_text(encoding="utf-8"))
     proc = subprocess.run(
         [
             "systemd-analyze",
@@ -56,6 +64,8 @@ def test_units_pass_systemd_analyze_verify_silently(tmp_path):
             "--man=no",
             str(tmp_path / "qwamos-autostart.service"),
             str(tmp_path / "qwamos-vm@web.service"),  # an instance of the template
+            str(tmp_path / "qwamos-key-rotate.service"),
+            str(tmp_path / "qwamos-key-rotate.timer"),
         ],
         capture_output=True,
         text=True,
@@ -193,8 +203,8 @@ def test_make_install_puts_the_units_under_prefix_with_its_qwamos(tmp_path):
         timeout=120,
     )
     unitdir = dest / "opt/qw/lib/systemd/system"
-    assert sorted(p.name for p in unitdir.iterdir()) == sorted(p.name for p in UNIT_FILES)
-    for unit in UNIT_FILES:
+    assert sorted(p.name for p in unitdir.iterdir()) == sorted(p.name for p in UNIT_FILES + TIMER_FILES)
+    for unit in UNIT_FILES + TIMER_FILES:
         installed = (unitdir / unit.name).read_text(encoding="utf-8")
         assert installed == unit.read_text(encoding="utf-8").replace(INSTALLED_QWAMOS, "/opt/qw/bin/qwamos")
         assert (unitdir / unit.name).stat().st_mode & 0o777 == 0o644

@@ -115,8 +115,9 @@ def test_rotate_with_passphrase_fd(capsys: pytest.CaptureFixture[str], tmp_path:
     finally:
         os.close(fd)
     assert rc == 0, err
-    new = json.loads(out)["new_key_id"]
-    assert new != old and "re-encrypted" in err
+    result = json.loads(out.splitlines()[-1])  # JSON lines: the events, then the result
+    new = result["new_key_id"]
+    assert new != old and result["destroyed"]["key_id"] == old  # no volume used it: destroyed at once
     meta = PQCKeystore(tmp_path / "ks").get_metadata(new)
     assert meta["rotation_count"] == 1 and meta["rotated_from"] == old
 

@@ -9,13 +9,16 @@ Thin over :class:`qwamos.keystore.PQCKeystore`.  Passphrases never come from arg
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
 from qwamos.cli.output import (
+    Progress,
     add_json_option,
     add_yes_option,
     confirm,
@@ -26,7 +29,7 @@ from qwamos.cli.output import (
     symbol,
     warn,
 )
-from qwamos.errors import IdentityNotFoundError, InvalidArgument, KeyExistsError, KeyNotFoundError
+from qwamos.errors import IdentityNotFoundError, InvalidArgument, KeyExistsError, KeyNotFoundError, QwamosError
 from qwamos.keystore import PQCKeystore, read_passphrase
 from qwamos.keystore.files import read_bounded, write_private
 
@@ -75,7 +78,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         cmd_identity,
         ["qwamos key identity", "qwamos key identity --json"],
     )
-    action("list", "list keys with their metadata", cmd_list, ["qwamos key list", "qwamos key list --json"])
+    lst = action(
+        "list",
+        "list keys: state, users, when next due for rotation, destroyed keys",
+        cmd_list,
+        ["qwamos key list", "qwamos key list --json"],
+    )
+    lst.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="VM root (rotation ages in configs; default: $QWAMOS_ROOT or ~/QWAMOS)",
+    )
+    po = action(
+        "policy",
+        "show or set the keystore-wide rotation age (the default for VMs without rotation.max_age)",
+        cmd_policy,
+        ["qwamos key policy", "qwamos key policy --max-age 90d", "qwamos key policy --clear"],
+    )
+    g = po.add_mutually_exclusive_group()
+    g.add_argument(
+        "--max-age",
+        default=None,
+        metavar="AGE",
+        help="rotate keys older than AGE (90d, 12w, 36h; default: show only)",
+    )
+    g.add_argument("--clear", action="store_true", help="no keystore-wide rotation age")
     s = action(
         "show",
         "show one key's metadata, state and users",
@@ -102,11 +131,49 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     r = action(
         "rotate",
-        "make a new key succeeding KEY_ID (the old key is kept)",
+        "re-encrypt every volume using KEY_ID under a new key, update VM configs, destroy KEY_ID",
         cmd_rotate,
-        ["qwamos key rotate vm-web-1a2b", "qwamos key rotate vm-web-1a2b --json"],
+        [
+            "qwamos key rotate vm-web-1a2b3c4d5e6f7890",
+            "qwamos key rotate vm-web-1a2b3c4d5e6f7890 --keep-old --rate 100M --json",
+            "qwamos key rotate --due --dry-run",
+        ],
     )
-    r.add_argument("key_id", metavar="KEY_ID", help=_KEY_ID_HELP)
+    r.add_argument("key_id", metavar="KEY_ID", nargs="?", help=_KEY_ID_HELP + "; or --due")
+    r.add_argument(
+        "--due", action="store_true", help="rotate every key that is due (rotation.max_age, key policy)"
+    )
+    r.add_argument("--keep-old", action="store_true", help="retire the old key instead of destroying it")
+    r.add_argument("--dry-run", action="store_true", help="show what would be done; change nothing")
+    r.add_argument(
+        "--rate",
+        default=None,
+        metavar="R",
+        help="limit offline re-encryption reads to R bytes/s (50M, 1G; default: none)",
+    )
+    add_yes_option(r)
+    r.add_argument(
+        "--detach", action="store_true", help="start online re-encryptions and return; run again to finish"
+    )
+    r.add_argument(
+        "--root", type=Path, default=None, metavar="DIR", help="VM root (default: $QWAMOS_ROOT or ~/QWAMOS)"
+    )
+    r.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        metavar="SOCKET",
+        help="control socket of a running 'volume serve' export using the key (it re-encrypts online); "
+        "repeatable (default: none; a running VM's export is found by itself)",
+    )
+    r.add_argument(
+        "--volume",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also re-encrypt this volume (one the records do not know, or a moved one); repeatable "
+        "(default: the volumes the records and VM configs name)",
+    )
     ri = action(
         "rotate-identity",
         "new identity key pair; re-wrap every key to it, update VM configs, destroy the old identity",
@@ -237,34 +304,75 @@ def _users_text(usage: dict[str, Any]) -> str:
     return ", ".join(parts) or "-"
 
 
+def _schedule(ks: PQCKeystore, root: Path | None) -> dict[str, dict[str, Any]]:
+    """Each key's rotation schedule row (qwamos.hypervisor.keyrotation.rotation_schedule), now."""
+    from qwamos.hypervisor.keyrotation import rotation_schedule
+    from qwamos.hypervisor.manager import VMManager
+
+    now = datetime.now(UTC)
+    return {r["key_id"]: r for r in rotation_schedule(ks, VMManager(root, keystore=ks.path), now)}
+
+
+def _due_text(row: dict[str, Any] | None) -> str:
+    if row is None or row["next_due"] is None:
+        return "-"
+    return f"{row['next_due']} (due)" if row["due"] else row["next_due"]
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     ks = open_keystore(args)
+    schedule = _schedule(ks, args.root)
     keys = [k if "error" in k else _with_usage(ks, k) for k in ks.list_keys()]
+    for k in keys:
+        row = schedule.get(k["key_id"])
+        if row is not None:
+            k.update({f: row[f] for f in ("next_due", "due", "max_age", "max_age_from")})
+    destroyed = [{**t, "state": "destroyed"} for t in ks.destroyed_keys() if not ks.has_key(t["key_id"])]
     if args.json:
-        emit_json(keys)
+        emit_json(keys + destroyed)
         return 0
-    if not keys:
+    if not keys and not destroyed:
         message(f"no keys in {ks.path}")
         return 0
-    rows = [("KEY ID", "VM", "TYPE", "STATE", "CREATED", "ROTATIONS", "USED BY")]
+    rows = [("KEY ID", "VM", "TYPE", "STATE", "CREATED", "ROTATIONS", "NEXT DUE", "USED BY")]
     for k in keys:
         if "error" in k:
-            rows.append((k["key_id"], "-", "ERROR", "-", k["error"], "-", "-"))
+            rows.append((k["key_id"], "-", "ERROR", "-", k["error"], "-", "-", "-"))
         else:
+            state = k["state"] + (f" by {k['successor']}" if k.get("successor") else "")
             rows.append(
                 (
                     k["key_id"],
                     k["vm_name"] or "-",
                     k["key_type"],
-                    k["state"],
+                    state,
                     k["created_at"] or "-",
                     str(k["rotation_count"]),
+                    _due_text(k),
                     _users_text(k),
                 )
             )
+    for t in destroyed:
+        by = f" (succeeded by {t['successor']})" if t["successor"] else ""
+        rows.append(
+            (t["key_id"], t["vm_name"] or "-", "-", f"destroyed at {t['destroyed_at']}{by}", "-", "-", "-", "-")
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print_data("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    ks = open_keystore(args)
+    if args.max_age is not None or args.clear:
+        ks.set_rotation_policy(None if args.clear else args.max_age)
+        message(f"keystore rotation age: {args.max_age or 'none'}")
+    current = ks.rotation_policy()
+    if args.json:
+        emit_json(current)
+    else:
+        print_data(current["rotation_max_age"] or "none")
     return 0
 
 
@@ -320,19 +428,167 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_rotate(args: argparse.Namespace) -> int:
-    ks = open_keystore(args)
-    new_id = ks.rotate_key(args.key_id)
-    if args.json:
-        emit_json({"old_key_id": args.key_id, "new_key_id": new_id})
-    else:
-        print_data(new_id)
-    message(f"Rotated: {args.key_id} {symbol('arrow', sys.stderr)} {new_id}")
-    warn(
-        f"volumes encrypted under {args.key_id} still use it: keep it until their data is re-encrypted "
-        "(re-encryption is not implemented yet)"
+class _RotateReporter:
+    """Events of a rotation: JSON lines on stdout with ``--json``; otherwise messages on stderr and, on a
+    terminal, a progress line with rate and ETA."""
+
+    def __init__(self, json_lines: bool) -> None:
+        self.json_lines = json_lines
+        self._bars: dict[str, Progress] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.json_lines:
+            sys.stdout.write(json.dumps(event, default=str) + "\n")
+            sys.stdout.flush()
+            return
+        kind = event["event"]
+        if kind == "progress":
+            self._progress(event)
+        elif kind == "volume":
+            where = f" (VM {event['vm']})" if event.get("vm") else ""
+            verb = "resuming" if event["status"] == "resume" else "re-encrypting"
+            message(f"{verb} {event['path']}{where} {event['mode']}")
+        elif kind == "volume-done":
+            bar = self._bars.pop(event["path"], None)
+            if bar is not None:
+                bar.finish()
+            message(f"  done: {event['path']}")
+        elif kind == "successor":
+            message(f"{event['old_key_id']} {symbol('arrow', sys.stderr)} {event['new_key_id']}")
+        elif kind == "record-dropped":
+            warn(f"dropped the record of {event['path']} ({event['reason']})")
+        elif kind == "vm-config":
+            message(f"VM {event['vm']}: storage.encryption.key_id is now {event['key_id']}")
+        elif kind == "detached":
+            message("online re-encryption continues in: " + ", ".join(event["volumes"]))
+
+    def _progress(self, e: dict[str, Any]) -> None:
+        bar = self._bars.get(e["path"])
+        if bar is None:
+            bar = self._bars[e["path"]] = Progress(e["total"], label=Path(e["path"]).name, unit_bytes=4096)
+        bar.update(e["done"])
+
+
+def _exports(args: argparse.Namespace) -> dict[str, str]:
+    """``--export SOCKET`` -> {volume path: control socket}, asked from each export's status."""
+    from qwamos.nbd.control_client import control_path_for, read_status
+
+    out = {}
+    for sock in args.export:
+        ctl = sock if str(sock).endswith(".ctl") else str(control_path_for(sock))
+        status = read_status(ctl)
+        vol = (status.get("volume") or {}).get("path")
+        if not vol:
+            raise InvalidArgument(f"the export at {sock} serves no volume file")
+        out[vol] = ctl
+    return out
+
+
+def _print_plan(plan: Any) -> None:
+    new = plan.new_key_id or "(a new key)"
+    message(
+        f"rotate {plan.old_key_id} -> {new}, then {'retire' if plan.keep_old else 'destroy'} {plan.old_key_id}"
     )
+    for t in plan.targets:
+        vm = f" (VM {t.vm})" if t.vm else ""
+        how = {"pending": f"re-encrypt {t.mode}", "resume": f"resume {t.mode}", "done": "already re-encrypted"}
+        message(f"  {t.path}{vm}: {how.get(t.status, t.status)}" + (f" — {t.problem}" if t.problem else ""))
+    for name in plan.configs:
+        message(f"  VM config {name}: key_id -> {new}")
+
+
+def _rotate_one(args: argparse.Namespace, ks: PQCKeystore, manager: Any, key_id: str, report: Any) -> dict:
+    from qwamos.hypervisor.keyrotation import KeyRotation
+    from qwamos.hypervisor.sizes import parse_size
+
+    rate = parse_size(args.rate, what="--rate") if args.rate else None
+    rot = KeyRotation(
+        ks,
+        manager,
+        key_id,
+        keep_old=args.keep_old,
+        rate=rate,
+        exports=_exports(args),
+        volumes=args.volume,
+        events=report,
+    )
+    plan = rot.plan()
+    if args.dry_run:
+        return {"dry_run": True, **plan.to_dict()}
+    if not args.json:
+        _print_plan(plan)
+    accept = False
+    if plan.problems and (args.yes or sys.stdin.isatty()):
+        accept = confirm(
+            "Drop the records of these volumes and rotate anyway (a copy of one elsewhere becomes unreadable)?",
+            yes=args.yes,
+            action=f"rotate {key_id}",
+            details=[f"- {t.problem}\n    fix: {t.fix}" for t in plan.problems],
+        )
+    return rot.run(plan, accept_problems=accept, detach=args.detach)
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from qwamos.hypervisor.keyrotation import rotation_schedule
+    from qwamos.hypervisor.manager import VMManager
+
+    if bool(args.key_id) == bool(args.due):
+        raise InvalidArgument("name one KEY_ID, or pass --due")
+    ks = open_keystore(args)
+    manager = VMManager(args.root, keystore=ks.path, keystore_factory=lambda: ks)
+    report = _RotateReporter(args.json)
+    if args.key_id:
+        result = _rotate_one(args, ks, manager, args.key_id, report)
+        results = [result]
+    else:
+        due = [r for r in rotation_schedule(ks, manager, datetime.now(UTC)) if r["due"]]
+        results = []
+        failed = 0
+        for row in due:
+            if args.dry_run:
+                results.append({"dry_run": True, "key_id": row["key_id"], "next_due": row["next_due"]})
+                continue
+            try:
+                results.append(_rotate_one(args, ks, manager, row["key_id"], report))
+            except QwamosError as e:  # one key's trouble does not stop the others
+                failed += 1
+                results.append({"key_id": row["key_id"], "error": str(e)})
+                warn(f"{row['key_id']}: not rotated: {e}")
+        if not due:
+            message("no key is due for rotation")
+    if args.json:
+        report({"event": "result", "results": results} if args.due else {"event": "result", **results[0]})
+    else:
+        for r in results:
+            _print_rotate_result(r)
+    if args.due and any("error" in r for r in results):
+        return 1
     return 0
+
+
+def _print_rotate_result(r: dict[str, Any]) -> None:
+    if r.get("dry_run"):
+        if "volumes" in r:
+            print_data(f"{r['old_key_id']} -> {r['new_key_id'] or '(new)'}: {len(r['volumes'])} volume(s)")
+            for t in r["volumes"]:
+                print_data(
+                    f"  {t['path']}: {t['status']} {t['mode']}" + (f" ({t['problem']})" if t["problem"] else "")
+                )
+        else:
+            print_data(f"{r['key_id']}: due since {r['next_due']}")
+        return
+    if "error" in r:
+        return
+    print_data(r["new_key_id"])
+    if "destroyed" in r:
+        d = r["destroyed"]
+        message(
+            f"destroyed key {d['key_id']} at {d['destroyed_at']}: overwrote and removed " + ", ".join(d["files"])
+        )
+    elif "retired" in r:
+        message(f"retired key {r['retired']} (kept for copies made before; never used again)")
+    elif r.get("waiting"):
+        message(f"{r['old_key_id']} is kept until the online re-encryption finishes: run this command again")
 
 
 def cmd_rotate_identity(args: argparse.Namespace) -> int:

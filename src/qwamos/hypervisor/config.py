@@ -263,6 +263,13 @@ class VMConfig:
         self._set(("storage", "encryption", "identity_fingerprint"), fingerprint)
 
     @property
+    def rotation_max_age(self) -> str | None:
+        """``rotation.max_age`` (``90d``): how old the VM's volume key may get before ``key rotate --due``
+        rotates it; None: the keystore's default applies (docs/vm-config.md)."""
+        value = self._get("rotation", "max_age")
+        return value if isinstance(value, str) else None
+
+    @property
     def volume_uuid(self) -> str | None:
         """The UUID of the volume this VM is bound to (``storage.encryption.volume_uuid``): a start refuses a
         ``.qvol`` whose authenticated header names another one (a swapped disk)."""
@@ -288,6 +295,10 @@ class VMConfig:
         self._set(("storage", "encryption", "key_id"), key_id)
         self._set(("storage", "encryption", "volume_uuid"), volume_uuid)
 
+    def set_key_id(self, key_id: str) -> None:
+        """Point the VM at the key its volume was re-encrypted under (``key rotate``); nothing else changes."""
+        self._set(("storage", "encryption", "key_id"), key_id)
+
     def set_encryption_enabled(self, enabled: bool) -> None:
         self._set(("storage", "encryption", "enabled"), enabled)
 
@@ -295,14 +306,6 @@ class VMConfig:
         """Forget the recorded key (used when a VM is migrated back to an unencrypted disk)."""
         for k in ("key_id", "algorithm", "key_encapsulation", "identity_fingerprint", "volume_uuid"):
             self._delete(("storage", "encryption", k))
-
-    def set_name(self, name: str) -> None:
-        """``vm.name`` (a clone's config is its source's with a new name)."""
-        self._set(("vm", "name"), layout.validate_vm_name(name))
-
-    def set_mac(self, mac: str) -> None:
-        """``network.mac`` (a clone gets a new one: two NICs with one MAC on a network break both)."""
-        self._set(("network", "mac"), mac)
 
     def set_disk_size(self, size_bytes: int) -> None:
         """Record the disk's new size (``vm resize``), in the shortest exact spelling (``20G``)."""

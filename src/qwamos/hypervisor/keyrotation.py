@@ -5,17 +5,25 @@ the VM manager.  What needs both the keystore and knowledge of VMs lives here:
 
 * :func:`update_identity_fingerprints` — after ``PQCKeystore.rotate_identity`` the VM configs that record
   the old identity's fingerprint (``storage.encryption.identity_fingerprint``) are pointed at the new one;
-* :func:`vms_using_key` — the VMs whose config names a key (a key user the keystore's records may lack).
+* :func:`vms_using_key` — the VMs whose config names a key (a key user the keystore's records may lack);
+* :func:`rotation_schedule` — when each key is next due: the VM configs' ``rotation.max_age`` and the
+  keystore's default (:mod:`qwamos.keystore.policy`), judged at a ``now`` the caller passes (tests inject it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from qwamos.errors import VMError
+from qwamos.errors import KeyNotFoundError, KeyStateError, QwamosError, VMError
 from qwamos.hypervisor import layout
 from qwamos.hypervisor.manager import VMManager
+from qwamos.keystore import PQCKeystore, policy
+from qwamos.keystore.keystore import rotating_from
 
 
 @dataclass
@@ -61,3 +69,395 @@ def vms_using_key(manager: VMManager, key_id: str) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+def key_ages(manager: VMManager) -> dict[str, list[tuple[str, str]]]:
+    """``key_id -> [(vm, max_age), ...]`` from every VM config that sets ``rotation.max_age``."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for name in layout.list_vm_names(manager.root):
+        try:
+            cfg = manager.load(name)
+        except VMError:
+            continue
+        if cfg.encryption_enabled and cfg.key_id and cfg.rotation_max_age:
+            out.setdefault(cfg.key_id, []).append((name, cfg.rotation_max_age))
+    return out
+
+
+def rotation_schedule(ks: PQCKeystore, manager: VMManager, now: datetime) -> list[dict[str, Any]]:
+    """When each key of ``ks`` is next due, judged at ``now`` (the caller's clock).
+
+    A key's age limit is the smallest ``rotation.max_age`` of the VMs whose config names it, else the
+    keystore's default (``policy.json``), else none.  A superseded key (a rotation that did not finish) is
+    due at once: ``key rotate --due`` finishes it.  Retired keys are never due.  Each row: ``key_id``,
+    ``vm_name``, ``state``, ``last_rotated``, ``max_age``, ``max_age_from`` (``vm NAME`` / ``keystore``),
+    ``next_due``, ``due``, ``overdue_s``, ``reason``."""
+    default = ks.rotation_policy()["rotation_max_age"]
+    ages = key_ages(manager)
+    rows = []
+    for meta in ks.list_keys():
+        if "error" in meta:
+            continue
+        key_id = meta["key_id"]
+        state, successor = ks.key_state(key_id)
+        limits = sorted(ages.get(key_id, []), key=lambda va: policy.parse_age(va[1]))
+        if limits:
+            max_age, source = limits[0][1], f"vm {limits[0][0]}"
+        elif default:
+            max_age, source = default, "keystore"
+        else:
+            max_age, source = None, None
+        row: dict[str, Any] = {
+            "key_id": key_id,
+            "vm_name": meta.get("vm_name"),
+            "state": state,
+            "last_rotated": meta.get("last_rotated"),
+            "max_age": max_age,
+            "max_age_from": source,
+        }
+        if state == "superseded":
+            row.update(next_due=policy.format_time(now), due=True, overdue_s=0)
+            row["reason"] = f"its rotation to {successor} did not finish"
+        elif state != "active":
+            row.update(next_due=None, due=False, overdue_s=0, reason=f"{state}: never rotated again")
+        else:
+            row.update(policy.due(meta.get("last_rotated"), policy.parse_age(max_age) if max_age else None, now))
+            row["reason"] = "" if max_age else "no rotation age (rotation.max_age, key policy)"
+        rows.append(row)
+    return rows
+
+
+# --- key rotate: re-encrypt every user of a key, then end the key ------------------------------------------
+
+#: what becomes of a volume in a rotation
+PENDING, RESUME, DONE, NOT_A_USER, PROBLEM = "pending", "resume", "done", "not-a-user", "problem"
+RUNNING_STATES = ("running", "paused", "starting")
+Event = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Target:
+    """One volume a rotation must deal with, found through a usage record and/or a VM config."""
+
+    path: str
+    volume_uuid: str | None = None
+    vm: str | None = None
+    sources: list[str] = field(default_factory=list)
+    status: str = PENDING
+    mode: str = "offline"  # offline (stopped), online (its export re-encrypts it while it runs)
+    problem: str = ""
+    fix: str = ""
+    control: str | None = None  # the export's control socket (online)
+    record_paths: list[str] = field(default_factory=list)  # the records that name this volume
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "record_paths"}
+        return out
+
+
+@dataclass
+class Plan:
+    """What ``key rotate OLD`` will do: the successor (existing or to make), each volume, the configs to
+    update and what is destroyed (or retired) at the end."""
+
+    old_key_id: str
+    new_key_id: str | None
+    state: str
+    targets: list[Target]
+    configs: list[str]
+    keep_old: bool
+
+    @property
+    def problems(self) -> list[Target]:
+        return [t for t in self.targets if t.status == PROBLEM]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "old_key_id": self.old_key_id,
+            "new_key_id": self.new_key_id,
+            "old_key_state": self.state,
+            "volumes": [t.to_dict() for t in self.targets],
+            "vm_configs": self.configs,
+            "then": "retire" if self.keep_old else "destroy",
+            "problems": [t.to_dict() for t in self.problems],
+        }
+
+
+class KeyRotation:
+    """``qwamos key rotate OLD``: make (or find) the successor, re-encrypt every volume that uses OLD — offline
+    through :func:`qwamos.volume.volume.reencrypt_volume` for a stopped one, online through its block export
+    for a running VM or a served volume —, move each usage record, point the VM configs at the successor,
+    then destroy OLD (``keep_old``: retire it).
+
+    Crash-safe by construction: every step is idempotent and recorded where the next run finds it (the
+    successor in OLD's ``.meta``, each volume's progress in its header's ``rotation`` feature, the records,
+    the configs), so running the same command again after a kill continues where it stopped.  Nothing is
+    destroyed before every user is verified re-encrypted.
+
+    ``exports`` maps volume paths to the control sockets of ``volume serve`` exports (a running VM's export
+    is found in its run directory).  ``events`` receives every step as a dict (the CLI prints them, as JSON
+    lines with ``--json``)."""
+
+    def __init__(
+        self,
+        ks: PQCKeystore,
+        manager: VMManager,
+        old_key_id: str,
+        *,
+        keep_old: bool = False,
+        rate: int | None = None,
+        exports: dict[str, str] | None = None,
+        volumes: list[str] | None = None,
+        events: Event | None = None,
+    ) -> None:
+        self.ks = ks
+        self.manager = manager
+        self.old = old_key_id
+        self.keep_old = keep_old
+        self.rate = rate
+        self.exports = {os.path.abspath(k): v for k, v in (exports or {}).items()}
+        self.volumes = [os.path.abspath(v) for v in volumes or []]
+        self.events = events or (lambda _e: None)
+
+    # --- planning (reads only) ----------------------------------------------------------------------------
+
+    def plan(self) -> Plan:
+        """Every user of the key, each verified against its file; nothing is changed."""
+        state, successor = self.ks.key_state(self.old)
+        if state == "destroyed":
+            tomb = self.ks.tombstone(self.old) or {}
+            if not self.ks.key_files(self.old):
+                raise KeyStateError(
+                    key_id=self.old,
+                    state=state,
+                    msg=f"it was rotated to {tomb.get('successor') or '?'} and destroyed at "
+                    f"{tomb.get('destroyed_at')}: nothing left to do",
+                )
+        elif not self.ks.has_key(self.old):
+            raise KeyNotFoundError(key_id=self.old, keystore=str(self.ks.path))
+        if state == "retired":
+            raise KeyStateError(key_id=self.old, state=state, msg=f"it was rotated to {successor} already")
+        targets: dict[str, Target] = {}
+        for rec in self.ks.key_users(self.old):
+            t = targets.setdefault(rec["path"], Target(path=rec["path"]))
+            t.volume_uuid = t.volume_uuid or rec["volume_uuid"]
+            t.vm = t.vm or rec["vm_name"] or None
+            t.sources.append("record")
+            t.record_paths.append(rec.get("recorded_path", rec["path"]))
+        configs = []
+        for vm in vms_using_key(self.manager, self.old):
+            configs.append(vm["vm"])
+            t = targets.setdefault(vm["path"], Target(path=vm["path"]))
+            t.volume_uuid = t.volume_uuid or vm["volume_uuid"]
+            t.vm = vm["vm"]
+            t.sources.append(f"vm-config {vm['vm']}")
+        for path in self.volumes:  # named by the user: a moved volume, or one no record knows
+            t = targets.setdefault(path, Target(path=path))
+            t.sources.append("--volume")
+        for t in targets.values():
+            self._verify(t, successor)
+        found = {t.volume_uuid for t in targets.values() if t.status != PROBLEM and "--volume" in t.sources}
+        for t in targets.values():
+            if t.status == PROBLEM and t.volume_uuid in found:  # the record's volume is the one named
+                t.status, t.problem, t.fix = NOT_A_USER, "", ""
+        return Plan(
+            self.old, successor, state, sorted(targets.values(), key=lambda t: t.path), configs, self.keep_old
+        )
+
+    def _verify(self, t: Target, successor: str | None) -> None:
+        """Set ``t.status`` (and ``problem``/``fix``) from the file at ``t.path`` and how it is used now."""
+        where = f"volume {t.path}" + (f" (VM {t.vm})" if t.vm else "") + f", named by {', '.join(t.sources)}"
+        if not os.path.lexists(t.path):
+            t.status, t.problem = PROBLEM, f"{where}: the file is gone"
+            t.fix = (
+                "if the volume was moved, name it: --volume NEW_PATH (it is re-encrypted there and its record "
+                "follows); if it was deleted, answer yes when asked (or pass --yes) to drop the record — a copy "
+                "of it elsewhere would become unreadable"
+            )
+            return
+        try:
+            uuid, key, rot_from, locked = self._header_of(t.path)
+        except (QwamosError, OSError) as e:
+            t.status, t.problem = PROBLEM, f"{where}: not a readable volume ({e})"
+            t.fix = "repair it (qwamos volume repair) or move it away, then run this again"
+            return
+        if t.volume_uuid and uuid != t.volume_uuid:
+            t.status, t.problem = PROBLEM, f"{where}: the file now holds volume {uuid}, not {t.volume_uuid}"
+            t.fix = (
+                f"if volume {t.volume_uuid} was moved, name it: --volume NEW_PATH; if it is gone, answer yes when "
+                "asked (or pass --yes) to drop the record"
+            )
+            return
+        t.volume_uuid = uuid
+        if key == self.old and rot_from is None:
+            t.status = PENDING
+        elif rot_from == self.old and successor is not None and key == successor:
+            t.status = RESUME
+        elif rot_from == self.old:
+            t.status, t.problem = (
+                PROBLEM,
+                f"{where}: it is being re-encrypted from {self.old} to {key}, not to "
+                + (f"the successor {successor}" if successor else "a successor this keystore recorded"),
+            )
+            t.fix = f"finish that rotation first: qwamos volume reencrypt {t.path}"
+            return
+        elif successor is not None and key == successor:
+            t.status = DONE
+        else:
+            t.status = NOT_A_USER  # the volume uses another key now: its record of OLD is only dropped
+        if t.status in (PENDING, RESUME):
+            self._choose_mode(t, locked)
+
+    def _header_of(self, path: str) -> tuple[str, str, str | None, bool]:
+        """``(volume uuid, key id, key being rotated away from or None, locked)`` of the volume at ``path``:
+        from its authenticated header (opened read-only through the keystore, which picks the newest valid
+        header copy) when it can be opened; from the unverified first readable copy when another process
+        holds it or its key is not in this keystore."""
+        from qwamos.errors import KeystoreError, VolumeLockedError
+        from qwamos.volume import PQCVolume, read_header
+
+        try:
+            with PQCVolume(path, keystore=self.ks, read_only=True) as vol:
+                rot = vol.rotation_state()
+                return vol.header.volume_uuid, vol.key_id, rot["old_key_id"] if rot else None, False
+        except VolumeLockedError:
+            locked = True
+        except KeystoreError:
+            locked = False
+        fields = read_header(path)
+        return str(fields.get("volume_uuid")), str(fields.get("key_id")), rotating_from(fields), locked
+
+    def _choose_mode(self, t: Target, locked: bool) -> None:
+        """Online when a running VM or a ``volume serve`` export holds the volume, else offline."""
+        if t.vm is not None:
+            with contextlib.suppress(VMError):
+                if self.manager.status(t.vm).state in RUNNING_STATES:
+                    t.mode, t.control = "online", str(self.manager.run_dir(t.vm).export_ctl)
+                    return
+        served = self.exports.get(os.path.abspath(t.path))
+        if served is not None:
+            t.mode, t.control = "online", served
+            return
+        if locked:
+            t.status, t.problem = PROBLEM, f"volume {t.path} is open in another process (a 'volume serve' export?)"
+            t.fix = "name that export's control socket with --export SOCKET (it re-encrypts online), or stop it"
+
+    # --- doing it ------------------------------------------------------------------------------------------
+
+    def run(self, plan: Plan, *, accept_problems: bool = False, detach: bool = False) -> dict[str, Any]:
+        """Carry out ``plan`` (from :meth:`plan`).  Problems refuse (:class:`KeyStateError`, exit 29) unless
+        ``accept_problems`` (the user agreed to drop those records).  ``detach``: start the online
+        re-encryptions and return without waiting (run the command again to watch and finish)."""
+        if plan.problems and not accept_problems:
+            raise KeyStateError(
+                key_id=self.old,
+                state=plan.state,
+                msg="these users of the key cannot be verified, so it is not rotated (nothing was changed):\n"
+                + "\n".join(f"  - {t.problem}\n    fix: {t.fix}" for t in plan.problems),
+            )
+        if plan.state == "destroyed":  # killed while destroying it: every user was done before that began
+            done = self.ks.destroy_key(self.old)
+            destroyed = {"key_id": self.old, "files": done["files"], "destroyed_at": done["destroyed_at"]}
+            self.events({"event": "destroyed", **destroyed})
+            new_id = done["successor"] or None
+            return {
+                "old_key_id": self.old,
+                "new_key_id": new_id,
+                "volumes": [],
+                "vm_configs": [],
+                "destroyed": destroyed,
+            }
+        new = self.ks.rotate_key(self.old)
+        self.events({"event": "successor", "old_key_id": self.old, "new_key_id": new})
+        result: dict[str, Any] = {"old_key_id": self.old, "new_key_id": new, "volumes": [], "vm_configs": []}
+        waiting = []
+        for t in plan.targets:
+            if t.status == PROBLEM:
+                for rec in t.record_paths:
+                    self.ks.forget_volume_use(self.old, rec, t.volume_uuid)
+                self.events({"event": "record-dropped", "path": t.path, "reason": t.problem})
+                continue
+            if t.status in (PENDING, RESUME):
+                summary = self._reencrypt(t, new, detach=detach)
+                if summary is None:
+                    waiting.append(t.path)
+                    continue
+                result["volumes"].append({"path": t.path, "mode": t.mode, **summary})
+            if t.status in (PENDING, RESUME, DONE):
+                self.ks.move_volume_use(self.old, new, t.path, str(t.volume_uuid), t.vm or "")
+            else:
+                for rec in t.record_paths:
+                    self.ks.forget_volume_use(self.old, rec, t.volume_uuid)
+        for name in plan.configs:
+            self._update_config(name, new, waiting)
+            if name not in waiting:
+                result["vm_configs"].append(name)
+        if waiting:
+            result["waiting"] = waiting
+            self.events({"event": "detached", "volumes": waiting})
+            return result
+        left = self.ks.key_users(self.old)
+        live = [u for u in left if u["state"] == "live"]
+        if live:  # someone started using the old key meanwhile: never destroy under them
+            raise KeyStateError(
+                key_id=self.old,
+                state="superseded",
+                msg="volumes started using it during the rotation: "
+                + ", ".join(u["path"] for u in live)
+                + "; run the command again to re-encrypt them",
+            )
+        if self.keep_old:
+            self.ks.retire_key(self.old)
+            result["retired"] = self.old
+            self.events({"event": "retired", "key_id": self.old})
+        else:
+            done = self.ks.destroy_key(self.old)
+            result["destroyed"] = {
+                "key_id": self.old,
+                "files": done["files"],
+                "destroyed_at": done["destroyed_at"],
+            }
+            self.events({"event": "destroyed", **result["destroyed"]})
+        return result
+
+    def _reencrypt(self, t: Target, new: str, *, detach: bool) -> dict[str, Any] | None:
+        self.events({"event": "volume", "path": t.path, "mode": t.mode, "status": t.status, "vm": t.vm})
+
+        def progress(done: int, total: int) -> None:
+            self.events({"event": "progress", "path": t.path, "done": done, "total": total, "unit": "blocks"})
+
+        if t.mode == "offline":
+            from qwamos.volume.volume import reencrypt_volume
+
+            summary = reencrypt_volume(t.path, self.ks, new, progress=progress, rate=self.rate)
+        else:
+            summary = online_reencrypt(self.ks, t, new, rate=self.rate, progress=progress, detach=detach)
+            if summary is None:
+                return None
+        self.events({"event": "volume-done", "path": t.path, **summary})
+        return summary
+
+    def _update_config(self, name: str, new: str, waiting: list[str]) -> None:
+        cfg = self.manager.load(name)
+        if cfg.key_id != self.old or str(self.manager.volume_path(cfg)) in waiting:
+            return
+        cfg.set_key_id(new)
+        cfg.save()
+        self.events({"event": "vm-config", "vm": name, "key_id": new})
+
+
+def online_reencrypt(
+    ks: PQCKeystore,
+    t: Target,
+    new: str,
+    *,
+    rate: int | None,
+    progress: Callable[[int, int], None],
+    detach: bool,
+) -> dict[str, Any] | None:
+    """Re-encrypt ``t`` through its running export (control socket ``t.control``); None when ``detach``
+    left it running."""
+    raise VMError(
+        f"online re-encryption of {t.path} needs its export's rotation command, which this build lacks; "
+        "stop the VM (or the export) and run the command again to re-encrypt it offline"
+    )

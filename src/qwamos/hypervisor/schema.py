@@ -128,6 +128,16 @@ def check_mac(value: Any) -> str | None:
     return None
 
 
+def check_rotation_age(value: Any) -> str | None:
+    from qwamos.keystore.policy import parse_age
+
+    try:
+        parse_age(value)
+    except InvalidArgument as e:
+        return str(e.kwargs.get("msg", "")) or "not a rotation age"
+    return None
+
+
 def check_uuid(value: Any) -> str | None:
     ok = isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
     return None if ok else f"expected the volume's UUID (32 lowercase hex digits), got {show(value)}"
@@ -160,6 +170,7 @@ SCHEMA: dict[str, Any] = {
             "volume_uuid": check_uuid,
         }
     },
+    "rotation": {"max_age": check_rotation_age},
     "autostart": _bool,
 }
 

@@ -42,7 +42,7 @@ from qwamos.errors import (
 )
 from qwamos.fsutil import fsync_dir
 from qwamos.keystore import identity as idmod
-from qwamos.keystore import keyfile, metadata, pin, recovery, rewrap, switch, tombstone, users
+from qwamos.keystore import keyfile, metadata, pin, policy, recovery, rewrap, switch, tombstone, users
 from qwamos.keystore.files import (
     check_private_dir,
     check_private_file,
@@ -857,6 +857,11 @@ class PQCKeystore:
         if state != RETIRED:
             self._set_state(key_id, state=RETIRED, successor=successor)
 
+    def key_files(self, key_id: str) -> list[Path]:
+        """The files of ``key_id`` that exist (``.key``, ``.meta``, ``.users``): what destroying it removes."""
+        paths = (self._key_path(key_id), self._meta_path(key_id), self._users_path(key_id))
+        return [p for p in paths if os.path.lexists(p)]
+
     def destroy_key(self, key_id: str, *, reason: str = "rotated") -> dict[str, Any]:
         """End a superseded (or retired) key: write its tombstone, then overwrite and unlink its ``.key``,
         ``.meta`` and ``.users`` files and fsync the directory.  Refused for an active key (use
@@ -879,7 +884,7 @@ class PQCKeystore:
             tomb = tombstone.document(key_id, vm_name, metadata.now(), successor or "", reason)
             write_private(self._tomb_path(key_id), dump_document(tomb))
         files = []
-        for path in (self._key_path(key_id), self._meta_path(key_id), self._users_path(key_id)):
+        for path in self.key_files(key_id):
             if overwrite_and_unlink(path):
                 files.append(str(path))
         fsync_dir(self.path)
@@ -921,6 +926,24 @@ class PQCKeystore:
             commitment_required=required,
         )
         return key_id
+
+    # --- the rotation schedule (policy.py) -------------------------------------------------------------
+
+    def rotation_policy(self) -> dict[str, Any]:
+        """The keystore-wide default: ``{"rotation_max_age": "90d" or None}`` (``policy.json``)."""
+        path = self.path / policy.FILE_NAME
+        check_private_dir(self.path)
+        try:
+            doc = policy.parse(read_bounded(path), path)
+        except FileNotFoundError:
+            doc = policy.document(None)
+        return {"rotation_max_age": doc["rotation_max_age"]}
+
+    def set_rotation_policy(self, max_age: str | None) -> None:
+        """Set (or with None clear) the keystore-wide rotation age (validated: ``policy.parse_age``)."""
+        doc = policy.document(max_age)
+        ensure_private_dir(self.path)
+        write_private(self.path / policy.FILE_NAME, dump_document(doc))
 
     # --- identity rotation and passphrase changes (switch.py, rewrap.py) --------------------------------
 
@@ -1046,9 +1069,20 @@ def _stale_reason(path: str, volume_uuid: str, key_id: str) -> str | None:
         return f"not a readable volume any more ({type(e).__name__})"
     if fields.get("volume_uuid") != volume_uuid:
         return f"the file now holds another volume ({fields.get('volume_uuid')})"
-    if fields.get("key_id") != key_id:
+    if fields.get("key_id") != key_id and rotating_from(fields) != key_id:
         return f"the volume now uses key {fields.get('key_id')}"
     return None
+
+
+def rotating_from(fields: Any) -> str | None:
+    """The old key of a re-encryption in progress, from a header's (unverified) fields: such a volume still
+    has blocks under it, so it is a live user of that key too (docs/qvol-format.md, the ``rotation``
+    feature)."""
+    try:
+        old = fields.get("features", {}).get("rotation", {}).get("old_key_id")
+    except AttributeError:
+        return None
+    return old if isinstance(old, str) else None
 
 
 def _text(value: object) -> str | None:

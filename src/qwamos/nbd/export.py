@@ -67,7 +67,6 @@ class ExportSpec:
     # volume has authenticated it, so a swapped or re-labelled disk is refused before anything is served.
     expect_uuid: str | None = None
     expect_key_id: str | None = None
-    snapshot: str | None = None  # serve this snapshot's view (read-only) instead of the volume
 
     def check(self) -> None:
         if self.unix_path is None and self.tcp is None:
@@ -86,8 +85,6 @@ class ExportSpec:
             )
         if self.tls_allow and self.tls_dir is None:
             raise InvalidArgument("--tls-allow needs --tls-dir")
-        if self.snapshot is not None and not self.read_only:
-            raise InvalidArgument("--snapshot NAME is served read-only: add --read-only")
         if self.daemon and self.pidfile is None:
             raise InvalidArgument("--daemon needs --pidfile FILE (so that the server can be found and stopped)")
 
@@ -119,14 +116,12 @@ def open_backend(spec: ExportSpec, keystore: KeystoreFactory | None) -> BlockBac
             return FileBackend(str(spec.path), read_only=spec.read_only)
         except OSError as e:
             raise ExportError(f"{spec.path}: {e.strerror or e}") from None
-    from qwamos.volume.snapshots import open_chain
+    from qwamos.volume import PQCVolume
 
     provider = keystore() if keystore is not None else _default_keystore()
-    # The volume with its snapshot chain (a volume without snapshots is its one layer): every layer's
-    # header and link authenticated before anything is served (docs/qvol-format.md 2.5.4).
-    vol = open_chain(spec.path, provider, read_only=spec.read_only, snapshot=spec.snapshot)
+    vol = PQCVolume(spec.path, keystore=provider, read_only=spec.read_only).open()
     try:
-        check_binding(spec, vol.chain, vol.key_id)
+        check_binding(spec, vol.header.volume_uuid, vol.key_id)
     except BaseException:
         vol.close()
         raise
@@ -191,13 +186,6 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
 
             # Bound, started and stopped with the export.
             ctl = ControlServer(server, spec.control, required=spec.control_required)
-            if not spec.raw and not spec.read_only:
-                from qwamos.nbd.rotation import OnlineRotation
-
-                OnlineRotation(ctl)  # the reencrypt commands: online key rotation (qwamos.nbd.rotation)
-            from qwamos.nbd import snapshot_ctl
-
-            snapshot_ctl.install(ctl)  # snapshots of the served volume (docs/control-channel.md)
         server.bind()
         where = []
         if spec.unix_path is not None:
@@ -296,11 +284,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--expect-key-id", metavar="ID", help="refuse to serve unless the volume uses this key ID (default: any)"
     )
-    p.add_argument(
-        "--snapshot",
-        metavar="NAME",
-        help="serve this snapshot's view of the volume (with --read-only; default: none)",
-    )
 
 
 def spec_from_args(args: argparse.Namespace) -> ExportSpec:
@@ -327,7 +310,6 @@ def spec_from_args(args: argparse.Namespace) -> ExportSpec:
         insecure_no_tls=args.insecure_no_tls,
         expect_uuid=getattr(args, "expect_uuid", None),
         expect_key_id=getattr(args, "expect_key_id", None),
-        snapshot=getattr(args, "snapshot", None),
     )
     spec.check()
     return spec
@@ -408,8 +390,6 @@ def command_for_spec(spec: ExportSpec, *, verbose: int = 0) -> list[str]:
         argv += ["--expect-uuid", spec.expect_uuid]
     if spec.expect_key_id is not None:
         argv += ["--expect-key-id", spec.expect_key_id]
-    if spec.snapshot is not None:
-        argv += ["--snapshot", spec.snapshot]
     return argv
 
 
@@ -453,9 +433,7 @@ def _key_from_pipe(args: argparse.Namespace) -> KeystoreFactory:
 
     key = read_key(args.key_fd)
     try:
-        provider = SingleKeyProvider(args.key_id, key[:32])
-        if len(key) > 32:  # a key rotation in progress: its old key follows (qwamos.nbd.keypipe)
-            provider.set_rotation_old_key(key[32:])
+        provider = SingleKeyProvider(args.key_id, key)
     finally:
         key[:] = bytes(len(key))
     return lambda: provider
