@@ -233,6 +233,8 @@ def test_quiet_silences_messages_wherever_it_is(world: World, where: int) -> Non
         (["volume", "dump-heder", "x"], "'dump-header'"),
         (["key", "lst"], "'list'"),
         (["volume", "create", "x", "--size", "1M", "--algorithm", "chacha20-poly"], "'chacha20-poly1305'"),
+        (["vm", "list", "--jsno"], "'--json'"),
+        (["volume", "create", "x", "--size", "1M", "--forse"], "'--force'"),
     ],
 )
 def test_did_you_mean(world: World, argv: list[str], suggestion: str) -> None:

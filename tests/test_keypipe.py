@@ -58,10 +58,25 @@ def test_key_pipe_vector_of_docs_nbd_export():
         os.close(fd)
 
 
-@pytest.mark.parametrize("data", [b"", b"x" * 31, b"x" * 33, b"x" * 4096], ids=["empty", "31", "33", "4096"])
+def test_key_pipe_of_a_volume_mid_rotation_carries_the_old_key_after_the_key():
+    fd = key_pipe(bytes(range(64)))
+    assert read_key(fd) == bytes(range(64))
+    p = SingleKeyProvider("new", bytes(range(32)))
+    p.set_rotation_old_key(bytes(range(32, 64)))
+    assert p.volume_key("new") == bytes(range(32)) and p.volume_key("old") == bytes(range(32, 64))
+    p.wipe()
+    with pytest.raises(KeyNotFoundError):
+        p.volume_key("old")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"x" * 31, b"x" * 33, b"x" * 63, b"x" * 65, b"x" * 4096],
+    ids=["empty", "31", "33", "63", "65", "4096"],
+)
 def test_a_short_or_long_key_pipe_is_refused_and_closed(data):
     fd = _pipe(data)
-    with pytest.raises(ExportError, match=f"not {KEY_SIZE} key bytes|more than {KEY_SIZE}"):
+    with pytest.raises(ExportError, match=rf"not {KEY_SIZE} \(or 64\) key bytes|more than 64"):
         read_key(fd)
     assert _closed(fd)
 

@@ -127,7 +127,8 @@ def test_command_for_spec_covers_every_field():
     spec = export.spec_from_args(
         _args("v.qvol", "--socket", "s", "--tcp", "h:1", "--tls-dir", "t", "--tls-allow", "a", "--read-only",
               "--socket-mode", "0640", "--max-connections", "3", "--name", "n", "--daemon", "--pidfile", "p",
-              "--log-file", "l", "--raw", "--control", "c", "--expect-uuid", "ab" * 16, "--expect-key-id", "k")
+              "--log-file", "l", "--raw", "--control", "c", "--expect-uuid", "ab" * 16, "--expect-key-id", "k",
+              "--snapshot", "s")
     )  # fmt: skip
     defaults = export.ExportSpec(path=Path("x"))
     unchanged = [

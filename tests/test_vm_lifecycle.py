@@ -12,7 +12,7 @@ import pytest
 
 from migrate_helpers import MIB, make_source, raw_bytes
 from qwamos.cli.main import main
-from qwamos.errors import KeyInUseError, VMStateError, VolumeLockedError
+from qwamos.errors import BlockAuthError, KeyInUseError, VMStateError, VolumeLockedError
 from qwamos.hypervisor import kvm, lifecycle
 from qwamos.hypervisor.config import VMConfig
 from qwamos.hypervisor.manager import VMManager
@@ -333,3 +333,78 @@ def test_vm_resize_plain_qcow2_grows_and_refuses_a_shrink_over_data(root, tmp_pa
     assert _resize(root, "r3", "6M") == 0
     assert raw_bytes(disk, "qcow2", tmp_path)[: len(plain)] == plain
     assert VMManager(root).load("r3").disk_size_bytes == 6 * MIB
+
+
+# --- vm clone --------------------------------------------------------------------------------------------
+
+
+def _clone(root: Path, src: str, dst: str, *argv: str) -> int:
+    return main(["vm", "--root", str(root), "clone", src, dst, *argv])
+
+
+def _slot(path: Path, index: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(4096 + index * 4128)
+        return f.read(4128)
+
+
+@pytest.mark.qemu
+def test_clone_reencrypts_under_a_new_key_and_reads_back_identical(root, idle_kernel, capsys):
+    mgr, vol, key_id = _encrypted_vm(root, "c1", idle_kernel)
+    ks = PQCKeystore(root.parent / "keystore")
+    pattern = bytes(range(256)) * 16
+    with PQCVolume(vol, keystore=ks) as v:
+        v.write(0, pattern)
+        v.write(2 * MIB, b"C" * 8192)
+        v.write(4 * MIB - 4096, pattern[::-1])
+    capsys.readouterr()
+    assert _clone(root, "c1", "c2", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    clone_vol = Path(out["disk"])
+    assert clone_vol == root / "vms" / "c2" / "disk.qvol"
+    src_cfg, dst_cfg = mgr.load("c1"), mgr.load("c2")
+    assert dst_cfg.key_id == out["key_id"] != key_id and dst_cfg.mac != src_cfg.mac
+    assert dst_cfg.volume_uuid != src_cfg.volume_uuid and Path(dst_cfg.disk_path) == clone_vol
+    with PQCVolume(vol, keystore=ks, read_only=True) as a, PQCVolume(clone_vol, keystore=ks, read_only=True) as b:
+        assert (a.key_id, b.key_id) == (key_id, out["key_id"])
+        assert a.read(0, a.size) == b.read(0, b.size)  # the same plaintext
+        assert b.allocated_blocks() == a.allocated_blocks()  # holes stayed holes
+        written = [i for i in range(a.total_blocks) if any(_slot(vol, i))]
+    # no slot of one authenticates in the other: the copy was sealed afresh, under another key and UUID
+    assert written and all(_slot(vol, i) != _slot(clone_vol, i) for i in written)
+    for i in written:
+        swapped = bytearray(vol.read_bytes())
+        swapped[4096 + i * 4128 : 4096 + (i + 1) * 4128] = _slot(clone_vol, i)
+        probe = vol.with_name("probe.qvol")
+        probe.write_bytes(swapped)
+        with PQCVolume(probe, keystore=ks, read_only=True) as p, pytest.raises(BlockAuthError):
+            p.read(i * 4096, 4096)
+    # the clone is a VM of its own: it starts, on its own disk, and its key is recorded as used by it
+    assert [u["path"] for u in ks.key_users(out["key_id"]) if u["state"] == "live"] == [str(clone_vol)]
+    mgr.start("c2")
+    mgr.stop("c2", force=True)
+
+
+@pytest.mark.qemu
+def test_clone_of_a_running_vm_or_onto_an_existing_name_is_refused(root, idle_kernel, capsys):
+    mgr, _vol, _key = _encrypted_vm(root, "c3", idle_kernel)
+    ks_dir = root.parent / "keystore"
+    keys_before = sorted(p.name for p in ks_dir.iterdir())
+    mgr.start("c3")
+    try:
+        assert _clone(root, "c3", "c4") == 43
+    finally:
+        mgr.stop("c3", force=True)
+    assert not (root / "vms" / "c4").exists()
+    write_config(root, "c5", kernel=idle_kernel)
+    assert _clone(root, "c3", "c5") == 43
+    assert sorted(p.name for p in ks_dir.iterdir()) == keys_before  # no key made
+
+
+def test_clone_of_a_plain_vm_copies_its_image(root, tmp_path, idle_kernel, capsys):
+    _disk, plain = _vm_with_qcow2(root, "c6", idle_kernel, tmp_path)
+    assert _clone(root, "c6", "c7") == 0
+    copy = root / "vms" / "c7" / "disk.qcow2"
+    assert raw_bytes(copy, "qcow2", tmp_path) == plain
+    cfg = VMManager(root).load("c7")
+    assert Path(cfg.disk_path) == copy and cfg.name == "c7" and cfg.disk_format == "qcow2"

@@ -133,6 +133,18 @@ class BlockAuthError(VolumeError):
     exit_code = 14
 
 
+class SnapshotChainError(HeaderCorruptError):
+    """{path}: the snapshot chain failed authentication: {msg}"""
+
+    exit_code = 12
+
+
+class SnapshotError(InvalidArgument):
+    """{path}: {msg}"""
+
+    exit_code = 2
+
+
 class VolumeLockedError(VolumeError):
     """{path} is already open for writing by another process"""
 
@@ -234,6 +246,7 @@ class KeyExistsError(KeystoreError):
     """Key {key_id!r} already exists in the keystore."""
 
     exit_code = 25
+    cli_text = "Key {key_id!r} already exists in the keystore (key import --force replaces it)."
 
 
 class IdentityNotFoundError(KeystoreError):

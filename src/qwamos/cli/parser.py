@@ -6,7 +6,8 @@ command without each command module doing anything (docs/cli-conventions.md):
 * ``examples=[...]`` on ``add_parser`` becomes the help's "examples:" epilog (a test requires one to three on
   every parser);
 * every option's help shows its default (appended when the help text does not already say it);
-* a mistyped command, action or choice gets "did you mean ...?" (exit status 2, as for any usage error).
+* a mistyped command, action, choice or option gets "did you mean ...?" (exit status 2, as for any usage
+  error).
 
 ``argparse`` makes subparsers of the same class as their parent (``add_subparsers``'s ``parser_class``), so
 the top-level :class:`QwamosParser` is all a command module ever sees.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+import sys
 import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -68,6 +70,29 @@ class QwamosParser(argparse.ArgumentParser):
             kwargs["epilog"] = examples_epilog(examples, kwargs.get("epilog"))
         super().__init__(*args, **kwargs)
         add_common_options(self)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """As argparse's, but an unknown option gets "did you mean" from the options of the command given."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            words = list(sys.argv[1:] if args is None else args)
+            options = [o for a in self._leaf(words)._actions for o in a.option_strings if o.startswith("--")]
+            hints = []
+            for extra in extras:
+                close = difflib.get_close_matches(extra.split("=", 1)[0], options, n=1, cutoff=0.6)
+                if extra.startswith("-") and close:
+                    hints.append(f"; did you mean {close[0]!r} for {extra!r}?")
+            self._leaf(words).error(f"unrecognized arguments: {' '.join(extras)}{''.join(hints)}")
+        return parsed
+
+    def _leaf(self, words: list[str]) -> argparse.ArgumentParser:
+        """The parser of the deepest command ``words`` name (``vm start`` -> its parser)."""
+        parser: argparse.ArgumentParser = self
+        for word in words:
+            subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            if subs and word in subs[0].choices:
+                parser = subs[0].choices[word]
+        return parser
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         if action.choices is not None and value not in action.choices:

@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from qwamos.nbd.keypipe import key_pipe
         from qwamos.volume.unlock import unlock_key
 
-        key_id, key = unlock_key(spec.path, open_keystore(args))
+        key_id, key = unlock_key(spec.path, open_keystore(args), snapshot=spec.snapshot)
         pass_fd = key_pipe(key)
         os.set_inheritable(pass_fd, True)
         argv += export.key_args(pass_fd, key_id)

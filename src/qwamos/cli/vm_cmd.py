@@ -200,7 +200,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_yes_option(sp)
     add_json_option(sp, "the old and new size")
 
+    sp = add(
+        "clone",
+        "a new VM from a stopped one: same config, new MAC, its disk copied under a new key",
+        cmd_clone,
+        examples=["qwamos vm clone web web2", "qwamos vm clone web web2 --json"],
+    )
+    sp.add_argument("new_name", metavar="NEW", help="the new VM's name")
+    add_keystore_args(sp, keystore=False)
+    add_json_option(sp, "the new VM's config, disk and key")
+
     vm_ops_cmd.register(add)
+    from qwamos.cli.snapshot_cmd import register_vm
+
+    register_vm(add)
 
 
 def _manager(args: argparse.Namespace) -> VMManager:
@@ -251,11 +264,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from qwamos.cli.snapshot_cmd import snapshot_lines
+    from qwamos.hypervisor import snapshots
+
     mgr = _manager(args)
+    snaps = snapshots.describe(mgr, args.vm)
     if args.json:
-        emit_json(mgr.info(args.vm))
+        emit_json({**mgr.info(args.vm), "snapshots": snaps})
     else:
         print_data(mgr.info_text(args.vm))  # the spec's info block, its symbols included (the spec's contract)
+        if snaps is not None and "error" in snaps:
+            print_data(f"Snapshots:    (cannot list: {snaps['error']})")
+        elif snaps is not None and snaps["snapshots"]:
+            print_data("Snapshots:\n  " + "\n  ".join(snapshot_lines(snaps["snapshots"])))
     return 0
 
 
@@ -373,6 +394,16 @@ def _attach(mgr: VMManager, name: str, *, detach_ok: bool) -> str:
         detach_ok=detach_ok,
         notice=message,
     )
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    mgr = _manager(args)
+    result = lifecycle.clone(mgr, args.vm, args.new_name)
+    if args.json:
+        emit_json(result.to_dict())
+    key = f" under the new key {result.key_id}" if result.key_id else ""
+    message(f"cloned {args.vm} to {args.new_name}: {result.config}; disk {result.disk}{key}")
+    return 0
 
 
 def cmd_resize(args: argparse.Namespace) -> int:

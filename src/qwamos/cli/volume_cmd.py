@@ -140,6 +140,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_ceph_args(d)
     d.set_defaults(func=cmd_dump_header)
 
+    from qwamos.cli.snapshot_cmd import register_volume
+
+    register_volume(vsub)
+
     try:
         from qwamos.cli.serve_cmd import register_serve
     except ModuleNotFoundError as e:
@@ -212,11 +216,21 @@ def cmd_resize(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     args.path = volume_location(args)
     ks = open_keystore(args)
-    with PQCVolume(args.path, keystore=ks, read_only=True) as v:
-        info = v.info()
+    from qwamos.volume.snapshots import open_chain
+
+    with open_chain(args.path, ks, read_only=True) as chain:
+        info = chain.top.info()
+        snaps = chain.list()
+        if chain.table is not None:
+            info["chain"] = chain.chain
+            info["snapshots"] = snaps
     if args.json:
         emit_json(info)
     else:
+        if snaps:
+            from qwamos.cli.snapshot_cmd import snapshot_lines
+
+            info["snapshots"] = "\n  " + "\n  ".join(snapshot_lines(snaps))
         shown = dict(info)
         if "header_copies" in shown:  # one line: "A ok (seq 3); B damaged: failed authentication ..."
             shown["header_copies"] = "; ".join(
@@ -237,7 +251,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     args.path = volume_location(args)
     ks = open_keystore(args)
     try:
-        v = PQCVolume(args.path, keystore=ks, read_only=True).open()
+        v = PQCVolume(args.path, keystore=ks, read_only=True, layer=True).open()  # a top overlay: its own slots
     except TruncatedVolumeError as e:
         if "lost_blocks" not in e.kwargs:
             raise

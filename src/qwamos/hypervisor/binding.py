@@ -24,6 +24,7 @@ from pathlib import Path
 from qwamos.errors import QwamosError, VolumeBindingError
 from qwamos.hypervisor.config import VMConfig
 from qwamos.volume import read_header
+from qwamos.volume.snapshots import chain_identity
 
 OK, UNBOUND, MISMATCH, MISSING, UNREADABLE = "ok", "unbound", "mismatch", "missing", "unreadable"
 
@@ -81,7 +82,9 @@ def check(cfg: VMConfig, volume: Path) -> BindingCheck:
         fields = read_header(volume)
     except QwamosError as e:
         return BindingCheck(UNREADABLE, volume, want_uuid, want_key, detail=str(e))
-    uuid, key_id = str(fields.get("volume_uuid")), str(fields.get("key_id"))
+    # A volume with snapshots is a chain whose top changes UUID with every snapshot and revert: the VM is bound
+    # to the chain's identity, the UUID of the volume it started as (docs/qvol-format.md 2.5.4).
+    uuid, key_id = str(chain_identity(fields)), str(fields.get("key_id"))
     found = {"found_uuid": uuid, "found_key_id": key_id}
     problems = []
     if want_uuid is not None and uuid != want_uuid:

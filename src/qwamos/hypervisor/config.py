@@ -307,6 +307,14 @@ class VMConfig:
         for k in ("key_id", "algorithm", "key_encapsulation", "identity_fingerprint", "volume_uuid"):
             self._delete(("storage", "encryption", k))
 
+    def set_name(self, name: str) -> None:
+        """``vm.name`` (a clone's config is its source's with a new name)."""
+        self._set(("vm", "name"), layout.validate_vm_name(name))
+
+    def set_mac(self, mac: str) -> None:
+        """``network.mac`` (a clone gets a new one: two NICs with one MAC on a network break both)."""
+        self._set(("network", "mac"), mac)
+
     def set_disk_size(self, size_bytes: int) -> None:
         """Record the disk's new size (``vm resize``), in the shortest exact spelling (``20G``)."""
         self._set(("hardware", "disk", "primary", "size"), format_size(size_bytes))

@@ -10,6 +10,17 @@ unused blocks, after confirmation), a qcow2/raw disk with ``qemu-img resize`` (a
 its export supports it).  The volume first, then the config: a kill in between leaves a config that names
 the old size, which the next ``vm resize`` to the same size corrects.
 
+**Clone** (``vm clone SRC DST``) makes a new VM with a copy of a stopped VM's disk: the config is the
+source's (comments kept) with the new name, a new MAC address and its own disk; an encrypted disk gets a new
+volume under a **new key** from the keystore, filled by the shared block-copy engine
+(:func:`qwamos.volume.copy_blocks`: every block decrypted from the source and sealed afresh under the new
+key, holes kept as holes), so the two VMs never share a key, a UUID or a nonce; a qcow2/raw disk is copied
+with ``qemu-img convert`` (no backing file).  The copy is built as ``.disk.qvol.partial`` in the new VM's
+directory and renamed when complete; the config is written last (the commit point).  A failure removes what
+was made (the partial volume, its key, the directory); a kill leaves a directory without a config, which is
+not a VM, and its key, which ``vm delete``/``migrate`` list as used by no volume.  A running source is
+refused: its disk changes under the copy (stop it, or snapshot it first).
+
 **Delete** removes a stopped VM: its encrypted volumes (the disk and any ``*.qvol*`` backup in the VM
 directory) or its plain disk, then its config and directory.  A volume's key goes through the key-use
 records (docs/keystore-format.md, ``<key_id>.users``): the deleted volume's record is dropped, and the key
@@ -24,7 +35,9 @@ exclusive lock, so an export (a start) cannot open a volume being deleted.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -265,6 +278,130 @@ def _image_data_after(disk: Path, fmt: str, offset: int) -> str:
         if e.get("data") and e["start"] + e["length"] > offset
     ]
     return ", ".join(f"{a}..{b}" for a, b in ranges[:8]) + (", ..." if len(ranges) > 8 else "")
+
+
+@dataclass
+class CloneResult:
+    source: str
+    name: str
+    config: Path
+    disk: Path
+    key_id: str | None = None
+    volume_uuid: str | None = None
+    copied_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "vm": self.name,
+            "config": str(self.config),
+            "disk": str(self.disk),
+            "key_id": self.key_id,
+            "volume_uuid": self.volume_uuid,
+            "copied_bytes": self.copied_bytes,
+        }
+
+
+def clone(
+    mgr: VMManager,
+    source: str,
+    name: str,
+    *,
+    keystore: Any = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CloneResult:
+    """Make VM ``name`` from stopped VM ``source``: same config (new name, MAC, disk), the disk copied under a
+    new key (encrypted) or with ``qemu-img convert`` (qcow2/raw)."""
+    from qwamos.crypto import new_mac_address
+    from qwamos.fsutil import make_private_dirs
+    from qwamos.hypervisor import binding
+    from qwamos.hypervisor.config import VMConfig, write_new_config
+    from qwamos.hypervisor.vocab import NEW_MAC_PREFIX
+
+    src_cfg = mgr.load(source)
+    layout.validate_vm_name(name)
+    dst_config = Path(layout.config_path(mgr.root, name))
+    if dst_config.parent.exists():
+        raise VMStateError(name=name, state="already defined", msg=f"{dst_config.parent} exists")
+    refuse_unless_stopped(mgr, source, "clone")
+    cfg = VMConfig.from_text(src_cfg.dump(), dst_config)  # the source's text, read as the new VM's
+    cfg.set_name(name)
+    if src_cfg.mac is not None:
+        cfg.set_mac(new_mac_address(NEW_MAC_PREFIX))
+    dst_dir = dst_config.parent
+    if src_cfg.encryption_enabled:
+        src_disk = mgr.volume_path(src_cfg)
+        bound = binding.check(src_cfg, src_disk)
+        bound.refuse_mismatch(source)
+        if not src_disk.is_file():
+            raise ConfigError(
+                f"the encrypted disk {src_disk} does not exist (nothing to clone)", path=str(src_cfg.path)
+            )
+        disk = dst_dir / "disk.qvol"
+    else:
+        src_disk = Path(src_cfg.disk_path).expanduser().absolute()
+        if src_cfg.disk_format not in ("qcow2", "raw"):
+            raise ConfigError(f"cannot clone a {src_cfg.disk_format} disk", path=str(src_cfg.path))
+        disk = dst_dir / ("disk.qcow2" if src_cfg.disk_format == "qcow2" else "disk.img")
+    partial = disk.with_name(f".{disk.name}.partial")
+    result = CloneResult(source, name, dst_config, disk)
+    ks = None
+    make_private_dirs(dst_dir)
+    try:
+        if src_cfg.encryption_enabled:
+            ks = keystore if keystore is not None else mgr._keystore()
+            result.key_id, result.volume_uuid, result.copied_bytes = _copy_volume(
+                src_disk, partial, name, ks, progress
+            )
+            cfg.set_encryption(key_id=result.key_id, algorithm=_algorithm(partial))
+            cfg.set_volume_binding(volume_uuid=result.volume_uuid, key_id=result.key_id)
+            info = ks.identity_info() if hasattr(ks, "identity_info") else None
+            if info:
+                cfg.set_identity_fingerprint(info["fingerprint"])
+        else:
+            fmt = src_cfg.disk_format
+            _qemu_img(["convert", "-q", "-f", fmt, "-O", fmt, str(src_disk), str(partial)])
+            cfg.clear_disk_format()
+            cfg.set_disk_format(fmt)
+        os.link(partial, disk)  # refuses an existing name
+        partial.unlink()
+        if result.key_id is not None and hasattr(ks, "record_volume_use"):
+            ks.record_volume_use(result.key_id, str(disk), str(result.volume_uuid), name)
+            ks.forget_volume_use(result.key_id, str(partial), result.volume_uuid)
+        cfg.set_disk_path(disk)
+        write_new_config(mgr.root, name, cfg.dump())  # the commit point: validated, O_EXCL
+    except BaseException:
+        for p in (partial, disk):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        if result.key_id is not None and ks is not None:
+            with contextlib.suppress(Exception):
+                ks.discard_key(result.key_id)
+        if not dst_config.exists():
+            shutil.rmtree(dst_dir, ignore_errors=True)
+        raise
+    return result
+
+
+def _copy_volume(
+    src: Path, dst: Path, name: str, keystore: Any, progress: Callable[[int, int], None] | None
+) -> tuple[str, str, int]:
+    """A new volume at ``dst`` under a new key with ``src``'s content, re-encrypted block by block."""
+    from qwamos.volume import PQCVolume, copy_blocks
+
+    with PQCVolume(src, keystore=keystore, read_only=True) as s:
+        new = PQCVolume(dst, keystore=keystore)
+        key_id = new.create("disk", name, size_bytes=s.size, algorithm=s.header.algorithm)
+        with new:
+            done = copy_blocks(s, new, progress=progress)
+            new.flush()
+            return key_id, new.header.volume_uuid, int(done["copied"])
+
+
+def _algorithm(path: Path) -> str:
+    from qwamos.volume import read_header
+
+    return str(read_header(path)["algorithm"])
 
 
 def refuse_unless_stopped(mgr: VMManager, name: str, verb: str) -> None:

@@ -119,6 +119,7 @@ class Operation:
     total: int
     unit: str = "bytes"
     done: int = 0
+    done0: int = 0  # where this run started (a resumed operation): the rate counts from here
     state: str = "running"  # running, paused, done, failed
     message: str = ""
     started_at: float = field(default_factory=time.time)
@@ -126,7 +127,7 @@ class Operation:
 
     def to_dict(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self._t0, 1e-9)
-        rate = self.done / elapsed if self.state == "running" else None
+        rate = (self.done - self.done0) / elapsed if self.state == "running" else None
         left = self.total - self.done
         eta = left / rate if rate else None
         return {
@@ -179,6 +180,10 @@ def describe_backend(backend: Any) -> dict[str, Any] | None:
         out.update(uuid=header.volume_uuid, key_id=header.key_id, algorithm=header.algorithm)
     else:
         out.update(uuid=None, key_id=None, algorithm=None)
+    rotation = getattr(backend, "rotation_state", None)
+    state = rotation() if rotation is not None else None
+    if state is not None:  # a key rotation in progress (running or not): old/new key, progress
+        out["rotation"] = state
     return out
 
 

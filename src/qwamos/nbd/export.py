@@ -67,6 +67,7 @@ class ExportSpec:
     # volume has authenticated it, so a swapped or re-labelled disk is refused before anything is served.
     expect_uuid: str | None = None
     expect_key_id: str | None = None
+    snapshot: str | None = None  # serve this snapshot's view (read-only) instead of the volume
 
     def check(self) -> None:
         if self.unix_path is None and self.tcp is None:
@@ -85,6 +86,8 @@ class ExportSpec:
             )
         if self.tls_allow and self.tls_dir is None:
             raise InvalidArgument("--tls-allow needs --tls-dir")
+        if self.snapshot is not None and not self.read_only:
+            raise InvalidArgument("--snapshot NAME is served read-only: add --read-only")
         if self.daemon and self.pidfile is None:
             raise InvalidArgument("--daemon needs --pidfile FILE (so that the server can be found and stopped)")
 
@@ -116,12 +119,14 @@ def open_backend(spec: ExportSpec, keystore: KeystoreFactory | None) -> BlockBac
             return FileBackend(str(spec.path), read_only=spec.read_only)
         except OSError as e:
             raise ExportError(f"{spec.path}: {e.strerror or e}") from None
-    from qwamos.volume import PQCVolume
+    from qwamos.volume.snapshots import open_chain
 
     provider = keystore() if keystore is not None else _default_keystore()
-    vol = PQCVolume(spec.path, keystore=provider, read_only=spec.read_only).open()
+    # The volume with its snapshot chain (a volume without snapshots is its one layer): every layer's
+    # header and link authenticated before anything is served (docs/qvol-format.md 2.5.4).
+    vol = open_chain(spec.path, provider, read_only=spec.read_only, snapshot=spec.snapshot)
     try:
-        check_binding(spec, vol.header.volume_uuid, vol.key_id)
+        check_binding(spec, vol.chain, vol.key_id)
     except BaseException:
         vol.close()
         raise
@@ -186,6 +191,13 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
 
             # Bound, started and stopped with the export.
             ctl = ControlServer(server, spec.control, required=spec.control_required)
+            if not spec.raw and not spec.read_only:
+                from qwamos.nbd.rotation import OnlineRotation
+
+                OnlineRotation(ctl)  # the reencrypt commands: online key rotation (qwamos.nbd.rotation)
+            from qwamos.nbd import snapshot_ctl
+
+            snapshot_ctl.install(ctl)  # snapshots of the served volume (docs/control-channel.md)
         server.bind()
         where = []
         if spec.unix_path is not None:
@@ -284,6 +296,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--expect-key-id", metavar="ID", help="refuse to serve unless the volume uses this key ID (default: any)"
     )
+    p.add_argument(
+        "--snapshot",
+        metavar="NAME",
+        help="serve this snapshot's view of the volume (with --read-only; default: none)",
+    )
 
 
 def spec_from_args(args: argparse.Namespace) -> ExportSpec:
@@ -310,6 +327,7 @@ def spec_from_args(args: argparse.Namespace) -> ExportSpec:
         insecure_no_tls=args.insecure_no_tls,
         expect_uuid=getattr(args, "expect_uuid", None),
         expect_key_id=getattr(args, "expect_key_id", None),
+        snapshot=getattr(args, "snapshot", None),
     )
     spec.check()
     return spec
@@ -390,6 +408,8 @@ def command_for_spec(spec: ExportSpec, *, verbose: int = 0) -> list[str]:
         argv += ["--expect-uuid", spec.expect_uuid]
     if spec.expect_key_id is not None:
         argv += ["--expect-key-id", spec.expect_key_id]
+    if spec.snapshot is not None:
+        argv += ["--snapshot", spec.snapshot]
     return argv
 
 
@@ -433,7 +453,9 @@ def _key_from_pipe(args: argparse.Namespace) -> KeystoreFactory:
 
     key = read_key(args.key_fd)
     try:
-        provider = SingleKeyProvider(args.key_id, key)
+        provider = SingleKeyProvider(args.key_id, key[:32])
+        if len(key) > 32:  # a key rotation in progress: its old key follows (qwamos.nbd.keypipe)
+            provider.set_rotation_old_key(key[32:])
     finally:
         key[:] = bytes(len(key))
     return lambda: provider

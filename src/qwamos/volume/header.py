@@ -111,7 +111,9 @@ ROTATION_FIELDS = frozenset(
     )
 )
 MAX_JOURNAL_SLOTS = 16384  # 64 MiB of slots per journalled batch at most
-KNOWN_FEATURES: frozenset[str] = frozenset({KEY_COMMITMENT, CBT, ROTATION})
+SNAPSHOTS = "snapshots"  # docs/qvol-format.md 2.5.4: this file is a layer of a snapshot chain
+SNAPSHOT_FIELDS = frozenset(("compat", "chain", "parent", "parent_freeze", "frozen"))
+KNOWN_FEATURES: frozenset[str] = frozenset({KEY_COMMITMENT, CBT, ROTATION, SNAPSHOTS})
 
 _UUID_RE = re.compile(r"[0-9a-f]{32}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -347,6 +349,8 @@ def _features(v: Any) -> dict[str, Any]:
                 f"feature {name!r} must be {{compat: ro_compat, id: 32 lowercase hex, generation: 1..2^53, "
                 "state: clean|active|incomplete}}"
             )
+        if name == SNAPSHOTS:
+            _snapshots_feature(spec)
     return v
 
 
@@ -384,6 +388,21 @@ def feature_extents(header: Header) -> list[tuple[int, int]]:
     if rot is None:
         return []
     return [(rot["journal_offset"], rotation_journal_length(rot["journal_slots"]))]
+
+
+def _snapshots_feature(spec: dict[str, Any]) -> None:
+    """The ``snapshots`` feature's members (docs/qvol-format.md 2.5.4); ValueError when any is off."""
+    shape = "{compat: incompat, chain: uuid, parent: uuid|null, parent_freeze: 64 hex|null, frozen: 64 hex|null}"
+    if set(spec) != SNAPSHOT_FIELDS or spec["compat"] != INCOMPAT:
+        raise ValueError(f"feature {SNAPSHOTS!r} must be {shape}")
+    chain, parent, pfreeze, frozen = spec["chain"], spec["parent"], spec["parent_freeze"], spec["frozen"]
+    ok = isinstance(chain, str) and bool(_UUID_RE.fullmatch(chain))
+    ok = ok and (parent is None) == (pfreeze is None)
+    ok = ok and (parent is None or (isinstance(parent, str) and bool(_UUID_RE.fullmatch(parent))))
+    for value in (pfreeze, frozen):
+        ok = ok and (value is None or (isinstance(value, str) and bool(_SHA256_RE.fullmatch(value))))
+    if not ok:
+        raise ValueError(f"feature {SNAPSHOTS!r} must be {shape}")
 
 
 def validate(path: str, fields: dict[str, Any]) -> Header:

@@ -106,46 +106,39 @@ class SingleKeyProvider:
     """A provider that knows one key: the volume key handed to the block export through its key pipe
     (docs/nbd-export.md, "The key pipe").  The process that holds it never sees a keystore or a passphrase;
     the header MAC is still verified with this key, so a key for another volume (or a swapped file) fails
-    as it would with the keystore."""
+    as it would with the keystore.  During a key rotation the pipe carries the old key too
+    (:meth:`set_rotation_old_key`)."""
 
     def __init__(self, key_id: str, key: bytes | bytearray) -> None:
         self.key_id = key_id
         self._key = bytearray(check_volume_key(key))
-        # Further keys handed over later (the old key of a rotation in progress, the target of an online
-        # rotation received over the control channel): key_id -> key.
-        self._more: dict[str, bytearray] = {}
+        self._rotation_old = bytearray()
+
+    def set_rotation_old_key(self, key: bytes | bytearray) -> None:
+        """The old key of the volume's rotation in progress (the key pipe's second 32 bytes)."""
+        self._rotation_old = bytearray(check_volume_key(key))
 
     def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
         raise InvalidArgument("this process holds one volume key and cannot create volumes")
 
     def volume_key(self, key_id: str) -> bytes:
-        extra = self._more.get(key_id)
-        if extra:
-            return bytes(extra)
+        if key_id != self.key_id and self._rotation_old:
+            # the pipe's other key, under whatever ID the rotation names it (the volume checks it against the
+            # header's old_key_check, so a wrong key is refused, never used)
+            return bytes(self._rotation_old)
         if key_id != self.key_id or not self._key:
             raise KeyNotFoundError(key_id=key_id, keystore=f"the key handed to this process ({self.key_id})")
         return bytes(self._key)
-
-    def add_key(self, key_id: str, key: bytes | bytearray) -> None:
-        """Hold one more key (a rotation's old or new key); replaces an earlier copy under the same ID."""
-        self.forget_key(key_id)
-        self._more[key_id] = bytearray(check_volume_key(key))
-
-    def forget_key(self, key_id: str) -> None:
-        """Overwrite and drop a key given with :meth:`add_key` (a finished rotation's old key)."""
-        old = self._more.pop(key_id, None)
-        if old is not None:
-            old[:] = bytes(len(old))
 
     def discard_key(self, key_id: str) -> None:
         """Nothing to discard: this provider never makes keys."""
 
     def wipe(self) -> None:
         """Overwrite this provider's copies (best effort: the volume keeps derived subkeys while open)."""
-        self._key[:] = bytes(len(self._key))
+        for buf in (self._key, self._rotation_old):
+            buf[:] = bytes(len(buf))
         self._key = bytearray()
-        for key_id in list(self._more):
-            self.forget_key(key_id)
+        self._rotation_old = bytearray()
 
 
 class KeyRecorder:

@@ -100,6 +100,17 @@ def parse_descriptor(journal_key: bytes, journal_offset: int, data: bytes, total
     return first, count
 
 
+def new_key_commitment(provider: Any, key_id: str, key: bytes, volume_uuid: str) -> str | None:
+    """The ``key_commitment`` value (hex) a volume needs when it moves to ``key`` -- for a rotation run by a
+    process that holds only bare keys (the export): computed where the keystore is, sent with the key.  None
+    when the provider keeps no commitment secrets."""
+    lookup = getattr(provider, "volume_commitment_secret", None)
+    if lookup is None:
+        return None
+    secret, _required = lookup(key_id)
+    return key_commitment(bytes(secret), check_volume_key(key), bytes.fromhex(volume_uuid), key_id).hex()
+
+
 def state(header: Header) -> dict[str, Any] | None:
     """The rotation in progress as a dict for callers (None when there is none)."""
     rot = header.features.get(hdr.ROTATION)

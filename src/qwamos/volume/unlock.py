@@ -16,14 +16,38 @@ import os
 from qwamos.volume.keys import KeyProvider, KeyRecorder
 
 
-def unlock_key(path: str | os.PathLike[str], provider: KeyProvider) -> tuple[str, bytes]:
-    """The key ID and 32-byte key of the volume at ``path``, authenticated by opening its header."""
-    from qwamos.volume.volume import PQCVolume, _record_use
+def unlock_key(
+    path: str | os.PathLike[str], provider: KeyProvider, *, snapshot: str | None = None
+) -> tuple[str, bytes]:
+    """The key ID and 32-byte key of the volume at ``path``, authenticated by opening its header (and, for a
+    volume with snapshots, every layer of its chain: the export receives this one key for all of them).
+
+    A volume whose key rotation is in progress (docs/qvol-format.md 2.5.3) needs its old key too until the
+    rotation ends: the bytes are then 64, the key followed by the old key (checked against the header's
+    ``old_key_check`` by the open), and the key pipe carries both."""
+    from qwamos.errors import SnapshotError
+    from qwamos.storage import file_path
+    from qwamos.volume.snapshots import finish_interrupted, open_chain
+    from qwamos.volume.volume import record_use
 
     recorder = KeyRecorder(provider)
-    with PQCVolume(path, keystore=recorder, read_only=True) as vol:  # MAC and key commitment checked here
-        key_id = vol.key_id
+    if file_path(os.fspath(path)) is not None:
+        finish_interrupted(os.fspath(path), recorder)  # an interrupted snapshot create, before a read-only open
+    # MAC and key commitment of every layer checked here
+    with open_chain(path, recorder, read_only=True, snapshot=snapshot) as chain:
+        key_id = chain.key_id
+        other = sorted({v.key_id for v in chain.layers} - {key_id})
+        if other:
+            raise SnapshotError(
+                path=os.fspath(path),
+                msg=f"layers of the chain use other keys ({', '.join(other)}) than the top ({key_id}); "
+                "finish the key rotation of every layer first",
+            )
         # The process this key goes to opens the volume for writing with the bare key, which keeps no usage
-        # records: record the use here, as a writable open through the keystore would.
-        _record_use(provider, vol.path, vol.header)
+        # records: record the use of every layer here, as a writable open through the keystore would.
+        for vol in chain.layers:
+            record_use(provider, vol.path, vol.header)
+        state = chain.top.rotation_state()
+    if state is not None:
+        return key_id, recorder.keys[key_id] + recorder.keys[state["old_key_id"]]
     return key_id, recorder.keys[key_id]

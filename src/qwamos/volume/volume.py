@@ -36,6 +36,7 @@ from qwamos.errors import (
     QwamosError,
     ReadOnlyVolumeError,
     RotationError,
+    SnapshotError,
     VolumeClosedError,
     VolumeExistsError,
 )
@@ -62,7 +63,7 @@ _ZERO_MV = memoryview(_ZERO_BYTES)
 log = logging.getLogger("qwamos.volume")
 
 
-def _record_use(provider: KeyProvider, path: str, header: Header) -> None:
+def record_use(provider: KeyProvider, path: str, header: Header) -> None:
     """Tell a provider that keeps usage records (the keystore: ``key delete`` refuses a key in use) that this
     volume uses its key; on create and on writable opens (a VM's export, migration, repair), not on reads.
     Records are metadata: a failure is logged, never fails the create or open."""
@@ -81,6 +82,18 @@ def _record_use(provider: KeyProvider, path: str, header: Header) -> None:
         log.warning("%s: the key's usage record was not updated: %s", path, e)
 
 
+def _refuse_layer(path: str, header: Header) -> None:
+    """A frozen snapshot layer or an overlay opened as a plain volume would show only its own blocks."""
+    spec = header.features.get(hdr.SNAPSHOTS)
+    if spec is not None and (spec["parent"] is not None or spec["frozen"] is not None):
+        what = "a frozen snapshot layer" if spec["frozen"] is not None else "the top overlay of a snapshot chain"
+        raise SnapshotError(
+            path=path,
+            msg=f"is {what}; its empty blocks stand for its parent's, so it is opened through its chain "
+            "(qwamos.volume.snapshots.open_chain; the volume commands and the export do that)",
+        )
+
+
 class PQCVolume:
     """One ``.qvol`` file.  ``PQCVolume(path, keystore=provider)``; ``create(...)``; ``open()``; ...; ``close()``.
 
@@ -89,11 +102,19 @@ class PQCVolume:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], keystore: KeyProvider | None = None, *, read_only: bool = False
+        self,
+        path: str | os.PathLike[str],
+        keystore: KeyProvider | None = None,
+        *,
+        read_only: bool = False,
+        layer: bool = False,
     ):
         self.path = os.fspath(path)
         self.keystore = keystore
         self._read_only = bool(read_only)
+        # A layer of a snapshot chain (an overlay, or a frozen snapshot) reads wrong on its own: its empty
+        # blocks stand for its parent's.  Only the chain (qwamos.volume.snapshots) opens one, with layer=True.
+        self._layer = bool(layer)
         self._storage: Storage | None = None
         self._header: Header | None = None
         self._store: HeaderStore | None = None
@@ -163,7 +184,7 @@ class PQCVolume:
             if isinstance(e, OSError):
                 raise os_error(self.path, e, "cannot create") from None
             raise
-        _record_use(provider, self.path, header)
+        record_use(provider, self.path, header)
         return key_id
 
     def open(self) -> PQCVolume:
@@ -178,6 +199,8 @@ class PQCVolume:
                 store = HeaderStore.load(self.path, storage, provider)
                 header = store.header
                 hdr.check_features(self.path, header, writable=not self._read_only)
+                if not self._layer:
+                    _refuse_layer(self.path, header)
                 file_size = storage.size()
                 if file_size < header.slots_end:
                     raise hdr.truncation_error(self.path, header, file_size)
@@ -219,7 +242,7 @@ class PQCVolume:
             storage.close()
             raise
         if not self._read_only:
-            _record_use(provider, self.path, header)  # reads leave the keystore as it was, too
+            record_use(provider, self.path, header)  # reads leave the keystore as it was, too
         self._storage = storage
         self._header = header
         self._store = store
@@ -759,18 +782,27 @@ class PQCVolume:
             return rotation.state(header)
 
     def begin_reencrypt(
-        self, new_key_id: str, *, commitment: str | None = None, batch: int = rotation.DEFAULT_BATCH
+        self,
+        new_key_id: str,
+        *,
+        new_key: bytes | bytearray | None = None,
+        commitment: str | None = None,
+        batch: int = rotation.DEFAULT_BATCH,
     ) -> dict[str, Any]:
         """Start re-encrypting this volume under the provider's key ``new_key_id`` (one header commit), or
         resume the rotation to that key already in progress; return :meth:`rotation_state`.
 
         A rotation to another key in progress is refused (:class:`RotationError`): finish it first.  When the
         volume commits to its key (``key_commitment``) the new commitment comes from the provider's
-        ``volume_commitment_secret`` or, for a bare-key provider (the export), as ``commitment`` (hex)."""
+        ``volume_commitment_secret`` or, for a bare-key provider (the export), as ``commitment`` (hex).
+        ``new_key``: the key's bytes when the provider does not hold it (the export is handed it over its
+        control channel); else the provider is asked for ``new_key_id``."""
         with self._guard:
             _, header = self._writable()
             current = rotation.state(header)
             if current is not None:
+                if new_key is not None and not crypto.constant_time_eq(bytes(new_key), self._store.volume_key):
+                    raise RotationError(path=self.path, msg=f"the key given as {new_key_id} is not the volume's")
                 if current["new_key_id"] != new_key_id:
                     raise RotationError(
                         path=self.path,
@@ -782,7 +814,7 @@ class PQCVolume:
                 if new_key_id == header.key_id:
                     raise RotationError(path=self.path, msg=f"the volume is already under key {new_key_id}")
                 provider = self._provider()
-                new_key = check_volume_key(provider.volume_key(new_key_id))
+                new_key = check_volume_key(provider.volume_key(new_key_id) if new_key is None else new_key)
                 lookup = getattr(provider, "volume_commitment_secret", None)
                 secret = bytes(lookup(new_key_id)[0]) if lookup is not None else None
                 rotation.Rotator(self.path, self._store, self._io).begin(
@@ -793,7 +825,7 @@ class PQCVolume:
                     batch=batch,
                     set_header=self._set_header,
                 )
-                _record_use(provider, self.path, self._header)
+                record_use(provider, self.path, self._header)
             if self._rotator is None:
                 self._rotator = rotation.Rotator(self.path, self._store, self._io)
             return rotation.state(self._header)
@@ -842,13 +874,14 @@ class PQCVolume:
         stop: rotation.StopFn | None = None,
         commitment: str | None = None,
         batch: int = rotation.DEFAULT_BATCH,
+        new_key: bytes | bytearray | None = None,
     ) -> dict[str, Any]:
         """Re-encrypt the whole volume under ``new_key_id`` (start or resume), then finish; return a summary
         (``rewritten`` blocks, ``skipped`` blocks -- holes and blocks already under the new key --,
         ``seconds``, ``finished``).  ``rate`` limits the bytes of the file read per second (None/0: no limit);
         ``stop()`` returning True pauses after the current batch (``finished`` False; call again to resume)."""
         started = time.monotonic()
-        state = self.begin_reencrypt(new_key_id, commitment=commitment, batch=batch)
+        state = self.begin_reencrypt(new_key_id, new_key=new_key, commitment=commitment, batch=batch)
         start_progress = state["progress"]
         rot = self._rotator
         assert rot is not None
@@ -886,6 +919,22 @@ class PQCVolume:
             "seconds": round(time.monotonic() - started, 3),
             "finished": finished,
         }
+
+    def set_feature(self, name: str, value: dict[str, Any] | None) -> None:
+        """Set (or with None remove) one header feature's member and commit the header (both copies,
+        docs/qvol-format.md 2.4).  For the feature's own module (snapshots); the fields are validated as on
+        open, so a malformed value is refused before anything is written."""
+        with self._guard:
+            _, header = self._writable()
+            features = {k: dict(v) for k, v in header.features.items()}
+            if value is None:
+                features.pop(name, None)
+            else:
+                features[name] = dict(value)
+            new = replace(header, features=features)
+            hdr.validate(self.path, new.to_dict())  # HeaderCorruptError names the bad field
+            self._store.store(new)
+            self._header = self._store.header
 
     def info(self) -> dict[str, Any]:
         """Header fields plus where the file stands: allocated blocks and bytes, the path, and what was found

@@ -1,0 +1,931 @@
+"""Snapshots: an authenticated chain of ``.qvol`` layers, the way QEMU's backing chains work.
+
+The volume at ``VOL`` is the *top* layer: the only one written.  A snapshot freezes the top (its header
+gets a random freeze id and it is never written again), moves it to ``VOL.snap/<uuid>.qvol`` and puts a new,
+empty overlay at ``VOL`` whose header links to it.  A block the top never wrote (an all-zero slot) reads
+through to its parent, and so on down to the chain's root; an explicit zero (a discard or write-zeroes over
+data some lower layer holds) is stored as an encrypted zero block, so it hides the lower layers' data.
+Creating a snapshot therefore copies nothing (two header pages for the new overlay, one header commit to
+freeze the old top), and a snapshot's view is its frozen layer read through its ancestors, served read-only.
+
+Authentication (docs/qvol-format.md 2.5.4):
+
+* each layer's header carries the ``snapshots`` feature (``chain``, ``parent``, ``parent_freeze``,
+  ``frozen``), covered by its MAC under the volume key (and by the key commitment);
+* a child names its parent by UUID **and** freeze id: a file holding another volume (swapped, reordered,
+  another chain's layer) has the wrong UUID; an older copy of the parent from before it was frozen has no
+  freeze id; a different state of it has another one;
+* the top holds the snapshot table as a *sealed* metadata entry (names may be confidential): every frozen
+  layer of the chain with its freeze id, and each snapshot's name, layer and time.  A layer the headers
+  link to must be listed there with the same freeze id.
+
+Nonces (docs/qvol-format.md section 6): every layer has its own UUID, and the UUID salts its data keys, so
+each layer counts its encryptions under keys no other layer uses.  A revert never rewinds a counter: it
+puts a *new* overlay (fresh UUID, so fresh keys, epoch 0) on the snapshot's frozen layer and discards the
+old top; frozen layers are never written except by a merge, which goes through their own header
+reservations like any write.
+
+Revert and delete are offline operations on the volume (the export runs them for a running VM where that
+makes sense: create and delete; a revert under a running guest would pull the disk from under its caches,
+so ``vm snapshot revert`` needs a stopped VM).  Deleting a snapshot removes its name; a layer no name and no
+other layer needs any more is dropped (no children) or merged into its only child (its blocks copied into
+the child's empty slots, the child relinked to its grandparent), so every other snapshot's view stays
+exactly what it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from qwamos import crypto, strictjson
+from qwamos.errors import InvalidArgument, QwamosError, ReadOnlyVolumeError, SnapshotChainError, SnapshotError
+from qwamos.fsutil import fsync_dir, make_private_dirs
+from qwamos.storage import create_storage, file_path
+from qwamos.volume import header as hdr
+from qwamos.volume.header import BLOCK_SIZE, Header, canonical_json
+from qwamos.volume.header_store import initial_copies, read_header
+from qwamos.volume.keys import KeyProvider, key_commitment
+from qwamos.volume.volume import PQCVolume, record_use
+
+FEATURE = hdr.SNAPSHOTS
+TABLE_ENTRY = "snapshots/table"  # sealed metadata entry of the top layer
+TABLE_VERSION = 1
+MAX_DEPTH = 256  # layers on one path from a view to the root
+MAX_LAYERS = 1000  # frozen layers in one chain (the table must fit a metadata entry comfortably)
+MAX_NAME = 255
+COPY_CHUNK = 1024 * 1024
+_UUID_RE = re.compile(r"[0-9a-f]{32}")
+_FREEZE_RE = re.compile(r"[0-9a-f]{64}")
+_LAYER_FILE_RE = re.compile(r"([0-9a-f]{32})\.qvol")
+
+Extent = tuple[int, int, bool]
+
+
+# --- where the layers live ------------------------------------------------------------------------------------
+
+
+def layer_dir(path: str | os.PathLike[str]) -> Path:
+    """The directory of a volume's frozen layers: ``VOL.snap`` beside it (mode 0700)."""
+    return Path(os.fspath(path) + ".snap")
+
+
+def layer_path(path: str | os.PathLike[str], uuid: str) -> Path:
+    return layer_dir(path) / f"{uuid}.qvol"
+
+
+def _pending_path(path: str | os.PathLike[str], uuid: str) -> Path:
+    """Where a new overlay is made before it is renamed over ``VOL`` (found again after a crash)."""
+    return layer_dir(path) / f"pending-{uuid}.qvol"
+
+
+def chain_identity(fields: dict[str, Any]) -> str | None:
+    """The identity a VM is bound to: the chain's UUID (the root volume's) for a layer, else the volume's
+    own UUID.  Works on unverified header fields (:func:`qwamos.volume.read_header`) and ``Header.to_dict``."""
+    features = fields.get("features")
+    if isinstance(features, dict):
+        spec = features.get(FEATURE)
+        if isinstance(spec, dict) and isinstance(spec.get("chain"), str):
+            return spec["chain"]
+    uuid = fields.get("volume_uuid")
+    return uuid if isinstance(uuid, str) else None
+
+
+def _spec(vol: PQCVolume) -> dict[str, Any] | None:
+    spec = vol.header.features.get(FEATURE)
+    return dict(spec) if spec is not None else None
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_name(name: object) -> str:
+    """A snapshot name: 1..255 printable characters (it never becomes a file name: layers are named by UUID)."""
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME or not name.isprintable():
+        raise InvalidArgument(f"snapshot name {name!r}: 1..{MAX_NAME} printable characters")
+    return name
+
+
+# --- the snapshot table ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    layer: str
+    created_at: str
+
+
+@dataclass
+class Table:
+    """The top layer's sealed ``snapshots/table`` entry: every frozen layer (UUID -> freeze id) and every
+    snapshot (name -> layer, time)."""
+
+    chain: str
+    layers: dict[str, str] = field(default_factory=dict)
+    snapshots: dict[str, Snapshot] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return canonical_json(
+            {
+                "version": TABLE_VERSION,
+                "chain": self.chain,
+                "layers": dict(self.layers),
+                "snapshots": {
+                    n: {"layer": s.layer, "created_at": s.created_at} for n, s in self.snapshots.items()
+                },
+            }
+        )
+
+    @classmethod
+    def parse(cls, path: str, data: bytes) -> Table:
+        """Strict: any deviation is a :class:`SnapshotChainError` (the entry is authenticated, so a
+        malformed one was written by something that is not this code)."""
+        try:
+            doc = strictjson.loads(data)
+            if not isinstance(doc, dict) or set(doc) != {"version", "chain", "layers", "snapshots"}:
+                raise ValueError("fields must be version, chain, layers, snapshots")
+            if doc["version"] != TABLE_VERSION or type(doc["version"]) is not int:
+                raise ValueError(f"version {doc['version']!r} (this qwamos reads {TABLE_VERSION})")
+            chain, layers, snaps = doc["chain"], doc["layers"], doc["snapshots"]
+            if not isinstance(chain, str) or not _UUID_RE.fullmatch(chain):
+                raise ValueError("chain is not a UUID")
+            if not isinstance(layers, dict) or len(layers) > MAX_LAYERS:
+                raise ValueError("layers is not an object of at most {MAX_LAYERS}")
+            for u, f in layers.items():
+                if not _UUID_RE.fullmatch(u) or not isinstance(f, str) or not _FREEZE_RE.fullmatch(f):
+                    raise ValueError(f"layer {u!r}: expected UUID -> 64 hex freeze id")
+            if not isinstance(snaps, dict):
+                raise ValueError("snapshots is not an object")
+            out: dict[str, Snapshot] = {}
+            for name, s in snaps.items():
+                check_name(name)
+                if not isinstance(s, dict) or set(s) != {"layer", "created_at"}:
+                    raise ValueError(f"snapshot {name!r}: fields must be layer, created_at")
+                if s["layer"] not in layers or not isinstance(s["created_at"], str):
+                    raise ValueError(f"snapshot {name!r} names a layer the table does not list")
+                out[name] = Snapshot(s["layer"], s["created_at"])
+        except (ValueError, UnicodeDecodeError, InvalidArgument) as e:
+            raise SnapshotChainError(path=path, msg=f"the snapshot table is malformed: {e}") from None
+        return cls(chain, dict(layers), out)
+
+    def copy(self) -> Table:
+        return Table(self.chain, dict(self.layers), dict(self.snapshots))
+
+    def names_of(self, uuid: str) -> list[str]:
+        return sorted(n for n, s in self.snapshots.items() if s.layer == uuid)
+
+
+def _load_table(top: PQCVolume) -> Table | None:
+    """The top's table (None for a volume that never had a snapshot), checked against the top's feature."""
+    spec = _spec(top)
+    data = top.read_metadata(TABLE_ENTRY)
+    if data is None:
+        if spec is not None and spec["parent"] is not None:
+            raise SnapshotChainError(
+                path=top.path, msg="the top layer links to a parent but has no snapshot table"
+            )
+        return None
+    table = Table.parse(top.path, data)
+    if spec is None or spec["chain"] != table.chain:
+        raise SnapshotChainError(path=top.path, msg="the snapshot table belongs to another chain")
+    return table
+
+
+# --- opening layers and checking links ------------------------------------------------------------------------
+
+
+def _open_layer(path: str | os.PathLike[str], provider: KeyProvider, *, read_only: bool = True) -> PQCVolume:
+    return PQCVolume(path, keystore=provider, read_only=read_only, layer=True).open()
+
+
+def _check_link(base: str, child: PQCVolume, parent: PQCVolume, table: Table, uuid: str, freeze: str) -> None:
+    """``parent`` (opened from the file for layer ``uuid``) must be exactly the layer ``child`` links to."""
+    h = parent.header
+    spec = _spec(parent)
+    what = f"layer {uuid} ({parent.path})"
+    if h.volume_uuid != uuid:
+        raise SnapshotChainError(
+            path=base,
+            msg=f"{what} holds volume {h.volume_uuid}: the file was swapped or replaced by another volume's",
+        )
+    if spec is None or spec["frozen"] is None:
+        raise SnapshotChainError(
+            path=base, msg=f"{what} is not frozen: it was replaced by a copy from before its snapshot was taken"
+        )
+    if not crypto.constant_time_eq(spec["frozen"].encode(), freeze.encode()):
+        raise SnapshotChainError(
+            path=base, msg=f"{what} is another state of that layer (its freeze id is not the one linked to)"
+        )
+    if spec["chain"] != table.chain:
+        raise SnapshotChainError(path=base, msg=f"{what} belongs to another chain ({spec['chain']})")
+    if h.size_bytes != child.header.size_bytes:
+        raise SnapshotChainError(
+            path=base, msg=f"{what} has size {h.size_bytes}, its child {child.header.size_bytes}"
+        )
+
+
+def _walk(base: str, provider: KeyProvider, layers: list[PQCVolume], table: Table | None) -> None:
+    """Open and check the parents of ``layers[-1]`` down to the root, appending them to ``layers``."""
+    cur = layers[-1]
+    while True:
+        spec = _spec(cur)
+        if spec is None or spec["parent"] is None:
+            return
+        if len(layers) >= MAX_DEPTH:
+            raise SnapshotChainError(path=base, msg=f"more than {MAX_DEPTH} layers on one path (a loop?)")
+        uuid, freeze = spec["parent"], spec["parent_freeze"]
+        if any(v.header.volume_uuid == uuid for v in layers):
+            raise SnapshotChainError(path=base, msg=f"layer {uuid} links back into its own path (a loop)")
+        if table is None or uuid not in table.layers:
+            raise SnapshotChainError(
+                path=base, msg=f"{cur.path} links to layer {uuid}, which the snapshot table does not list"
+            )
+        if not crypto.constant_time_eq(table.layers[uuid].encode(), freeze.encode()):
+            raise SnapshotChainError(
+                path=base,
+                msg=f"{cur.path} links to layer {uuid} with a freeze id the snapshot table does not hold",
+            )
+        ppath = layer_path(base, uuid)
+        if not ppath.exists():
+            raise SnapshotChainError(path=base, msg=f"layer {uuid} is missing ({ppath})")
+        parent = _open_layer(ppath, provider)
+        layers.append(parent)
+        _check_link(base, cur, parent, table, uuid, freeze)
+        cur = parent
+
+
+def _close_all(vols: list[PQCVolume]) -> None:
+    for v in vols:
+        with contextlib.suppress(QwamosError, OSError):
+            v.close()
+
+
+def _local(path: str | os.PathLike[str]) -> str:
+    local = file_path(os.fspath(path))
+    if local is None:
+        raise SnapshotError(path=os.fspath(path), msg="snapshots need a volume in a file (not rbd:)")
+    return local
+
+
+def finish_interrupted(path: str, provider: KeyProvider) -> None:
+    """A create interrupted after the top was frozen: the new overlay waits in ``VOL.snap/pending-*``; put it
+    in place (its link is checked like any other when the chain is opened).  Overlays of a create that never
+    froze the top are removed.  Done under the top's exclusive lock, so never beside a running create."""
+    d = layer_dir(path)
+    if not d.is_dir() or not any(d.glob("pending-*.qvol")):
+        return
+    with _open_layer(path, provider, read_only=False) as top:
+        spec = _spec(top) or {}
+        uuid, frozen = top.header.volume_uuid, spec.get("frozen")
+        for pending in sorted(d.glob("pending-*.qvol")):
+            try:
+                fields = read_header(pending)
+            except QwamosError:
+                continue
+            features = fields.get("features")
+            pspec = features.get(FEATURE) if isinstance(features, dict) else None
+            if not isinstance(pspec, dict) or pspec.get("parent") != uuid:
+                continue
+            if frozen is not None and pspec.get("parent_freeze") == frozen:
+                os.replace(pending, path)
+                fsync_dir(os.path.dirname(os.path.abspath(path)))
+                return
+            if frozen is None:
+                pending.unlink()  # the top was never frozen: that create did not happen
+
+
+def open_chain(
+    path: str | os.PathLike[str],
+    keystore: KeyProvider,
+    *,
+    read_only: bool = False,
+    snapshot: str | None = None,
+) -> ChainVolume:
+    """Open the volume at ``path`` with every layer beneath it, each link checked (see the module docstring).
+
+    ``snapshot``: the view of that snapshot instead of the top (read-only only).  A volume without
+    snapshots opens as its single layer.
+    """
+    path = os.fspath(path)
+    if snapshot is not None and not read_only:
+        raise InvalidArgument("a snapshot's view is read-only (revert to it to write on top of it)")
+    if not read_only and file_path(path) is not None:
+        finish_interrupted(path, keystore)  # a create interrupted by a crash
+    top = _open_layer(path, keystore, read_only=read_only)
+    layers = [top]
+    try:
+        spec = _spec(top)
+        if spec is not None and spec["frozen"] is not None:
+            raise SnapshotChainError(
+                path=path,
+                msg="the file at the volume's path is a frozen layer (a snapshot create was interrupted: "
+                "open the volume writable once to finish it)",
+            )
+        table = _load_table(top)
+        if snapshot is not None:
+            if table is None or snapshot not in table.snapshots:
+                raise SnapshotError(path=path, msg=f"no snapshot named {snapshot!r}")
+            uuid = table.snapshots[snapshot].layer
+            lpath = layer_path(path, uuid)
+            if not lpath.exists():
+                raise SnapshotChainError(path=path, msg=f"layer {uuid} of snapshot {snapshot!r} is missing")
+            first = _open_layer(lpath, keystore)
+            layers.append(first)
+            _check_link(path, top, first, table, uuid, table.layers[uuid])
+            top.close()  # the view does not need the top (and must not keep a VM from starting)
+            layers = [first]
+        _walk(path, keystore, layers, table)
+    except BaseException:
+        _close_all(layers)
+        raise
+    return ChainVolume(path, keystore, layers, table, snapshot)
+
+
+# --- the chain as one block device ----------------------------------------------------------------------------
+
+
+def _merge(out: list[Extent], start: int, end: int, hole: bool) -> None:
+    if end <= start:
+        return
+    if out and out[-1][2] == hole and out[-1][1] == start:
+        out[-1] = (out[-1][0], end, hole)
+    else:
+        out.append((start, end, hole))
+
+
+class ChainVolume:
+    """A volume with its snapshot chain as one :class:`qwamos.blockdev.BlockBackend` (what the export
+    serves) plus the snapshot operations.  ``layers[0]`` is the view's top (``VOL`` itself, or a snapshot's
+    frozen layer), each next one its parent."""
+
+    def __init__(
+        self, path: str, keystore: KeyProvider, layers: list[PQCVolume], table: Table | None, snapshot: str | None
+    ) -> None:
+        self.path = path
+        self.keystore = keystore
+        self.layers = layers
+        self.table = table
+        self.snapshot = snapshot
+
+    # --- BlockBackend ---------------------------------------------------------------------------------------
+
+    @property
+    def top(self) -> PQCVolume:
+        return self.layers[0]
+
+    @property
+    def header(self) -> Header:
+        return self.layers[0].header
+
+    @property
+    def key_id(self) -> str:
+        return self.layers[0].key_id
+
+    @property
+    def chain(self) -> str:
+        return chain_identity(self.layers[0].header.to_dict()) or self.header.volume_uuid
+
+    @property
+    def size(self) -> int:
+        return self.layers[0].size
+
+    @property
+    def read_only(self) -> bool:
+        return self.layers[0].read_only
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self.layers) and self.layers[0].is_open
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if len(self.layers) == 1:
+            return self.layers[0].read(offset, length)
+        buf = bytearray(length)
+        self._fill(0, offset, memoryview(buf))
+        return bytes(buf)
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
+        out = memoryview(buf).cast("B")
+        if len(self.layers) == 1:
+            return self.layers[0].readinto(offset, out)
+        self._fill(0, offset, out)
+        return len(out)
+
+    read = pread
+
+    def _fill(self, level: int, offset: int, out: memoryview) -> None:
+        vol = self.layers[level]
+        if level == len(self.layers) - 1:
+            vol.readinto(offset, out)
+            return
+        n = len(out)
+        pos = 0
+        while pos < n:
+            for start, end, hole in vol.extents(offset + pos, n - pos):
+                seg = out[start - offset : end - offset]
+                if hole:
+                    self._fill(level + 1, start, seg)
+                else:
+                    vol.readinto(start, seg)
+                pos = end - offset
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Allocation of the whole view: data where any layer on the path holds data (exact per block)."""
+        return self._extents(0, offset, length)
+
+    def _extents(self, level: int, offset: int, length: int) -> list[Extent]:
+        vol = self.layers[level]
+        ext = vol.extents(offset, length)
+        if level == len(self.layers) - 1:
+            return ext
+        out: list[Extent] = []
+        for s, e, hole in ext:
+            if not hole:
+                _merge(out, s, e, False)
+                continue
+            pos = s
+            while pos < e:
+                sub = self._extents(level + 1, pos, e - pos)
+                for a, b, h in sub:
+                    _merge(out, a, b, h)
+                pos = sub[-1][1]
+        return out
+
+    def _below(self, offset: int, length: int) -> list[Extent]:
+        """Allocation of the layers beneath the top, covering the whole range."""
+        out: list[Extent] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            sub = self._extents(1, pos, end - pos)
+            for a, b, h in sub:
+                _merge(out, a, b, h)
+            pos = sub[-1][1]
+        return out
+
+    def _writable_top(self) -> PQCVolume:
+        top = self.layers[0]
+        if top.read_only:
+            raise ReadOnlyVolumeError(path=self.path)
+        return top
+
+    def _block_span(self, block: int) -> tuple[int, int]:
+        start = block * BLOCK_SIZE
+        return start, min(BLOCK_SIZE, self.size - start)
+
+    def _top_has(self, block: int) -> bool:
+        start, cap = self._block_span(block)
+        return not self.layers[0].extents(start, cap)[0][2]
+
+    def _partial_blocks(self, offset: int, length: int) -> list[int]:
+        """The (at most two) blocks the range touches without covering them wholly."""
+        out = []
+        end = offset + length
+        for block in sorted({offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE}):
+            start, cap = self._block_span(block)
+            if not (offset <= start and start + cap <= end):
+                out.append(block)
+        return out
+
+    def _copy_up(self, block: int) -> None:
+        """Give the top its own copy of a block it does not hold (before a partial write to it)."""
+        if self._top_has(block):
+            return
+        start, cap = self._block_span(block)
+        self.layers[0].write(start, self.pread(start, cap))
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        top = self._writable_top()
+        if len(self.layers) > 1 and len(data):
+            for block in self._partial_blocks(offset, len(memoryview(data).cast("B"))):
+                self._copy_up(block)
+        top.write(offset, data, fua=fua)
+
+    write = pwrite
+
+    def flush(self) -> None:
+        self.layers[0].flush()
+
+    def trim(self, offset: int, length: int) -> None:
+        self.zero(offset, length, may_trim=True)
+
+    def zero(self, offset: int, length: int, may_trim: bool = True) -> None:
+        """Make the range read as zeros.  In an overlay, blocks some lower layer holds data for get an
+        explicit (encrypted) zero block, the rest become empty slots, which read through to zeros."""
+        top = self._writable_top()
+        if len(self.layers) == 1 or length == 0:
+            top.write_zeroes(offset, length, may_trim)
+            return
+        end = offset + length
+        partial = self._partial_blocks(offset, length)
+        for block in partial:
+            start, cap = self._block_span(block)
+            buf = bytearray(self.pread(start, cap))
+            lo, hi = max(offset, start), min(end, start + cap)
+            buf[lo - start : hi - start] = bytes(hi - lo)
+            if not any(buf) and self._below(start, cap)[0][2]:
+                top.write_zeroes(start, cap, may_trim)
+            else:
+                top.write(start, buf)
+        whole_start = offset if offset // BLOCK_SIZE not in partial else (offset // BLOCK_SIZE + 1) * BLOCK_SIZE
+        last = (end - 1) // BLOCK_SIZE
+        whole_end = end if last not in partial else last * BLOCK_SIZE
+        if whole_end <= whole_start:
+            return
+        zeros = bytes(COPY_CHUNK)
+        for s, e, hole in self._below(whole_start, whole_end - whole_start):
+            if hole:
+                top.write_zeroes(s, e - s, may_trim)
+                continue
+            pos = s
+            while pos < e:
+                n = min(COPY_CHUNK, e - pos)
+                top.write(pos, zeros[:n])
+                pos += n
+
+    # --- what the top layer answers for the chain: key rotation and change tracking ------------------------
+
+    def rotation_state(self) -> dict[str, Any] | None:
+        return self.layers[0].rotation_state()
+
+    def _single(self, what: str) -> PQCVolume:
+        """The top, when the chain is that one layer: key rotation inside the export rewrites one file; a
+        chain's frozen layers are rotated offline, each through ``PQCVolume(..., layer=True)``."""
+        if len(self.layers) > 1 or (self.table is not None and self.table.layers):
+            raise SnapshotError(
+                path=self.path,
+                msg=f"{what} of a volume with snapshots rewrites every layer: stop the VM and rotate its chain "
+                "offline (every file chain_files lists)",
+            )
+        return self.layers[0]
+
+    def begin_reencrypt(self, *args: Any, **kw: Any) -> dict[str, Any]:
+        return self._single("key rotation").begin_reencrypt(*args, **kw)
+
+    def reencrypt(self, *args: Any, **kw: Any) -> dict[str, Any]:
+        return self._single("key rotation").reencrypt(*args, **kw)
+
+    def reencrypt_step(self, *args: Any, **kw: Any) -> tuple[int, int]:
+        return self._single("key rotation").reencrypt_step(*args, **kw)
+
+    def finish_reencrypt(self) -> dict[str, Any]:
+        return self._single("key rotation").finish_reencrypt()
+
+    def cbt_enabled(self) -> bool:
+        """Change tracking is the top's: every write of the chain goes to the top (a new overlay starts
+        without it, so the backup after a snapshot or revert reads everything)."""
+        return self.layers[0].cbt_enabled()
+
+    def cbt_rotate(self) -> Any:
+        return self.layers[0].cbt_rotate()
+
+    def cbt_info(self) -> dict[str, Any] | None:
+        return self.layers[0].cbt_info()
+
+    def close(self) -> None:
+        layers, self.layers = self.layers, self.layers[:1]
+        first_error: BaseException | None = None
+        for v in layers:
+            try:
+                v.close()
+            except (QwamosError, OSError) as e:
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+
+    def __enter__(self) -> ChainVolume:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- snapshots ------------------------------------------------------------------------------------------
+
+    def _require_top(self) -> PQCVolume:
+        if self.snapshot is not None:
+            raise SnapshotError(path=self.path, msg="this is a snapshot's read-only view; open the volume itself")
+        top = self._writable_top()
+        _local(self.path)
+        return top
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every snapshot: name, layer UUID, creation time, the bytes its layer file holds, and whether the
+        volume's current state is built on it (``current``: the top's parent)."""
+        if self.table is None:
+            return []
+        parent = (_spec(self.layers[0]) or {}).get("parent") if self.snapshot is None else None
+        out = []
+        for name, s in sorted(self.table.snapshots.items(), key=lambda kv: (kv[1].created_at, kv[0])):
+            try:
+                allocated = os.stat(layer_path(self.path, s.layer)).st_blocks * 512
+            except OSError:
+                allocated = None
+            out.append(
+                {
+                    "name": name,
+                    "layer": s.layer,
+                    "created_at": s.created_at,
+                    "allocated_bytes": allocated,
+                    "size_bytes": self.size,
+                    "current": s.layer == parent,
+                }
+            )
+        return out
+
+    def files(self) -> list[dict[str, Any]]:
+        """Every file of the chain (the top and each frozen layer the table lists, on the view's path or
+        not), for key rotation and copies: ``path``, ``volume_uuid``, ``role`` (``top`` or ``frozen``)."""
+        top = self.layers[0] if self.snapshot is None else None
+        out = []
+        if top is not None:
+            out.append({"path": os.path.abspath(self.path), "volume_uuid": top.header.volume_uuid, "role": "top"})
+        elif os.path.exists(self.path):
+            out.append({"path": os.path.abspath(self.path), "volume_uuid": None, "role": "top"})
+        for uuid in sorted(self.table.layers if self.table else ()):
+            out.append(
+                {"path": os.path.abspath(layer_path(self.path, uuid)), "volume_uuid": uuid, "role": "frozen"}
+            )
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """For ``volume info`` / ``vm info``: the chain's identity, depth and snapshots."""
+        return {
+            "chain": self.chain,
+            "layers": len(self.layers),
+            "snapshots": self.list(),
+        }
+
+    def _commitment(self, uuid: str, key: bytes, key_id: str, given: str | None) -> str | None:
+        lookup = getattr(self.keystore, "volume_commitment_secret", None)
+        if lookup is not None:
+            return key_commitment(bytes(lookup(key_id)[0]), key, bytes.fromhex(uuid), key_id).hex()
+        if given is not None:
+            return given
+        if hdr.KEY_COMMITMENT in self.layers[0].header.features:
+            raise SnapshotError(
+                path=self.path,
+                msg="the new layer needs a key commitment, which only the keystore can compute "
+                "(pass new_layer=(uuid, commitment) from a process that has it)",
+            )
+        return None
+
+    def _make_overlay(
+        self,
+        dest: Path,
+        uuid: str,
+        parent: str,
+        parent_freeze: str,
+        table: Table,
+        commitment: str | None,
+    ) -> None:
+        """A new, empty overlay at ``dest`` (mode 0600, appears atomically) linked to ``parent``, holding
+        ``table`` (sealed)."""
+        base = self.layers[0].header
+        key = self.keystore.volume_key(base.key_id)
+        features: dict[str, Any] = {
+            FEATURE: {
+                "compat": hdr.INCOMPAT,
+                "chain": table.chain,
+                "parent": parent,
+                "parent_freeze": parent_freeze,
+                "frozen": None,
+            }
+        }
+        if commitment is not None:
+            features[hdr.KEY_COMMITMENT] = {"compat": hdr.INCOMPAT, "commitment": commitment}
+        header = Header(
+            volume_uuid=uuid,
+            name=base.name,
+            vm_name=base.vm_name,
+            key_id=base.key_id,
+            algorithm=base.algorithm,
+            total_blocks=base.total_blocks,
+            size_bytes=base.size_bytes,
+            created_at=_now(),
+            epoch_limit=base.epoch_limit,
+            features=features,
+        )
+        pending = create_storage(os.fspath(dest), overwrite=False, random_suffix=crypto.new_id_hex(6))
+        try:
+            storage = pending.storage
+            storage.resize(header.file_size)
+            for offset, blob in initial_copies(header, key):
+                storage.write(offset, (blob,))
+            pending.commit()
+        except BaseException:
+            pending.abort()
+            raise
+        try:
+            with _open_layer(dest, self.keystore, read_only=False) as vol:
+                vol.write_metadata({TABLE_ENTRY: table.encode()}, sealed=True)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+
+    def create(self, name: str, *, new_layer: tuple[str, str | None] | None = None) -> dict[str, Any]:
+        """Take snapshot ``name`` of the current state: freeze the top, put a new empty overlay at ``VOL``.
+
+        ``new_layer``: ``(uuid, commitment)`` for the new overlay, made by a process holding the keystore
+        when this one holds a bare key (the export); else both are made here.  Crash-safe: until the final
+        rename the volume at ``VOL`` is the old top (frozen from step 3 on, and then the next writable open
+        finishes the create from ``VOL.snap/pending-*``)."""
+        check_name(name)
+        top = self._require_top()
+        table = self.table.copy() if self.table is not None else Table(chain=self.chain)
+        if name in table.snapshots:
+            raise SnapshotError(path=self.path, msg=f"a snapshot named {name!r} exists already")
+        if top.rotation_state() is not None:
+            raise SnapshotError(
+                path=self.path, msg="a key rotation is in progress: a snapshot is taken once it has finished"
+            )
+        if len(table.layers) >= MAX_LAYERS:
+            raise SnapshotError(path=self.path, msg=f"the chain has {MAX_LAYERS} layers; delete snapshots first")
+        top.flush()
+        h = top.header
+        spec = _spec(top) or {
+            "compat": hdr.INCOMPAT,
+            "chain": table.chain,
+            "parent": None,
+            "parent_freeze": None,
+            "frozen": None,
+        }
+        freeze = crypto.new_id_hex(32)  # names this frozen state: a public identifier, not a secret
+        if new_layer is not None:
+            new_uuid, given = new_layer
+            if not isinstance(new_uuid, str) or not _UUID_RE.fullmatch(new_uuid) or new_uuid == h.volume_uuid:
+                raise InvalidArgument(f"new layer uuid {new_uuid!r}")
+        else:
+            new_uuid, given = crypto.new_uuid().hex(), None
+        key = self.keystore.volume_key(h.key_id)
+        commitment = self._commitment(new_uuid, key, h.key_id, given)
+        table.layers[h.volume_uuid] = freeze
+        table.snapshots[name] = Snapshot(h.volume_uuid, _now())
+        make_private_dirs(layer_dir(self.path))
+        pending = _pending_path(self.path, new_uuid)
+        # 1. the new overlay, complete, under its pending name
+        self._make_overlay(pending, new_uuid, h.volume_uuid, freeze, table, commitment)
+        frozen_path = layer_path(self.path, h.volume_uuid)
+        try:
+            # 2. the old top gets its layer name too (same file)
+            if not frozen_path.exists():
+                os.link(self.path, frozen_path)
+                fsync_dir(layer_dir(self.path))
+            # 3. freeze it: from here on it is never written again
+            top.set_feature(FEATURE, {**spec, "frozen": freeze})
+        except BaseException:
+            pending.unlink(missing_ok=True)
+            raise
+        # 4. the new overlay becomes the volume
+        os.replace(pending, self.path)
+        fsync_dir(layer_dir(self.path))
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        self._reopen(top)
+        return {"name": name, "layer": h.volume_uuid, "top": new_uuid}
+
+    def _reopen(self, *still_open: PQCVolume) -> None:
+        """Open the chain at ``VOL`` again (after the files changed) into this object."""
+        _close_all([*self.layers, *still_open])
+        fresh = open_chain(self.path, self.keystore)
+        self.layers, self.table = fresh.layers, fresh.table
+        for v in self.layers:
+            record_use(self.keystore, v.path, v.header)
+
+    def revert(self, name: str, *, new_layer: tuple[str, str | None] | None = None) -> dict[str, Any]:
+        """Make the volume's state snapshot ``name`` again: a new empty overlay (a fresh UUID, so fresh keys
+        and a fresh nonce count) on the snapshot's layer replaces the top, whose changes are discarded."""
+        top = self._require_top()
+        table = self.table
+        if table is None or name not in table.snapshots:
+            raise SnapshotError(path=self.path, msg=f"no snapshot named {name!r}")
+        layer = table.snapshots[name].layer
+        if new_layer is not None:
+            new_uuid, given = new_layer
+        else:
+            new_uuid, given = crypto.new_uuid().hex(), None
+        key_id = top.header.key_id
+        commitment = self._commitment(new_uuid, self.keystore.volume_key(key_id), key_id, given)
+        pending = _pending_path(self.path, new_uuid)
+        self._make_overlay(pending, new_uuid, layer, table.layers[layer], table.copy(), commitment)
+        old_uuid = top.header.volume_uuid
+        _close_all(self.layers)
+        os.replace(pending, self.path)
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        self._reopen()
+        self._gc()
+        return {"name": name, "layer": layer, "top": new_uuid, "discarded": old_uuid}
+
+    def delete(self, name: str) -> dict[str, Any]:
+        """Forget snapshot ``name``; its layer is dropped or merged into its only child when nothing else
+        needs it.  Every other snapshot's view, and the volume's, read exactly as before."""
+        top = self._require_top()
+        table = self.table
+        if table is None or name not in table.snapshots:
+            raise SnapshotError(path=self.path, msg=f"no snapshot named {name!r}")
+        layer = table.snapshots[name].layer
+        new = table.copy()
+        del new.snapshots[name]
+        top.write_metadata({TABLE_ENTRY: new.encode()}, sealed=True)
+        self.table = new
+        actions = self._gc()
+        return {"name": name, "layer": layer, "actions": actions}
+
+    def _children(self, frozen: dict[str, PQCVolume]) -> dict[str, list[str]]:
+        kids: dict[str, list[str]] = {u: [] for u in self.table.layers}
+        for u, vol in [("", self.layers[0]), *frozen.items()]:
+            p = (_spec(vol) or {}).get("parent")
+            if p in kids:
+                kids[p].append(u)
+        return kids
+
+    def _gc(self) -> list[str]:
+        """Drop layers no snapshot and no other layer needs; merge a nameless layer into its only child."""
+        actions: list[str] = []
+        top = self.layers[0]
+        while self.table is not None and self.table.layers:
+            _close_all(self.layers[1:])
+            self.layers = [top]
+            frozen = {u: _open_layer(layer_path(self.path, u), self.keystore) for u in self.table.layers}
+            try:
+                kids = self._children(frozen)
+                named = {s.layer for s in self.table.snapshots.values()}
+                victim = next((u for u in self.table.layers if u not in named and len(kids[u]) <= 1), None)
+                if victim is None:
+                    break
+                if kids[victim]:
+                    child = kids[victim][0]
+                    self._merge_into(frozen[victim], frozen.get(child, top) if child else top, frozen)
+                    actions.append(f"merged layer {victim} into {'the top' if not child else 'layer ' + child}")
+                else:
+                    actions.append(f"dropped layer {victim}")
+            finally:
+                _close_all(list(frozen.values()))
+            new = self.table.copy()
+            del new.layers[victim]
+            top.write_metadata({TABLE_ENTRY: new.encode()}, sealed=True)
+            self.table = new
+            layer_path(self.path, victim).unlink(missing_ok=True)
+            fsync_dir(layer_dir(self.path))
+        _close_all(self.layers[1:])
+        self.layers = [top]
+        _walk(self.path, self.keystore, self.layers, self.table)
+        return actions
+
+    def _merge_into(self, src: PQCVolume, dst_ro: PQCVolume, frozen: dict[str, PQCVolume]) -> None:
+        """Copy ``src``'s blocks into ``dst``'s empty slots, then link ``dst`` to ``src``'s parent."""
+        top = self.layers[0]
+        if dst_ro is top:
+            dst = top
+        else:
+            uuid = dst_ro.header.volume_uuid
+            dst_ro.close()
+            dst = _open_layer(layer_path(self.path, uuid), self.keystore, read_only=False)
+            frozen[uuid] = dst
+        size = dst.size
+        pos = 0
+        while pos < size:
+            for s, e, hole in dst.extents(pos, size - pos):
+                if hole:
+                    q = s
+                    while q < e:
+                        for a, b, h in src.extents(q, e - q):
+                            c = a
+                            while not h and c < b:
+                                n = min(COPY_CHUNK, b - c)
+                                dst.write(c, src.read(c, n))
+                                c += n
+                            q = b
+                pos = e
+        dst.flush()
+        sspec = _spec(src) or {}
+        dspec = _spec(dst) or {}
+        dst.set_feature(
+            FEATURE, {**dspec, "parent": sspec.get("parent"), "parent_freeze": sspec.get("parent_freeze")}
+        )
+        if dst is not top:
+            record_use(self.keystore, dst.path, dst.header)
+
+
+def chain_files(path: str | os.PathLike[str], keystore: KeyProvider) -> list[dict[str, Any]]:
+    """Every file of the volume's chain, authenticated (see :meth:`ChainVolume.files`): what key rotation must
+    re-encrypt, and what a copy of the volume must take along."""
+    with open_chain(path, keystore, read_only=True) as chain:
+        return chain.files()
+
+
+def orphan_layers(path: str | os.PathLike[str], table: Table | None) -> list[Path]:
+    """Layer files in ``VOL.snap`` the table does not list (left by a crash between a merge's steps)."""
+    d = layer_dir(path)
+    if not d.is_dir():
+        return []
+    known = set(table.layers) if table else set()
+    out = []
+    for p in sorted(d.iterdir()):
+        m = _LAYER_FILE_RE.fullmatch(p.name)
+        if m and m.group(1) not in known:
+            out.append(p)
+    return out

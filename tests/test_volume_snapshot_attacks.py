@@ -1,0 +1,109 @@
+"""Attacks on a snapshot chain's files: each is refused with a clear error before any byte is served.
+
+The attacker can rewrite, copy, rename and delete files in the volume's directory, but holds neither the
+volume key nor the key file's commitment secret (docs/threat-model.md, "snapshot chain")."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qwamos.errors import HeaderCorruptError, SnapshotChainError
+from qwamos.volume import PQCVolume, read_header
+from qwamos.volume.header import BLOCK_SIZE
+from qwamos.volume.snapshots import layer_path, open_chain
+from volume_helpers import header_copy_offsets, read_head, write_header_copies
+
+SIZE = 16 * BLOCK_SIZE
+
+
+def _chain(path: Path, keys, names=("one", "two")) -> list[str]:
+    """A volume with a snapshot per name (distinct data in each); returns the frozen layers' UUIDs, oldest
+    first."""
+    PQCVolume(path, keystore=keys).create("disk", "vm", size_bytes=SIZE)
+    layers = []
+    with open_chain(path, keys) as c:
+        for i, name in enumerate(names):
+            c.pwrite(0, bytes([65 + i]) * BLOCK_SIZE)
+            layers.append(c.top.header.volume_uuid)
+            c.create(name)
+        c.pwrite(0, b"top" * 100)
+    return layers
+
+
+def _refused(path: Path, keys, match: str, snapshot: str | None = None, exc=SnapshotChainError) -> None:
+    with pytest.raises(exc, match=match):
+        open_chain(path, keys, read_only=True, snapshot=snapshot)
+    with pytest.raises(exc, match=match):
+        open_chain(path, keys)
+
+
+def test_a_layer_swapped_for_another_volumes_layer_is_refused(tmp_path, keys):
+    mine = _chain(tmp_path / "a.qvol", keys)
+    theirs = _chain(tmp_path / "b.qvol", keys)
+    shutil.copyfile(layer_path(tmp_path / "b.qvol", theirs[1]), layer_path(tmp_path / "a.qvol", mine[1]))
+    _refused(tmp_path / "a.qvol", keys, "holds volume .*swapped or replaced by another volume's")
+
+
+def test_reordered_layers_are_refused(tmp_path, keys):
+    path = tmp_path / "disk.qvol"
+    one, two = _chain(path, keys)
+    a, b = layer_path(path, one), layer_path(path, two)
+    tmp = a.with_suffix(".tmp")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+    _refused(path, keys, "holds volume")
+    _refused(path, keys, "holds volume", snapshot="one")
+
+
+def test_a_layer_replaced_by_its_copy_from_before_the_snapshot_is_refused(tmp_path, keys):
+    path = tmp_path / "disk.qvol"
+    PQCVolume(path, keystore=keys).create("disk", "vm", size_bytes=SIZE)
+    with open_chain(path, keys) as c:
+        c.pwrite(0, b"old state" * 100)
+        c.flush()
+        older = path.read_bytes()  # the top, as it was before it was frozen
+        uuid = c.top.header.volume_uuid
+        c.pwrite(0, b"snapshot state" * 100)
+        c.create("s")
+    layer_path(path, uuid).write_bytes(older)
+    _refused(path, keys, "is not frozen: it was replaced by a copy from before its snapshot")
+
+
+def test_the_volume_replaced_by_a_frozen_layer_is_refused(tmp_path, keys):
+    """Putting a snapshot's frozen layer (or its copy) at the volume's path must not make it writable."""
+    path = tmp_path / "disk.qvol"
+    one, _ = _chain(path, keys)
+    shutil.copyfile(layer_path(path, one), path)
+    _refused(path, keys, "is a frozen layer")
+
+
+def test_an_edited_link_fails_the_header_mac(tmp_path, keys):
+    path = tmp_path / "disk.qvol"
+    _, two = _chain(path, keys)
+    head = read_head(path)
+    pos = head.index(two.encode())
+    edited = head[pos : pos + 32].replace(two[:1].encode(), b"f" if two[0] != "f" else b"0", 1)
+    write_header_copies(path, pos, edited, header_copy_offsets(path))
+    with pytest.raises(HeaderCorruptError, match="failed authentication"):
+        open_chain(path, keys)
+
+
+def test_a_missing_layer_and_a_tampered_table_are_refused(tmp_path, keys):
+    path = tmp_path / "disk.qvol"
+    one, _ = _chain(path, keys)
+    layer_path(path, one).unlink()
+    _refused(path, keys, f"layer {one} is missing")
+    path2 = tmp_path / "v2.qvol"
+    _chain(path2, keys)
+    meta = read_header(path2, keys)["metadata"]
+    data = bytearray(path2.read_bytes())
+    root = data[meta["offset"] : meta["offset"] + meta["length"]]
+    entry_off = int(root[20:].split(b'"offset":')[1].split(b",")[0])
+    data[entry_off + 40] ^= 1  # inside the sealed table
+    path2.write_bytes(bytes(data))
+    with pytest.raises(HeaderCorruptError, match=r"metadata entry 'snapshots/table' is damaged or was replaced"):
+        open_chain(path2, keys, read_only=True)

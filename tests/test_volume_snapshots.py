@@ -1,0 +1,375 @@
+"""Snapshots of a volume (qwamos.volume.snapshots): views exact against a model through create, write, zero,
+discard, revert and delete (merge); holes vs explicit zeros in overlays; crash recovery of a create; the
+nonce count never going backwards under one key; a snapshot served read-only compared byte for byte with
+nbdcopy and qemu-img; the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nbd_helpers import SERVE, serving, uri
+from qwamos.errors import ReadOnlyVolumeError, SnapshotChainError, SnapshotError
+from qwamos.volume import PQCVolume, read_header
+from qwamos.volume.header import BLOCK_SIZE, SLOT_SIZE
+from qwamos.volume.snapshots import chain_files, layer_dir, layer_path, open_chain
+
+SIZE = 4 << 20
+ODD = 40 * BLOCK_SIZE + 1000  # an odd-sized volume: the last block is partial
+
+
+def _new(path: Path, keys, size: int = ODD) -> Path:
+    PQCVolume(path, keystore=keys).create("disk", "vm", size_bytes=size)
+    return path
+
+
+def _view(path: Path, keys, name: str | None = None) -> bytes:
+    with open_chain(path, keys, read_only=True, snapshot=name) as c:
+        return c.pread(0, c.size)
+
+
+def _apply(chain, model: bytearray, rnd: random.Random) -> None:
+    """One random write, zero or discard, to both the chain and the model."""
+    size = len(model)
+    off = rnd.randrange(size)
+    n = rnd.randrange(1, min(3 * BLOCK_SIZE, size - off) + 1)
+    kind = rnd.choice(("write", "write", "zero", "trim"))
+    if kind == "write":
+        data = bytes(rnd.getrandbits(8) for _ in range(n)) if n < 512 else rnd.randbytes(n)
+        chain.pwrite(off, data)
+        model[off : off + n] = data
+    else:
+        (chain.zero if kind == "zero" else chain.trim)(off, n)
+        model[off : off + n] = bytes(n)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_view_matches_a_model_through_random_operations(tmp_path, keys, seed):
+    """The volume and each snapshot read exactly what a plain byte model says, whatever sequence of writes,
+    zeroes, discards, snapshots, reverts and deletes (merges) came before."""
+    rnd = random.Random(seed)
+    path = _new(tmp_path / "disk.qvol", keys)
+    model = bytearray(ODD)
+    snaps: dict[str, bytes] = {}
+    counter = 0
+    chain = open_chain(path, keys)
+    try:
+        for _ in range(60):
+            op = rnd.random()
+            if op < 0.6:
+                _apply(chain, model, rnd)
+            elif op < 0.8 or not snaps:
+                counter += 1
+                name = f"s{counter}"
+                chain.create(name)
+                snaps[name] = bytes(model)
+            elif op < 0.9:
+                name = rnd.choice(sorted(snaps))
+                chain.revert(name)
+                model[:] = snaps[name]
+            else:
+                name = rnd.choice(sorted(snaps))
+                chain.delete(name)
+                del snaps[name]
+            assert chain.pread(0, ODD) == model
+        chain.flush()
+    finally:
+        chain.close()
+    assert _view(path, keys) == model
+    for name, want in snaps.items():
+        assert _view(path, keys, name) == want, name
+    with open_chain(path, keys, read_only=True) as c:
+        assert sorted(s["name"] for s in c.list()) == sorted(snaps)
+        listed = {Path(f["path"]).name for f in c.files() if f["role"] == "frozen"}
+    on_disk = {p.name for p in layer_dir(path).glob("*.qvol")} if layer_dir(path).exists() else set()
+    assert listed == on_disk  # no layer file left behind, none missing
+
+
+def test_discard_in_an_overlay_hides_the_backing_data_and_holes_read_through(tmp_path, keys):
+    path = _new(tmp_path / "disk.qvol", keys, SIZE)
+    with open_chain(path, keys) as c:
+        c.pwrite(0, b"\xaa" * (8 * BLOCK_SIZE))
+        c.create("base")
+        c.trim(0, 2 * BLOCK_SIZE)  # over data below: explicit zero blocks in the top
+        c.zero(2 * BLOCK_SIZE + 100, 50)  # partial: the top gets a copy of the block, zeroed in part
+        c.trim(100 * BLOCK_SIZE, 4 * BLOCK_SIZE)  # over holes below: stays a hole, costs nothing
+        assert c.pread(0, 2 * BLOCK_SIZE) == bytes(2 * BLOCK_SIZE)
+        blk = c.pread(2 * BLOCK_SIZE, BLOCK_SIZE)
+        assert (
+            blk[:100] == b"\xaa" * 100 and blk[100:150] == bytes(50) and blk[150:] == b"\xaa" * (BLOCK_SIZE - 150)
+        )
+        assert c.pread(3 * BLOCK_SIZE, 5 * BLOCK_SIZE) == b"\xaa" * (5 * BLOCK_SIZE)  # read through
+        top = c.top
+        assert top.extents(0, 8 * BLOCK_SIZE) == [
+            (0, 3 * BLOCK_SIZE, False),
+            (3 * BLOCK_SIZE, 8 * BLOCK_SIZE, True),
+        ]
+        assert top.extents(100 * BLOCK_SIZE, 4 * BLOCK_SIZE) == [(100 * BLOCK_SIZE, 104 * BLOCK_SIZE, True)]
+        # the chain's allocation: data where any layer holds some
+        assert c.extents(0, 16 * BLOCK_SIZE) == [
+            (0, 8 * BLOCK_SIZE, False),
+            (8 * BLOCK_SIZE, 16 * BLOCK_SIZE, True),
+        ]
+    assert _view(path, keys, "base")[: 8 * BLOCK_SIZE] == b"\xaa" * (8 * BLOCK_SIZE)
+
+
+def test_create_copies_nothing(tmp_path, keys):
+    path = _new(tmp_path / "disk.qvol", keys, SIZE)
+    with open_chain(path, keys) as c:
+        c.pwrite(0, os.urandom(SIZE))
+        c.flush()
+        before = os.stat(path).st_blocks
+        c.create("s")
+    frozen = layer_path(path, read_header(path)["features"]["snapshots"]["parent"])
+    assert os.stat(frozen).st_blocks == before  # the same file, renamed: no copy
+    assert os.stat(path).st_blocks * 512 <= 64 * 1024  # the new overlay: header copies and the table
+
+
+def test_layers_are_refused_as_plain_volumes_and_a_view_is_read_only(tmp_path, keys):
+    path = _new(tmp_path / "disk.qvol", keys)
+    with open_chain(path, keys) as c:
+        c.create("s")
+        frozen = c.layers[1].path
+    for p in (path, frozen):
+        with pytest.raises(SnapshotError, match="opened through its chain"):
+            PQCVolume(p, keystore=keys, read_only=True).open()
+    with open_chain(path, keys, read_only=True, snapshot="s") as view:
+        with pytest.raises(ReadOnlyVolumeError):
+            view.pwrite(0, b"x")
+        with pytest.raises(SnapshotError, match="read-only view"):
+            view.create("t")
+    with pytest.raises(SnapshotError, match="no snapshot named"), open_chain(path, keys) as c:
+        c.revert("nope")
+    with open_chain(path, keys) as c, pytest.raises(SnapshotError, match="exists already"):
+        c.create("s")
+
+
+def test_an_interrupted_create_is_finished_by_the_next_writable_open(tmp_path, keys, monkeypatch):
+    """A crash after the top was frozen, before the new overlay was renamed into place: the volume at VOL is
+    a frozen layer; a read-only open says so, the next writable open finishes the create."""
+    path = _new(tmp_path / "disk.qvol", keys)
+    with open_chain(path, keys) as c:
+        c.pwrite(0, b"before")
+
+    def crash(*a, **k):
+        raise OSError("simulated crash")
+
+    with open_chain(path, keys) as c:
+        monkeypatch.setattr(os, "replace", crash)
+        with pytest.raises(OSError, match="simulated"):
+            c.create("s")
+        monkeypatch.undo()
+    assert list(layer_dir(path).glob("pending-*.qvol"))
+    with pytest.raises(SnapshotChainError, match="frozen layer"):
+        open_chain(path, keys, read_only=True)
+    with open_chain(path, keys) as c:
+        assert [s["name"] for s in c.list()] == ["s"]
+        assert c.pread(0, 6) == b"before"
+        c.pwrite(0, b"after!")
+    assert _view(path, keys, "s")[:6] == b"before" and _view(path, keys)[:6] == b"after!"
+    assert not list(layer_dir(path).glob("pending-*.qvol"))
+
+
+def _slot_nonces(path: Path, uuid: str, total: int) -> list[tuple[str, int, bytes]]:
+    raw = Path(path).read_bytes()
+    out = []
+    for i in range(total):
+        slot = raw[4096 + i * SLOT_SIZE : 4096 + (i + 1) * SLOT_SIZE]
+        if any(slot):
+            out.append((uuid, int.from_bytes(slot[:2], "big"), slot[4:16]))
+    return out
+
+
+def test_revert_never_rewinds_a_nonce_count_under_one_key(tmp_path, keys):
+    """Every layer ever written keeps its own UUID (so its own data keys): after reverts, no layer reappears
+    with a lower (epoch, reservation) than it had, and no (layer, epoch, nonce) repeats across every file
+    state seen.  (Reusing the discarded top's UUID for the new overlay would restart its count at 0.)"""
+    path = _new(tmp_path / "disk.qvol", keys, 64 * BLOCK_SIZE)
+    seen_budget: dict[str, tuple[int, int]] = {}
+    seen_nonces: set[tuple[str, int, bytes]] = set()
+
+    def observe() -> None:
+        with open_chain(path, keys, read_only=True) as c:
+            files = c.files()
+        for f in files:
+            fields = read_header(f["path"])
+            uuid = fields["volume_uuid"]
+            budget = (fields["epoch"], fields["epoch_reserved"])
+            assert budget >= seen_budget.get(uuid, (0, 0)), f"layer {uuid}'s count went backwards"
+            seen_budget[uuid] = budget
+            for n in _slot_nonces(Path(f["path"]), uuid, 64):
+                seen_nonces.add(n)
+
+    all_written: list[tuple[str, int, bytes]] = []
+    for round_ in range(4):
+        with open_chain(path, keys) as c:
+            for i in range(64):
+                c.pwrite(i * BLOCK_SIZE, os.urandom(BLOCK_SIZE))
+            c.flush()
+            all_written += _slot_nonces(path, c.top.header.volume_uuid, 64)
+            if round_ == 0:
+                c.create("s")
+        observe()
+        with open_chain(path, keys) as c:
+            c.revert("s")
+        observe()
+    assert len(all_written) == len(set(all_written))
+    tops = {u for (u, _, _) in all_written}
+    assert len(tops) == 4  # each writing round under a layer of its own
+
+
+def test_delete_merges_and_keeps_other_views_exact_with_a_branch(tmp_path, keys):
+    path = _new(tmp_path / "disk.qvol", keys)
+    with open_chain(path, keys) as c:
+        c.pwrite(0, b"A" * 3 * BLOCK_SIZE)
+        c.create("a")
+        c.pwrite(BLOCK_SIZE, b"B" * BLOCK_SIZE)
+        c.create("b")
+        c.pwrite(2 * BLOCK_SIZE, b"C" * BLOCK_SIZE)
+        c.revert("a")  # "b" is now a branch beside the top
+        c.pwrite(0, b"D" * 10)
+    want = {n: _view(path, keys, n) for n in ("a", "b")}
+    now = _view(path, keys)
+    with open_chain(path, keys) as c:
+        r = c.delete("a")  # layer a has two children (b's layer and the top): kept, nameless
+        assert r["actions"] == []
+        assert [s["name"] for s in c.list()] == ["b"]
+    assert _view(path, keys, "b") == want["b"] and _view(path, keys) == now
+    with open_chain(path, keys) as c:
+        r = c.delete("b")  # b dropped; then a (nameless, one child) merged into the top
+        assert len(r["actions"]) == 2 and len(c.layers) == 1
+    assert _view(path, keys) == now
+    assert not list(layer_dir(path).glob("*.qvol"))
+
+
+def test_chain_files_lists_every_layer_and_records_key_use(qvol):
+    """Every file of a chain is discoverable (for key rotation): chain_files, and the keystore's key-use
+    records name each layer."""
+    from qwamos.keystore import PQCKeystore
+
+    vol, ksdir = qvol
+    ks = PQCKeystore(ksdir)
+    with open_chain(vol, ks) as c:
+        c.pwrite(0, b"x" * BLOCK_SIZE)
+        c.create("one")
+        c.create("two")
+        key_id = c.key_id
+    files = chain_files(vol, ks)
+    assert [f["role"] for f in files] == ["top", "frozen", "frozen"]
+    users = {u["path"] for u in ks.key_users(key_id) if u["state"] == "live"}
+    assert {f["path"] for f in files} <= users
+
+
+def test_served_read_only_snapshot_matches_nbdcopy_and_qemu_img(qvol, short_dir, tmp_path):
+    vol, ksdir = qvol
+    from qwamos.keystore import PQCKeystore
+
+    ks = PQCKeystore(ksdir)
+    rnd = random.Random(5)
+    with open_chain(vol, ks) as c:
+        c.pwrite(0, rnd.randbytes(1 << 20))
+        c.pwrite(3 << 20, rnd.randbytes(300000))
+        c.create("s1")
+        c.pwrite(512 << 10, rnd.randbytes(1 << 20))
+        c.trim(3 << 20, 4096)
+        c.create("s2")
+        c.pwrite(0, b"after" * 1000)
+    expected = _view(vol, ks, "s1")
+    ref = tmp_path / "s1.raw"
+    ref.write_bytes(expected)
+    sock = short_dir / "s"
+    with serving(vol, ksdir, sock, "--snapshot", "s1", "--read-only"):
+        out = tmp_path / "out.raw"
+        subprocess.run(["nbdcopy", uri(sock), str(out)], check=True, timeout=120)
+        assert out.read_bytes() == expected
+        res = subprocess.run(
+            ["qemu-img", "compare", "-f", "raw", "-F", "raw", uri(sock), str(ref)],
+            capture_output=True,
+            timeout=120,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        w = subprocess.run(
+            ["qemu-io", "-f", "raw", "-c", "write 0 4096", uri(sock)], capture_output=True, timeout=60
+        )
+        assert b"Operation not permitted" in w.stdout + w.stderr or w.returncode != 0
+    # --snapshot without --read-only is refused before anything is served
+    res = subprocess.run(
+        [*SERVE, str(vol), "--socket", str(sock), "--keystore", str(ksdir), "--snapshot", "s1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and "--read-only" in res.stderr
+
+
+def _cli(*argv: str, ks: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qwamos.cli.main", *argv, "--keystore", str(ks)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_create_list_revert_delete_and_info(qvol):
+    vol, ks = qvol
+    assert _cli("volume", "snapshot", "create", str(vol), "first", ks=ks).returncode == 0
+    res = _cli("volume", "snapshot", "create", str(vol), "second", "--json", ks=ks)
+    assert res.returncode == 0 and json.loads(res.stdout)["name"] == "second"
+    res = _cli("volume", "snapshot", "list", str(vol), "--json", ks=ks)
+    listed = json.loads(res.stdout)
+    assert [s["name"] for s in listed["snapshots"]] == ["first", "second"]
+    assert all(isinstance(s["allocated_bytes"], int) for s in listed["snapshots"])
+    res = _cli("volume", "info", str(vol), "--json", ks=ks)
+    assert [s["name"] for s in json.loads(res.stdout)["snapshots"]] == ["first", "second"]
+    res = _cli("volume", "info", str(vol), ks=ks)
+    assert "first" in res.stdout and "second" in res.stdout
+    assert _cli("volume", "snapshot", "revert", str(vol), "first", ks=ks).returncode == 0
+    res = _cli("volume", "snapshot", "delete", str(vol), "nope", ks=ks)
+    assert res.returncode == 2 and "no snapshot named 'nope'" in res.stderr
+    res = _cli("volume", "snapshot", "create", str(vol), ks=ks)
+    assert res.returncode == 2 and "needs a NAME" in res.stderr
+    assert _cli("volume", "snapshot", "delete", str(vol), "first", ks=ks).returncode == 0
+    assert _cli("volume", "check", str(vol), ks=ks).returncode == 0
+
+
+def test_online_create_and_delete_through_a_running_export(qvol, short_dir):
+    """`volume snapshot create --control`: the export quiesces, flushes, snapshots and resumes; a client
+    connected across it keeps its connection, and its writes after the snapshot land in the new overlay."""
+    from qwamos.keystore import PQCKeystore
+    from qwamos.nbd.client import NBDClient
+
+    vol, ksdir = qvol
+    sock = short_dir / "s"
+    ctl = Path(str(sock) + ".ctl")
+    with serving(vol, ksdir, sock):
+        client = NBDClient.connect_unix(str(sock), timeout=30)
+        client.write(0, b"1" * BLOCK_SIZE)
+        res = _cli("volume", "snapshot", "create", str(vol), "live", "--control", str(ctl), "--json", ks=ksdir)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["name"] == "live"
+        client.write(0, b"2" * BLOCK_SIZE)  # the same connection, after the snapshot
+        assert client.read(0, BLOCK_SIZE) == b"2" * BLOCK_SIZE
+        client.flush()
+        res = _cli("volume", "snapshot", "list", str(vol), "--control", str(ctl), "--json", ks=ksdir)
+        assert [s["name"] for s in json.loads(res.stdout)["snapshots"]] == ["live"]
+        res = _cli("volume", "snapshot", "revert", str(vol), "live", "--control", str(ctl), ks=ksdir)
+        assert res.returncode == 2 and "offline" in res.stderr
+        res = _cli("volume", "snapshot", "create", str(vol), "second", "--control", str(ctl), ks=ksdir)
+        assert res.returncode == 0, res.stderr
+        client.write(BLOCK_SIZE, b"3" * BLOCK_SIZE)
+        res = _cli("volume", "snapshot", "delete", str(vol), "live", "--control", str(ctl), ks=ksdir)
+        assert res.returncode == 0, res.stderr
+        assert client.read(0, 2 * BLOCK_SIZE) == b"2" * BLOCK_SIZE + b"3" * BLOCK_SIZE
+        client.disconnect()
+    ks = PQCKeystore(ksdir)
+    assert _view(vol, ks)[: 2 * BLOCK_SIZE] == b"2" * BLOCK_SIZE + b"3" * BLOCK_SIZE
+    assert _view(vol, ks, "second")[: 2 * BLOCK_SIZE] == b"2" * BLOCK_SIZE + bytes(BLOCK_SIZE)
+    users = {u["path"] for u in ks.key_users(read_header(vol)["key_id"]) if u["state"] == "live"}
+    assert {f["path"] for f in chain_files(vol, ks)} <= users
