@@ -307,27 +307,48 @@ def test_a_locked_volume_names_the_process_holding_it(world: World) -> None:
     run_dir.mkdir(parents=True)
     vol = world.tmp / "locked.qvol"
     assert world.run("volume", "create", str(vol), "--size", "1M").returncode == 0
-    code = (
-        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
-        "print('locked', flush=True); sys.stdin.read()"
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", code, str(vol)],
-        cwd=run_dir,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = _hold_lock(vol, run_dir)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
         for argv in (["volume", "repair", str(vol)], ["volume", "create", str(vol), "--size", "1M", "--force"]):
             res = world.run(*argv)
             assert res.returncode == 15, res.stderr
             assert f"pid {holder.pid}: python" in res.stderr and f"(in {run_dir})" in res.stderr
     finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(timeout=30)
+        _release(holder)
+
+
+def _hold_lock(path: Path, cwd: Path) -> subprocess.Popen[str]:
+    """A process holding an exclusive flock on ``path`` until its stdin closes (returned once it holds it)."""
+    code = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)], cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def _release(holder: subprocess.Popen[str]) -> None:
+    assert holder.stdin is not None
+    holder.stdin.close()
+    holder.wait(timeout=30)
+
+
+def test_a_migration_in_progress_names_its_process(world: World) -> None:
+    kernel = world.tmp / "idle.bin"
+    write_config(world.tmp / "root", "busy", kernel=kernel, size="1M")
+    vm_dir = world.tmp / "root" / "vms" / "busy"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(vm_dir / "disk.qcow2"), "1M"], check=True)
+    holder = _hold_lock(vm_dir / ".qwamos-migrate.json.lock", world.tmp)
+    try:
+        res = world.run("migrate", "busy")
+        assert res.returncode == 50 and "another migration of this VM is running" in res.stderr
+        assert f"pid {holder.pid}: python" in res.stderr
+    finally:
+        _release(holder)
+    assert not (vm_dir / "disk.qvol").exists()
 
 
 @pytest.mark.qemu

@@ -81,7 +81,7 @@ MAP: dict[str, list[str]] = {
     "keystore.tombstone": ["test_key_rotation_states.py"],
     "keystore.sealing": [*KEYSTORE, "test_crypto.py"],
     "migrate.copy": ["test_migrate_stream.py"],
-    "migrate.journal": ["test_migrate_run.py"],
+    "migrate.journal": ["test_migrate_run.py", "test_cli_conventions.py"],
     "migrate.plan": ["test_migrate_run.py"],
     "migrate.qemuimg": ["test_migrate_stream.py", "test_tools.py"],
     "migrate.run": MIGRATE,

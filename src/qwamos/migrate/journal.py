@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qwamos.errors import MigrationError
-from qwamos.fsutil import atomic_write, fsync_dir
+from qwamos.fsutil import atomic_write, describe_process, fsync_dir, lock_holders
 
 VERSION = 1
 
@@ -41,8 +41,11 @@ class Journal:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                holders = "".join(f"{describe_process(pid)}; " for pid in lock_holders(fd))
                 os.close(fd)
-                raise MigrationError(msg=f"another migration of this VM is running (lock {lock_path})") from None
+                raise MigrationError(
+                    msg=f"another migration of this VM is running ({holders}lock {lock_path})"
+                ) from None
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
             except FileNotFoundError:
