@@ -22,9 +22,9 @@ from qwamos.cli.parser import common_options
 from qwamos.keystore import PQCKeystore
 from vm_helpers import write_config
 
-# The spec's info block keeps the symbols the spec shows (its contract), and draws the states the spec does
-# not show (disabled, TCG fallback, a mismatch) in the same style.
-INFO_BLOCK_SYMBOLS = ("✅", "🔒", "🔓", "⚠️")
+# The spec's info block keeps the symbols the spec shows (its contract), terminal or not; the states it does
+# not show (disabled, TCG fallback, a mismatch) get symbols only on a terminal.
+SPEC_INFO_PHRASES = ("Acceleration: ✅ KVM", "Encryption:   🔒 ENABLED (PQC)")
 
 
 @dataclass
@@ -122,6 +122,7 @@ def _cases(w: World) -> list[tuple[list[str], str, int]]:
         (["vm", "list", "--json"], "json", 0),
         (["vm", "info", "web"], "text", 0),
         (["vm", "info", "web", "--json"], "json", 0),
+        (["vm", "info", "sec"], "text", 0),
         (["vm", "status", "web"], "text", 0),
         (["vm", "status", "web", "--json"], "json", 0),
         (["vm", "create", "made", "--kernel", str(t / "idle.bin")], "", 0),
@@ -159,8 +160,8 @@ def test_stdout_is_data_and_stderr_messages(world: World, index: int) -> None:
         assert res.stdout == "", f"messages on stdout: {res.stdout!r}"
     # Off a terminal: no decorative symbols anywhere (the spec's info block keeps its own).
     out = res.stdout
-    for sym in INFO_BLOCK_SYMBOLS:
-        out = out.replace(sym, "") if argv[:2] == ["vm", "info"] else out
+    for phrase in SPEC_INFO_PHRASES:
+        out = out.replace(phrase, "") if argv[:2] == ["vm", "info"] else out
     assert _ascii(res.stderr), f"non-ASCII on stderr: {res.stderr!r}"
     assert _ascii(out), f"non-ASCII on stdout: {out!r}"
 
@@ -178,6 +179,15 @@ def test_symbols_only_on_a_terminal_without_no_color(world: World) -> None:
         "volume", "create", str(world.tmp / "nc.qvol"), "--size", "1M", tty=True, env={"NO_COLOR": "1"}
     )
     assert res.returncode == 0 and "Created encrypted volume" in res.stderr and _ascii(res.stderr)
+
+
+def test_info_block_keeps_the_spec_symbols_and_the_others_only_on_a_terminal(world: World) -> None:
+    res = world.run("vm", "info", "sec")
+    assert "Encryption:   🔒 ENABLED (PQC)" in res.stdout
+    res = world.run("vm", "info", "web")
+    assert "Encryption:   DISABLED" in res.stdout and _ascii(res.stdout)
+    res = world.run("vm", "info", "web", tty=True)
+    assert "Encryption:   🔓 DISABLED" in res.stderr  # (on the terminal: stdout and stderr are one)
 
 
 def test_progress_with_rate_and_eta_only_on_a_terminal(world: World) -> None:

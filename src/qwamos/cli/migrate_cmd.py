@@ -22,6 +22,7 @@ from qwamos.cli.output import (
     fancy,
     print_data,
     settings,
+    strip_symbols,
     warn,
 )
 from qwamos.hypervisor.vocab import ALGORITHM_LABELS, ALGORITHMS, DEFAULT_ALGORITHM
@@ -162,8 +163,7 @@ class _TextView:
         if self.quiet:
             return
         if not self.symbols:  # "✓ Backup created" -> "Backup created"
-            for sym in ("✅ ", "✓ "):
-                text = text.replace(sym, "")
+            text = strip_symbols(text)
         self.stream.write(text + "\n")
         self.stream.flush()
 

@@ -69,6 +69,24 @@ def symbol(name: str, stream: TextIO | None = None) -> str:
     return fancy_form if fancy(stream) else plain
 
 
+# Symbols that text built elsewhere (the info block, the migration transcript) may carry, each with the spaces
+# after it: what :func:`strip_symbols` removes off a terminal.
+DECORATIONS = ("⚠️  ", "⚠️ ", "✅ ", "✓ ", "🔒 ", "🔓 ")
+
+
+def strip_symbols(text: str, keep: tuple[str, ...] = ()) -> str:
+    """``text`` without decorative symbols, except inside the phrases in ``keep`` (the spec's contract, such
+    as ``"🔒 ENABLED (PQC)"``)."""
+    held = {f"\0{i}\0": phrase for i, phrase in enumerate(keep)}
+    for mark, phrase in held.items():
+        text = text.replace(phrase, mark)
+    for sym in DECORATIONS:
+        text = text.replace(sym, "")
+    for mark, phrase in held.items():
+        text = text.replace(mark, phrase)
+    return text
+
+
 def decorated(name: str, text: str, stream: TextIO | None = None) -> str:
     """``text`` with the symbol in front when the stream is fancy, plain text otherwise."""
     sym = symbol(name, stream)
