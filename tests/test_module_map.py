@@ -26,6 +26,7 @@ MAP: dict[str, list[str]] = {
     "cli.migrate_cmd": ["test_migrate_run.py"],
     "cli.output": ["test_cli_conventions.py", "test_volume_cli.py"],
     "cli.parser": ["test_cli_help.py", "test_cli_conventions.py"],
+    "cli.reencrypt_cmd": ["test_volume_rotation_cli.py"],
     "cli.serve_cmd": ["test_nbd_qemu.py", "test_nbd_socket_ownership.py"],
     "cli.tls_cmd": ["test_nbd_tls.py"],
     "cli.vm_cmd": ["test_vm_manager.py", "test_vocab.py", "test_vm_lifecycle.py"],

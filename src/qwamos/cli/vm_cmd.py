@@ -321,7 +321,13 @@ def _export_line(export: dict[str, Any]) -> str:
         "quiesced" if export["quiesced"] else "serving",
     ]
     for op in export.get("operations", []):
-        parts.append(f"{op['kind']} {op['state']} {op['percent']}%")
+        eta = f" ETA {op['eta_s']:.0f} s" if op.get("eta_s") is not None and op["state"] == "running" else ""
+        parts.append(f"{op['kind']} {op['state']} {op['percent']}%{eta}")
+    rot = (export.get("volume") or {}).get("rotation")
+    if rot is not None and not any(
+        o["kind"] == "rotation" and o["state"] == "running" for o in export.get("operations", [])
+    ):
+        parts.append(f"key rotation to {rot['new_key_id']} interrupted at {rot['progress']}/{rot['total']} blocks")
     return "  export: " + ", ".join(parts)
 
 

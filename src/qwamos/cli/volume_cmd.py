@@ -144,6 +144,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     register_volume(vsub)
 
+    from qwamos.cli.reencrypt_cmd import register_reencrypt
+
+    register_reencrypt(vsub, add_ceph_args)
+
     try:
         from qwamos.cli.serve_cmd import register_serve
     except ModuleNotFoundError as e:

@@ -261,3 +261,44 @@ def rotation_operation(control_path: str | Path, op_id: str | None = None) -> di
     if op_id is not None:
         ops = [o for o in ops if o["id"] == op_id]
     return ops[-1] if ops else None
+
+
+def find_export(volume: str | Path) -> Path | None:
+    """The control socket of the export serving the volume file ``volume``, or None.
+
+    The export holds the file's exclusive lock: its pid comes from ``/proc/locks``, its ``--control`` (or
+    ``--socket``, whose control socket is ``<socket>.ctl``) from its command line, and the answer is kept
+    only if that export's ``status`` names this very file."""
+    import os
+
+    from qwamos.fsutil import lock_holders
+    from qwamos.nbd.control_client import control_path_for, read_status
+
+    path = os.path.abspath(volume)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        holders = lock_holders(fd)
+    finally:
+        os.close(fd)
+    for pid in holders:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+        except OSError:
+            continue
+        candidates = []
+        for flag, to_ctl in (("--control", Path), ("--socket", control_path_for)):
+            if flag in argv[:-1]:
+                candidates.append(to_ctl(argv[argv.index(flag) + 1]))
+        for ctl in candidates:
+            try:
+                st = read_status(ctl)
+            except (QwamosError, OSError):
+                continue
+            served = (st.get("volume") or {}).get("path")
+            if served is not None and os.path.abspath(served) == path:
+                return Path(ctl)
+    return None

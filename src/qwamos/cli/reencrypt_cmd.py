@@ -1,0 +1,229 @@
+"""``qwamos volume reencrypt VOL``: re-encrypt one volume under a new key, offline or through its export.
+
+Thin over :meth:`qwamos.volume.PQCVolume.reencrypt` (a volume nobody serves) and
+:func:`qwamos.nbd.rotation.reencrypt_served` (a served volume, or a running VM's disk: the export does the
+work in the background while guests keep using it).  The new key comes from the keystore: a fresh one for
+the volume, ``--key-id`` for one made before, or the target of the rotation already in progress (resumed).
+The old key stays in the keystore (``qwamos key rotate`` retires keys once every volume has moved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from qwamos.cli.keystore_args import add_keystore_args, open_keystore
+from qwamos.cli.output import Progress, add_json_option, decorated, emit_json, message
+from qwamos.errors import InvalidArgument, RotationError, VolumeLockedError
+from qwamos.hypervisor.sizes import format_size, parse_size
+from qwamos.volume import PQCVolume
+
+OFFLINE_RATE = 0  # no limit: nothing else uses the volume
+
+
+def register_reencrypt(vsub: argparse._SubParsersAction, add_ceph_args: Any) -> None:
+    r = vsub.add_parser(
+        "reencrypt",
+        help="re-encrypt a volume under a new key (offline, or online through its export); crash-safe",
+        description=(
+            "Rewrite every block of the volume under a new key, in place: offline when nothing serves it, else "
+            "by its export in the background while the guest runs (found by the volume's lock, or given with "
+            "--socket/--control/--vm).  Interrupted (Ctrl-C, kill -9, power cut), run it again: it resumes.  "
+            "See docs/qvol-format.md 2.5.3."
+        ),
+        examples=[
+            "qwamos volume reencrypt disk.qvol --progress",
+            "qwamos volume reencrypt vms/web/disk.qvol --rate 32M --detach   # a running VM: online",
+            "qwamos volume reencrypt disk.qvol --dry-run --json",
+        ],
+    )
+    r.add_argument("path", type=Path, help="the .qvol file (or rbd:POOL/IMAGE)")
+    r.add_argument("--key-id", help="the new key (already in the keystore); default: a new key for this volume")
+    r.add_argument(
+        "--rate",
+        help="bytes per second of the volume to rewrite, e.g. 64M; 0 = no limit "
+        "(default: no limit offline, 64M online)",
+    )
+    where = r.add_mutually_exclusive_group()
+    where.add_argument("--socket", type=Path, metavar="PATH", help="online: the export's NBD socket")
+    where.add_argument("--control", type=Path, metavar="PATH", help="online: the export's control socket")
+    where.add_argument("--vm", metavar="NAME", help="online: the export of this running VM")
+    r.add_argument("--root", type=Path, metavar="DIR", help="VM root for --vm (default $QWAMOS_ROOT)")
+    r.add_argument("--detach", action="store_true", help="online: start it and return (watch: export status)")
+    r.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")
+    r.add_argument("--progress", action="store_true", help="progress with rate and ETA on stderr (a terminal)")
+    add_json_option(r, "the summary")
+    add_keystore_args(r)
+    add_ceph_args(r)
+    r.set_defaults(func=cmd_reencrypt)
+
+
+def _control(args: argparse.Namespace) -> Path | None:
+    """The export's control socket when the volume is served (given, or found by its lock), else None."""
+    from qwamos.nbd.control_client import control_path_for
+
+    if args.control is not None:
+        return args.control
+    if args.socket is not None:
+        return control_path_for(args.socket)
+    if args.vm is not None:
+        from qwamos.hypervisor.manager import VMManager
+
+        mgr = VMManager(args.root)
+        mgr.load(args.vm)
+        return mgr.run_dir(args.vm).export_ctl
+    return None
+
+
+def cmd_reencrypt(args: argparse.Namespace) -> int:
+    from qwamos.cli.volume_cmd import volume_location
+
+    args.path = volume_location(args)
+    rate = None if args.rate is None else (0 if args.rate == "0" else parse_size(args.rate, what="--rate"))
+    ks = open_keystore(args)
+    ctl = _control(args)
+    if ctl is None:
+        try:
+            vol = PQCVolume(args.path, keystore=ks, read_only=args.dry_run).open()
+        except VolumeLockedError:
+            from qwamos.nbd.rotation import find_export
+
+            ctl = find_export(args.path)
+            if ctl is None:
+                raise
+        else:
+            with vol:
+                return _offline(args, ks, vol, rate)
+    return _online(args, ks, ctl, rate)
+
+
+def _target(args: argparse.Namespace, current_key: str, state: dict[str, Any] | None) -> str | None:
+    """The new key's ID: the rotation in progress's, ``--key-id``, or None (make one)."""
+    if state is not None:
+        if args.key_id is not None and args.key_id != state["new_key_id"]:
+            raise RotationError(
+                path=str(args.path),
+                msg=f"a rotation to key {state['new_key_id']} is in progress ({state['progress']} of "
+                f"{state['total']} blocks); resume it (without --key-id) before rotating to {args.key_id}",
+            )
+        return state["new_key_id"]
+    if args.key_id is not None and args.key_id == current_key:
+        raise RotationError(path=str(args.path), msg=f"the volume is already under key {args.key_id}")
+    return args.key_id
+
+
+def _plan(args: argparse.Namespace, mode: str, info: dict[str, Any], new_id: str | None) -> dict[str, Any]:
+    state = info.get("rotation")
+    return {
+        "path": str(args.path),
+        "mode": mode,
+        "key_id": info["key_id"],
+        "new_key_id": new_id or "(a new key)",
+        "resume": state is not None,
+        "progress": state["progress"] if state else 0,
+        "total_blocks": info["total_blocks"],
+        "size": info.get("size_bytes"),
+    }
+
+
+def _offline(args: argparse.Namespace, ks: Any, vol: PQCVolume, rate: int | None) -> int:
+    state = vol.rotation_state()
+    new_id = _target(args, vol.key_id, state)
+    info = {"key_id": state["old_key_id"] if state else vol.key_id, "total_blocks": vol.total_blocks}
+    info["rotation"], info["size_bytes"] = state, vol.size
+    plan = _plan(args, "offline", info, new_id)
+    if args.dry_run:
+        return _report_plan(args, plan)
+    if new_id is None:
+        new_id, _ = ks.new_volume_key(vol.header.vm_name, vol.header.name)
+    progress = Progress(vol.total_blocks, label="Re-encrypting", enabled=args.progress, unit_bytes=4096)
+    out = vol.reencrypt(
+        new_id, rate=OFFLINE_RATE if rate is None else rate, progress=lambda d, _t: progress.update(d)
+    )
+    progress.finish()
+    out.update(path=str(args.path), mode="offline")
+    if args.json:
+        emit_json(out)
+    message(
+        decorated(
+            "ok",
+            f"{args.path}: re-encrypted under key {new_id} ({out['rewritten']} blocks rewritten, "
+            f"{out['skipped']} empty or already done, {out['seconds']:.1f} s)",
+            sys.stderr,
+        )
+    )
+    message(f"   The old key {out['old_key_id']} opens nothing in it any more; it is still in the keystore.")
+    return 0
+
+
+def _online(args: argparse.Namespace, ks: Any, ctl: Path, rate: int | None) -> int:
+    from qwamos.nbd.control_client import read_status
+    from qwamos.nbd.rotation import reencrypt_served
+    from qwamos.volume.rotation import new_key_commitment
+
+    status = read_status(ctl)
+    served = status.get("volume") or {}
+    if served.get("uuid") is None:
+        raise InvalidArgument(f"the export at {ctl} serves no encrypted volume")
+    state = served.get("rotation")
+    new_id = _target(args, served["key_id"], state)
+    info = {
+        "key_id": state["old_key_id"] if state else served["key_id"],
+        "total_blocks": status["export"]["size"] // 4096,
+        "rotation": state,
+        "size_bytes": status["export"]["size"],
+    }
+    plan = _plan(args, f"online ({ctl})", info, new_id)
+    if args.dry_run:
+        return _report_plan(args, plan)
+    header = _served_header(served)
+    if new_id is None:
+        new_id, _ = ks.new_volume_key(header["vm_name"], header["name"])
+    key = ks.volume_key(new_id)
+    commitment = new_key_commitment(ks, new_id, key, served["uuid"])
+    record = getattr(ks, "record_volume_use", None)
+    if record is not None:  # the export holds bare keys and keeps no records: the use is recorded here
+        record(new_id, served["path"], served["uuid"], header["vm_name"])
+    total = info["total_blocks"]
+    progress = Progress(total, label="Re-encrypting (online)", enabled=args.progress, unit_bytes=4096)
+    out = reencrypt_served(
+        ctl,
+        new_id,
+        key,
+        rate=rate,
+        commitment=commitment,
+        wait=not args.detach,
+        progress=lambda op: progress.update(op["done"]),
+    )
+    if not args.detach:
+        progress.finish()
+    out = dict(out, path=str(args.path), mode="online", control_socket=str(ctl), key_id=new_id)
+    if args.json:
+        emit_json(out)
+    if args.detach:
+        message(f"{args.path}: re-encrypting under key {new_id} in the export ({ctl}); watch it with")
+        message(f"   qwamos export status --control {ctl}")
+    else:
+        message(decorated("ok", f"{args.path}: re-encrypted under key {new_id} by its export", sys.stderr))
+    return 0
+
+
+def _served_header(served: dict[str, Any]) -> dict[str, Any]:
+    """The served volume's header fields, read without the lock and unverified: only the name and VM name,
+    for a new key's ID (the export checks everything that matters under the keys)."""
+    from qwamos.volume import read_header
+
+    return dict(read_header(served["path"]))
+
+
+def _report_plan(args: argparse.Namespace, plan: dict[str, Any]) -> int:
+    if args.json:
+        emit_json(dict(plan, dry_run=True))
+        return 0
+    what = "resume the rotation" if plan["resume"] else "re-encrypt"
+    message(f"Would {what} of {plan['path']} ({plan['mode']}): key {plan['key_id']} -> {plan['new_key_id']}")
+    size = format_size(plan["size"]) if plan["size"] else "?"
+    message(f"   {plan['total_blocks']} blocks ({size}), {plan['progress']} done")
+    return 0

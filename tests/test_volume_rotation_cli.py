@@ -1,0 +1,102 @@
+"""`qwamos volume reencrypt`: offline, online through the export found by the volume's lock, --dry-run,
+resuming an interrupted rotation and refusing another key meanwhile."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import processes
+from nbd_helpers import SERVE_CLI, wait_answers
+from qwamos.keystore import PQCKeystore
+from qwamos.volume import PQCVolume
+
+SIZE = 2 << 20
+QWAMOS = [sys.executable, "-m", "qwamos.cli.main"]
+
+
+def qwamos(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*QWAMOS, *argv], capture_output=True, text=True, timeout=120)
+
+
+def fill(vol: Path, ks: Path) -> bytes:
+    rng = random.Random(4)
+    with PQCVolume(vol, keystore=PQCKeystore(ks)) as v:
+        for i in range(0, SIZE, 32 * 1024):
+            if rng.random() < 0.6:
+                v.write(i, rng.randbytes(32 * 1024))
+        return v.read(0, SIZE)
+
+
+def state(vol: Path, ks: Path) -> tuple[str, dict | None, bytes]:
+    with PQCVolume(vol, keystore=PQCKeystore(ks), read_only=True) as v:
+        return v.key_id, v.rotation_state(), v.read(0, SIZE)
+
+
+def test_offline_dry_run_then_reencrypt(qvol):
+    vol, ks = qvol
+    data = fill(vol, ks)
+    old, _, _ = state(vol, ks)
+    res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)
+    assert plan["dry_run"] and plan["mode"] == "offline" and plan["key_id"] == old
+    assert state(vol, ks)[0] == old  # nothing changed
+    res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["finished"] and out["old_key_id"] == old and out["rewritten"] > 0
+    key_id, rot, content = state(vol, ks)
+    assert key_id == out["key_id"] != old and rot is None and content == data
+    assert "re-encrypted under key" in res.stderr
+
+
+def test_an_interrupted_rotation_is_resumed_and_another_key_refused(qvol):
+    vol, ks = qvol
+    data = fill(vol, ks)
+    store = PQCKeystore(ks)
+    target, _ = store.new_volume_key("vm", "disk")
+    with PQCVolume(vol, keystore=store) as v:
+        calls: list[int] = []
+        v.reencrypt(target, batch=8, stop=lambda: bool(calls), progress=lambda d, t: calls.append(d))
+    other, _ = store.new_volume_key("vm", "disk")
+    res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--key-id", other)
+    assert res.returncode == 10 and f"a rotation to key {target} is in progress" in res.stderr
+    res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["key_id"] == target
+    assert state(vol, ks)[0] == target and state(vol, ks)[2] == data
+
+
+@pytest.mark.qemu
+def test_online_through_the_export_found_by_the_lock(qvol, short_dir):
+    vol, ks = qvol
+    data = fill(vol, ks)
+    old, _, _ = state(vol, ks)
+    sock = short_dir / "s"
+    proc = processes.spawn(
+        [*SERVE_CLI, str(vol), "--socket", str(sock), "--keystore", str(ks)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_answers(sock, proc)
+        res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--dry-run", "--json")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["mode"].startswith("online")
+        res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--rate", "0", "--json")
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        assert out["mode"] == "online" and out["state"] == "done"
+        res = qwamos("export", "status", "--socket", str(sock), "--json")
+        assert json.loads(res.stdout)["volume"]["key_id"] == out["key_id"] != old
+    finally:
+        processes.stop(proc)
+        proc.stderr.close()
+    key_id, rot, content = state(vol, ks)
+    assert key_id == out["key_id"] and rot is None and content == data
