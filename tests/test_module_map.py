@@ -103,6 +103,7 @@ MAP: dict[str, list[str]] = {
         "test_nbd_tls_protocol.py",
         "test_nbd_block_status.py",
     ],
+    "nbd.resize": ["test_vm_lifecycle.py"],
     "nbd.quiesce": ["test_nbd_control.py", "test_nbd_control_live.py"],
     "nbd.snapshot_ctl": ["test_vm_snapshots.py", "test_volume_snapshots.py"],
     "nbd.tls": ["test_nbd_tls.py", "test_nbd_tls_server.py", "test_nbd_tls_netns.py"],

@@ -71,7 +71,9 @@ def test_kvm_uses_host_cpu():
 
 def test_encrypted_disk_is_virtio_blk_over_nbd_socket():
     argv = build_command(Cfg(), accel="tcg", disk=Disk("nbd", "export.sock"))
-    assert _after(argv, "-blockdev") == ["driver=nbd,node-name=disk0,server.type=unix,server.path=export.sock"]
+    assert _after(argv, "-blockdev") == [
+        "driver=nbd,node-name=disk0,server.type=unix,server.path=export.sock,reconnect-delay=10"
+    ]
     assert _after(argv, "-device")[0] == "virtio-blk-pci,drive=disk0,id=vda,werror=enospc,rerror=report"
 
 

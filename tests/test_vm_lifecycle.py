@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from migrate_helpers import MIB, make_source, raw_bytes
 from qwamos.cli.main import main
-from qwamos.errors import BlockAuthError, KeyInUseError, VMStateError, VolumeLockedError
+from qwamos.errors import BlockAuthError, ControlChannelError, KeyInUseError, VMStateError, VolumeLockedError
 from qwamos.hypervisor import kvm, lifecycle
 from qwamos.hypervisor.config import VMConfig
 from qwamos.hypervisor.manager import VMManager
 from qwamos.hypervisor.process import qmp_execute
 from qwamos.keystore import PQCKeystore
+from qwamos.nbd.control_client import ControlClient
 from qwamos.volume import PQCVolume
 from vm_helpers import write_config
 
@@ -300,10 +302,62 @@ def test_vm_resize_grows_the_encrypted_disk_and_the_guest_sees_it(root, idle_ker
     mgr.start("r1")
     try:
         assert _guest_disk_size(mgr, "r1") == 8 * MIB
-        assert _resize(root, "r1", "16M") == 43  # running: refused (stop first), nothing changed
+        assert _resize(root, "r1", "4M", "--yes") == 43  # a shrink of a running VM: refused
     finally:
         mgr.stop("r1", force=True)
     assert mgr.load("r1").disk_size_bytes == 8 * MIB
+
+
+def _hmp_read(mgr: VMManager, name: str, offset: int, length: int, pattern: int) -> bool:
+    """Read through the running QEMU's own block layer (HMP ``qemu-io``, read-only: the guest's device holds
+    the write permission) and say whether the bytes were ``pattern`` (qemu-io reports on QEMU's stdout)."""
+    log = mgr.run_dir(name).path / "qemu.log"
+    before = log.read_text(errors="replace") if log.exists() else ""
+    cmd = f'qemu-io disk0 "read -P {pattern:#x} {offset} {length}"'
+    qmp_execute(mgr.run_dir(name).qmp_sock, "human-monitor-command", {"command-line": cmd})
+    new = log.read_text(errors="replace")[len(before) :]
+    return f"read {length}/{length} bytes at offset {offset}" in new and "failed" not in new
+
+
+def _nbd_io(mgr: VMManager, name: str, *commands: str) -> str:
+    """qemu-io as a second client of the VM's running export (a fresh handshake)."""
+    sock = mgr.run_dir(name).path / "export.sock"
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    out = subprocess.run([*args, f"nbd+unix:///?socket={sock}"], capture_output=True, text=True, check=True)
+    return out.stdout + out.stderr
+
+
+@pytest.mark.qemu
+def test_vm_resize_online_grows_the_served_volume_and_qemu_reads_past_the_old_end(root, idle_kernel, capsys):
+    mgr, vol, key_id = _encrypted_vm(root, "r4", idle_kernel)
+    ks = PQCKeystore(root.parent / "keystore")
+    with PQCVolume(vol, keystore=ks) as v:
+        v.write(0, b"\x11" * 4096)
+    mgr.start("r4")
+    try:
+        assert _resize(root, "r4", "+4M", "--json") == 0  # growing needs no confirmation
+        assert json.loads(capsys.readouterr().out)["online"] is True
+        assert _guest_disk_size(mgr, "r4") == 8 * MIB  # QEMU (and through virtio-blk, the guest) sees it
+        assert mgr.export_status("r4")["export"]["size"] == 8 * MIB
+        # past the old end: written through the export, read back by it and by the VM's QEMU
+        out = _nbd_io(mgr, "r4", "write -P 0x77 6M 8192", "read -P 0x77 6M 8192")
+        assert "failed" not in out and "wrote 8192/8192" in out and "read 8192/8192" in out
+        assert _hmp_read(mgr, "r4", 6 * MIB, 8192, 0x77)
+        assert _hmp_read(mgr, "r4", 0, 4096, 0x11)  # and what was there before
+        assert not _hmp_read(mgr, "r4", 0, 4096, 0x77)  # (the check can fail)
+        # the export refuses to shrink what it serves (a guest could write past the new end meanwhile)
+        with ControlClient.connect(mgr.run_dir("r4").export_ctl) as client, pytest.raises(ControlChannelError):
+            client.request("resize", {"size": 4 * MIB})
+        assert mgr.export_status("r4")["export"]["size"] == 8 * MIB
+        assert mgr.status("r4").state == "running"
+    finally:
+        mgr.stop("r4", force=True)
+    assert mgr.load("r4").disk_size_bytes == 8 * MIB
+    with PQCVolume(vol, keystore=ks, read_only=True) as v:
+        assert v.size == 8 * MIB and v.key_id == key_id and v.check() == []
+        assert v.read(6 * MIB, 8192) == b"\x77" * 8192 and v.read(0, 4096) == b"\x11" * 4096
 
 
 @pytest.mark.qemu

@@ -175,6 +175,7 @@ class ResizePlan:
     fmt: str  # "qvol", "qcow2" or "raw"
     old_size: int
     new_size: int
+    online: bool = False  # the VM runs: its export (encrypted) or QEMU (qcow2/raw) grows the disk under it
 
     @property
     def shrink(self) -> bool:
@@ -187,6 +188,7 @@ class ResizePlan:
             "format": self.fmt,
             "old_size": self.old_size,
             "new_size": self.new_size,
+            "online": self.online,
         }
 
 
@@ -196,7 +198,10 @@ def plan_resize(mgr: VMManager, name: str, size: str) -> ResizePlan:
     from qwamos.hypervisor.sizes import parse_new_size
 
     cfg = mgr.load(name)
-    refuse_unless_stopped(mgr, name, "resize")
+    state = mgr.status(name).state
+    online = state in ("running", "paused")
+    if not online:
+        refuse_unless_stopped(mgr, name, "resize")
     if cfg.encryption_enabled:
         disk = mgr.volume_path(cfg)
         bound = binding.check(cfg, disk)
@@ -215,13 +220,21 @@ def plan_resize(mgr: VMManager, name: str, size: str) -> ResizePlan:
         if not disk.is_file():
             raise ConfigError(f"the VM's disk {disk} does not exist (start the VM once)", path=str(cfg.path))
         old = _image_size(disk, fmt)
-    return ResizePlan(name, disk, cfg.encryption_enabled, fmt, old, parse_new_size(size, old))
+    plan = ResizePlan(name, disk, cfg.encryption_enabled, fmt, old, parse_new_size(size, old), online)
+    if online and plan.shrink:
+        raise VMStateError(
+            name=name, state=state, msg=f"a disk shrinks only while the VM is stopped (qwamos vm stop {name})"
+        )
+    if online and plan.encrypted and old != _served_size(mgr, name):
+        raise VMStateError(name=name, state=state, msg="its export does not answer for the volume's size")
+    return plan
 
 
 def resize(mgr: VMManager, plan: ResizePlan, *, keystore: Any = None) -> ResizePlan:
     """Carry out :func:`plan_resize` (the caller confirmed a shrink), then record the size in the config."""
-    refuse_unless_stopped(mgr, plan.name, "resize")
-    if plan.encrypted:
+    if plan.online:
+        _resize_online(mgr, plan)
+    elif plan.encrypted:
         from qwamos.volume import PQCVolume
 
         with PQCVolume(plan.disk, keystore=keystore if keystore is not None else mgr._keystore()) as vol:
@@ -253,6 +266,53 @@ def resize(mgr: VMManager, plan: ResizePlan, *, keystore: Any = None) -> ResizeP
     return plan
 
 
+# How long QEMU may take to reconnect to the export after an online resize before block_resize is given up.
+RECONNECT_TIMEOUT = 30.0
+
+
+def _served_size(mgr: VMManager, name: str) -> int | None:
+    """The size the VM's export serves, from its control channel (None when it does not answer)."""
+    st = mgr.export_status(name)
+    return None if st is None or "error" in st else int(st["export"]["size"])
+
+
+def _resize_online(mgr: VMManager, plan: ResizePlan) -> None:
+    """Grow a running VM's disk: the export grows its volume and makes QEMU reconnect (encrypted), then QMP
+    ``block_resize`` tells QEMU, which tells the guest (virtio-blk capacity change)."""
+    import time
+
+    from qemu.qmp import QMPError
+
+    from qwamos.hypervisor.process import qmp_execute
+
+    run = mgr.run_dir(plan.name)
+    if plan.encrypted:
+        from qwamos.nbd.control_client import ControlClient
+
+        with ControlClient.connect(run.export_ctl) as client:
+            client.request("resize", {"size": plan.new_size})
+    deadline = time.monotonic() + RECONNECT_TIMEOUT
+    while True:
+        try:
+            qmp_execute(run.qmp_sock, "block_resize", {"node-name": "disk0", "size": plan.new_size})
+            return
+        except QMPError as e:
+            # QEMU's NBD client has not reconnected yet ("Cannot grow NBD nodes"): it learns the size then.  It
+            # reconnects when a request needs the connection, and an idle guest sends none: read one sector
+            # through QEMU's own block layer (harmless; the guest's view does not change).
+            if plan.encrypted and time.monotonic() <= deadline:
+                with contextlib.suppress(QMPError, OSError, TimeoutError):
+                    qmp_execute(
+                        run.qmp_sock, "human-monitor-command", {"command-line": 'qemu-io disk0 "read 0 512"'}
+                    )
+            if not plan.encrypted or time.monotonic() > deadline:
+                raise QemuError(
+                    f"the disk is {plan.new_size} bytes now, but QEMU did not take the new size ({e}); the guest "
+                    f"sees it after a restart of {plan.name}"
+                ) from None
+        time.sleep(0.2)  # QEMU reconnects on its own schedule: poll it, bounded by the deadline
+
+
 def _qemu_img(args: list[str]) -> bytes:
     from qwamos.hypervisor import tools
 
@@ -265,7 +325,7 @@ def _qemu_img(args: list[str]) -> bytes:
 def _image_size(disk: Path, fmt: str) -> int:
     import json
 
-    return int(json.loads(_qemu_img(["info", "--output=json", "-f", fmt, str(disk)]))["virtual-size"])
+    return int(json.loads(_qemu_img(["info", "-U", "--output=json", "-f", fmt, str(disk)]))["virtual-size"])
 
 
 def _image_data_after(disk: Path, fmt: str, offset: int) -> str:

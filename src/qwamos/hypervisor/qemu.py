@@ -231,6 +231,12 @@ def console_and_monitor_args() -> list[str]:
 DISK_ERROR_POLICY = "werror=enospc,rerror=report"
 
 
+# Seconds QEMU's NBD client holds guest requests while it reconnects to the export (an online resize closes
+# the connection so that the new handshake carries the new size, qwamos.nbd.resize) instead of failing them.
+# The supervisor stops QEMU when the export dies, so this never stretches a real outage.
+NBD_RECONNECT_DELAY = 10
+
+
 def disk_args(cfg: QemuConfig, disk: Disk | None) -> list[str]:
     """The primary disk: a blockdev (NBD socket, or file + explicit format) under a virtio-blk device that
     pauses the guest on ENOSPC (:data:`DISK_ERROR_POLICY`, see :mod:`qwamos.hypervisor.guest_state`)."""
@@ -238,7 +244,10 @@ def disk_args(cfg: QemuConfig, disk: Disk | None) -> list[str]:
         return []
     path = _opt(cfg, disk.path, "disk path")
     if disk.kind == "nbd":
-        argv = ["-blockdev", f"driver=nbd,node-name=disk0,server.type=unix,server.path={path}"]
+        argv = [
+            "-blockdev",
+            f"driver=nbd,node-name=disk0,server.type=unix,server.path={path},reconnect-delay={NBD_RECONNECT_DELAY}",
+        ]
     elif disk.kind in ("qcow2", "raw"):
         tree = blockdev(path, disk.kind, backing=disk.backing, node_name="disk0", file_node_name="file0")
         argv = ["-blockdev", json.dumps(tree, separators=(",", ":"))]

@@ -195,6 +195,9 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
                 from qwamos.nbd.rotation import OnlineRotation
 
                 OnlineRotation(ctl)  # the reencrypt commands: online key rotation (qwamos.nbd.rotation)
+                from qwamos.nbd.resize import OnlineResize
+
+                OnlineResize(ctl)  # the resize command: grow the served volume (qwamos.nbd.resize)
             from qwamos.nbd import snapshot_ctl
 
             snapshot_ctl.install(ctl)  # snapshots of the served volume (docs/control-channel.md)

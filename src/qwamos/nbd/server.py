@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -801,6 +802,25 @@ class ExportServer:
     @property
     def connections(self) -> int:
         return len(self._shared.connections) if self._shared else 0
+
+    async def resized(self, size: int, timeout: float = 5.0) -> int:
+        """The backend's size changed (an online resize, :mod:`qwamos.nbd.resize`): new connections are told
+        ``size``, and every open one is closed (its sent replies delivered first) so that its client
+        reconnects and learns it; NBD has no way to tell a connected client.  Returns how many were closed."""
+        self.export = dataclasses.replace(self.export, size=size)
+        shared = self._shared
+        if shared is None:
+            return 0
+        shared.export = self.export
+        conns = list(shared.connections)
+        for conn in conns:
+            conn.close()
+        if conns:
+            await asyncio.wait([conn.closed for conn in conns], timeout=timeout)
+            for conn in conns:
+                if conn.transport is not None and not conn.closed.done():
+                    conn.transport.abort()
+        return len(conns)
 
     @property
     def requests_served(self) -> int:
