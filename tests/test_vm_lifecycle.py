@@ -21,6 +21,7 @@ from qwamos.hypervisor.process import qmp_execute
 from qwamos.keystore import PQCKeystore
 from qwamos.nbd.control_client import ControlClient
 from qwamos.volume import PQCVolume
+from qwamos.volume.snapshots import open_chain
 from vm_helpers import write_config
 
 
@@ -462,3 +463,29 @@ def test_clone_of_a_plain_vm_copies_its_image(root, tmp_path, idle_kernel, capsy
     assert raw_bytes(copy, "qcow2", tmp_path) == plain
     cfg = VMManager(root).load("c7")
     assert Path(cfg.disk_path) == copy and cfg.name == "c7" and cfg.disk_format == "qcow2"
+
+
+@pytest.mark.qemu
+def test_clone_and_delete_of_a_vm_with_snapshots_take_the_whole_chain(root, idle_kernel, capsys):
+    _mgr, vol, key_id = _encrypted_vm(root, "c8", idle_kernel)
+    ks = PQCKeystore(root.parent / "keystore")
+    with open_chain(vol, ks) as chain:
+        chain.pwrite(0, b"P" * 8192)  # lands in what becomes the frozen layer
+        chain.create("before")
+    with open_chain(vol, ks) as chain:
+        chain.pwrite(4096, b"T" * 4096)  # the top: overrides half of it
+        expected = chain.pread(0, chain.size)
+    assert expected[:8192] == b"P" * 4096 + b"T" * 4096
+    assert _clone(root, "c8", "c9") == 0
+    clone_vol = root / "vms" / "c9" / "disk.qvol"
+    with PQCVolume(clone_vol, keystore=ks, read_only=True) as v:
+        assert v.read(0, v.size) == expected  # the view through the chain, not the top layer alone
+    layers = list((root / "vms" / "c8").rglob("*.qvol"))
+    assert len(layers) == 2  # the top and the frozen layer
+    capsys.readouterr()
+    assert _delete(root, "c8", "--yes", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sorted(v["path"] for v in out["volumes"]) == sorted(str(p) for p in layers)
+    assert key_id in out["deleted_keys"] and not ks.has_key(key_id) and out["unused_keys"] == []
+    with PQCVolume(clone_vol, keystore=ks, read_only=True) as v:  # the clone has its own key: untouched
+        assert v.read(0, 8192) == expected[:8192]

@@ -122,7 +122,8 @@ def plan_delete(mgr: VMManager, name: str, *, keep_disk: bool = False) -> Delete
     plan = DeletePlan(name, vm_dir, keep_disk, config_key=cfg.key_id)
     candidates: list[Path] = [mgr.volume_path(cfg)] if cfg.encryption_enabled else []
     # every volume in the VM directory: the disk, ``disk.qvol.backup`` kept by ``migrate --to-qcow2``, ...
-    candidates += sorted(p for p in vm_dir.iterdir() if ".qvol" in p.name and p.is_file() and not p.is_symlink())
+    # (and a snapshot chain's frozen layers, ``disk.qvol.snap/<uuid>.qvol``)
+    candidates += sorted(p for p in vm_dir.rglob("*.qvol*") if p.is_file() and not p.is_symlink())
     for path in dict.fromkeys(candidates):
         vol = _volume_file(path) if path.is_file() else None
         if vol is not None:
@@ -448,8 +449,11 @@ def _copy_volume(
 ) -> tuple[str, str, int]:
     """A new volume at ``dst`` under a new key with ``src``'s content, re-encrypted block by block."""
     from qwamos.volume import PQCVolume, copy_blocks
+    from qwamos.volume.snapshots import open_chain
 
-    with PQCVolume(src, keystore=keystore, read_only=True) as s:
+    # the source as the guest sees it: with its snapshot chain, every layer authenticated (a top layer alone
+    # reads the blocks it never wrote as holes)
+    with open_chain(src, keystore, read_only=True) as s:
         new = PQCVolume(dst, keystore=keystore)
         key_id = new.create("disk", name, size_bytes=s.size, algorithm=s.header.algorithm)
         with new:

@@ -564,6 +564,10 @@ class ChainVolume:
             )
         return self.layers[0]
 
+    def resize(self, *args: Any, **kw: Any) -> Any:
+        """An online resize (qwamos.nbd.resize): the top, when it is the only layer."""
+        return self._single("a resize").resize(*args, **kw)
+
     def begin_reencrypt(self, *args: Any, **kw: Any) -> dict[str, Any]:
         return self._single("key rotation").begin_reencrypt(*args, **kw)
 
