@@ -249,3 +249,24 @@ def test_a_keystore_opened_before_a_rotation_refuses_to_wrap_to_the_old_identity
     with pytest.raises(IdentityChangedError, match="switched while this command ran"):
         stale.generate_key("late")
     assert len(PQCKeystore(ks_dir).list_keys()) == 1
+
+
+def test_the_old_identity_unwraps_none_of_the_rewrapped_key_files(tmp_path: Path) -> None:
+    """Someone who copied identity.key (and its passphrase) before rotate-identity learns nothing from the
+    key files afterwards: each is encapsulated to the new identity and MACed under its auth key."""
+    from qwamos.errors import KeyFileCorruptError
+    from qwamos.keystore import keyfile
+
+    ks_dir = tmp_path / "ks"
+    keys = seed(ks_dir, OLD_PASS, 2)
+    ks = PQCKeystore(ks_dir, passphrase=OLD_PASS, argon2_params=CHEAP)
+    stolen = ks._open_identity(create=False)  # what a copy of identity.key + passphrase would give
+    ks.rotate_identity()
+    for key_id in keys:
+        path = ks_dir / f"{key_id}.key"
+        doc = keyfile.parse(path.read_bytes(), path, key_id)
+        with pytest.raises(KeyFileCorruptError):
+            keyfile.unwrap_full(doc, path, stolen)
+        # not even with the fingerprint check out of the way: the MAC and the KEM fail under the old identity
+        with pytest.raises(KeyFileCorruptError):
+            keyfile.unwrap_full({**doc, "identity_fingerprint": stolen.fingerprint}, path, stolen)

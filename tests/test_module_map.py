@@ -47,7 +47,7 @@ MAP: dict[str, list[str]] = {
     "hypervisor.guest_state": ["test_vm_disk_full.py"],
     "hypervisor.imagespec": ["test_format_probe.py", "test_qemu_cmdline.py"],
     "hypervisor.info": ["test_info_render.py"],
-    "hypervisor.keyrotation": ["test_key_rotate.py", "test_key_rotation_states.py"],
+    "hypervisor.keyrotation": ["test_key_rotate.py", "test_key_rotate_online.py", "test_key_rotation_states.py"],
     "hypervisor.kvm": ["test_qemu_cmdline.py"],
     "hypervisor.libvirt": ["test_libvirt_domxml.py"],
     "hypervisor.lifecycle": ["test_vm_lifecycle.py"],

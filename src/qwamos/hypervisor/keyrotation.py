@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from qwamos.errors import KeyNotFoundError, KeyStateError, QwamosError, VMError
+from qwamos.errors import ControlChannelError, KeyNotFoundError, KeyStateError, QwamosError, VMError
 from qwamos.hypervisor import layout
 from qwamos.hypervisor.manager import VMManager
 from qwamos.keystore import PQCKeystore, policy
@@ -324,7 +324,7 @@ class KeyRotation:
             locked = True
         except KeystoreError:
             locked = False
-        fields = read_header(path)
+        fields = _newest_copy(path, read_header(path))
         return str(fields.get("volume_uuid")), str(fields.get("key_id")), rotating_from(fields), locked
 
     def _choose_mode(self, t: Target, locked: bool) -> None:
@@ -446,6 +446,29 @@ class KeyRotation:
         self.events({"event": "vm-config", "vm": name, "key_id": new})
 
 
+def _newest_copy(path: str, fields: Any) -> Any:
+    """Of a v2 volume's two header copies (read unverified), the one with the higher ``seq``: a crash between
+    the two copies' writes leaves copy A one commit behind, and a served volume cannot be opened here to let
+    the header store choose."""
+    from qwamos.volume import header as hdr
+
+    b_off = fields.get("header_b_offset")
+    if not isinstance(b_off, int) or b_off <= 0:
+        return fields
+    try:
+        with open(path, "rb") as f:
+            f.seek(b_off)
+            data = f.read(hdr.HEADER_SIZE)
+        other = hdr.parse_unverified(path, data) if hdr.looks_like_header(data) else None
+    except (OSError, QwamosError):
+        return fields
+    if other is not None and other.get("volume_uuid") == fields.get("volume_uuid"):
+        seq_a, seq_b = fields.get("seq"), other.get("seq")
+        if isinstance(seq_a, int) and isinstance(seq_b, int) and seq_b > seq_a:
+            return other
+    return fields
+
+
 def online_reencrypt(
     ks: PQCKeystore,
     t: Target,
@@ -455,9 +478,34 @@ def online_reencrypt(
     progress: Callable[[int, int], None],
     detach: bool,
 ) -> dict[str, Any] | None:
-    """Re-encrypt ``t`` through its running export (control socket ``t.control``); None when ``detach``
-    left it running."""
-    raise VMError(
-        f"online re-encryption of {t.path} needs its export's rotation command, which this build lacks; "
-        "stop the VM (or the export) and run the command again to re-encrypt it offline"
-    )
+    """Have the export behind ``t.control`` re-encrypt its volume under ``new`` in the background while the
+    guest keeps running (:func:`qwamos.nbd.rotation.reencrypt_served`): the new key goes as the control frame's
+    attachment, its header commitment is computed here (the export holds no commitment secret), for the
+    volume UUID the export itself reports from its authenticated header.  Waits, reporting progress, unless
+    ``detach`` (then None: the export carries on; run the command again to watch and finish)."""
+    from qwamos.nbd.control_client import read_status
+    from qwamos.nbd.rotation import reencrypt_served
+    from qwamos.volume.rotation import new_key_commitment
+
+    assert t.control is not None
+    status = read_status(t.control)
+    vol = status.get("volume") or {}
+    if os.path.abspath(str(vol.get("path"))) != os.path.abspath(t.path):
+        raise VMError(f"the export at {t.control} serves {vol.get('path')}, not {t.path}")
+    key = ks.volume_key(new)
+    commitment = new_key_commitment(ks, new, key, str(vol["uuid"]))
+
+    def report(op: dict[str, Any]) -> None:
+        progress(int(op.get("done", 0)), int(op.get("total", 0)))
+
+    try:
+        op = reencrypt_served(
+            t.control, new, key, rate=rate, commitment=commitment, wait=not detach, progress=report
+        )
+    except ControlChannelError as e:
+        if vol.get("key_id") == new and "already under key" in str(e):
+            return {"finished": True, "message": "finished before this run"}  # done while we were away
+        raise
+    if detach:
+        return None
+    return {"finished": op.get("state") == "done", "operation": op.get("id"), "message": op.get("message", "")}
