@@ -335,12 +335,17 @@ class KeyRotation:
                     t.mode, t.control = "online", str(self.manager.run_dir(t.vm).export_ctl)
                     return
         served = self.exports.get(os.path.abspath(t.path))
+        if served is None and locked:
+            from qwamos.nbd.rotation import find_export
+
+            found = find_export(t.path)  # the lock holder's control socket, if it is an export serving it
+            served = str(found) if found is not None else None
         if served is not None:
             t.mode, t.control = "online", served
             return
         if locked:
-            t.status, t.problem = PROBLEM, f"volume {t.path} is open in another process (a 'volume serve' export?)"
-            t.fix = "name that export's control socket with --export SOCKET (it re-encrypts online), or stop it"
+            t.status, t.problem = PROBLEM, f"volume {t.path} is open in another process that is not a block export"
+            t.fix = "close it (or name an export's control socket with --export SOCKET), then run this again"
 
     # --- doing it ------------------------------------------------------------------------------------------
 
