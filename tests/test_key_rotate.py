@@ -342,3 +342,20 @@ def test_key_policy_cli(env, capsys) -> None:
     assert env["ks"].rotation_policy() == {"rotation_max_age": "12w"}
     assert main(["key", "policy", "--clear"]) == 0
     assert env["ks"].rotation_policy() == {"rotation_max_age": None}
+
+
+def test_a_user_appearing_during_the_rotation_stops_the_destruction(env, tmp_path: Path) -> None:
+    """A volume that starts using the old key after the plan was made (a copy taken meanwhile) is never
+    left behind by destroying the key: the records are read again first, and the next run re-encrypts it."""
+    ks, key_id = env["ks"], env["key_id"]
+    rot = KeyRotation(ks, VMManager(env["root"], keystore=ks.path), key_id)
+    plan = rot.plan()
+    late = tmp_path / "late" / "copy.qvol"
+    late.parent.mkdir()
+    shutil.copyfile(env["copy"], late)  # still under the old key
+    ks.record_volume_use(key_id, str(late), read_uuid(late), "")
+    with pytest.raises(KeyStateError, match="started using it during the rotation"):
+        rot.run(plan)
+    assert (ks.path / f"{key_id}.key").exists()
+    rot.run(rot.plan())  # the same command again takes it too
+    assert read_all(ks, late) == env["data"] and ks.key_state(key_id)[0] == "destroyed"

@@ -92,6 +92,8 @@ def test_a_served_volume_is_rotated_online_under_guest_writes(qvol, short_dir, m
     assert content(vol, fresh) == bytes(expected)
     assert PQCVolume(vol, keystore=fresh, read_only=True).open().key_id == result["new_key_id"]
     assert not (ks_dir / f"{old_id}.key").exists()
+    # the export holds bare keys and records nothing: the record moved to the new key is the command's
+    assert [u["path"] for u in fresh.key_users(result["new_key_id"])] == [str(vol)]
     assert_old_key_opens_nothing(vol, old_key)
 
 

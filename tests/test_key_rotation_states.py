@@ -233,3 +233,23 @@ def test_cli_passphrase_seal_change_unseal(tmp_path: Path, capsys: pytest.Captur
         os.close(cur)
     assert "not sealed" in capsys.readouterr().err
     assert PQCKeystore(ks.path).volume_key(key_id) == key
+
+
+def test_a_volume_mid_rotation_still_uses_the_old_key(ks: PQCKeystore, tmp_path: Path) -> None:
+    """Its header names the new key, but blocks not yet rewritten are under the old one: the old key has a
+    live user and is neither destroyed nor deleted (without --force) until the rotation finishes."""
+    vol = tmp_path / "disk.qvol"
+    old = PQCVolume(vol, keystore=ks).create("disk", "web", size_bytes=64 * 4096)
+    with PQCVolume(vol, keystore=ks) as v:
+        for i in range(64):
+            v.write_block(i, bytes([i]) * 4096)
+    new = ks.rotate_key(old)
+    with PQCVolume(vol, keystore=ks) as v:
+        v.begin_reencrypt(new, batch=8)
+        v.reencrypt_step(8)
+        assert v.rotation_state()["progress"] < 64
+    assert [u["state"] for u in ks.key_users(old)] == ["live"]
+    with pytest.raises(KeyInUseError):
+        ks.destroy_key(old)
+    with pytest.raises(KeyInUseError):
+        ks.delete_key(old)
