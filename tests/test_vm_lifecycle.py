@@ -362,6 +362,23 @@ def test_vm_resize_online_grows_the_served_volume_and_qemu_reads_past_the_old_en
 
 
 @pytest.mark.qemu
+def test_volume_resize_of_a_served_volume_goes_through_its_export(root, idle_kernel, capsys):
+    mgr, vol, _ = _encrypted_vm(root, "r5", idle_kernel)
+    mgr.start("r5")
+    try:
+        capsys.readouterr()
+        assert main(["volume", "resize", str(vol), "+4M", "--json"]) == 0  # locked by the export: online
+        out = json.loads(capsys.readouterr().out)
+        assert out["online"] is True and out["new_size"] == 8 * MIB
+        assert "wrote 4096/4096" in _nbd_io(mgr, "r5", "write -P 0x42 7M 4096", "read -P 0x42 7M 4096")
+        assert main(["volume", "resize", str(vol), "4M", "--yes"]) == 31  # no shrink under a running VM
+        assert _resize(root, "r5", "8M") == 0  # the VM's QEMU is told the size the export already has
+        assert _guest_disk_size(mgr, "r5") == 8 * MIB
+    finally:
+        mgr.stop("r5", force=True)
+
+
+@pytest.mark.qemu
 def test_vm_resize_shrink_needs_confirmation_and_unused_blocks(root, idle_kernel, capsys):
     mgr, vol, _ = _encrypted_vm(root, "r2", idle_kernel)
     ks = PQCKeystore(root.parent / "keystore")

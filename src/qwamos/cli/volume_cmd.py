@@ -22,7 +22,7 @@ from qwamos.cli.output import (
     message,
     print_fields,
 )
-from qwamos.errors import TruncatedVolumeError
+from qwamos.errors import TruncatedVolumeError, VolumeLockedError
 from qwamos.hypervisor.sizes import format_size, parse_new_size, parse_size
 from qwamos.hypervisor.vocab import ALGORITHMS, DEFAULT_ALGORITHM
 from qwamos.storage.rbd import with_options
@@ -200,7 +200,11 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_resize(args: argparse.Namespace) -> int:
     args.path = volume_location(args)
     ks = open_keystore(args)
-    with PQCVolume(args.path, keystore=ks) as v:
+    try:
+        vol = PQCVolume(args.path, keystore=ks).open()
+    except VolumeLockedError as locked:
+        return _resize_served(args, locked)
+    with vol as v:
         new = parse_new_size(args.size, v.size)
         shrink = new < v.size
         if shrink and not confirm(
@@ -210,10 +214,33 @@ def cmd_resize(args: argparse.Namespace) -> int:
         ):
             message("not confirmed; nothing was changed")
             return 1
-        result = v.resize(new, allow_shrink=shrink)
+        result = v.resize(new, allow_shrink=shrink).to_dict()
     if args.json:
-        emit_json({"path": str(args.path), **result.to_dict()})
-    message(f"{args.path}: {format_size(result.old_size)} -> {format_size(result.new_size)}")
+        emit_json({"path": str(args.path), **result, "online": False})
+    message(f"{args.path}: {format_size(result['old_size'])} -> {format_size(result['new_size'])}")
+    return 0
+
+
+def _resize_served(args: argparse.Namespace, locked: VolumeLockedError) -> int:
+    """The volume is served: its export grows it (docs/control-channel.md, *Online resize*); refused when no
+    export of ours holds it."""
+    from qwamos.nbd.control_client import ControlClient, read_status
+    from qwamos.nbd.rotation import find_export
+
+    ctl = find_export(args.path)
+    if ctl is None:
+        raise locked
+    current = int(read_status(ctl)["export"]["size"])
+    new = parse_new_size(args.size, current)
+    with ControlClient.connect(ctl) as client:
+        result = client.request("resize", {"size": new})  # a shrink is refused there: offline only
+    if args.json:
+        emit_json({"path": str(args.path), **result, "online": True, "control": str(ctl)})
+    message(
+        f"{args.path}: {format_size(result['old_size'])} -> {format_size(result['new_size'])} through its export "
+        f"({ctl}; {result['reconnected']} client(s) reconnect to learn it; for a VM's disk, qwamos vm resize also "
+        "tells QEMU and the guest)"
+    )
     return 0
 
 

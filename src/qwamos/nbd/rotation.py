@@ -289,16 +289,20 @@ def find_export(volume: str | Path) -> Path | None:
                 argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
         except OSError:
             continue
+        try:  # relative paths in its argv (a VM's export runs in its run directory) are the export's
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:
+            continue
         candidates = []
         for flag, to_ctl in (("--control", Path), ("--socket", control_path_for)):
             if flag in argv[:-1]:
-                candidates.append(to_ctl(argv[argv.index(flag) + 1]))
+                candidates.append(cwd / to_ctl(argv[argv.index(flag) + 1]))
         for ctl in candidates:
             try:
                 st = read_status(ctl)
             except (QwamosError, OSError):
                 continue
             served = (st.get("volume") or {}).get("path")
-            if served is not None and os.path.abspath(served) == path:
+            if served is not None and os.path.abspath(cwd / served) == path:
                 return Path(ctl)
     return None
