@@ -67,6 +67,12 @@ def slot_words(path: Path, total: int) -> list[tuple[int, int]]:
     return [struct.unpack_from(">HH", raw, HEADER_SIZE + i * SLOT_SIZE) for i in range(total)]
 
 
+def assert_all_rotated(path: Path, total: int, old_epoch_max: int) -> None:
+    """After a finished rotation no non-empty slot is left at an epoch of the old key."""
+    old = [i for i, (epoch, length) in enumerate(slot_words(path, total)) if length and epoch <= old_epoch_max]
+    assert not old, f"slots still under the old key: {old[:10]}"
+
+
 # --- the whole run -----------------------------------------------------------------------------------------
 
 
@@ -290,6 +296,8 @@ def test_a_power_cut_at_any_write_loses_no_durable_block(tmp_path, keys, power, 
     run (the first rotation writes are the header switch, then journal/slot/descriptor per batch)."""
     rng = random.Random(seed)
     path, data = make(tmp_path, keys, seed=seed)
+    with PQCVolume(path, keystore=keys, read_only=True) as v:
+        old_epoch = v.header.epoch
     new_id, _ = keys.new_volume_key("vm", "v")
     probe = tmp_path / "probe.qvol"
     probe.write_bytes(path.read_bytes())
@@ -308,6 +316,7 @@ def test_a_power_cut_at_any_write_loses_no_durable_block(tmp_path, keys, power, 
             assert v.reencrypt(new_id, batch=BATCH)["finished"]
         compare(v, data)
         assert v.check() == []
+    assert_all_rotated(path, TOTAL, old_epoch)
 
 
 # --- kill -9 of the offline rotation -------------------------------------------------------------------------
@@ -347,6 +356,8 @@ def test_kill_9_at_random_points_of_offline_rotations_then_resume(tmp_path, keys
     rng = random.Random(11)
     kills = rotations = 0
     new_id, _ = keys.new_volume_key("vm", "v")
+    with PQCVolume(path, keystore=keys, read_only=True) as v:
+        old_epoch = v.header.epoch
     while kills < 20:
         code = CHILD.format(
             tests=str(Path(__file__).parent),
@@ -370,12 +381,16 @@ def test_kill_9_at_random_points_of_offline_rotations_then_resume(tmp_path, keys
             done = v.rotation_state() is None and v.key_id == new_id
         if done:
             rotations += 1
+            assert_all_rotated(path, 200, old_epoch)
             new_id, _ = keys.new_volume_key("vm", "v")
+            with PQCVolume(path, keystore=keys, read_only=True) as v:
+                old_epoch = v.header.epoch
     assert rotations >= 1
     with PQCVolume(path, keystore=keys) as v:
         assert v.reencrypt(new_id, batch=8)["finished"]
         compare(v, data)
         assert v.check() == []
+    assert_all_rotated(path, 200, old_epoch)
 
 
 # --- the journal's descriptor --------------------------------------------------------------------------------
@@ -462,4 +477,36 @@ def test_rotation_marks_no_block_changed_for_incremental_backups(tmp_path, keys)
         assert v.cbt_info()["changed_blocks"] == 1
     with PQCVolume(path, keystore=keys) as v:
         data[3] = b"x" * 4096
+        compare(v, data)
+
+
+def test_recovery_restores_only_slots_that_authenticate_under_neither_key(tmp_path, keys):
+    """An active journal (as a crash leaves it) over a range where the guest has since written a block under
+    the new key and where another block is torn: recovery restores the torn one from the journal and keeps the
+    guest's write -- a journal copy never replaces a slot that authenticates."""
+    from qwamos.volume.keys import rotation_journal_key
+
+    path, data = make(tmp_path, keys)
+    victims = sorted(i for i in data if i < BATCH)[:2]
+    assert len(victims) == 2
+    kept, torn = victims
+    raw_before = path.read_bytes()
+    old_slots = raw_before[HEADER_SIZE : HEADER_SIZE + BATCH * SLOT_SIZE]
+    new_id, new_key = keys.new_volume_key("vm", "v")
+    with PQCVolume(path, keystore=keys) as v:
+        state = v.begin_reencrypt(new_id, batch=BATCH)
+        v.reencrypt_step(BATCH)  # the first batch is under the new key now
+        uuid = v.header.uuid_bytes
+        data[kept] = b"guest" * 800
+        v.write_block(kept, data[kept])  # a flushed guest write after the batch
+    jo = state["journal_offset"]
+    with open(path, "r+b") as f:
+        f.seek(jo)
+        f.write(rotation.descriptor(rotation_journal_key(new_key, uuid), jo, 0, BATCH).ljust(HEADER_SIZE, b"\0"))
+        f.write(old_slots)  # the batch's slots as they were before the rotation
+        f.seek(HEADER_SIZE + torn * SLOT_SIZE + 2000)
+        f.write(b"\xa5" * 600)  # a write torn by the power cut
+    with PQCVolume(path, keystore=keys) as v:
+        compare(v, data)
+        assert v.reencrypt(new_id, batch=BATCH)["finished"]
         compare(v, data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -136,6 +137,9 @@ def test_kill_9_of_the_export_mid_rotation_then_serve_again_and_reissue(qvol, sh
             finished += 1
             key_id, key, commitment = new_key(vol, ks)
     assert mid >= 10, f"only {mid} of {kills} kills landed mid-rotation"
+    with PQCVolume(vol, keystore=PQCKeystore(ks), read_only=True) as v:
+        state = v.rotation_state()
+        old_epoch = state["old_epoch_max"] if state else v.header.epoch
     proc = serve(vol, ks, sock, cli=True)
     try:
         assert (
@@ -148,6 +152,10 @@ def test_kill_9_of_the_export_mid_rotation_then_serve_again_and_reissue(qvol, sh
     assert content(vol, ks) == data
     with PQCVolume(vol, keystore=PQCKeystore(ks), read_only=True) as v:
         assert v.key_id == key_id and v.check() == []
+    raw = vol.read_bytes()
+    for i in range(SIZE // 4096):
+        epoch, length = struct.unpack_from(">HH", raw, 4096 + i * 4128)
+        assert not length or epoch > old_epoch, f"slot {i} still under the old key"
 
 
 def test_stop_pauses_and_reencrypt_resumes(qvol, short_dir):

@@ -276,7 +276,15 @@ class Rotator:
         for index, old in found.items():
             self.storage.write(HEADER_SIZE + index * SLOT_SIZE, (old,))
         self.storage.flush()
-        self.storage.write(self._rot()["journal_offset"], (bytes(DESC_SIZE),))
+        rot = self._rot()
+        if found and rot["progress"] > min(found):
+            # Restored slots are under the old key again: the mark must not be past them (the protocol never
+            # commits a mark past an active journal, but a resume must not trust that to stay correct).
+            header = self.header
+            self.store.store(
+                replace(header, features={**header.features, hdr.ROTATION: dict(rot, progress=min(found))})
+            )
+        self.storage.write(rot["journal_offset"], (bytes(DESC_SIZE),))
         self.storage.flush()
         return len(found)
 

@@ -236,6 +236,7 @@ class PQCVolume:
                         restored = len(io.overlay)
                     else:
                         restored = rotator.recover()
+                        header = store.header  # recovery may have moved the progress mark back
                 if restored:
                     log.warning("%s: restored %d torn slot(s) from the rotation journal", self.path, restored)
         except BaseException:
