@@ -149,7 +149,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--rate",
         default=None,
         metavar="R",
-        help="limit offline re-encryption reads to R bytes/s (50M, 1G; default: none)",
+        help="limit re-encryption to R bytes/s of the file (50M, 1G; default: none offline, 64M online)",
     )
     add_yes_option(r)
     r.add_argument(

@@ -47,9 +47,16 @@ def register_reencrypt(vsub: argparse._SubParsersAction, add_ceph_args: Any) -> 
         "(default: no limit offline, 64M online)",
     )
     where = r.add_mutually_exclusive_group()
-    where.add_argument("--socket", type=Path, metavar="PATH", help="online: the export's NBD socket")
-    where.add_argument("--control", type=Path, metavar="PATH", help="online: the export's control socket")
-    where.add_argument("--vm", metavar="NAME", help="online: the export of this running VM")
+    where.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="online: the export's NBD socket (default: the export found by the volume's lock)",
+    )
+    where.add_argument(
+        "--control", type=Path, metavar="PATH", help="online: the export's control socket (default: as --socket)"
+    )
+    where.add_argument("--vm", metavar="NAME", help="online: the export of this running VM (default: as --socket)")
     r.add_argument("--root", type=Path, metavar="DIR", help="VM root for --vm (default $QWAMOS_ROOT)")
     r.add_argument("--detach", action="store_true", help="online: start it and return (watch: export status)")
     r.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")
