@@ -492,7 +492,7 @@ def _print_plan(plan: Any) -> None:
     for t in plan.targets:
         vm = f" (VM {t.vm})" if t.vm else ""
         how = {"pending": f"re-encrypt {t.mode}", "resume": f"resume {t.mode}", "done": "already re-encrypted"}
-        message(f"  {t.path}{vm}: {how.get(t.status, t.status)}" + (f" — {t.problem}" if t.problem else ""))
+        message(f"  {t.path}{vm}: {how.get(t.status, t.status)}" + (f": {t.problem}" if t.problem else ""))
     for name in plan.configs:
         message(f"  VM config {name}: key_id -> {new}")
 

@@ -271,7 +271,7 @@ class KeyRotation:
             t.status, t.problem = PROBLEM, f"{where}: the file is gone"
             t.fix = (
                 "if the volume was moved, name it: --volume NEW_PATH (it is re-encrypted there and its record "
-                "follows); if it was deleted, answer yes when asked (or pass --yes) to drop the record — a copy "
+                "follows); if it was deleted, answer yes when asked (or pass --yes) to drop the record; a copy "
                 "of it elsewhere would become unreadable"
             )
             return
