@@ -304,11 +304,9 @@ def test_confirmation_without_a_terminal_needs_yes(world: World) -> None:
     assert res.returncode == 0 and res.stdout == "" and world.run("key", "show", new_id).returncode == 21
 
 
-def test_console_without_a_terminal_says_why(world: World) -> None:
-    res = world.run("vm", "start", "web", "--foreground")
-    assert res.returncode == 2 and "needs a terminal" in res.stderr and "tail -f" in res.stderr
-    assert "serial.log" in res.stderr
-    assert json.loads(world.run("vm", "status", "web", "--json").stdout)["state"] == "stopped"  # not started
+def test_console_of_a_stopped_vm_says_so(world: World) -> None:
+    res = world.run("vm", "console", "web")
+    assert res.returncode == 43 and "only available while it runs" in res.stderr and res.stdout == ""
 
 
 def test_a_locked_volume_names_the_process_holding_it(world: World) -> None:
