@@ -9,7 +9,6 @@ Thin over :class:`qwamos.keystore.PQCKeystore`.  Passphrases never come from arg
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from qwamos.cli.output import (
     add_yes_option,
     confirm,
     emit_json,
+    emit_json_line,
     message,
     print_data,
     print_fields,
@@ -438,8 +438,7 @@ class _RotateReporter:
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.json_lines:
-            sys.stdout.write(json.dumps(event, default=str) + "\n")
-            sys.stdout.flush()
+            emit_json_line(event)
             return
         kind = event["event"]
         if kind == "progress":
