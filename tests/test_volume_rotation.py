@@ -294,6 +294,18 @@ def power(monkeypatch):
 def test_a_power_cut_at_any_write_loses_no_durable_block(tmp_path, keys, power, seed):
     """Slot, journal, descriptor and header writes are all candidates: the cut lands on a random write of the
     run (the first rotation writes are the header switch, then journal/slot/descriptor per batch)."""
+    power_cut_run(tmp_path, keys, power, seed)
+
+
+@pytest.mark.parametrize("seed", range(100, 108))
+def test_a_power_cut_with_the_threaded_batch_path(tmp_path, keys, power, seed, monkeypatch):
+    """The same with the path large batches take: AEAD work on two threads, the journal's fdatasync in a
+    helper thread meanwhile."""
+    monkeypatch.setattr(rotation, "PARALLEL_MIN", 4)
+    power_cut_run(tmp_path, keys, power, seed)
+
+
+def power_cut_run(tmp_path, keys, power, seed):
     rng = random.Random(seed)
     path, data = make(tmp_path, keys, seed=seed)
     with PQCVolume(path, keystore=keys, read_only=True) as v:

@@ -15,7 +15,8 @@ The rotation shares the volume's lock with the NBD connections, one batch at a t
 requests are served between batches and a guest write lands under the new key (docs/qvol-format.md 2.5.3).
 When the export stops (SIGTERM) the rotation pauses first; a ``kill -9`` loses nothing: serve the volume
 again (its key pipe then carries both keys) and issue ``reencrypt`` again.  When the rotation finishes, the
-key provider's copies of the keys are wiped (the volume keeps only the new key's subkeys).
+export's key provider holds the new key only (later work in the export, such as a snapshot, opens files
+under it); every copy of the old key is overwritten.
 
 :func:`reencrypt_served` is the client side, for ``qwamos volume reencrypt`` on a served volume and for
 ``qwamos key rotate`` on running VMs.
@@ -73,6 +74,7 @@ class OnlineRotation:
         self.stop_event = threading.Event()
         self.op: Any = None
         self.key_id: str | None = None
+        self._new_key: bytearray | None = None  # the key handed over, until the rotation ends
         self.loop: asyncio.AbstractEventLoop | None = None
         control.add_handler("reencrypt", self._start)
         control.add_handler("reencrypt-stop", self._stop)
@@ -130,6 +132,8 @@ class OnlineRotation:
         except QwamosError as e:
             raise ControlFailure(cp.E_FAILED, str(e)) from None
         finally:
+            if key is not None:
+                self._new_key = bytearray(key)
             key = None
         self.control.keys.forget("rotation-target")
         if self.op is None or self.op.state in ("done", "failed"):
@@ -181,15 +185,18 @@ class OnlineRotation:
             )
             if out["finished"]:
                 state, message = "done", f"{out['old_key_id']} -> {key_id}: {out['rewritten']} blocks rewritten"
-                wipe = getattr(self.volume.keystore, "wipe", None)
-                if wipe is not None:
-                    wipe()  # the old key is never needed again; the volume keeps the new key's subkeys
+                rotated = getattr(getattr(self.volume, "keystore", None), "rotated", None)
+                if rotated is not None:  # the export's provider: the new key from now on, the old one wiped
+                    rotated(key_id, self._new_key)
                 log.warning("key rotation finished: %s", message)
             else:
                 state, message = "paused", f"paused at {out['done_blocks']} of {out['total_blocks']} blocks"
         except Exception as e:  # reported through status; the export keeps serving
             message = str(e)
             log.error("key rotation failed: %s", e)
+        if state != "paused" and self._new_key is not None:
+            self._new_key[:] = bytes(len(self._new_key))
+            self._new_key = None
         loop = self.loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._finished, op, state, message)

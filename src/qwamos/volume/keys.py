@@ -118,6 +118,16 @@ class SingleKeyProvider:
         """The old key of the volume's rotation in progress (the key pipe's second 32 bytes)."""
         self._rotation_old = bytearray(check_volume_key(key))
 
+    def rotated(self, key_id: str, key: bytes | bytearray | None) -> None:
+        """A rotation of the volume finished: hold ``key_id`` (``key``, or the key held already when the pipe
+        gave it as the current one) and overwrite every copy of the old key."""
+        if key is not None:
+            self._key[:] = bytes(len(self._key))
+            self._key = bytearray(check_volume_key(key))
+            self.key_id = key_id
+        self._rotation_old[:] = bytes(len(self._rotation_old))
+        self._rotation_old = bytearray()
+
     def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
         raise InvalidArgument("this process holds one volume key and cannot create volumes")
 

@@ -71,11 +71,12 @@ _pool_lock = threading.Lock()
 
 
 def _executor() -> ThreadPoolExecutor:
-    """Two threads for the AEAD work: ``cryptography`` releases the GIL while it encrypts."""
+    """Helper threads: one for half the AEAD work (``cryptography`` releases the GIL while it encrypts), one
+    for the journal's fdatasync meanwhile."""
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwamos-rekey")
+            _pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="qwamos-rekey")
         return _pool
 
 
@@ -342,10 +343,19 @@ class Rotator:
         jo = self._rot()["journal_offset"]
         desc = descriptor(self._journal_key(), jo, first + lo, hi - lo)
         pad = bytes(HEADER_SIZE - len(desc))
+        grants = self._take_budget(len(todo))  # may commit the header: before the flush thread starts
         storage.write(jo, (desc, pad, region))
-        storage.flush()  # the journal is durable before any slot of the batch is touched
+        # The journal's fdatasync runs in a helper thread while the batch is re-sealed in memory (both release
+        # the GIL); it has returned before any slot of the batch is touched.
+        synced = _executor().submit(storage.flush) if len(todo) >= PARALLEL_MIN else None
+        if synced is None:
+            storage.flush()
+        try:
+            self._reseal(first, buf, todo, grants)
+        finally:
+            if synced is not None:
+                synced.result()  # the journal is durable (or its error is raised) before the write below
         self.journalled += hi - lo
-        self._reseal(first, buf, todo)
         storage.write(HEADER_SIZE + (first + lo) * SLOT_SIZE, (region,))
         storage.flush()  # the batch is durable under the new key before the journal is let go
         self.rewritten += len(todo)
@@ -353,12 +363,23 @@ class Rotator:
         # torn guest write to this range could only be rolled back to the content this batch made durable.
         storage.write(jo, (bytes(DESC_SIZE),))
 
-    def _reseal(self, first: int, buf: memoryview, todo: list[int]) -> None:
+    def _take_budget(self, n: int) -> list[tuple[int, int]]:
+        """Reserve ``n`` encryptions in the nonce budget: ``[(epoch, count), ...]`` (more than one part when an
+        epoch fills up).  Done before the batch's I/O, since a reservation may commit the header."""
+        grants: list[tuple[int, int]] = []
+        while n > 0:
+            epoch, granted = self.io.budget.take(n)
+            grants.append((epoch, granted))
+            n -= granted
+        return grants
+
+    def _reseal(self, first: int, buf: memoryview, todo: list[int], grants: list[tuple[int, int]]) -> None:
+        """Open each slot of ``todo`` under its old epoch and seal it under the granted new epochs, in place;
+        the AEAD work split over two threads for large batches.  Touches memory only, never the storage."""
         io = self.io
         cipher = io.cipher
         done = 0
-        while done < len(todo):
-            epoch, granted = io.budget.take(len(todo) - done)
+        for epoch, granted in grants:
             part = todo[done : done + granted]
             for k in part:  # make every key involved before threads use the cache
                 cipher.aead(buf[k * SLOT_SIZE] << 8 | buf[k * SLOT_SIZE + 1])
@@ -369,8 +390,10 @@ class Rotator:
                     half = len(part) // 2
                     pool = _executor()
                     fut = pool.submit(cipher.rekey_run, buf, first, 0, part[half:], epoch, nonces[half * 12 :])
-                    cipher.rekey_run(buf, first, 0, part[:half], epoch, nonces[: half * 12])
-                    fut.result()
+                    try:
+                        cipher.rekey_run(buf, first, 0, part[:half], epoch, nonces[: half * 12])
+                    finally:
+                        fut.result()
                 else:
                     cipher.rekey_run(buf, first, 0, part, epoch, nonces)
             except AuthenticationFailed as e:
