@@ -100,3 +100,33 @@ def test_online_through_the_export_found_by_the_lock(qvol, short_dir):
         proc.stderr.close()
     key_id, rot, content = state(vol, ks)
     assert key_id == out["key_id"] and rot is None and content == data
+
+
+def test_a_vm_disk_reencrypted_alone_keeps_its_vm_startable(tmp_path, monkeypatch, capsys):
+    """The header names the new key from the moment the rotation starts and `vm start` checks that its config
+    agrees (exit 45): `volume reencrypt` of a VM's disk points that VM's config at the new key."""
+    from qwamos.cli.main import main
+    from qwamos.hypervisor.binding import OK, check
+    from qwamos.hypervisor.config import VMConfig
+    from qwamos.volume import read_header
+    from vm_helpers import write_config
+
+    ks_dir, root = tmp_path / "ks", tmp_path / "root"
+    monkeypatch.setenv("QWAMOS_KEYSTORE", str(ks_dir))
+    monkeypatch.setenv("QWAMOS_ROOT", str(root))
+    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
+    cfg_path = write_config(root, "web", kernel="/nonexistent", encrypted=True, disk_name="disk.qvol")
+    disk = cfg_path.parent / "disk.qvol"
+    ks = PQCKeystore(ks_dir)
+    old = PQCVolume(disk, keystore=ks).create("disk", "web", size_bytes=SIZE)
+    cfg = VMConfig.load(cfg_path)
+    cfg.set_encryption(key_id=old, algorithm="chacha20-poly1305")
+    cfg.set_volume_binding(volume_uuid=read_header(disk)["volume_uuid"], key_id=old)
+    cfg.save()
+    data = fill(disk, ks_dir)
+    assert main(["volume", "reencrypt", str(disk), "--json"]) == 0
+    new = json.loads(capsys.readouterr().out)["key_id"]
+    cfg = VMConfig.load(cfg_path)
+    assert cfg.key_id == new != old
+    assert check(cfg, disk).state == OK
+    assert state(disk, ks_dir)[2] == data

@@ -16,7 +16,7 @@ from typing import Any
 
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
 from qwamos.cli.output import Progress, add_json_option, decorated, emit_json, message
-from qwamos.errors import InvalidArgument, RotationError, VolumeLockedError
+from qwamos.errors import InvalidArgument, QwamosError, RotationError, VolumeLockedError
 from qwamos.hypervisor.sizes import format_size, parse_size
 from qwamos.volume import PQCVolume
 
@@ -106,6 +106,36 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
     return _online(args, ks, ctl, rate)
 
 
+def _repoint_vms(args: argparse.Namespace, volume: str, old: str, new: str) -> list[str]:
+    """Point the configs of the VMs whose disk is ``volume`` and that record ``old`` at ``new``: the header
+    names the new key from the moment the rotation starts, and a VM start checks the two agree (exit 45)."""
+    import os
+
+    from qwamos.hypervisor.keyrotation import vms_using_key
+    from qwamos.hypervisor.manager import VMManager
+
+    mgr = VMManager(getattr(args, "root", None))
+    done = []
+    for vm in vms_using_key(mgr, old):
+        if os.path.abspath(vm["path"]) == os.path.abspath(volume):
+            cfg = mgr.load(vm["vm"])
+            cfg.set_key_id(new)
+            cfg.save()
+            done.append(vm["vm"])
+    return done
+
+
+def _after(args: argparse.Namespace, volume: str, old: str, new: str) -> None:
+    """Repoint the VM configs of this disk (best effort: a failure says what to fix, never hides the result)."""
+    from qwamos.cli.output import warn
+
+    try:
+        for vm in _repoint_vms(args, volume, old, new):
+            message(f"   VM {vm}: its config now records key {new}")
+    except (QwamosError, OSError) as e:
+        warn(f"the VM configs naming key {old} for {volume} were not updated ({e}); `qwamos key rotate` does it")
+
+
 def _target(args: argparse.Namespace, current_key: str, state: dict[str, Any] | None) -> str | None:
     """The new key's ID: the rotation in progress's, ``--key-id``, or None (make one)."""
     if state is not None:
@@ -146,9 +176,13 @@ def _offline(args: argparse.Namespace, ks: Any, vol: PQCVolume, rate: int | None
     if new_id is None:
         new_id, _ = ks.new_volume_key(vol.header.vm_name, vol.header.name)
     progress = Progress(vol.total_blocks, label="Re-encrypting", enabled=args.progress, unit_bytes=4096)
-    out = vol.reencrypt(
-        new_id, rate=OFFLINE_RATE if rate is None else rate, progress=lambda d, _t: progress.update(d)
-    )
+    try:
+        out = vol.reencrypt(
+            new_id, rate=OFFLINE_RATE if rate is None else rate, progress=lambda d, _t: progress.update(d)
+        )
+    finally:
+        if vol.is_open and vol.key_id == new_id:
+            _after(args, vol.path, info["key_id"], new_id)  # from the start on, the header names the new key
     progress.finish()
     out.update(path=str(args.path), mode="offline")
     if args.json:
@@ -195,15 +229,23 @@ def _online(args: argparse.Namespace, ks: Any, ctl: Path, rate: int | None) -> i
         record(new_id, served["path"], served["uuid"], header["vm_name"])
     total = info["total_blocks"]
     progress = Progress(total, label="Re-encrypting (online)", enabled=args.progress, unit_bytes=4096)
-    out = reencrypt_served(
-        ctl,
-        new_id,
-        key,
-        rate=rate,
-        commitment=commitment,
-        wait=not args.detach,
-        progress=lambda op: progress.update(op["done"]),
-    )
+    try:
+        out = reencrypt_served(
+            ctl,
+            new_id,
+            key,
+            rate=rate,
+            commitment=commitment,
+            wait=not args.detach,
+            progress=lambda op: progress.update(op["done"]),
+        )
+    finally:
+        try:
+            now = (read_status(ctl).get("volume") or {}).get("key_id")
+        except QwamosError:
+            now = None
+        if now == new_id:
+            _after(args, served["path"], info["key_id"], new_id)
     if not args.detach:
         progress.finish()
     out = dict(out, path=str(args.path), mode="online", control_socket=str(ctl), key_id=new_id)
