@@ -87,6 +87,8 @@ bench: deps venv pyc
 	$(PY) bench/volume_api.py
 	$(PY) bench/nbd.py
 	$(PY) bench/migrate.py
+	$(PY) bench/rotate.py
+	$(PY) bench/rotate_online.py
 	$(PY) bench/boot.py --arch $(ARCH)
 
 # Man page and shell completion, generated from the argument parser (qwamos.cli.main.full_parser) by
