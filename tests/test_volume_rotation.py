@@ -305,7 +305,14 @@ def test_a_power_cut_with_the_threaded_batch_path(tmp_path, keys, power, seed, m
     power_cut_run(tmp_path, keys, power, seed)
 
 
-def power_cut_run(tmp_path, keys, power, seed):
+@pytest.mark.parametrize("cut_at", range(1, 7))
+def test_a_power_cut_while_the_rotation_starts(tmp_path, keys, power, cut_at):
+    """The first writes of a run, one by one: re-sealed metadata, the root, the journal's empty descriptor,
+    header copy B then A of the switch to the new key.  Either the old header or the new one wins."""
+    power_cut_run(tmp_path, keys, power, 200 + cut_at, cut_at=cut_at)
+
+
+def power_cut_run(tmp_path, keys, power, seed, cut_at=None):
     rng = random.Random(seed)
     path, data = make(tmp_path, keys, seed=seed)
     with PQCVolume(path, keystore=keys, read_only=True) as v:
@@ -317,7 +324,7 @@ def power_cut_run(tmp_path, keys, power, seed):
     with PQCVolume(f"faulty:{probe}", keystore=keys) as v:
         v.reencrypt(new_id, batch=BATCH)
         writes = v._storage.writes
-    power["cut_at"] = rng.randint(1, writes)
+    power["cut_at"] = rng.randint(1, writes) if cut_at is None else cut_at
     v = PQCVolume(f"faulty:{path}", keystore=keys).open()
     with pytest.raises(VolumeError):
         v.reencrypt(new_id, batch=BATCH)
