@@ -199,3 +199,69 @@ def test_kill9_of_the_export_loses_no_flushed_write(ceph_cluster, env, short_dir
         assert v.read(0, 64 * 1024) == _pattern(64 * 1024, 4)
         assert v.read(1 * MIB, 4096) == _pattern(4096, 6)
         assert v.check() == []
+
+
+def _watchers(ceph_cluster, image: str) -> str:
+    image_id = json.loads(ceph_cluster.rbd("info", "--format", "json", f"rbd/{image}").stdout)["id"]
+    out = subprocess.run(
+        ["rados", "--conf", str(ceph_cluster.conf), "-p", "rbd", "listwatchers", f"rbd_header.{image_id}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def test_a_dead_holders_lock_is_broken_only_explicitly(ceph_cluster, env, short_dir):
+    """librbd would break a dead writer's lock by itself once the cluster expired the writer's watch (and
+    blocklist it): we refuse any holder, dead or not, and break only on --break-lock (storage/rbd.py)."""
+    loc, image = "rbd:rbd/dead-a", "dead-a"
+    ks = env / "ks"
+    assert main(["volume", "create", loc, "--size", "8M", "--keystore", str(ks)]) == 0
+    sock = short_dir / "d.sock"
+    serve = [sys.executable, "-m", "qwamos.cli.main", "volume", "serve", loc, "--socket", str(sock), "--keystore"]
+    # The holder's watch expires 5 s after its death instead of 30 (set only while it registers its watch).
+    ceph = ["ceph", "--conf", str(ceph_cluster.conf), "config"]
+    subprocess.run([*ceph, "set", "osd", "osd_client_watch_timeout", "5"], check=True, timeout=60)
+    proc = processes.spawn([*serve, str(ks)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        from nbd_helpers import wait_answers
+
+        wait_answers(sock, proc)
+        subprocess.run([*ceph, "rm", "osd", "osd_client_watch_timeout"], check=True, timeout=60)
+        c = NBDClient.connect_unix(str(sock))
+        c.write(0, _pattern(8192, 8))
+        c.flush()
+        assert _watchers(ceph_cluster, image)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        subprocess.run([*ceph, "rm", "osd", "osd_client_watch_timeout"], check=False, timeout=60)
+        processes.stop(proc, signal.SIGKILL)
+        proc.stdout.close()
+        proc.stderr.close()
+    from vm_helpers import wait_for
+
+    wait_for(lambda: not _watchers(ceph_cluster, image), 90, "the dead holder's watch to expire")
+    # Now librbd's own acquire would break the lock at once; ours refuses, naming the dead holder.
+    from qwamos.keystore import PQCKeystore
+
+    with pytest.raises(VolumeLockedError, match=rf"client\.\d+.*pid {proc.pid}\b.*--break-lock"):
+        PQCVolume(loc, keystore=PQCKeystore(ks)).open()
+    assert json.loads(ceph_cluster.rbd("lock", "ls", "--format", "json", f"rbd/{image}").stdout)
+    # volume serve --break-lock: the operator's explicit word; the holder is named and blocklisted.
+    breaker = processes.spawn([*serve, str(ks), "--break-lock"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        from nbd_helpers import wait_answers
+
+        wait_answers(sock, breaker)
+        c = NBDClient.connect_unix(str(sock))
+        assert c.read(0, 8192) == _pattern(8192, 8)
+        c.disconnect()
+    finally:
+        processes.stop(breaker, signal.SIGTERM, grace=20)
+        err = breaker.stderr.read().decode()
+        breaker.stdout.close()
+        breaker.stderr.close()
+    assert "broke the lock of client." in err

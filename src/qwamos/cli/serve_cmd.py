@@ -39,6 +39,12 @@ def register_serve(vsub: argparse._SubParsersAction) -> None:
     export.add_arguments(s)
     add_keystore_args(s)
     add_ceph_args(s)
+    s.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="an rbd: volume whose writer lock a dead host still holds: break it first (as `rbd lock rm`; the "
+        "holder is blocklisted). Only when that host is gone for good",
+    )
     s.set_defaults(func=cmd_serve)
 
 
@@ -49,6 +55,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if spec.pidfile is not None:  # refuse a served export before asking for any key (as the export would)
         pidfile.claim_pidfile(spec.pidfile.absolute(), export.pidfile_busy)
     pass_fd = None
+    if getattr(args, "break_lock", False):
+        from qwamos.cli.output import warn
+        from qwamos.storage import break_lock
+
+        for holder in break_lock(spec.path):
+            warn(f"{spec.path}: broke the lock of {holder} (blocklisted by the cluster)")
     if not spec.raw:
         from qwamos.nbd.keypipe import key_pipe
         from qwamos.volume.unlock import unlock_key

@@ -7,9 +7,11 @@ implement the same :class:`Storage` protocol and are added to :data:`SCHEMES` un
 
 from __future__ import annotations
 
+import os
+
 from qwamos.storage.base import PendingStorage, Storage
 from qwamos.storage.file import FileStorage, PendingFile, create_file
-from qwamos.storage.rbd import RBDStorage, create_rbd
+from qwamos.storage.rbd import RBDStorage, create_rbd, pin_location, rbd_break_lock, rbd_exists, rbd_remove
 
 __all__ = [
     "SCHEMES",
@@ -18,9 +20,14 @@ __all__ = [
     "PendingStorage",
     "RBDStorage",
     "Storage",
+    "break_lock",
     "create_storage",
     "file_path",
+    "is_rbd",
     "open_storage",
+    "pin_location",
+    "remove_storage",
+    "storage_exists",
 ]
 
 # scheme -> (open(location, read_only), create(location, overwrite, random_suffix))
@@ -52,3 +59,31 @@ def file_path(location: str) -> str | None:
     """The local path when ``location`` is a file, else None (an ``rbd:`` image has no path on this host)."""
     scheme, rest = _split(location)
     return rest if scheme == "file" else None
+
+
+def is_rbd(location: str | os.PathLike[str]) -> bool:
+    """Whether ``location`` is an ``rbd:`` image (not a file on this host)."""
+    return _split(os.fspath(location))[0] == "rbd"
+
+
+def storage_exists(location: str | os.PathLike[str]) -> bool:
+    """Whether a store exists at ``location`` (a file, or an RBD image: that one asks the cluster)."""
+    scheme, rest = _split(os.fspath(location))
+    return rbd_exists(rest) if scheme == "rbd" else os.path.exists(rest)
+
+
+def remove_storage(location: str | os.PathLike[str]) -> None:
+    """Delete the store at ``location`` (``FileNotFoundError`` when there is none)."""
+    scheme, rest = _split(os.fspath(location))
+    if scheme == "rbd":
+        rbd_remove(rest)
+    else:
+        os.unlink(rest)
+
+
+def break_lock(location: str | os.PathLike[str]) -> list[str]:
+    """Break a dead holder's writer lock on ``location``, on an operator's explicit request (``--break-lock``);
+    returns the holders broken.  Only an RBD image has a lock that outlives its holder: a file's ``flock``
+    dies with the process, so for a file there is never anything to break (an empty list)."""
+    scheme, rest = _split(os.fspath(location))
+    return rbd_break_lock(rest) if scheme == "rbd" else []

@@ -71,6 +71,10 @@ _SIGNATURES: dict[str, tuple[str, Any, list[Any]]] = {
     "rbd_lock_get_owners_cleanup": ("rbd", None, [ctypes.POINTER(c_char_p), c_size_t]),
     "rbd_lock_exclusive": ("rbd", c_int, [c_void_p, c_char_p]),
     "rbd_unlock": ("rbd", c_int, [c_void_p, c_char_p]),
+    "rbd_break_lock": ("rbd", c_int, [c_void_p, c_char_p, c_char_p]),
+    "rbd_metadata_get": ("rbd", c_int, [c_void_p, c_char_p, c_char_p, ctypes.POINTER(c_size_t)]),
+    "rbd_metadata_set": ("rbd", c_int, [c_void_p, c_char_p, c_char_p]),
+    "rbd_metadata_remove": ("rbd", c_int, [c_void_p, c_char_p]),
     "rbd_list_lockers": (
         "rbd",
         c_ssize_t,

@@ -24,9 +24,16 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
   naming the holder; a reader is refused while a writer holds the lock (librbd has no shared lock, so a writer
   does not see readers, unlike ``flock``).  An image without the exclusive-lock feature gets RBD's advisory
   lock instead (the advisory and the managed lock share one name, so an image with the feature cannot take
-  both: librbd's writes would wait forever for its own lock).  A holder that died: librbd breaks its lock
-  (blocklisting the dead client, so it can never write again) once the cluster sees its watch expire (30 s);
-  until then the lock is refused; ``rbd lock rm`` breaks it by hand.
+  both: librbd's writes would wait forever for its own lock).
+* a holder that died keeps its lock until an operator breaks it (:func:`break_lock`, ``--break-lock``, or
+  ``rbd lock rm``).  librbd itself would not wait for that: ``rbd_lock_acquire`` on an image whose holder
+  is dead waits until the cluster expires the holder's watch (``osd_client_watch_timeout``, 30 s), then
+  blocklists the holder and takes its lock, silently (measured on Ceph 16: the acquire returns after 28 s,
+  lock taken).  So :meth:`RBDStorage.lock` lists the lockers first and refuses while there is any, never
+  letting librbd decide that a holder is dead.  What remains is a window of microseconds: a holder that
+  takes the lock between our listing and our acquire *and dies at once* would have its lock broken after
+  30 s.  Breaking (ours and ``rbd lock rm``) blocklists the holder's client, so a holder that was only
+  slow, not dead, can never write to the image again.
 """
 
 from __future__ import annotations
@@ -47,6 +54,12 @@ from qwamos.storage.librbd import DIFF_CB, RBD_FEATURE_EXCLUSIVE_LOCK, RBD_LOCK_
 OSD_OP_TIMEOUT = "30"  # seconds: bounded waits for OSD operations (librados' default 0 waits forever)
 MOUNT_TIMEOUT = "30"  # seconds to reach the monitors (librados' default is 300)
 _cookies = itertools.count(1)
+WRITER_KEY = b"qwamos.writer"  # image metadata: the writer's own note of who it is (host, pid)
+
+
+def writer_note() -> str:
+    """``host NAME pid N``: how a writer describes itself in the image's metadata."""
+    return f"host {socket.gethostname()} pid {os.getpid()}"
 
 
 class RBDLocation:
@@ -72,6 +85,19 @@ class RBDLocation:
     def uri(self, image: str | None = None) -> str:
         """``rbd:POOL/IMAGE`` (for messages: no options)."""
         return f"rbd:{self.pool}/{image or self.image}"
+
+
+def pin_location(location: str) -> str:
+    """``location`` with the cluster this process reaches made explicit: ``:conf=`` from ``$CEPH_CONF`` (as an
+    absolute path) and ``:id=`` from ``$CEPH_ARGS`` when the location names none.  For a child process that
+    gets the allow-listed environment only (:mod:`qwamos.hypervisor.tools`: ``$CEPH_ARGS`` may carry a key, so
+    it is never passed on), e.g. a VM's block export.  Anything but an ``rbd:`` location is unchanged."""
+    if not location.startswith("rbd:"):
+        return location
+    loc = RBDLocation.parse(location[4:])
+    conf = None if loc.conf else os.environ.get("CEPH_CONF")
+    client = None if loc.client_id else _client_id(None)
+    return with_options(location, os.path.abspath(conf) if conf else None, None if client == "admin" else client)
 
 
 def with_options(location: str, conf: str | None, client_id: str | None) -> str:
@@ -284,11 +310,18 @@ class RBDStorage:
             return
         L = lib()
         if shared:  # librbd has no shared managed lock: refuse only while a writer holds the image
-            holders = self.lockers(exclusive_only=True)
-            if holders:
-                raise VolumeLockedError(path=self.name, msg=f"(RBD lock held by {holders})")
+            if self.lockers(exclusive_only=True):
+                raise VolumeLockedError(path=self.name, msg=f"(RBD lock held by {self._held_by()})")
             self._lock_kind = "none"
             return
+        # Any holder at all, dead or alive, is refused here: librbd would break a dead holder's lock on its
+        # own after the watch timeout (see the module docstring); only break_lock may do that.
+        if self.lockers():
+            raise VolumeLockedError(
+                path=self.name,
+                msg=f"(RBD lock held by {self._held_by()}; if that holder is gone for good, break its lock "
+                "with --break-lock)",
+            )
         features = ctypes.c_uint64()
         check(L.rbd_get_features(self._image, ctypes.byref(features)), "rbd_get_features")
         if features.value & RBD_FEATURE_EXCLUSIVE_LOCK:
@@ -300,13 +333,30 @@ class RBDStorage:
             kind, self._cookie = "advisory", cookie
         if ret in (-errno.EROFS, -errno.EBUSY, -errno.EEXIST):
             self._cookie = None
-            raise VolumeLockedError(path=self.name, msg=f"(RBD lock held by {self.lockers() or 'another client'})")
+            raise VolumeLockedError(path=self.name, msg=f"(RBD lock held by {self._held_by()})")
         check(ret, "taking the RBD lock")
         self._lock_kind = kind
+        # Who we are, for the refusal another writer gets (the lock itself names only a client number and
+        # an address).  Informational: any client with write access to the pool could write it.
+        L.rbd_metadata_set(self._image, WRITER_KEY, writer_note().encode())
 
-    def lockers(self, *, exclusive_only: bool = False) -> str:
-        """Who holds the image's lock: ``client.4140 'cookie' at ADDR`` per holder, for messages (empty when
-        nobody does, or, with ``exclusive_only``, when the lock is shared)."""
+    def _writer_note(self) -> str:
+        """The lock holder's own note (``host NAME pid N``), or empty."""
+        size = ctypes.c_size_t(512)
+        buf = ctypes.create_string_buffer(size.value)
+        if lib().rbd_metadata_get(self._image, WRITER_KEY, buf, ctypes.byref(size)) < 0:
+            return ""
+        return buf.value.decode(errors="replace")[:200]
+
+    def _held_by(self) -> str:
+        """The holders for a refusal: the lockers as the cluster lists them and the writer's own note."""
+        holders = self.lockers() or "another client"
+        note = self._writer_note()
+        return f"{holders}, which says it is {note}" if note else holders
+
+    def _locker_list(self) -> tuple[bool, list[tuple[str, str, str]]]:
+        """Whether the lock is exclusive, and ``(client, cookie, address)`` for each holder of the image's lock
+        (managed or advisory)."""
         L = lib()
         exclusive = ctypes.c_int()
         sizes = [ctypes.c_size_t(4096) for _ in range(4)]
@@ -316,20 +366,42 @@ class RBDStorage:
             ctypes.byref(exclusive),
             *itertools.chain.from_iterable((b, ctypes.byref(s)) for b, s in zip(bufs, sizes, strict=True)),
         )
-        if n <= 0 or (exclusive_only and not exclusive.value):
-            return ""
+        if n <= 0:
+            return False, []
         _tag, clients, cookies, addrs = (
             b.raw[: s.value].split(b"\0")[:n] for b, s in zip(bufs, sizes, strict=True)
         )
-        return ", ".join(
-            f"{c.decode(errors='replace')} {k.decode(errors='replace')!r} at {a.decode(errors='replace')}"
+        return bool(exclusive.value), [
+            (c.decode(errors="replace"), k.decode(errors="replace"), a.decode(errors="replace"))
             for c, k, a in zip(clients, cookies, addrs, strict=False)
-        )
+        ]
+
+    def break_lock(self) -> list[str]:
+        """Break every holder's lock, as ``rbd lock rm`` does: librbd blocklists each holder's client first
+        (``rbd_blocklist_on_break_lock``), so a holder that is still alive can never write again.  Returns the
+        holders broken (for the message).  Only on an operator's explicit request (``--break-lock``)."""
+        broken = []
+        for client, cookie, addr in self._locker_list()[1]:
+            ret = lib().rbd_break_lock(self._image, client.encode(), cookie.encode())
+            if ret != -errno.ENOENT:  # gone meanwhile: nothing to break
+                check(ret, f"breaking the RBD lock of {client}")
+            broken.append(f"{client} {cookie!r} at {addr}")
+        return broken
+
+    def lockers(self, *, exclusive_only: bool = False) -> str:
+        """Who holds the image's lock: ``client.4140 'cookie' at ADDR`` per holder, for messages (empty when
+        nobody does, or, with ``exclusive_only``, when the lock is shared)."""
+        exclusive, holders = self._locker_list()
+        if exclusive_only and not exclusive:
+            return ""
+        return ", ".join(f"{c} {k!r} at {a}" for c, k, a in holders)
 
     def close(self) -> None:
         image, self._image = self._image, ctypes.c_void_p()
         if image:
             L = lib()
+            if self._lock_kind in ("managed", "advisory"):
+                L.rbd_metadata_remove(image, WRITER_KEY)
             if self._lock_kind == "managed":
                 L.rbd_lock_release(image)
             elif self._cookie is not None:
@@ -440,3 +512,42 @@ def create_rbd(rest: str, *, overwrite: bool, random_suffix: str) -> PendingRBD:
             old.close()
         raise
     return PendingRBD(loc, tmp, RBDStorage(loc, cluster, image, read_only=False), old)
+
+
+def rbd_exists(rest: str) -> bool:
+    """Whether the image of ``POOL/IMAGE`` exists (a missing pool or an unreachable cluster raise)."""
+    loc = RBDLocation.parse(rest)
+    cluster = _connect(loc)
+    try:
+        probe = ctypes.c_void_p()
+        ret = lib().rbd_open_read_only(cluster.ioctx, loc.image.encode(), ctypes.byref(probe), None)
+        if ret == 0:
+            lib().rbd_close(probe)
+            return True
+        if ret == -errno.ENOENT:
+            return False
+        raise VolumeError(msg=f"{loc.uri()}: cannot open: {os.strerror(-ret)}")
+    finally:
+        cluster.close()
+
+
+def rbd_remove(rest: str) -> None:
+    """Remove the image of ``POOL/IMAGE`` (``FileNotFoundError`` when there is none)."""
+    loc = RBDLocation.parse(rest)
+    cluster = _connect(loc)
+    try:
+        ret = lib().rbd_remove(cluster.ioctx, loc.image.encode())
+        if ret == -errno.ENOENT:
+            raise FileNotFoundError(errno.ENOENT, f"{loc.uri()}: no such RBD image")
+        check(ret, f"removing {loc.uri()}")
+    finally:
+        cluster.close()
+
+
+def rbd_break_lock(rest: str) -> list[str]:
+    """Break the lock on ``POOL/IMAGE`` (:meth:`RBDStorage.break_lock`); the holders broken."""
+    storage = RBDStorage.open(rest, read_only=False)
+    try:
+        return storage.break_lock()
+    finally:
+        storage.close()
