@@ -332,6 +332,22 @@ def kem_decapsulate(kem: str, private: bytes, ciphertext: bytes) -> bytes:
     return _combine(ss_m, ss_x, ct_m, ct_x, pk_m_raw, pk_x_raw)
 
 
+def x25519_static_secret(private: bytes, peer_public: bytes) -> bytes:
+    """The static-static X25519 secret between a hybrid identity's private key and another identity's hybrid
+    public key (their X25519 halves): what only these two holders can compute, so a MAC under it
+    authenticates the sender to the receiver (key grants, docs/keystore-format.md).  Classical only: ML-KEM
+    gives no authentication without a round trip.  An all-zero result (a low-order point) is refused."""
+    _m, x = _split_private(private)
+    _pk_m, pk_x = _split_public(peer_public)
+    try:
+        secret = x.exchange(x25519.X25519PublicKey.from_public_bytes(pk_x))
+    except ValueError:
+        raise InvalidArgument("X25519 rejected the public key (a low-order point)") from None
+    if not any(secret):
+        raise InvalidArgument("X25519 gave an all-zero secret (a low-order public key)")
+    return secret
+
+
 def _combine(ss_m: bytes, ss_x: bytes, ct_m: bytes, ct_x: bytes, pk_m: bytes, pk_x: bytes) -> bytes:
     return sha3_256(_HYBRID_LABEL + ss_m + ss_x + ct_m + ct_x + pk_m + pk_x)
 

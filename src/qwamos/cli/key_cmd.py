@@ -233,6 +233,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("file", type=Path, metavar="FILE", help="the recovery file (from key export)")
     i.add_argument("--force", action="store_true", help="replace a key with the same id (refused by default)")
     _recovery_fd(i)
+    from qwamos.cli.grant_cmd import register_grant_actions
+
+    register_grant_actions(action)
 
 
 def _recovery_fd(p: argparse.ArgumentParser) -> None:

@@ -41,8 +41,8 @@ from qwamos.errors import (
     QwamosError,
 )
 from qwamos.fsutil import fsync_dir
+from qwamos.keystore import grants, keyfile, metadata, pin, policy, recovery, rewrap, switch, tombstone, users
 from qwamos.keystore import identity as idmod
-from qwamos.keystore import keyfile, metadata, pin, policy, recovery, rewrap, switch, tombstone, users
 from qwamos.keystore.files import (
     check_private_dir,
     check_private_file,
@@ -787,6 +787,7 @@ class PQCKeystore:
         removed = overwrite_and_unlink(self._key_path(key_id))
         removed = overwrite_and_unlink(self._meta_path(key_id)) or removed
         overwrite_and_unlink(self._users_path(key_id))
+        overwrite_and_unlink(self.path / (key_id + grants.GRANTS_SUFFIX))
         return removed
 
     def rotate_key(self, old_id: str) -> str:
