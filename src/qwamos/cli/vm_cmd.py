@@ -94,6 +94,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="attach the serial console until the VM exits (off a terminal: its output on stdout, for scripts)",
     )
     add_json_option(sp, "what was started (pids, serial log, created disk)")
+    sp.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="an rbd: disk whose writer lock a dead host still holds: break it first (as `rbd lock rm`; the "
+        "holder is blocklisted). Only when that host is gone for good",
+    )
     sp = add(
         "stop",
         "stop the VM: ACPI powerdown, hard stop after --timeout",
@@ -337,7 +343,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.foreground and args.json:
         raise InvalidArgument("--json and --foreground exclude each other (the console is on stdout)")
     mgr = _manager(args)
-    result = mgr.start(args.vm, on_warning=warn)
+    result = mgr.start(args.vm, on_warning=warn, break_lock=args.break_lock)
     serial_log = mgr.run_dir(args.vm).serial_log
     if result.created_disk:
         message(f"created disk {result.created_disk}" + (f" (key {result.key_id})" if result.key_id else ""))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from qwamos.errors import QwamosError, VolumeBindingError
 from qwamos.hypervisor.config import VMConfig
+from qwamos.storage import storage_exists
 from qwamos.volume import read_header
 from qwamos.volume.snapshots import chain_identity
 
@@ -34,7 +35,7 @@ class BindingCheck:
     """The config's binding against what the volume's header claims."""
 
     state: str  # OK, UNBOUND (config predates bindings), MISMATCH, MISSING (no volume yet), UNREADABLE
-    volume: Path
+    volume: str | Path  # a file or an rbd: location
     expected_uuid: str | None
     expected_key_id: str | None
     found_uuid: str | None = None
@@ -73,10 +74,14 @@ class BindingCheck:
             )
 
 
-def check(cfg: VMConfig, volume: Path) -> BindingCheck:
+def check(cfg: VMConfig, volume: str | Path) -> BindingCheck:
     """Compare the config's ``volume_uuid``/``key_id`` with ``volume``'s header (read without a key)."""
     want_uuid, want_key = cfg.volume_uuid, cfg.key_id
-    if not volume.exists():
+    try:
+        exists = storage_exists(volume)
+    except QwamosError as e:
+        return BindingCheck(UNREADABLE, volume, want_uuid, want_key, detail=str(e))
+    if not exists:
         return BindingCheck(MISSING, volume, want_uuid, want_key)
     try:
         fields = read_header(volume)

@@ -101,11 +101,33 @@ class VMConfig:
                 f"{where}: storage.encryption.key_encapsulation: ecdh-curve25519 (as the spec's example writes "
                 f"it) is accepted; new volume keys are wrapped with {DEFAULT_KEM} (X25519 + ML-KEM-1024)"
             )
+        if self.disk_is_rbd:
+            self._check_rbd_disk(where)
+            return
         disk = self.disk_path
         if "," in str(disk):
             raise ConfigError(
                 f"hardware.disk.primary.path: QEMU cannot take a path with a comma: {disk}", path=where
             )
+
+    def _check_rbd_disk(self, where: str) -> None:
+        """An ``rbd:`` disk: a well-formed location, on an encrypted VM only (the image is served by our export;
+        QEMU never opens the cluster itself, so a plain disk there has no way to start)."""
+        from qwamos.errors import VolumeError
+        from qwamos.storage.rbd import RBDLocation
+
+        try:
+            RBDLocation.parse(self.disk_location[len("rbd:") :])
+        except VolumeError as e:
+            raise ConfigError(f"hardware.disk.primary.path: {e.msg}", path=where) from None
+        if not self.encryption_enabled:
+            raise ConfigError(
+                "hardware.disk.primary.path: an rbd: disk must be an encrypted volume "
+                "(storage.encryption.enabled: true)",
+                path=where,
+            )
+        if self._get("hardware", "disk", "primary", "backing", "path"):
+            raise ConfigError("hardware.disk.primary.backing: an rbd: disk has no backing file", path=where)
 
     def _get(self, *keys: str, default: Any = None) -> Any:
         return self._document.get(*keys, default=default)
@@ -169,7 +191,26 @@ class VMConfig:
         return value if isinstance(value, int) else parse_size(value) >> 20
 
     @property
+    def disk_is_rbd(self) -> bool:
+        """Whether the disk is a Ceph RBD image (``hardware.disk.primary.path: rbd:POOL/IMAGE[:opts]``)."""
+        value = self._get("hardware", "disk", "primary", "path")
+        return isinstance(value, str) and value.startswith("rbd:")
+
+    @property
+    def disk_location(self) -> str:
+        """Where the disk lives, for the storage layer: the ``rbd:`` location as written (no ``~`` or relative
+        path rules apply), else the file's absolute path."""
+        if self.disk_is_rbd:
+            return str(self._get("hardware", "disk", "primary", "path"))
+        return str(self.disk_path)
+
+    @property
     def disk_path(self) -> Path:
+        """The disk file's path (an ``rbd:`` disk has none on this host: use :attr:`disk_location`)."""
+        if self.disk_is_rbd:
+            raise ConfigError(
+                f"the disk is the RBD image {self.disk_location}, not a file on this host", path=str(self.path)
+            )
         p = self._path_value(self._get("hardware", "disk", "primary", "path"))
         return (
             p if p is not None else self.path.parent / ("disk.qvol" if self.encryption_enabled else "disk.qcow2")
@@ -280,6 +321,14 @@ class VMConfig:
         """Where the encrypted volume lives: beside the configured disk, with a ``.qvol`` suffix."""
         return self.disk_path.with_suffix(".qvol")
 
+    def volume_location(self) -> str:
+        """The encrypted volume's location: the ``rbd:`` image itself, the configured ``.qvol``, or the
+        ``.qvol`` beside a configured plain disk (:meth:`encrypted_disk_path`)."""
+        if self.disk_is_rbd:
+            return self.disk_location
+        disk = self.disk_path
+        return str((disk if str(disk).endswith(".qvol") else self.encrypted_disk_path()).expanduser().absolute())
+
     # --- changes --------------------------------------------------------------------------------------
 
     def set_encryption(self, *, key_id: str, algorithm: str, key_encapsulation: str = DEFAULT_KEM) -> None:
@@ -379,7 +428,7 @@ class VMConfig:
             "cpu": {"model": self.cpu_model, "cores": self.cpu_cores},
             "memory_mb": self.memory_mb,
             "disk": {
-                "path": str(self.disk_path),
+                "path": self.disk_location,
                 "size": self.disk_size_text,
                 "size_bytes": self.disk_size_bytes,
                 "format": None if self.encryption_enabled else self.disk_format,

@@ -120,7 +120,9 @@ def plan_delete(mgr: VMManager, name: str, *, keep_disk: bool = False) -> Delete
     refuse_unless_stopped(mgr, name, "delete")
     vm_dir = Path(layout.vm_dir(mgr.root, name))
     plan = DeletePlan(name, vm_dir, keep_disk, config_key=cfg.key_id)
-    candidates: list[Path] = [mgr.volume_path(cfg)] if cfg.encryption_enabled else []
+    # An rbd: image is left on the cluster (other hosts may serve it): `rbd rm` removes it.
+    vol_loc = mgr.volume_path(cfg) if cfg.encryption_enabled else None
+    candidates: list[Path] = [vol_loc] if isinstance(vol_loc, Path) else []
     # every volume in the VM directory: the disk, ``disk.qvol.backup`` kept by ``migrate --to-qcow2``, ...
     # (and a snapshot chain's frozen layers, ``disk.qvol.snap/<uuid>.qvol``)
     candidates += sorted(p for p in vm_dir.rglob("*.qvol*") if p.is_file() and not p.is_symlink())
@@ -128,8 +130,8 @@ def plan_delete(mgr: VMManager, name: str, *, keep_disk: bool = False) -> Delete
         vol = _volume_file(path) if path.is_file() else None
         if vol is not None:
             plan.volumes.append(vol)
-    disk = Path(cfg.disk_path).expanduser().absolute()
-    if not cfg.encryption_enabled and disk.is_file():
+    disk = None if cfg.disk_is_rbd else Path(cfg.disk_path).expanduser().absolute()
+    if not cfg.encryption_enabled and disk is not None and disk.is_file():
         plan.plain_disks.append(disk)
     listed = {v.path for v in plan.volumes} | set(plan.plain_disks) | {vm_dir / layout.CONFIG_NAME}
     plan.other_files = sorted(
@@ -205,6 +207,8 @@ def plan_resize(mgr: VMManager, name: str, size: str) -> ResizePlan:
         refuse_unless_stopped(mgr, name, "resize")
     if cfg.encryption_enabled:
         disk = mgr.volume_path(cfg)
+        if not isinstance(disk, Path):
+            raise ConfigError(f"resizing an rbd: disk ({disk}) is not supported yet", path=str(cfg.path))
         bound = binding.check(cfg, disk)
         bound.refuse_mismatch(name)
         if not disk.is_file():

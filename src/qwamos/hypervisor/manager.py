@@ -55,6 +55,8 @@ from qwamos.hypervisor.qemu import Disk, build_command, find_binary, guest_arch
 from qwamos.hypervisor.supervisor import STOP_REQUEST
 from qwamos.hypervisor.vocab import ACCELS, BOOT_FORMATS, DEFAULT_ALGORITHM, machine_for, normalize_arch
 from qwamos.nbd.export import command as export_command
+from qwamos.storage import break_lock as storage_break_lock
+from qwamos.storage import is_rbd, pin_location, remove_storage, storage_exists
 
 STATES = ("running", "paused", "stopped", "starting", "crashed")
 START_TIMEOUT = 60.0
@@ -111,10 +113,10 @@ class DiskPlan:
 
     qemu: Disk
     export_argv: list[str] | None = None
-    new_volume: Path | None = None  # an encrypted volume to create with a new key
+    new_volume: str | Path | None = None  # an encrypted volume (path or rbd: location) to create with a new key
     new_qcow2: Path | None = None  # an unencrypted image to create (in the config's format, qcow2 or raw)
     bind: tuple[str, str] | None = None  # (UUID, key ID) to record once running (a config without a binding)
-    volume: Path | None = None  # the encrypted volume the export serves (its key is unwrapped at start)
+    volume: str | Path | None = None  # the encrypted volume the export serves (its key is unwrapped at start)
 
 
 @dataclass
@@ -131,7 +133,7 @@ class StartPlan:
 class CreatedDisk:
     """What this start created, so that a failure removes exactly that."""
 
-    path: Path | None = None
+    path: str | Path | None = None  # a file, or an rbd: location
     encrypted: bool = False
     key_id: str | None = None
     volume_uuid: str | None = None
@@ -409,15 +411,26 @@ class VMManager:
         if not cfg.kernel:
             raise ConfigError("boot.kernel is not set; a kernel image is needed to boot", path=str(cfg.path))
 
-    def start(self, name: str, *, on_warning: Callable[[str], None] | None = None) -> StartResult:
+    def start(
+        self, name: str, *, on_warning: Callable[[str], None] | None = None, break_lock: bool = False
+    ) -> StartResult:
         """Start the VM: plan (every check, nothing created), create its disk if new, launch, record; any
-        failure after the plan undoes what this start created."""
+        failure after the plan undoes what this start created.
+
+        ``break_lock`` (``vm start --break-lock``, the operator's explicit word that the holder is gone for
+        good): break the writer lock another client holds on an ``rbd:`` disk first, as ``rbd lock rm`` does
+        (the holder is blocklisted, so it can never write again).  Never done otherwise: a lock whose holder
+        died stays until someone says so."""
         cfg = self.load(name)
         self.prepare_run_dir(name)
         plan = self.plan_start(cfg)
         for w in plan.warnings:
             if on_warning:
                 on_warning(w)
+        if break_lock and plan.disk.volume is not None and plan.disk.new_volume is None:
+            for holder in storage_break_lock(plan.disk.volume):
+                if on_warning:
+                    on_warning(f"{plan.disk.volume}: broke the lock of {holder} (blocklisted by the cluster)")
         created = CreatedDisk()
         try:
             self.create_disk(cfg, plan.disk, created)
@@ -472,21 +485,22 @@ class VMManager:
                 )
             return DiskPlan(Disk(fmt, str(image), backing), new_qcow2=new)  # type: ignore[arg-type]
         vol = self.volume_path(cfg)
-        if vol.exists() and not cfg.key_id:
+        exists = storage_exists(vol)
+        if exists and not cfg.key_id:
             raise ConfigError(
                 f"{vol} exists but storage.encryption.key_id is not set; add the volume's key ID "
                 "(qwamos volume dump-header shows it)",
                 path=str(cfg.path),
             )
-        if not vol.exists() and cfg.key_id:
+        if not exists and cfg.key_id:
             raise ConfigError(
                 f"the config records key {cfg.key_id!r} but the encrypted disk {vol} is missing; "
                 "refusing to create a new empty disk in its place",
                 path=str(cfg.path),
             )
-        if vol.exists() and cfg.identity_fingerprint:
+        if exists and cfg.identity_fingerprint:
             check_identity_pin(self._keystore(), cfg.identity_fingerprint, cfg.path)
-        if not vol.exists():
+        if not exists:
             return DiskPlan(
                 Disk("nbd", RunDir.EXPORT), export_argv=self._export_argv(vol), new_volume=vol, volume=vol
             )
@@ -504,12 +518,18 @@ class VMManager:
         return plan
 
     def _export_argv(
-        self, vol: Path, *, expect_uuid: str | None = None, expect_key_id: str | None = None
+        self, vol: str | Path, *, expect_uuid: str | None = None, expect_key_id: str | None = None
     ) -> list[str]:
         """The block export as its own program (the nbd layer's entry point, not the CLI); it refuses any
-        volume but the expected one, after authenticating its header."""
+        volume but the expected one, after authenticating its header.  An ``rbd:`` location gets this process's
+        cluster configuration and identity written into it (:func:`qwamos.storage.pin_location`): the export
+        runs with the allow-listed environment, without ``$CEPH_ARGS`` (it may carry a key)."""
         return export_command(
-            vol, RunDir.EXPORT, keystore=self.keystore_dir, expect_uuid=expect_uuid, expect_key_id=expect_key_id
+            pin_location(str(vol)) if is_rbd(vol) else vol,
+            RunDir.EXPORT,
+            keystore=self.keystore_dir,
+            expect_uuid=expect_uuid,
+            expect_key_id=expect_key_id,
         )
 
     def create_disk(self, cfg: VMConfig, disk: DiskPlan, created: CreatedDisk) -> None:
@@ -521,7 +541,10 @@ class VMManager:
             # "auto" is resolved now, so that the config records the cipher actually in use.
             created.algorithm = resolve_algorithm(cfg.encryption_algorithm or DEFAULT_ALGORITHM)
             created.key_id = PQCVolume(disk.new_volume, keystore=created.keystore).create(
-                disk.new_volume.stem, cfg.name, size_bytes=cfg.disk_size_bytes, algorithm=created.algorithm
+                _volume_name(disk.new_volume),
+                cfg.name,
+                size_bytes=cfg.disk_size_bytes,
+                algorithm=created.algorithm,
             )
             created.path, created.encrypted = disk.new_volume, True
             created.volume_uuid = str(read_header(disk.new_volume)["volume_uuid"])
@@ -553,7 +576,8 @@ class VMManager:
                 cfg.set_identity_fingerprint(info["fingerprint"])  # the keystore's pin, kept outside it too
             if created.volume_uuid is not None:
                 cfg.set_volume_binding(volume_uuid=created.volume_uuid, key_id=created.key_id)
-            cfg.set_disk_path(created.path)
+            if not is_rbd(created.path):  # an rbd: disk stays as the user wrote it
+                cfg.set_disk_path(created.path)
             cfg.save()
 
     def record_binding(self, cfg: VMConfig, disk: DiskPlan, on_warning: Callable[[str], None] | None) -> None:
@@ -577,16 +601,16 @@ class VMManager:
                 self.stop(name, force=True)
         if created.path is not None:
             with contextlib.suppress(FileNotFoundError):
-                created.path.unlink()
+                remove_storage(created.path)
         if created.key_id is not None and created.keystore is not None:
             with contextlib.suppress(Exception):
                 created.keystore.discard_key(created.key_id)
 
-    def volume_path(self, cfg: VMConfig) -> Path:
-        """The encrypted volume an encrypted VM uses (its configured `.qvol`, else the one beside its disk)."""
-        if cfg.disk_path and str(cfg.disk_path).endswith(".qvol"):
-            return Path(cfg.disk_path).expanduser().absolute()
-        return Path(cfg.encrypted_disk_path()).expanduser().absolute()
+    def volume_path(self, cfg: VMConfig) -> str | Path:
+        """The encrypted volume an encrypted VM uses (its configured `.qvol`, else the one beside its disk): a
+        path, or an ``rbd:`` location (a string: it is no path on this host)."""
+        loc = cfg.volume_location()
+        return loc if is_rbd(loc) else Path(loc)
 
     def _create_image(self, image: Path, cfg: VMConfig) -> None:
         """A new empty disk in the config's format (qcow2 or raw), with no backing file."""
@@ -720,6 +744,15 @@ class VMManager:
         for p in (run.qemu_pid, run.export_pid, run.supervisor_pid, run.path / STOP_REQUEST):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+
+
+def _volume_name(location: str | Path) -> str:
+    """The volume name a new volume records: the file's stem, or the RBD image's name without ``.qvol``."""
+    if is_rbd(location):
+        from qwamos.storage.rbd import RBDLocation
+
+        return RBDLocation.parse(str(location)[len("rbd:") :]).image.removesuffix(".qvol")
+    return Path(location).stem
 
 
 def check_identity_pin(keystore: Any, pinned: str, config_path: Path) -> None:

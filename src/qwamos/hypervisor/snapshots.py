@@ -23,7 +23,10 @@ def volume_path(mgr: VMManager, name: str) -> Path:
     cfg = mgr.load(name)
     if not cfg.encryption_enabled:
         raise VMError(f"VM {name!r} has no encrypted .qvol disk; snapshots are a feature of .qvol volumes")
-    return mgr.volume_path(cfg)
+    vol = mgr.volume_path(cfg)
+    if not isinstance(vol, Path):  # a snapshot chain is files beside the volume (VOL.snap/)
+        raise VMError(f"VM {name!r}'s disk is on RBD ({vol}): snapshots of rbd: volumes are not supported yet")
+    return vol
 
 
 def _online(mgr: VMManager, name: str) -> Path | None:
