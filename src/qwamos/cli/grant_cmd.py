@@ -59,7 +59,8 @@ def register_grant_actions(action: Any) -> None:
         "--expect-fingerprint",
         metavar="FP",
         default=None,
-        help="the granting keystore's fingerprint, as 'qwamos key identity' shows it there",
+        help="the granting keystore's fingerprint, as 'qwamos key identity' shows it there (default: show it "
+        "and ask)",
     )
     i.add_argument(
         "--yes", action="store_true", help="accept the fingerprint shown without asking (check it first)"

@@ -42,6 +42,7 @@ _SIGNATURES: dict[str, tuple[str, Any, list[Any]]] = {
     "rados_shutdown": ("rados", None, [c_void_p]),
     "rados_ioctx_create": ("rados", c_int, [c_void_p, c_char_p, ctypes.POINTER(c_void_p)]),
     "rados_ioctx_destroy": ("rados", None, [c_void_p]),
+    "rados_set_pool_full_try": ("rados", None, [c_void_p]),
     # librbd
     "rbd_create": ("rbd", c_int, [c_void_p, c_char_p, c_uint64, ctypes.POINTER(c_int)]),
     "rbd_remove": ("rbd", c_int, [c_void_p, c_char_p]),
