@@ -14,10 +14,14 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
 * sparse: a new image has no objects; ``allocated_bytes`` counts the objects that exist (``rbd du``);
 * ``punch`` and ``zero`` are ``rbd_write_zeroes``: librbd removes whole objects and zeroes partial ranges, so
   the range always reads as zeros (``rbd_discard`` may skip a range smaller than the discard granularity);
-* ``allocate`` cannot reserve (RBD is thin-provisioned cluster-wide): False.  A full cluster makes librados
-  *wait* for space by default; we bound every OSD operation with ``rados_osd_op_timeout`` (30 s unless the
-  configuration sets one) so that a write fails instead of hanging; mapping a full cluster to ENOSPC exactly
-  is later work;
+* ``allocate`` cannot reserve (RBD is thin-provisioned cluster-wide): False.
+* failures are bounded: every OSD operation times out after ``rados_osd_op_timeout`` (30 s unless the
+  configuration sets one; librados' default waits forever) and reaching the monitors after
+  ``client_mount_timeout`` (30 s, not 300), so an unreachable cluster makes requests fail with ETIMEDOUT
+  (the volume's I/O error, NBD EIO) and the next request after it returns succeeds.  A full cluster or pool:
+  librados *holds* writes until there is room by default; we set "full try" on the I/O context
+  (``rados_set_pool_full_try``), so that the OSDs answer ENOSPC (EDQUOT for a pool quota) at once: the
+  volume's full error, NBD_ENOSPC at the export, and QEMU pauses the guest (``werror=enospc``);
 * ``flush`` is ``rbd_flush`` (librbd's cache, then the OSDs' acknowledgement: durable on the cluster);
 * ``lock``: a writer takes librbd's exclusive lock explicitly (``rbd_lock_acquire``, which also stops librbd
   from handing the lock to another client on request; ``rbd lock ls`` shows it).  A second writer is refused
@@ -102,10 +106,12 @@ def pin_location(location: str) -> str:
 
 def with_options(location: str, conf: str | None, client_id: str | None) -> str:
     """``location`` with ``:conf=``/``:id=`` added when it is an ``rbd:`` location and they are given (the CLI's
-    ``--ceph-conf``/``--ceph-id``); any other location unchanged."""
+    ``--ceph-conf``/``--ceph-id``, ``$CEPH_CONF``) and the location does not name its own (which wins: it is
+    the more specific); any other location unchanged."""
     if not location.startswith("rbd:"):
         return location
-    for key, value in (("conf", conf), ("id", client_id)):
+    own = RBDLocation.parse(location[len("rbd:") :])
+    for key, value in (("conf", None if own.conf else conf), ("id", None if own.client_id else client_id)):
         if value:
             location += f":{key}=" + value.replace("\\", "\\\\").replace(":", "\\:")
     return location
@@ -165,6 +171,9 @@ class _Cluster:
             check(
                 L.rados_ioctx_create(self.handle, loc.pool.encode(), ctypes.byref(self.ioctx)), f"pool {loc.pool}"
             )
+            # A full cluster or pool answers writes ENOSPC instead of librados holding them until it has room
+            # (its default: they would then fail only at rados_osd_op_timeout, as ETIMEDOUT, i.e. EIO).
+            L.rados_set_pool_full_try(self.ioctx)
         except BaseException:
             self.close()
             raise

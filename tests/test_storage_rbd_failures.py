@@ -1,0 +1,206 @@
+"""An RBD-backed volume when the cluster fails: unreachable (its OSD stopped with SIGSTOP) and full (the full
+ratio set below what it holds).  Requests fail within a bounded time with the right error, through the API
+and through the export (NBD EIO, NBD_ENOSPC), and succeed again once the cluster is back.
+
+Both tests change the shared session cluster for a moment (tests run one at a time in a session) and put it
+back in ``finally``; nothing here sleeps for synchronisation: each waits for a condition the cluster reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import processes
+from nbd_helpers import wait_answers
+from qwamos.errors import VolumeError, VolumeFullError
+from qwamos.keystore import PQCKeystore
+from qwamos.nbd import constants as c
+from qwamos.nbd.client import NBDClient, NBDClientError
+from qwamos.volume import PQCVolume
+from vm_helpers import wait_for
+
+MIB = 1 << 20
+BOUND = 120.0  # seconds: a request that has not failed by then hangs (the op timeout here is 3 s)
+
+
+def _bounded(fn: Callable[[], object]) -> BaseException | None:
+    """Run ``fn`` in a thread; the exception it raised (None if it returned).  A call still running after
+    :data:`BOUND` fails the test: that is the hang the timeouts exist to prevent."""
+    out: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+            out.append(None)
+        except BaseException as e:  # handed to the test
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(BOUND)
+    assert out, f"the request did not fail within {BOUND:g} s"
+    return out[0]
+
+
+@pytest.fixture
+def short_timeout_conf(ceph_cluster, tmp_path) -> Path:
+    """The cluster's configuration with OSD operations bounded at 3 s (for the export, which gets it in its
+    location's ``:conf=``; ``$CEPH_ARGS`` does not reach it)."""
+    conf = tmp_path / "ceph.conf"
+    conf.write_text(ceph_cluster.conf.read_text().replace("[client]\n", "[client]\nrados osd op timeout = 3\n", 1))
+    return conf
+
+
+@contextmanager
+def _osd_stopped(ceph_cluster) -> Iterator[None]:
+    pid = int((ceph_cluster.dir / "run" / "osd.0.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _serve(loc: str, ks: Path, sock: Path) -> subprocess.Popen:
+    proc = processes.spawn(
+        [
+            sys.executable,
+            "-m",
+            "qwamos.cli.main",
+            "volume",
+            "serve",
+            loc,
+            "--socket",
+            str(sock),
+            "--keystore",
+            str(ks),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    wait_answers(sock, proc)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    processes.stop(proc, signal.SIGTERM, grace=30)
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def test_unreachable_cluster_answers_eio_in_bounded_time_then_recovers(
+    ceph_cluster, short_timeout_conf, tmp_path, short_dir, no_ambient_env
+):
+    ks = PQCKeystore(tmp_path / "ks")
+    loc = f"rbd:rbd/unreach-a:conf={short_timeout_conf}"
+    PQCVolume(loc, keystore=ks).create("u", "", size_bytes=16 * MIB)
+    with PQCVolume(loc, keystore=ks) as v:  # written by another client: not in the export's cache
+        v.write(4 * MIB, b"\x5a" * 65536)
+    sock = short_dir / "u.sock"
+    proc = _serve(loc, tmp_path / "ks", sock)
+    try:
+        c1 = NBDClient.connect_unix(str(sock), timeout=BOUND)
+        with _osd_stopped(ceph_cluster):
+            t0 = time.monotonic()
+            read_err = _bounded(lambda: c1.read(4 * MIB, 65536))
+            t1 = time.monotonic()
+
+            def write_and_flush() -> None:  # the write may be taken by librbd's cache: then the flush fails
+                c1.write(8 * MIB, b"\xa5" * 65536)
+                c1.flush()
+
+            write_err = _bounded(write_and_flush)
+            print(f"read failed after {t1 - t0:.1f} s, write/flush after {time.monotonic() - t1:.1f} s")
+        for err in (read_err, write_err):
+            assert isinstance(err, NBDClientError) and err.code == c.EIO, err
+        # The cluster is back: the same requests succeed, nothing lost or changed.
+        assert c1.read(4 * MIB, 65536) == b"\x5a" * 65536
+        c1.write(8 * MIB, b"\xa5" * 65536)
+        c1.flush()
+        c1.disconnect()
+    finally:
+        _stop(proc)
+    with PQCVolume(loc, keystore=ks, read_only=True) as v:
+        assert v.read(8 * MIB, 65536) == b"\xa5" * 65536
+        assert v.check() == []
+    # The API directly: an I/O error (not a hang), then success.
+    with PQCVolume(loc, keystore=ks) as v:
+        with _osd_stopped(ceph_cluster):
+            err = _bounded(lambda: (v.write(12 * MIB, b"\x11" * 4096), v.flush()))
+        assert isinstance(err, VolumeError) and not isinstance(err, VolumeFullError), err
+        v.write(12 * MIB, b"\x11" * 4096)
+        v.flush()
+
+
+def _ceph(ceph_cluster, *args: str) -> str:
+    return subprocess.run(
+        ["ceph", "--conf", str(ceph_cluster.conf), *args], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+
+
+def _pool_full(ceph_cluster) -> bool:
+    pools = json.loads(_ceph(ceph_cluster, "osd", "dump", "--format", "json"))["pools"]
+    return any("full" in p["flags_names"].split(",") for p in pools if p["pool_name"] == "rbd")
+
+
+@contextmanager
+def _cluster_full(ceph_cluster) -> Iterator[None]:
+    """Full ratios below what the OSD holds: the monitors mark the pools full."""
+    ratios = (("nearfull", "0.0001"), ("backfillfull", "0.0001"), ("full", "0.0001"))
+    try:
+        for name, value in ratios:
+            _ceph(ceph_cluster, "osd", f"set-{name}-ratio", value)
+        wait_for(lambda: _pool_full(ceph_cluster), 90, "the cluster to be marked full")
+        yield
+    finally:
+        for name, value in (("full", "0.95"), ("backfillfull", "0.90"), ("nearfull", "0.85")):
+            _ceph(ceph_cluster, "osd", f"set-{name}-ratio", value)
+        wait_for(lambda: not _pool_full(ceph_cluster), 90, "the cluster to be marked not full")
+
+
+def test_full_cluster_answers_enospc_then_recovers(ceph_cluster, tmp_path, short_dir, no_ambient_env):
+    ks = PQCKeystore(tmp_path / "ks")
+    loc = "rbd:rbd/full-a"
+    PQCVolume(loc, keystore=ks).create("f", "", size_bytes=16 * MIB)
+    PQCVolume("rbd:rbd/full-b", keystore=ks).create("g", "", size_bytes=16 * MIB)
+    api = PQCVolume("rbd:rbd/full-b", keystore=ks).open()
+    sock = short_dir / "f.sock"
+    proc = _serve(loc, tmp_path / "ks", sock)
+    try:
+        c1 = NBDClient.connect_unix(str(sock), timeout=BOUND)
+        c1.write(0, b"\x01" * 65536)
+        c1.flush()
+        with _cluster_full(ceph_cluster):
+            # The export answers NBD_ENOSPC (QEMU pauses the guest on it) at the write or its flush.
+            def write_and_flush() -> None:
+                c1.write(4 * MIB, b"\x02" * MIB)
+                c1.flush()
+
+            err = _bounded(write_and_flush)
+            assert isinstance(err, NBDClientError) and err.code == c.ENOSPC, err
+            # The API: the volume's full error.
+            err = _bounded(lambda: (api.write(4 * MIB, b"\x03" * MIB), api.flush()))
+            assert isinstance(err, VolumeFullError), err
+        api.write(4 * MIB, b"\x03" * MIB)
+        api.flush()
+        c1.write(4 * MIB, b"\x02" * MIB)
+        c1.flush()
+        assert c1.read(0, 65536) == b"\x01" * 65536
+        c1.disconnect()
+    finally:
+        _stop(proc)
+        api.close()
+    with PQCVolume(loc, keystore=ks, read_only=True) as v:
+        assert v.read(4 * MIB, MIB) == b"\x02" * MIB
+        assert v.check() == []
