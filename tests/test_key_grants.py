@@ -79,9 +79,18 @@ def test_grant_forged_by_another_identity_claiming_the_grantor(hosts):
 
     chosen = Unwrapped(bytes(range(32)), bytes(32), True)
     b_pub = base64.b64decode(json.loads((b.path / "identity.pub").read_text())["public_key"])
-    doc = grants.make_grant(hosts["key_id"], chosen, "web", m, b_pub)
-    doc["grantor_public_key"], doc["grantor_fingerprint"] = a_pub, _fp(a)
+    # The grant as M can make it: A's public key and fingerprint in every field (sealed under them), M's
+    # private key wherever a private key is needed (the static secret for the MAC).
+    posing = Identity(m.private, base64.b64decode(a_pub), _fp(a))
+    doc = grants.make_grant(hosts["key_id"], chosen, "web", posing, b_pub)
     with pytest.raises(KeyFileCorruptError, match="MAC check failed"):
+        grants.import_grant(b, dump_document(doc), expect_fingerprint=_fp(a))
+    assert not b.has_key(hosts["key_id"])
+    # Or M's own public key (so that M can make the MAC) labelled with A's fingerprint: the fingerprint is
+    # the public key's hash, checked before anything else.
+    labelled = Identity(m.private, m.public, _fp(a))
+    doc = grants.make_grant(hosts["key_id"], chosen, "web", labelled, b_pub)
+    with pytest.raises(KeyFileCorruptError, match="not the fingerprint of grantor_public_key"):
         grants.import_grant(b, dump_document(doc), expect_fingerprint=_fp(a))
     assert not b.has_key(hosts["key_id"])
 

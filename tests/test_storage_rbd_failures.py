@@ -204,3 +204,18 @@ def test_full_cluster_answers_enospc_then_recovers(ceph_cluster, tmp_path, short
     with PQCVolume(loc, keystore=ks, read_only=True) as v:
         assert v.read(4 * MIB, MIB) == b"\x02" * MIB
         assert v.check() == []
+
+
+def test_every_wait_on_the_cluster_is_bounded_by_default(ceph_cluster, tmp_path, no_ambient_env):
+    """Without a configuration saying otherwise, librados waits forever for an OSD (rados_osd_op_timeout 0)
+    and 300 s for the monitors: every connection we make sets 30 s for both."""
+    from qwamos.storage import open_storage
+    from qwamos.storage.rbd import MOUNT_TIMEOUT, OSD_OP_TIMEOUT
+
+    PQCVolume("rbd:rbd/bounded-a", keystore=PQCKeystore(tmp_path / "ks")).create("b", "", size_bytes=MIB)
+    s = open_storage("rbd:rbd/bounded-a", read_only=True)
+    try:
+        assert s._cluster._get(b"rados_osd_op_timeout").split(".")[0] == OSD_OP_TIMEOUT == "30"
+        assert s._cluster._get(b"client_mount_timeout").split(".")[0] == MOUNT_TIMEOUT == "30"
+    finally:
+        s.close()
