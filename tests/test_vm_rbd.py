@@ -147,3 +147,37 @@ def test_vm_on_rbd_moves_to_a_second_host_one_writer_at_a_time(ceph_cluster, tmp
     ceph_cluster.rbd("export", f"rbd/{image}", str(raw))
     assert marker.encode() not in raw.read_bytes()
     json.dumps(info)  # vm info --json serialises
+
+
+def test_migrate_to_rbd_puts_the_verified_volume_on_the_cluster(
+    ceph_cluster, tmp_path, no_ambient_env, idle_kernel
+):
+    """``qwamos migrate VM --to rbd:POOL/IMAGE``: the qcow2's data lands in a new encrypted volume on the
+    cluster, built as IMAGE.partial and renamed only after verification; the config's disk becomes the rbd:
+    location, bound to the new volume; a second migration to the same image is refused, nothing changed."""
+    from migrate_helpers import ODD_SIZE, make_source, raw_bytes
+    from qwamos.cli.main import main
+    from qwamos.migrate import migrate
+
+    root, ks_dir = tmp_path / "root", tmp_path / "keystore"
+    cfg_path = write_config(root, "mig", kernel=idle_kernel, size=str(ODD_SIZE))
+    src = cfg_path.parent / "disk.qcow2"
+    make_source(src)
+    expected = raw_bytes(src, "qcow2", tmp_path)
+    image = f"mig-{secrets.token_hex(4)}"
+    to = f"rbd:rbd/{image}"
+    ks = PQCKeystore(ks_dir)
+    res = migrate("mig", root=root, keystore=ks, to=to)
+    cfg = VMConfig.load(cfg_path)
+    assert cfg.disk_location == to and cfg.encryption_enabled and cfg.key_id == res.key_id and cfg.volume_uuid
+    with PQCVolume(to, keystore=PQCKeystore(ks_dir), read_only=True) as v:
+        assert v.header.volume_uuid == cfg.volume_uuid
+        assert v.read(0, ODD_SIZE) == expected
+    names = ceph_cluster.rbd("ls", "rbd").stdout.split()
+    assert image in names and f"{image}.partial" not in names
+    assert VMManager(root, keystore=ks_dir).info("mig")["binding"]["state"] == "ok"
+    # The image exists now: a migration of another VM to it is refused before anything is created.
+    write_config(root, "mig2", kernel=idle_kernel, size=str(ODD_SIZE))
+    make_source(root / "vms" / "mig2" / "disk.qcow2")
+    assert main(["migrate", "mig2", "--root", str(root), "--keystore", str(ks_dir), "--to", to]) != 0
+    assert not VMConfig.load(root / "vms" / "mig2" / "config.yaml").encryption_enabled

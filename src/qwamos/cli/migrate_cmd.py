@@ -57,6 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_option(p, "the events (plan, progress, results) as JSON lines")
     p.add_argument("--to-qcow2", action="store_true", help="decrypt the VM's volume back to a qcow2 disk")
     p.add_argument(
+        "--to",
+        metavar="rbd:POOL/IMAGE",
+        default=None,
+        help="put the new encrypted volume on Ceph RBD (default: a .qvol file beside the disk); the config's "
+        "disk becomes that location",
+    )
+    p.add_argument(
         "--allow-backing",
         action="store_true",
         help="read the backing file a qcow2 source names (refused without this: a guest can write such a "
@@ -88,6 +95,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         algorithm=args.algorithm,
         report=view.event,
         allow_backing=args.allow_backing,
+        to=args.to,
     )
     return 0
 
@@ -100,6 +108,7 @@ def _dry_run(args: argparse.Namespace, ks: Any, direction: str) -> int:
         backup=not args.no_backup,
         keystore=ks,
         allow_backing=args.allow_backing,
+        to=args.to,
     )
     leftover = Journal.read(journal_path_for(plan.vm))
     doc = plan.to_dict()

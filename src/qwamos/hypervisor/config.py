@@ -368,6 +368,10 @@ class VMConfig:
         """Record the disk's new size (``vm resize``), in the shortest exact spelling (``20G``)."""
         self._set(("hardware", "disk", "primary", "size"), format_size(size_bytes))
 
+    def set_disk_location(self, location: str) -> None:
+        """Point ``hardware.disk.primary.path`` at an ``rbd:`` location, written as given (``migrate --to``)."""
+        self._set(("hardware", "disk", "primary", "path"), location)
+
     def set_disk_format(self, fmt: str) -> None:
         self._set(("hardware", "disk", "primary", "format"), fmt)
 

@@ -37,8 +37,8 @@ class MigrationPlan:
     vm: VMView
     direction: Direction
     source: qemuimg.ImageInfo
-    target: Path
-    partial: Path
+    target: Path | str  # a file, or an rbd: location (migrate --to)
+    partial: Path | str
     backup: Path | None
     size_bytes: int
     source_key_id: str | None = None
@@ -187,13 +187,33 @@ def make_plan(
     backup: bool = True,
     keystore: Any = None,
     allow_backing: bool = False,
+    to: str | None = None,
 ) -> MigrationPlan:
-    """Check everything and decide what to do; change nothing.  Raises the error a real run would raise."""
+    """Check everything and decide what to do; change nothing.  Raises the error a real run would raise.
+    ``to``: the new volume's location instead of the ``.qvol`` beside the disk (an ``rbd:POOL/IMAGE``)."""
     vm = load_vm(name, root=root)
     refuse_running(vm)
     if direction == TO_QVOL:
-        return _plan_to_qvol(vm, backup, allow_backing)
+        return _plan_to_qvol(vm, backup, allow_backing, to)
+    if to is not None:
+        raise MigrationError(msg="--to names where a new encrypted volume goes; --to-qcow2 writes beside the VM")
     return _plan_to_qcow2(vm, backup, keystore)
+
+
+def rbd_target(to: str) -> tuple[str, str]:
+    """``(target, partial)`` for ``migrate --to rbd:POOL/IMAGE[:opts]``: the new volume is built as the image
+    ``IMAGE.partial`` in the same pool and renamed to ``IMAGE`` only after verification."""
+    from qwamos.errors import VolumeError
+    from qwamos.storage import is_rbd
+    from qwamos.storage.rbd import RBDLocation, with_options
+
+    if not is_rbd(to):
+        raise MigrationError(msg=f"--to {to}: expected an RBD location rbd:POOL/IMAGE[:conf=PATH][:id=NAME]")
+    try:
+        loc = RBDLocation.parse(to[len("rbd:") :])
+    except VolumeError as e:
+        raise MigrationError(msg=e.msg) from None
+    return to, with_options(f"rbd:{loc.pool}/{loc.image}.partial", loc.conf, loc.client_id)
 
 
 def source_backing(vm: VMView, source: qemuimg.ImageInfo, allow: bool) -> Backing | None:
@@ -222,7 +242,7 @@ def source_backing(vm: VMView, source: qemuimg.ImageInfo, allow: bool) -> Backin
     return Backing(str(source.backing_file), str(fmt))
 
 
-def _plan_to_qvol(vm: VMView, backup: bool, allow_backing: bool = False) -> MigrationPlan:
+def _plan_to_qvol(vm: VMView, backup: bool, allow_backing: bool = False, to: str | None = None) -> MigrationPlan:
     if vm.encrypted:
         raise MigrationError(
             msg=f"VM {vm.name!r} already uses encrypted storage ({vm.qvol_path}); "
@@ -241,9 +261,21 @@ def _plan_to_qvol(vm: VMView, backup: bool, allow_backing: bool = False) -> Migr
             msg=f"{src_path} is a QEMU-encrypted {source.format} image; decrypt it with qemu-img first"
         )
     check_size(source, vm.disk_size_bytes, vm.config_path)
-    target = vm.qvol_path
-    _refuse_existing(target, "the encrypted disk")
-    partial = partial_path_for(target)
+    target: Path | str
+    partial: Path | str
+    if to is not None:
+        from qwamos.storage import storage_exists
+
+        target, partial = rbd_target(to)
+        if storage_exists(target):
+            raise MigrationError(
+                msg=f"the encrypted disk {target} already exists; choose another image (or remove it) and run "
+                "the migration again"
+            )
+    else:
+        target = vm.qvol_path
+        _refuse_existing(target, "the encrypted disk")
+        partial = partial_path_for(target)
     backup_path = free_backup_path(src_path) if backup else None
     warnings: list[str] = []
     if source.backing_file:
@@ -254,7 +286,8 @@ def _plan_to_qvol(vm: VMView, backup: bool, allow_backing: bool = False) -> Migr
     if not backup:
         warnings.append(_flash_warning(src_path))
     used = source.actual_size if source.actual_size is not None else source.virtual_size
-    _check_space(target.parent, _qvol_footprint(min(used, source.virtual_size)))
+    if isinstance(target, Path):  # a cluster's free space is the cluster's business (ENOSPC if full)
+        _check_space(target.parent, _qvol_footprint(min(used, source.virtual_size)))
     return MigrationPlan(
         vm=vm,
         direction=TO_QVOL,
@@ -271,6 +304,11 @@ def _plan_to_qvol(vm: VMView, backup: bool, allow_backing: bool = False) -> Migr
 def _plan_to_qcow2(vm: VMView, backup: bool, keystore: Any) -> MigrationPlan:
     if not vm.encrypted:
         raise MigrationError(msg=f"VM {vm.name!r} does not use encrypted storage; nothing to decrypt")
+    if vm.config.disk_is_rbd:
+        raise MigrationError(
+            msg=f"VM {vm.name!r}'s disk is on RBD ({vm.config.disk_location}): --to-qcow2 from an rbd: volume is "
+            "not supported yet"
+        )
     src_path = vm.qvol_path
     if not src_path.exists():
         raise MigrationError(msg=f"the VM's encrypted disk {src_path} does not exist (nothing to migrate)")

@@ -50,6 +50,7 @@ from qwamos.migrate.plan import (
 )
 from qwamos.migrate.stream import ImageStream
 from qwamos.migrate.vmview import VMView, load_vm
+from qwamos.storage import is_rbd, remove_storage, rename_storage, storage_exists
 from qwamos.volume import PQCVolume, read_header
 from qwamos.volume.header import BLOCK_SIZE
 
@@ -111,6 +112,7 @@ def migrate(
     report: Report | None = None,
     hooks: Hooks | None = None,
     allow_backing: bool = False,
+    to: str | None = None,
 ) -> MigrationResult:
     """Migrate VM ``name``'s disk (see the module docstring).  Raises a :class:`QwamosError` on refusal or
     failure, after rolling back; ``KeyboardInterrupt`` also rolls back and is re-raised."""
@@ -123,7 +125,7 @@ def migrate(
         if leftover is not None:
             recover(leftover, vm, ks, emit)
         plan = make_plan(
-            name, root=root, direction=direction, backup=backup, keystore=ks, allow_backing=allow_backing
+            name, root=root, direction=direction, backup=backup, keystore=ks, allow_backing=allow_backing, to=to
         )
         emit({"type": "plan", **plan.to_dict()})
         for w in plan.warnings:
@@ -210,7 +212,7 @@ class _Run:
         p = self.plan
         self.emit({"type": "volume_start", "path": str(p.target)})
         vol = PQCVolume(p.partial, keystore=self.ks)
-        self.key_id = vol.create(p.target.stem, p.vm.name, size_bytes=p.size_bytes, algorithm=self.algorithm)
+        self.key_id = vol.create(_name_of(p.target), p.vm.name, size_bytes=p.size_bytes, algorithm=self.algorithm)
         self.journal.write(key_id=self.key_id)
         with vol:
             self.algorithm_used = vol.header.algorithm
@@ -297,7 +299,9 @@ class _Run:
             cfg.clear_key()  # the binding too: the VM's disk is now a plain qcow2
             cfg.clear_disk_format()
             cfg.set_disk_format("qcow2")
-        if vm.disk_path != p.target:
+        if isinstance(p.target, str):  # an rbd: location (migrate --to), as the user wrote it
+            cfg.set_disk_location(p.target)
+        elif vm.disk_path != p.target:
             cfg.set_disk_path(p.target)
         cfg.save()
         self.journal.write(state="committed")
@@ -363,14 +367,38 @@ def _remove_backup(source: Path, backup: Path) -> None:
         _unlink(backup)
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: Path | str) -> None:
     with contextlib.suppress(FileNotFoundError):
+        if is_rbd(path):
+            remove_storage(path)
+            return
         os.unlink(path)
-        fsync_dir(path.parent)
+        fsync_dir(Path(path).parent)
 
 
-def _place(partial: Path, target: Path) -> None:
-    """Rename without ever replacing: link to the real name (fails if it exists), then drop the temp name."""
+def _name_of(target: Path | str) -> str:
+    """The new volume's name: the file's stem, or the RBD image's name without ``.qvol``."""
+    if is_rbd(target):
+        from qwamos.storage.rbd import RBDLocation
+
+        return RBDLocation.parse(str(target)[len("rbd:") :]).image.removesuffix(".qvol")
+    return Path(target).stem
+
+
+def _loc(text: str) -> Path | str:
+    """A journal's recorded location: an ``rbd:`` location stays a string, anything else is a path."""
+    return text if is_rbd(text) else Path(text)
+
+
+def _place(partial: Path | str, target: Path | str) -> None:
+    """Rename without ever replacing: link to the real name (fails if it exists), then drop the temp name
+    (an RBD image: ``rbd_rename``, which refuses an existing name)."""
+    if isinstance(target, str) or isinstance(partial, str):
+        try:
+            rename_storage(str(partial), str(target))
+        except FileExistsError:
+            raise MigrationError(msg=f"{target} appeared during the migration; not replacing it") from None
+        return
     try:
         os.link(partial, target)
     except FileExistsError:
@@ -449,14 +477,14 @@ def recover(record: dict[str, Any], vm: VMView, keystore: Any, emit: Report) -> 
         finish_committed(record, keystore, emit)
         emit({"type": "recovered", "action": "finished", "journal": record})
     else:
-        partial = Path(record["partial"])
-        target = Path(record["target"])
+        partial = _loc(record["partial"])
+        target = _loc(record["target"])
         key_id = record.get("key_id")
-        if record["direction"] == TO_QVOL and key_id is None and partial.exists():
+        if record["direction"] == TO_QVOL and key_id is None and storage_exists(partial):
             with contextlib.suppress(QwamosError):
                 key_id = read_header(partial)["key_id"]
         _unlink(partial)
-        if state == "placed" and target.exists() and _is_ours(target, record, key_id):
+        if state == "placed" and storage_exists(target) and _is_ours(target, record, key_id):
             _unlink(target)
         if record["direction"] == TO_QVOL and key_id:
             with contextlib.suppress(QwamosError):
@@ -474,7 +502,7 @@ def _config_switched(record: dict[str, Any], vm: VMView) -> bool:
     return not fresh.encrypted
 
 
-def _is_ours(target: Path, record: dict[str, Any], key_id: str | None) -> bool:
+def _is_ours(target: Path | str, record: dict[str, Any], key_id: str | None) -> bool:
     if record["direction"] == TO_QCOW2:
         return True
     try:

@@ -11,7 +11,16 @@ import os
 
 from qwamos.storage.base import PendingStorage, Storage
 from qwamos.storage.file import FileStorage, PendingFile, create_file
-from qwamos.storage.rbd import RBDStorage, create_rbd, pin_location, rbd_break_lock, rbd_exists, rbd_remove
+from qwamos.storage.rbd import (
+    RBDLocation,
+    RBDStorage,
+    create_rbd,
+    pin_location,
+    rbd_break_lock,
+    rbd_exists,
+    rbd_remove,
+    rbd_rename,
+)
 
 __all__ = [
     "SCHEMES",
@@ -27,6 +36,7 @@ __all__ = [
     "open_storage",
     "pin_location",
     "remove_storage",
+    "rename_storage",
     "storage_exists",
 ]
 
@@ -87,3 +97,20 @@ def break_lock(location: str | os.PathLike[str]) -> list[str]:
     dies with the process, so for a file there is never anything to break (an empty list)."""
     scheme, rest = _split(os.fspath(location))
     return rbd_break_lock(rest) if scheme == "rbd" else []
+
+
+def rename_storage(location: str, new_location: str) -> None:
+    """Give the store at ``location`` the name ``new_location``, never replacing one (``FileExistsError``).  An
+    RBD image keeps its pool (``rbd_rename``); files use ``link`` + ``unlink``."""
+    scheme, rest = _split(location)
+    new_scheme, new_rest = _split(new_location)
+    if scheme != new_scheme:
+        raise ValueError(f"cannot rename {location} to {new_location}: another kind of store")
+    if scheme == "rbd":
+        old, new = RBDLocation.parse(rest), RBDLocation.parse(new_rest)
+        if old.pool != new.pool:
+            raise ValueError(f"cannot rename {location} to {new_location}: another pool")
+        rbd_rename(rest, new.image)
+    else:
+        os.link(rest, new_rest)
+        os.unlink(rest)

@@ -560,3 +560,16 @@ def rbd_break_lock(rest: str) -> list[str]:
         return storage.break_lock()
     finally:
         storage.close()
+
+
+def rbd_rename(rest: str, new_image: str) -> None:
+    """Rename the image of ``POOL/IMAGE`` to ``new_image`` in its pool; never replaces (``FileExistsError``)."""
+    loc = RBDLocation.parse(rest)
+    cluster = _connect(loc)
+    try:
+        ret = lib().rbd_rename(cluster.ioctx, loc.image.encode(), new_image.encode())
+        if ret == -errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, f"{loc.uri(new_image)} exists")
+        check(ret, f"renaming {loc.uri()} to {new_image}")
+    finally:
+        cluster.close()

@@ -1,0 +1,127 @@
+"""RBD-backed volumes, side by side in one run on one cluster: (a) `qwamos volume serve rbd:POOL/IMAGE` (an
+encrypted, authenticated .qvol on RBD) and (b) qemu-nbd serving an RBD image through QEMU's own rbd driver with
+librbd's LUKS2 encryption (`file.driver=rbd,file.encrypt.format=luks2`, formatted by `rbd encryption format`).
+
+Workloads (qemu-img bench over a UNIX socket, as bench/nbd.py): 1 MiB sequential write and read at depth 4,
+4 KiB stride write and read at depth 16; plus fio's nbd engine (4 KiB random read/write, depth 16) where fio
+has it.  Each image is written end to end through its own server first (so reads hit allocated objects), and
+every workload runs on a then b, ``--repeat`` rounds (median).  The cluster: the one ``$CEPH_CONF`` names
+with ``--use-env-cluster``, else a throw-away one-node cluster started by scripts/ceph-cluster.sh (memstore
+OSD: the objects live in the OSD's memory, so this measures the client side, librbd and the network stack,
+not disks).  Compare the ratios of one run, never figures from different runs.
+
+Usage: .venv/bin/python bench/rbd.py [--size-mib 256] [--repeat 3] [--use-env-cluster] [--no-fio]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "src"))
+
+from nbd import WORKLOADS, fio_available, prepare, run_all, server  # noqa: E402  (bench/nbd.py)
+
+PASSPHRASE = "bench-only-not-secret"
+QD = [w for w in WORKLOADS if w[3] > 1]  # the depth-4 and depth-16 workloads
+
+
+@contextlib.contextmanager
+def cluster(work: Path, use_env: bool):
+    """The cluster's configuration file: ``$CEPH_CONF`` or a new one-node cluster under ``work``."""
+    if use_env:
+        conf = os.environ.get("CEPH_CONF")
+        if not conf:
+            raise SystemExit("--use-env-cluster: set CEPH_CONF")
+        yield Path(conf)
+        return
+    d = work / "ceph"
+    script = REPO / "scripts" / "ceph-cluster.sh"
+    subprocess.run(["bash", str(script), "start", str(d)], check=True, timeout=300)
+    try:
+        yield d / "ceph.conf"
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(d)], check=False, timeout=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds per workload (median reported)")
+    ap.add_argument("--use-env-cluster", action="store_true", help="use the cluster $CEPH_CONF names")
+    ap.add_argument("--no-fio", action="store_true")
+    ap.add_argument("--pool", default="rbd")
+    args = ap.parse_args()
+
+    from qwamos.keystore import PQCKeystore
+    from qwamos.volume import PQCVolume
+
+    work = Path(tempfile.mkdtemp(prefix="rbdbench", dir="/tmp"))
+    use_fio = fio_available() and not args.no_fio
+    try:
+        with cluster(work, args.use_env_cluster) as conf, contextlib.ExitStack() as stack:
+            os.environ["CEPH_CONF"] = str(conf)
+            rbd = ["rbd", "--conf", str(conf)]
+            tag = os.urandom(4).hex()
+            image_a, image_b = f"bench-a-{tag}", f"bench-b-{tag}"
+            print(f"RBD benchmark: {args.size_mib} MiB images in pool {args.pool} ({conf}), repeat={args.repeat}")
+            targets: dict[str, str] = {}
+            # (a) our export of a qvol on RBD
+            ks = work / "keystore"
+            loc = f"rbd:{args.pool}/{image_a}:conf={conf}"
+            PQCVolume(loc, keystore=PQCKeystore(ks)).create("a", "bench", size_bytes=args.size_mib << 20)
+            sock = work / "a.sock"
+            argv = [sys.executable, "-m", "qwamos.cli.main", "volume", "serve", loc, "--socket", str(sock),
+                    "--keystore", str(ks)]  # fmt: skip
+            stack.enter_context(server(argv, sock))
+            targets["a qvol"] = f"nbd+unix:///?socket={sock}"
+            # (b) qemu-nbd: QEMU's rbd driver, librbd LUKS2
+            passfile = work / "pass"
+            passfile.write_text(PASSPHRASE)
+            subprocess.run(
+                [*rbd, "create", "--size", f"{args.size_mib + 32}M", f"{args.pool}/{image_b}"], check=True
+            )
+            subprocess.run(
+                [*rbd, "encryption", "format", f"{args.pool}/{image_b}", "luks2", str(passfile)],
+                check=True,
+                capture_output=True,
+            )
+            sock = work / "b.sock"
+            opts = (
+                f"driver=raw,file.driver=rbd,file.pool={args.pool},file.image={image_b},file.conf={conf},"
+                "file.encrypt.format=luks2,file.encrypt.key-secret=sec0"
+            )
+            argv = ["qemu-nbd", "--object", f"secret,id=sec0,file={passfile}", "-t", "-k", str(sock),
+                    "--cache=writeback", "--image-opts", opts]  # fmt: skip
+            stack.enter_context(server(argv, sock))
+            targets["b rbd-luks2"] = f"nbd+unix:///?socket={sock}"
+            for name, uri in targets.items():
+                prepare(name, uri, args.size_mib)
+            results = run_all(targets, QD, args.size_mib, args.repeat, use_fio)
+            for image in (image_a, image_b):
+                subprocess.run(
+                    [*rbd, "rm", "--no-progress", f"{args.pool}/{image}"], check=False, capture_output=True
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    a, b = results["a qvol"], results["b rbd-luks2"]
+    print()
+    print(f"{'workload':26} {'a qvol':>10} {'b luks2':>10} {'a/b':>6}  goal >= 1")
+    for k in a:
+        unit = "MB/s" if "1M" in k else "IOPS"
+        ratio = a[k] / b[k] if b[k] else float("nan")
+        print(f"{k + f' ({unit})':26} {a[k]:10.0f} {b[k]:10.0f} {ratio:6.2f}  {'met' if ratio >= 1 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
