@@ -22,6 +22,12 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
   librados *holds* writes until there is room by default; we set "full try" on the I/O context
   (``rados_set_pool_full_try``), so that the OSDs answer ENOSPC (EDQUOT for a pool quota) at once: the
   volume's full error, NBD_ENOSPC at the export, and QEMU pauses the guest (``werror=enospc``);
+* ``write`` is asynchronous (``rbd_aio_write``), so that the export encrypts the next request while librbd
+  sends this one: it returns once librbd has the request, keeping the ``bytes`` it handed over alive until
+  that write's completion fires (the buffer is librbd's until then).  At most :data:`MAX_INFLIGHT` writes
+  (:data:`MAX_INFLIGHT_BYTES`) are in flight; every other call (read, zero, extents, flush, resize, close)
+  first waits for all of them, so a read always sees every earlier write, and a write that failed raises its
+  ``OSError`` there (at the latest at ``flush``), as a writeback cache reports its failures;
 * ``flush`` is ``rbd_flush`` (librbd's cache, then the OSDs' acknowledgement: durable on the cluster);
 * ``lock``: a writer takes librbd's exclusive lock explicitly (``rbd_lock_acquire``, which also stops librbd
   from handing the lock to another client on request; ``rbd lock ls`` shows it).  A second writer is refused
@@ -42,6 +48,7 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -58,6 +65,8 @@ from qwamos.storage.librbd import DIFF_CB, RBD_FEATURE_EXCLUSIVE_LOCK, RBD_LOCK_
 OSD_OP_TIMEOUT = "30"  # seconds: bounded waits for OSD operations (librados' default 0 waits forever)
 MOUNT_TIMEOUT = "30"  # seconds to reach the monitors (librados' default is 300)
 _cookies = itertools.count(1)
+MAX_INFLIGHT = 16  # asynchronous writes in flight per image
+MAX_INFLIGHT_BYTES = 64 << 20
 WRITER_KEY = b"qwamos.writer"  # image metadata: the writer's own note of who it is (host, pid)
 
 
@@ -211,6 +220,9 @@ class RBDStorage:
         self._read_only = read_only
         self._cookie: bytes | None = None  # an advisory lock's cookie
         self._lock_kind: str | None = None  # "managed" (exclusive-lock feature), "advisory", "none" (reader)
+        # (completion, the bytes librbd is writing from, offset) of each write in flight, oldest first
+        self._inflight: collections.deque[tuple[ctypes.c_void_p, bytes, int]] = collections.deque()
+        self._inflight_bytes = 0
 
     @classmethod
     def open(cls, rest: str, *, read_only: bool = False) -> RBDStorage:
@@ -233,7 +245,30 @@ class RBDStorage:
     def read_only(self) -> bool:
         return self._read_only
 
+    def _reap_oldest(self) -> OSError | None:
+        """Wait for the oldest write in flight and release it (and its buffer); its failure, if it failed."""
+        comp, data, offset = self._inflight.popleft()
+        self._inflight_bytes -= len(data)
+        L = lib()
+        L.rbd_aio_wait_for_complete(comp)
+        ret = L.rbd_aio_get_return_value(comp)
+        L.rbd_aio_release(comp)
+        del data  # only now is librbd done with it
+        if ret < 0:
+            return OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}")
+        return None
+
+    def _drain(self) -> None:
+        """Wait for every write in flight; raise the first failure among them (after all are done)."""
+        first: OSError | None = None
+        while self._inflight:
+            err = self._reap_oldest()
+            first = first or err
+        if first is not None:
+            raise first
+
     def read_into(self, offset: int, buf: memoryview) -> int:
+        self._drain()
         want = min(len(buf), max(0, self.size() - offset))
         if want <= 0:
             return 0
@@ -242,6 +277,7 @@ class RBDStorage:
         return got
 
     def read(self, offset: int, length: int) -> bytes:
+        self._drain()
         want = min(length, max(0, self.size() - offset))
         if want <= 0:
             return b""
@@ -253,16 +289,21 @@ class RBDStorage:
         data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
         if not isinstance(data, bytes):
             data = bytes(data)
-        length = len(data)
-        done = 0
-        while done < length:  # librbd writes all or fails; the loop only guards a short count
-            n = check(
-                lib().rbd_write(self._image, offset + done, length - done, data[done:] if done else data),
-                "rbd_write",
-            )
-            if n == 0:
-                raise OSError(errno.EIO, "rbd_write wrote nothing")
-            done += n
+        if not data:
+            return
+        L = lib()
+        comp = ctypes.c_void_p()
+        check(L.rbd_aio_create_completion(None, None, ctypes.byref(comp)), "rbd_aio_create_completion")
+        ret = L.rbd_aio_write(self._image, offset, len(data), data, comp)
+        if ret < 0:
+            L.rbd_aio_release(comp)
+            raise OSError(-ret, f"rbd_aio_write: {os.strerror(-ret)}")
+        self._inflight.append((comp, data, offset))  # ``data`` stays alive until the completion is reaped
+        self._inflight_bytes += len(data)
+        while len(self._inflight) > MAX_INFLIGHT or self._inflight_bytes > MAX_INFLIGHT_BYTES:
+            err = self._reap_oldest()
+            if err is not None:
+                raise err
 
     def allocate(self, offset: int, length: int) -> bool:
         return length <= 0  # thin-provisioned: nothing to reserve (see the module docstring)
@@ -272,6 +313,7 @@ class RBDStorage:
         return True
 
     def zero(self, offset: int, length: int) -> None:
+        self._drain()
         if length > 0:
             check(lib().rbd_write_zeroes(self._image, offset, length, 0, 0), "rbd_write_zeroes")
 
@@ -281,6 +323,7 @@ class RBDStorage:
     def _diff(self, start: int, end: int) -> list[tuple[int, int]]:
         """The ranges of ``[start, end)`` in objects that exist (whole objects: coarse but never missing data)."""
         out: list[tuple[int, int]] = []
+        self._drain()
         if end <= start:
             return out
 
@@ -304,6 +347,7 @@ class RBDStorage:
         return sum(e - s for s, e in self._diff(0, self.size()))
 
     def flush(self) -> None:
+        self._drain()
         check(lib().rbd_flush(self._image), "rbd_flush")
 
     def size(self) -> int:
@@ -312,6 +356,7 @@ class RBDStorage:
         return size.value
 
     def resize(self, size: int) -> None:
+        self._drain()
         check(lib().rbd_resize(self._image, size), "rbd_resize")
 
     def lock(self, *, shared: bool) -> None:
@@ -406,6 +451,12 @@ class RBDStorage:
         return ", ".join(f"{c} {k!r} at {a}" for c, k, a in holders)
 
     def close(self) -> None:
+        failed: OSError | None = None
+        if self._image:
+            try:
+                self._drain()
+            except OSError as e:
+                failed = e  # closed all the same; the failure is raised below
         image, self._image = self._image, ctypes.c_void_p()
         if image:
             L = lib()
@@ -418,9 +469,13 @@ class RBDStorage:
             self._cookie = self._lock_kind = None
             L.rbd_close(image)
         self._cluster.close()
+        if failed is not None:
+            raise failed
 
     def close_image(self) -> None:
         """Close the image but keep the connection (a pending create still renames or removes with it)."""
+        if self._image:
+            self._drain()
         image, self._image = self._image, ctypes.c_void_p()
         if image:
             lib().rbd_close(image)
