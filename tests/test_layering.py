@@ -29,6 +29,7 @@ LAYERS = [
     ("nbd",),
     ("hypervisor",),
     ("migrate",),
+    ("backup",),
     ("cli",),
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

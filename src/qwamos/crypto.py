@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import os
 from functools import cache
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -74,6 +75,11 @@ SALT_SIZE = 16
 
 def new_volume_key() -> bytes:
     """A new 32-byte symmetric key (a volume key)."""
+    return random_bytes(KEY_SIZE)
+
+
+def new_repository_key() -> bytes:
+    """A new 32-byte master key of a backup repository (its subkeys are derived with HKDF)."""
     return random_bytes(KEY_SIZE)
 
 
@@ -224,6 +230,11 @@ class Aead:
 
 def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
+
+
+def sha256_stream() -> Any:
+    """An incremental SHA-256 (``update``/``hexdigest``) for data written in pieces (backup pack files)."""
+    return hashlib.sha256()
 
 
 def sha3_256(data: bytes) -> bytes:

@@ -8,7 +8,7 @@ two process entry points (``qwamos.cli.main`` and the block export's ``python -m
 Exit code ranges (documented in the README):
   0 ok, 1 warning, 2 generic error / bad usage,
   10-19 volume format, 20-29 keystore, 30-39 block export, 40-49 VM manager, 50-59 migration,
-  60-69 storage (the byte store beneath the volume format; 10-19 were all taken).
+  60-69 storage (the byte store beneath the volume format; 10-19 were all taken), 70-79 backups.
 
 Messages never contain key material or passphrases: constructors take names, paths and indices only.
 """
@@ -359,6 +359,33 @@ class SizeMismatchError(MigrationError):
     exit_code = 51
 
 
+# --- backups (70-79) ----------------------------------------------------------------------------------
+
+
+class BackupError(QwamosError):
+    """Backup failed: {msg}"""
+
+    exit_code = 70
+
+
+class RepositoryCorruptError(BackupError):
+    """Backup repository {repo}: {msg}"""
+
+    exit_code = 71
+
+
+class RepositoryRollbackError(BackupError):
+    """Backup repository {repo}: {msg}"""
+
+    exit_code = 72
+
+
+class ArchiveNotFoundError(BackupError):
+    """Backup repository {repo}: no archive {archive!r}"""
+
+    exit_code = 73
+
+
 # --- the exit-code table: the README's "Exit codes" section is rendered from it ------------------------
 
 # Ranges, lowest first: (first, last, area).  New codes go inside their area's range.
@@ -370,6 +397,7 @@ EXIT_RANGES: tuple[tuple[int, int, str], ...] = (
     (40, 49, "VM manager"),
     (50, 59, "migration"),
     (60, 69, "storage (beneath the volume format)"),
+    (70, 79, "backups"),
     (130, 130, "signal"),
 )
 
@@ -412,6 +440,10 @@ EXIT_CODES: dict[int, str] = {
     50: "migration failed",
     51: "disk size mismatch",
     60: "out of space (ENOSPC, EDQUOT, EFBIG; every block kept its old or new data: free space and retry)",
+    70: "backup failed (e.g. the repository is in use, or an archive name is taken)",
+    71: "backup repository damaged or tampered with (a chunk, archive, manifest or config fails to authenticate)",
+    72: "backup repository rolled back (its manifest is older than one this machine has seen)",
+    73: "no such backup archive",
     130: "interrupted (Ctrl-C)",
 }
 

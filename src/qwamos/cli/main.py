@@ -32,6 +32,7 @@ COMMAND_GROUPS = {
     "export": "export_cmd",
     "migrate": "migrate_cmd",
     "tls": "tls_cmd",
+    "backup": "backup_cmd",
 }
 COMMAND_MODULES = tuple(COMMAND_GROUPS.values())
 

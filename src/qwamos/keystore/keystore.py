@@ -893,6 +893,37 @@ class PQCKeystore:
             self._last_unwrap = None
         return {**tomb, "files": files}
 
+    # --- secrets kept outside the keystore (a backup repository's key) ------------------------------
+
+    def wrap_secret(self, key_id: str, secret: bytes) -> bytes:
+        """A key-file document (docs/keystore-format.md, version 2) holding the 32-byte ``secret`` for a file
+        kept elsewhere, such as a backup repository's key: encapsulated to this identity and authenticated by
+        it, exactly as a volume key file.  Nothing is written here; the caller stores the bytes."""
+        ident = self._open_identity(create=True)
+        doc = keyfile.wrap(
+            key_id,
+            crypto.HYBRID_KEM,
+            ident,
+            secret,
+            sealed=self._sealed,
+            commit_secret=crypto.new_commitment_secret(),
+            commitment_required=False,
+        )
+        return dump_document(doc)
+
+    def unwrap_secret(self, data: bytes, key_id: str, where: str) -> bytes:
+        """The secret of a document made by :meth:`wrap_secret` (the pin, MAC and AEAD checked as for a key
+        file); ``where`` names the file in errors."""
+        path = Path(where)
+        doc = keyfile.parse(data, path, key_id)
+        if doc["version"] != keyfile.VERSION:
+            raise KeyFileCorruptError(path=where, msg="not a version 2 (authenticated) key document")
+        ident = self._open_identity(create=False)
+        got = keyfile.unwrap_full(doc, path, ident)
+        if doc["identity_sealed"] and not self._sealed:
+            raise self._unsealed(ident, f"{path.name} records it sealed")
+        return got.key
+
     def export_key(self, key_id: str, passphrase: bytes) -> bytes:
         """A recovery document for ``key_id`` sealed with ``passphrase`` (independent of the identity)."""
         got = self._unwrap(key_id)

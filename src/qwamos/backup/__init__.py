@@ -1,0 +1,1 @@
+"""Encrypted, compressed, incremental backups of volumes into a repository directory (docs/backup-format.md)."""

@@ -1,0 +1,533 @@
+"""A backup repository: a directory of packs, sealed archives and one sealed manifest (docs/backup-format.md).
+
+::
+
+    REPO/config            the repository's id and settings, MAC'd under the repository key
+    REPO/key               the repository key, wrapped to the keystore identity (a key-file document)
+    REPO/manifest          sealed: sequence number, the archive list (with each archive file's SHA-256),
+                           the chunk index (chunk id -> pack, offset, length, blocks), the packs' SHA-256
+    REPO/archives/<id>     sealed archive documents: one volume's block map, extent -> chunk id
+    REPO/packs/<id>        chunk records appended by one ``backup create``, never modified afterwards
+    REPO/lock              flock target: exclusive for changes, shared for reading
+
+The manifest is the root of trust: everything else is reached through hashes or ids it holds, so a changed,
+dropped, swapped or foreign file fails.  What the manifest cannot show by itself is its own replacement by an
+older sealed manifest (a rollback): for that each machine keeps the highest sequence number it has seen in
+its state directory (``$QWAMOS_BACKUP_STATE``, else ``$XDG_STATE_HOME/qwamos/backup``, else
+``~/.local/state/qwamos/backup``), as BorgBackup keeps its security directory; an older manifest, or another
+with the same number, is refused (:class:`~qwamos.errors.RepositoryRollbackError`).  A machine that never saw
+the repository trusts the manifest it finds first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qwamos import crypto, fsutil
+from qwamos.backup import format as fmt
+from qwamos.errors import (
+    ArchiveNotFoundError,
+    BackupError,
+    InvalidArgument,
+    KeyFileCorruptError,
+    RepositoryCorruptError,
+    RepositoryRollbackError,
+)
+from qwamos.keystore import recovery, sealing
+from qwamos.keystore.files import canonical_json, dump_document, parse_document
+
+if TYPE_CHECKING:
+    from qwamos.keystore import PQCKeystore
+
+CONFIG_FORMAT = "qwamos-backup-repository"
+VERSION = 1
+_CONFIG_FIELDS = {"format", "version", "repo_id", "algorithm", "chunk_blocks", "compression", "mac"}
+MAX_FILE = 1 << 30  # config, key, manifest, archive documents: read at most this much
+STATE_ENV = "QWAMOS_BACKUP_STATE"
+KEY_EXPORT_FORMAT = "qwamos-backup-key"
+
+
+def key_id_for(repo_id: bytes) -> str:
+    """The key id a repository's key document carries (``backup-<repo id hex>``)."""
+    return f"backup-{repo_id.hex()}"
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get(STATE_ENV)
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "qwamos" / "backup"
+
+
+def _read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE + 1)
+    if len(data) > MAX_FILE:
+        raise InvalidArgument(f"{path} is larger than {MAX_FILE} bytes")
+    return data
+
+
+class PackWriter:
+    """Appends chunk records to one new pack file (created exclusively, fsynced by :meth:`finish`)."""
+
+    def __init__(self, path: Path, repo_id: bytes) -> None:
+        self.path = path
+        self.id = path.name
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._hash = crypto.sha256_stream()
+        self.size = 0
+        self._append(fmt.MAGIC_PACK + repo_id)
+
+    def _append(self, data: bytes) -> int:
+        offset = self.size
+        fsutil.write_all(self._fd, data)
+        self._hash.update(data)
+        self.size += len(data)
+        return offset
+
+    def add(self, record: bytes) -> int:
+        return self._append(record)
+
+    def finish(self) -> dict[str, Any]:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        return {"size": self.size, "sha256": self._hash.hexdigest()}
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class Repository:
+    """One repository directory.  ``Repository(path, keystore).open()`` or ``Repository.init(...)``."""
+
+    def __init__(self, path: str | os.PathLike[str], keystore: PQCKeystore, *, state_dir: Path | None = None):
+        self.path = Path(path)
+        self.keystore = keystore
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        self.keys: fmt.RepoKeys | None = None
+        self.manifest: dict[str, Any] = {}
+        self._lock_fd = -1
+
+    # --- creating and opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        path: str | os.PathLike[str],
+        keystore: PQCKeystore,
+        *,
+        algorithm: str = crypto.CHACHA20_POLY1305,
+        state_dir: Path | None = None,
+    ) -> Repository:
+        """Create an empty repository at ``path`` (a new or empty directory) with a new key wrapped to the
+        keystore's identity."""
+        repo = cls(path, keystore, state_dir=state_dir)
+        p = repo.path
+        if p.exists() and (not p.is_dir() or any(p.iterdir())):
+            raise BackupError(msg=f"{p} exists and is not an empty directory")
+        alg = crypto.resolve_algorithm(algorithm)
+        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(p, 0o700)
+        for sub in ("archives", "packs"):
+            (p / sub).mkdir(mode=0o700, exist_ok=True)
+        repo_id = crypto.new_uuid()
+        master = crypto.new_repository_key()
+        fsutil.atomic_write(p / "key", mode=0o600, data=keystore.wrap_secret(key_id_for(repo_id), master))
+        repo.keys = fmt.RepoKeys.derive(master, repo_id, alg)
+        config = {
+            "format": CONFIG_FORMAT,
+            "version": VERSION,
+            "repo_id": repo_id.hex(),
+            "algorithm": alg,
+            "chunk_blocks": fmt.CHUNK_BLOCKS,
+            "compression": f"zstd,{fmt.ZSTD_LEVEL}",
+        }
+        config["mac"] = crypto.hmac_sha256(repo.keys.config_key, canonical_json(config)).hex()
+        fsutil.atomic_write(p / "config", mode=0o600, data=dump_document(config))
+        (p / "lock").touch(mode=0o600)
+        repo.manifest = {"seq": 0, "archives": [], "chunks": {}, "packs": {}}
+        repo._lock(exclusive=True)
+        try:
+            repo.commit()
+        finally:
+            repo.unlock()
+        return repo
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def _config(self) -> dict[str, Any]:
+        try:
+            data = _read(self.path / "config")
+        except FileNotFoundError:
+            raise BackupError(
+                msg=f"{self.path} is not a backup repository (no config; run 'backup init')"
+            ) from None
+        try:
+            doc = parse_document(data, self.path / "config", fields=_CONFIG_FIELDS)
+        except KeyFileCorruptError as e:
+            raise RepositoryCorruptError(repo=self.where, msg=f"config: {e}") from None
+        if doc.get("format") != CONFIG_FORMAT or doc.get("version") != VERSION:
+            raise RepositoryCorruptError(repo=self.where, msg="config: not a version 1 qwamos backup repository")
+        rid = doc.get("repo_id")
+        if not isinstance(rid, str) or len(rid) != 32 or rid.strip("0123456789abcdef"):
+            raise RepositoryCorruptError(repo=self.where, msg="config: bad repo_id")
+        if doc.get("algorithm") not in crypto.ALGORITHMS or doc.get("chunk_blocks") != fmt.CHUNK_BLOCKS:
+            raise RepositoryCorruptError(repo=self.where, msg="config: unsupported algorithm or chunk size")
+        return doc
+
+    def read_key(self) -> bytes:
+        """The repository's master key, unwrapped with the keystore's identity (the config names the id)."""
+        rid = bytes.fromhex(self._config()["repo_id"])
+        try:
+            data = _read(self.path / "key")
+        except FileNotFoundError:
+            raise BackupError(
+                msg=f"{self.path}/key is missing: import the repository key with 'backup key import'"
+            ) from None
+        return self.keystore.unwrap_secret(data, key_id_for(rid), str(self.path / "key"))
+
+    def _keys_from(self, master: bytes) -> fmt.RepoKeys:
+        config = self._config()
+        keys = fmt.RepoKeys.derive(master, bytes.fromhex(config["repo_id"]), config["algorithm"])
+        body = canonical_json({k: v for k, v in config.items() if k != "mac"})
+        mac = config.get("mac")
+        if not isinstance(mac, str) or not crypto.constant_time_eq(
+            crypto.hmac_sha256(keys.config_key, body).hex().encode(), mac.encode()
+        ):
+            raise RepositoryCorruptError(
+                repo=self.where, msg="config failed authentication (modified, or wrong key)"
+            )
+        return keys
+
+    def open(self, *, exclusive: bool = False) -> Repository:
+        """Authenticate the config and the manifest (and check it against this machine's record) under the
+        repository lock (shared for reading, ``exclusive`` for changes).  Returns ``self``."""
+        self._lock(exclusive=exclusive)
+        try:
+            self.keys = self._keys_from(self.read_key())
+            self.manifest = self._load_manifest()
+        except BaseException:
+            self.unlock()
+            raise
+        return self
+
+    def close(self) -> None:
+        self.unlock()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _lock(self, *, exclusive: bool) -> None:
+        if self._lock_fd >= 0:
+            return
+        try:
+            fd = os.open(self.path / "lock", os.O_RDWR)
+        except FileNotFoundError:
+            raise BackupError(msg=f"{self.path} is not a backup repository (no lock file)") from None
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BackupError(msg=f"{self.path} is in use by another backup command") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # --- the manifest ----------------------------------------------------------------------------------------
+
+    def _state_file(self) -> Path:
+        assert self.keys is not None
+        return self.state_dir / f"{self.keys.repo_id.hex()}.json"
+
+    def _seen(self) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(self._state_file().read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise BackupError(
+                msg=f"{self._state_file()} is not JSON: remove it to trust the repository anew"
+            ) from None
+        return doc if isinstance(doc, dict) else None
+
+    def _remember(self, seq: int, digest: str) -> None:
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        rec = {
+            "repo_id": self.keys.repo_id.hex(),
+            "path": str(self.path.resolve()),
+            "seq": seq,
+            "manifest_sha256": digest,
+        }
+        fsutil.atomic_write(self._state_file(), mode=0o600, data=json.dumps(rec, sort_keys=True).encode() + b"\n")
+
+    def _load_manifest(self) -> dict[str, Any]:
+        try:
+            data = _read(self.path / "manifest")
+        except FileNotFoundError:
+            raise RepositoryCorruptError(repo=self.where, msg="the manifest is missing") from None
+        doc = fmt.open_document(self.keys, fmt.MAGIC_MANIFEST, b"manifest", data, self.where, "the manifest")
+        _check_manifest(doc, self.where)
+        digest = crypto.sha256(data).hex()
+        seen = self._seen()
+        if seen is not None:
+            if doc["seq"] < seen.get("seq", 0):
+                raise RepositoryRollbackError(
+                    repo=self.where,
+                    msg=f"the manifest is older (sequence {doc['seq']}) than one this machine saw "
+                    f"(sequence {seen['seq']}): rolled back, archives may have been hidden or resurrected",
+                )
+            if doc["seq"] == seen.get("seq") and digest != seen.get("manifest_sha256"):
+                raise RepositoryRollbackError(
+                    repo=self.where, msg=f"the manifest with sequence {doc['seq']} is not the one this machine saw"
+                )
+        if seen is None or doc["seq"] != seen.get("seq"):
+            self._remember(doc["seq"], digest)
+        return doc
+
+    def commit(self) -> None:
+        """Seal the in-memory manifest with the next sequence number and replace the file atomically."""
+        if self._lock_fd < 0:
+            raise BackupError(msg="the repository must be locked to change it")
+        self.manifest["seq"] += 1
+        data = fmt.seal_document(self.keys, fmt.MAGIC_MANIFEST, b"manifest", self.manifest)
+        fsutil.atomic_write(self.path / "manifest", mode=0o600, data=data)
+        self._remember(self.manifest["seq"], crypto.sha256(data).hex())
+
+    # --- archives --------------------------------------------------------------------------------------------
+
+    def archives(self) -> list[dict[str, Any]]:
+        """The manifest's archive list, oldest first."""
+        return list(self.manifest["archives"])
+
+    def find(self, ref: str) -> dict[str, Any]:
+        """An archive entry by name or id (or a unique id prefix of at least 8 characters); the newest of that
+        name when names repeat."""
+        named = [a for a in self.manifest["archives"] if a["name"] == ref]
+        if named:
+            return named[-1]
+        ids = [a for a in self.manifest["archives"] if len(ref) >= 8 and a["id"].startswith(ref)]
+        if len(ids) == 1:
+            return ids[0]
+        raise ArchiveNotFoundError(repo=self.where, archive=ref)
+
+    def load_archive(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """The archive document of a manifest entry, checked against the entry's SHA-256 and name."""
+        path = self.path / "archives" / entry["id"]
+        try:
+            data = _read(path)
+        except FileNotFoundError:
+            raise RepositoryCorruptError(
+                repo=self.where, msg=f"archive {entry['name']!r} ({entry['id']}) is missing"
+            ) from None
+        if not crypto.constant_time_eq(crypto.sha256(data).hex().encode(), entry["sha256"].encode()):
+            raise RepositoryCorruptError(
+                repo=self.where,
+                msg=f"archive {entry['name']!r} does not match the manifest (modified or replaced)",
+            )
+        doc = fmt.open_document(
+            self.keys,
+            fmt.MAGIC_ARCHIVE,
+            bytes.fromhex(entry["id"]),
+            data,
+            self.where,
+            f"archive {entry['name']!r}",
+        )
+        _check_archive(doc, entry, self.where)
+        return doc
+
+    def store_archive(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """Write a new archive document (not yet listed: the caller commits the manifest)."""
+        data = fmt.seal_document(self.keys, fmt.MAGIC_ARCHIVE, bytes.fromhex(doc["id"]), doc)
+        fsutil.atomic_write(self.path / "archives" / doc["id"], mode=0o600, data=data)
+        return {"sha256": crypto.sha256(data).hex(), "size": len(data)}
+
+    def new_pack(self) -> PackWriter:
+        return PackWriter(self.path / "packs" / crypto.new_id_hex(16), self.keys.repo_id)
+
+    def read_record(self, loc: list[Any]) -> bytes:
+        pack, offset, length = loc[0], loc[1], loc[2]
+        try:
+            with open(self.path / "packs" / pack, "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+        except FileNotFoundError:
+            raise RepositoryCorruptError(repo=self.where, msg=f"pack {pack} is missing") from None
+        if len(data) != length:
+            raise RepositoryCorruptError(repo=self.where, msg=f"pack {pack} is cut short")
+        return data
+
+    # --- removing archives and garbage ---------------------------------------------------------------------
+
+    def delete(self, entries: list[dict[str, Any]]) -> dict[str, int]:
+        """Drop archives from the manifest, then every chunk and pack no remaining archive references.  The
+        manifest is committed first: a crash leaves unreferenced files, removed by the next change."""
+        gone = {e["id"] for e in entries}
+        self.manifest["archives"] = [a for a in self.manifest["archives"] if a["id"] not in gone]
+        return self.collect_garbage()
+
+    def collect_garbage(self) -> dict[str, int]:
+        live: set[str] = set()
+        for entry in self.manifest["archives"]:
+            for ext in self.load_archive(entry)["extents"]:
+                live.add(ext[2])
+        chunks = self.manifest["chunks"]
+        dead = [c for c in chunks if c not in live]
+        for c in dead:
+            del chunks[c]
+        used_packs = {loc[0] for loc in chunks.values()}
+        dead_packs = [p for p in self.manifest["packs"] if p not in used_packs]
+        for p in dead_packs:
+            del self.manifest["packs"][p]
+        self.commit()
+        listed_archives = {a["id"] for a in self.manifest["archives"]}
+        removed = 0
+        for sub, keep in (("packs", set(self.manifest["packs"])), ("archives", listed_archives)):
+            for f in (self.path / sub).iterdir():
+                if f.name not in keep:
+                    f.unlink()
+                    removed += 1
+        fsutil.fsync_dir(self.path / "packs")
+        return {"chunks_freed": len(dead), "files_removed": removed}
+
+    # --- key export / import ------------------------------------------------------------------------------
+
+    def export_key(self, passphrase: bytes, params: sealing.Argon2Params) -> bytes:
+        """The repository key sealed with a passphrase (recovery-document format, keystore-format.md), for
+        restoring on a machine whose keystore has another identity."""
+        rid = bytes.fromhex(self._config()["repo_id"])
+        master = self.read_key()
+        meta = {"key_id": key_id_for(rid), "kind": KEY_EXPORT_FORMAT, "repo_id": rid.hex()}
+        return recovery.export_document(
+            key_id_for(rid), master, crypto.new_commitment_secret(), False, meta, passphrase, params
+        )
+
+    def import_key(self, data: bytes, passphrase: bytes) -> None:
+        """Store the repository key from an exported document, wrapped to this keystore's identity; the key
+        must authenticate this repository's config."""
+        key_id, master, _commit, _required, meta = recovery.import_document(data, passphrase)
+        rid = bytes.fromhex(self._config()["repo_id"])
+        if key_id != key_id_for(rid) or meta.get("kind") != KEY_EXPORT_FORMAT:
+            raise BackupError(msg=f"the key file is for another repository ({key_id}), not {self.path}")
+        self._keys_from(master)  # refuses a key that does not authenticate the config
+        fsutil.atomic_write(self.path / "key", mode=0o600, data=self.keystore.wrap_secret(key_id, master))
+
+
+def rewrap_key(path: str | os.PathLike[str], unwrap_with: PQCKeystore, wrap_with: PQCKeystore) -> None:
+    """Re-wrap a repository's key from one keystore identity to another: the hook for
+    ``key rotate-identity`` (every repository this machine has used is listed by :func:`known_repositories`).
+    The config's MAC is checked with the key before the new document replaces the old one."""
+    old = Repository(path, unwrap_with)
+    master = old.read_key()
+    old._keys_from(master)
+    rid = bytes.fromhex(old._config()["repo_id"])
+    fsutil.atomic_write(old.path / "key", mode=0o600, data=wrap_with.wrap_secret(key_id_for(rid), master))
+
+
+def known_repositories(state_dir: Path | None = None) -> list[str]:
+    """Paths of the repositories this machine has used (from its state records)."""
+    d = Path(state_dir) if state_dir is not None else default_state_dir()
+    out: list[str] = []
+    with contextlib.suppress(FileNotFoundError):
+        for f in sorted(d.glob("*.json")):
+            with contextlib.suppress(ValueError, OSError):
+                rec = json.loads(f.read_text())
+                if isinstance(rec, dict) and isinstance(rec.get("path"), str):
+                    out.append(rec["path"])
+    return out
+
+
+# --- shape checks of authenticated documents (a bug or a future version, never an attacker) ---------------
+
+
+def _is_hex(v: Any, n: int) -> bool:
+    return isinstance(v, str) and len(v) == n and not v.strip("0123456789abcdef")
+
+
+def _check_manifest(doc: dict[str, Any], repo: str) -> None:
+    def bad(msg: str) -> RepositoryCorruptError:
+        return RepositoryCorruptError(repo=repo, msg=f"manifest: {msg}")
+
+    if set(doc) != {"seq", "archives", "chunks", "packs"} or type(doc["seq"]) is not int or doc["seq"] < 1:
+        raise bad("unexpected structure")
+    if (
+        not isinstance(doc["archives"], list)
+        or not isinstance(doc["chunks"], dict)
+        or not isinstance(doc["packs"], dict)
+    ):
+        raise bad("unexpected structure")
+    for a in doc["archives"]:
+        if not isinstance(a, dict) or not _is_hex(a.get("id"), 32) or not _is_hex(a.get("sha256"), 64):
+            raise bad("malformed archive entry")
+        if not isinstance(a.get("name"), str):
+            raise bad("malformed archive entry")
+    for cid, loc in doc["chunks"].items():
+        if (
+            not _is_hex(cid, 64)
+            or not isinstance(loc, list)
+            or len(loc) != 4
+            or loc[0] not in doc["packs"]
+            or any(type(x) is not int or x < 0 for x in loc[1:])
+            or not 1 <= loc[3] <= fmt.CHUNK_BLOCKS
+        ):
+            raise bad(f"malformed chunk entry {cid[:16]}")
+
+
+def _check_archive(doc: dict[str, Any], entry: dict[str, Any], repo: str) -> None:
+    def bad(msg: str) -> RepositoryCorruptError:
+        return RepositoryCorruptError(repo=repo, msg=f"archive {entry['name']!r}: {msg}")
+
+    if doc.get("id") != entry["id"] or doc.get("name") != entry["name"]:
+        raise bad("does not match its manifest entry")
+    vol = doc.get("volume")
+    if (
+        not isinstance(vol, dict)
+        or type(vol.get("total_blocks")) is not int
+        or type(vol.get("size_bytes")) is not int
+    ):
+        raise bad("malformed volume description")
+    total = vol["total_blocks"]
+    exts = doc.get("extents")
+    if not isinstance(exts, list):
+        raise bad("malformed extents")
+    pos = 0
+    for e in exts:
+        if (
+            not isinstance(e, list)
+            or len(e) != 4
+            or type(e[0]) is not int
+            or type(e[1]) is not int
+            or type(e[3]) is not int
+            or not _is_hex(e[2], 64)
+            or e[0] < pos
+            or e[1] < 1
+            or e[3] < 0
+            or e[3] + e[1] > fmt.CHUNK_BLOCKS
+            or e[0] + e[1] > total
+        ):
+            raise bad("extents out of order or out of range")
+        pos = e[0] + e[1]
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

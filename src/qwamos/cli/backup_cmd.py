@@ -1,0 +1,360 @@
+"""``qwamos backup``: encrypted, compressed, incremental backups of volumes and VMs (docs/backup-format.md).
+
+Thin over :mod:`qwamos.backup` (the repository, the engine, the running-VM source): data on stdout (text or
+``--json``), messages and progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from qwamos.backup import engine
+from qwamos.backup.repo import Repository
+from qwamos.cli.keystore_args import add_keystore_args, open_keystore
+from qwamos.cli.output import Progress, emit_json, message
+from qwamos.errors import BackupError, InvalidArgument, RepositoryCorruptError
+
+REPO_ENV = "QWAMOS_BACKUP_REPO"
+RECOVERY_ENV = ("QWAMOS_RECOVERY_PASSPHRASE", "QWAMOS_PASSPHRASE")
+BLOCK = 4096
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "backup",
+        help="encrypted, compressed, incremental backups of volumes and VMs into a repository directory",
+        description="Back volumes up into a repository: zstd-compressed, then encrypted and authenticated in "
+        "chunks; a second backup of the same volume reads only the blocks changed since (changed-block "
+        "tracking).",
+        epilog="examples:\n  qwamos backup create disk.qvol --repo /srv/backups\n"
+        "  qwamos backup create --vm web --repo /srv/backups\n"
+        "  qwamos backup restore web-20261201T120000Z -o web-restored.qvol --repo /srv/backups",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bsub = p.add_subparsers(dest="backup_command", metavar="ACTION", required=True)
+
+    def action(
+        name: str, help_: str, func: Any, example: str, *, json_out: bool = True
+    ) -> argparse.ArgumentParser:
+        a = bsub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        a.add_argument(
+            "--repo", type=Path, default=None, metavar="DIR", help=f"repository directory (default: ${REPO_ENV})"
+        )
+        if json_out:
+            a.add_argument("--json", action="store_true", help="print the result as JSON")
+        add_keystore_args(a)
+        a.set_defaults(func=func)
+        return a
+
+    action(
+        "init",
+        "create an empty repository with a new key wrapped to the keystore identity",
+        cmd_init,
+        "qwamos backup init --repo /srv/backups",
+    )
+    c = action(
+        "create",
+        "back up a volume, or a VM (running or not), as a new archive",
+        cmd_create,
+        "qwamos backup create disk.qvol --repo /srv/backups --name before-upgrade",
+    )
+    c.add_argument("volume", nargs="?", type=Path, metavar="VOL", help="the .qvol to back up (or --vm)")
+    c.add_argument(
+        "--vm", default=None, metavar="VM", help="back up this VM's volume (a running VM is paused for it)"
+    )
+    c.add_argument(
+        "--root", type=Path, default=None, help="QWAMOS root for --vm (default: $QWAMOS_ROOT or ~/QWAMOS)"
+    )
+    c.add_argument("--name", default=None, help="archive name (default: <volume>-<UTC time>)")
+    c.add_argument(
+        "--full", action="store_true", help="read every block even when an incremental backup is possible"
+    )
+    action("list", "list the archives", cmd_list, "qwamos backup list --repo /srv/backups --json")
+    action(
+        "verify",
+        "authenticate every pack, archive and chunk (exit 71 if anything fails)",
+        cmd_verify,
+        "qwamos backup verify --repo /srv/backups",
+    )
+    r = action(
+        "restore",
+        "restore an archive into a NEW volume under a new key",
+        cmd_restore,
+        "qwamos backup restore web-20261201T120000Z -o web.qvol --repo /srv/backups",
+    )
+    r.add_argument("archive", metavar="ARCHIVE", help="archive name or id")
+    r.add_argument("-o", "--output", type=Path, required=True, metavar="NEW.qvol", help="volume to create")
+    d = action(
+        "delete",
+        "delete archives (chunks other archives use are kept)",
+        cmd_delete,
+        "qwamos backup delete old-archive --repo /srv/backups --yes",
+    )
+    d.add_argument("archives", nargs="+", metavar="ARCHIVE")
+    d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    pr = action(
+        "prune",
+        "keep the newest N archives of each volume, delete the rest",
+        cmd_prune,
+        "qwamos backup prune --keep-last 7 --repo /srv/backups --yes",
+    )
+    pr.add_argument("--keep-last", type=int, required=True, metavar="N")
+    pr.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    k = action(
+        "key",
+        "export the repository key sealed with a passphrase, or import it",
+        cmd_key,
+        "qwamos backup key export --repo /srv/backups -o repo-key.txt",
+        json_out=False,
+    )
+    k.add_argument("key_action", choices=("export", "import"))
+    k.add_argument("file", nargs="?", type=Path, metavar="FILE", help="the key file to import")
+    k.add_argument("-o", "--output", type=Path, default=None, metavar="FILE", help="where export writes the key")
+    k.add_argument(
+        "--recovery-passphrase-fd",
+        type=int,
+        default=None,
+        metavar="N",
+        help="read the export's passphrase from file descriptor N "
+        "(else $QWAMOS_RECOVERY_PASSPHRASE, $QWAMOS_PASSPHRASE, or a prompt)",
+    )
+
+
+def _repo_path(args: argparse.Namespace) -> Path:
+    path = args.repo or (Path(os.environ[REPO_ENV]) if os.environ.get(REPO_ENV) else None)
+    if path is None:
+        raise InvalidArgument(f"name the repository with --repo DIR (or set ${REPO_ENV})")
+    return path
+
+
+def _open(args: argparse.Namespace, *, exclusive: bool = False) -> Repository:
+    return Repository(_repo_path(args), open_keystore(args)).open(exclusive=exclusive)
+
+
+class _Progress:
+    """Progress callback ``(done, total)`` in bytes, drawn as blocks with rate and ETA on a terminal."""
+
+    def __init__(self, label: str, json_lines: bool) -> None:
+        self.label = label
+        self.json_lines = json_lines
+        self.bar: Progress | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = Progress(
+                total // BLOCK, label=self.label, unit="blocks", json_lines=False, enabled=not self.json_lines
+            )
+        self.bar.update(done // BLOCK)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.finish()
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    repo = Repository.init(_repo_path(args), open_keystore(args))
+    if args.json:
+        emit_json({"repository": str(repo.path), "repo_id": repo.keys.repo_id.hex()})
+    message(f"initialised backup repository {repo.path} (keep its key safe: 'qwamos backup key export')")
+    return 0
+
+
+def _needs_init(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    if (args.volume is None) == (args.vm is None):
+        raise InvalidArgument("name a volume or --vm VM (one of them)")
+    path = _repo_path(args)
+    ks = open_keystore(args)
+    if _needs_init(path):
+        Repository.init(path, ks)
+        message(f"initialised backup repository {path}")
+    repo = Repository(path, ks).open(exclusive=True)
+    progress = _Progress("Backing up", args.json)
+    try:
+        if args.vm is not None:
+            from qwamos.backup import online
+
+            result = online.backup_vm(
+                repo, args.vm, ks, root=args.root, name=args.name, full=args.full, progress=progress, say=message
+            )
+        else:
+            src = engine.VolumeSource.open(args.volume, ks)
+            try:
+                result = engine.create(repo, src, name=args.name, full=args.full, progress=progress)
+            finally:
+                src.close()
+    finally:
+        progress.finish()
+        repo.close()
+    if args.json:
+        emit_json(result)
+    else:
+        kind = "incremental" if result["incremental"] else "full"
+        print(result["name"])
+        note = "" if result["incremental"] or result["tracking_complete"] else " (every allocated block was read)"
+        message(
+            f"{kind} backup {result['name']}{note}: read {_size(result['read_bytes'])}, "
+            f"stored {_size(result['stored_bytes'])} ({result['new_chunks']} new chunks), "
+            f"{result['seconds']:.1f} s"
+        )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    try:
+        archives = repo.archives()
+    finally:
+        repo.close()
+    if args.json:
+        emit_json(archives)
+        return 0
+    for a in archives:
+        kind = "incr" if a.get("incremental") else "full"
+        print(
+            f"{a['name']:<40} {a['created_at']}  {kind}  {a.get('volume_name', ''):<16} "
+            f"data {_size(a.get('data_bytes', 0))}, stored {_size(a.get('stored_bytes', 0))}  {a['id']}"
+        )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    progress = _Progress("Verifying", args.json)
+    try:
+        report = engine.verify(repo, progress=progress)
+    finally:
+        progress.finish()
+        repo.close()
+    if args.json:
+        emit_json(report)
+    else:
+        for p in report["problems"]:
+            print(f"problem: {p}")
+        if report["unreferenced_files"]:
+            message(
+                f"{len(report['unreferenced_files'])} unreferenced file(s) (left by an interrupted command; "
+                "removed by the next delete or prune)"
+            )
+        message(
+            f"{report['archives']} archive(s), {report['chunks']} chunk(s), {report['packs']} pack(s): "
+            + ("ok" if report["ok"] else f"{len(report['problems'])} problem(s)")
+        )
+    return 0 if report["ok"] else RepositoryCorruptError.exit_code
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    if args.output.exists():
+        raise BackupError(msg=f"{args.output} exists: restore creates a new volume")
+    ks = open_keystore(args)
+    repo = Repository(_repo_path(args), ks).open()
+    progress = _Progress("Restoring", args.json)
+    try:
+        result = engine.restore(repo, repo.find(args.archive), args.output, ks, progress=progress)
+    finally:
+        progress.finish()
+        repo.close()
+    if args.json:
+        emit_json(result)
+    else:
+        print(result["volume"])
+        message(
+            f"restored {result['archive']} into {result['volume']} (new key {result['key_id']}) "
+            f"in {result['seconds']:.1f} s"
+        )
+    return 0
+
+
+def _confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise InvalidArgument(f"{question} -- pass --yes to confirm without a terminal")
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise BackupError(msg="not confirmed; nothing was deleted")
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    repo = _open(args, exclusive=True)
+    try:
+        entries = [repo.find(a) for a in args.archives]
+        _confirm(f"delete {len(entries)} archive(s) from {repo.path}?", args.yes)
+        freed = repo.delete(entries)
+    finally:
+        repo.close()
+    result = {"deleted": [e["name"] for e in entries], **freed}
+    if args.json:
+        emit_json(result)
+    message(f"deleted {', '.join(result['deleted'])}; {freed['chunks_freed']} chunk(s) freed")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    repo = _open(args, exclusive=True)
+    try:
+        _confirm(f"delete all but the newest {args.keep_last} archive(s) of each volume in {repo.path}?", args.yes)
+        result = engine.prune(repo, args.keep_last)
+    finally:
+        repo.close()
+    if args.json:
+        emit_json(result)
+    message(f"pruned {len(result['deleted'])} archive(s); {result['chunks_freed']} chunk(s) freed")
+    return 0
+
+
+def _recovery_passphrase(args: argparse.Namespace, *, confirm: bool) -> bytes:
+    from qwamos.keystore import read_passphrase
+
+    pp = read_passphrase(
+        fd=args.recovery_passphrase_fd, env=RECOVERY_ENV, prompt="Backup key passphrase: ", confirm=confirm
+    )
+    if not pp:
+        raise InvalidArgument(
+            "a passphrase is needed: pass --recovery-passphrase-fd N, set "
+            "QWAMOS_RECOVERY_PASSPHRASE, or run on a terminal"
+        )
+    return pp
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    from qwamos.keystore.files import read_bounded, write_private
+
+    ks = open_keystore(args)
+    repo = Repository(_repo_path(args), ks)
+    if args.key_action == "export":
+        if args.output is None:
+            raise InvalidArgument("backup key export needs -o FILE")
+        pp = _recovery_passphrase(args, confirm=True)
+        write_private(args.output, repo.export_key(pp, ks.argon2_params), replace=False)
+        message(f"wrote the key of {repo.path} to {args.output}, sealed with the passphrase (keep them apart)")
+        return 0
+    if args.file is None:
+        raise InvalidArgument("backup key import needs FILE")
+    data = read_bounded(args.file)
+    pp = _recovery_passphrase(args, confirm=False)
+    repo.import_key(data, pp)
+    message(f"imported the key of {repo.path}, wrapped to this keystore's identity")
+    return 0

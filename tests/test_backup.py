@@ -1,0 +1,236 @@
+"""Backups (docs/backup-format.md): the whole workflow through the CLI and the API -- init, full and
+incremental create, list, verify, restore of every archive of a chain, delete and prune keeping the rest
+restorable, holes that cost nothing, a crash that makes the next backup read everything, the key exported
+with a passphrase and imported into another keystore."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from qwamos.backup import engine
+from qwamos.backup.repo import Repository, known_repositories, rewrap_key
+from qwamos.cli.main import main
+from qwamos.errors import ArchiveNotFoundError, KeyFileCorruptError
+from qwamos.keystore import Argon2Params, PQCKeystore
+from qwamos.volume import PQCVolume
+
+CHEAP = Argon2Params(memory_kib=8, iterations=1, lanes=1)
+MIB = 1 << 20
+SIZE = 16 * MIB + 1000  # odd-sized: the last block is partial
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
+    monkeypatch.delenv("QWAMOS_RECOVERY_PASSPHRASE", raising=False)
+    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "ks"))
+    monkeypatch.setenv("QWAMOS_BACKUP_STATE", str(tmp_path / "state"))
+    return tmp_path
+
+
+@pytest.fixture
+def ks(tmp_path: Path) -> PQCKeystore:
+    return PQCKeystore(tmp_path / "ks", argon2_params=CHEAP)
+
+
+def make_volume(path: Path, ks: PQCKeystore) -> Path:
+    PQCVolume(path, keystore=ks).create("disk", "vm1", size_bytes=SIZE)
+    with PQCVolume(path, keystore=ks) as v:
+        v.write(0, os.urandom(MIB))  # incompressible
+        v.write(4 * MIB, b"compressible text " * 60000)  # ~1 MiB that zstd shrinks
+        v.write(SIZE - 600, b"tail" * 150)  # the partial last block
+    return path
+
+
+def content(path: Path, ks: PQCKeystore) -> bytes:
+    with PQCVolume(path, keystore=ks, read_only=True) as v:
+        return v.read(0, v.size)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_workflow_full_incremental_restore_delete_prune(tmp_path, ks, capsys):
+    vol = make_volume(tmp_path / "disk.qvol", ks)
+    repo = str(tmp_path / "repo")
+    rc, out, err = run(capsys, "backup", "create", str(vol), "--repo", repo, "--name", "a1", "--json")
+    assert rc == 0, err
+    first = json.loads(out)
+    assert not first["incremental"] and "initialised" in err
+    # holes cost nothing: ~2 MiB of data in a 16 MiB volume is read, and compression saved bytes
+    assert first["read_bytes"] <= 3 * MIB and first["stored_bytes"] < 2 * MIB
+    states = [content(vol, ks)]
+
+    with PQCVolume(vol, keystore=ks) as v:
+        v.write(100 * 4096, b"X" * 4096)
+        v.discard(4 * MIB, 8192)
+    states.append(content(vol, ks))
+    rc, out, err = run(capsys, "backup", "create", str(vol), "--repo", repo, "--name", "a2", "--json")
+    second = json.loads(out)
+    assert rc == 0 and second["incremental"] and second["parent"] == first["id"]
+    assert second["read_bytes"] == 3 * 4096  # exactly the changed blocks, nothing else
+
+    with PQCVolume(vol, keystore=ks) as v:
+        v.write(7 * MIB, b"Y" * 5000)
+    states.append(content(vol, ks))
+    rc, out, _ = run(capsys, "backup", "create", str(vol), "--repo", repo, "--name", "a3", "--json")
+    assert json.loads(out)["incremental"]
+
+    rc, out, _ = run(capsys, "backup", "list", "--repo", repo, "--json")
+    assert [a["name"] for a in json.loads(out)] == ["a1", "a2", "a3"]
+    rc, out, _ = run(capsys, "backup", "list", "--repo", repo)
+    assert "a2" in out and "incr" in out
+    rc, out, err = run(capsys, "backup", "verify", "--repo", repo, "--json")
+    assert rc == 0 and json.loads(out)["ok"]
+
+    for i, name in enumerate(["a1", "a2", "a3"]):  # every archive of the chain gives the volume as it was
+        out_path = tmp_path / f"r-{name}.qvol"
+        rc, out, err = run(capsys, "backup", "restore", name, "-o", str(out_path), "--repo", repo, "--json")
+        assert rc == 0, err
+        got = json.loads(out)
+        assert content(out_path, ks) == states[i]
+        with (
+            PQCVolume(out_path, keystore=ks, read_only=True) as r,
+            PQCVolume(vol, keystore=ks, read_only=True) as o,
+        ):
+            assert r.key_id == got["key_id"] != o.key_id and r.header.volume_uuid != o.header.volume_uuid
+
+    # delete the middle and the first: the last stays restorable (it shares their chunks)
+    rc, _, err = run(capsys, "backup", "delete", "a2", "--repo", repo, "--yes")
+    assert rc == 0, err
+    rc, out, err = run(capsys, "backup", "prune", "--keep-last", "1", "--repo", repo, "--yes", "--json")
+    assert rc == 0 and json.loads(out)["deleted"] == ["a1"]
+    rc, out, _ = run(capsys, "backup", "verify", "--repo", repo, "--json")
+    assert rc == 0 and json.loads(out)["ok"] and json.loads(out)["archives"] == 1
+    out_path = tmp_path / "r-last.qvol"
+    assert run(capsys, "backup", "restore", "a3", "-o", str(out_path), "--repo", repo)[0] == 0
+    assert content(out_path, ks) == states[2]
+    # a restore never overwrites, an unknown archive is exit 73
+    assert run(capsys, "backup", "restore", "a3", "-o", str(out_path), "--repo", repo)[0] == 70
+    assert run(capsys, "backup", "restore", "nope", "-o", str(tmp_path / "x.qvol"), "--repo", repo)[0] == 73
+    assert not (tmp_path / "x.qvol").exists()
+
+
+def test_delete_needs_confirmation_without_a_terminal(tmp_path, ks, capsys, monkeypatch):
+    vol = make_volume(tmp_path / "disk.qvol", ks)
+    repo = str(tmp_path / "repo")
+    run(capsys, "backup", "create", str(vol), "--repo", repo, "--name", "a1")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    rc, _, err = run(capsys, "backup", "delete", "a1", "--repo", repo)
+    assert rc == 2 and "--yes" in err
+    assert run(capsys, "backup", "list", "--repo", repo)[1].count("a1") == 1
+
+
+def _write_and_die(path: Path, ks_path: Path) -> None:
+    v = PQCVolume(path, keystore=PQCKeystore(ks_path, argon2_params=CHEAP)).open()
+    v.write(9 * MIB, b"Z" * 4096)
+    v._storage.flush()  # the data reached the disk, the tracking did not
+    os._exit(0)
+
+
+def test_a_crash_makes_the_next_backup_read_everything(tmp_path, ks):
+    vol = make_volume(tmp_path / "disk.qvol", ks)
+    repo = Repository.init(tmp_path / "repo", ks).open(exclusive=True)
+    src = engine.VolumeSource.open(vol, ks)
+    first = engine.create(repo, src)
+    src.close()
+    proc = multiprocessing.get_context("fork").Process(target=_write_and_die, args=(vol, tmp_path / "ks"))
+    proc.start()
+    proc.join()
+    src = engine.VolumeSource.open(vol, ks)
+    assert not src.cbt.complete
+    second = engine.create(repo, src)
+    src.close()
+    assert not second["incremental"] and second["read_bytes"] >= first["read_bytes"]
+    assert second["new_chunks"] == 1  # dedup: only the window holding the changed block is new
+    out = tmp_path / "r.qvol"
+    engine.restore(repo, repo.find(second["name"]), out, ks)
+    assert content(out, ks) == content(vol, ks)
+    # and the generation after it is complete again
+    with PQCVolume(vol, keystore=ks) as v:
+        v.write(0, b"again")
+    src = engine.VolumeSource.open(vol, ks)
+    third = engine.create(repo, src)
+    src.close()
+    assert third["incremental"] and third["read_bytes"] == 4096
+    repo.close()
+
+
+def test_rotation_rewrites_are_not_changes(tmp_path, ks):
+    """A rewrite with track=False (the key-rotation path) leaves the next backup with nothing to read."""
+    vol = make_volume(tmp_path / "disk.qvol", ks)
+    repo = Repository.init(tmp_path / "repo", ks).open(exclusive=True)
+    src = engine.VolumeSource.open(vol, ks)
+    engine.create(repo, src)
+    src.close()
+    with PQCVolume(vol, keystore=ks) as v:
+        data = v.read(0, 16 * 4096)
+        v._io.seal_blocks(0, memoryview(data), 16, track=False)
+    src = engine.VolumeSource.open(vol, ks)
+    second = engine.create(repo, src)
+    src.close()
+    assert second["incremental"] and second["read_bytes"] == 0 and second["new_chunks"] == 0
+    repo.close()
+
+
+def test_key_export_import_restores_on_another_machine(tmp_path, ks, capsys, monkeypatch):
+    vol = make_volume(tmp_path / "disk.qvol", ks)
+    repo = str(tmp_path / "repo")
+    run(capsys, "backup", "create", str(vol), "--repo", repo, "--name", "a1")
+    monkeypatch.setenv("QWAMOS_RECOVERY_PASSPHRASE", "correct horse")
+    rc, _, err = run(capsys, "backup", "key", "export", "--repo", repo, "-o", str(tmp_path / "repo.key"))
+    assert rc == 0, err
+    # a new machine: another keystore (another identity), no state
+    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "ks2"))
+    monkeypatch.setenv("QWAMOS_BACKUP_STATE", str(tmp_path / "state2"))
+    rc, _, err = run(capsys, "backup", "list", "--repo", repo)
+    assert rc != 0  # the key is wrapped to the other identity
+    monkeypatch.setenv("QWAMOS_RECOVERY_PASSPHRASE", "wrong")
+    assert run(capsys, "backup", "key", "import", str(tmp_path / "repo.key"), "--repo", repo)[0] == 22
+    monkeypatch.setenv("QWAMOS_RECOVERY_PASSPHRASE", "correct horse")
+    rc, _, err = run(capsys, "backup", "key", "import", str(tmp_path / "repo.key"), "--repo", repo)
+    assert rc == 0, err
+    out = tmp_path / "r.qvol"
+    rc, _, err = run(capsys, "backup", "restore", "a1", "-o", str(out), "--repo", repo)
+    assert rc == 0, err
+    assert content(out, PQCKeystore(tmp_path / "ks2")) == content(vol, ks)
+
+
+def test_rewrap_key_hook_for_identity_rotation(tmp_path, ks):
+    vol = make_volume(tmp_path / "disk.qvol", ks)
+    Repository.init(tmp_path / "repo", ks)
+    assert known_repositories(tmp_path / "state") == [str((tmp_path / "repo").resolve())]
+    other = PQCKeystore(tmp_path / "ks-new", argon2_params=CHEAP)
+    rewrap_key(tmp_path / "repo", ks, other)
+    with pytest.raises(KeyFileCorruptError):
+        Repository(tmp_path / "repo", ks).open()
+    with Repository(tmp_path / "repo", other).open(exclusive=True) as repo:
+        src = engine.VolumeSource.open(vol, ks)
+        engine.create(repo, src, name="x")
+        src.close()
+        with pytest.raises(ArchiveNotFoundError):
+            repo.find("y")
+
+
+def test_backup_of_a_vm_volume_holes_and_all_zero_blocks_cost_nothing(tmp_path, ks):
+    vol = tmp_path / "big.qvol"
+    PQCVolume(vol, keystore=ks).create("big", "vm", size_bytes=256 * MIB)
+    with PQCVolume(vol, keystore=ks) as v:
+        v.write(100 * MIB, b"\x00" * MIB)  # written zeros: allocated, but not stored
+        v.write(200 * MIB, b"d" * 4096)
+    with Repository.init(tmp_path / "repo", ks).open(exclusive=True) as repo:
+        src = engine.VolumeSource.open(vol, ks)
+        got = engine.create(repo, src)
+        src.close()
+    assert got["read_bytes"] <= 2 * MIB and got["data_bytes"] == 4096 and got["new_chunks"] == 1
+    size = sum(f.stat().st_size for f in (tmp_path / "repo").rglob("*") if f.is_file())
+    assert size < 64 * 1024
