@@ -127,7 +127,7 @@ def test_delete_needs_confirmation_without_a_terminal(tmp_path, ks, capsys, monk
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     rc, _, err = run(capsys, "backup", "delete", "a1", "--repo", repo)
     assert rc == 2 and "--yes" in err
-    assert run(capsys, "backup", "list", "--repo", repo)[1].count("a1") == 1
+    assert [a["name"] for a in json.loads(run(capsys, "backup", "list", "--repo", repo, "--json")[1])] == ["a1"]
 
 
 def _write_and_die(path: Path, ks_path: Path) -> None:
