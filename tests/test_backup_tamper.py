@@ -119,7 +119,9 @@ def test_dropped_chunk(setup, tmp_path, ks, capsys):
 
 
 def test_reordered_chunks(setup, tmp_path, ks, capsys):
-    recs = [r for r in records(setup, ks) if r[0] == records(setup, ks)[0][0]]
+    all_recs = records(setup, ks)
+    full_pack = max({r[0] for r in all_recs}, key=lambda p: sum(r[0] == p for r in all_recs))
+    recs = [r for r in all_recs if r[0] == full_pack]  # the full archive's pack: two chunks
     (pack, o1, l1), (_, o2, l2) = recs[0], recs[1]
     p = pack_path(setup, pack)
     data = p.read_bytes()
@@ -144,6 +146,16 @@ def test_truncated_pack(setup, tmp_path, ks, capsys):
     pack, off, length = records(setup, ks)[-1]
     os.truncate(pack_path(setup, pack), off + length - 7)
     assert_caught(setup, tmp_path, capsys)
+
+
+def test_edit_outside_any_chunk_record(setup, tmp_path, ks, capsys):
+    """Bytes no chunk record covers (the pack's header): restore never reads them, verify still notices
+    (every pack's SHA-256 is in the manifest)."""
+    pack = records(setup, ks)[0][0]
+    with open(pack_path(setup, pack), "r+b") as f:
+        f.write(b"X")
+    rc, out, _ = run(capsys, "backup", "verify", "--repo", str(setup), "--json")
+    assert rc == 71 and "was modified" in json.loads(out)["problems"][0]
 
 
 def test_deleted_pack(setup, tmp_path, ks, capsys):
