@@ -19,9 +19,11 @@ MIGRATE = ["test_migrate_run.py", "test_migrate_stream.py", "test_migrate_guest.
 
 MAP: dict[str, list[str]] = {
     "backup.engine": ["test_backup.py", "test_backup_tamper.py"],
+    "backup.online": ["test_backup_vm.py"],
     "backup.format": ["test_backup_tamper.py", "test_backup.py"],
     "backup.repo": ["test_backup.py", "test_backup_tamper.py"],
     "cli.backup_cmd": ["test_backup.py"],
+    "nbd.backup_control": ["test_backup_vm.py"],
     "blockdev": ["test_nbd_server.py", "test_volume_roundtrip.py"],
     "cli.export_cmd": ["test_nbd_control_live.py"],
     "cli.grant_cmd": ["test_key_grants.py"],

@@ -201,6 +201,9 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
             from qwamos.nbd import snapshot_ctl
 
             snapshot_ctl.install(ctl)  # snapshots of the served volume (docs/control-channel.md)
+            from qwamos.nbd import backup_control
+
+            backup_control.install(ctl)  # cbt-rotate, cbt-bitmap, allocation (backups of a running VM)
         server.bind()
         where = []
         if spec.unix_path is not None:
