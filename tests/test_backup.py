@@ -182,6 +182,28 @@ def test_rotation_rewrites_are_not_changes(tmp_path, ks):
     repo.close()
 
 
+def test_key_rotation_by_reencryption_is_not_a_change(tmp_path, ks):
+    """The real rotation (PQCVolume.reencrypt: every slot rewritten under a new key) changes no content: the
+    next backup is incremental and reads nothing; the archive after it still restores the volume exactly."""
+    vol = make_volume(tmp_path / "disk.qvol", ks)
+    repo = Repository.init(tmp_path / "repo", ks).open(exclusive=True)
+    src = engine.VolumeSource.open(vol, ks)
+    engine.create(repo, src)
+    src.close()
+    with PQCVolume(vol, keystore=ks) as v:
+        new_id = ks.rotate_key(v.key_id)
+        got = v.reencrypt(new_id)
+        assert got["finished"] and got["rewritten"] > 0
+    src = engine.VolumeSource.open(vol, ks)
+    second = engine.create(repo, src)
+    src.close()
+    assert second["incremental"] and second["read_bytes"] == 0 and second["new_chunks"] == 0
+    out = tmp_path / "r.qvol"
+    engine.restore(repo, repo.find(second["name"]), out, ks)
+    assert content(out, ks) == content(vol, ks)
+    repo.close()
+
+
 def test_key_export_import_restores_on_another_machine(tmp_path, ks, capsys, monkeypatch):
     vol = make_volume(tmp_path / "disk.qvol", ks)
     repo = str(tmp_path / "repo")
