@@ -23,7 +23,7 @@ def test_every_error_has_an_exit_code_in_its_range():
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, QwamosError)]
     assert len(classes) > 20
     for cls in classes:
-        assert cls.exit_code == 2 or 10 <= cls.exit_code <= 79, cls  # 60-69 storage, 70-79 backups (README's table)
+        assert cls.exit_code == 2 or 10 <= cls.exit_code <= 79, cls  # 60-69 storage, 70-79 backups (README)
         assert cls.exit_code in errors.EXIT_CODES, cls
 
 

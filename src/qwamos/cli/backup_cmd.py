@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from qwamos.backup import engine
 from qwamos.backup.repo import Repository
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
-from qwamos.cli.output import Progress, emit_json, message
+from qwamos.cli.output import Progress, add_json_option, add_yes_option, confirm, emit_json, message, print_data
 from qwamos.errors import BackupError, InvalidArgument, RepositoryCorruptError
 
 REPO_ENV = "QWAMOS_BACKUP_REPO"
@@ -29,29 +28,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="encrypted, compressed, incremental backups of volumes and VMs into a repository directory",
         description="Back volumes up into a repository: zstd-compressed, then encrypted and authenticated in "
         "chunks; a second backup of the same volume reads only the blocks changed since (changed-block "
-        "tracking).",
-        epilog="examples:\n  qwamos backup create disk.qvol --repo /srv/backups\n"
-        "  qwamos backup create --vm web --repo /srv/backups\n"
-        "  qwamos backup restore web-20261201T120000Z -o web-restored.qvol --repo /srv/backups",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "tracking).  docs/backup-format.md has the format.",
+        examples=[
+            "qwamos backup create disk.qvol --repo /srv/backups",
+            "qwamos backup create --vm web --repo /srv/backups",
+            "qwamos backup restore web-20261201T120000Z -o web-restored.qvol --repo /srv/backups",
+        ],
     )
     bsub = p.add_subparsers(dest="backup_command", metavar="ACTION", required=True)
 
-    def action(
-        name: str, help_: str, func: Any, example: str, *, json_out: bool = True
-    ) -> argparse.ArgumentParser:
-        a = bsub.add_parser(
-            name,
-            help=help_,
-            description=help_,
-            epilog=f"example:\n  {example}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+    def action(name: str, help_: str, func: Any, examples: list[str], *, json_out: bool = True) -> Any:
+        a = bsub.add_parser(name, help=help_, description=help_, examples=examples)
         a.add_argument(
-            "--repo", type=Path, default=None, metavar="DIR", help=f"repository directory (default: ${REPO_ENV})"
+            "--repo",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help=f"repository directory (default: ${REPO_ENV})",
         )
         if json_out:
-            a.add_argument("--json", action="store_true", help="print the result as JSON")
+            add_json_option(a)
         add_keystore_args(a)
         a.set_defaults(func=func)
         return a
@@ -60,18 +56,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "init",
         "create an empty repository with a new key wrapped to the keystore identity",
         cmd_init,
-        "qwamos backup init --repo /srv/backups",
+        ["qwamos backup init --repo /srv/backups"],
     )
     c = action(
         "create",
         "back up a volume, or a VM (running or not), as a new archive",
         cmd_create,
-        "qwamos backup create disk.qvol --repo /srv/backups --name before-upgrade",
+        [
+            "qwamos backup create disk.qvol --repo /srv/backups --name before-upgrade",
+            "qwamos backup create --vm web",
+        ],
     )
-    c.add_argument("volume", nargs="?", type=Path, metavar="VOL", help="the .qvol to back up (or --vm)")
-    c.add_argument(
-        "--vm", default=None, metavar="VM", help="back up this VM's volume (a running VM is paused for it)"
-    )
+    which = c.add_mutually_exclusive_group(required=True)
+    which.add_argument("volume", nargs="?", type=Path, metavar="VOL", help="the .qvol to back up")
+    which.add_argument("--vm", metavar="VM", help="back up this VM's volume; a running VM is paused meanwhile")
     c.add_argument(
         "--root", type=Path, default=None, help="QWAMOS root for --vm (default: $QWAMOS_ROOT or ~/QWAMOS)"
     )
@@ -79,54 +77,64 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--full", action="store_true", help="read every block even when an incremental backup is possible"
     )
-    action("list", "list the archives", cmd_list, "qwamos backup list --repo /srv/backups --json")
+    action("list", "list the archives", cmd_list, ["qwamos backup list --repo /srv/backups --json"])
     action(
         "verify",
         "authenticate every pack, archive and chunk (exit 71 if anything fails)",
         cmd_verify,
-        "qwamos backup verify --repo /srv/backups",
+        ["qwamos backup verify --repo /srv/backups"],
     )
     r = action(
         "restore",
         "restore an archive into a NEW volume under a new key",
         cmd_restore,
-        "qwamos backup restore web-20261201T120000Z -o web.qvol --repo /srv/backups",
+        ["qwamos backup restore web-20261201T120000Z -o web.qvol --repo /srv/backups"],
     )
-    r.add_argument("archive", metavar="ARCHIVE", help="archive name or id")
-    r.add_argument("-o", "--output", type=Path, required=True, metavar="NEW.qvol", help="volume to create")
+    r.add_argument("archive", metavar="ARCHIVE", help="archive name or id (as backup list shows it)")
+    r.add_argument("-o", "--output", type=Path, required=True, metavar="NEW.qvol", help="the volume to create")
     d = action(
         "delete",
         "delete archives (chunks other archives use are kept)",
         cmd_delete,
-        "qwamos backup delete old-archive --repo /srv/backups --yes",
+        ["qwamos backup delete old-archive --repo /srv/backups --yes"],
     )
-    d.add_argument("archives", nargs="+", metavar="ARCHIVE")
-    d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    d.add_argument("archives", nargs="+", metavar="ARCHIVE", help="archive names or ids")
+    add_yes_option(d)
     pr = action(
         "prune",
         "keep the newest N archives of each volume, delete the rest",
         cmd_prune,
-        "qwamos backup prune --keep-last 7 --repo /srv/backups --yes",
+        ["qwamos backup prune --keep-last 7 --repo /srv/backups --yes"],
     )
-    pr.add_argument("--keep-last", type=int, required=True, metavar="N")
-    pr.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    pr.add_argument("--keep-last", type=int, required=True, metavar="N", help="archives to keep per volume")
+    add_yes_option(pr)
     k = action(
         "key",
         "export the repository key sealed with a passphrase, or import it",
         cmd_key,
-        "qwamos backup key export --repo /srv/backups -o repo-key.txt",
+        [
+            "qwamos backup key export --repo /srv/backups -o repo-key.json",
+            "qwamos backup key import repo-key.json --repo /srv/backups",
+        ],
         json_out=False,
     )
-    k.add_argument("key_action", choices=("export", "import"))
-    k.add_argument("file", nargs="?", type=Path, metavar="FILE", help="the key file to import")
-    k.add_argument("-o", "--output", type=Path, default=None, metavar="FILE", help="where export writes the key")
+    k.add_argument("key_action", choices=("export", "import"), help="export the key, or import it")
+    k.add_argument("file", nargs="?", type=Path, metavar="FILE", help="the key file to import (default: none)")
+    k.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="where export writes the key (default: none; export needs it)",
+    )
     k.add_argument(
         "--recovery-passphrase-fd",
         type=int,
         default=None,
         metavar="N",
-        help="read the export's passphrase from file descriptor N "
-        "(else $QWAMOS_RECOVERY_PASSPHRASE, $QWAMOS_PASSPHRASE, or a prompt)",
+        help="read the key file's passphrase from file descriptor N "
+        "(default: $QWAMOS_RECOVERY_PASSPHRASE, $QWAMOS_PASSPHRASE, or a prompt)",
     )
 
 
@@ -152,7 +160,7 @@ class _Progress:
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
             self.bar = Progress(
-                total // BLOCK, label=self.label, unit="blocks", json_lines=False, enabled=not self.json_lines
+                total // BLOCK, label=self.label, unit="blocks", unit_bytes=BLOCK, enabled=not self.json_lines
             )
         self.bar.update(done // BLOCK)
 
@@ -182,8 +190,6 @@ def _needs_init(path: Path) -> bool:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    if (args.volume is None) == (args.vm is None):
-        raise InvalidArgument("name a volume or --vm VM (one of them)")
     path = _repo_path(args)
     ks = open_keystore(args)
     if _needs_init(path):
@@ -211,7 +217,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         emit_json(result)
     else:
         kind = "incremental" if result["incremental"] else "full"
-        print(result["name"])
+        print_data(result["name"])
         note = "" if result["incremental"] or result["tracking_complete"] else " (every allocated block was read)"
         message(
             f"{kind} backup {result['name']}{note}: read {_size(result['read_bytes'])}, "
@@ -232,7 +238,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     for a in archives:
         kind = "incr" if a.get("incremental") else "full"
-        print(
+        print_data(
             f"{a['name']:<40} {a['created_at']}  {kind}  {a.get('volume_name', ''):<16} "
             f"data {_size(a.get('data_bytes', 0))}, stored {_size(a.get('stored_bytes', 0))}  {a['id']}"
         )
@@ -251,7 +257,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         emit_json(report)
     else:
         for p in report["problems"]:
-            print(f"problem: {p}")
+            print_data(f"problem: {p}")
         if report["unreferenced_files"]:
             message(
                 f"{len(report['unreferenced_files'])} unreferenced file(s) (left by an interrupted command; "
@@ -278,7 +284,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result)
     else:
-        print(result["volume"])
+        print_data(result["volume"])
         message(
             f"restored {result['archive']} into {result['volume']} (new key {result['key_id']}) "
             f"in {result['seconds']:.1f} s"
@@ -286,22 +292,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _confirm(question: str, yes: bool) -> None:
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise InvalidArgument(f"{question} -- pass --yes to confirm without a terminal")
-    sys.stderr.write(f"{question} [y/N] ")
-    sys.stderr.flush()
-    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-        raise BackupError(msg="not confirmed; nothing was deleted")
-
-
 def cmd_delete(args: argparse.Namespace) -> int:
     repo = _open(args, exclusive=True)
     try:
         entries = [repo.find(a) for a in args.archives]
-        _confirm(f"delete {len(entries)} archive(s) from {repo.path}?", args.yes)
+        names = ", ".join(e["name"] for e in entries)
+        if not confirm(f"Delete {names} from {repo.path}?", yes=args.yes, action=f"delete archives {names}"):
+            message("nothing deleted")
+            return 1
         freed = repo.delete(entries)
     finally:
         repo.close()
@@ -315,7 +313,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     repo = _open(args, exclusive=True)
     try:
-        _confirm(f"delete all but the newest {args.keep_last} archive(s) of each volume in {repo.path}?", args.yes)
+        question = f"Delete all but the newest {args.keep_last} archive(s) of each volume in {repo.path}?"
+        if not confirm(question, yes=args.yes, action=f"prune {repo.path}"):
+            message("nothing deleted")
+            return 1
         result = engine.prune(repo, args.keep_last)
     finally:
         repo.close()
