@@ -204,6 +204,26 @@ def test_key_rotation_by_reencryption_is_not_a_change(tmp_path, ks):
     repo.close()
 
 
+def test_a_volume_with_snapshots_is_backed_up_through_its_chain(tmp_path, ks):
+    """After a snapshot the file at VOL is a new, nearly empty overlay: the backup must read the chain's view
+    (every inherited block), never the top file alone."""
+    from qwamos.volume.snapshots import open_chain
+
+    vol = make_volume(tmp_path / "disk.qvol", ks)
+    with open_chain(vol, ks) as chain:
+        chain.create("s1")
+        chain.pwrite(2 * MIB, b"after the snapshot" * 100)
+    with open_chain(vol, ks, read_only=True) as chain:
+        view = chain.pread(0, chain.size)
+    with Repository.init(tmp_path / "repo", ks).open(exclusive=True) as repo:
+        src = engine.VolumeSource.open(vol, ks)
+        got = engine.create(repo, src)
+        src.close()
+        out = tmp_path / "r.qvol"
+        engine.restore(repo, repo.find(got["name"]), out, ks)
+    assert content(out, ks) == view and view[:MIB] != bytes(MIB)
+
+
 def test_key_export_import_restores_on_another_machine(tmp_path, ks, capsys, monkeypatch):
     vol = make_volume(tmp_path / "disk.qvol", ks)
     repo = str(tmp_path / "repo")

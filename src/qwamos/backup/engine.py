@@ -50,7 +50,7 @@ class Source(Protocol):
     def data_runs(self) -> Iterator[tuple[int, int]]: ...
 
 
-def volume_description(vol: PQCVolume) -> dict[str, Any]:
+def volume_description(vol: Any) -> dict[str, Any]:
     h = vol.header
     return {
         "uuid": h.volume_uuid,
@@ -62,7 +62,7 @@ def volume_description(vol: PQCVolume) -> dict[str, Any]:
     }
 
 
-def allocated_runs(vol: PQCVolume) -> Iterator[tuple[int, int]]:
+def allocated_runs(vol: Any) -> Iterator[tuple[int, int]]:
     """``(first_block, count)`` of the blocks that may hold data, from the volume's allocation map."""
     size = vol.size
     pos = 0
@@ -82,13 +82,17 @@ class VolumeSource:
     """An offline volume, opened writable (the exclusive lock keeps writers out while it is read, and the
     tracking generation is rotated at the start)."""
 
-    vol: PQCVolume
+    vol: Any  # a PQCVolume or, with snapshots, a ChainVolume (qwamos.volume.snapshots)
     volume: dict[str, Any]
     cbt: Snapshot | None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], provider: KeyProvider) -> VolumeSource:
-        vol = PQCVolume(path, keystore=provider).open()
+        """Open the volume with its snapshot chain (a volume with snapshots reads through its layers: backing
+        up the top file alone would miss every block it inherits)."""
+        from qwamos.volume.snapshots import open_chain
+
+        vol = open_chain(path, provider)
         try:
             snap = vol.cbt_rotate()
         except BaseException:

@@ -580,10 +580,11 @@ class ChainVolume:
     def finish_reencrypt(self) -> dict[str, Any]:
         return self._single("key rotation").finish_reencrypt()
 
+    @property
     def cbt_enabled(self) -> bool:
         """Change tracking is the top's: every write of the chain goes to the top (a new overlay starts
         without it, so the backup after a snapshot or revert reads everything)."""
-        return self.layers[0].cbt_enabled()
+        return self.layers[0].cbt_enabled
 
     def cbt_rotate(self) -> Any:
         return self.layers[0].cbt_rotate()
