@@ -61,7 +61,10 @@ def raw_bytes(path: Path, fmt: str, tmp: Path) -> bytes:
 
 
 def tree_hash(*paths: Path) -> dict[str, str]:
-    """Content hash of every regular file under the given paths (missing paths hash as absent)."""
+    """Content hash of every regular file under the given paths (missing paths hash as absent).
+
+    The keystore's empty ``.lock`` (the flock file key creation and identity switches share, created on first
+    use) is not state and is left out: a failed migration may have created it."""
     out: dict[str, str] = {}
     for root in paths:
         if root.is_file():
@@ -70,6 +73,8 @@ def tree_hash(*paths: Path) -> dict[str, str]:
         for dirpath, _dirs, files in os.walk(root):
             for f in files:
                 p = Path(dirpath) / f
+                if f == ".lock" and p.stat().st_size == 0:
+                    continue
                 if p.is_file():
                     out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
