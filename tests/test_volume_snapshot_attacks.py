@@ -71,6 +71,21 @@ def test_a_layer_replaced_by_its_copy_from_before_the_snapshot_is_refused(tmp_pa
         c.create("s")
     layer_path(path, uuid).write_bytes(older)
     _refused(path, keys, "is not frozen: it was replaced by a copy from before its snapshot")
+    # the same with an overlay (a layer that already had a parent when it was the top)
+    path = tmp_path / "second.qvol"
+    PQCVolume(path, keystore=keys).create("disk", "vm", size_bytes=SIZE)
+    with open_chain(path, keys) as c:
+        c.create("first")
+        c.pwrite(0, b"old overlay state" * 100)
+        c.flush()
+        older = path.read_bytes()
+        uuid = c.top.header.volume_uuid
+        c.pwrite(0, b"second snapshot" * 100)
+        c.create("second")
+    assert read_header(layer_path(path, uuid))["features"]["snapshots"]["parent"] is not None
+    layer_path(path, uuid).write_bytes(older)
+    _refused(path, keys, "is not frozen: it was replaced by a copy from before its snapshot", snapshot="second")
+    _refused(path, keys, "is not frozen: it was replaced by a copy from before its snapshot")
 
 
 def test_the_volume_replaced_by_a_frozen_layer_is_refused(tmp_path, keys):
@@ -107,3 +122,19 @@ def test_a_missing_layer_and_a_tampered_table_are_refused(tmp_path, keys):
     path2.write_bytes(bytes(data))
     with pytest.raises(HeaderCorruptError, match=r"metadata entry 'snapshots/table' is damaged or was replaced"):
         open_chain(path2, keys, read_only=True)
+
+
+def test_a_layer_from_another_copy_of_the_same_volume_is_refused(tmp_path, keys):
+    """Two copies of one volume file (same UUID, same key) snapshotted apart: a frozen layer of one holds the
+    right UUID for the other's chain, but another freeze id, so it is another state of that layer."""
+    a, b = tmp_path / "a.qvol", tmp_path / "b.qvol"
+    PQCVolume(a, keystore=keys).create("disk", "vm", size_bytes=SIZE)
+    shutil.copyfile(a, b)
+    for path, fill in ((a, b"a"), (b, b"b")):
+        with open_chain(path, keys) as c:
+            c.pwrite(0, fill * BLOCK_SIZE)
+            c.create("s")
+    uuid = read_header(a)["features"]["snapshots"]["parent"]
+    assert uuid == read_header(b)["features"]["snapshots"]["parent"]
+    shutil.copyfile(layer_path(b, uuid), layer_path(a, uuid))
+    _refused(a, keys, "is another state of that layer")

@@ -373,3 +373,17 @@ def test_online_create_and_delete_through_a_running_export(qvol, short_dir):
     assert _view(vol, ks, "second")[: 2 * BLOCK_SIZE] == b"2" * BLOCK_SIZE + bytes(BLOCK_SIZE)
     users = {u["path"] for u in ks.key_users(read_header(vol)["key_id"]) if u["state"] == "live"}
     assert {f["path"] for f in chain_files(vol, ks)} <= users
+
+
+def test_snapshot_names_are_sealed(tmp_path, keys):
+    """Names may be confidential: no file of the chain holds one in the clear."""
+    path = _new(tmp_path / "disk.qvol", keys)
+    secret = "before-the-merger-with-acme"
+    with open_chain(path, keys) as c:
+        c.pwrite(0, b"x" * BLOCK_SIZE)
+        c.create(secret)
+        files = [Path(f["path"]) for f in c.files()]
+    assert len(files) == 2
+    for f in files:
+        assert secret.encode() not in f.read_bytes()
+    assert [s["name"] for s in open_chain(path, keys, read_only=True).list()] == [secret]

@@ -60,6 +60,7 @@ MAX_DEPTH = 256  # layers on one path from a view to the root
 MAX_LAYERS = 1000  # frozen layers in one chain (the table must fit a metadata entry comfortably)
 MAX_NAME = 255
 COPY_CHUNK = 1024 * 1024
+SMALL_READ = 64 * 1024  # reads up to this size look blocks up one by one (see ChainVolume._fill_blocks)
 _UUID_RE = re.compile(r"[0-9a-f]{32}")
 _FREEZE_RE = re.compile(r"[0-9a-f]{64}")
 _LAYER_FILE_RE = re.compile(r"([0-9a-f]{32})\.qvol")
@@ -407,15 +408,35 @@ class ChainVolume:
         if len(self.layers) == 1:
             return self.layers[0].read(offset, length)
         buf = bytearray(length)
-        self._fill(0, offset, memoryview(buf))
+        self.readinto(offset, buf)
         return bytes(buf)
 
     def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
         out = memoryview(buf).cast("B")
         if len(self.layers) == 1:
             return self.layers[0].readinto(offset, out)
-        self._fill(0, offset, out)
+        if len(out) <= SMALL_READ:
+            self._fill_blocks(offset, out)
+        else:
+            self._fill(0, offset, out)
         return len(out)
+
+    def _fill_blocks(self, offset: int, out: memoryview) -> None:
+        """A small read, block by block: each block from the first layer whose slot holds it (one slot read
+        per layer looked at; the allocation scan of :meth:`_fill` costs more than that for a few blocks)."""
+        end = offset + len(out)
+        for block in range(offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1):
+            start = block * BLOCK_SIZE
+            data = None
+            for vol in self.layers:
+                data = vol.read_present(block)
+                if data is not None:
+                    break
+            lo, hi = max(offset, start), min(end, start + BLOCK_SIZE)
+            if data is None:
+                out[lo - offset : hi - offset] = bytes(hi - lo)
+            else:
+                out[lo - offset : hi - offset] = data[lo - start : hi - start]
 
     read = pread
 
@@ -479,8 +500,7 @@ class ChainVolume:
         return start, min(BLOCK_SIZE, self.size - start)
 
     def _top_has(self, block: int) -> bool:
-        start, cap = self._block_span(block)
-        return not self.layers[0].extents(start, cap)[0][2]
+        return self.layers[0].read_present(block) is not None
 
     def _partial_blocks(self, offset: int, length: int) -> list[int]:
         """The (at most two) blocks the range touches without covering them wholly."""

@@ -411,6 +411,16 @@ class PQCVolume:
             n = min(length, cap)
             return plaintext if n == BLOCK_SIZE else plaintext[:n]
 
+    def read_present(self, index: int) -> bytes | None:
+        """Block ``index``'s 4096 plaintext bytes, or None when its slot is empty (never written in this file,
+        or discarded): what a snapshot chain needs to tell "read it from the parent" from zeros."""
+        with self._guard:
+            if self._storage is None:
+                raise VolumeClosedError()
+            self._check_index(index)
+            opened = self._io.open_one(index)
+            return None if opened is None else opened[0]
+
     def write_block(self, index: int, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` (1..4096 bytes; at most what fits before ``size_bytes``) into block ``index``."""
         with self._guard:
