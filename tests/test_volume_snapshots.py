@@ -387,3 +387,15 @@ def test_snapshot_names_are_sealed(tmp_path, keys):
     for f in files:
         assert secret.encode() not in f.read_bytes()
     assert [s["name"] for s in open_chain(path, keys, read_only=True).list()] == [secret]
+
+
+def test_served_rotation_and_resize_of_a_chain_are_refused(tmp_path, keys):
+    """Inside the export only the top could change: a chain's rotation or resize must change every layer."""
+    path = _new(tmp_path / "disk.qvol", keys)
+    with open_chain(path, keys) as c:
+        c.create("s")
+        with pytest.raises(SnapshotError, match="must change every layer of its chain"):
+            c.begin_reencrypt("other-key")
+        with pytest.raises(SnapshotError, match="must change every layer of its chain"):
+            c.resize(2 * ODD)
+        assert c.size == ODD

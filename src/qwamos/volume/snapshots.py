@@ -574,13 +574,14 @@ class ChainVolume:
         return self.layers[0].rotation_state()
 
     def _single(self, what: str) -> PQCVolume:
-        """The top, when the chain is that one layer: key rotation inside the export rewrites one file; a
-        chain's frozen layers are rotated offline, each through ``PQCVolume(..., layer=True)``."""
+        """The top, when the chain is that one layer: a key rotation or resize inside the export changes one
+        file, while a chain's every layer must change with it (offline, each through
+        ``PQCVolume(..., layer=True)``; the files: :func:`chain_files`)."""
         if len(self.layers) > 1 or (self.table is not None and self.table.layers):
             raise SnapshotError(
                 path=self.path,
-                msg=f"{what} of a volume with snapshots rewrites every layer: stop the VM and rotate its chain "
-                "offline (every file chain_files lists)",
+                msg=f"{what} of a volume with snapshots must change every layer of its chain, which is not "
+                "done while it is served: stop the VM (or the export) first",
             )
         return self.layers[0]
 
