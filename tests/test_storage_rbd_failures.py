@@ -173,8 +173,15 @@ def test_full_cluster_answers_enospc_then_recovers(ceph_cluster, tmp_path, short
     ks = PQCKeystore(tmp_path / "ks")
     loc = "rbd:rbd/full-a"
     PQCVolume(loc, keystore=ks).create("f", "", size_bytes=16 * MIB)
-    PQCVolume("rbd:rbd/full-b", keystore=ks).create("g", "", size_bytes=16 * MIB)
-    api = PQCVolume("rbd:rbd/full-b", keystore=ks).open()
+    # The API's volume without librbd's cache: its asynchronous writes themselves fail (with the cache they
+    # land in it and the flush fails), and the failure must still reach the caller.
+    nocache = tmp_path / "nocache.conf"
+    conf_text = ceph_cluster.conf.read_text()
+    assert "rbd cache = true" in conf_text
+    nocache.write_text(conf_text.replace("rbd cache = true", "rbd cache = false"))
+    api_loc = f"rbd:rbd/full-b:conf={nocache}"
+    PQCVolume(api_loc, keystore=ks).create("g", "", size_bytes=16 * MIB)
+    api = PQCVolume(api_loc, keystore=ks).open()
     sock = short_dir / "f.sock"
     proc = _serve(loc, tmp_path / "ks", sock)
     try:
