@@ -1008,7 +1008,7 @@ class PQCKeystore:
         switch.finish(self.path)
 
     def _switch_identity(self, operation: str, *, new_passphrase: bytes | None) -> dict[str, Any]:
-        if switch.pending(self.path) is not None and operation == switch.ROTATE_IDENTITY:
+        if switch.pending(self.path) is not None:
             raise KeystoreError(
                 msg="the previous identity rotation is not finished (VM configs may still name the old "
                 "fingerprint): run 'qwamos key rotate-identity' again to finish it"
