@@ -52,8 +52,7 @@ def test_directory_0700_files_0600(tmp_path: Path) -> None:
         os.umask(old)
     assert mode(tmp_path / "deep" / "ks") == 0o700
     names = sorted(os.listdir(tmp_path / "deep" / "ks"))
-    assert "identity.key" in names and "identity.pub" in names and "identity.pin" in names and len(names) == 8
-    assert ".lock" in names  # the identity-switch lock (switch.py), 0600 like the rest
+    assert "identity.key" in names and "identity.pub" in names and "identity.pin" in names and len(names) == 7
     for name in names:
         assert mode(tmp_path / "deep" / "ks" / name) == 0o600, name
 

@@ -22,8 +22,8 @@ journal decides which state the keystore is in::
    configs name the identity's fingerprint) and calls :func:`finish`.
 
 Recovery runs when a keystore is opened (:func:`recover`, from ``PQCKeystore.__init__``): so any command
-run after a kill finds the old or the new keystore, never a mixture.  An exclusive ``flock`` on
-``<keystore>/.lock`` is held for the whole switch; key creation takes it shared, and recovery exclusive, so
+run after a kill finds the old or the new keystore, never a mixture.  An exclusive ``flock`` on the
+keystore directory is held for the whole switch; key creation takes it shared, and recovery exclusive, so
 neither runs in the middle of one.
 
 The journal is not authenticated.  Whoever can write the keystore directory could plant one, but gains
@@ -44,7 +44,6 @@ from qwamos.errors import KeystoreError
 from qwamos.fsutil import fsync_dir, make_private_dirs
 from qwamos.keystore import metadata
 from qwamos.keystore.files import (
-    FILE_MODE,
     dump_document,
     overwrite_and_unlink,
     parse_document,
@@ -53,7 +52,6 @@ from qwamos.keystore.files import (
 )
 
 DIR_NAME = ".identity-switch"
-LOCK_NAME = ".lock"
 JOURNAL = "journal.json"
 FORMAT = "qwamos-identity-switch"
 VERSION = 1
@@ -64,8 +62,9 @@ _FIELDS = {"format", "version", "operation", "phase", "old_fingerprint", "new_fi
 
 @contextlib.contextmanager
 def locked(directory: Path, *, exclusive: bool) -> Iterator[None]:
-    """``flock`` on ``<keystore>/.lock`` (created 0600): exclusive for a switch, shared for key creation."""
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+    """``flock`` on the keystore directory itself (no lock file to leave behind): exclusive for a switch,
+    shared for key creation."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield
