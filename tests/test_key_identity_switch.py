@@ -270,3 +270,62 @@ def test_the_old_identity_unwraps_none_of_the_rewrapped_key_files(tmp_path: Path
         # not even with the fingerprint check out of the way: the MAC and the KEM fail under the old identity
         with pytest.raises(KeyFileCorruptError):
             keyfile.unwrap_full({**doc, "identity_fingerprint": stolen.fingerprint}, path, stolen)
+
+
+def test_documents_outside_the_keystore_are_rewrapped_in_the_same_switch(tmp_path: Path, monkeypatch) -> None:
+    """A backup repository's key (wrapped to the identity, kept in the repository) follows rotate-identity and
+    passphrase changes — the CLI finds it among the repositories this machine has used — also when the
+    switch is killed at any step."""
+    from qwamos.backup.repo import Repository
+    from qwamos.cli.main import main
+
+    monkeypatch.setenv("QWAMOS_BACKUP_STATE", str(tmp_path / "state"))
+    ks_dir = tmp_path / "ks"
+    seed(ks_dir, OLD_PASS, 1)
+    ks = PQCKeystore(ks_dir, passphrase=OLD_PASS, argon2_params=CHEAP)
+    repo = Repository.init(tmp_path / "repo", ks)
+    master = repo.read_key()
+    fd = os.open(tmp_path / "pp", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, OLD_PASS)
+    os.close(fd)
+    base = ["key", "--keystore", str(ks_dir)]
+    assert (
+        main(
+            [
+                *base,
+                "rotate-identity",
+                "--yes",
+                "--root",
+                str(tmp_path / "r"),
+                "--passphrase-file",
+                str(tmp_path / "pp"),
+            ]
+        )
+        == 0
+    )
+    fresh = PQCKeystore(ks_dir, passphrase=OLD_PASS)
+    assert Repository(tmp_path / "repo", fresh).read_key() == master
+    # kill anywhere in a rotation that carries the repository key: old or new, both readable, never neither
+    template = tmp_path / "template"
+    shutil.copytree(ks_dir, template / "ks")
+    shutil.copytree(tmp_path / "repo", template / "repo")
+    n, kills = 1, 0
+    while True:
+        for name in ("ks", "repo"):
+            shutil.rmtree(tmp_path / name)
+            shutil.copytree(template / name, tmp_path / name)
+        key_doc = tmp_path / "repo" / "key"
+        killed = crash_at(
+            n,
+            lambda key_doc=key_doc: PQCKeystore(ks_dir, passphrase=OLD_PASS, argon2_params=CHEAP).rotate_identity(
+                external=[key_doc]
+            ),
+        )
+        now = PQCKeystore(ks_dir, passphrase=OLD_PASS)  # recovers
+        assert Repository(tmp_path / "repo", now).read_key() == master, n
+        assert [p.name for p in (tmp_path / "repo").iterdir() if p.name.startswith(".")] == []
+        if not killed:
+            break
+        kills += 1
+        n += 2
+    assert kills >= 10

@@ -9,6 +9,7 @@ Thin over :class:`qwamos.keystore.PQCKeystore`.  Passphrases never come from arg
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from datetime import UTC, datetime
@@ -188,6 +189,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="VM root whose configs name the identity (default: $QWAMOS_ROOT or ~/QWAMOS)",
     )
     add_yes_option(ri)
+    _also(ri)
     pp = action(
         "passphrase",
         "seal the identity, change its passphrase, or unseal it",
@@ -213,6 +215,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="read the new passphrase from PATH (0600; default: a prompt)",
     )
     pp.add_argument("--unseal", action="store_true", help="store the identity unsealed (file permissions only)")
+    _also(pp)
     add_yes_option(pp)
     e = action(
         "export",
@@ -236,6 +239,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     from qwamos.cli.grant_cmd import register_grant_actions
 
     register_grant_actions(action)
+
+
+def _also(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="another key document outside the keystore wrapped to its identity, re-wrapped too; repeatable "
+        "(default: the key of every backup repository this machine has used)",
+    )
 
 
 def _recovery_fd(p: argparse.ArgumentParser) -> None:
@@ -593,6 +607,26 @@ def _print_rotate_result(r: dict[str, Any]) -> None:
         message(f"{r['old_key_id']} is kept until the online re-encryption finishes: run this command again")
 
 
+def _outside_documents(args: argparse.Namespace, ks: PQCKeystore) -> list[Path]:
+    """Key documents kept outside the keystore that are wrapped to its identity: the ``key`` of every backup
+    repository this machine has used (qwamos.backup.repo.known_repositories) that names this identity, and
+    the files given with ``--also``.  They are re-wrapped in the same switch as the keystore's own files."""
+    from qwamos.backup.repo import known_repositories
+
+    info = ks.identity_info()
+    fp = info["fingerprint"] if info else None
+    out = [Path(p).absolute() for p in args.also]
+    for repo in known_repositories():
+        key = Path(repo) / "key"
+        try:
+            doc = json.loads(read_bounded(key))
+        except (OSError, ValueError, QwamosError):
+            continue
+        if isinstance(doc, dict) and doc.get("identity_fingerprint") == fp and key.absolute() not in out:
+            out.append(key.absolute())
+    return out
+
+
 def cmd_rotate_identity(args: argparse.Namespace) -> int:
     from qwamos.hypervisor.keyrotation import update_identity_fingerprints
     from qwamos.hypervisor.manager import VMManager
@@ -608,7 +642,10 @@ def cmd_rotate_identity(args: argparse.Namespace) -> int:
         ):
             message("not rotated")
             return 1
-        result = ks.rotate_identity()
+        outside = _outside_documents(args, ks)
+        result = ks.rotate_identity(external=outside)
+        for doc in outside:
+            message(f"re-wrapped {doc}")
         message(f"re-wrapped {len(result['rewrapped'])} key file(s) to identity {result['new_fingerprint']}")
         old_fp, new_fp = result["old_fingerprint"], result["new_fingerprint"]
     else:
@@ -664,7 +701,7 @@ def cmd_passphrase(args: argparse.Namespace) -> int:
                 "a new passphrase is needed (--new-passphrase-fd, --new-passphrase-file or a terminal); to store "
                 "the identity unsealed, pass --unseal"
             )
-    result = ks.change_passphrase(new)
+    result = ks.change_passphrase(new, external=_outside_documents(args, ks))
     verb = "unsealed" if not result["sealed"] else ("re-sealed" if result["was_sealed"] else "sealed")
     if args.json:
         emit_json({**result, "action": verb})

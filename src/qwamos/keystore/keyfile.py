@@ -57,6 +57,7 @@ _FIELDS_V1 = {
     "wrapped_key",
 }
 _FIELDS = _FIELDS_V1 | {"identity_sealed", "commitment_required", "mac"}
+FIELDS = frozenset(_FIELDS)  # every field a key file may have (version 1 or 2)
 MAC_SIZE = 32
 COMMIT_SECRET_SIZE = 32
 _SECRET_SIZES = {VERSION_1: crypto.KEY_SIZE, VERSION: crypto.KEY_SIZE + COMMIT_SECRET_SIZE}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -979,7 +979,7 @@ class PQCKeystore:
 
     # --- identity rotation and passphrase changes (switch.py, rewrap.py) --------------------------------
 
-    def rotate_identity(self) -> dict[str, Any]:
+    def rotate_identity(self, *, external: Iterable[str | os.PathLike[str]] = ()) -> dict[str, Any]:
         """Replace the identity with a new ML-KEM-1024 + X25519 key pair: every identity-bound document
         (volume key files and every kind registered in :mod:`qwamos.keystore.rewrap`) is re-wrapped to it,
         a new pin written (:func:`pin.repin`), and the old ``identity.key`` overwritten and removed, as one
@@ -987,16 +987,20 @@ class PQCKeystore:
         passphrase when the old one was sealed.  No volume data changes: volume keys stay the same.
 
         The switch's journal stays (``phase: switched``) until :meth:`finish_identity_switch`: the caller
-        updates the records of the fingerprint outside the keystore (VM configs) first.  Returns
-        ``{"old_fingerprint", "new_fingerprint", "rewrapped": [file names], "sealed"}``."""
-        return self._switch_identity(switch.ROTATE_IDENTITY, new_passphrase=None)
+        updates the records of the fingerprint outside the keystore (VM configs) first.  ``external``: key
+        documents kept outside the keystore (made by :meth:`wrap_secret`, e.g. backup repositories' ``key``),
+        re-wrapped in the same switch (staged beside each, renamed over it).  Returns ``{"old_fingerprint",
+        "new_fingerprint", "rewrapped": [file names], "sealed", ...}``."""
+        return self._switch_identity(switch.ROTATE_IDENTITY, new_passphrase=None, external=external)
 
-    def change_passphrase(self, new_passphrase: bytes | None) -> dict[str, Any]:
+    def change_passphrase(
+        self, new_passphrase: bytes | None, *, external: Iterable[str | os.PathLike[str]] = ()
+    ) -> dict[str, Any]:
         """Seal the identity with ``new_passphrase`` (an unsealed one, or a new passphrase for a sealed one);
         ``None``/empty unseals it.  The key files and the pin bind the sealed flag, so they are re-written
         in the same crash-safe switch as ``identity.key``.  The current passphrase (if sealed) comes from
         the keystore's passphrase source.  Returns what :meth:`rotate_identity` returns (same fingerprint)."""
-        return self._switch_identity(switch.PASSPHRASE, new_passphrase=new_passphrase or None)
+        return self._switch_identity(switch.PASSPHRASE, new_passphrase=new_passphrase or None, external=external)
 
     def pending_identity_switch(self) -> dict[str, Any] | None:
         """An identity rotation that switched the keystore and whose records outside it (VM configs) may
@@ -1007,7 +1011,9 @@ class PQCKeystore:
         """The caller has updated every record of the old fingerprint: forget the switch's journal."""
         switch.finish(self.path)
 
-    def _switch_identity(self, operation: str, *, new_passphrase: bytes | None) -> dict[str, Any]:
+    def _switch_identity(
+        self, operation: str, *, new_passphrase: bytes | None, external: Iterable[str | os.PathLike[str]]
+    ) -> dict[str, Any]:
         if switch.pending(self.path) is not None:
             raise KeystoreError(
                 msg="the previous identity rotation is not finished (VM configs may still name the old "
@@ -1036,6 +1042,10 @@ class PQCKeystore:
                     msg="these files are bound to the identity but no re-wrapper is registered for them, so "
                     f"switching would make them unreadable: {', '.join(map(str, left))}"
                 )
+            outside: dict[str, bytes] = {}
+            for ext in external:
+                path = Path(ext).absolute()
+                outside[str(path)] = rewrap.rewrap_key_document(read_bounded(path), path, old, new, sealed)
             files[IDENTITY_KEY] = dump_document(idmod.private_document(new, seal_with, self.argon2_params))
             files[pin.FILE_NAME] = dump_document(pin.repin(new, sealed))
             if new is not old:
@@ -1047,11 +1057,13 @@ class PQCKeystore:
                 new.fingerprint,
                 files,
                 keep_journal=operation == switch.ROTATE_IDENTITY,
+                external=outside,
             )
         self._identity, self._sealed, self._last_unwrap = new, sealed, None
         if operation == switch.PASSPHRASE:
             self._passphrase_source = seal_with
         rewrapped = sorted(r for r in files if r not in (IDENTITY_KEY, IDENTITY_PUB, pin.FILE_NAME))
+        rewrapped += sorted(outside)
         return {
             "old_fingerprint": old.fingerprint,
             "new_fingerprint": new.fingerprint,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from qwamos.errors import InvalidArgument, KeyFileCorruptError
 from qwamos.keystore import keyfile
-from qwamos.keystore.files import MAX_DOCUMENT_SIZE, dump_document, read_bounded
+from qwamos.keystore.files import MAX_DOCUMENT_SIZE, dump_document, parse_document, read_bounded
 from qwamos.keystore.identity import Identity
 
 #: ``rewrap(data, path, old, new, sealed) -> new bytes``: the document at ``path`` (its bytes ``data``,
@@ -71,7 +71,19 @@ def _volume_key_files(directory: Path) -> list[Path]:
 
 
 def _rewrap_volume_key(data: bytes, path: Path, old: Identity, new: Identity, sealed: bool) -> bytes:
-    key_id = path.name[: -len(keyfile.KEY_SUFFIX)]
+    return rewrap_key_document(data, path, old, new, sealed, key_id=path.name[: -len(keyfile.KEY_SUFFIX)])
+
+
+def rewrap_key_document(
+    data: bytes, path: Path, old: Identity, new: Identity, sealed: bool, *, key_id: str | None = None
+) -> bytes:
+    """A key-file document (a volume key file, or one made by ``PQCKeystore.wrap_secret`` and kept elsewhere,
+    such as a backup repository's key) unwrapped under ``old`` (MAC and AEAD checked) and wrapped to ``new``:
+    the same secret, commitment secret and ``commitment_required``, fresh encapsulation and nonce.
+    ``key_id``: the id the document must carry (a key file's name); None takes the document's own."""
+    if key_id is None:
+        probe = parse_document(data, path, fields=keyfile.FIELDS, required={"key_id"})
+        key_id = keyfile.validate_key_id(probe["key_id"])
     doc = keyfile.parse(data, path, key_id)
     if doc["version"] != keyfile.VERSION:
         raise KeyFileCorruptError(

@@ -57,7 +57,49 @@ FORMAT = "qwamos-identity-switch"
 VERSION = 1
 STAGING, COMMITTED, SWITCHED = "staging", "committed", "switched"
 ROTATE_IDENTITY, PASSPHRASE = "rotate-identity", "passphrase"
-_FIELDS = {"format", "version", "operation", "phase", "old_fingerprint", "new_fingerprint", "files", "started_at"}
+_FIELDS = {
+    "format",
+    "version",
+    "operation",
+    "phase",
+    "old_fingerprint",
+    "new_fingerprint",
+    "files",
+    "external",
+    "started_at",
+}
+_KEYDOC_FIELDS = {
+    "format",
+    "version",
+    "key_id",
+    "kem",
+    "identity_fingerprint",
+    "identity_sealed",
+    "commitment_required",
+    "kem_ciphertext",
+    "nonce",
+    "wrapped_key",
+    "mac",
+}
+EXT_NEW, EXT_OLD = ".qwamos-switch-new", ".qwamos-switch-old"
+
+
+def ext_new(target: Path) -> Path:
+    """Where the new content of an identity-bound document outside the keystore is staged: beside it (the
+    same file system, so the switch is a rename), hidden."""
+    return target.with_name(f".{target.name}{EXT_NEW}")
+
+
+def ext_old(target: Path) -> Path:
+    return target.with_name(f".{target.name}{EXT_OLD}")
+
+
+def _drop_ext_temps(target: Path) -> None:
+    """Temp files a kill left while the staged copy was written (``write_private``'s ``.<name>.<...>.tmp``):
+    they hold a key document wrapped to the new identity, so they are overwritten too."""
+    stem = ext_new(target).name
+    for tmp in target.parent.glob(f".{stem}.*.tmp"):
+        overwrite_and_unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -95,6 +137,8 @@ def read_journal(directory: Path) -> dict[str, Any] | None:
         and doc.get("phase") in (STAGING, COMMITTED, SWITCHED)
         and isinstance(doc.get("files"), list)
         and all(isinstance(f, str) and _safe_name(f) for f in doc["files"])
+        and isinstance(doc.get("external"), list)
+        and all(isinstance(f, str) and _safe_external(f) for f in doc["external"])
     )
     if not ok:
         raise KeystoreError(
@@ -110,17 +154,50 @@ def _safe_name(rel: str) -> bool:
     return 0 < len(parts) <= 2 and all(p and not p.startswith(".") and p not in (".", "..") for p in parts)
 
 
+def _safe_external(path: str) -> bool:
+    p = Path(path)
+    return p.is_absolute() and ".." not in p.parts and not p.name.startswith(".")
+
+
+def _check_external_staged(path: Path) -> None:
+    """Recovery renames a staged file over a document outside the keystore: only ever a key document over a
+    key document (the journal is not authenticated; this keeps a planted one from replacing other files)."""
+    from qwamos.keystore.keyfile import FORMAT as KEY_FORMAT
+
+    for candidate in (ext_new(path), path):
+        if not candidate.exists():
+            continue
+        try:
+            doc = parse_document(read_bounded(candidate), candidate, fields=_KEYDOC_FIELDS, required={"format"})
+        except KeystoreError:
+            doc = {}
+        if doc.get("format") != KEY_FORMAT:
+            raise KeystoreError(
+                msg=f"the identity-switch journal names {path}, but {candidate} is not a key document; remove "
+                f"{ext_new(path)} and the journal if you did not start an identity switch"
+            )
+
+
 def _write_journal(directory: Path, doc: dict[str, Any]) -> None:
     write_private(_journal_path(directory), dump_document(doc))
 
 
 def run(
-    directory: Path, operation: str, old_fp: str, new_fp: str, files: dict[str, bytes], *, keep_journal: bool
+    directory: Path,
+    operation: str,
+    old_fp: str,
+    new_fp: str,
+    files: dict[str, bytes],
+    *,
+    keep_journal: bool,
+    external: dict[str, bytes] | None = None,
 ) -> None:
-    """Stage ``files`` (name relative to ``directory`` -> new content), commit, switch, destroy the old
-    files.  The caller holds :func:`locked` exclusively.  ``keep_journal`` leaves the journal at ``switched``
-    for :func:`finish`."""
-    if any(not _safe_name(rel) for rel in files):
+    """Stage ``files`` (name relative to ``directory`` -> new content) and ``external`` (absolute path of a
+    key document outside the keystore, such as a backup repository's key -> new content, staged beside it),
+    commit, switch, destroy the old files.  The caller holds :func:`locked` exclusively.  ``keep_journal``
+    leaves the journal at ``switched`` for :func:`finish`."""
+    external = dict(external or {})
+    if any(not _safe_name(rel) for rel in files) or any(not _safe_external(p) for p in external):
         raise ValueError("unsafe staged file name")
     stage = directory / DIR_NAME
     if stage.exists():
@@ -138,9 +215,18 @@ def run(
         "old_fingerprint": old_fp,
         "new_fingerprint": new_fp,
         "files": sorted(files, key=_order),
+        "external": sorted(external),
         "started_at": metadata.now(),
     }
     _write_journal(directory, journal)
+    for ext in journal["external"]:
+        target = Path(ext)
+        write_private(ext_new(target), external[ext])
+        if target.exists():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ext_old(target))  # a link left by an earlier, rolled-back switch
+            os.link(target, ext_old(target))
+        fsync_dir(target.parent)
     for rel in journal["files"]:
         new = stage / "new" / rel
         make_private_dirs(new.parent)
@@ -169,6 +255,12 @@ def _roll_forward(directory: Path, journal: dict[str, Any], *, keep_journal: boo
     stage = directory / DIR_NAME
     if journal["phase"] == COMMITTED:
         touched = set()
+        for ext in journal["external"]:  # outside documents first: identity.key is replaced last
+            target = Path(ext)
+            if ext_new(target).exists():
+                _check_external_staged(target)
+                os.replace(ext_new(target), target)
+                touched.add(target.parent)
         for rel in journal["files"]:
             new = stage / "new" / rel
             if new.exists():
@@ -182,6 +274,9 @@ def _roll_forward(directory: Path, journal: dict[str, Any], *, keep_journal: boo
     old_root = stage / "old"
     for rel in journal["files"]:
         overwrite_and_unlink(old_root / rel)
+    for ext in journal["external"]:
+        overwrite_and_unlink(ext_old(Path(ext)))
+        _drop_ext_temps(Path(ext))
     _remove_tree(stage, keep=JOURNAL if keep_journal and journal["operation"] == ROTATE_IDENTITY else None)
     if not keep_journal or journal["operation"] != ROTATE_IDENTITY:
         fsync_dir(directory)
@@ -189,6 +284,14 @@ def _roll_forward(directory: Path, journal: dict[str, Any], *, keep_journal: boo
 
 def _roll_back(directory: Path, journal: dict[str, Any] | None) -> None:
     stage = directory / DIR_NAME
+    for ext in journal["external"] if journal else []:
+        target = Path(ext)
+        if ext_new(target).exists():
+            _check_external_staged(target)
+            overwrite_and_unlink(ext_new(target))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ext_old(target))  # a link to the live document: only unlinked
+        _drop_ext_temps(target)
     new_root = stage / "new"
     # Staged files hold secrets (a new identity.key, keys wrapped to it): overwrite them.  old/ entries are
     # links to the live files: only unlinked.
