@@ -14,7 +14,7 @@ Measured, each as the median of ``--runs`` passes (fresh repositories per pass),
    backup and vs borg's second run, which re-reads the whole image (goal: >= 10x faster than both);
 3. restore: ``backup restore`` into a new volume vs ``borg extract`` of the image.
 
-    .venv/bin/python bench/backup.py [--data-mib 256] [--volume-mib 1024] [--runs 3] [--dir DIR]
+    .venv/bin/python bench/backup.py [--data-mib 512] [--volume-mib 1024] [--runs 3] [--dir DIR]
 
 Borg is not a project dependency: Debian's ``borgbackup`` (``apt-get install borgbackup``) or a bench-only venv.
 """
@@ -89,7 +89,7 @@ def change_blocks(vol: Path, raw: Path, ks: PQCKeystore, data_blocks: int, total
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-mib", type=int, default=256)
+    ap.add_argument("--data-mib", type=int, default=512)
     ap.add_argument("--volume-mib", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None)

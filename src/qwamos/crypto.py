@@ -247,7 +247,7 @@ def hkdf_sha256(key: bytes, *, salt: bytes, info: bytes, length: int = KEY_SIZE)
 
 
 def hmac_sha256(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
+    return hmac.digest(key, data, "sha256")
 
 
 def verify_hmac_sha256(key: bytes, data: bytes, tag: bytes) -> None:

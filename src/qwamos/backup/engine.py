@@ -37,6 +37,7 @@ BLOCK = fmt.BLOCK
 ARCHIVE_FORMAT = "qwamos-backup-archive"
 _ZERO_BLOCK = bytes(BLOCK)
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
+RESTORE_CACHE = 8  # chunks (up to 1 MiB each) kept decrypted while restoring
 
 
 class Source(Protocol):
@@ -201,24 +202,42 @@ def create(
     pack = repo.new_pack()
     read_bytes = stored = 0
     try:
+        pieces: list[tuple[int, bytes]] = []  # (first block, data) of the non-zero runs of the current window
+
+        def seal_window() -> None:
+            """One chunk per window: its non-zero runs back to back (an incremental backup's scattered changed
+            blocks cost one chunk per window, not one per block); an extent per run, by its offset in it."""
+            nonlocal stored
+            plain = b"".join(d for _, d in pieces)
+            cid_b = keys.chunk_id(plain)
+            cid = cid_b.hex()
+            if cid not in index and cid not in new_chunks:
+                record = codec.seal(cid_b, plain)
+                new_chunks[cid] = [pack.id, pack.add(record), len(record), len(plain) // BLOCK]
+                stored += len(record)
+            at = 0
+            for first, d in pieces:
+                fresh.append([first, len(d) // BLOCK, cid, at])
+                at += len(d) // BLOCK
+            pieces.clear()
+
+        window = -1
         for first, count in runs:
             for wfirst, wcount in windows(first, count):
+                if wfirst // fmt.CHUNK_BLOCKS != window and pieces:
+                    seal_window()
+                window = wfirst // fmt.CHUNK_BLOCKS
                 off = wfirst * BLOCK
                 data = source.read(off, min(wcount * BLOCK, size - off))
                 if len(data) < wcount * BLOCK:
                     data += bytes(wcount * BLOCK - len(data))  # the odd-sized volume's last block
                 read_bytes += len(data)
                 for skip, n in nonzero_runs(data, wcount):
-                    plain = memoryview(data)[skip * BLOCK : (skip + n) * BLOCK]
-                    cid_b = keys.chunk_id(plain)
-                    cid = cid_b.hex()
-                    if cid not in index and cid not in new_chunks:
-                        record = codec.seal(cid_b, plain)
-                        new_chunks[cid] = [pack.id, pack.add(record), len(record), n]
-                        stored += len(record)
-                    fresh.append([wfirst + skip, n, cid, 0])
+                    pieces.append((wfirst + skip, data[skip * BLOCK : (skip + n) * BLOCK]))
                 if progress is not None:
                     progress(read_bytes, total)
+        if pieces:
+            seal_window()
         if new_chunks:
             pack_info = pack.finish()
         else:
@@ -301,20 +320,23 @@ def restore(
     ok = False
     try:
         codec = fmt.Codec(repo.keys)
-        cached: tuple[str, bytes, int] = ("", b"", 0)
-        done = 0
+        cache: dict[str, tuple[bytes, int]] = {}  # a few recent chunks: an incremental archive's extents
+        done = 0  # alternate between a parent's big chunk and the small chunks of changed blocks
         with new.open():
             for first, count, cid, skip in extents:
-                if cached[0] != cid:
-                    plain, nblocks = _chunk(repo, codec, cid)
-                    cached = (cid, plain, nblocks)
-                if skip + count > cached[2]:
+                cached = cache.pop(cid, None)
+                if cached is None:
+                    cached = _chunk(repo, codec, cid)
+                    if len(cache) >= RESTORE_CACHE:
+                        del cache[next(iter(cache))]
+                cache[cid] = cached
+                if skip + count > cached[1]:
                     raise RepositoryCorruptError(
                         repo=repo.where, msg=f"archive {entry['name']!r} overruns chunk {cid[:16]}"
                     )
                 off = first * BLOCK
                 n = min(count * BLOCK, size - off)
-                new.write(off, memoryview(cached[1])[skip * BLOCK : skip * BLOCK + n])
+                new.write(off, memoryview(cached[0])[skip * BLOCK : skip * BLOCK + n])
                 done += count * BLOCK
                 if progress is not None:
                     progress(done, total)

@@ -79,27 +79,35 @@ def _read(path: Path) -> bytes:
 
 
 class PackWriter:
-    """Appends chunk records to one new pack file (created exclusively, fsynced by :meth:`finish`)."""
+    """Appends chunk records to one new pack file (created exclusively; buffered; fsynced by :meth:`finish`)."""
+
+    FLUSH = 4 * 1024 * 1024
 
     def __init__(self, path: Path, repo_id: bytes) -> None:
         self.path = path
         self.id = path.name
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._hash = crypto.sha256_stream()
+        self._buf = bytearray()
         self.size = 0
-        self._append(fmt.MAGIC_PACK + repo_id)
-
-    def _append(self, data: bytes) -> int:
-        offset = self.size
-        fsutil.write_all(self._fd, data)
-        self._hash.update(data)
-        self.size += len(data)
-        return offset
+        self.add(fmt.MAGIC_PACK + repo_id)
 
     def add(self, record: bytes) -> int:
-        return self._append(record)
+        """Append a record; its offset in the pack."""
+        offset = self.size
+        self._buf += record
+        self.size += len(record)
+        if len(self._buf) >= self.FLUSH:
+            self._flush()
+        return offset
+
+    def _flush(self) -> None:
+        fsutil.write_all(self._fd, self._buf)
+        self._hash.update(self._buf)
+        self._buf.clear()
 
     def finish(self) -> dict[str, Any]:
+        self._flush()
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
