@@ -150,7 +150,7 @@ def test_truncated_pack(setup, tmp_path, ks, capsys):
 
 def test_edit_outside_any_chunk_record(setup, tmp_path, ks, capsys):
     """Bytes no chunk record covers (the pack's header): restore never reads them, verify still notices
-    (every pack's SHA-256 is in the manifest)."""
+    (the header names the repository; the manifest holds each pack's size)."""
     pack = records(setup, ks)[0][0]
     with open(pack_path(setup, pack), "r+b") as f:
         f.write(b"X")

@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import os
 from functools import cache
-from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -230,11 +229,6 @@ class Aead:
 
 def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
-
-
-def sha256_stream() -> Any:
-    """An incremental SHA-256 (``update``/``hexdigest``) for data written in pieces (backup pack files)."""
-    return hashlib.sha256()
 
 
 def sha3_256(data: bytes) -> bytes:

@@ -87,7 +87,6 @@ class PackWriter:
         self.path = path
         self.id = path.name
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._hash = crypto.sha256_stream()
         self._buf = bytearray()
         self.size = 0
         self.add(fmt.MAGIC_PACK + repo_id)
@@ -103,7 +102,6 @@ class PackWriter:
 
     def _flush(self) -> None:
         fsutil.write_all(self._fd, self._buf)
-        self._hash.update(self._buf)
         self._buf.clear()
 
     def finish(self) -> dict[str, Any]:
@@ -111,7 +109,7 @@ class PackWriter:
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
-        return {"size": self.size, "sha256": self._hash.hexdigest()}
+        return {"size": self.size}
 
     def abort(self) -> None:
         if self._fd >= 0:
