@@ -3,15 +3,12 @@
 ::
 
     REPO/config            the repository's id and settings, MAC'd under the repository key
+    REPO/key               the repository key, wrapped to the keystore identity (a key-file document)
     REPO/manifest          sealed: sequence number, the archive list (with each archive file's SHA-256),
                            the chunk index (chunk id -> pack, offset, length, blocks), the packs' SHA-256
     REPO/archives/<id>     sealed archive documents: one volume's block map, extent -> chunk id
     REPO/packs/<id>        chunk records appended by one ``backup create``, never modified afterwards
     REPO/lock              flock target: exclusive for changes, shared for reading
-
-The repository key is kept in the keystore (``backup-keys/backup-<repo id>.key``, wrapped to the identity and
-re-wrapped with it by ``key rotate-identity``), not in the repository: the directory alone reveals nothing,
-and ``backup key export`` seals the key with a passphrase for another machine.
 
 The manifest is the root of trust: everything else is reached through hashes or ids it holds, so a changed,
 dropped, swapped or foreign file fails.  What the manifest cannot show by itself is its own replacement by an
@@ -154,7 +151,7 @@ class Repository:
             (p / sub).mkdir(mode=0o700, exist_ok=True)
         repo_id = crypto.new_uuid()
         master = crypto.new_repository_key()
-        keystore.store_backup_key(key_id_for(repo_id), master)
+        fsutil.atomic_write(p / "key", mode=0o600, data=keystore.wrap_secret(key_id_for(repo_id), master))
         repo.keys = fmt.RepoKeys.derive(master, repo_id, alg)
         config = {
             "format": CONFIG_FORMAT,
@@ -200,9 +197,15 @@ class Repository:
         return doc
 
     def read_key(self) -> bytes:
-        """The repository's master key from the keystore (the config names its id)."""
+        """The repository's master key, unwrapped with the keystore's identity (the config names the id)."""
         rid = bytes.fromhex(self._config()["repo_id"])
-        return self.keystore.backup_key(key_id_for(rid))
+        try:
+            data = _read(self.path / "key")
+        except FileNotFoundError:
+            raise BackupError(
+                msg=f"{self.path}/key is missing: import the repository key with 'backup key import'"
+            ) from None
+        return self.keystore.unwrap_secret(data, key_id_for(rid), str(self.path / "key"))
 
     def _keys_from(self, master: bytes) -> fmt.RepoKeys:
         config = self._config()
@@ -426,19 +429,29 @@ class Repository:
         )
 
     def import_key(self, data: bytes, passphrase: bytes) -> None:
-        """Store the repository key from an exported document in this keystore, wrapped to its identity; the
-        key must authenticate this repository's config."""
+        """Store the repository key from an exported document, wrapped to this keystore's identity; the key
+        must authenticate this repository's config."""
         key_id, master, _commit, _required, meta = recovery.import_document(data, passphrase)
         rid = bytes.fromhex(self._config()["repo_id"])
         if key_id != key_id_for(rid) or meta.get("kind") != KEY_EXPORT_FORMAT:
             raise BackupError(msg=f"the key file is for another repository ({key_id}), not {self.path}")
         self._keys_from(master)  # refuses a key that does not authenticate the config
-        self.keystore.store_backup_key(key_id, master, replace=True)
+        fsutil.atomic_write(self.path / "key", mode=0o600, data=self.keystore.wrap_secret(key_id, master))
+
+
+def rewrap_key(path: str | os.PathLike[str], unwrap_with: PQCKeystore, wrap_with: PQCKeystore) -> None:
+    """Re-wrap a repository's key from one keystore identity to another: the hook for
+    ``key rotate-identity`` (every repository this machine has used is listed by :func:`known_repositories`).
+    The config's MAC is checked with the key before the new document replaces the old one."""
+    old = Repository(path, unwrap_with)
+    master = old.read_key()
+    old._keys_from(master)
+    rid = bytes.fromhex(old._config()["repo_id"])
+    fsutil.atomic_write(old.path / "key", mode=0o600, data=wrap_with.wrap_secret(key_id_for(rid), master))
 
 
 def known_repositories(state_dir: Path | None = None) -> list[str]:
-    """Paths of the repositories this machine has used (from its state records, section 5.1 of
-    docs/backup-format.md)."""
+    """Paths of the repositories this machine has used (from its state records)."""
     d = Path(state_dir) if state_dir is not None else default_state_dir()
     out: list[str] = []
     with contextlib.suppress(FileNotFoundError):

@@ -55,7 +55,6 @@ from qwamos.keystore.files import (
 from qwamos.keystore.sealing import Argon2Params
 
 ENV_KEYSTORE = "QWAMOS_KEYSTORE"
-BACKUP_KEYS_DIR = "backup-keys"  # backup repositories' keys (store_backup_key), re-wrapped with the identity
 ENV_PASSPHRASE = "QWAMOS_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
 DEFAULT_PATH = "~/.qwamos/keystore"
 IDENTITY_KEY = "identity.key"
@@ -894,16 +893,12 @@ class PQCKeystore:
             self._last_unwrap = None
         return {**tomb, "files": files}
 
-    # --- backup repository keys (docs/backup-format.md) ---------------------------------------------
+    # --- secrets kept outside the keystore (a backup repository's key) ------------------------------
 
-    def _backup_key_path(self, key_id: str) -> Path:
-        return self.path / BACKUP_KEYS_DIR / (keyfile.validate_key_id(key_id) + keyfile.KEY_SUFFIX)
-
-    def store_backup_key(self, key_id: str, secret: bytes, *, replace: bool = False) -> None:
-        """Keep a backup repository's 32-byte key in ``backup-keys/<key_id>.key``: a key-file document
-        (docs/keystore-format.md, version 2) encapsulated to this identity and authenticated by it, exactly as
-        a volume key file, so that ``key rotate-identity`` and ``key passphrase`` re-wrap it with the rest
-        (the ``backup-key`` kind of :mod:`qwamos.keystore.rewrap`)."""
+    def wrap_secret(self, key_id: str, secret: bytes) -> bytes:
+        """A key-file document (docs/keystore-format.md, version 2) holding the 32-byte ``secret`` for a file
+        kept elsewhere, such as a backup repository's key: encapsulated to this identity and authenticated by
+        it, exactly as a volume key file.  Nothing is written here; the caller stores the bytes."""
         ident = self._open_identity(create=True)
         doc = keyfile.wrap(
             key_id,
@@ -914,23 +909,15 @@ class PQCKeystore:
             commit_secret=crypto.new_commitment_secret(),
             commitment_required=False,
         )
-        ensure_private_dir(self.path / BACKUP_KEYS_DIR)
-        try:
-            write_private(self._backup_key_path(key_id), dump_document(doc), replace=replace, key_id=key_id)
-        except FileExistsError:
-            raise KeyExistsError(key_id=key_id) from None
+        return dump_document(doc)
 
-    def backup_key(self, key_id: str) -> bytes:
-        """A backup repository's key kept by :meth:`store_backup_key` (pin, MAC and AEAD checked)."""
-        path = self._backup_key_path(key_id)
-        check_private_dir(self.path)
-        try:
-            data = read_bounded(path)
-        except FileNotFoundError:
-            raise KeyNotFoundError(key_id=key_id, keystore=str(self.path)) from None
+    def unwrap_secret(self, data: bytes, key_id: str, where: str) -> bytes:
+        """The secret of a document made by :meth:`wrap_secret` (the pin, MAC and AEAD checked as for a key
+        file); ``where`` names the file in errors."""
+        path = Path(where)
         doc = keyfile.parse(data, path, key_id)
         if doc["version"] != keyfile.VERSION:
-            raise KeyFileCorruptError(path=str(path), msg="not a version 2 (authenticated) key document")
+            raise KeyFileCorruptError(path=where, msg="not a version 2 (authenticated) key document")
         ident = self._open_identity(create=False)
         got = keyfile.unwrap_full(doc, path, ident)
         if doc["identity_sealed"] and not self._sealed:
@@ -1149,12 +1136,3 @@ def _text(value: object) -> str | None:
 def _count(value: object) -> int:
     ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
     return value if ok else 0  # type: ignore[return-value]
-
-
-def _backup_key_files(directory: Path) -> list[Path]:
-    d = directory / BACKUP_KEYS_DIR
-    return sorted(p for p in d.glob("*" + keyfile.KEY_SUFFIX) if not p.name.startswith(".")) if d.is_dir() else []
-
-
-# A backup key file has a volume key file's format (its key id is its file name): re-wrapped the same way.
-rewrap.register(rewrap.WrappedKind("backup-key", _backup_key_files, rewrap.rewrap_key_file))

@@ -107,9 +107,6 @@ def rewrap_key_document(
 
 register(WrappedKind("volume-key", _volume_key_files, _rewrap_volume_key))
 
-#: The re-wrapper of any document in the key-file format whose key id is its file name (backup keys too).
-rewrap_key_file = _rewrap_volume_key
-
 
 # --- the safety net -----------------------------------------------------------------------------------------
 
