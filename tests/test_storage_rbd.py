@@ -265,3 +265,16 @@ def test_a_dead_holders_lock_is_broken_only_explicitly(ceph_cluster, env, short_
         breaker.stdout.close()
         breaker.stderr.close()
     assert "broke the lock of client." in err
+
+
+def test_key_delete_is_refused_while_an_rbd_volume_uses_the_key(ceph_cluster, env, capsys):
+    """The keystore's usage records hold rbd: locations too: a record is live while the image holds that
+    volume (and while the cluster cannot be asked), so ``key delete`` refuses, naming it."""
+    loc = "rbd:rbd/keyuse-a"
+    ks = str(env / "ks")
+    assert main(["volume", "create", loc, "--size", "4M", "--keystore", ks, "--json"]) == 0
+    key_id = _json(capsys)["key_id"]
+    assert main(["key", "--keystore", ks, "delete", key_id, "--yes"]) == 28
+    assert "rbd:rbd/keyuse-a" in capsys.readouterr().err
+    ceph_cluster.rbd("rm", "--no-progress", "rbd/keyuse-a")
+    assert main(["key", "--keystore", ks, "delete", key_id, "--yes"]) == 0  # the image is gone: stale

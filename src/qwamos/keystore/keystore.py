@@ -1103,14 +1103,23 @@ def _find_by_uuid(directory: str, volume_uuid: str, key_id: str) -> str | None:
 def _stale_reason(path: str, volume_uuid: str, key_id: str) -> str | None:
     """Why a usage record no longer holds (None when the file at ``path`` is still that volume, judged by its
     unauthenticated header: records are metadata, and a wrong guess here only changes what is listed)."""
+    from qwamos.storage import is_rbd, storage_exists
     from qwamos.volume.header_store import read_header
 
-    if not os.path.lexists(path):
+    if is_rbd(path):  # an image on a cluster: gone only when the cluster says so
+        try:
+            if not storage_exists(path):
+                return "the RBD image is gone"
+            fields = read_header(path)
+        except (QwamosError, OSError):
+            return None  # the cluster cannot be asked now: the record stands (a refusal --force overrides)
+    elif not os.path.lexists(path):
         return "the volume file is gone"
-    try:
-        fields = read_header(path)
-    except (QwamosError, OSError) as e:
-        return f"not a readable volume any more ({type(e).__name__})"
+    else:
+        try:
+            fields = read_header(path)
+        except (QwamosError, OSError) as e:
+            return f"not a readable volume any more ({type(e).__name__})"
     if fields.get("volume_uuid") != volume_uuid:
         return f"the file now holds another volume ({fields.get('volume_uuid')})"
     if fields.get("key_id") != key_id and rotating_from(fields) != key_id:
