@@ -27,6 +27,7 @@ from qwamos import crypto
 from qwamos.backup import format as fmt
 from qwamos.backup.repo import Repository, now
 from qwamos.errors import BackupError, QwamosError, RepositoryCorruptError
+from qwamos.storage import remove_storage
 from qwamos.volume import PQCVolume
 from qwamos.volume.cbt import Snapshot
 
@@ -302,8 +303,10 @@ def restore(
     *,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Restore an archive into a NEW volume under a new key from ``provider``.  Every chunk is authenticated
-    before its bytes are written; on any failure the new volume is removed and its key discarded."""
+    """Restore an archive into a NEW volume under a new key from ``provider``, at ``out_path``: a file or an
+    ``rbd:POOL/IMAGE`` location (the volume is made through the storage layer either way).  Every chunk is
+    authenticated before its bytes are written; on any failure the new volume is removed and its key
+    discarded."""
     doc = repo.load_archive(entry)
     vol = doc["volume"]
     size = vol["size_bytes"]
@@ -344,7 +347,7 @@ def restore(
     finally:
         if not ok:
             try:
-                os.unlink(out_path)
+                remove_storage(out_path)  # a file, or the rbd: image
             finally:
                 provider.discard_key(key_id)
     return {

@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ],
     )
     which = c.add_mutually_exclusive_group(required=True)
-    which.add_argument("volume", nargs="?", type=Path, metavar="VOL", help="the .qvol to back up")
+    which.add_argument("volume", nargs="?", metavar="VOL", help="the .qvol (or rbd:POOL/IMAGE) to back up")
     which.add_argument("--vm", metavar="VM", help="back up this VM's volume; a running VM is paused meanwhile")
     c.add_argument(
         "--root", type=Path, default=None, help="QWAMOS root for --vm (default: $QWAMOS_ROOT or ~/QWAMOS)"
@@ -91,7 +91,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ["qwamos backup restore web-20261201T120000Z -o web.qvol --repo /srv/backups"],
     )
     r.add_argument("archive", metavar="ARCHIVE", help="archive name or id (as backup list shows it)")
-    r.add_argument("-o", "--output", type=Path, required=True, metavar="NEW.qvol", help="the volume to create")
+    r.add_argument(
+        "-o", "--output", required=True, metavar="NEW.qvol", help="the volume to create (a file or rbd:POOL/IMAGE)"
+    )
     d = action(
         "delete",
         "delete archives (chunks other archives use are kept)",
@@ -271,7 +273,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    if args.output.exists():
+    from qwamos.storage import storage_exists
+
+    if storage_exists(args.output):
         raise BackupError(msg=f"{args.output} exists: restore creates a new volume")
     ks = open_keystore(args)
     repo = Repository(_repo_path(args), ks).open()

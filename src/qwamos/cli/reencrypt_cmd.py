@@ -109,15 +109,14 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
 def _repoint_vms(args: argparse.Namespace, volume: str, old: str, new: str) -> list[str]:
     """Point the configs of the VMs whose disk is ``volume`` and that record ``old`` at ``new``: the header
     names the new key from the moment the rotation starts, and a VM start checks the two agree (exit 45)."""
-    import os
-
     from qwamos.hypervisor.keyrotation import vms_using_key
     from qwamos.hypervisor.manager import VMManager
+    from qwamos.storage import same_location
 
     mgr = VMManager(getattr(args, "root", None))
     done = []
     for vm in vms_using_key(mgr, old):
-        if os.path.abspath(vm["path"]) == os.path.abspath(volume):
+        if same_location(vm["path"], volume):
             cfg = mgr.load(vm["vm"])
             cfg.set_key_id(new)
             cfg.save()

@@ -13,7 +13,6 @@ the VM manager.  What needs both the keystore and knowledge of VMs lives here:
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,6 +23,7 @@ from qwamos.hypervisor import layout
 from qwamos.hypervisor.manager import VMManager
 from qwamos.keystore import PQCKeystore, policy
 from qwamos.keystore.keystore import rotating_from
+from qwamos.storage import absolute_location, open_storage, same_location, storage_exists
 
 
 @dataclass
@@ -215,8 +215,8 @@ class KeyRotation:
         self.old = old_key_id
         self.keep_old = keep_old
         self.rate = rate
-        self.exports = {_where(k): v for k, v in (exports or {}).items()}
-        self.volumes = [_where(v) for v in volumes or []]
+        self.exports = {absolute_location(k): v for k, v in (exports or {}).items()}
+        self.volumes = [absolute_location(v) for v in volumes or []]
         self.events = events or (lambda _e: None)
 
     # --- planning (reads only) ----------------------------------------------------------------------------
@@ -267,7 +267,11 @@ class KeyRotation:
     def _verify(self, t: Target, successor: str | None) -> None:
         """Set ``t.status`` (and ``problem``/``fix``) from the file at ``t.path`` and how it is used now."""
         where = f"volume {t.path}" + (f" (VM {t.vm})" if t.vm else "") + f", named by {', '.join(t.sources)}"
-        if _is_file(t.path) and not os.path.lexists(t.path):
+        try:
+            gone = not storage_exists(t.path)
+        except (QwamosError, OSError):
+            gone = False  # an rbd: image on a cluster out of reach: reading its header below says so
+        if gone:
             t.status, t.problem = PROBLEM, f"{where}: the file is gone"
             t.fix = (
                 "if the volume was moved, name it: --volume NEW_PATH (it is re-encrypted there and its record "
@@ -334,7 +338,7 @@ class KeyRotation:
                 if self.manager.status(t.vm).state in RUNNING_STATES:
                     t.mode, t.control = "online", str(self.manager.run_dir(t.vm).export_ctl)
                     return
-        served = self.exports.get(_where(t.path))
+        served = next((c for loc, c in self.exports.items() if same_location(loc, t.path)), None)
         if served is None and locked:
             from qwamos.nbd.rotation import find_export
 
@@ -451,19 +455,6 @@ class KeyRotation:
         self.events({"event": "vm-config", "vm": name, "key_id": new})
 
 
-def _is_file(location: str) -> bool:
-    """A volume location that is a file path (not ``rbd:POOL/IMAGE`` or another storage scheme)."""
-    from qwamos.storage import SCHEMES
-
-    scheme, sep, _ = location.partition(":")
-    return not (sep and scheme in SCHEMES and scheme != "file")
-
-
-def _where(location: str) -> str:
-    """A location compared as the volume layer records it: file paths absolute, other schemes as written."""
-    return os.path.abspath(location) if _is_file(location) else location
-
-
 def _newest_copy(path: str, fields: Any) -> Any:
     """Of a v2 volume's two header copies (read unverified), the one with the higher ``seq``: a crash between
     the two copies' writes leaves copy A one commit behind, and a served volume cannot be opened here to let
@@ -471,12 +462,14 @@ def _newest_copy(path: str, fields: Any) -> Any:
     from qwamos.volume import header as hdr
 
     b_off = fields.get("header_b_offset")
-    if not isinstance(b_off, int) or b_off <= 0 or not _is_file(path):
+    if not isinstance(b_off, int) or b_off <= 0:
         return fields
     try:
-        with open(path, "rb") as f:
-            f.seek(b_off)
-            data = f.read(hdr.HEADER_SIZE)
+        storage = open_storage(path, read_only=True)
+        try:
+            data = storage.read(b_off, hdr.HEADER_SIZE)
+        finally:
+            storage.close()
         other = hdr.parse_unverified(path, data) if hdr.looks_like_header(data) else None
     except (OSError, QwamosError):
         return fields
@@ -508,7 +501,7 @@ def online_reencrypt(
     assert t.control is not None
     status = read_status(t.control)
     vol = status.get("volume") or {}
-    if _where(str(vol.get("path"))) != _where(t.path):
+    if not same_location(str(vol.get("path")), t.path):
         raise VMError(f"the export at {t.control} serves {vol.get('path')}, not {t.path}")
     key = ks.volume_key(new)
     commitment = new_key_commitment(ks, new, key, str(vol["uuid"]))

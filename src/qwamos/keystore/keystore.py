@@ -53,6 +53,7 @@ from qwamos.keystore.files import (
     write_private,
 )
 from qwamos.keystore.sealing import Argon2Params
+from qwamos.storage import file_path
 
 ENV_KEYSTORE = "QWAMOS_KEYSTORE"
 ENV_PASSPHRASE = "QWAMOS_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
@@ -577,7 +578,7 @@ class PQCKeystore:
         for v in self._read_users(key_id)["volumes"]:
             reason = _stale_reason(v["path"], v["volume_uuid"], key_id)
             entry = {**v, "state": "stale" if reason else "live", **({"reason": reason} if reason else {})}
-            if reason and not os.path.lexists(v["path"]):
+            if reason and file_path(v["path"]) is not None and not os.path.lexists(v["path"]):
                 moved = _find_by_uuid(os.path.dirname(v["path"]), v["volume_uuid"], key_id)
                 if moved is not None:
                     entry = {**v, "path": moved, "recorded_path": v["path"], "state": "live"}

@@ -42,6 +42,7 @@ from qwamos.nbd.control_protocol import CONTROL_SUFFIX, control_path_for
 
 __all__ = ["CONTROL_SUFFIX", "ControlFailure", "ControlServer", "control_path_for"]
 from qwamos.nbd.server import ExportServer, _file_id, _unix_listener
+from qwamos.storage import absolute_location
 
 log = logging.getLogger("qwamos.nbd.control")
 
@@ -174,7 +175,7 @@ def describe_backend(backend: Any) -> dict[str, Any] | None:
     path = getattr(backend, "path", None)
     if path is None:
         return None
-    out: dict[str, Any] = {"path": os.path.abspath(os.fspath(path))}
+    out: dict[str, Any] = {"path": absolute_location(path)}  # an rbd: location as it is, a file absolute
     header = getattr(backend, "header", None)
     if header is not None:
         out.update(uuid=header.volume_uuid, key_id=header.key_id, algorithm=header.algorithm)

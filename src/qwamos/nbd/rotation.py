@@ -271,26 +271,18 @@ def rotation_operation(control_path: str | Path, op_id: str | None = None) -> di
 
 
 def find_export(volume: str | Path) -> Path | None:
-    """The control socket of the export serving the volume file ``volume``, or None.
+    """The control socket of the export serving the volume ``volume`` (a file or an ``rbd:`` image), or None.
 
-    The export holds the file's exclusive lock: its pid comes from ``/proc/locks``, its ``--control`` (or
-    ``--socket``, whose control socket is ``<socket>.ctl``) from its command line, and the answer is kept
-    only if that export's ``status`` names this very file."""
+    The export holds the volume's writer lock: its pid comes from the storage layer
+    (:func:`qwamos.storage.local_writers`: ``/proc/locks`` for a file, the writer's note for an RBD image held
+    from this host), its ``--control`` (or ``--socket``, whose control socket is ``<socket>.ctl``) from its
+    command line, and the answer is kept only if that export's ``status`` names this very volume."""
     import os
 
-    from qwamos.fsutil import lock_holders
     from qwamos.nbd.control_client import control_path_for, read_status
+    from qwamos.storage import absolute_location, local_writers, same_location
 
-    path = os.path.abspath(volume)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        holders = lock_holders(fd)
-    finally:
-        os.close(fd)
-    for pid in holders:
+    for pid in local_writers(volume):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
@@ -310,6 +302,6 @@ def find_export(volume: str | Path) -> Path | None:
             except (QwamosError, OSError):
                 continue
             served = (st.get("volume") or {}).get("path")
-            if served is not None and os.path.abspath(cwd / served) == path:
+            if served is not None and same_location(absolute_location(served, cwd), volume):
                 return Path(ctl)
     return None

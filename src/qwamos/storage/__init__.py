@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from qwamos.errors import QwamosError, VolumeLockedError
 from qwamos.storage.base import PendingStorage, Storage
 from qwamos.storage.file import FileStorage, PendingFile, create_file
 from qwamos.storage.rbd import (
@@ -18,8 +19,10 @@ from qwamos.storage.rbd import (
     pin_location,
     rbd_break_lock,
     rbd_exists,
+    rbd_local_writers,
     rbd_remove,
     rbd_rename,
+    with_options,
 )
 
 __all__ = [
@@ -29,14 +32,20 @@ __all__ = [
     "PendingStorage",
     "RBDStorage",
     "Storage",
+    "absolute_location",
     "break_lock",
     "create_storage",
     "file_path",
     "is_rbd",
+    "local_writers",
     "open_storage",
+    "partial_location",
     "pin_location",
+    "remove_held",
     "remove_storage",
     "rename_storage",
+    "same_location",
+    "sibling_image",
     "storage_exists",
 ]
 
@@ -114,3 +123,90 @@ def rename_storage(location: str, new_location: str) -> None:
     else:
         os.link(rest, new_rest)
         os.unlink(rest)
+
+
+def absolute_location(location: str | os.PathLike[str], cwd: str | os.PathLike[str] | None = None) -> str:
+    """``location`` made independent of the current directory: a file's absolute path (relative to ``cwd``
+    when given), an ``rbd:`` location unchanged (it names no place on this host; ``os.path.abspath`` would
+    turn it into a path under the current directory)."""
+    text = os.fspath(location)
+    scheme, rest = _split(text)
+    if scheme != "file":
+        return text
+    return os.path.abspath(os.path.join(os.fspath(cwd), rest) if cwd is not None else rest)
+
+
+def same_location(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two locations name the same store: the same absolute file path, or the same ``POOL/IMAGE``
+    (the ``:conf=``/``:id=`` options say how to reach the cluster, not which image: a location pinned for a
+    child process is still the image the user named)."""
+    (sa, ra), (sb, rb) = _split(os.fspath(a)), _split(os.fspath(b))
+    if sa != sb:
+        return False
+    if sa == "rbd":
+        la, lb = RBDLocation.parse(ra), RBDLocation.parse(rb)
+        return (la.pool, la.image) == (lb.pool, lb.image)
+    return os.path.abspath(ra) == os.path.abspath(rb)
+
+
+def local_writers(location: str | os.PathLike[str]) -> list[int]:
+    """The processes of this host holding the writer lock of the store at ``location`` (other than this one),
+    to find the export that serves it: a file's ``flock`` holders (``/proc/locks``); an RBD image's writer, when
+    its note names this host.  Empty when there is none or the store is missing."""
+    from qwamos.fsutil import lock_holders
+
+    scheme, rest = _split(os.fspath(location))
+    if scheme == "rbd":
+        try:
+            return [p for p in rbd_local_writers(rest) if p != os.getpid()]
+        except (QwamosError, OSError):
+            return []
+    try:
+        fd = os.open(rest, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        return lock_holders(fd)
+    finally:
+        os.close(fd)
+
+
+def partial_location(location: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """Where a new store for ``location`` is built before :func:`rename_storage` puts it in place: the hidden
+    ``.NAME.partial`` beside a file (a ``Path`` stays a ``Path``), ``POOL/IMAGE.partial`` in an image's pool
+    (same cluster options)."""
+    text = os.fspath(location)
+    scheme, rest = _split(text)
+    if scheme == "rbd":
+        return sibling_image(text, RBDLocation.parse(rest).image + ".partial")
+    head, tail = os.path.split(rest)
+    partial = os.path.join(head, f".{tail}.partial")
+    return type(location)(partial) if not isinstance(location, str) else partial  # type: ignore[call-arg]
+
+
+def sibling_image(location: str, image: str) -> str:
+    """The ``rbd:`` location of ``image`` in the same pool as ``location``, reached the same way (its
+    ``:conf=``/``:id=`` kept)."""
+    loc = RBDLocation.parse(_split(location)[1])
+    return with_options(f"rbd:{loc.pool}/{image}", loc.conf, loc.client_id)
+
+
+def remove_held(storage: Storage, location: str | os.PathLike[str]) -> None:
+    """Delete the store at ``location`` whose writer lock ``storage`` holds (so nobody opened it since the
+    caller's checks).  A file is unlinked under the lock (released when the caller closes ``storage``).  An RBD
+    image cannot be removed while open, even by its lock holder: the handle is closed first, and librbd then
+    refuses the removal while any other client has the image open (its watchers), which this raises as
+    :class:`~qwamos.errors.VolumeLockedError`.  ``FileNotFoundError`` when there is none."""
+    import errno
+
+    scheme, rest = _split(os.fspath(location))
+    if scheme != "rbd":
+        os.unlink(rest)
+        return
+    storage.close()
+    try:
+        rbd_remove(rest)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise VolumeLockedError(path=os.fspath(location), msg="(another client opened the image)") from None
+        raise

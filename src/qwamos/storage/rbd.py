@@ -617,6 +617,23 @@ def rbd_break_lock(rest: str) -> list[str]:
         storage.close()
 
 
+def rbd_local_writers(rest: str) -> list[int]:
+    """The processes of this host that hold ``POOL/IMAGE``'s writer lock: the pid in the writer's own note
+    (``host NAME pid N``) when a lock is held and NAME is this host, else nothing.  The note is informational
+    (any client of the pool could write it): callers only use the pid to find a local export and then ask
+    that export which volume it serves."""
+    storage = RBDStorage.open(rest, read_only=True)
+    try:
+        if not storage.lockers():
+            return []
+        words = storage._writer_note().split()
+        if len(words) == 4 and words[0] == "host" and words[1] == socket.gethostname() and words[3].isdigit():
+            return [int(words[3])]
+        return []
+    finally:
+        storage.close()
+
+
 def rbd_rename(rest: str, new_image: str) -> None:
     """Rename the image of ``POOL/IMAGE`` to ``new_image`` in its pool; never replaces (``FileExistsError``)."""
     loc = RBDLocation.parse(rest)

@@ -251,18 +251,26 @@ def stage(
     busy += [(o, len(b)) for o, b in zip(extra_offsets, extra, strict=True)]
     ends = [o + len(b) for o, b in zip(extra_offsets, extra, strict=True)]
     ref = header.metadata
+    writes: list[tuple[int, bytes]] = []
     if updates:
         root = encode_root(new_entries)
         [root_off] = plan(header, busy, [root])
-        for off, blob in [*zip(offsets, blobs.values(), strict=True), (root_off, root)]:
-            storage.write(off, (blob,))
-        storage.flush()
+        writes = [*zip(offsets, blobs.values(), strict=True), (root_off, root)]
         ref = MetadataRef(root_off, len(root), crypto.sha256(root).hex())
     if ref is not None:
         ends.append(ref.offset + ref.length)
     ends += [e.offset + e.length for e in new_entries.values()]
     # copy B stays unless the extents the new header references reach past it (the old copy B was kept free)
     new_b = max([old_b] + [round_up(end, HEADER_SIZE) for end in ends])
+    # The store is grown (zeros) before anything is written past its end: a file would grow on its own, an
+    # RBD image refuses writes past its size (EINVAL).  A crash after this leaves a longer store whose header
+    # still names the old copy B: the state a crash after the extents' writes leaves on a file.
+    if storage.size() < new_b + HEADER_SIZE:
+        storage.resize(new_b + HEADER_SIZE)
+    for off, blob in writes:
+        storage.write(off, (blob,))
+    if writes:
+        storage.flush()
     return replace(header, metadata=ref, header_b_offset=new_b), extra_offsets
 
 
