@@ -222,9 +222,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "clone",
         "a new VM from a stopped one: same config, new MAC, its disk copied under a new key",
         cmd_clone,
-        examples=["qwamos vm clone web web2", "qwamos vm clone web web2 --json"],
+        examples=[
+            "qwamos vm clone web web2",
+            "qwamos vm clone web web2 --disk rbd:vms/web2.qvol --json",
+        ],
     )
     sp.add_argument("new_name", metavar="NEW", help="the new VM's name")
+    sp.add_argument(
+        "--disk",
+        metavar="LOCATION",
+        help="where the encrypted disk's copy goes, a new file or rbd:POOL/IMAGE (default: disk.qvol in the "
+        "new VM's directory; for an rbd: disk, the image NEW.qvol in the same pool)",
+    )
     add_keystore_args(sp, keystore=False)
     add_json_option(sp, "the new VM's config, disk and key")
 
@@ -426,7 +435,7 @@ def _attach(mgr: VMManager, name: str, *, detach_ok: bool) -> str:
 
 def cmd_clone(args: argparse.Namespace) -> int:
     mgr = _manager(args)
-    result = lifecycle.clone(mgr, args.vm, args.new_name)
+    result = lifecycle.clone(mgr, args.vm, args.new_name, disk_location=args.disk)
     if args.json:
         emit_json(result.to_dict())
     key = f" under the new key {result.key_id}" if result.key_id else ""

@@ -35,7 +35,6 @@ exclusive lock, so an export (a start) cannot open a volume being deleted.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +43,15 @@ from typing import TYPE_CHECKING, Any
 
 from qwamos.errors import BlocksInUseError, ConfigError, QemuError, QwamosError, VMStateError
 from qwamos.hypervisor import layout
+from qwamos.storage import (
+    is_rbd,
+    partial_location,
+    remove_held,
+    remove_storage,
+    rename_storage,
+    sibling_image,
+    storage_exists,
+)
 
 if TYPE_CHECKING:
     from qwamos.hypervisor.manager import VMManager
@@ -55,7 +63,7 @@ class VolumeFile:
     """An encrypted volume the delete removes (or keeps), as its header claims (unverified: the key is not
     needed to delete, and the records it drives are metadata)."""
 
-    path: Path
+    path: Path | str  # a file, or an rbd: image
     key_id: str
     volume_uuid: str
 
@@ -120,14 +128,15 @@ def plan_delete(mgr: VMManager, name: str, *, keep_disk: bool = False) -> Delete
     refuse_unless_stopped(mgr, name, "delete")
     vm_dir = Path(layout.vm_dir(mgr.root, name))
     plan = DeletePlan(name, vm_dir, keep_disk, config_key=cfg.key_id)
-    # An rbd: image is left on the cluster (other hosts may serve it): `rbd rm` removes it.
+    # The disk (a file, or an rbd: image: removed from the cluster like a file, after the same checks and
+    # under its writer lock, so a host serving it refuses the delete) ...
     vol_loc = mgr.volume_path(cfg) if cfg.encryption_enabled else None
-    candidates: list[Path] = [vol_loc] if isinstance(vol_loc, Path) else []
+    candidates: list[Path | str] = [vol_loc] if vol_loc is not None else []
     # every volume in the VM directory: the disk, ``disk.qvol.backup`` kept by ``migrate --to-qcow2``, ...
     # (and a snapshot chain's frozen layers, ``disk.qvol.snap/<uuid>.qvol``)
     candidates += sorted(p for p in vm_dir.rglob("*.qvol*") if p.is_file() and not p.is_symlink())
     for path in dict.fromkeys(candidates):
-        vol = _volume_file(path) if path.is_file() else None
+        vol = _volume_file(path) if storage_exists(path) else None
         if vol is not None:
             plan.volumes.append(vol)
     disk = None if cfg.disk_is_rbd else Path(cfg.disk_path).expanduser().absolute()
@@ -146,11 +155,11 @@ def delete(mgr: VMManager, plan: DeletePlan) -> DeleteResult:
     result = DeleteResult(plan)
     keystore = _keystore(mgr) if plan.volumes or plan.config_key else None
     with contextlib.ExitStack() as locks:
-        for vol in plan.volumes:
-            locks.enter_context(_locked(vol.path))  # an export (a start) cannot open it meanwhile
+        held = [locks.enter_context(_locked(vol.path)) for vol in plan.volumes]  # no export can open them now
         if not plan.keep_disk:
-            for vol in plan.volumes:
-                vol.path.unlink(missing_ok=True)
+            for vol, storage in zip(plan.volumes, held, strict=True):
+                with contextlib.suppress(FileNotFoundError):
+                    remove_held(storage, vol.path)  # a file, or the rbd: image (refused while open elsewhere)
                 result.deleted_files.append(str(vol.path))
                 _drop_key_use(keystore, vol, result)
             for disk in plan.plain_disks:
@@ -173,7 +182,7 @@ def delete(mgr: VMManager, plan: DeletePlan) -> DeleteResult:
 @dataclass
 class ResizePlan:
     name: str
-    disk: Path
+    disk: Path | str  # a file, or an rbd: location
     encrypted: bool
     fmt: str  # "qvol", "qcow2" or "raw"
     old_size: int
@@ -206,12 +215,10 @@ def plan_resize(mgr: VMManager, name: str, size: str) -> ResizePlan:
     if not online:
         refuse_unless_stopped(mgr, name, "resize")
     if cfg.encryption_enabled:
-        disk = mgr.volume_path(cfg)
-        if not isinstance(disk, Path):
-            raise ConfigError(f"resizing an rbd: disk ({disk}) is not supported yet", path=str(cfg.path))
+        disk = mgr.volume_path(cfg)  # a file, or an rbd: image (resized through the storage layer alike)
         bound = binding.check(cfg, disk)
         bound.refuse_mismatch(name)
-        if not disk.is_file():
+        if not storage_exists(disk):
             raise ConfigError(
                 f"the VM's encrypted disk {disk} does not exist (start the VM once)", path=str(cfg.path)
             )
@@ -350,7 +357,7 @@ class CloneResult:
     source: str
     name: str
     config: Path
-    disk: Path
+    disk: Path | str
     key_id: str | None = None
     volume_uuid: str | None = None
     copied_bytes: int = 0
@@ -374,9 +381,15 @@ def clone(
     *,
     keystore: Any = None,
     progress: Callable[[int, int], None] | None = None,
+    disk_location: str | None = None,
 ) -> CloneResult:
     """Make VM ``name`` from stopped VM ``source``: same config (new name, MAC, disk), the disk copied under a
-    new key (encrypted) or with ``qemu-img convert`` (qcow2/raw)."""
+    new key (encrypted) or with ``qemu-img convert`` (qcow2/raw).
+
+    Where an encrypted disk's copy goes: ``disk_location`` (a file or ``rbd:POOL/IMAGE``, which must not
+    exist) when given; else ``disk.qvol`` in the new VM's directory for a file source, and a new image
+    ``POOL/NAME.qvol`` beside an ``rbd:`` source (same pool and cluster options: a VM on the cluster stays on
+    it, so every host that serves the source can serve the clone)."""
     from qwamos.crypto import new_mac_address
     from qwamos.fsutil import make_private_dirs
     from qwamos.hypervisor import binding
@@ -398,17 +411,25 @@ def clone(
         src_disk = mgr.volume_path(src_cfg)
         bound = binding.check(src_cfg, src_disk)
         bound.refuse_mismatch(source)
-        if not src_disk.is_file():
+        if not storage_exists(src_disk):
             raise ConfigError(
                 f"the encrypted disk {src_disk} does not exist (nothing to clone)", path=str(src_cfg.path)
             )
-        disk = dst_dir / "disk.qvol"
+        disk = _clone_location(src_disk, dst_dir, name, disk_location)
+        if storage_exists(disk):
+            raise VMStateError(
+                name=name,
+                state="not created",
+                msg=f"{disk} exists (a clone makes a new volume: name another --disk)",
+            )
+    elif disk_location is not None:
+        raise ConfigError("--disk names where an encrypted disk's copy goes", path=str(src_cfg.path))
     else:
         src_disk = Path(src_cfg.disk_path).expanduser().absolute()
         if src_cfg.disk_format not in ("qcow2", "raw"):
             raise ConfigError(f"cannot clone a {src_cfg.disk_format} disk", path=str(src_cfg.path))
         disk = dst_dir / ("disk.qcow2" if src_cfg.disk_format == "qcow2" else "disk.img")
-    partial = disk.with_name(f".{disk.name}.partial")
+    partial = partial_location(disk)
     result = CloneResult(source, name, dst_config, disk)
     ks = None
     make_private_dirs(dst_dir)
@@ -428,17 +449,19 @@ def clone(
             _qemu_img(["convert", "-q", "-f", fmt, "-O", fmt, str(src_disk), str(partial)])
             cfg.clear_disk_format()
             cfg.set_disk_format(fmt)
-        os.link(partial, disk)  # refuses an existing name
-        partial.unlink()
+        rename_storage(str(partial), str(disk))  # refuses an existing name (a file or an RBD image)
         if result.key_id is not None and hasattr(ks, "record_volume_use"):
             ks.record_volume_use(result.key_id, str(disk), str(result.volume_uuid), name)
             ks.forget_volume_use(result.key_id, str(partial), result.volume_uuid)
-        cfg.set_disk_path(disk)
+        if is_rbd(disk):
+            cfg.set_disk_location(str(disk))
+        else:
+            cfg.set_disk_path(disk)
         write_new_config(mgr.root, name, cfg.dump())  # the commit point: validated, O_EXCL
     except BaseException:
         for p in (partial, disk):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+            with contextlib.suppress(FileNotFoundError, QwamosError):
+                remove_storage(p)
         if result.key_id is not None and ks is not None:
             with contextlib.suppress(Exception):
                 ks.discard_key(result.key_id)
@@ -448,8 +471,17 @@ def clone(
     return result
 
 
+def _clone_location(src: Path | str, dst_dir: Path, name: str, given: str | None) -> Path | str:
+    """Where a clone's encrypted disk goes (see :func:`clone`)."""
+    if given is not None:
+        return given if is_rbd(given) else Path(given).expanduser().absolute()
+    if is_rbd(src):
+        return sibling_image(str(src), f"{name}.qvol")
+    return dst_dir / "disk.qvol"
+
+
 def _copy_volume(
-    src: Path, dst: Path, name: str, keystore: Any, progress: Callable[[int, int], None] | None
+    src: Path | str, dst: Path | str, name: str, keystore: Any, progress: Callable[[int, int], None] | None
 ) -> tuple[str, str, int]:
     """A new volume at ``dst`` under a new key with ``src``'s content, re-encrypted block by block."""
     from qwamos.volume import PQCVolume, copy_blocks
@@ -466,7 +498,7 @@ def _copy_volume(
             return key_id, new.header.volume_uuid, int(done["copied"])
 
 
-def _algorithm(path: Path) -> str:
+def _algorithm(path: Path | str) -> str:
     from qwamos.volume import read_header
 
     return str(read_header(path)["algorithm"])
@@ -484,7 +516,7 @@ def refuse_unless_stopped(mgr: VMManager, name: str, verb: str) -> None:
         )
 
 
-def _volume_file(path: Path) -> VolumeFile | None:
+def _volume_file(path: Path | str) -> VolumeFile | None:
     from qwamos.volume import read_header
 
     try:
@@ -502,11 +534,12 @@ def _keystore(mgr: VMManager) -> Any:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Any:
+def _locked(path: Path | str) -> Any:
     """Hold the volume's exclusive lock (refused at once, ``VolumeLockedError``, if anyone has it open)."""
     from qwamos.storage import open_storage
 
-    storage: Storage = open_storage(str(path), read_only=True)
+    # writable: an RBD image opened read-only cannot take its writer lock (a file's flock does not mind)
+    storage: Storage = open_storage(str(path), read_only=False)
     try:
         storage.lock(shared=False)
         yield storage
