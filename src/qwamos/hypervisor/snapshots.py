@@ -25,7 +25,9 @@ def volume_path(mgr: VMManager, name: str) -> Path:
         raise VMError(f"VM {name!r} has no encrypted .qvol disk; snapshots are a feature of .qvol volumes")
     vol = mgr.volume_path(cfg)
     if not isinstance(vol, Path):  # a snapshot chain is files beside the volume (VOL.snap/)
-        raise VMError(f"VM {name!r}'s disk is on RBD ({vol}): snapshots of rbd: volumes are not supported yet")
+        from qwamos.volume.snapshots import RBD_REFUSAL
+
+        raise VMError(f"VM {name!r}'s disk is on RBD ({vol}): {RBD_REFUSAL}")
     return vol
 
 

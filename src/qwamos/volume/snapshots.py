@@ -267,10 +267,22 @@ def _close_all(vols: list[PQCVolume]) -> None:
             v.close()
 
 
+# Why an rbd: volume has no snapshots (yet): creating one freezes the top and moves a new overlay into its
+# place by a hard link plus one atomic rename-over (os.replace), so a crash leaves the old top or the new
+# overlay at VOL, never neither.  RBD has neither (rbd_rename refuses an existing name): the same steps there
+# need a window with no image at VOL and a recovery for it, which is not written.  Ceph's own snapshots of
+# the image must not stand in for them: `rbd snap rollback` rewinds the header's nonce counters.
+RBD_REFUSAL = (
+    "snapshots of rbd: volumes are not supported: a snapshot replaces the volume by a new overlay atomically "
+    "(rename-over), which RBD cannot do; back the volume up instead (qwamos backup create), and never roll an "
+    "RBD image back with `rbd snap rollback` (it rewinds the volume's nonce counters)"
+)
+
+
 def _local(path: str | os.PathLike[str]) -> str:
     local = file_path(os.fspath(path))
     if local is None:
-        raise SnapshotError(path=os.fspath(path), msg="snapshots need a volume in a file (not rbd:)")
+        raise SnapshotError(path=os.fspath(path), msg=RBD_REFUSAL)
     return local
 
 
