@@ -212,3 +212,210 @@ def test_backup_of_an_rbd_volume_incremental_restored_to_a_file_and_to_rbd(ceph_
     # a restore never overwrites: an existing image is refused, untouched
     assert main(["backup", "restore", "b1", "-o", "rbd:rbd/feat-bk-b2", "--repo", repo]) == 70
     assert content("rbd:rbd/feat-bk-b2", ks) == states[1]
+
+
+# --- resize ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cut_rbd(monkeypatch):
+    """``cutrbd:POOL/IMAGE``: an RBD image behind test_volume_resize's power-cut wrapper (operation N torn,
+    every later call failing)."""
+    from qwamos import storage as storage_mod
+    from qwamos.storage import RBDStorage
+    from test_volume_resize import CuttingStorage
+
+    plan = {"n": 0, "cut_at": 0, "keep": 0, "dead": False}
+
+    def opener(rest, read_only=False):
+        return CuttingStorage(RBDStorage.open(rest, read_only=read_only), plan)
+
+    monkeypatch.setitem(storage_mod.SCHEMES, "cutrbd", (opener, storage_mod.SCHEMES["rbd"][1]))
+    return plan
+
+
+def image_size(cluster, loc: str) -> int:
+    import json
+
+    return json.loads(cluster.rbd("info", "--format", "json", loc.split(":")[1]).stdout)["size"]
+
+
+@pytest.mark.parametrize(("start", "end"), [("OLD", "NEW"), ("NEW", "OLD")], ids=["grow", "shrink"])
+def test_resize_on_rbd_power_cut_at_every_step(ceph_cluster, keys, cut_rbd, start, end):
+    """The file algorithm (docs/qvol-format.md 2.8) on an image: the image itself is resized (rbd_resize),
+    and a cut at every write, zero or resize of it leaves the old or the new size, every byte intact."""
+    import test_volume_resize as tr
+    from qwamos.storage import remove_storage
+
+    start, end = getattr(tr, start), getattr(tr, end)
+    base = f"rbd/feat-rs-{start}-{end}"
+
+    def run(name: str) -> None:
+        with PQCVolume(f"cutrbd:{name}", keystore=keys) as v:
+            v.resize(end, allow_shrink=True)
+
+    tr._volume(f"rbd:{base}-ref", keys, size=start)
+    cut_rbd.update(n=0, cut_at=0, dead=False)
+    run(f"{base}-ref")
+    assert tr._check(f"rbd:{base}-ref", keys, {end}) == end
+    with PQCVolume(f"rbd:{base}-ref", keystore=keys, read_only=True) as v:
+        assert image_size(ceph_cluster, f"rbd:{base}-ref") == v.header.file_size  # the image was resized
+    total = cut_rbd["n"]
+    seen = set()
+    for n in range(1, total + 1):
+        loc = f"rbd:{base}-{n}"
+        tr._volume(loc, keys, size=start)
+        cut_rbd.update(n=0, cut_at=n, keep=0, dead=False)
+        with pytest.raises(tr.PowerCut):
+            run(loc[4:])
+        seen.add(tr._check(loc, keys, {start, end}))
+        with PQCVolume(loc, keystore=keys) as v:  # and it can be finished
+            v.resize(end, allow_shrink=True)
+        assert tr._check(loc, keys, {end}) == end
+        remove_storage(loc)
+    assert seen == {start, end}
+
+
+def test_shrink_over_used_blocks_of_an_rbd_volume_is_refused(ceph_cluster, keys):
+    from qwamos.errors import BlocksInUseError
+
+    loc = "rbd:rbd/feat-rs-used"
+    data = make(loc, keys, 4)
+    with PQCVolume(loc, keystore=keys) as v, pytest.raises(BlocksInUseError):
+        v.resize(SIZE // 2, allow_shrink=True)
+    compare(loc, keys, data)
+    assert image_size(ceph_cluster, loc) > SIZE
+
+
+def test_online_grow_of_a_served_rbd_volume_through_its_export(ceph_cluster, env, short_dir):
+    """``volume resize`` finds the export serving the image by its writer lock and grows it there."""
+    from qwamos.nbd.client import NBDClient
+
+    loc = "rbd:rbd/feat-rs-online"
+    ks_dir = env / "ks"
+    ks = PQCKeystore(ks_dir)
+    data = make(loc, ks, 6)
+    sock = short_dir / "s"
+    proc = serve(loc, ks_dir, sock)
+    try:
+        assert main(["volume", "resize", loc, "+1M", "--keystore", str(ks_dir)]) == 0
+        c = NBDClient.connect_unix(str(sock))  # a new handshake announces the new size
+        try:
+            assert c.info is not None and c.info.size == SIZE + MIB
+            c.write(SIZE + MIB - 4096, b"\x42" * 4096)  # past the old end
+            c.flush()
+        finally:
+            c.close()
+    finally:
+        processes.stop(proc)
+        proc.stderr.close()
+    data[(SIZE + MIB) // 4096 - 1] = b"\x42" * 4096
+    assert compare(loc, ks, data).total_blocks == (SIZE + MIB) // 4096
+    with PQCVolume(loc, keystore=ks, read_only=True) as v:
+        assert image_size(ceph_cluster, loc) == v.header.file_size
+
+
+# --- VM lifecycle: resize, clone, delete of a VM whose disk is rbd: -----------------------------------------
+
+
+def rbd_vm(root: Path, name: str, image: str, kernel: Path):
+    """A stopped encrypted VM whose disk is ``rbd:rbd/IMAGE``, its volume created (and bound) as a first start
+    creates it, without booting; the manager."""
+    import re
+
+    from qwamos.hypervisor.manager import CreatedDisk, VMManager
+    from vm_helpers import write_config
+
+    cfg_path = write_config(root, name, kernel=kernel, encrypted=True, size="4M")
+    cfg_path.write_text(re.sub(r"(?m)^      path: .*$", f"      path: rbd:rbd/{image}", cfg_path.read_text()))
+    mgr = VMManager(root)
+    cfg = mgr.load(name)
+    created = CreatedDisk()
+    mgr.create_disk(cfg, mgr.plan_disk(cfg), created)
+    mgr.record_disk(cfg, created)
+    return mgr
+
+
+def test_vm_resize_clone_and_delete_of_a_vm_on_rbd(ceph_cluster, root, idle_kernel, tmp_path, capsys):
+    import json
+
+    from qwamos.errors import VolumeLockedError
+    from qwamos.hypervisor import lifecycle
+    from qwamos.storage import storage_exists
+
+    mgr = rbd_vm(root, "r1", "feat-vm-r1", idle_kernel)
+    loc = "rbd:rbd/feat-vm-r1"
+    ks = PQCKeystore(root.parent / "keystore")
+    key_id = mgr.load("r1").key_id
+    with PQCVolume(loc, keystore=ks) as v:
+        v.write(0, b"A" * 8192)
+        v.write(SIZE - 4096, b"Z" * 4096)
+    vm = ["vm", "--root", str(root)]
+
+    # resize: the image itself grows (offline), the config records the size
+    assert main([*vm, "resize", "r1", "8M", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_size"] == 8 * MIB
+    with PQCVolume(loc, keystore=ks, read_only=True) as v:
+        assert v.size == 8 * MIB and v.read(SIZE - 4096, 4096) == b"Z" * 4096
+        assert image_size(ceph_cluster, loc) == v.header.file_size
+    assert mgr.load("r1").disk_size_bytes == 8 * MIB
+
+    # clone: by default a new image beside the source, under a new key; --disk names a file instead
+    assert main([*vm, "clone", "r1", "r2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["disk"] == "rbd:rbd/r2.qvol" and mgr.load("r2").disk_location == "rbd:rbd/r2.qvol"
+    file_clone = tmp_path / "r3.qvol"
+    assert main([*vm, "clone", "r1", "r3", "--disk", str(file_clone), "--json"]) == 0
+    out3 = json.loads(capsys.readouterr().out)
+    with PQCVolume(loc, keystore=ks, read_only=True) as a:
+        for where, want_key in (("rbd:rbd/r2.qvol", out["key_id"]), (file_clone, out3["key_id"])):
+            with PQCVolume(where, keystore=ks, read_only=True) as b:
+                assert b.key_id == want_key != key_id and b.header.volume_uuid != a.header.volume_uuid
+                assert b.read(0, b.size) == a.read(0, a.size)
+    assert [u["path"] for u in ks.key_users(out["key_id"]) if u["state"] == "live"] == ["rbd:rbd/r2.qvol"]
+    assert main([*vm, "clone", "r1", "r4", "--disk", "rbd:rbd/r2.qvol"]) != 0  # never over an existing image
+    assert not (root / "vms" / "r4").exists()
+
+    # delete: refused while another client holds the image; --keep-disk keeps it; else the image goes
+    plan = lifecycle.plan_delete(mgr, "r1")
+    assert [str(v.path) for v in plan.volumes] == [loc]
+    with PQCVolume(loc, keystore=ks), pytest.raises(VolumeLockedError):
+        lifecycle.delete(mgr, plan)
+    assert storage_exists(loc) and ks.has_key(key_id)
+    assert main([*vm, "delete", "r2", "--keep-disk", "--yes"]) == 0
+    assert storage_exists("rbd:rbd/r2.qvol") and ks.has_key(out["key_id"])
+    assert main([*vm, "delete", "r1", "--yes", "--json"]) == 0
+    gone = json.loads(capsys.readouterr().out)
+    assert loc in gone["deleted_files"] and gone["deleted_keys"] == [key_id]
+    assert not storage_exists(loc) and not ks.has_key(key_id)
+
+
+# --- snapshots: refused on rbd:, with the reason (docs/design.md) ------------------------------------------
+
+
+def test_snapshots_of_an_rbd_volume_are_refused_clearly_and_change_nothing(
+    ceph_cluster, env, root, idle_kernel, short_dir, capsys
+):
+    loc = "rbd:rbd/feat-snap-a"
+    ks_dir = env / "ks"
+    ks = PQCKeystore(ks_dir)
+    data = make(loc, ks, 8)
+    images = set(ceph_cluster.rbd("ls", "rbd").stdout.split())
+    capsys.readouterr()
+    assert main(["volume", "snapshot", "create", loc, "s1", "--keystore", str(ks_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "not supported" in err and "rename-over" in err and "backup" in err
+    sock = short_dir / "s"
+    proc = serve(loc, ks_dir, sock)
+    try:  # a served volume: refused inside the export, which keeps serving
+        ctl = str(control_path_for(sock))
+        rc = main(["volume", "snapshot", "create", loc, "s1", "--control", ctl, "--keystore", str(ks_dir)])
+        assert rc != 0 and "not supported" in capsys.readouterr().err
+    finally:
+        processes.stop(proc)
+        proc.stderr.close()
+    compare(loc, ks, data)
+    assert set(ceph_cluster.rbd("ls", "rbd").stdout.split()) == images  # no layer image was made
+    rbd_vm(root, "sn", "feat-snap-vm", idle_kernel)
+    assert main(["vm", "--root", str(root), "snapshot", "create", "sn", "s1"]) != 0
+    assert "not supported" in capsys.readouterr().err
