@@ -256,10 +256,10 @@ def parse_unverified(path: str, data: bytes) -> dict[str, Any]:
     Callers may use ``format_version``, ``key_id`` and ``volume_uuid`` from the result to find the key,
     nothing else, until :func:`verify` has passed.
     """
+    if bytes(data[:32]) != MAGIC_FIELD[: len(data[:32])]:  # even a short file: what is there is not our magic
+        raise NotAQvolError(path=path)
     if len(data) < HEADER_SIZE:
         raise TruncatedVolumeError(path=path, msg=f"{len(data)} bytes, shorter than the {HEADER_SIZE}-byte header")
-    if data[:32] != MAGIC_FIELD:
-        raise NotAQvolError(path=path)
     (length,) = _LEN.unpack_from(data, LENGTH_OFFSET)
     if not 1 <= length <= MAX_JSON:
         raise HeaderCorruptError(path=path, msg=f"JSON length {length} out of range")
