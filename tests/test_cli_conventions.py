@@ -275,6 +275,48 @@ def test_a_missing_volume_is_no_such_file(world: World, action: str) -> None:
     assert f"{missing}: no such file" in res.stderr and "not a qvol" not in res.stderr
 
 
+@pytest.mark.parametrize("content", [b"hello\n", b"#!/bin/sh\n" * 1000], ids=["short", "long"])
+def test_a_file_that_is_not_a_volume_is_not_a_qvol(world: World, content: bytes) -> None:
+    """A small text file is not "a truncated volume" (13): what it holds is not the magic, whatever its size."""
+    other = world.tmp / "notes.txt"
+    other.write_bytes(content)
+    res = world.run("volume", "info", str(other))
+    assert res.returncode == 10 and "not a qvol" in res.stderr and "truncated" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    "argv", [["volume", "info", "{vol}"], ["key", "show", "{key}"], ["volume", "dump-header", "{vol}"]]
+)
+def test_text_records_show_no_python_reprs(world: World, argv: list[str]) -> None:
+    """The text form of a record is for people: nested fields as dotted keys, absent ones as "-", never a
+    Python repr (``{'key_commitment': ...}``, ``None``)."""
+    res = world.run(*[a.format(vol=world.vol, key=world.key_id) for a in argv])
+    assert res.returncode == 0, res.stderr
+    assert "{'" not in res.stdout and "None" not in res.stdout, res.stdout
+    assert "features.key_commitment.compat:" in res.stdout or argv[0] == "key"
+
+
+def test_every_json_event_stream_has_a_type(world: World) -> None:
+    """``key rotate --json`` is an event stream like ``migrate --json``: each line one object with a "type"."""
+    vol = world.tmp / "rot.qvol"
+    res = world.run("volume", "create", str(vol), "--size", "1M", "--json")
+    assert res.returncode == 0, res.stderr
+    res = world.run("key", "rotate", json.loads(res.stdout)["key_id"], "--json")
+    assert res.returncode == 0, res.stderr
+    events = [json.loads(line) for line in res.stdout.splitlines()]
+    assert events and all(isinstance(e.get("type"), str) for e in events), events
+    assert {"progress", "result"} <= {e["type"] for e in events}
+
+
+def test_tls_commands_take_the_serve_spelling_of_the_directory(world: World) -> None:
+    """``volume serve --tls-dir DIR`` and ``tls init/client``: an operator can use the same option name."""
+    tls = world.tmp / "tls-alias"
+    res = world.run("tls", "init", "--host", "localhost", "--tls-dir", str(tls))
+    assert res.returncode == 0 and (tls / "ca-cert.pem").exists(), res.stderr
+    res = world.run("tls", "client", "c1", "--tls-dir", str(tls), "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["subject"] == "c1", res.stderr
+
+
 def test_an_existing_volume_names_the_cli_option(world: World) -> None:
     res = world.run("volume", "create", str(world.vol), "--size", "1M")
     assert res.returncode == 16 and "--force" in res.stderr and "overwrite=True" not in res.stderr

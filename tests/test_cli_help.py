@@ -70,3 +70,29 @@ def test_every_option_has_help_and_default(prog, parser):
         ):
             # an option taking a value that is absent by default: its help says what happens without it
             assert "default" in action.help.lower(), f"{prog}: {name}: help does not say the default"
+
+
+def _example_argvs(example: str) -> list[list[str]]:
+    """The ``qwamos`` command lines of one example: its shell commands (``a > f && b | c``) up to a redirect, each
+    without the note an example may carry after three spaces (``qwamos vm autostart   start every VM ...``)."""
+    import re
+    import shlex
+
+    argvs = []
+    for command in re.split(r"&&|\|\||[|;]", re.split(r"\s{3,}", example.strip())[0]):
+        argv = shlex.split(re.split(r"\s\d*[<>]", command)[0])
+        if argv[:1] == ["qwamos"]:
+            argvs.append(argv[1:])
+    return argvs
+
+
+@pytest.mark.parametrize(("prog", "parser"), PARSERS, ids=IDS)
+def test_every_example_parses(prog, parser):
+    """An operator copies an example and runs it: every one is accepted by the parser as written (no unknown or
+    misspelt option, no missing required one, no invalid choice)."""
+    for example in _examples(parser.format_help()):
+        for argv in _example_argvs(example):
+            try:
+                full_parser().parse_args(argv)
+            except SystemExit as e:
+                pytest.fail(f"{prog}: example {example!r} does not parse (exit {e.code})")

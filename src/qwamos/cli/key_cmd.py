@@ -42,7 +42,7 @@ _KEY_ID_HELP = "the key's id (as `qwamos key list` shows it)"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "key",
-        help="manage the keystore: list, show, rotate, delete, export/import keys",
+        help="manage the keystore: list, show, rotate, delete, export/import and grant keys",
         examples=["qwamos key list", "qwamos key --keystore /srv/keys show vm-web-1a2b"],
     )
     p.add_argument("--keystore", type=Path, default=None, metavar="DIR", help=_KEYSTORE_HELP)
@@ -454,8 +454,8 @@ class _RotateReporter:
         self._bars: dict[str, Progress] = {}
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if self.json_lines:
-            emit_json_line(event)
+        if self.json_lines:  # "type" as every --json event stream has it (migrate, progress); "event" kept
+            emit_json_line({"type": event["event"], **event})
             return
         kind = event["event"]
         if kind == "progress":

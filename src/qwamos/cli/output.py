@@ -111,7 +111,10 @@ def flatten(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def print_fields(fields: dict[str, Any]) -> None:
-    """``key: value`` lines, aligned, on stdout (the text form of a record; ``--json`` gives the record)."""
+    """``key: value`` lines, aligned, on stdout (the text form of a record; ``--json`` gives the record).
+    Nested records become dotted keys and an absent value ``-`` (:func:`flatten`): an operator never reads a
+    Python ``repr`` (``{'compat': ...}``, ``None``)."""
+    fields = flatten(fields)
     if not fields:
         return
     width = max(len(k) for k in fields) + 1

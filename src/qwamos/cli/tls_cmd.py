@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "qwamos tls init --host storage1.example --host 192.0.2.10 --dir /etc/qwamos/tls",
         ],
     )
-    sp.add_argument("--dir", type=Path, metavar="DIR", help=dir_help)
+    sp.add_argument("--dir", "--tls-dir", dest="dir", type=Path, metavar="DIR", help=dir_help)
     sp.add_argument(
         "--host",
         action="append",
@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         examples=["qwamos tls client vmhost1", "qwamos tls client vmhost1 --out /etc/qwamos/client --json"],
     )
     sp.add_argument("name", help="client name (certificate CN)")
-    sp.add_argument("--dir", type=Path, metavar="DIR", help=dir_help)
+    sp.add_argument("--dir", "--tls-dir", dest="dir", type=Path, metavar="DIR", help=dir_help)
     sp.add_argument(
         "--out", type=Path, metavar="DIR", help="write the client files here (default DIR/clients/NAME)"
     )

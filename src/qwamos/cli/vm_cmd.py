@@ -48,7 +48,7 @@ def _common(p: argparse.ArgumentParser, *, suppress: bool) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "vm",
-        help="list, inspect, start, stop and create VMs",
+        help="create, start, stop, inspect, clone, resize and delete VMs (and autostart, libvirt XML)",
         examples=["qwamos vm list", "qwamos vm --root /srv/qwamos start web"],
     )
     _common(p, suppress=False)
@@ -135,7 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         cmd_create,
         examples=[
             "qwamos vm create web --arch aarch64 --disk-size 10G --encrypted --kernel vmlinuz --initrd initrd.img",
-            "qwamos vm create web --machine q35 --memory 1024 --json",
+            "qwamos vm create web --machine q35 --memory 1024 --kernel /boot/vmlinuz --json",
         ],
     )
     sp.add_argument(
@@ -168,9 +168,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     sp.add_argument(
         "--kernel",
-        default=None,
+        required=True,
         metavar="PATH",
-        help="guest kernel (required; relative to the current directory; default: none)",
+        help="guest kernel (required: the VM boots it directly; relative to the current directory)",
     )
     sp.add_argument(
         "--initrd",

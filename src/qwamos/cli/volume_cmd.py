@@ -18,7 +18,6 @@ from qwamos.cli.output import (
     confirm,
     decorated,
     emit_json,
-    flatten,
     message,
     print_fields,
 )
@@ -33,7 +32,7 @@ from qwamos.volume.repair import RepairReport, repair
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "volume",
-        help="create, inspect, check and serve .qvol volumes",
+        help="create, inspect, check, repair, resize, re-encrypt, snapshot and serve .qvol volumes",
         examples=["qwamos volume create disk.qvol --size 10G", "qwamos volume info disk.qvol"],
     )
     vsub = p.add_subparsers(dest="volume_command", metavar="ACTION", required=True)
@@ -396,5 +395,5 @@ def cmd_dump_header(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(header)
     else:
-        print_fields(flatten(header))
+        print_fields(header)
     return 0
