@@ -317,6 +317,18 @@ def test_tls_commands_take_the_serve_spelling_of_the_directory(world: World) -> 
     assert res.returncode == 0 and json.loads(res.stdout)["subject"] == "c1", res.stderr
 
 
+def test_resize_refusal_after_snapshots_says_why_and_what_to_do(world: World) -> None:
+    """A volume that had snapshots keeps the header feature; its resize refusal names the snapshot chain and the
+    way out instead of blaming "this version"."""
+    vol = str(world.tmp / "snapped.qvol")
+    for argv in (["volume", "create", vol, "--size", "1M"], ["volume", "snapshot", "create", vol, "s"]):
+        assert world.run(*argv).returncode == 0
+    assert world.run("volume", "snapshot", "delete", vol, "s").returncode == 0
+    res = world.run("volume", "resize", vol, "2M")
+    assert res.returncode == 2 and "snapshot chain" in res.stderr and "vm clone" in res.stderr, res.stderr
+    assert "this version" not in res.stderr
+
+
 def test_an_existing_volume_names_the_cli_option(world: World) -> None:
     res = world.run("volume", "create", str(world.vol), "--size", "1M")
     assert res.returncode == 16 and "--force" in res.stderr and "overwrite=True" not in res.stderr

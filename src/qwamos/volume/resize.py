@@ -129,6 +129,12 @@ def resize(
     # features whose state may reference extents of the area other than metadata entries: moving the area
     # without them would break their references, so a feature not known to be safe is refused
     unknown = sorted(set(header.features) - RESIZE_SAFE_FEATURES)
+    if hdr.SNAPSHOTS in unknown:  # say what it is and the way out, not "this version"
+        raise InvalidArgument(
+            "the volume is (or was) part of a snapshot chain (the 'snapshots' header feature, kept after its "
+            "last snapshot is deleted), and a chain is not resized: its layers would all have to change. "
+            "Copy it into a new volume first (qwamos vm clone, or backup create + restore), then resize that"
+        )
     if unknown:
         raise InvalidArgument(f"this version cannot resize a volume with the feature(s) {', '.join(unknown)}")
     new_total = blocks_for(new_size)
