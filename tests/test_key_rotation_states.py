@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,17 @@ def test_rotate_marks_superseded_and_never_makes_a_second_successor(ks: PQCKeyst
     assert ks.rotate_key(old) == new
     assert len(ks.list_keys()) == 2
     assert ks.key_usage(old)["successor"] == new
+
+
+def test_a_standalone_volume_keys_successors_keep_its_name(ks: PQCKeystore) -> None:
+    """A key naming no VM (``volume create`` without ``--vm``) was succeeded by ``vm-vm-<old id>-<hex>``,
+    20 characters longer per rotation (found rotating a standalone volume by the CLI, issue 11 review)."""
+    old, _ = ks.new_volume_key("", "scratch")
+    assert old.startswith("vm-scratch-")
+    ids = [old]
+    for _ in range(3):
+        ids.append(ks.rotate_key(ids[-1]))
+    assert all(re.fullmatch(r"vm-scratch-[0-9a-f]{16}", i) for i in ids), ids
 
 
 def test_a_crash_between_marking_and_creating_is_finished_under_the_recorded_id(ks: PQCKeystore) -> None:

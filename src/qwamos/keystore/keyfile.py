@@ -87,6 +87,17 @@ def new_key_id(name: str) -> str:
     return validate_key_id(f"vm-{slug(name)}-{crypto.new_id_hex(RANDOM_HEX // 2)}")
 
 
+_GENERATED_ID_RE = re.compile(rf"vm-(.+)-[0-9a-f]{{{RANDOM_HEX}}}")
+
+
+def key_id_stem(key_id: str) -> str:
+    """The ``<name>`` of an id :func:`new_key_id` made (``vm-<name>-<hex>``), else the id itself: a successor
+    of a key that names no VM (a standalone volume's) is named like it, not ``vm-vm-<name>-<hex>-<hex>``,
+    which grew by 20 characters per rotation."""
+    m = _GENERATED_ID_RE.fullmatch(key_id)
+    return m.group(1) if m else key_id
+
+
 def _aad(doc: dict[str, Any]) -> bytes:
     return canonical_json({k: v for k, v in doc.items() if k not in ("wrapped_key", "mac")})
 

@@ -825,10 +825,11 @@ class PQCKeystore:
             return successor
         vm_name = old["vm_name"] if isinstance(old.get("vm_name"), str) else ""
         self._open_identity(create=False)  # a passphrase problem fails before the old key is marked
-        new_id = successor or keyfile.new_key_id(vm_name or old_id)
+        name = vm_name or keyfile.key_id_stem(old_id)
+        new_id = successor or keyfile.new_key_id(name)
         self._set_state(old_id, state=SUPERSEDED, successor=new_id)
         self._create(
-            vm_name or old_id,
+            name,
             vm_name,
             crypto.HYBRID_KEM,
             key_id=new_id,
