@@ -141,6 +141,7 @@ MAP: dict[str, list[str]] = {
     "volume.snapshots": ["test_volume_snapshots.py", "test_volume_snapshot_attacks.py", "test_vm_snapshots.py"],
     "volume.repair": ["test_volume_repair.py"],
     "volume.rotation": ["test_volume_rotation.py"],
+    "volume.chain_rotation": ["test_volume_chain_rotation.py"],
     "volume.blockcopy": ["test_volume_blockcopy.py"],
     "volume.resize": ["test_volume_resize.py", "test_vm_lifecycle.py"],
     "volume.slotio": ["test_volume_roundtrip.py", "test_volume_failing_slots.py", "test_volume_full.py"],

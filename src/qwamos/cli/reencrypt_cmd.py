@@ -10,6 +10,7 @@ The old key stays in the keystore (``qwamos key rotate`` retires keys once every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from qwamos.cli.output import Progress, add_json_option, decorated, emit_json, m
 from qwamos.errors import InvalidArgument, QwamosError, RotationError, VolumeLockedError
 from qwamos.hypervisor.sizes import format_size, parse_size
 from qwamos.volume import PQCVolume
+from qwamos.volume.chain_rotation import chain_state, is_chain, reencrypt_chain
 
 OFFLINE_RATE = 0  # no limit: nothing else uses the volume
 
@@ -91,6 +93,19 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
     rate = None if args.rate is None else (0 if args.rate == "0" else parse_size(args.rate, what="--rate"))
     ks = open_keystore(args)
     ctl = _control(args)
+    if ctl is None and is_chain(args.path):
+        try:
+            return _offline_chain(args, ks, rate)
+        except VolumeLockedError:
+            from qwamos.nbd.rotation import find_export
+
+            if find_export(args.path) is None:
+                raise
+            raise RotationError(
+                path=str(args.path),
+                msg="it has snapshots and is served; a chain is re-encrypted offline, every layer together: "
+                "stop the VM (or the export), then run this again",
+            ) from None
     if ctl is None:
         try:
             vol = PQCVolume(args.path, keystore=ks, read_only=args.dry_run).open()
@@ -196,6 +211,69 @@ def _offline(args: argparse.Namespace, ks: Any, vol: PQCVolume, rate: int | None
     )
     message(f"   The old key {out['old_key_id']} opens nothing in it any more; it is still in the keystore.")
     return 0
+
+
+def _offline_chain(args: argparse.Namespace, ks: Any, rate: int | None) -> int:
+    """A volume with snapshots: every layer of its chain, offline (qwamos.volume.chain_rotation)."""
+    st = chain_state(args.path, ks)
+    state = None
+    if st["new_key_id"] is not None:
+        state = {
+            "new_key_id": st["new_key_id"],
+            "old_key_id": st["old_key_id"],
+            "progress": f"{st['layers_done']} of {st['layers']} layers",
+            "total": st["total_blocks"],
+        }
+    new_id = _target(args, st["key_id"], state)
+    info = {"key_id": st["old_key_id"] or st["key_id"], "total_blocks": st["total_blocks"], "rotation": state}
+    info["size_bytes"] = None
+    plan = _plan(args, "offline", info, new_id)
+    plan.update(progress=st["layers_done"] if state else 0, layers=[f["path"] for f in st["files"]])
+    if args.dry_run:
+        return _report_plan(args, plan)
+    if new_id is None:
+        top = st["files"][0]
+        new_id, _ = ks.new_volume_key(_header_names(top["path"])[0], _header_names(top["path"])[1])
+    progress = Progress(st["total_blocks"], label="Re-encrypting", enabled=args.progress, unit_bytes=4096)
+    try:
+        out = reencrypt_chain(
+            args.path,
+            ks,
+            new_id,
+            rate=OFFLINE_RATE if rate is None else rate,
+            progress=lambda d, _t: progress.update(d),
+        )
+    finally:
+        with contextlib.suppress(QwamosError, OSError):
+            if chain_state(args.path, ks)["key_id"] == new_id:
+                _after(
+                    args, str(args.path), info["key_id"], new_id
+                )  # the top names the new key: the chain is done
+    progress.finish()
+    out.update(path=str(args.path), mode="offline")
+    if args.json:
+        emit_json(out)
+    message(
+        decorated(
+            "ok",
+            f"{args.path}: re-encrypted under key {new_id}, every layer of its snapshot chain ({out['layers']} "
+            f"files, {out['rewritten']} blocks rewritten, {out['skipped']} empty or already done, "
+            f"{out['seconds']:.1f} s)",
+            sys.stderr,
+        )
+    )
+    for orphan in out["orphans_removed"]:
+        message(f"   removed {orphan}: a layer file its snapshot table no longer lists (an interrupted merge)")
+    message(f"   The old key {out['old_key_id']} opens nothing in them any more; it is still in the keystore.")
+    return 0
+
+
+def _header_names(path: str) -> tuple[str, str]:
+    """``(vm_name, name)`` from a header, unverified: only for naming a new key."""
+    from qwamos.volume import read_header
+
+    fields = dict(read_header(path))
+    return str(fields.get("vm_name") or ""), str(fields.get("name") or "")
 
 
 def _online(args: argparse.Namespace, ks: Any, ctl: Path, rate: int | None) -> int:

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from qwamos.errors import ControlChannelError, KeyNotFoundError, KeyStateError, QwamosError, VMError
+from qwamos.errors import (
+    ControlChannelError,
+    KeyNotFoundError,
+    KeyStateError,
+    QwamosError,
+    RotationError,
+    VMError,
+)
 from qwamos.hypervisor import layout
 from qwamos.hypervisor.manager import VMManager
 from qwamos.keystore import PQCKeystore, policy
@@ -237,8 +244,16 @@ class KeyRotation:
             raise KeyNotFoundError(key_id=self.old, keystore=str(self.ks.path))
         if state == "retired":
             raise KeyStateError(key_id=self.old, state=state, msg=f"it was rotated to {successor} already")
+        from qwamos.volume.chain_rotation import top_of_layer
+
         targets: dict[str, Target] = {}
         for rec in self.ks.key_users(self.old):
+            top = top_of_layer(rec["path"]) if _is_file(rec["path"]) else None
+            if top is not None:  # a frozen snapshot layer: rotated with its chain, as part of the top
+                t = targets.setdefault(top, Target(path=top))
+                t.sources.append(f"record of snapshot layer {rec['volume_uuid']}")
+                t.record_paths.append(rec.get("recorded_path", rec["path"]))
+                continue
             t = targets.setdefault(rec["path"], Target(path=rec["path"]))
             t.volume_uuid = t.volume_uuid or rec["volume_uuid"]
             t.vm = t.vm or rec["vm_name"] or None
@@ -319,8 +334,12 @@ class KeyRotation:
         holds it or its key is not in this keystore."""
         from qwamos.errors import KeystoreError, VolumeLockedError
         from qwamos.volume import PQCVolume, read_header
+        from qwamos.volume.chain_rotation import chain_state, is_chain
 
         try:
+            if is_chain(path):  # every layer's key counts: the chain is one user (top's UUID)
+                st = chain_state(path, self.ks)
+                return st["volume_uuid"], st["new_key_id"] or st["key_id"], st["old_key_id"], False
             with PQCVolume(path, keystore=self.ks, read_only=True) as vol:
                 rot = vol.rotation_state()
                 return vol.header.volume_uuid, vol.key_id, rot["old_key_id"] if rot else None, False
@@ -332,7 +351,23 @@ class KeyRotation:
         return str(fields.get("volume_uuid")), str(fields.get("key_id")), rotating_from(fields), locked
 
     def _choose_mode(self, t: Target, locked: bool) -> None:
-        """Online when a running VM or a ``volume serve`` export holds the volume, else offline."""
+        """Online when a running VM or a ``volume serve`` export holds the volume, else offline.  A volume with
+        snapshots is rotated offline only (every layer of its chain changes; an export holds one key): while
+        it is served the whole rotation is refused before anything changes."""
+        from qwamos.volume.chain_rotation import is_chain
+
+        self._choose_mode_of(t, locked)
+        if t.mode == "online" and is_chain(t.path):
+            raise RotationError(
+                path=t.path,
+                msg="it has snapshots and is in use"
+                + (f" by the running VM {t.vm}" if t.vm else " by an export")
+                + "; a chain is re-encrypted offline, every layer together: "
+                + (f"stop the VM (qwamos vm stop {t.vm})" if t.vm else "stop the export")
+                + f", then run this again (nothing was changed for key {self.old})",
+            )
+
+    def _choose_mode_of(self, t: Target, locked: bool) -> None:
         if t.vm is not None:
             with contextlib.suppress(VMError):
                 if self.manager.status(t.vm).state in RUNNING_STATES:

@@ -25,8 +25,8 @@ def unlock_key(
     A volume whose key rotation is in progress (docs/qvol-format.md 2.5.3) needs its old key too until the
     rotation ends: the bytes are then 64, the key followed by the old key (checked against the header's
     ``old_key_check`` by the open), and the key pipe carries both."""
-    from qwamos.errors import SnapshotError
     from qwamos.storage import file_path
+    from qwamos.volume.chain_rotation import check_one_key
     from qwamos.volume.snapshots import finish_interrupted, open_chain
     from qwamos.volume.volume import record_use
 
@@ -36,13 +36,9 @@ def unlock_key(
     # MAC and key commitment of every layer checked here
     with open_chain(path, recorder, read_only=True, snapshot=snapshot) as chain:
         key_id = chain.key_id
-        other = sorted({v.key_id for v in chain.layers} - {key_id})
-        if other:
-            raise SnapshotError(
-                path=os.fspath(path),
-                msg=f"layers of the chain use other keys ({', '.join(other)}) than the top ({key_id}); "
-                "finish the key rotation of every layer first",
-            )
+        # one key for the whole chain: a chain rotation cut short (layers under two keys, or a layer
+        # mid-rotation) is finished offline first (qwamos.volume.chain_rotation)
+        check_one_key(os.fspath(path), chain.layers, sorted(chain.table.layers) if chain.table else [])
         # The process this key goes to opens the volume for writing with the bare key, which keeps no usage
         # records: record the use of every layer here, as a writable open through the keystore would.
         for vol in chain.layers:

@@ -971,7 +971,16 @@ def reencrypt_volume(
 ) -> dict[str, Any]:
     """Re-encrypt the (not served) volume at ``path`` under ``new_key_id`` offline: open it writable (which
     also recovers a rotation interrupted by a crash), :meth:`PQCVolume.reencrypt`, close.  ``provider`` must
-    give both the volume's current key and ``new_key_id`` (and, mid-rotation, the old key)."""
+    give both the volume's current key and ``new_key_id`` (and, mid-rotation, the old key).
+
+    A volume with snapshots is rotated as its whole chain, every layer (frozen ones first, the top last:
+    :func:`qwamos.volume.chain_rotation.reencrypt_chain`), so callers need not know about chains."""
+    from qwamos.volume import chain_rotation
+
+    if chain_rotation.is_chain(path):
+        return chain_rotation.reencrypt_chain(
+            path, provider, new_key_id, progress=progress, rate=rate, stop=stop, commitment=commitment, batch=batch
+        )
     with PQCVolume(path, keystore=provider) as vol:
         return vol.reencrypt(
             new_key_id, progress=progress, rate=rate, stop=stop, commitment=commitment, batch=batch
