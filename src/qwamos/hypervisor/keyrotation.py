@@ -248,7 +248,7 @@ class KeyRotation:
 
         targets: dict[str, Target] = {}
         for rec in self.ks.key_users(self.old):
-            top = top_of_layer(rec["path"]) if _is_file(rec["path"]) else None
+            top = top_of_layer(rec["path"])
             if top is not None:  # a frozen snapshot layer: rotated with its chain, as part of the top
                 t = targets.setdefault(top, Target(path=top))
                 t.sources.append(f"record of snapshot layer {rec['volume_uuid']}")

@@ -72,7 +72,10 @@ def top_of_layer(path: str | os.PathLike[str]) -> str | None:
     By name only: a usage record of a layer is taken to mean its chain, whose opening checks the rest."""
     from qwamos.volume.snapshots import _LAYER_FILE_RE
 
-    p = Path(os.path.abspath(os.fspath(path)))
+    local = file_path(os.fspath(path))
+    if local is None:  # rbd: and other stores hold no chains
+        return None
+    p = Path(os.path.abspath(local))
     name = p.name.removeprefix("pending-")
     if p.parent.name.endswith(".snap") and _LAYER_FILE_RE.fullmatch(name):
         return str(p.parent.with_name(p.parent.name[: -len(".snap")]))
