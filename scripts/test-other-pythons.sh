@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 VERSIONS=(${QWAMOS_OTHER_PYTHONS:-3.12 3.13})
 # The same hashed lock as the Makefile's venv (it covers 3.11-3.13), then the project without dependencies.
 LOCK=requirements/ci.lock
-DATA_PATH_TESTS=(tests/test_crypto.py tests/test_storage_rbd*.py tests/test_volume_*.py tests/test_keystore_*.py tests/test_nbd_*.py tests/test_migrate_*.py tests/test_key_rotate*.py tests/test_key_identity_switch.py tests/test_backup.py tests/test_backup_tamper.py)
+DATA_PATH_TESTS=(tests/test_crypto.py tests/test_storage_rbd*.py tests/test_volume_*.py tests/test_keystore_*.py tests/test_nbd_*.py tests/test_migrate_*.py tests/test_key_rotate*.py tests/test_key_identity_switch.py tests/test_rotation_acceptance.py tests/test_backup.py tests/test_backup_tamper.py)
 
 find_python() {
     local v=$1 cand
