@@ -126,3 +126,42 @@ def test_a_running_vm_is_rotated_online_detached_then_finished(root, idle_kernel
     mgr.start("web")
     mgr.stop("web", force=True)
     assert PQCVolume(vol, keystore=PQCKeystore(root.parent / "keystore"), read_only=True).open().key_id == new_id
+
+
+def test_a_vm_stopping_during_its_online_rotation_is_finished_offline(root, idle_kernel) -> None:
+    """The guest powering off while `key rotate` waits on its export (found with a real guest that reads its
+    marker and powers off): the rotation, recorded in the header, goes on offline instead of failing with
+    "cannot connect to .../export.sock.ctl" (exit 31)."""
+    from qwamos.hypervisor.keyrotation import KeyRotation
+
+    write_config(root, "web", kernel=idle_kernel, encrypted=True, size="4M")
+    mgr = VMManager(root)
+    mgr.start("web")
+    mgr.stop("web", force=True)  # the first start made the volume
+    cfg = mgr.load("web")
+    ks = PQCKeystore(root.parent / "keystore")
+    old_id, vol = str(cfg.key_id), Path(cfg.disk_path)
+    data = fill(vol, ks, 7)
+    mgr.start("web")
+    events: list[dict] = []
+
+    def on_event(e: dict) -> None:
+        events.append(e)
+        if e["event"] == "progress" and mgr.status("web").state == "running":
+            mgr.stop("web", force=True)  # the export goes away mid-rotation
+
+    try:
+        rot = KeyRotation(ks, mgr, old_id, rate=256 << 10, events=on_event)
+        plan = rot.plan()
+        assert [t.mode for t in plan.targets] == ["online"]
+        result = rot.run(plan)
+    finally:
+        mgr.stop("web", force=True)
+    modes = [e["mode"] for e in events if e["event"] == "volume"]
+    assert modes == ["online", "offline"], modes
+    new_id = result["new_key_id"]
+    assert result["volumes"][0]["mode"] == "offline" and result["destroyed"]["key_id"] == old_id
+    fresh = PQCKeystore(ks.path)
+    assert content(vol, fresh) == data
+    assert PQCVolume(vol, keystore=fresh, read_only=True).open().key_id == new_id
+    assert VMConfig.load(cfg.path).key_id == new_id

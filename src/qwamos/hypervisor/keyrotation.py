@@ -25,6 +25,7 @@ from qwamos.errors import (
     QwamosError,
     RotationError,
     VMError,
+    VolumeLockedError,
 )
 from qwamos.hypervisor import layout
 from qwamos.hypervisor.manager import VMManager
@@ -470,12 +471,24 @@ class KeyRotation:
         def progress(done: int, total: int) -> None:
             self.events({"event": "progress", "path": t.path, "done": done, "total": total, "unit": "blocks"})
 
-        if t.mode == "offline":
-            from qwamos.volume.volume import reencrypt_volume
+        from qwamos.volume.volume import reencrypt_volume
 
+        if t.mode == "offline":
             summary = reencrypt_volume(t.path, self.ks, new, progress=progress, rate=self.rate)
         else:
-            summary = online_reencrypt(self.ks, t, new, rate=self.rate, progress=progress, detach=detach)
+            try:
+                summary = online_reencrypt(self.ks, t, new, rate=self.rate, progress=progress, detach=detach)
+            except ControlChannelError as e:
+                if detach or e.code != "unreachable":
+                    raise
+                # The export went away (the guest powered off, the VM was stopped): the rotation is recorded in
+                # the volume's header, so it goes on offline -- unless something holds the volume again.
+                self.events({"event": "volume", "path": t.path, "mode": "offline", "status": "resume", "vm": t.vm})
+                try:
+                    summary = reencrypt_volume(t.path, self.ks, new, progress=progress, rate=self.rate)
+                except VolumeLockedError:
+                    raise e from None
+                summary["mode"] = "offline"
             if summary is None:
                 return None
         self.events({"event": "volume-done", "path": t.path, **summary})
