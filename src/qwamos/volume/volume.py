@@ -735,7 +735,7 @@ class PQCVolume:
         volume's history at one point: a backup taken now reads the changes in the snapshot, and the next
         backup reads the changes recorded from here on.  Writable opens only."""
         with self._guard:
-            storage, header = self._writable()
+            _, header = self._writable()
             tracker = getattr(self, "_tracker", None)
             if tracker is None:
                 tracking_id, generation = crypto.new_id_hex(16), 0
@@ -754,7 +754,8 @@ class PQCVolume:
                     generation + 1,
                     header.total_blocks,
                 )
-            storage.flush()
+            # no flush of its own: metadata.write fdatasyncs (every write so far with the new bitmap) before the
+            # header commit that starts the new generation
             fresh = cbt.Tracker(
                 tracking_id, generation + 1, bytearray(cbt.bitmap_bytes(header.total_blocks)), True
             )
