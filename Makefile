@@ -89,6 +89,7 @@ bench: deps venv pyc
 	$(PY) bench/migrate.py
 	$(PY) bench/rotate.py
 	$(PY) bench/rotate_online.py
+	$(PY) bench/backup.py
 	$(PY) bench/boot.py --arch $(ARCH)
 
 # Man page and shell completion, generated from the argument parser (qwamos.cli.main.full_parser) by
