@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A throw-away single-node Ceph cluster for tests: one mon, one mgr, one OSD on the memstore object store (the
-# data lives in the OSD's memory), bound to 127.0.0.1 only, every file under DIR, no systemd.
+# data lives in the OSD's memory), bound to 127.0.0.1 only (or to $CEPH_CLUSTER_ADDR), every file under DIR, no
+# systemd.
 #
 #   scripts/ceph-cluster.sh start DIR   create DIR (must not exist or be empty), start the daemons, create the
 #                                        pool `rbd` (size 1) and wait until its placement groups are active
@@ -12,6 +13,10 @@
 # Ports: the mon listens (msgr2 only) on a free port picked at start; the mgr and OSD bind free ports of
 # Ceph's 6800-7300 range, so several clusters (parallel test runs) can coexist.  Ceph 16 (Debian 12:
 # ceph-mon ceph-mgr ceph-osd ceph-common, installed by scripts/install-deps.sh).  Start takes ~15 s.
+#
+# CEPH_CLUSTER_ADDR=IPV4 (start only; default 127.0.0.1): the one address every daemon binds and the conf names
+# for the mon, e.g. the root end of a veth pair, so that a client in another network namespace reaches the
+# cluster over it (tests/test_vm_rbd.py's two hosts).  The address must already be assigned to an interface.
 set -euo pipefail
 
 usage() {
@@ -22,11 +27,12 @@ usage() {
 action=$1
 dir=$2
 TIMEOUT=${CEPH_CLUSTER_TIMEOUT:-120} # seconds to wait for the cluster to come up
+ADDR=${CEPH_CLUSTER_ADDR:-127.0.0.1}
 
 log() { echo "ceph-cluster: $*" >&2; }
 
 free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    python3 -c 'import socket, sys; s = socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "$ADDR"
 }
 
 ceph_cli() { ceph --conf "$dir/ceph.conf" --connect-timeout 30 "$@"; }
@@ -62,6 +68,10 @@ stop() {
 }
 
 start() {
+    if ! [[ $ADDR =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]]; then
+        log "CEPH_CLUSTER_ADDR must be an IPv4 address, not '$ADDR'"
+        exit 2
+    fi
     if [[ -e $dir ]] && [[ -n $(ls -A "$dir") ]]; then
         log "$dir exists and is not empty"
         exit 1
@@ -85,9 +95,9 @@ start() {
     cat >"$dir/ceph.conf" <<EOF
 [global]
 fsid = $fsid
-mon host = [v2:127.0.0.1:$port]
-public addr = 127.0.0.1
-public network = 127.0.0.1/32
+mon host = [v2:$ADDR:$port]
+public addr = $ADDR
+public network = $ADDR/32
 ms bind ipv4 = true
 ms bind ipv6 = false
 ms bind msgr1 = false
@@ -143,7 +153,7 @@ EOF
     ceph-authtool "$dir/keyring" --gen-key -n osd.0 \
         --cap mon 'allow profile osd' --cap mgr 'allow profile osd' --cap osd 'allow *' >/dev/null
     chmod 600 "$dir/keyring"
-    monmaptool --create --fsid "$fsid" --addv a "[v2:127.0.0.1:$port]" "$dir/monmap" >/dev/null
+    monmaptool --create --fsid "$fsid" --addv a "[v2:$ADDR:$port]" "$dir/monmap" >/dev/null
 
     ceph-mon --conf "$dir/ceph.conf" --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/keyring"
     ceph-mon --conf "$dir/ceph.conf" -i a
@@ -160,7 +170,7 @@ EOF
         if [[ $stat =~ ^([0-9]+)\ pgs:\ ([0-9]+)\ active\+clean ]] && [[ ${BASH_REMATCH[1]} == "${BASH_REMATCH[2]}" ]] \
             && ((BASH_REMATCH[1] > 0)); then
             trap - ERR
-            log "up: $dir (mon 127.0.0.1:$port)"
+            log "up: $dir (mon $ADDR:$port)"
             return 0
         fi
         sleep 0.5

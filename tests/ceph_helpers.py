@@ -8,6 +8,7 @@ is not installed, or the cluster does not come up, the RBD tests skip and say wh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -37,6 +38,14 @@ class Cluster:
             **kw,
         )
 
+    def mon_address(self) -> tuple[str, int]:
+        """(address, port) of the monitor, as the conf names it (``mon host = [v2:ADDR:PORT]``)."""
+        import re
+
+        m = re.search(r"^mon host = \[v2:([0-9.]+):([0-9]+)\]$", self.conf.read_text(), re.MULTILINE)
+        assert m, f"no mon host in {self.conf}"
+        return m.group(1), int(m.group(2))
+
     def used_bytes(self, image: str) -> int:
         """``rbd du``'s USED for ``rbd/IMAGE``."""
         import json
@@ -45,18 +54,32 @@ class Cluster:
         return sum(i["used_size"] for i in out["images"] if i["name"] == image)
 
 
-def start_cluster() -> Iterator[Cluster]:
+@contextlib.contextmanager
+def running_cluster(addr: str | None = None) -> Iterator[Cluster]:
+    """A cluster of its own, started in a fresh directory and stopped on leaving, failed test or not; bound to
+    ``addr`` (``CEPH_CLUSTER_ADDR``, which must already be assigned to an interface) instead of 127.0.0.1.
+    ``CEPH_CONF`` is left alone: callers point clients at ``cluster.conf`` themselves.  Skips the test where
+    Ceph is not installed or the cluster does not come up."""
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         pytest.skip(f"Ceph is not installed ({', '.join(missing)} missing; `make deps` installs it)")
     directory = Path(tempfile.mkdtemp(prefix="qwceph", dir="/tmp"))
+    env = {**os.environ, "CEPH_CLUSTER_ADDR": addr} if addr else None
     try:
         proc = subprocess.run(
-            ["bash", str(SCRIPT), "start", str(directory)], capture_output=True, text=True, timeout=300
+            ["bash", str(SCRIPT), "start", str(directory)], capture_output=True, text=True, timeout=300, env=env
         )
         if proc.returncode != 0:
             pytest.skip(f"the test Ceph cluster did not start: {proc.stderr.strip()[-2000:]}")
-        cluster = Cluster(directory)
+        yield Cluster(directory)
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(directory)], timeout=120, check=False)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def start_cluster() -> Iterator[Cluster]:
+    """The session's cluster on 127.0.0.1, with ``CEPH_CONF`` pointing at it until the end of the session."""
+    with running_cluster() as cluster:
         old = os.environ.get("CEPH_CONF")
         os.environ["CEPH_CONF"] = str(cluster.conf)
         try:
@@ -66,6 +89,3 @@ def start_cluster() -> Iterator[Cluster]:
                 os.environ.pop("CEPH_CONF", None)
             else:
                 os.environ["CEPH_CONF"] = old
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "stop", str(directory)], timeout=120, check=False)
-        shutil.rmtree(directory, ignore_errors=True)

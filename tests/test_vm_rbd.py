@@ -1,29 +1,47 @@
 """VMs whose disk is an encrypted volume on Ceph RBD, moved between two simulated hosts.
 
-Each "host" is a VM root and a keystore of its own (its own identity); both reach the one test cluster
-(tests/ceph_helpers.py) on 127.0.0.1 from the root network namespace.  Why not two network namespaces: the
-test cluster's daemons bind 127.0.0.1, which another namespace's loopback does not reach; a second
-namespace would need a veth pair, a routable address and a monitor bound to it, i.e. a cluster started
-differently from every other test's, for no property of ours (the client's network path is librados').
-What makes two hosts distinct for this project is the keystore identity and the cluster client: both are.
+Each "host" is a VM root and a keystore of its own (its own identity) and a network of its own: host A runs
+in the root network namespace, host B in a network namespace the test creates (tests/netns_helpers.py),
+joined to the root namespace by a veth pair.  The cluster for this test is one of its own, bound to the veth's
+root-end address (``scripts/ceph-cluster.sh`` with ``CEPH_CLUSTER_ADDR``): host A reaches it as a local
+address, host B only over the veth.  Why a dedicated cluster rather than the session's (on 127.0.0.1) with a
+forwarder in front of it: a namespace's 127.0.0.1 is its own loopback, and Ceph clients connect to the
+addresses the monitor *hands out* in its maps (the OSD's and mgr's, 127.0.0.1 there), so a forwarder would
+have to cover every daemon's port and still could not make the maps name an address B can reach; a cluster
+bound to the veth address is what a second host on a real network sees, for ~16 s of start-up in this one test.
+
+Every ``qwamos`` command of host B (key init, key import-grant, volume info, vm start and stop, hence its
+export and QEMU) runs inside the namespace (``ip netns exec``); host A's run in this process.  Before the
+veth is up, B provably cannot reach a cluster: the same ``qwamos volume info`` that works for A fails to
+connect, the monitor's address is unreachable from B, and the session's cluster on 127.0.0.1 refuses B (its
+loopback is not the root's); once the veth is up, B reaches the cluster, and the lock B's export takes is held
+from B's veth address.
 
 Host A creates the VM on rbd:, the guest writes a marker; A grants the volume key to B (key grants); B
-imports it, boots the VM and the guest reads A's marker; while B runs, A's start is refused naming B; after
-B crashes (kill -9 of its processes) A's start is still refused (the lock is never broken silently) until
-A starts with --break-lock.  Needs ``make guest`` (else skipped).
+imports it, boots the VM and the guest reads A's marker; while B runs, A's start is refused naming B (its
+address, its export's pid); after B crashes (kill -9 of its processes) A's start is still refused (the lock
+is never broken silently) until A starts with --break-lock.  Needs ``make guest`` (else skipped), and root
+for the namespace (else skipped, saying so).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import secrets
 import signal
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from ceph_helpers import running_cluster
+from netns_helpers import NetNS, connect_errno, network_namespace
 from qwamos.errors import VolumeLockedError
 from qwamos.hypervisor.config import VMConfig
 from qwamos.hypervisor.manager import VMManager
@@ -34,6 +52,8 @@ from vm_helpers import guest_files, wait_for, write_config
 pytestmark = [pytest.mark.guest, pytest.mark.qemu]
 
 BOOT_TIMEOUT = 180.0
+QWAMOS = [sys.executable, "-m", "qwamos.cli.main"]
+UNREACHABLE_MOUNT_TIMEOUT = "--client_mount_timeout 5"  # the isolation probe expects to fail: fail soon
 
 
 def _line(text: str, tag: str) -> str:
@@ -58,8 +78,31 @@ def _set_cmdline(mgr: VMManager, cmdline: str) -> None:
     cfg.write_text(re.sub(r'(?m)^  cmdline: ".*"$', f'  cmdline: "{cmdline}"', cfg.read_text()))
 
 
-def _run_to_completion(mgr: VMManager, done: str = "GUEST-DONE", **start) -> str:
-    mgr.start("web", **start)
+class RemoteHost:
+    """Host B: its ``qwamos`` commands run inside network namespace ``ns`` with its own ``CEPH_CONF``."""
+
+    def __init__(self, mgr: VMManager, ns: NetNS, ceph_conf: Path) -> None:
+        self.mgr, self.ns = mgr, ns
+        self.env = {**os.environ, "CEPH_CONF": str(ceph_conf)}
+        self.dirs = ["--root", str(mgr.root), "--keystore", str(mgr.keystore_dir)]
+
+    def qwamos(self, *args: str, check: bool = True, env: dict[str, str] | None = None):
+        proc = self.ns.run([*QWAMOS, *args], env={**self.env, **(env or {})})
+        if check:
+            assert proc.returncode == 0, f"B: qwamos {' '.join(args)}: exit {proc.returncode}: {proc.stderr}"
+        return proc
+
+    def start(self) -> None:
+        self.qwamos("vm", "start", "web", *self.dirs)
+
+    def stop(self) -> None:
+        self.qwamos("vm", "stop", "web", "--force", *self.dirs)
+
+
+def _run_to_completion(
+    mgr: VMManager, start: Callable[[], None], stop: Callable[[], None], done: str = "GUEST-DONE"
+) -> str:
+    start()
     log = mgr.run_dir("web").serial_log
     try:
         wait_for(lambda: log.exists() and done in log.read_text(errors="replace"), BOOT_TIMEOUT, done)
@@ -67,17 +110,30 @@ def _run_to_completion(mgr: VMManager, done: str = "GUEST-DONE", **start) -> str
             wait_for(lambda: mgr.status("web").state == "stopped", 60, "the guest to power off")
     finally:
         if done == "GUEST-DONE" and mgr.status("web").state != "stopped":
-            mgr.stop("web", force=True)
+            stop()
     text = log.read_text(errors="replace")
     assert "GUEST-ERROR" not in text, text[-2000:]
     return text
 
 
-def test_vm_on_rbd_moves_to_a_second_host_one_writer_at_a_time(ceph_cluster, tmp_path, no_ambient_env, capsys):
+def _local(mgr: VMManager, **start) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Start and stop callables for host A (this process, the root namespace)."""
+    return (lambda: mgr.start("web", **start)), (lambda: mgr.stop("web", force=True))
+
+
+def test_vm_on_rbd_moves_to_a_second_host_one_writer_at_a_time(
+    ceph_cluster, tmp_path, no_ambient_env, monkeypatch
+):
     files = guest_files("aarch64")
     if files is None:
         pytest.skip("test guest for aarch64 not built (make guest)")
     kernel, initrd = files
+    with network_namespace() as ns, running_cluster(ns.root_addr) as cluster:
+        _two_hosts(ns, cluster, ceph_cluster, tmp_path, kernel, initrd, monkeypatch)
+
+
+def _two_hosts(ns, cluster, session_cluster, tmp_path, kernel, initrd, monkeypatch) -> None:
+    monkeypatch.setenv("CEPH_CONF", str(cluster.conf))  # host A's cluster configuration (this process)
     image = f"web-{secrets.token_hex(4)}"
     marker = f"hostA-{secrets.token_hex(6)}"
     a = _host(
@@ -85,23 +141,16 @@ def test_vm_on_rbd_moves_to_a_second_host_one_writer_at_a_time(ceph_cluster, tmp
     )
 
     # Host A: the first start creates the encrypted volume on the cluster and the guest writes its marker.
-    _run_to_completion(a)
+    _run_to_completion(a, *_local(a))
     cfg_a = VMConfig.load(a.config_path("web"))
     assert cfg_a.disk_location == f"rbd:rbd/{image}" and cfg_a.volume_uuid and cfg_a.key_id
     info = a.info("web")
     assert info["disk"]["path"] == f"rbd:rbd/{image}" and info["binding"]["state"] == "ok"
     assert a.status("web").state == "stopped"
-    assert ceph_cluster.rbd("lock", "ls", f"rbd/{image}").stdout.strip() == ""  # released on stop
+    assert cluster.rbd("lock", "ls", f"rbd/{image}").stdout.strip() == ""  # released on stop
 
-    # A grants the key to B; B confirms A's fingerprint and imports it.
-    ks_a, ks_b = PQCKeystore(tmp_path / "a" / "keystore"), PQCKeystore(tmp_path / "b" / "keystore")
-    ks_b.init_identity()
-    doc = grants.grant_key(ks_a, cfg_a.key_id, (ks_b.path / "identity.pub").read_bytes())
-    fp_a = ks_a.identity_info()["fingerprint"]  # type: ignore[index]
-    assert grants.import_grant(ks_b, doc, expect_fingerprint=fp_a) == cfg_a.key_id
-
-    # Host B: its own VM root and config naming the same image, key and volume; the guest reads A's marker.
-    b = _host(
+    # Host B: its own VM root and config naming the same image, key and volume.
+    b_mgr = _host(
         tmp_path,
         "b",
         image,
@@ -111,40 +160,86 @@ def test_vm_on_rbd_moves_to_a_second_host_one_writer_at_a_time(ceph_cluster, tmp
         key_id=cfg_a.key_id,
         volume_uuid=cfg_a.volume_uuid,
     )
-    text = _run_to_completion(b)
+    b = RemoteHost(b_mgr, ns, cluster.conf)
+
+    # A grants the key to B; B confirms A's fingerprint and imports it (B's commands: inside its namespace).
+    ks_a, ks_b = PQCKeystore(tmp_path / "a" / "keystore"), tmp_path / "b" / "keystore"
+    b.qwamos("key", "init", "--keystore", str(ks_b))
+    grant = tmp_path / "web.grant"
+    grant.write_bytes(grants.grant_key(ks_a, cfg_a.key_id, (ks_b / "identity.pub").read_bytes()))
+    fp_a = ks_a.identity_info()["fingerprint"]  # type: ignore[index]
+    b.qwamos("key", "import-grant", str(grant), "--expect-fingerprint", fp_a, "--keystore", str(ks_b))
+    assert PQCKeystore(ks_b).has_key(cfg_a.key_id)
+
+    # B is isolated until the veth is up: the command that works for A cannot connect from B; the monitor's
+    # address is unreachable from B; and B's 127.0.0.1 is not the root namespace's (the session's cluster
+    # there, which A reaches, refuses B).
+    volume_info = ("volume", "info", f"rbd:rbd/{image}", "--json", "--keystore", str(ks_b))
+    mon, mon_port = cluster.mon_address()
+    local_mon = session_cluster.mon_address()
+    assert connect_errno(mon, mon_port) == 0 and connect_errno(*local_mon) == 0  # A reaches both
+    here = subprocess.run(
+        [*QWAMOS, *volume_info[:-1], str(ks_a.path)], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert cfg_a.volume_uuid in here.stdout, here.stdout
+    isolated = b.qwamos(*volume_info, check=False, env={"CEPH_ARGS": UNREACHABLE_MOUNT_TIMEOUT})
+    assert isolated.returncode != 0 and "connecting to the Ceph cluster" in isolated.stderr, (
+        f"host B reached the cluster before its network was up (exit {isolated.returncode}): {isolated.stdout}"
+        f"{isolated.stderr}"
+    )
+    assert ns.connect_errno(mon, mon_port) == errno.ENETUNREACH
+    assert local_mon[0] == "127.0.0.1" and ns.connect_errno(*local_mon) == errno.ECONNREFUSED
+
+    # The veth comes up: B reaches the cluster over it, and the same command shows A's volume.
+    ns.link_up()
+    assert ns.connect_errno(mon, mon_port) == 0
+    shown = b.qwamos(*volume_info).stdout
+    assert cfg_a.volume_uuid in shown and json.loads(shown), shown
+
+    # Host B boots the VM; the guest reads A's marker.
+    text = _run_to_completion(b_mgr, b.start, b.stop)
     assert _line(text, "GUEST-MARKER") == marker
 
-    # B runs (idle guest): A's start is refused, naming B's export (its pid, on this machine).
-    _set_cmdline(b, "console=ttyAMA0 quiet qwamos.mode=idle")
-    _run_to_completion(b, done="GUEST-READY")
+    # B runs (idle guest): A's start is refused, naming B: its client at B's veth address, its export's pid.
+    _set_cmdline(b_mgr, "console=ttyAMA0 quiet qwamos.mode=idle")
+    _run_to_completion(b_mgr, b.start, b.stop, done="GUEST-READY")
     try:
-        b_export = b.status("web").pids["export"]
-        with pytest.raises(VolumeLockedError, match=rf"client\.\d+.*pid {b_export}\b"):
+        b_export = b_mgr.status("web").pids["export"]
+        holder = (
+            rf"client\.\d+ '[^']*' at {re.escape(ns.ns_addr)}:\d+/\d+, which says it is host \S+ pid {b_export}\b"
+        )
+        with pytest.raises(VolumeLockedError, match=holder):
             a.start("web")
         assert a.status("web").state == "stopped"
 
-        # B crashes: its processes are killed.  The dead export's lock stays; A is still refused.
-        for pid in b.status("web").pids.values():
-            os.kill(pid, signal.SIGKILL)
+        # B crashes: its processes are killed, the export (the lock holder) first: killed after its supervisor,
+        # it might have begun an orderly close (the writer's note goes first, then the lock) before its KILL.
+        # The dead export's lock stays; A is still refused.
+        pids = b_mgr.status("web").pids
+        for name in sorted(pids, key=lambda n: n != "export"):
+            os.kill(pids[name], signal.SIGKILL)
         wait_for(
-            lambda: b.status("web").state in ("crashed", "stopped") and not b.status("web").pids, 30, "B gone"
+            lambda: b_mgr.status("web").state in ("crashed", "stopped") and not b_mgr.status("web").pids,
+            30,
+            "B gone",
         )
-        with pytest.raises(VolumeLockedError, match=rf"pid {b_export}\b"):
+        with pytest.raises(VolumeLockedError, match=holder):
             a.start("web")
     finally:
-        b.stop("web", force=True)
+        with contextlib.suppress(AssertionError):
+            b.stop()
 
     # A, told that B is gone for good, breaks the lock and runs; the guest reads what it wrote first.
     _set_cmdline(a, "console=ttyAMA0 quiet qwamos.mode=read")
     warnings: list[str] = []
-    text = _run_to_completion(a, on_warning=warnings.append, break_lock=True)
+    text = _run_to_completion(a, *_local(a, on_warning=warnings.append, break_lock=True))
     assert _line(text, "GUEST-MARKER") == marker
-    assert any("broke the lock of client." in w for w in warnings), warnings
+    assert any("broke the lock of client." in w and ns.ns_addr in w for w in warnings), warnings
     with PQCVolume(f"rbd:rbd/{image}", keystore=ks_a, read_only=True) as v:
         assert v.check() == []
     # The data on the cluster is ciphertext: the marker appears nowhere in the image's bytes.
     raw = tmp_path / "raw"
-    ceph_cluster.rbd("export", f"rbd/{image}", str(raw))
+    cluster.rbd("export", f"rbd/{image}", str(raw))
     assert marker.encode() not in raw.read_bytes()
     json.dumps(info)  # vm info --json serialises
 
