@@ -19,6 +19,7 @@ from vm_helpers import guest_files, wait_for, write_config
 pytestmark = [pytest.mark.guest, pytest.mark.qemu]
 
 BOOT_TIMEOUT = 180.0
+LATE_OFFSET = 40 * 1024 * 1024  # past what the guest writes
 
 
 @pytest.fixture
@@ -78,8 +79,15 @@ def test_backup_of_a_running_vm_restores_and_boots(root, mgr, tmp_path, capsys):
     assert first["vm_state"] == "running" and not first["incremental"]
     st = mgr.status("enc")
     assert st.state == "running" and st.qemu_status == "running"  # the guest was resumed
+    # a write through the export while the VM runs (as the guest's would arrive): the export tracks it
+    from qwamos.nbd.client import NBDClient
+
+    late = b"written-through-the-export-" + marker.encode()
+    with NBDClient.connect_unix(run.export_sock) as nbd:
+        nbd.write(LATE_OFFSET, late.ljust(4096, b"."))
+        nbd.flush()
     second = backup(capsys, root, repo, "--name", "live2")
-    assert second["incremental"] and second["read_bytes"] < first["read_bytes"]
+    assert second["incremental"] and 4096 <= second["read_bytes"] < first["read_bytes"]
     assert mgr.status("enc").qemu_status == "running"
     mgr.stop("enc")
 
@@ -97,6 +105,11 @@ def test_backup_of_a_running_vm_restores_and_boots(root, mgr, tmp_path, capsys):
     c = VMConfig.load(rest_cfg)
     c.set_encryption(key_id=restored["key_id"], algorithm=VMConfig.load(cfg).encryption_algorithm)
     c.save()
+    from qwamos.keystore import PQCKeystore
+    from qwamos.volume import PQCVolume
+
+    with PQCVolume(new_vol, keystore=PQCKeystore(), read_only=True) as v:
+        assert v.read(LATE_OFFSET, len(late)) == late  # the incremental archive holds the export's write
     text = boot_once(mgr, "rest")
     assert _line(text, "GUEST-MARKER") == marker
     assert _line(text, "GUEST-READ") == wrote
