@@ -419,3 +419,28 @@ def test_snapshots_of_an_rbd_volume_are_refused_clearly_and_change_nothing(
     rbd_vm(root, "sn", "feat-snap-vm", idle_kernel)
     assert main(["vm", "--root", str(root), "snapshot", "create", "sn", "s1"]) != 0
     assert "not supported" in capsys.readouterr().err
+
+
+def test_an_image_another_client_has_open_is_not_removed(ceph_cluster, keys):
+    """``remove_held`` (vm delete): the lock holder closes its handle, then librbd refuses the removal while
+    another client has the image open (its watch), answered as a locked volume; nothing is removed."""
+    from qwamos.errors import VolumeLockedError
+    from qwamos.storage import open_storage, remove_held, storage_exists
+
+    loc = "rbd:rbd/feat-rm-busy"
+    PQCVolume(loc, keystore=keys).create("v", "", size_bytes=MIB)
+    other = open_storage(loc)  # another client with the image open (writable: watching it), holding no lock
+    held = open_storage(loc)
+    held.lock(shared=False)
+    try:
+        with pytest.raises(VolumeLockedError, match="another client"):
+            remove_held(held, loc)
+    finally:
+        other.close()
+        held.close()
+    assert storage_exists(loc)
+    held = open_storage(loc)
+    held.lock(shared=False)
+    remove_held(held, loc)
+    held.close()
+    assert not storage_exists(loc)
