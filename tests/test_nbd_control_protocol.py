@@ -197,7 +197,7 @@ def test_bad_requests_get_structured_errors_and_the_connection_stays(body, code)
 
 def test_unknown_command_lists_the_known_ones():
     conn = cp.ControlConnection()
-    conn.receive_data(req("snapshot-create"))
+    conn.receive_data(req("no-such-command"))
     assert conn.next_event() is cp.NEED_DATA
     err = one_error(conn)
     assert err.code == cp.E_UNKNOWN_COMMAND and "status" in err.details["commands"]
