@@ -9,6 +9,7 @@ in the middle of the rotation's steps.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import random
 import struct
@@ -154,10 +155,9 @@ def test_forward_secrecy_the_old_key_opens_nothing_afterwards(tmp_path, keys):
     busy = [(e.offset, e.length) for e in entries.values()] + [(header.metadata.offset, header.metadata.length)]
     for start, end in rotation.free_ranges(header.slots_end_aligned, header.header_b_offset, busy):
         assert raw[start:end] == bytes(end - start), f"metadata area [{start}, {end}) not wiped"
-    jo = journal["journal_offset"]
-    assert raw[jo : jo + hdr.rotation_journal_length(journal["journal_slots"])].count(0) == (
-        hdr.rotation_journal_length(journal["journal_slots"])
-    )
+    jo, jlen = journal["journal_offset"], hdr.rotation_extent_length(journal)
+    assert journal["resilience"] == "journal-pair" and jlen == 2 * hdr.rotation_journal_length(BATCH)
+    assert raw[jo : jo + jlen].count(0) == jlen  # both halves
     assert raw[old_root.offset : old_root.offset + old_root.length] != b"" and old_root != header.metadata
 
 
@@ -312,6 +312,58 @@ def test_a_power_cut_while_the_rotation_starts(tmp_path, keys, power, cut_at):
     power_cut_run(tmp_path, keys, power, 200 + cut_at, cut_at=cut_at)
 
 
+START_WRITES = 6  # the writes of a rotation's start (test_a_power_cut_while_the_rotation_starts)
+
+
+@pytest.mark.parametrize("cut_at", range(START_WRITES + 1, START_WRITES + 3 * rotation.PIPELINE_BATCHES + 3))
+def test_a_power_cut_at_each_write_of_a_pipelined_step(tmp_path, keys, power, cut_at):
+    """Each write of the first offline step, one by one: batches journalled into alternate halves of the
+    journal pair, each one's journal written before the previous batch's slots are known durable (one
+    fdatasync covers both), descriptors cleared after it; the step's last fdatasync.  Two descriptors may be
+    active at the cut: recovery restores from both."""
+    power_cut_run(tmp_path, keys, power, 300 + cut_at, cut_at=cut_at)
+
+
+@pytest.mark.parametrize("seed", range(400, 408))
+def test_a_power_cut_with_the_previous_one_half_journal(tmp_path, keys, power, seed, monkeypatch):
+    """A rotation started by a version before the journal pair (``resilience: journal``, one half) goes on
+    with that layout (one batch at a time, each made durable before the half is reused), across power cuts."""
+    monkeypatch.setattr(rotation, "RESILIENCE", "journal")
+    power_cut_run(tmp_path, keys, power, seed)
+
+
+def test_a_rotation_started_with_one_half_is_resumed_and_finished_by_this_version(tmp_path, keys, monkeypatch):
+    """The previous layout in a header is read and kept to the end: the extent is one half long, nothing is
+    written past it, and every block reads back."""
+    path, data = make(tmp_path, keys)
+    new_id, _ = keys.new_volume_key("vm", "v")
+    monkeypatch.setattr(rotation, "RESILIENCE", "journal")
+    with PQCVolume(path, keystore=keys) as v:
+        v.begin_reencrypt(new_id, batch=BATCH)
+        v.reencrypt_step(BATCH * 3)
+    monkeypatch.undo()
+    with PQCVolume(path, keystore=keys) as v:
+        state = v.rotation_state()
+        assert state["resilience"] == "journal" and state["progress"] > 0
+        assert hdr.rotation_extent_length(state) == hdr.rotation_journal_length(BATCH)
+        assert v.reencrypt(new_id, batch=BATCH)["finished"]
+        compare(v, data)
+        assert v.check() == []
+
+
+def test_an_unknown_journal_layout_is_refused(tmp_path, keys):
+    """A ``resilience`` this version does not know is HeaderCorruptError: never a guess at its layout."""
+    path, _ = make(tmp_path, keys)
+    new_id, _ = keys.new_volume_key("vm", "v")
+    with PQCVolume(path, keystore=keys) as v:
+        v.begin_reencrypt(new_id, batch=BATCH)
+        header = v.header
+        rot = dict(header.features[hdr.ROTATION], resilience="journal-triple")
+        v._store.store(dataclasses.replace(header, features={**header.features, hdr.ROTATION: rot}))
+    with pytest.raises(HeaderCorruptError, match="journal-pair"):
+        PQCVolume(path, keystore=keys).open()
+
+
 def power_cut_run(tmp_path, keys, power, seed, cut_at=None):
     rng = random.Random(seed)
     path, data = make(tmp_path, keys, seed=seed)
@@ -442,6 +494,31 @@ def test_a_torn_slot_outside_the_journal_stays_an_error(tmp_path, keys):
         with pytest.raises(BlockAuthError):
             v.reencrypt(new_id, batch=BATCH)
         assert v.rotation_state() is not None
+
+
+def test_a_batch_that_fails_leaves_the_previous_one_durable_and_released(tmp_path, keys):
+    """A damaged slot in the middle of a pipelined step: the batch before it (written back, its fdatasync
+    not yet done) is completed -- made durable, its descriptor cleared -- before the error reaches the caller,
+    who may go on writing to the volume: only the failing batch's descriptor stays active."""
+    path, _ = make(tmp_path, keys)
+    with PQCVolume(path, keystore=keys) as v:  # every block written: batches of exactly BATCH blocks
+        for i in range(TOTAL):
+            v.write_block(i, bytes([i % 251]) * 4096)
+    victim = BATCH * 2 + 3  # in the third batch of the first step
+    with open(path, "r+b") as f:
+        f.seek(HEADER_SIZE + victim * SLOT_SIZE + 100)
+        f.write(b"\xff" * 8)
+    new_id, _ = keys.new_volume_key("vm", "v")
+    with PQCVolume(path, keystore=keys) as v:
+        with pytest.raises(BlockAuthError):
+            v.reencrypt(new_id, batch=BATCH)
+        rot = v._rotator
+        active = [
+            rotation.parse_descriptor(rot._journal_key(), jo, v._storage.read(jo, rotation.DESC_SIZE), TOTAL)
+            for jo in rot._halves()
+        ]
+        assert [d for d in active if d is not None] == [(BATCH * 2, BATCH)]
+        assert v.rotation_state()["progress"] == BATCH * 2
 
 
 # --- vectors (docs/qvol-format.md 2.5.3) ---------------------------------------------------------------------

@@ -111,6 +111,9 @@ ROTATION_FIELDS = frozenset(
     )
 )
 MAX_JOURNAL_SLOTS = 16384  # 64 MiB of slots per journalled batch at most
+# The rotation journal's layouts (2.5.3), by the feature's ``resilience``: how many journal halves the extent
+# holds.  "journal" (one) was written by versions before the pair; a rotation it started resumes with it.
+JOURNAL_HALVES = {"journal": 1, "journal-pair": 2}
 SNAPSHOTS = "snapshots"  # docs/qvol-format.md 2.5.4: this file is a layer of a snapshot chain
 SNAPSHOT_FIELDS = frozenset(("compat", "chain", "parent", "parent_freeze", "frozen"))
 KNOWN_FEATURES: frozenset[str] = frozenset({KEY_COMMITMENT, CBT, ROTATION, SNAPSHOTS})
@@ -360,11 +363,17 @@ def rotation_journal_length(slots: int) -> int:
     return round_up(HEADER_SIZE + slots * SLOT_SIZE, HEADER_SIZE)
 
 
+def rotation_extent_length(spec: dict[str, Any]) -> int:
+    """Bytes of the whole journal extent a ``rotation`` feature names: its halves back to back."""
+    return JOURNAL_HALVES[spec["resilience"]] * rotation_journal_length(spec["journal_slots"])
+
+
 def _check_rotation(spec: dict[str, Any], area: tuple[int, int], total: int, epoch: int) -> None:
     """The ``rotation`` feature's fields (2.5.3): exact members, ranges, and a journal extent that lies in the
     metadata area."""
-    if set(spec) != ROTATION_FIELDS or spec["compat"] != INCOMPAT or spec["resilience"] != "journal":
-        raise ValueError(f"feature {ROTATION!r} must have exactly {sorted(ROTATION_FIELDS)} (incompat, journal)")
+    if set(spec) != ROTATION_FIELDS or spec["compat"] != INCOMPAT or spec["resilience"] not in JOURNAL_HALVES:
+        modes = " or ".join(JOURNAL_HALVES)
+        raise ValueError(f"feature {ROTATION!r} must have exactly {sorted(ROTATION_FIELDS)} (incompat, {modes})")
     old = spec["old_key_id"]
     if not isinstance(old, str) or not 1 <= len(old) <= MAX_NAME_LEN:
         raise ValueError("rotation old_key_id must be a string of 1..255 characters")
@@ -377,7 +386,7 @@ def _check_rotation(spec: dict[str, Any], area: tuple[int, int], total: int, epo
     _int(spec, "progress", 0, total)
     slots = _int(spec, "journal_slots", 1, MAX_JOURNAL_SLOTS)
     offset = _int(spec, "journal_offset", area[0], area[1])
-    if offset % HEADER_SIZE or offset + rotation_journal_length(slots) > area[1]:
+    if offset % HEADER_SIZE or offset + rotation_extent_length(spec) > area[1]:
         raise ValueError(f"rotation journal at {offset} ({slots} slots) outside the metadata area {area}")
 
 
@@ -387,7 +396,7 @@ def feature_extents(header: Header) -> list[tuple[int, int]]:
     rot = header.features.get(ROTATION)
     if rot is None:
         return []
-    return [(rot["journal_offset"], rotation_journal_length(rot["journal_slots"]))]
+    return [(rot["journal_offset"], rotation_extent_length(rot))]
 
 
 def _snapshots_feature(spec: dict[str, Any]) -> None:

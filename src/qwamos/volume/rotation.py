@@ -30,6 +30,7 @@ holds the lock around each call.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 from collections.abc import Callable
@@ -60,6 +61,8 @@ JOURNAL_MAGIC = b"QWAMOS-QVOL-RJNL"
 _DESC = struct.Struct(">16sQI4x")  # magic, first block, count, 4 zero bytes: 32 bytes, then the MAC
 DESC_SIZE = 64  # the significant bytes of the descriptor page (the rest of the page is zero)
 DEFAULT_BATCH = 4096  # slots per journalled batch: 16 MiB of plaintext
+RESILIENCE = "journal-pair"  # the layout new rotations use (header.JOURNAL_HALVES; docs/qvol-format.md 2.5.3)
+PIPELINE_BATCHES = 4  # batches per lock hold when nothing limits the rate (offline): pipelined over the pair
 PROGRESS_EVERY = 8  # batches between header commits of the progress (a hint: re-encryption is idempotent)
 PARALLEL_MIN = 512  # slots in a batch before the AEAD work is split over two threads
 
@@ -140,6 +143,7 @@ class Rotator:
         self.batches_since_commit = 0
         self.rewritten = 0  # slots re-sealed by this object
         self.journalled = 0  # slots copied to the journal by this object
+        self._next_half = 0  # journal halves alternate, batch by batch
 
     @property
     def header(self) -> Header:
@@ -200,13 +204,14 @@ class Rotator:
             if entry.sealed:
                 sealed[name] = metadata.read(self.path, self.storage, header, old_key, name)
         slots = max(1, min(batch, header.total_blocks, hdr.MAX_JOURNAL_SLOTS))
-        journal_len = hdr.rotation_journal_length(slots)
+        journal_len = hdr.JOURNAL_HALVES[RESILIENCE] * hdr.rotation_journal_length(slots)
         staged, [journal_offset] = metadata.stage(
             self.store, header, new_key, sealed, sealed=True, reserve=[journal_len]
         )
         if self.storage.size() < staged.header_b_offset + HEADER_SIZE:
             self.storage.resize(staged.header_b_offset + HEADER_SIZE)
-        self.storage.write(journal_offset, (bytes(HEADER_SIZE),))  # an empty descriptor
+        for half in range(hdr.JOURNAL_HALVES[RESILIENCE]):  # empty descriptors
+            self.storage.write(journal_offset + half * hdr.rotation_journal_length(slots), (bytes(HEADER_SIZE),))
         self.storage.flush()
         features[hdr.ROTATION] = {
             "compat": hdr.INCOMPAT,
@@ -216,7 +221,7 @@ class Rotator:
             "progress": 0,
             "journal_offset": journal_offset,
             "journal_slots": slots,
-            "resilience": "journal",
+            "resilience": RESILIENCE,
         }
         new = replace(
             staged,
@@ -240,38 +245,47 @@ class Rotator:
         io.budget = NonceBudget(self.path, self.header.epoch, 0, self.header.epoch_limit, budget._persist)
         set_header(self.header)
 
+    # --- the journal's halves ------------------------------------------------------------------------------
+
+    def _halves(self) -> list[int]:
+        """The offsets of the journal's halves (one for the "journal" layout, two for "journal-pair")."""
+        rot = self._rot()
+        length = hdr.rotation_journal_length(rot["journal_slots"])
+        return [rot["journal_offset"] + k * length for k in range(hdr.JOURNAL_HALVES[rot["resilience"]])]
+
     # --- recovery ----------------------------------------------------------------------------------------
 
     def restorable(self) -> dict[int, bytes]:
-        """The torn slots of the journalled batch and the old bytes to restore for each: every slot of an
-        authentic descriptor's range that authenticates under neither key, whose journal copy authenticates
-        under the OLD key for that very index."""
+        """The torn slots of the journalled batches and the old bytes to restore for each: every slot of an
+        authentic descriptor's range (in either half) that authenticates under neither key, whose journal copy
+        authenticates under the OLD key for that very index."""
         rot = self._rot()
-        jo, total = rot["journal_offset"], self.header.total_blocks
-        got = parse_descriptor(self._journal_key(), jo, self.storage.read(jo, DESC_SIZE), total)
-        if got is None:
-            return {}
-        first, count = got
-        journal = self.storage.read(jo + HEADER_SIZE, count * SLOT_SIZE)
-        live = self.storage.read(HEADER_SIZE + first * SLOT_SIZE, count * SLOT_SIZE)
-        if len(journal) < count * SLOT_SIZE or len(live) < count * SLOT_SIZE:
-            raise TruncatedVolumeError(path=self.path, msg="the rotation journal or its slots are cut short")
+        total = self.header.total_blocks
         cipher = self.io.cipher
         out: dict[int, bytes] = {}
-        for k in range(count):
-            o = k * SLOT_SIZE
-            index = first + k
-            if _authentic(cipher, live[o : o + SLOT_SIZE], index):
+        for jo in self._halves():
+            got = parse_descriptor(self._journal_key(), jo, self.storage.read(jo, DESC_SIZE), total)
+            if got is None:
                 continue
-            old = journal[o : o + SLOT_SIZE]
-            epoch = int.from_bytes(old[:2], "big")
-            if old == ZERO_SLOT or epoch > rot["old_epoch_max"] or not _authentic(cipher, old, index):
-                continue  # nothing trustworthy to restore: the slot stays bad (an error says so when read)
-            out[index] = old
+            first, count = got
+            journal = self.storage.read(jo + HEADER_SIZE, count * SLOT_SIZE)
+            live = self.storage.read(HEADER_SIZE + first * SLOT_SIZE, count * SLOT_SIZE)
+            if len(journal) < count * SLOT_SIZE or len(live) < count * SLOT_SIZE:
+                raise TruncatedVolumeError(path=self.path, msg="the rotation journal or its slots are cut short")
+            for k in range(count):
+                o = k * SLOT_SIZE
+                index = first + k
+                if index in out or _authentic(cipher, live[o : o + SLOT_SIZE], index):
+                    continue
+                old = journal[o : o + SLOT_SIZE]
+                epoch = int.from_bytes(old[:2], "big")
+                if old == ZERO_SLOT or epoch > rot["old_epoch_max"] or not _authentic(cipher, old, index):
+                    continue  # nothing trustworthy to restore: the slot stays bad (an error says so when read)
+                out[index] = old
         return out
 
     def recover(self) -> int:
-        """Restore the torn slots of the journalled batch (:meth:`restorable`), then clear the descriptor;
+        """Restore the torn slots of the journalled batches (:meth:`restorable`), then clear the descriptors;
         return how many were restored.  Called at a writable open, before any other I/O."""
         found = self.restorable()
         for index, old in found.items():
@@ -285,7 +299,8 @@ class Rotator:
             self.store.store(
                 replace(header, features={**header.features, hdr.ROTATION: dict(rot, progress=min(found))})
             )
-        self.storage.write(rot["journal_offset"], (bytes(DESC_SIZE),))
+        for jo in self._halves():
+            self.storage.write(jo, (bytes(DESC_SIZE),))
         self.storage.flush()
         return len(found)
 
@@ -305,48 +320,96 @@ class Rotator:
                 return s0, min(s1, s0 + limit)
         return None
 
-    def step(self, limit: int, set_header: Callable[[Header], None]) -> tuple[int, int, int]:
-        """Re-encrypt one batch of at most ``limit`` slots from the progress mark (holes skipped); return
-        ``(progress, slots rewritten, bytes of the file read)``."""
+    def step(self, limit: int, set_header: Callable[[Header], None], batches: int = 1) -> tuple[int, int, int]:
+        """Re-encrypt up to ``batches`` batches of at most ``limit`` slots each from the progress mark (holes
+        skipped); return ``(progress, slots rewritten, bytes of the file read)``.
+
+        With the journal pair, batch N+1 is journalled into the other half before batch N's slots are known
+        durable, and one fdatasync makes both durable (overlapping the re-sealing of N+1): one fdatasync per
+        batch instead of two.  A half is written only after the slots it last protected were made durable by
+        a later fdatasync.  On return every written slot is durable and every descriptor cleared (in the page
+        cache, as after a single batch): the caller may let guest I/O in."""
         rot = self._rot()
         total = self.header.total_blocks
         limit = max(1, min(limit, rot["journal_slots"]))
-        found = self.next_batch(rot["progress"], limit)
-        if found is None:
+        halves = self._halves()
+        pending: tuple[int, int] | None = None  # (half, stop) of a batch written back but not yet durable
+        pos = rot["progress"]  # where the next batch starts
+        exhausted = False
+        rewritten = nread = 0
+        try:
+            for _ in range(max(1, batches)):
+                found = self.next_batch(pos, limit)
+                if found is None:
+                    exhausted = True
+                    break
+                first, stop = found
+                count = stop - first
+                buf = self.io.rotation_buffer(count)
+                got = self.storage.read_into(HEADER_SIZE + first * SLOT_SIZE, buf)
+                if got < len(buf):
+                    raise TruncatedVolumeError(
+                        path=self.path, msg=f"slot {first + got // SLOT_SIZE} is past end of file"
+                    )
+                nread += len(buf)
+                old_max = rot["old_epoch_max"]
+                raw = buf.obj  # the bytearray: its startswith() compares at memcmp speed, a memoryview would not
+                todo = [
+                    k
+                    for k in range(count)
+                    if (raw[k * SLOT_SIZE] << 8 | raw[k * SLOT_SIZE + 1]) <= old_max
+                    and not raw.startswith(ZERO_SLOT, k * SLOT_SIZE)
+                ]
+                if not todo:
+                    if pending is not None:
+                        self._drain(pending, set_header)
+                        pending = None
+                    self._advance(stop, set_header)
+                    pos = stop
+                    continue
+                half = halves[self._next_half % len(halves)]
+                self._next_half += 1
+                self._journal_and_reseal(first, buf, todo, half)  # its fdatasync made `pending` durable too
+                if pending is not None:
+                    self._release(pending, set_header)
+                self.storage.write(HEADER_SIZE + (first + todo[0]) * SLOT_SIZE, (self._span(buf, todo),))
+                self.rewritten += len(todo)
+                rewritten += len(todo)
+                pending = (half, stop)
+                pos = stop
+                if len(halves) == 1:  # one half: it may be written again only once these slots are durable
+                    self._drain(pending, set_header)
+                    pending = None
+        except BaseException:
+            # A batch that fails to authenticate (or an I/O error) must not leave the previous one pending: the
+            # caller may go on writing to the volume, and an active descriptor over durable guest writes could
+            # roll a torn one back past a flush.  The first error is the one raised.
+            if pending is not None:
+                with contextlib.suppress(Exception):
+                    self._drain(pending, set_header)
+            raise
+        if pending is not None:
+            self._drain(pending, set_header)
+        if exhausted:
             self._set_progress(total, set_header, force=True)
-            return total, 0, 0
-        first, stop = found
-        count = stop - first
-        buf = self.io.rotation_buffer(count)
-        got = self.storage.read_into(HEADER_SIZE + first * SLOT_SIZE, buf)
-        if got < len(buf):
-            raise TruncatedVolumeError(path=self.path, msg=f"slot {first + got // SLOT_SIZE} is past end of file")
-        old_max = rot["old_epoch_max"]
-        raw = buf.obj  # the bytearray: its startswith() compares at memcmp speed, a memoryview would not
-        todo = [
-            k
-            for k in range(count)
-            if (raw[k * SLOT_SIZE] << 8 | raw[k * SLOT_SIZE + 1]) <= old_max
-            and not raw.startswith(ZERO_SLOT, k * SLOT_SIZE)
-        ]
-        if todo:
-            self._rewrite(first, buf, todo)
-        self.batches_since_commit += 1
-        self._set_progress(stop, set_header, force=self.batches_since_commit >= PROGRESS_EVERY)
-        return stop, len(todo), len(buf)
+        return self._rot()["progress"], rewritten, nread
 
-    def _rewrite(self, first: int, buf: memoryview, todo: list[int]) -> None:
-        """Journal, re-seal, write back: the crash-safe core (see the module docstring for the order)."""
-        lo, hi = todo[0], todo[-1] + 1  # only the part that changes goes to the journal and back
-        region = buf[lo * SLOT_SIZE : hi * SLOT_SIZE]
+    @staticmethod
+    def _span(buf: memoryview, todo: list[int]) -> memoryview:
+        """The part of a batch that changes (from its first to its last slot to rewrite)."""
+        return buf[todo[0] * SLOT_SIZE : (todo[-1] + 1) * SLOT_SIZE]
+
+    def _journal_and_reseal(self, first: int, buf: memoryview, todo: list[int], jo: int) -> None:
+        """Copy the span into the journal half at ``jo`` behind its descriptor, make it durable (with every
+        write before it), and re-seal the batch in memory meanwhile."""
+        lo, hi = todo[0], todo[-1] + 1
         storage = self.storage
-        jo = self._rot()["journal_offset"]
         desc = descriptor(self._journal_key(), jo, first + lo, hi - lo)
         pad = bytes(HEADER_SIZE - len(desc))
         grants = self._take_budget(len(todo))  # may commit the header: before the flush thread starts
-        storage.write(jo, (desc, pad, region))
-        # The journal's fdatasync runs in a helper thread while the batch is re-sealed in memory (both release
-        # the GIL); it has returned before any slot of the batch is touched.
+        storage.write(jo, (desc, pad, self._span(buf, todo)))
+        # The fdatasync runs in a helper thread while the batch is re-sealed in memory (both release the GIL);
+        # it has returned before any slot of the batch is touched.
         synced = _executor().submit(storage.flush) if len(todo) >= PARALLEL_MIN else None
         if synced is None:
             storage.flush()
@@ -354,14 +417,26 @@ class Rotator:
             self._reseal(first, buf, todo, grants)
         finally:
             if synced is not None:
-                synced.result()  # the journal is durable (or its error is raised) before the write below
+                synced.result()  # the journal is durable (or its error is raised) before the write back
         self.journalled += hi - lo
-        storage.write(HEADER_SIZE + (first + lo) * SLOT_SIZE, (region,))
-        storage.flush()  # the batch is durable under the new key before the journal is let go
-        self.rewritten += len(todo)
-        # Cleared without a flush: the next guest flush (or the next batch's) makes it durable; until then a
-        # torn guest write to this range could only be rolled back to the content this batch made durable.
-        storage.write(jo, (bytes(DESC_SIZE),))
+
+    def _release(self, pending: tuple[int, int], set_header: Callable[[Header], None]) -> None:
+        """A written-back batch is durable: clear its descriptor and move the mark past it.  The clear is not
+        flushed: the next flush of anything makes it durable; until then a torn guest write to its range
+        could only be rolled back to the content the batch made durable."""
+        jo, stop = pending
+        self.storage.write(jo, (bytes(DESC_SIZE),))
+        self._advance(stop, set_header)
+
+    def _drain(self, pending: tuple[int, int], set_header: Callable[[Header], None]) -> None:
+        """Make a written-back batch durable, then release it."""
+        self.storage.flush()  # the batch is durable under the new key before its journal is let go
+        self._release(pending, set_header)
+
+    def _advance(self, stop: int, set_header: Callable[[Header], None]) -> None:
+        """Move the mark to ``stop`` (every slot below it is durable under the new key or empty)."""
+        self.batches_since_commit += 1
+        self._set_progress(stop, set_header, force=self.batches_since_commit >= PROGRESS_EVERY)
 
     def _take_budget(self, n: int) -> list[tuple[int, int]]:
         """Reserve ``n`` encryptions in the nonce budget: ``[(epoch, count), ...]`` (more than one part when an

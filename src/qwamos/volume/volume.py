@@ -902,12 +902,15 @@ class PQCVolume:
         done = start_progress
         read_bytes = 0
         finished = False
+        # Without a rate limit (offline) a few batches per lock hold, pipelined over the journal pair; with
+        # one (a served volume) one batch, so that guest I/O waits for one batch at most.
+        batches = 1 if rate else rotation.PIPELINE_BATCHES
         while True:
             if stop is not None and stop():
                 break
             with self._guard:
                 _, header = self._writable()
-                done, _, nbytes = self._rotator_for(header).step(batch, self._set_header)
+                done, _, nbytes = self._rotator_for(header).step(batch, self._set_header, batches)
             read_bytes += nbytes
             if progress is not None:
                 progress(done, total)
