@@ -222,8 +222,19 @@ def test_a_different_target_is_refused_mid_chain_and_served_chains_are_refused(t
     want = build(path, keys, seed=4)
     new_id, _ = keys.new_volume_key("vm", "disk")
     other, _ = keys.new_volume_key("vm", "disk")
+    # only the layer of s2 done, the one off the current path (the branch left by the revert): the view's
+    # layers all agree, and still the chain is refused to an export
+    with open_chain(path, keys, read_only=True) as c:
+        s2 = layer_dir(path) / f"{c.table.snapshots['s2'].layer}.qvol"
+        assert str(s2) not in {v.path for v in c.layers}
+    with PQCVolume(s2, keystore=keys, layer=True) as v:
+        assert v.reencrypt(new_id, batch=8)["finished"]
+    with pytest.raises(SnapshotError, match=f"qwamos volume reencrypt {path}"):
+        unlock_key(path, keys)
     # what a kill between layers leaves: every frozen layer done, the top not begun
     for f in chain_files(path, keys)[1:]:
+        if f["path"] == str(s2):
+            continue
         with PQCVolume(f["path"], keystore=keys, layer=True) as v:
             assert v.reencrypt(new_id, batch=8)["finished"]
     st = chain_state(path, keys)
