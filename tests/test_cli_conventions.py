@@ -111,6 +111,7 @@ def _cases(w: World) -> list[tuple[list[str], str, int]]:
         (["volume", "repair", vol, "--dry-run"], "", 0),
         (["volume", "repair", vol, "--dry-run", "--json"], "json", 0),
         (["volume", "dump-header", vol], "text", 0),
+        (["volume", "reencrypt", vol, "--dry-run"], "text", 0),  # a dry-run plan is data
         (["volume", "dump-header", vol, "--json"], "json", 0),
         (["key", "identity"], "text", 0),
         (["key", "identity", "--json"], "json", 0),

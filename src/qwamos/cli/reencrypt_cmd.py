@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
-from qwamos.cli.output import Progress, add_json_option, decorated, emit_json, message
+from qwamos.cli.output import Progress, add_json_option, decorated, emit_json, message, print_data
 from qwamos.errors import InvalidArgument, QwamosError, RotationError, VolumeLockedError
 from qwamos.hypervisor.sizes import format_size, parse_size
 from qwamos.volume import PQCVolume
@@ -348,8 +348,9 @@ def _report_plan(args: argparse.Namespace, plan: dict[str, Any]) -> int:
     if args.json:
         emit_json(dict(plan, dry_run=True))
         return 0
-    what = "resume the rotation" if plan["resume"] else "re-encrypt"
-    message(f"Would {what} of {plan['path']} ({plan['mode']}): key {plan['key_id']} -> {plan['new_key_id']}")
+    # the plan is what --dry-run is run for: data on stdout (docs/cli-conventions.md), as migrate --dry-run
+    what = "resume the rotation of" if plan["resume"] else "re-encrypt"
+    print_data(f"Would {what} {plan['path']} ({plan['mode']}): key {plan['key_id']} -> {plan['new_key_id']}")
     size = format_size(plan["size"]) if plan["size"] else "?"
-    message(f"   {plan['total_blocks']} blocks ({size}), {plan['progress']} done")
+    print_data(f"   {plan['total_blocks']} blocks ({size}), {plan['progress']} done")
     return 0
