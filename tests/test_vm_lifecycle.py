@@ -59,7 +59,9 @@ def test_create_refuses_a_missing_boot_file_and_writes_nothing(root, tmp_path, m
 
 
 def test_create_without_a_kernel_is_refused(root, capsys):
-    assert _create(root, "v") == 2
+    with pytest.raises(SystemExit) as refused:  # --kernel is a required option: a usage error, exit 2
+        _create(root, "v")
+    assert refused.value.code == 2
     assert "kernel" in capsys.readouterr().err
     assert not (root / "vms" / "v").exists()
 
