@@ -250,3 +250,19 @@ def test_chunk_record_is_bound_to_its_id_and_repository(setup, ks):
         forged = fmt.Codec(repo.keys)
         with pytest.raises(RepositoryCorruptError, match="does not match its id"):
             forged.open(idb, forged.seal(idb, a), 4096, "r")
+
+
+@pytest.mark.parametrize("bad_id", ["zz" * 32, "ab" * 31, "AB" * 32, 7, None])
+def test_archive_with_a_malformed_chunk_id_is_refused(setup, ks, bad_id):
+    """Shape check of an authenticated archive (a bug or a future version): a chunk id that is not 64
+    lowercase hex characters is refused, also in an extent after valid extents of other chunks (the check
+    remembers ids it has seen; a malformed one must never be among them)."""
+    with Repository(setup, ks).open(exclusive=True) as repo:
+        entry = repo.find("incr")
+        doc = repo.load_archive(entry)
+        assert len(doc["extents"]) >= 2
+        doc["extents"][-1][2] = bad_id
+        doc["id"] = entry["id"]
+        written = repo.store_archive(doc)  # the archive file replaced, sealed with the repository's own keys
+        with pytest.raises(RepositoryCorruptError, match="extents out of order or out of range"):
+            repo.load_archive({**entry, "sha256": written["sha256"]})

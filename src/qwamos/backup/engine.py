@@ -16,7 +16,6 @@ replaced) reads every allocated block: never a silently incomplete backup.
 
 from __future__ import annotations
 
-import bisect
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -138,22 +137,30 @@ def nonzero_runs(data: bytes, count: int) -> Iterator[tuple[int, int]]:
 
 
 def overlay(parent: list[list[Any]], runs: list[tuple[int, int]], fresh: list[list[Any]]) -> list[list[Any]]:
-    """The parent's extents with every block of ``runs`` (sorted, disjoint) cut out, plus ``fresh``."""
-    starts = [r[0] for r in runs]
+    """The parent's extents with every block of ``runs`` (sorted, disjoint) cut out, plus ``fresh``.
+
+    One merge pass over both sorted lists (the parent's extents are in block order and disjoint, checked when
+    the archive was loaded): an incremental's cost stays linear in the parent's map, which grows with every
+    incremental's fragmentation, with no per-extent search."""
     out: list[list[Any]] = []
+    i, nruns = 0, len(runs)
     for first, count, cid, skip in parent:
         end = first + count
-        pos = first
-        i = max(0, bisect.bisect_right(starts, first) - 1)
+        while i < nruns and runs[i][0] + runs[i][1] <= first:
+            i += 1  # runs wholly before this extent are before every later one too
+        if i >= nruns or runs[i][0] >= end:
+            out.append([first, count, cid, skip])  # untouched: the common case
+            continue
+        pos, j = first, i
         while pos < end:
-            while i < len(runs) and runs[i][0] + runs[i][1] <= pos:
-                i += 1
-            if i >= len(runs) or runs[i][0] >= end:
+            while j < nruns and runs[j][0] + runs[j][1] <= pos:
+                j += 1
+            if j >= nruns or runs[j][0] >= end:
                 out.append([pos, end - pos, cid, skip + pos - first])
                 break
-            if runs[i][0] > pos:
-                out.append([pos, runs[i][0] - pos, cid, skip + pos - first])
-            pos = runs[i][0] + runs[i][1]
+            if runs[j][0] > pos:
+                out.append([pos, runs[j][0] - pos, cid, skip + pos - first])
+            pos = runs[j][0] + runs[j][1]
     out.extend(fresh)
     out.sort(key=lambda e: e[0])
     return out

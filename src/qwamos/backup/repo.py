@@ -517,6 +517,7 @@ def _check_archive(doc: dict[str, Any], entry: dict[str, Any], repo: str) -> Non
     if not isinstance(exts, list):
         raise bad("malformed extents")
     pos = 0
+    ids: set[str] = set()  # chunk ids already checked: extents of one chunk repeat its id (many, once fragmented)
     for e in exts:
         if (
             not isinstance(e, list)
@@ -524,7 +525,8 @@ def _check_archive(doc: dict[str, Any], entry: dict[str, Any], repo: str) -> Non
             or type(e[0]) is not int
             or type(e[1]) is not int
             or type(e[3]) is not int
-            or not _is_hex(e[2], 64)
+            or type(e[2]) is not str
+            or (e[2] not in ids and not _is_hex(e[2], 64))
             or e[0] < pos
             or e[1] < 1
             or e[3] < 0
@@ -532,6 +534,7 @@ def _check_archive(doc: dict[str, Any], entry: dict[str, Any], repo: str) -> Non
             or e[0] + e[1] > total
         ):
             raise bad("extents out of order or out of range")
+        ids.add(e[2])
         pos = e[0] + e[1]
 
 
