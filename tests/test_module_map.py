@@ -25,6 +25,7 @@ MAP: dict[str, list[str]] = {
     "cli.backup_cmd": ["test_backup.py"],
     "nbd.backup_control": ["test_backup_vm.py"],
     "blockdev": ["test_nbd_server.py", "test_volume_roundtrip.py"],
+    "cli.completion_cmd": ["test_shell_files.py"],
     "cli.export_cmd": ["test_nbd_control_live.py"],
     "cli.grant_cmd": ["test_key_grants.py"],
     "cli.key_cmd": ["test_key_cli.py", "test_key_rotate.py", "test_key_rotation_states.py"],

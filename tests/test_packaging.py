@@ -150,6 +150,55 @@ def test_wheel_holds_the_package_and_the_entry_point(dists):
     assert re.search(r"^Requires-Dist: cryptography", metadata, re.M)
 
 
+# Where the wheel's data files land under the environment's prefix (pip into a venv; pipx >= 1.4 then links
+# the man page into ~/.local/share/man), and a word each must hold.
+WHEEL_SHARE = {
+    "share/man/man1/qwamos.1": ".TH QWAMOS",
+    "share/bash-completion/completions/qwamos": "_shtab_qwamos",
+    "share/zsh/site-functions/_qwamos": "#compdef qwamos",
+}
+
+
+def test_wheel_ships_man_page_and_completions(dists):
+    """Generated from the parser at build time (setup.py), so every command is in them."""
+    wheel, _ = dists
+    with zipfile.ZipFile(wheel) as z:
+        data = {n.split(".data/data/", 1)[1]: n for n in z.namelist() if ".data/data/" in n}
+        assert set(WHEEL_SHARE) <= set(data), sorted(data)
+        for path, marker in WHEEL_SHARE.items():
+            text = z.read(data[path]).decode()
+            assert marker in text, path
+            assert "domxml" in text and "autostart" in text and "completion" in text, path
+
+
+def test_wheel_in_a_venv_puts_shell_files_under_share(dists, tmp_path):
+    """A real install of the wheel into a throw-away venv (what pipx does): the files are under its share/."""
+    wheel, _ = dists
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin/python"),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    for path, marker in WHEEL_SHARE.items():
+        installed = venv / path
+        assert installed.is_file(), path
+        assert marker in installed.read_text(encoding="utf-8"), path
+
+
 def test_sdist_holds_sources_and_build_config(dists):
     _, sdist = dists
     with tarfile.open(sdist) as t:

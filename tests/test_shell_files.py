@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,33 @@ def test_make_install_places_man_page_and_completions(tmp_path):
         assert installed.is_file(), path
         assert installed.stat().st_mode & 0o777 == 0o644
         assert "domxml" in installed.read_text(encoding="utf-8")
+
+
+# --- `qwamos completion SHELL`: the same script, for installs without a source tree (pipx) ---------------
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_command_prints_the_generated_script(generated, shell):
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwamos.cli.main", "completion", shell],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout == generated[shell].read_text(encoding="utf-8")
+
+
+def test_completion_command_script_completes_in_bash(tmp_path):
+    if shutil.which("bash") is None:
+        pytest.skip("bash missing")
+    script = tmp_path / "qwamos"
+    with script.open("w", encoding="utf-8") as f:
+        subprocess.run(
+            [sys.executable, "-m", "qwamos.cli.main", "completion", "bash"], stdout=f, check=True, timeout=120
+        )
+    # Every group, even though this run of qwamos only imported the `completion` group's module.
+    assert set(_bash_complete(script, ["qwamos", ""])) >= set(TOP)
+    assert "domxml" in _bash_complete(script, ["qwamos", "vm", "dom"])

@@ -33,6 +33,7 @@ COMMAND_GROUPS = {
     "migrate": "migrate_cmd",
     "tls": "tls_cmd",
     "backup": "backup_cmd",
+    "completion": "completion_cmd",
 }
 COMMAND_MODULES = tuple(COMMAND_GROUPS.values())
 
