@@ -30,7 +30,14 @@ from qwamos.cli.output import (
     symbol,
     warn,
 )
-from qwamos.errors import IdentityNotFoundError, InvalidArgument, KeyExistsError, KeyNotFoundError, QwamosError
+from qwamos.errors import (
+    IdentityNotFoundError,
+    InvalidArgument,
+    KeyExistsError,
+    KeyNotFoundError,
+    KeyStateError,
+    QwamosError,
+)
 from qwamos.keystore import PQCKeystore, read_passphrase
 from qwamos.keystore.files import read_bounded, write_private
 
@@ -535,6 +542,18 @@ def _rotate_one(args: argparse.Namespace, ks: PQCKeystore, manager: Any, key_id:
     plan = rot.plan()
     if args.dry_run:
         return {"dry_run": True, **plan.to_dict()}
+    if plan.unused:  # nothing to re-encrypt: no successor is made; the key is only ended, after asking
+        end = "retire" if args.keep_old else "destroy"
+        message(f"{key_id}: no volume uses it: nothing to re-encrypt, no successor is made")
+        files = [str(p) for p in ks.key_files(key_id)]
+        if not confirm(
+            f"{end.capitalize()} key {key_id}?",
+            yes=args.yes,
+            action=f"{end} the unused key {key_id}",
+            details=[f"would overwrite and remove {f}" for f in files] if end == "destroy" else None,
+        ):
+            raise KeyStateError(key_id=key_id, state=plan.state, msg="not confirmed; nothing was changed")
+        return rot.run(plan)
     if not args.json:
         _print_plan(plan)
     accept = False
@@ -565,6 +584,9 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         results = []
         failed = 0
         for row in due:
+            if _unused(ks, manager, row):  # rotating it would only make a spare key: `key delete` ends it
+                results.append({"key_id": row["key_id"], "unused": True, "skipped": True, "dry_run": args.dry_run})
+                continue
             if args.dry_run:
                 results.append({"dry_run": True, "key_id": row["key_id"], "next_due": row["next_due"]})
                 continue
@@ -586,8 +608,28 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unused(ks: PQCKeystore, manager: Any, row: dict[str, Any]) -> bool:
+    """True when the due key ``row`` is active and no volume uses it (``--due`` skips it)."""
+    from qwamos.hypervisor.keyrotation import KeyRotation
+
+    if row["state"] != "active":
+        return False
+    try:
+        return KeyRotation(ks, manager, row["key_id"]).plan().unused
+    except QwamosError:
+        return False  # rotating it says what is wrong
+
+
 def _print_rotate_result(r: dict[str, Any]) -> None:
+    if r.get("skipped"):
+        key = r["key_id"]
+        print_data(f"{key}: unused (no volume uses it): not rotated; end it with: qwamos key delete {key}")
+        return
     if r.get("dry_run"):
+        if r.get("unused"):
+            then = "retire" if r["then"] == "retire" else "destroy"
+            print_data(f"{r['old_key_id']}: unused (no volume uses it): no successor; would {then} it")
+            return
         if "volumes" in r:
             print_data(f"{r['old_key_id']} -> {r['new_key_id'] or '(new)'}: {len(r['volumes'])} volume(s)")
             for t in r["volumes"]:
@@ -599,7 +641,8 @@ def _print_rotate_result(r: dict[str, Any]) -> None:
         return
     if "error" in r:
         return
-    print_data(r["new_key_id"])
+    if r.get("new_key_id"):
+        print_data(r["new_key_id"])
     if "destroyed" in r:
         d = r["destroyed"]
         message(

@@ -4,7 +4,8 @@ Thin over :meth:`qwamos.volume.PQCVolume.reencrypt` (a volume nobody serves) and
 :func:`qwamos.nbd.rotation.reencrypt_served` (a served volume, or a running VM's disk: the export does the
 work in the background while guests keep using it).  The new key comes from the keystore: a fresh one for
 the volume, ``--key-id`` for one made before, or the target of the rotation already in progress (resumed).
-The old key stays in the keystore (``qwamos key rotate`` retires keys once every volume has moved).
+Afterwards the volume's usage record names the new key; an old key no other volume uses is retired (kept,
+never destroyed here: ``qwamos key delete`` ends it), one still used stays active (its users are named).
 """
 
 from __future__ import annotations
@@ -150,6 +151,24 @@ def _after(args: argparse.Namespace, volume: str, old: str, new: str) -> None:
         warn(f"the VM configs naming key {old} for {volume} were not updated ({e}); `qwamos key rotate` does it")
 
 
+def _settle(ks: Any, volume: str, volume_uuid: str, vm_name: str, old: str, new: str) -> None:
+    """Move the volume's usage record to ``new``; retire ``old`` if nothing else uses it, else name its users."""
+    from qwamos.keystore.keystore import describe_users
+    from qwamos.storage import absolute_location
+
+    settle = getattr(ks, "settle_after_reencrypt", None)
+    if settle is None or old == new:
+        return
+    live = settle(old, new, absolute_location(volume), volume_uuid, vm_name)
+    if live:
+        message(f"   The old key {old} stays active: still used by {describe_users(live)}.")
+    elif ks.has_key(old) and ks.key_state(old)[0] == "retired":
+        message(
+            f"   The old key {old} is now retired (superseded by {new}; kept for copies made before). "
+            f"Destroy it with: qwamos key delete {old}"
+        )
+
+
 def _target(args: argparse.Namespace, current_key: str, state: dict[str, Any] | None) -> str | None:
     """The new key's ID: the rotation in progress's, ``--key-id``, or None (make one)."""
     if state is not None:
@@ -209,7 +228,9 @@ def _offline(args: argparse.Namespace, ks: Any, vol: PQCVolume, rate: int | None
             sys.stderr,
         )
     )
-    message(f"   The old key {out['old_key_id']} opens nothing in it any more; it is still in the keystore.")
+    message(f"   The old key {out['old_key_id']} opens nothing in it any more.")
+    if out.get("finished", True):
+        _settle(ks, vol.path, str(vol.header.volume_uuid), vol.header.vm_name, out["old_key_id"], new_id)
     return 0
 
 
@@ -264,7 +285,9 @@ def _offline_chain(args: argparse.Namespace, ks: Any, rate: int | None) -> int:
     )
     for orphan in out["orphans_removed"]:
         message(f"   removed {orphan}: a layer file its snapshot table no longer lists (an interrupted merge)")
-    message(f"   The old key {out['old_key_id']} opens nothing in them any more; it is still in the keystore.")
+    message(f"   The old key {out['old_key_id']} opens nothing in them any more.")
+    top = st["files"][0]["path"]
+    _settle(ks, str(top), str(st["volume_uuid"]), _header_names(top)[0], out["old_key_id"], new_id)
     return 0
 
 
@@ -333,6 +356,7 @@ def _online(args: argparse.Namespace, ks: Any, ctl: Path, rate: int | None) -> i
         message(f"   qwamos export status --control {ctl}")
     else:
         message(decorated("ok", f"{args.path}: re-encrypted under key {new_id} by its export", sys.stderr))
+        _settle(ks, served["path"], served["uuid"], header["vm_name"], info["key_id"], new_id)
     return 0
 
 

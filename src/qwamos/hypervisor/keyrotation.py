@@ -179,6 +179,17 @@ class Plan:
     def problems(self) -> list[Target]:
         return [t for t in self.targets if t.status == PROBLEM]
 
+    @property
+    def unused(self) -> bool:
+        """An active key that no volume uses (every record stale or none, no VM config names it): there is
+        nothing to re-encrypt, so rotating it makes no successor and only ends it."""
+        return (
+            self.state == "active"
+            and self.new_key_id is None
+            and not self.configs
+            and all(t.status == NOT_A_USER for t in self.targets)
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "old_key_id": self.old_key_id,
@@ -187,6 +198,7 @@ class Plan:
             "volumes": [t.to_dict() for t in self.targets],
             "vm_configs": self.configs,
             "then": "retire" if self.keep_old else "destroy",
+            "unused": self.unused,
             "problems": [t.to_dict() for t in self.problems],
         }
 
@@ -412,6 +424,8 @@ class KeyRotation:
                 "vm_configs": [],
                 "destroyed": destroyed,
             }
+        if plan.unused:
+            return self._end_unused(plan)
         new = self.ks.rotate_key(self.old)
         self.events({"event": "successor", "old_key_id": self.old, "new_key_id": new})
         result: dict[str, Any] = {"old_key_id": self.old, "new_key_id": new, "volumes": [], "vm_configs": []}
@@ -463,6 +477,29 @@ class KeyRotation:
                 "destroyed_at": done["destroyed_at"],
             }
             self.events({"event": "destroyed", **result["destroyed"]})
+        return result
+
+    def _end_unused(self, plan: Plan) -> dict[str, Any]:
+        """A key nothing uses: drop its stale records and destroy it (``keep_old``: retire it); no successor."""
+        self.events({"event": "unused", "key_id": self.old})
+        for t in plan.targets:
+            for rec in t.record_paths:
+                self.ks.forget_volume_use(self.old, rec, t.volume_uuid)
+        result: dict[str, Any] = {
+            "old_key_id": self.old,
+            "new_key_id": None,
+            "unused": True,
+            "volumes": [],
+            "vm_configs": [],
+        }
+        self.ks.retire_unused(self.old)
+        if self.keep_old:
+            result["retired"] = self.old
+            self.events({"event": "retired", "key_id": self.old})
+            return result
+        done = self.ks.destroy_key(self.old, reason="unused")
+        result["destroyed"] = {"key_id": self.old, "files": done["files"], "destroyed_at": done["destroyed_at"]}
+        self.events({"event": "destroyed", **result["destroyed"]})
         return result
 
     def _reencrypt(self, t: Target, new: str, *, detach: bool) -> dict[str, Any] | None:

@@ -847,6 +847,34 @@ class PQCKeystore:
         self.record_volume_use(new_id, volume_path, volume_uuid, vm_name)
         self.forget_volume_use(old_id, volume_path, volume_uuid)
 
+    def settle_after_reencrypt(
+        self, old_id: str, new_id: str, volume_path: str, volume_uuid: str, vm_name: str
+    ) -> list[dict[str, Any]]:
+        """After one volume (``volume reencrypt``) moved from ``old_id`` to ``new_id``: move its usage record,
+        then, if ``old_id`` is still ``active`` and no live volume uses it any more, mark it superseded by
+        ``new_id`` and ``retired`` (kept, never destroyed here: a copy made before may need it; ``key delete``
+        ends it).  A key already superseded belongs to a ``key rotate`` in progress and is left to it.
+        Returns the old key's remaining live users (then it stays active)."""
+        self.move_volume_use(old_id, new_id, volume_path, volume_uuid, vm_name)
+        if not self.has_key(old_id):
+            return []
+        live = self._live_users(old_id)
+        if not live and self.key_state(old_id)[0] == ACTIVE:
+            self._set_state(old_id, state=SUPERSEDED, successor=new_id)  # the documented order of states
+            self._set_state(old_id, state=RETIRED, successor=new_id)
+        return live
+
+    def retire_unused(self, key_id: str) -> None:
+        """``active`` -> ``retired`` without a successor, for a key no live volume uses (``key rotate`` of an
+        unused key with ``--keep-old``: there is nothing to re-encrypt, so no successor is made).  Refused
+        while live volumes use it (:class:`KeyInUseError`)."""
+        self._refuse_destroyed(key_id)
+        if not self.has_key(key_id):
+            raise KeyNotFoundError(key_id=key_id, keystore=str(self.path))
+        self.check_not_in_use(key_id)
+        if self.key_state(key_id)[0] != RETIRED:
+            self._set_state(key_id, state=RETIRED)
+
     def retire_key(self, key_id: str) -> None:
         """``superseded`` -> ``retired``: the key file stays (for copies made before the rotation, ``--keep-old``)
         but the key is never a rotation's source again.  Refused while live volumes still use it."""
