@@ -13,7 +13,7 @@ import processes
 from nbd_helpers import SERVE_CLI, wait_answers
 from qwamos.cli.main import main
 from qwamos.keystore import PQCKeystore
-from qwamos.volume import PQCVolume
+from qwamos.volume import PQCVolume, read_header
 
 SIZE = 1 << 20
 QWAMOS = [sys.executable, "-m", "qwamos.cli.main"]
@@ -134,3 +134,16 @@ def test_rotate_due_skips_unused_keys(qvol, capsys) -> None:
     store = PQCKeystore(ks)
     assert store.key_state(spare) == ("active", None) and store.key_state(used)[0] == "destroyed"
     assert key_ids(ks) == {spare, key_of(vol, ks)}  # one successor, for the used key only
+
+
+def test_chain_reencrypt_retires_the_old_key_of_every_layer(qvol, capsys) -> None:
+    vol, ks = qvol
+    old = key_of(vol, ks)
+    assert main(["volume", "snapshot", "create", str(vol), "s1", "--keystore", str(ks)]) == 0
+    capsys.readouterr()
+    assert main(["volume", "reencrypt", str(vol), "--keystore", str(ks)]) == 0
+    err = capsys.readouterr().err
+    store = PQCKeystore(ks)
+    new = read_header(str(vol))["key_id"]  # the top of a chain opens only through it
+    assert new != old and store.key_users(old) == []  # the frozen layer's record moved too
+    assert store.key_state(old) == ("retired", new) and f"qwamos key delete {old}" in err
