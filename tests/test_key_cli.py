@@ -111,15 +111,14 @@ def test_rotate_with_passphrase_fd(capsys: pytest.CaptureFixture[str], tmp_path:
     (old,) = seed(tmp_path / "ks", b"pw", "example")
     fd = pipe_with(b"pw")
     try:
-        rc, out, err = run(capsys, "key", "rotate", old, "--passphrase-fd", str(fd), "--json")
+        rc, out, err = run(capsys, "key", "rotate", old, "--passphrase-fd", str(fd), "--json", "--yes")
     finally:
         os.close(fd)
     assert rc == 0, err
     result = json.loads(out.splitlines()[-1])  # JSON lines: the events, then the result
-    new = result["new_key_id"]
-    assert new != old and result["destroyed"]["key_id"] == old  # no volume used it: destroyed at once
-    meta = PQCKeystore(tmp_path / "ks").get_metadata(new)
-    assert meta["rotation_count"] == 1 and meta["rotated_from"] == old
+    # no volume used it: nothing to re-encrypt, so no successor is made; it is destroyed (after --yes)
+    assert result["new_key_id"] is None and result["destroyed"]["key_id"] == old
+    assert PQCKeystore(tmp_path / "ks").list_keys() == []
 
 
 def test_rotate_wrong_and_missing_passphrase(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -545,6 +545,7 @@ def _rotate_one(args: argparse.Namespace, ks: PQCKeystore, manager: Any, key_id:
     if plan.unused:  # nothing to re-encrypt: no successor is made; the key is only ended, after asking
         end = "retire" if args.keep_old else "destroy"
         message(f"{key_id}: no volume uses it: nothing to re-encrypt, no successor is made")
+        ks.verify_key(key_id)  # a wrong or missing passphrase fails before anything is asked
         files = [str(p) for p in ks.key_files(key_id)]
         if not confirm(
             f"{end.capitalize()} key {key_id}?",

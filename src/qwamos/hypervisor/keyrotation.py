@@ -481,6 +481,7 @@ class KeyRotation:
 
     def _end_unused(self, plan: Plan) -> dict[str, Any]:
         """A key nothing uses: drop its stale records and destroy it (``keep_old``: retire it); no successor."""
+        self.ks.verify_key(self.old)  # its own key under this identity (a passphrase problem fails here)
         self.events({"event": "unused", "key_id": self.old})
         for t in plan.targets:
             for rec in t.record_paths:
