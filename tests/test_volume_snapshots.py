@@ -18,7 +18,7 @@ from nbd_helpers import SERVE, serving, uri
 from qwamos.errors import ReadOnlyVolumeError, SnapshotChainError, SnapshotError
 from qwamos.volume import PQCVolume, read_header
 from qwamos.volume.header import BLOCK_SIZE, SLOT_SIZE
-from qwamos.volume.snapshots import chain_files, layer_dir, layer_path, open_chain
+from qwamos.volume.snapshots import Table, chain_files, layer_dir, layer_path, open_chain
 
 SIZE = 4 << 20
 ODD = 40 * BLOCK_SIZE + 1000  # an odd-sized volume: the last block is partial
@@ -399,3 +399,75 @@ def test_served_rotation_and_resize_of_a_chain_are_refused(tmp_path, keys):
         with pytest.raises(SnapshotError, match="must change every layer of its chain"):
             c.resize(2 * ODD)
         assert c.size == ODD
+
+
+# --- after the last snapshot: a plain volume again (docs/qvol-format.md 2.5.4 "Delete") -------------------
+
+
+def test_deleting_the_last_snapshot_leaves_a_plain_resizable_volume(tmp_path, keys):
+    path = _new(tmp_path / "disk.qvol", keys)
+    with open_chain(path, keys) as c:
+        c.pwrite(0, b"A" * BLOCK_SIZE)
+        c.create("s")
+        c.pwrite(BLOCK_SIZE, b"B" * BLOCK_SIZE)
+    now = _view(path, keys)
+    with open_chain(path, keys) as c:
+        r = c.delete("s")
+        assert r["plain"] is True and c.table is None and c.list() == []
+    fields = read_header(path)
+    assert "snapshots" not in fields["features"]
+    assert not layer_dir(path).exists()
+    with PQCVolume(path, keystore=keys) as v:  # a plain volume: opened and resized as one
+        assert v.read_metadata("snapshots/table") is None
+        assert v.read(0, v.size) == now
+        v.resize(2 * ODD)
+    assert _view(path, keys)[:ODD] == now
+
+
+def test_a_volume_left_with_the_feature_is_made_plain_by_a_writable_open(tmp_path, keys):
+    """Volumes whose last snapshot was deleted by a version that kept the feature (and its empty table)."""
+    path = _new(tmp_path / "disk.qvol", keys)
+    with open_chain(path, keys) as c:
+        chain = c.chain
+    with PQCVolume(path, keystore=keys) as v:
+        spec = {"compat": "incompat", "chain": chain, "parent": None, "parent_freeze": None, "frozen": None}
+        v.set_feature("snapshots", spec)
+        v.write_metadata({"snapshots/table": Table(chain=chain).encode()}, sealed=True)
+    with open_chain(path, keys, read_only=True):
+        pass
+    assert "snapshots" in read_header(path)["features"]  # a read-only open changes nothing
+    with open_chain(path, keys) as c:
+        assert c.table is None
+    assert "snapshots" not in read_header(path)["features"]
+    with PQCVolume(path, keystore=keys) as v:
+        v.resize(2 * ODD)
+
+
+def test_cli_resize_after_last_snapshot_and_refusal_while_snapshots_exist(qvol):
+    vol, ks = qvol
+    assert _cli("volume", "snapshot", "create", str(vol), "s", ks=ks).returncode == 0
+    res = _cli("volume", "resize", str(vol), "+1M", ks=ks)
+    assert res.returncode == 11, res.stderr
+    assert "has snapshots" in res.stderr and "qwamos volume snapshot delete" in res.stderr
+    assert "qwamos.volume" not in res.stderr and "open_chain" not in res.stderr
+    assert _cli("volume", "snapshot", "delete", str(vol), "s", ks=ks).returncode == 0
+    res = _cli("volume", "resize", str(vol), "+1M", ks=ks)
+    assert res.returncode == 0, res.stderr
+    assert _cli("volume", "check", str(vol), ks=ks).returncode == 0
+
+
+def test_cli_online_resize_after_last_snapshot_and_refusal_while_snapshots_exist(qvol, short_dir):
+    vol, ksdir = qvol
+    sock = short_dir / "s"
+    ctl = Path(str(sock) + ".ctl")
+    with serving(vol, ksdir, sock):
+        res = _cli("volume", "snapshot", "create", str(vol), "live", "--control", str(ctl), ks=ksdir)
+        assert res.returncode == 0, res.stderr
+        res = _cli("volume", "resize", str(vol), "+1M", ks=ksdir)
+        assert res.returncode == 11, res.stderr
+        assert "has snapshots" in res.stderr and "qwamos.volume" not in res.stderr
+        res = _cli("volume", "snapshot", "delete", str(vol), "live", "--control", str(ctl), ks=ksdir)
+        assert res.returncode == 0, res.stderr
+        res = _cli("volume", "resize", str(vol), "+1M", ks=ksdir)
+        assert res.returncode == 0, res.stderr
+    assert "snapshots" not in read_header(vol)["features"]

@@ -139,6 +139,15 @@ class SnapshotChainError(HeaderCorruptError):
     exit_code = 12
 
 
+class ChainResizeError(VolumeError):
+    """{path} has snapshots{detail}, and a volume with snapshots is not resized: {msg}
+
+    Every layer of its chain would have to change size with it; the message says the way out.
+    """
+
+    exit_code = 11
+
+
 class SnapshotError(InvalidArgument):
     """{path}: {msg}"""
 

@@ -21,7 +21,7 @@ from qwamos.cli.output import (
     message,
     print_fields,
 )
-from qwamos.errors import TruncatedVolumeError, VolumeLockedError
+from qwamos.errors import ChainResizeError, TruncatedVolumeError, VolumeLockedError
 from qwamos.hypervisor.sizes import format_size, parse_new_size, parse_size
 from qwamos.hypervisor.vocab import ALGORITHMS, DEFAULT_ALGORITHM
 from qwamos.storage.rbd import with_options
@@ -196,14 +196,28 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+# What to do instead of resizing a volume with snapshots (every layer of its chain would have to change).
+RESIZE_WAY_OUT = (
+    "delete them first (qwamos volume snapshot list VOL, then qwamos volume snapshot delete VOL NAME), or "
+    "copy the volume without them (qwamos vm clone, or backup create + restore) and resize the copy"
+)
+
+
 def cmd_resize(args: argparse.Namespace) -> int:
+    from qwamos.volume.snapshots import open_chain
+
     args.path = volume_location(args)
     ks = open_keystore(args)
     try:
-        vol = PQCVolume(args.path, keystore=ks).open()
+        # through its chain: a volume whose last snapshot was deleted is made a plain volume again here
+        chain = open_chain(args.path, ks)
     except VolumeLockedError as locked:
         return _resize_served(args, locked)
-    with vol as v:
+    with chain:
+        if chain.table is not None or len(chain.layers) > 1:
+            count = len(chain.table.snapshots) if chain.table is not None else 0
+            raise ChainResizeError(RESIZE_WAY_OUT, path=str(args.path), detail=f" ({count})" if count else "")
+        v = chain.top
         new = parse_new_size(args.size, v.size)
         shrink = new < v.size
         if shrink and not confirm(
@@ -225,10 +239,13 @@ def _resize_served(args: argparse.Namespace, locked: VolumeLockedError) -> int:
     export of ours holds it."""
     from qwamos.nbd.control_client import ControlClient, read_status
     from qwamos.nbd.rotation import find_export
+    from qwamos.volume.snapshots import has_snapshots
 
     ctl = find_export(args.path)
     if ctl is None:
         raise locked
+    if has_snapshots(args.path):  # the export would refuse it too, in the control channel's words
+        raise ChainResizeError(RESIZE_WAY_OUT, path=str(args.path), detail="")
     current = int(read_status(ctl)["export"]["size"])
     new = parse_new_size(args.size, current)
     with ControlClient.connect(ctl) as client:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qwamos.errors import BlocksInUseError, ConfigError, QemuError, QwamosError, VMStateError
+from qwamos.errors import BlocksInUseError, ChainResizeError, ConfigError, QemuError, QwamosError, VMStateError
 from qwamos.hypervisor import layout
 from qwamos.storage import (
     is_rbd,
@@ -223,7 +223,15 @@ def plan_resize(mgr: VMManager, name: str, size: str) -> ResizePlan:
                 f"the VM's encrypted disk {disk} does not exist (start the VM once)", path=str(cfg.path)
             )
         from qwamos.volume import read_header
+        from qwamos.volume.snapshots import has_snapshots
 
+        if has_snapshots(disk):  # every layer of the chain would have to change size with it
+            raise ChainResizeError(
+                f"delete them first (qwamos vm snapshot list {name}, then qwamos vm snapshot delete {name} "
+                "SNAPSHOT), or clone the VM (qwamos vm clone) and resize the clone",
+                path=str(disk),
+                detail="",
+            )
         old, fmt = int(read_header(disk)["size_bytes"]), "qvol"
     else:
         disk, fmt = Path(cfg.disk_path).expanduser().absolute(), cfg.disk_format
@@ -247,10 +255,11 @@ def resize(mgr: VMManager, plan: ResizePlan, *, keystore: Any = None) -> ResizeP
     if plan.online:
         _resize_online(mgr, plan)
     elif plan.encrypted:
-        from qwamos.volume import PQCVolume
+        from qwamos.volume.snapshots import open_chain
 
-        with PQCVolume(plan.disk, keystore=keystore if keystore is not None else mgr._keystore()) as vol:
-            vol.resize(plan.new_size, allow_shrink=plan.shrink)
+        # through its chain: a volume whose last snapshot was deleted is made a plain volume again here
+        with open_chain(plan.disk, keystore if keystore is not None else mgr._keystore()) as chain:
+            chain.resize(plan.new_size, allow_shrink=plan.shrink)  # refused for a chain of several layers
     elif plan.new_size != plan.old_size:
         if plan.shrink:
             used = _image_data_after(plan.disk, plan.fmt, plan.new_size)

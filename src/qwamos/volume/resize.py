@@ -131,9 +131,10 @@ def resize(
     unknown = sorted(set(header.features) - RESIZE_SAFE_FEATURES)
     if hdr.SNAPSHOTS in unknown:  # say what it is and the way out, not "this version"
         raise InvalidArgument(
-            "the volume is (or was) part of a snapshot chain (the 'snapshots' header feature, kept after its "
-            "last snapshot is deleted), and a chain is not resized: its layers would all have to change. "
-            "Copy it into a new volume first (qwamos vm clone, or backup create + restore), then resize that"
+            "the volume is a layer of a snapshot chain (the 'snapshots' header feature), and a chain is not "
+            "resized: its layers would all have to change.  Delete its snapshots first (the last delete makes "
+            "it a plain volume again), or copy it into a new volume (qwamos vm clone, or backup create + "
+            "restore) and resize that"
         )
     if unknown:
         raise InvalidArgument(f"this version cannot resize a volume with the feature(s) {', '.join(unknown)}")
