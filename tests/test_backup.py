@@ -276,3 +276,32 @@ def test_backup_of_a_vm_volume_holes_and_all_zero_blocks_cost_nothing(tmp_path, 
     assert got["read_bytes"] <= 2 * MIB and got["data_bytes"] == 4096 and got["new_chunks"] == 1
     size = sum(f.stat().st_size for f in (tmp_path / "repo").rglob("*") if f.is_file())
     assert size < 64 * 1024
+
+
+def test_a_new_pack_is_durable_in_its_directory_before_the_manifest_names_it(tmp_path, ks, capsys, monkeypatch):
+    """A pack's bytes are fsynced, and so is the ``packs/`` directory entry: the manifest committed after it
+    names the pack, and a crash must not leave a manifest pointing at a file the directory lost."""
+    from qwamos import fsutil
+    from qwamos.backup import repo as repo_mod
+
+    vol = make_volume(tmp_path / "disk.qvol", ks)
+    events: list[str] = []
+    real_fsync_dir, real_atomic = fsutil.fsync_dir, fsutil.atomic_write
+
+    def spy_dir(path, *a, **kw):
+        events.append(f"fsync_dir {Path(path).name}")
+        return real_fsync_dir(path, *a, **kw)
+
+    def spy_atomic(path, *a, **kw):
+        events.append(f"write {Path(path).name}")
+        return real_atomic(path, *a, **kw)
+
+    monkeypatch.setattr(repo_mod.fsutil, "fsync_dir", spy_dir)
+    monkeypatch.setattr(repo_mod.fsutil, "atomic_write", spy_atomic)
+    rc, _out, err = run(capsys, "backup", "create", str(vol), "--repo", str(tmp_path / "repo"))
+    assert rc == 0, err
+    packs = os.listdir(tmp_path / "repo" / "packs")
+    assert packs
+    commits = [i for i, e in enumerate(events) if e == "write manifest"]
+    assert len(commits) >= 2, events  # the empty repository's manifest, then the one naming the pack
+    assert "fsync_dir packs" in events[commits[-2] : commits[-1]], events

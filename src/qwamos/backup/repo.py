@@ -106,6 +106,8 @@ class PackWriter:
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
+        # The manifest committed next names this pack: its directory entry must be as durable as its bytes.
+        fsutil.fsync_dir(self.path.parent)
         return {"size": self.size}
 
     def abort(self) -> None:
