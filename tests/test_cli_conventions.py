@@ -320,7 +320,7 @@ def test_tls_commands_take_the_serve_spelling_of_the_directory(world: World) -> 
 
 def test_resize_refusal_with_snapshots_says_why_and_what_to_do(world: World) -> None:
     """A volume with snapshots is not resized: the refusal names them and the way out (exit 11, no Python
-    names); once its last snapshot is deleted it is a plain volume again, and resizes."""
+    names); once its last snapshot is deleted it resizes (a one-layer chain keeps its identity)."""
     vol = str(world.tmp / "snapped.qvol")
     for argv in (["volume", "create", vol, "--size", "1M"], ["volume", "snapshot", "create", vol, "s"]):
         assert world.run(*argv).returncode == 0
@@ -328,7 +328,7 @@ def test_resize_refusal_with_snapshots_says_why_and_what_to_do(world: World) -> 
     assert res.returncode == 11 and "has snapshots (1)" in res.stderr and "vm clone" in res.stderr, res.stderr
     assert "snapshot delete" in res.stderr
     assert "this version" not in res.stderr and "qwamos.volume" not in res.stderr
-    assert world.run("volume", "snapshot", "delete", vol, "s").returncode == 0
+    assert world.run("volume", "snapshot", "delete", vol, "s", "--yes").returncode == 0
     res = world.run("volume", "resize", vol, "2M")
     assert res.returncode == 0, res.stderr
 

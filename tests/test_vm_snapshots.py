@@ -96,7 +96,7 @@ def test_snapshot_of_a_running_vm_then_revert_boots_the_old_state(root, mgr):
         qmp, "human-monitor-command", {"command-line": f'qemu-io -d {BACKEND} "write -P 0x5a 1M 4k"'}
     )
     assert "rror" not in str(said), said
-    res = _cli(root, "snapshot", "revert", "snap", "before")
+    res = _cli(root, "snapshot", "revert", "snap", "before", "--yes")
     assert res.returncode == 43 and "stop it first" in res.stderr  # not under a running guest
     res = _cli(root, "snapshot", "list", "snap", "--json")
     assert [s["name"] for s in json.loads(res.stdout)["snapshots"]] == ["before"]
@@ -107,7 +107,7 @@ def test_snapshot_of_a_running_vm_then_revert_boots_the_old_state(root, mgr):
     assert _marker(_boot(mgr, cfg, "write", "new-state")) is None  # and the guest writes more itself
     assert _marker(_boot(mgr, cfg, "read")) == "new-state"
 
-    res = _cli(root, "snapshot", "revert", "snap", "before")
+    res = _cli(root, "snapshot", "revert", "snap", "before", "--yes")
     assert res.returncode == 0, res.stderr
     assert _marker(_boot(mgr, cfg, "read")) == "old-state"  # the guest sees the state of the snapshot
 
@@ -116,7 +116,7 @@ def test_snapshot_of_a_running_vm_then_revert_boots_the_old_state(root, mgr):
     data = json.loads(_cli(root, "info", "snap", "--json").stdout)
     assert [s["name"] for s in data["snapshots"]["snapshots"]] == ["before"]
     assert isinstance(data["snapshots"]["snapshots"][0]["allocated_bytes"], int)
-    res = _cli(root, "snapshot", "delete", "snap", "before")
+    res = _cli(root, "snapshot", "delete", "snap", "before", "--yes")
     assert res.returncode == 0, res.stderr
     assert snapshots.run(mgr, "snap", "list")["snapshots"] == []
     assert _marker(_boot(mgr, cfg, "read")) == "old-state"

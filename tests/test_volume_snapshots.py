@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from nbd_helpers import SERVE, serving, uri
-from qwamos.errors import ReadOnlyVolumeError, SnapshotChainError, SnapshotError
+from qwamos.errors import InvalidArgument, ReadOnlyVolumeError, SnapshotChainError, SnapshotError
 from qwamos.volume import PQCVolume, read_header
 from qwamos.volume.header import BLOCK_SIZE, SLOT_SIZE
-from qwamos.volume.snapshots import Table, chain_files, layer_dir, layer_path, open_chain
+from qwamos.volume.snapshots import chain_files, chain_identity, layer_dir, layer_path, open_chain
 
 SIZE = 4 << 20
 ODD = 40 * BLOCK_SIZE + 1000  # an odd-sized volume: the last block is partial
@@ -330,12 +330,12 @@ def test_cli_create_list_revert_delete_and_info(qvol):
     assert [s["name"] for s in json.loads(res.stdout)["snapshots"]] == ["first", "second"]
     res = _cli("volume", "info", str(vol), ks=ks)
     assert "first" in res.stdout and "second" in res.stdout
-    assert _cli("volume", "snapshot", "revert", str(vol), "first", ks=ks).returncode == 0
-    res = _cli("volume", "snapshot", "delete", str(vol), "nope", ks=ks)
+    assert _cli("volume", "snapshot", "revert", str(vol), "first", "--yes", ks=ks).returncode == 0
+    res = _cli("volume", "snapshot", "delete", str(vol), "nope", "--yes", ks=ks)
     assert res.returncode == 2 and "no snapshot named 'nope'" in res.stderr
     res = _cli("volume", "snapshot", "create", str(vol), ks=ks)
     assert res.returncode == 2 and "needs a NAME" in res.stderr
-    assert _cli("volume", "snapshot", "delete", str(vol), "first", ks=ks).returncode == 0
+    assert _cli("volume", "snapshot", "delete", str(vol), "first", "--yes", ks=ks).returncode == 0
     assert _cli("volume", "check", str(vol), ks=ks).returncode == 0
 
 
@@ -359,12 +359,12 @@ def test_online_create_and_delete_through_a_running_export(qvol, short_dir):
         client.flush()
         res = _cli("volume", "snapshot", "list", str(vol), "--control", str(ctl), "--json", ks=ksdir)
         assert [s["name"] for s in json.loads(res.stdout)["snapshots"]] == ["live"]
-        res = _cli("volume", "snapshot", "revert", str(vol), "live", "--control", str(ctl), ks=ksdir)
+        res = _cli("volume", "snapshot", "revert", str(vol), "live", "--control", str(ctl), "--yes", ks=ksdir)
         assert res.returncode == 2 and "offline" in res.stderr
         res = _cli("volume", "snapshot", "create", str(vol), "second", "--control", str(ctl), ks=ksdir)
         assert res.returncode == 0, res.stderr
         client.write(BLOCK_SIZE, b"3" * BLOCK_SIZE)
-        res = _cli("volume", "snapshot", "delete", str(vol), "live", "--control", str(ctl), ks=ksdir)
+        res = _cli("volume", "snapshot", "delete", str(vol), "live", "--control", str(ctl), "--yes", ks=ksdir)
         assert res.returncode == 0, res.stderr
         assert client.read(0, 2 * BLOCK_SIZE) == b"2" * BLOCK_SIZE + b"3" * BLOCK_SIZE
         client.disconnect()
@@ -401,46 +401,37 @@ def test_served_rotation_and_resize_of_a_chain_are_refused(tmp_path, keys):
         assert c.size == ODD
 
 
-# --- after the last snapshot: a plain volume again (docs/qvol-format.md 2.5.4 "Delete") -------------------
+# --- after the last snapshot: a one-layer chain, resized like a plain volume (qvol-format 2.5.4, 2.8) ------
 
 
-def test_deleting_the_last_snapshot_leaves_a_plain_resizable_volume(tmp_path, keys):
+def test_after_the_last_snapshot_the_volume_resizes_and_keeps_its_identity(tmp_path, keys):
     path = _new(tmp_path / "disk.qvol", keys)
     with open_chain(path, keys) as c:
+        chain = c.chain  # what a VM is bound to (chain_identity): must survive the delete
         c.pwrite(0, b"A" * BLOCK_SIZE)
         c.create("s")
         c.pwrite(BLOCK_SIZE, b"B" * BLOCK_SIZE)
+        with pytest.raises(SnapshotError, match="must change every layer of its chain"):
+            c.resize(2 * ODD)
     now = _view(path, keys)
     with open_chain(path, keys) as c:
-        r = c.delete("s")
-        assert r["plain"] is True and c.table is None and c.list() == []
-    fields = read_header(path)
-    assert "snapshots" not in fields["features"]
-    assert not layer_dir(path).exists()
-    with PQCVolume(path, keystore=keys) as v:  # a plain volume: opened and resized as one
-        assert v.read_metadata("snapshots/table") is None
-        assert v.read(0, v.size) == now
-        v.resize(2 * ODD)
-    assert _view(path, keys)[:ODD] == now
+        c.delete("s")
+        assert c.list() == [] and len(c.layers) == 1
+        c.resize(2 * ODD)  # online (inside an export): the top alone
+        assert c.chain == chain
+    assert chain_identity(read_header(path)) == chain
+    with PQCVolume(path, keystore=keys, layer=True) as v:  # offline
+        v.resize(3 * ODD)
+    view = _view(path, keys)
+    assert view[:ODD] == now and view[ODD:] == bytes(2 * ODD)
 
 
-def test_a_volume_left_with_the_feature_is_made_plain_by_a_writable_open(tmp_path, keys):
-    """Volumes whose last snapshot was deleted by a version that kept the feature (and its empty table)."""
+def test_a_layer_with_a_parent_is_never_resized(tmp_path, keys):
     path = _new(tmp_path / "disk.qvol", keys)
     with open_chain(path, keys) as c:
-        chain = c.chain
-    with PQCVolume(path, keystore=keys) as v:
-        spec = {"compat": "incompat", "chain": chain, "parent": None, "parent_freeze": None, "frozen": None}
-        v.set_feature("snapshots", spec)
-        v.write_metadata({"snapshots/table": Table(chain=chain).encode()}, sealed=True)
-    with open_chain(path, keys, read_only=True):
-        pass
-    assert "snapshots" in read_header(path)["features"]  # a read-only open changes nothing
-    with open_chain(path, keys) as c:
-        assert c.table is None
-    assert "snapshots" not in read_header(path)["features"]
-    with PQCVolume(path, keystore=keys) as v:
-        v.resize(2 * ODD)
+        c.create("s")
+    with PQCVolume(path, keystore=keys, layer=True) as top, pytest.raises(InvalidArgument, match="snapshot chain"):
+        top.resize(2 * ODD)
 
 
 def test_cli_resize_after_last_snapshot_and_refusal_while_snapshots_exist(qvol):
@@ -450,7 +441,7 @@ def test_cli_resize_after_last_snapshot_and_refusal_while_snapshots_exist(qvol):
     assert res.returncode == 11, res.stderr
     assert "has snapshots" in res.stderr and "qwamos volume snapshot delete" in res.stderr
     assert "qwamos.volume" not in res.stderr and "open_chain" not in res.stderr
-    assert _cli("volume", "snapshot", "delete", str(vol), "s", ks=ks).returncode == 0
+    assert _cli("volume", "snapshot", "delete", str(vol), "s", "--yes", ks=ks).returncode == 0
     res = _cli("volume", "resize", str(vol), "+1M", ks=ks)
     assert res.returncode == 0, res.stderr
     assert _cli("volume", "check", str(vol), ks=ks).returncode == 0
@@ -466,8 +457,39 @@ def test_cli_online_resize_after_last_snapshot_and_refusal_while_snapshots_exist
         res = _cli("volume", "resize", str(vol), "+1M", ks=ksdir)
         assert res.returncode == 11, res.stderr
         assert "has snapshots" in res.stderr and "qwamos.volume" not in res.stderr
-        res = _cli("volume", "snapshot", "delete", str(vol), "live", "--control", str(ctl), ks=ksdir)
+        res = _cli("volume", "snapshot", "delete", str(vol), "live", "--control", str(ctl), "--yes", ks=ksdir)
         assert res.returncode == 0, res.stderr
         res = _cli("volume", "resize", str(vol), "+1M", ks=ksdir)
         assert res.returncode == 0, res.stderr
-    assert "snapshots" not in read_header(vol)["features"]
+    assert chain_identity(read_header(vol)) is not None
+
+
+def test_cli_revert_and_delete_ask_first(qvol):
+    """Both discard data: without --yes and without a terminal they refuse (exit 2) and change nothing."""
+    vol, ks = qvol
+    assert _cli("volume", "snapshot", "create", str(vol), "s", ks=ks).returncode == 0
+    before = vol.read_bytes()
+    for action in ("revert", "delete"):
+        res = _cli("volume", "snapshot", action, str(vol), "s", ks=ks)
+        assert res.returncode == 2 and "--yes" in res.stderr and f"{action} snapshot 's'" in res.stderr
+        assert vol.read_bytes() == before
+    listed = json.loads(_cli("volume", "snapshot", "list", str(vol), "--json", ks=ks).stdout)
+    assert [s["name"] for s in listed["snapshots"]] == ["s"]
+    assert _cli("volume", "snapshot", "revert", str(vol), "s", "--yes", ks=ks).returncode == 0
+    assert _cli("volume", "snapshot", "delete", str(vol), "s", "--yes", ks=ks).returncode == 0
+
+
+def test_cli_snapshot_of_a_served_volume_finds_its_export(qvol, short_dir):
+    """Without --control: the export holding the volume's lock is found (as volume resize finds it)."""
+    vol, ksdir = qvol
+    sock = short_dir / "s"
+    with serving(vol, ksdir, sock):
+        res = _cli("volume", "snapshot", "create", str(vol), "live", "--json", ks=ksdir)
+        assert res.returncode == 0, res.stderr
+        res = _cli("volume", "snapshot", "list", str(vol), "--json", ks=ksdir)
+        assert [s["name"] for s in json.loads(res.stdout)["snapshots"]] == ["live"]
+        res = _cli("volume", "snapshot", "revert", str(vol), "live", "--yes", ks=ksdir)
+        assert res.returncode == 2 and "offline" in res.stderr and "is served" in res.stderr
+        res = _cli("volume", "snapshot", "delete", str(vol), "live", "--yes", ks=ksdir)
+        assert res.returncode == 0, res.stderr
+    assert chain_identity(read_header(vol)) is not None

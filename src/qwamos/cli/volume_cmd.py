@@ -209,13 +209,14 @@ def cmd_resize(args: argparse.Namespace) -> int:
     args.path = volume_location(args)
     ks = open_keystore(args)
     try:
-        # through its chain: a volume whose last snapshot was deleted is made a plain volume again here
+        # through its chain: the top of a one-layer chain (its last snapshot deleted) resizes alone
         chain = open_chain(args.path, ks)
     except VolumeLockedError as locked:
         return _resize_served(args, locked)
     with chain:
-        if chain.table is not None or len(chain.layers) > 1:
-            count = len(chain.table.snapshots) if chain.table is not None else 0
+        table = chain.table
+        if len(chain.layers) > 1 or (table is not None and (table.layers or table.snapshots)):
+            count = len(table.snapshots) if table is not None else 0
             raise ChainResizeError(RESIZE_WAY_OUT, path=str(args.path), detail=f" ({count})" if count else "")
         v = chain.top
         new = parse_new_size(args.size, v.size)

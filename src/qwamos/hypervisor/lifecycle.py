@@ -257,7 +257,7 @@ def resize(mgr: VMManager, plan: ResizePlan, *, keystore: Any = None) -> ResizeP
     elif plan.encrypted:
         from qwamos.volume.snapshots import open_chain
 
-        # through its chain: a volume whose last snapshot was deleted is made a plain volume again here
+        # through its chain: the top of a one-layer chain (its last snapshot deleted) resizes alone
         with open_chain(plan.disk, keystore if keystore is not None else mgr._keystore()) as chain:
             chain.resize(plan.new_size, allow_shrink=plan.shrink)  # refused for a chain of several layers
     elif plan.new_size != plan.old_size:

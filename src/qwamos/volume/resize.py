@@ -129,12 +129,16 @@ def resize(
     # features whose state may reference extents of the area other than metadata entries: moving the area
     # without them would break their references, so a feature not known to be safe is refused
     unknown = sorted(set(header.features) - RESIZE_SAFE_FEATURES)
+    spec = header.features.get(hdr.SNAPSHOTS)
+    if spec is not None and spec.get("parent") is None and spec.get("frozen") is None:
+        # the top of a chain of one layer (its last snapshot deleted; the feature stays, as the chain id is
+        # the identity a VM is bound to): no other layer depends on its size (docs/qvol-format.md 2.5.4)
+        unknown.remove(hdr.SNAPSHOTS)
     if hdr.SNAPSHOTS in unknown:  # say what it is and the way out, not "this version"
         raise InvalidArgument(
-            "the volume is a layer of a snapshot chain (the 'snapshots' header feature), and a chain is not "
-            "resized: its layers would all have to change.  Delete its snapshots first (the last delete makes "
-            "it a plain volume again), or copy it into a new volume (qwamos vm clone, or backup create + "
-            "restore) and resize that"
+            "the volume is a layer of a snapshot chain, and a chain is not resized: its layers would all "
+            "have to change.  Delete its snapshots first, or copy it into a new volume (qwamos vm clone, or "
+            "backup create + restore) and resize that"
         )
     if unknown:
         raise InvalidArgument(f"this version cannot resize a volume with the feature(s) {', '.join(unknown)}")

@@ -313,24 +313,6 @@ def finish_interrupted(path: str, provider: KeyProvider) -> None:
                 pending.unlink()  # the top was never frozen: that create did not happen
 
 
-def _unchain_if_plain(top: PQCVolume, table: Table | None) -> bool:
-    """A top with no parent whose table lists no snapshot and no layer is a chain of one layer: make it a
-    plain volume again (docs/qvol-format.md 2.5.4 "Delete"): the feature and the table go in one header
-    commit, then the empty ``VOL.snap`` directory.  Also finishes volumes whose last snapshot was deleted
-    by a version that kept the feature.  True when it did."""
-    spec = _spec(top)
-    if spec is None or spec["parent"] is not None or spec["frozen"] is not None:
-        return False
-    if table is not None and (table.snapshots or table.layers):
-        return False
-    if file_path(top.path) is None:
-        return False
-    top.remove_feature(FEATURE, (TABLE_ENTRY,) if table is not None else ())
-    with contextlib.suppress(OSError):  # not empty (a stray file) or already gone: left as is
-        layer_dir(top.path).rmdir()
-    return True
-
-
 def has_snapshots(path: str | os.PathLike[str]) -> bool:
     """Whether the volume at ``path`` is the top of a chain with frozen layers (its header links to a parent,
     or ``VOL.snap`` holds layer files).  Judged without keys on unverified fields, for a message only (a
@@ -376,8 +358,6 @@ def open_chain(
                 "open the volume writable once to finish it)",
             )
         table = _load_table(top)
-        if not read_only and _unchain_if_plain(top, table):
-            table = None
         if snapshot is not None:
             if table is None or snapshot not in table.snapshots:
                 raise SnapshotError(path=path, msg=f"no snapshot named {snapshot!r}")
@@ -907,10 +887,7 @@ class ChainVolume:
         top.write_metadata({TABLE_ENTRY: new.encode()}, sealed=True)
         self.table = new
         actions = self._gc()
-        plain = _unchain_if_plain(self.layers[0], self.table)
-        if plain:
-            self.table = None
-        return {"name": name, "layer": layer, "actions": actions, "plain": plain}
+        return {"name": name, "layer": layer, "actions": actions}
 
     def _children(self, frozen: dict[str, PQCVolume]) -> dict[str, list[str]]:
         kids: dict[str, list[str]] = {u: [] for u in self.table.layers}

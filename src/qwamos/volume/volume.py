@@ -951,16 +951,6 @@ class PQCVolume:
             self._store.store(new)
             self._header = self._store.header
 
-    def remove_feature(self, name: str, entries: tuple[str, ...] = ()) -> None:
-        """Remove header feature ``name`` and its metadata ``entries`` in one header commit, so a crash leaves
-        both or neither (docs/qvol-format.md 2.4, 2.6).  For the feature's own module (snapshots: a chain
-        whose last snapshot is deleted becomes a plain volume again)."""
-        with self._guard:
-            _, header = self._writable()
-            features = {k: dict(v) for k, v in header.features.items() if k != name}
-            metadata.write(self._store, dict.fromkeys(entries), features=features)
-            self._header = self._store.header
-
     def info(self) -> dict[str, Any]:
         """Header fields plus where the file stands: allocated blocks and bytes, the path, and what was found
         of each header copy (``header_copies``; ``header_fallback`` is True when one is damaged or missing)."""
