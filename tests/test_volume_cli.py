@@ -86,3 +86,35 @@ def test_console_script_runs(env):
         [sys.executable, "-m", "qwamos.cli.main", "volume", "--help"], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0 and "dump-header" in proc.stdout
+
+
+def _run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qwamos.cli.main", *argv], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_check_of_a_damaged_header_says_it_once(qvol):
+    """The open's fallback warning and check's own line are about the same copy: only check's is printed."""
+    import os
+
+    vol, ks = qvol
+    with open(vol, "r+b") as f:  # copy B's MAC
+        f.seek(os.path.getsize(vol) - 10)
+        f.write(b"\xee" * 10)
+    res = _run_cli("volume", "check", str(vol), "--keystore", str(ks))
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("copy B") == 1 and "opened from header copy" not in res.stderr, res.stderr
+    assert "`qwamos volume repair` rewrites it" in res.stderr
+
+
+def test_info_of_a_served_volume_points_to_export_status(qvol, short_dir):
+    from nbd_helpers import serving
+
+    vol, ks = qvol
+    sock = short_dir / "s"
+    with serving(vol, ks, sock):
+        res = _run_cli("volume", "info", str(vol), "--keystore", str(ks))
+    assert res.returncode == 15, res.stderr
+    assert f"qwamos export status --control {sock}.ctl" in res.stderr, res.stderr
+    assert "dump-header" in res.stderr

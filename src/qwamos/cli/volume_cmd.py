@@ -6,8 +6,11 @@ Thin over :class:`qwamos.volume.PQCVolume`: parse arguments, open the keystore, 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
@@ -26,6 +29,7 @@ from qwamos.hypervisor.sizes import format_size, parse_new_size, parse_size
 from qwamos.hypervisor.vocab import ALGORITHMS, DEFAULT_ALGORITHM
 from qwamos.storage.rbd import with_options
 from qwamos.volume import PQCVolume, read_header
+from qwamos.volume.header_store import FALLBACK_WARNING
 from qwamos.volume.repair import RepairReport, repair
 
 
@@ -266,7 +270,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     ks = open_keystore(args)
     from qwamos.volume.snapshots import open_chain
 
-    with open_chain(args.path, ks, read_only=True) as chain:
+    try:
+        chain = open_chain(args.path, ks, read_only=True)
+    except VolumeLockedError as locked:
+        from qwamos.nbd.rotation import find_export
+
+        ctl = find_export(args.path)
+        if ctl is None:
+            raise
+        # served: the export answers for it (size, connections, the volume); the header is readable too
+        msg = locked.kwargs.get("msg") or ""
+        raise VolumeLockedError(
+            path=str(args.path),
+            msg=f"{msg}; it is served: `qwamos export status --control {ctl}` shows the export's view of it "
+            f"(size, clients, operations), `qwamos volume dump-header {args.path}` its header fields".lstrip("; "),
+        ) from None
+    with chain:
         info = chain.top.info()
         snaps = chain.list()
         if chain.table is not None:
@@ -295,11 +314,29 @@ def _blocks(indices: list[int], limit: int = 50) -> str:
     return ", ".join(str(b) for b in indices[:limit]) + (" ..." if len(indices) > limit else "")
 
 
+class _FallbackFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != FALLBACK_WARNING
+
+
+@contextlib.contextmanager
+def _reported_here() -> Iterator[None]:
+    """``volume check`` names a damaged or missing header copy itself, with the way out (``volume repair``):
+    the open's own warning about the same copy would say it twice."""
+    logger, drop = logging.getLogger("qwamos.volume"), _FallbackFilter()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     args.path = volume_location(args)
     ks = open_keystore(args)
     try:
-        v = PQCVolume(args.path, keystore=ks, read_only=True, layer=True).open()  # a top overlay: its own slots
+        with _reported_here():
+            v = PQCVolume(args.path, keystore=ks, read_only=True, layer=True).open()  # a top overlay: its slots
     except TruncatedVolumeError as e:
         if "lost_blocks" not in e.kwargs:
             raise

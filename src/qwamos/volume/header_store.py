@@ -48,6 +48,8 @@ from qwamos.volume.header import HEADER_SIZE, Header
 from qwamos.volume.keys import KeyProvider, check_volume_key, header_mac_key, key_commitment
 
 log = logging.getLogger("qwamos.volume")
+# Logged when a volume opens from its other header copy (a command that reports the copies itself filters it).
+FALLBACK_WARNING = "%s: opened from header copy %s: %s"
 
 OK = "ok"  # valid and the newest
 STALE = "stale"  # valid, older (a crash between the two writes of a change)
@@ -343,7 +345,7 @@ class HeaderStore:
         ``volume_uuid`` is looked at before a copy's MAC passed.  Logs a warning when a copy is damaged."""
         got = load(path, storage, provider)
         if got.fell_back:
-            log.warning("%s: opened from header copy %s: %s", path, got.chosen, got.summary())
+            log.warning(FALLBACK_WARNING, path, got.chosen, got.summary())
         return cls(path, storage, got.header, got.volume_key, got.copies, got.fell_back, got.disk_seq, got.chosen)
 
     def store(self, header: Header) -> None:
