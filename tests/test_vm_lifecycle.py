@@ -508,3 +508,20 @@ def test_clone_and_delete_of_a_vm_with_snapshots_take_the_whole_chain(root, idle
     assert key_id in out["deleted_keys"] and not ks.has_key(key_id) and out["unused_keys"] == []
     with PQCVolume(clone_vol, keystore=ks, read_only=True) as v:  # the clone has its own key: untouched
         assert v.read(0, 8192) == expected[:8192]
+
+
+def test_vm_resize_with_snapshots_is_refused_then_works_after_the_last_delete(root, idle_kernel, capsys):
+    """A VM's disk with snapshots: refused in the CLI's words (exit 11); after the last delete it resizes and
+    the VM stays bound to it (the chain id is kept)."""
+    mgr, vol, _ = _encrypted_vm(root, "r6", idle_kernel)
+    ks = PQCKeystore(root.parent / "keystore")
+    with open_chain(vol, ks) as c:
+        c.create("s")
+    capsys.readouterr()
+    assert _resize(root, "r6", "+4M") == 11
+    err = capsys.readouterr().err
+    assert "has snapshots" in err and "qwamos vm snapshot delete r6" in err and "qwamos.volume" not in err
+    assert main(["vm", "--root", str(root), "snapshot", "delete", "r6", "s", "--yes"]) == 0
+    assert _resize(root, "r6", "+4M") == 0
+    assert mgr.load("r6").disk_size_bytes == 8 * MIB
+    mgr.plan_disk(mgr.load("r6"))  # still bound: a VM start would accept the disk
