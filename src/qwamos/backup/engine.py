@@ -28,7 +28,7 @@ from qwamos.backup.repo import Repository, now
 from qwamos.errors import BackupError, QwamosError, RepositoryCorruptError
 from qwamos.storage import remove_storage
 from qwamos.volume import PQCVolume
-from qwamos.volume.cbt import Snapshot
+from qwamos.volume.cbt import Snapshot, volume_identity
 
 if TYPE_CHECKING:
     from qwamos.volume.keys import KeyProvider
@@ -52,15 +52,7 @@ class Source(Protocol):
 
 
 def volume_description(vol: Any) -> dict[str, Any]:
-    h = vol.header
-    return {
-        "uuid": h.volume_uuid,
-        "name": h.name,
-        "vm_name": h.vm_name,
-        "size_bytes": h.size_bytes,
-        "total_blocks": h.total_blocks,
-        "algorithm": h.algorithm,
-    }
+    return volume_identity(vol.header)
 
 
 def allocated_runs(vol: Any) -> Iterator[tuple[int, int]]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from qwamos.nbd import control_protocol as cp
 from qwamos.nbd.control_protocol import Arg, CommandSpec, register_command
+from qwamos.volume.cbt import volume_identity
 
 BITMAP_PAGE = 32 * 1024  # bytes of bitmap per reply: 43 KiB of base64, inside the 64 KiB JSON bound
 MAX_RANGES = 1024
@@ -61,16 +62,8 @@ def install(ctl: Any) -> None:
         except Exception as e:
             raise ControlFailure(cp.E_FAILED, f"cbt-rotate failed: {e}") from None
         kept["bits"] = snap.bits
-        h = vol.header
         return {
-            "volume": {
-                "uuid": h.volume_uuid,
-                "name": h.name,
-                "vm_name": h.vm_name,
-                "size_bytes": h.size_bytes,
-                "total_blocks": h.total_blocks,
-                "algorithm": h.algorithm,
-            },
+            "volume": volume_identity(vol.header),
             "tracking_id": snap.tracking_id,
             "generation": snap.generation,
             "complete": snap.complete,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwamos.volume.header import CBT as FEATURE
-from qwamos.volume.header import CBT_STATES, MAX_CBT_GENERATION, RO_COMPAT
+from qwamos.volume.header import CBT_STATES, MAX_CBT_GENERATION, RO_COMPAT, Header
 
 __all__ = ["FEATURE", "MAX_CBT_GENERATION", "Snapshot", "Tracker"]
 
@@ -38,6 +38,19 @@ _BITMAP_HEAD = struct.Struct(">16sQQ")  # magic, generation, total_blocks
 
 def feature(tracking_id: str, generation: int, state: str) -> dict[str, Any]:
     return {"compat": RO_COMPAT, "id": tracking_id, "generation": generation, "state": state}
+
+
+def volume_identity(header: Header) -> dict[str, Any]:
+    """The volume fields a backup records next to a CBT snapshot (offline engine and the served ``cbt-rotate``
+    control command alike), so a later incremental can tell it is looking at the same volume."""
+    return {
+        "uuid": header.volume_uuid,
+        "name": header.name,
+        "vm_name": header.vm_name,
+        "size_bytes": header.size_bytes,
+        "total_blocks": header.total_blocks,
+        "algorithm": header.algorithm,
+    }
 
 
 def encode_bitmap(generation: int, total_blocks: int, bits: bytes | bytearray) -> bytes:
