@@ -216,10 +216,7 @@ def _offline(args: argparse.Namespace, ks: Any, vol: PQCVolume, rate: int | None
     finally:
         if vol.is_open and vol.key_id == new_id:
             _after(args, vol.path, info["key_id"], new_id)  # from the start on, the header names the new key
-    progress.finish()
-    out.update(path=str(args.path), mode="offline")
-    if args.json:
-        emit_json(out)
+    _offline_done(args, progress, out)
     message(
         decorated(
             "ok",
@@ -253,8 +250,8 @@ def _offline_chain(args: argparse.Namespace, ks: Any, rate: int | None) -> int:
     if args.dry_run:
         return _report_plan(args, plan)
     if new_id is None:
-        top = st["files"][0]
-        new_id, _ = ks.new_volume_key(_header_names(top["path"])[0], _header_names(top["path"])[1])
+        fields = _header_fields(st["files"][0]["path"])
+        new_id, _ = ks.new_volume_key(fields["vm_name"], fields["name"])
     progress = Progress(st["total_blocks"], label="Re-encrypting", enabled=args.progress, unit_bytes=4096)
     try:
         out = reencrypt_chain(
@@ -270,10 +267,7 @@ def _offline_chain(args: argparse.Namespace, ks: Any, rate: int | None) -> int:
                 _after(
                     args, str(args.path), info["key_id"], new_id
                 )  # the top names the new key: the chain is done
-    progress.finish()
-    out.update(path=str(args.path), mode="offline")
-    if args.json:
-        emit_json(out)
+    _offline_done(args, progress, out)
     message(
         decorated(
             "ok",
@@ -287,16 +281,25 @@ def _offline_chain(args: argparse.Namespace, ks: Any, rate: int | None) -> int:
         message(f"   removed {orphan}: a layer file its snapshot table no longer lists (an interrupted merge)")
     message(f"   The old key {out['old_key_id']} opens nothing in them any more.")
     top = st["files"][0]["path"]
-    _settle(ks, str(top), str(st["volume_uuid"]), _header_names(top)[0], out["old_key_id"], new_id)
+    _settle(ks, str(top), str(st["volume_uuid"]), _header_fields(top)["vm_name"], out["old_key_id"], new_id)
     return 0
 
 
-def _header_names(path: str) -> tuple[str, str]:
-    """``(vm_name, name)`` from a header, unverified: only for naming a new key."""
+def _offline_done(args: argparse.Namespace, progress: Progress, out: dict[str, Any]) -> None:
+    """End an offline run's progress line and complete its summary (emitted with --json)."""
+    progress.finish()
+    out.update(path=str(args.path), mode="offline")
+    if args.json:
+        emit_json(out)
+
+
+def _header_fields(path: str) -> dict[str, str]:
+    """``vm_name`` and ``name`` from a header, read without the lock and unverified: only for naming a new
+    key (whoever opens the volume checks everything that matters under the keys)."""
     from qwamos.volume import read_header
 
     fields = dict(read_header(path))
-    return str(fields.get("vm_name") or ""), str(fields.get("name") or "")
+    return {"vm_name": str(fields.get("vm_name") or ""), "name": str(fields.get("name") or "")}
 
 
 def _online(args: argparse.Namespace, ks: Any, ctl: Path, rate: int | None) -> int:
@@ -319,7 +322,7 @@ def _online(args: argparse.Namespace, ks: Any, ctl: Path, rate: int | None) -> i
     plan = _plan(args, f"online ({ctl})", info, new_id)
     if args.dry_run:
         return _report_plan(args, plan)
-    header = _served_header(served)
+    header = _header_fields(served["path"])
     if new_id is None:
         new_id, _ = ks.new_volume_key(header["vm_name"], header["name"])
     key = ks.volume_key(new_id)
@@ -358,14 +361,6 @@ def _online(args: argparse.Namespace, ks: Any, ctl: Path, rate: int | None) -> i
         message(decorated("ok", f"{args.path}: re-encrypted under key {new_id} by its export", sys.stderr))
         _settle(ks, served["path"], served["uuid"], header["vm_name"], info["key_id"], new_id)
     return 0
-
-
-def _served_header(served: dict[str, Any]) -> dict[str, Any]:
-    """The served volume's header fields, read without the lock and unverified: only the name and VM name,
-    for a new key's ID (the export checks everything that matters under the keys)."""
-    from qwamos.volume import read_header
-
-    return dict(read_header(served["path"]))
 
 
 def _report_plan(args: argparse.Namespace, plan: dict[str, Any]) -> int:
