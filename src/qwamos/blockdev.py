@@ -39,7 +39,9 @@ def can_extents(backend: object) -> bool:
     return callable(getattr(backend, "extents", None))
 
 
-def _merge(out: list[Extent], start: int, end: int, hole: bool) -> None:
+def merge_extent(out: list[Extent], start: int, end: int, hole: bool) -> None:
+    """Append ``[start, end)`` to ``out``, joining it to the last extent when that ends at ``start`` and is of
+    the same kind, so an extent list never names two adjacent pieces alike (every backend's ``extents``)."""
     if end <= start:
         return
     if out and out[-1][2] == hole and out[-1][1] == start:
@@ -114,7 +116,7 @@ class MemoryBackend:
         pos, end = offset, offset + length
         while pos < end:
             stop = min(end, (pos // BLOCK_SIZE + 1) * BLOCK_SIZE)
-            _merge(out, pos, stop, view[pos:stop] == zero[: stop - pos])
+            merge_extent(out, pos, stop, view[pos:stop] == zero[: stop - pos])
             pos = stop
         return out
 
@@ -201,14 +203,14 @@ class FileBackend:
                 if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
                     data = end
                 else:  # cannot tell (EINVAL, EOPNOTSUPP...): data
-                    _merge(out, pos, end, False)
+                    merge_extent(out, pos, end, False)
                     break
             data = min(data, end)
-            _merge(out, pos, data, True)
+            merge_extent(out, pos, data, True)
             if data >= end:
                 break
             hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
-            _merge(out, data, hole, False)
+            merge_extent(out, data, hole, False)
             pos = hole
         return out
 

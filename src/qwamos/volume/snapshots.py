@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from qwamos import crypto, strictjson
+from qwamos.blockdev import Extent, merge_extent
 from qwamos.errors import InvalidArgument, QwamosError, ReadOnlyVolumeError, SnapshotChainError, SnapshotError
 from qwamos.fsutil import fsync_dir, make_private_dirs
 from qwamos.storage import create_storage, file_path
@@ -64,8 +65,6 @@ SMALL_READ = 64 * 1024  # reads up to this size look blocks up one by one (see C
 _UUID_RE = re.compile(r"[0-9a-f]{32}")
 _FREEZE_RE = re.compile(r"[0-9a-f]{64}")
 _LAYER_FILE_RE = re.compile(r"([0-9a-f]{32})\.qvol")
-
-Extent = tuple[int, int, bool]
 
 
 # --- where the layers live ------------------------------------------------------------------------------------
@@ -380,15 +379,6 @@ def open_chain(
 # --- the chain as one block device ----------------------------------------------------------------------------
 
 
-def _merge(out: list[Extent], start: int, end: int, hole: bool) -> None:
-    if end <= start:
-        return
-    if out and out[-1][2] == hole and out[-1][1] == start:
-        out[-1] = (out[-1][0], end, hole)
-    else:
-        out.append((start, end, hole))
-
-
 class ChainVolume:
     """A volume with its snapshot chain as one :class:`qwamos.blockdev.BlockBackend` (what the export
     serves) plus the snapshot operations.  ``layers[0]`` is the view's top (``VOL`` itself, or a snapshot's
@@ -497,13 +487,13 @@ class ChainVolume:
         out: list[Extent] = []
         for s, e, hole in ext:
             if not hole:
-                _merge(out, s, e, False)
+                merge_extent(out, s, e, False)
                 continue
             pos = s
             while pos < e:
                 sub = self._extents(level + 1, pos, e - pos)
                 for a, b, h in sub:
-                    _merge(out, a, b, h)
+                    merge_extent(out, a, b, h)
                 pos = sub[-1][1]
         return out
 
@@ -514,7 +504,7 @@ class ChainVolume:
         while pos < end:
             sub = self._extents(1, pos, end - pos)
             for a, b, h in sub:
-                _merge(out, a, b, h)
+                merge_extent(out, a, b, h)
             pos = sub[-1][1]
         return out
 
