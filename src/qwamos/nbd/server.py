@@ -184,6 +184,19 @@ class _Shared:
         self.next_id = 0
         self.closing = False
 
+    async def close_connections(self, timeout: float) -> int:
+        """Close every open connection (its sent replies delivered first), wait up to ``timeout`` seconds for
+        them to end, then abort the transports still open.  Returns how many there were."""
+        conns = list(self.connections)
+        for conn in conns:
+            conn.close()
+        if conns:
+            await asyncio.wait([conn.closed for conn in conns], timeout=timeout)
+            for conn in conns:
+                if conn.transport is not None and not conn.closed.done():
+                    conn.transport.abort()
+        return len(conns)
+
 
 class NBDConnection(asyncio.BufferedProtocol):
     """One client connection: feeds the sans-IO protocol and executes its events against the backend."""
@@ -812,15 +825,7 @@ class ExportServer:
         if shared is None:
             return 0
         shared.export = self.export
-        conns = list(shared.connections)
-        for conn in conns:
-            conn.close()
-        if conns:
-            await asyncio.wait([conn.closed for conn in conns], timeout=timeout)
-            for conn in conns:
-                if conn.transport is not None and not conn.closed.done():
-                    conn.transport.abort()
-        return len(conns)
+        return await shared.close_connections(timeout)
 
     @property
     def requests_served(self) -> int:
@@ -854,14 +859,7 @@ class ExportServer:
             srv.close()
         if shared is not None:
             shared.closing = True
-            conns = list(shared.connections)
-            for conn in conns:
-                conn.close()
-            if conns:
-                await asyncio.wait([conn.closed for conn in conns], timeout=timeout)
-                for conn in conns:
-                    if conn.transport is not None and not conn.closed.done():
-                        conn.transport.abort()
+            await shared.close_connections(timeout)
         self._servers.clear()
         self._close_socks()
         try:
