@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 
+import crash_helpers
 from qwamos.errors import KeystoreError, PassphraseRequiredError, WrongPassphraseError
 from qwamos.keystore import Argon2Params, PQCKeystore, rewrap, switch
 
@@ -62,32 +62,8 @@ def check_whole(path: Path, keys: dict[str, bytes], states: list[tuple[str, byte
 
 
 def crash_at(n: int, target) -> bool:
-    """Run ``target()`` in a forked child that SIGKILLs itself before its ``n``-th file-system mutation.
-    True if the child was killed, False if it finished (exit 0)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            count = [0]
-            for name in _MUTATIONS:
-                real = getattr(os, name)
-
-                def wrapped(*a, _real=real, **kw):
-                    count[0] += 1
-                    if count[0] == n:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return _real(*a, **kw)
-
-                setattr(os, name, wrapped)
-            target()
-        except BaseException:
-            os._exit(3)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        assert os.WTERMSIG(status) == signal.SIGKILL
-        return True
-    assert os.WEXITSTATUS(status) == 0, "the operation failed in the child"
-    return False
+    """``crash_helpers.crash_at`` over the keystore switch's file-system calls."""
+    return crash_helpers.crash_at(n, target, _MUTATIONS)
 
 
 def kill_everywhere(tmp_path: Path, template: Path, op, states_of, keys, *, stride: int = 1) -> int:

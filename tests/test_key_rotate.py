@@ -8,7 +8,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import struct
 import sys
 from datetime import UTC, datetime, timedelta
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from crash_helpers import crash_at
 from qwamos import crypto
 from qwamos.cli.main import main
 from qwamos.errors import HeaderCorruptError, KeyStateError
@@ -202,32 +202,6 @@ def test_a_moved_volume_named_with_volume_is_reencrypted_there(env, capsys) -> N
 _MUTATIONS = ("replace", "rename", "link", "unlink", "write", "pwrite", "fsync", "fdatasync", "ftruncate")
 
 
-def _crash_at(n: int, target) -> bool:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            count = [0]
-            for name in _MUTATIONS:
-                real = getattr(os, name)
-
-                def wrapped(*a, _real=real, **kw):
-                    count[0] += 1
-                    if count[0] == n:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return _real(*a, **kw)
-
-                setattr(os, name, wrapped)
-            target()
-        except BaseException:
-            os._exit(3)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        return True
-    assert os.WEXITSTATUS(status) == 0
-    return False
-
-
 def test_kill_anywhere_then_the_same_command_finishes(env, tmp_path: Path) -> None:
     """SIGKILL before every k-th file-system mutation of a whole rotation (successor, both volumes, records,
     config, destruction); each time the same rotation run again completes, every block reads back, the config
@@ -253,7 +227,7 @@ def test_kill_anywhere_then_the_same_command_finishes(env, tmp_path: Path) -> No
     n, kills, stride = 1, 0, 4
     while True:
         restore()
-        killed = _crash_at(n, rotate)
+        killed = crash_at(n, rotate, _MUTATIONS)
         if killed:
             kills += 1
             try:
