@@ -22,30 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from volume_api import BenchKeys  # the in-memory key provider the volume benches share (bench/ is on sys.path)
+
 from qwamos import crypto
 from qwamos.volume import PQCVolume
 
 MIB = 1024 * 1024
 SECRETS = ("old-secret-0", "new-secret-1")
 ALGORITHMS = (crypto.CHACHA20_POLY1305, crypto.AES_256_GCM)
-
-
-class BenchKeys:
-    """A key provider in memory (the keystore's Argon2id and file I/O are not what is measured)."""
-
-    def __init__(self) -> None:
-        self.keys: dict[str, bytes] = {}
-
-    def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
-        key_id = f"bench-{len(self.keys)}"
-        self.keys[key_id] = crypto.random_bytes(32)
-        return key_id, self.keys[key_id]
-
-    def volume_key(self, key_id: str) -> bytes:
-        return self.keys[key_id]
-
-    def discard_key(self, key_id: str) -> None:
-        self.keys.pop(key_id, None)
 
 
 def random_file(path: Path, mib: int) -> None:

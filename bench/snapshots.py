@@ -23,28 +23,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from qwamos import crypto
+from volume_api import BenchKeys  # the in-memory key provider the volume benches share (bench/ is on sys.path)
+
 from qwamos.volume import PQCVolume
 from qwamos.volume.snapshots import open_chain
 
 BLOCK = 4096
 MIB = 1024 * 1024
-
-
-class BenchKeys:
-    def __init__(self) -> None:
-        self.keys: dict[str, bytes] = {}
-
-    def new_volume_key(self, vm_name: str, volume_name: str) -> tuple[str, bytes]:
-        key_id = f"bench-{len(self.keys)}"
-        self.keys[key_id] = crypto.random_bytes(32)
-        return key_id, self.keys[key_id]
-
-    def volume_key(self, key_id: str) -> bytes:
-        return self.keys[key_id]
-
-    def discard_key(self, key_id: str) -> None:
-        self.keys.pop(key_id, None)
 
 
 def median_time(fn: Callable[[], None], passes: int = 3) -> float:
