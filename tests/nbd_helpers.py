@@ -45,5 +45,23 @@ def serving(vol: Path, ks: Path, sock: Path, *extra: str):
         proc.stderr.close()
 
 
+def serve_cli(location: str | Path, ks: Path, sock: Path, *extra: str) -> subprocess.Popen:
+    """``qwamos volume serve LOCATION`` as a subprocess, returned once it answers NBD (stopped if it never
+    does).  The caller stops it and closes its pipes."""
+    proc = processes.spawn(
+        [*SERVE_CLI, str(location), "--socket", str(sock), "--keystore", str(ks), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_answers(sock, proc)
+    except BaseException:
+        processes.stop(proc, signal.SIGKILL)
+        proc.stdout.close()
+        proc.stderr.close()
+        raise
+    return proc
+
+
 def uri(sock: Path) -> str:
     return f"nbd+unix:///?socket={sock}"

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 import processes
-from nbd_helpers import serving, uri
+from nbd_helpers import serve_cli, serving, uri
 from qwamos.cli.main import main
 from qwamos.errors import VolumeLockedError
 from qwamos.nbd.client import NBDClient
@@ -157,26 +157,8 @@ def test_kill9_of_the_export_loses_no_flushed_write(ceph_cluster, env, short_dir
     ks = env / "ks"
     assert main(["volume", "create", loc, "--size", "8M", "--keystore", str(ks)]) == 0
     sock = short_dir / "k.sock"
-    proc = processes.spawn(
-        [
-            sys.executable,
-            "-m",
-            "qwamos.cli.main",
-            "volume",
-            "serve",
-            loc,
-            "--socket",
-            str(sock),
-            "--keystore",
-            str(ks),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = serve_cli(loc, ks, sock)
     try:
-        from nbd_helpers import wait_answers
-
-        wait_answers(sock, proc)
         c = NBDClient.connect_unix(str(sock))
         c.write(0, _pattern(64 * 1024, 4))
         c.write(1 * MIB, _pattern(4096, 6))

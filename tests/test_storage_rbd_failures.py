@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import processes
-from nbd_helpers import wait_answers
+from nbd_helpers import serve_cli
 from qwamos.errors import VolumeError, VolumeFullError
 from qwamos.keystore import PQCKeystore
 from qwamos.nbd import constants as c
@@ -72,27 +71,6 @@ def _osd_stopped(ceph_cluster) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
-def _serve(loc: str, ks: Path, sock: Path) -> subprocess.Popen:
-    proc = processes.spawn(
-        [
-            sys.executable,
-            "-m",
-            "qwamos.cli.main",
-            "volume",
-            "serve",
-            loc,
-            "--socket",
-            str(sock),
-            "--keystore",
-            str(ks),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    wait_answers(sock, proc)
-    return proc
-
-
 def _stop(proc: subprocess.Popen) -> None:
     processes.stop(proc, signal.SIGTERM, grace=30)
     proc.stdout.close()
@@ -108,7 +86,7 @@ def test_unreachable_cluster_answers_eio_in_bounded_time_then_recovers(
     with PQCVolume(loc, keystore=ks) as v:  # written by another client: not in the export's cache
         v.write(4 * MIB, b"\x5a" * 65536)
     sock = short_dir / "u.sock"
-    proc = _serve(loc, tmp_path / "ks", sock)
+    proc = serve_cli(loc, tmp_path / "ks", sock)
     try:
         c1 = NBDClient.connect_unix(str(sock), timeout=BOUND)
         with _osd_stopped(ceph_cluster):
@@ -183,7 +161,7 @@ def test_full_cluster_answers_enospc_then_recovers(ceph_cluster, tmp_path, short
     PQCVolume(api_loc, keystore=ks).create("g", "", size_bytes=16 * MIB)
     api = PQCVolume(api_loc, keystore=ks).open()
     sock = short_dir / "f.sock"
-    proc = _serve(loc, tmp_path / "ks", sock)
+    proc = serve_cli(loc, tmp_path / "ks", sock)
     try:
         c1 = NBDClient.connect_unix(str(sock), timeout=BOUND)
         c1.write(0, b"\x01" * 65536)
