@@ -108,7 +108,7 @@ def _cases(w: World) -> list[tuple[list[str], str, int]]:
         (["volume", "info", vol, "--json"], "json", 0),
         (["volume", "check", vol], "", 0),
         (["volume", "check", vol, "--json", "--progress"], "json", 0),
-        (["volume", "repair", vol, "--dry-run"], "", 0),
+        (["volume", "repair", vol, "--dry-run"], "text", 0),  # the plan (here: nothing to repair) is data
         (["volume", "repair", vol, "--dry-run", "--json"], "json", 0),
         (["volume", "dump-header", vol], "text", 0),
         (["volume", "reencrypt", vol, "--dry-run"], "text", 0),  # a dry-run plan is data

@@ -216,6 +216,10 @@ def test_cli_check_and_repair_of_a_truncated_volume(env, capsys):
     assert main(["volume", "repair", str(disk), "--dry-run", "--json"]) == 13
     dry = json.loads(capsys.readouterr().out)
     assert dry["bad_blocks"] == [3] and dry["lost_blocks"]["first"] == 20 and dry["dry_run"]
+    assert main(["-q", "volume", "repair", str(disk), "--dry-run"]) == 13  # the plan is data: stdout, kept by -q
+    plan = capsys.readouterr()
+    assert "1 block(s) fail authentication: 3" in plan.out and "not repaired: blocks 20..29" in plan.out
+    assert plan.err == ""
     assert main(["volume", "repair", str(disk), "--zero-bad"]) == 0
     err = capsys.readouterr().err
     assert "1 block(s) fail authentication: 3" in err and "report saved to" in err and "repaired" in err

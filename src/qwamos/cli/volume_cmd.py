@@ -22,6 +22,7 @@ from qwamos.cli.output import (
     decorated,
     emit_json,
     message,
+    print_data,
     print_fields,
 )
 from qwamos.errors import ChainResizeError, TruncatedVolumeError, VolumeLockedError
@@ -391,22 +392,25 @@ def _check_truncated(args: argparse.Namespace, ks: object) -> int:
 
 
 def _print_report(report: RepairReport) -> None:
+    """The findings and the plan.  A dry run's plan is the command's data (stdout, kept by ``-q``); before a
+    real repair it is a report of what is about to change (stderr), as for every changing command."""
+    say = print_data if report.dry_run else message
     for c in report.header_copies:
         extra = f" seq {c['seq']}" if c.get("seq") is not None else ""
         reason = f": {c['error']}" if c.get("error") else ""
-        message(f"header copy {c['copy']} at {c['offset']}: {c['state']}{extra}{reason}")
+        say(f"header copy {c['copy']} at {c['offset']}: {c['state']}{extra}{reason}")
     if report.bad_blocks:
-        message(f"{len(report.bad_blocks)} block(s) fail authentication: {_blocks(report.bad_blocks, 200)}")
+        say(f"{len(report.bad_blocks)} block(s) fail authentication: {_blocks(report.bad_blocks, 200)}")
     if report.lost_blocks:
-        message(f"lost to truncation ({report.file_size} of {report.expected_size} bytes): {report.lost_text()}")
+        say(f"lost to truncation ({report.file_size} of {report.expected_size} bytes): {report.lost_text()}")
     if report.metadata != "none":
         extra = f": {', '.join(report.damaged_metadata)}" if report.damaged_metadata else ""
-        message(f"metadata area: {report.metadata}{extra}")
+        say(f"metadata area: {report.metadata}{extra}")
     if report.report_file:
-        message(f"report saved to {report.report_file}")
+        say(f"report saved to {report.report_file}")
     verb = "would" if report.dry_run else "will"
     for a in report.actions:
-        message(f"{verb}: {a}")
+        say(f"{verb}: {a}")
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
@@ -435,12 +439,13 @@ def cmd_repair(args: argparse.Namespace) -> int:
         return report.exit_code
     if not printed:
         _print_report(report)
+    say = print_data if report.dry_run else message
     for p in report.pending:
-        message(f"not repaired: {p}")
+        say(f"not repaired: {p}")
     if not report.dry_run and report.actions:
         message(f"{args.path}: repaired")
     elif not report.actions and not report.pending:
-        message(f"{args.path}: nothing to repair ({report.total_blocks} blocks)")
+        say(f"{args.path}: nothing to repair ({report.total_blocks} blocks)")
     return report.exit_code
 
 
