@@ -466,3 +466,17 @@ def test_migrate_on_a_terminal_shows_symbols_and_progress_with_rate(world: World
     assert res.returncode == 0, res.stderr
     assert "✅ Migration Complete!" in res.stderr and "✓ Configuration updated" in res.stderr
     assert "Progress: 100.0% (256/256 blocks, " in res.stderr and "MB/s" in res.stderr
+
+
+def test_logged_and_printed_warnings_have_one_shape(capsys):
+    """A warning printed by a command (output.warn) and one logged by the library (a header copy fallback,
+    say) look the same on stderr, as the errors do ("qwamos: error: ...")."""
+    import logging
+
+    from qwamos import logs
+    from qwamos.cli import output
+
+    output.warn("printed")
+    record = logging.LogRecord("qwamos.volume", logging.WARNING, __file__, 1, "logged %s", ("here",), None)
+    assert capsys.readouterr().err == "qwamos: warning: printed\n"
+    assert logs.Formatter().format(record) == "qwamos: warning: logged here"

@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "qwamos"
 
 # Lowest first.  A module may import its own layer and any layer listed before it.
 LAYERS = [
-    ("errors", "fsutil", "strictjson", "pidfile", "nodump"),
+    ("errors", "fsutil", "strictjson", "pidfile", "nodump", "logs"),
     ("crypto", "blockdev"),
     ("storage",),
     ("volume",),

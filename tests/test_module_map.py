@@ -46,6 +46,7 @@ MAP: dict[str, list[str]] = {
     "fsutil": ["test_fsutil.py", "test_cli_conventions.py"],
     "pidfile": ["test_pidfile.py"],
     "nodump": ["test_keypipe.py", "test_secrets_env.py"],
+    "logs": ["test_cli_conventions.py", "test_nbd_qemu.py"],
     "strictjson": ["test_strictjson.py", "test_keystore_security.py"],
     "hypervisor.autostart": ["test_autostart_units.py"],
     "hypervisor.binding": ["test_volume_binding.py"],

@@ -121,8 +121,20 @@ def test_flushed_writes_survive_kill_9(qvol, short_dir):
 def test_daemon_pidfile_and_sigterm(qvol, short_dir, entry):
     vol, ks = qvol
     sock, pidfile = short_dir / "s", short_dir / "pid"
+    log = ["--log-file", str(short_dir / "log"), "-v"]
     res = subprocess.run(
-        [*entry, str(vol), "--socket", str(sock), "--keystore", str(ks), "--daemon", "--pidfile", str(pidfile)],
+        [
+            *entry,
+            str(vol),
+            "--socket",
+            str(sock),
+            "--keystore",
+            str(ks),
+            "--daemon",
+            "--pidfile",
+            str(pidfile),
+            *log,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -147,6 +159,8 @@ def test_daemon_pidfile_and_sigterm(qvol, short_dir, entry):
     while pidfile.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pidfile.exists() and not sock.exists()
+    # the log file (the daemon's stderr) keeps the one shape of every qwamos message (qwamos.logs)
+    assert f"qwamos: info: ready (pid {pid})" in (short_dir / "log").read_text()
 
 
 def test_plain_tcp_loopback_by_default_and_always_a_loud_warning(qvol, short_dir):

@@ -19,7 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from qwamos import __version__
+from qwamos import __version__, logs
 from qwamos.cli import output
 from qwamos.cli.parser import QwamosParser, common_options
 from qwamos.errors import exit_ranges_text, run_main
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None, *, spec_transcript: bool = False) ->
     quiet, verbose = common_options(args)
     output.configure(quiet=quiet, verbose=verbose, spec_transcript=spec_transcript)
     level = logging.ERROR if quiet and not verbose else logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="qwamos: %(levelname)s: %(message)s", stream=sys.stderr)
+    logs.configure(level)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)

@@ -159,7 +159,7 @@ def message(text: str) -> None:
 
 def warn(text: str) -> None:
     """A warning on stderr; shown even with ``-q``."""
-    sys.stderr.write(f"warning: {text}\n")
+    sys.stderr.write(f"qwamos: warning: {text}\n")  # the shape of logged warnings (qwamos.logs)
     sys.stderr.flush()
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwamos import pidfile
+from qwamos import logs, pidfile
 from qwamos.blockdev import BlockBackend
 from qwamos.errors import ExportError, InvalidArgument, run_main
 
@@ -222,7 +222,7 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
             log_path = spec.log_file.absolute() if spec.log_file else None
             notify = daemon.daemonize(log_path)
             if log_path is not None:
-                logging.getLogger().handlers[:] = [logging.StreamHandler()]  # the new stderr
+                logging.getLogger().handlers[:] = [logs.handler()]  # the new stderr
         if pid_path is not None:
             pidfile.write_pidfile(pid_path)
 
@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--key-id", default=None, metavar="ID", help="with --key-fd: the key's ID")
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="qwamos: %(levelname)s: %(message)s", stream=sys.stderr)
+    logs.configure(level)
     make_non_dumpable()  # before any key or passphrase is read: no core dump, no /proc/<pid>/mem for others
 
     def body() -> None:
