@@ -266,6 +266,38 @@ def test_chain_files_lists_every_layer_and_records_key_use(qvol):
     assert {f["path"] for f in files} <= users
 
 
+def test_usage_records_list_exactly_the_layer_files_after_create_revert_and_delete(qvol):
+    """The key's usage records name exactly the chain's files, every one live, after each create, revert
+    and delete: no record of a new overlay's transient ``pending-*`` name, none of a dropped or merged
+    layer's file."""
+    from qwamos.keystore import PQCKeystore
+
+    vol, ksdir = qvol
+    ks = PQCKeystore(ksdir)
+
+    def check(c) -> None:
+        users = ks.key_users(c.key_id)
+        assert {u["path"] for u in users} == {f["path"] for f in c.files()}
+        assert all(u["state"] == "live" for u in users), users
+
+    with open_chain(vol, ks) as c:
+        c.pwrite(0, b"x" * BLOCK_SIZE)
+        c.create("one")
+        check(c)
+        c.pwrite(BLOCK_SIZE, b"y" * BLOCK_SIZE)
+        c.create("two")
+        c.create("three")
+        check(c)
+        c.revert("one")
+        check(c)
+        c.delete("two")  # dropped or merged: its file and its record go
+        check(c)
+        c.delete("three")
+        c.delete("one")
+        check(c)
+        assert not c.table.layers
+
+
 def test_served_read_only_snapshot_matches_nbdcopy_and_qemu_img(qvol, short_dir, tmp_path):
     vol, ksdir = qvol
     from qwamos.keystore import PQCKeystore

@@ -36,6 +36,7 @@ exactly what it was.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ SMALL_READ = 64 * 1024  # reads up to this size look blocks up one by one (see C
 _UUID_RE = re.compile(r"[0-9a-f]{32}")
 _FREEZE_RE = re.compile(r"[0-9a-f]{64}")
 _LAYER_FILE_RE = re.compile(r"([0-9a-f]{32})\.qvol")
+log = logging.getLogger("qwamos.volume")
 
 
 # --- where the layers live ------------------------------------------------------------------------------------
@@ -200,8 +202,22 @@ def _load_table(top: PQCVolume) -> Table | None:
 # --- opening layers and checking links ------------------------------------------------------------------------
 
 
-def _open_layer(path: str | os.PathLike[str], provider: KeyProvider, *, read_only: bool = True) -> PQCVolume:
-    return PQCVolume(path, keystore=provider, read_only=read_only, layer=True).open()
+def _open_layer(
+    path: str | os.PathLike[str], provider: KeyProvider, *, read_only: bool = True, record: bool = True
+) -> PQCVolume:
+    return PQCVolume(path, keystore=provider, read_only=read_only, layer=True, record=record).open()
+
+
+def _forget_use(provider: KeyProvider, key_id: str, path: str | os.PathLike[str], uuid: str) -> None:
+    """Drop the usage record of a layer file that is gone (a dropped or merged layer): records list exactly
+    the chain's files.  Metadata (like record_use): a failure is logged, never fails the operation."""
+    forget = getattr(provider, "forget_volume_use", None)
+    if forget is None:
+        return
+    try:
+        forget(key_id, os.path.abspath(path), uuid)
+    except (QwamosError, OSError) as e:
+        log.warning("%s: the key's usage record was not removed: %s", path, e)
 
 
 def _check_link(base: str, child: PQCVolume, parent: PQCVolume, table: Table, uuid: str, freeze: str) -> None:
@@ -766,7 +782,9 @@ class ChainVolume:
             pending.abort()
             raise
         try:
-            with _open_layer(dest, self.keystore, read_only=False) as vol:
+            # not recorded: the file is renamed over VOL, whose record _reopen updates (a pending file a crash
+            # leaves is either put in place the same way or removed)
+            with _open_layer(dest, self.keystore, read_only=False, record=False) as vol:
                 vol.write_metadata({TABLE_ENTRY: table.encode()}, sealed=True)
         except BaseException:
             dest.unlink(missing_ok=True)
@@ -901,6 +919,7 @@ class ChainVolume:
                 victim = next((u for u in self.table.layers if u not in named and len(kids[u]) <= 1), None)
                 if victim is None:
                     break
+                victim_key = frozen[victim].header.key_id
                 if kids[victim]:
                     child = kids[victim][0]
                     self._merge_into(frozen[victim], frozen.get(child, top) if child else top, frozen)
@@ -915,6 +934,7 @@ class ChainVolume:
             self.table = new
             layer_path(self.path, victim).unlink(missing_ok=True)
             fsync_dir(layer_dir(self.path))
+            _forget_use(self.keystore, victim_key, layer_path(self.path, victim), victim)
         _close_all(self.layers[1:])
         self.layers = [top]
         _walk(self.path, self.keystore, self.layers, self.table)

@@ -108,10 +108,14 @@ class PQCVolume:
         *,
         read_only: bool = False,
         layer: bool = False,
+        record: bool = True,
     ):
         self.path = os.fspath(path)
         self.keystore = keystore
         self._read_only = bool(read_only)
+        # Usage records (record_use) name where a volume lives.  A snapshot's new overlay is opened under its
+        # transient pending name; its creator records it where it ends up (record=False here).
+        self._record = bool(record)
         # A layer of a snapshot chain (an overlay, or a frozen snapshot) reads wrong on its own: its empty
         # blocks stand for its parent's.  Only the chain (qwamos.volume.snapshots) opens one, with layer=True.
         self._layer = bool(layer)
@@ -242,7 +246,7 @@ class PQCVolume:
         except BaseException:
             storage.close()
             raise
-        if not self._read_only:
+        if not self._read_only and self._record:
             record_use(provider, self.path, header)  # reads leave the keystore as it was, too
         self._storage = storage
         self._header = header
