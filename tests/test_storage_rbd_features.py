@@ -390,6 +390,79 @@ def test_vm_resize_clone_and_delete_of_a_vm_on_rbd(ceph_cluster, root, idle_kern
     assert not storage_exists(loc) and not ks.has_key(key_id)
 
 
+def test_migrate_to_qcow2_of_a_vm_on_rbd(ceph_cluster, root, idle_kernel, tmp_path, capsys):
+    """``migrate --to-qcow2`` of a VM whose disk is ``rbd:``: the qcow2 (the plaintext the user asked for) goes
+    into the VM's directory, built under a hidden partial name and compared with the volume before the config
+    switches; the image is renamed to ``IMAGE.backup`` (still encrypted, its key kept and recorded there); a
+    failure before the switch leaves no qcow2 and the image where it was; ``--no-backup`` removes the image
+    and its key."""
+    import json
+
+    from migrate_helpers import raw_bytes
+    from qwamos.errors import MigrationError
+    from qwamos.hypervisor.config import VMConfig
+    from qwamos.migrate import TO_QCOW2, Hooks, migrate
+    from qwamos.storage import storage_exists
+
+    ks = PQCKeystore(root.parent / "keystore")
+    mgr = rbd_vm(root, "q1", "feat-mq-1", idle_kernel)
+    loc = "rbd:rbd/feat-mq-1"
+    key_id = mgr.load("q1").key_id
+    rng = random.Random(9)
+    with PQCVolume(loc, keystore=ks) as v:
+        for off in (0, 5 * 4096, SIZE - 8192):
+            v.write(off, rng.randbytes(8192))
+    want = content(loc, ks)
+    vm_dir = root / "vms" / "q1"
+
+    class Fail(Hooks):
+        def before_commit(self, plan):  # the copy is complete and verified; nothing is switched yet
+            raise MigrationError(msg="injected")
+
+    with pytest.raises(MigrationError, match="injected"):
+        migrate("q1", root=root, keystore=ks, direction=TO_QCOW2, hooks=Fail())
+    assert sorted(p.name for p in vm_dir.iterdir()) == ["config.yaml"]  # no qcow2, no partial, no journal
+    assert mgr.load("q1").disk_location == loc and storage_exists(loc) and content(loc, ks) == want
+
+    assert main(["migrate", "q1", "--to-qcow2", "--root", str(root), "--json"]) == 0
+    done = [json.loads(line) for line in capsys.readouterr().out.splitlines()][-1]
+    cfg = VMConfig.load(vm_dir / "config.yaml")
+    assert not cfg.encryption_enabled and cfg.disk_path == vm_dir / "disk.qcow2" and cfg.disk_format == "qcow2"
+    assert raw_bytes(vm_dir / "disk.qcow2", "qcow2", tmp_path) == want
+    assert sorted(p.name for p in vm_dir.iterdir()) == ["config.yaml", "disk.qcow2"]
+    backup = "rbd:rbd/feat-mq-1.backup"
+    assert done["backup"] == backup and done["backup_key_id"] == key_id
+    assert not storage_exists(loc) and content(backup, ks) == want  # the image under its new name
+    assert [u["path"] for u in ks.key_users(key_id) if u["state"] == "live"] == [backup]
+
+    # --no-backup: the image and its key go after the switch
+    mgr = rbd_vm(root, "q2", "feat-mq-2", idle_kernel)
+    key2 = mgr.load("q2").key_id
+    assert main(["migrate", "q2", "--to-qcow2", "--no-backup", "--root", str(root)]) == 0
+    assert not storage_exists("rbd:rbd/feat-mq-2") and not storage_exists("rbd:rbd/feat-mq-2.backup")
+    assert not ks.has_key(key2)
+    assert raw_bytes(root / "vms" / "q2" / "disk.qcow2", "qcow2", tmp_path) == bytes(4 * MIB)
+
+
+def test_backup_of_a_stopped_vm_on_rbd(ceph_cluster, root, idle_kernel, tmp_path, capsys):
+    """``backup create --vm`` of a stopped VM reads its ``rbd:`` volume directly (no export runs)."""
+    import json
+
+    mgr = rbd_vm(root, "bs", "feat-bk-vm", idle_kernel)
+    ks = PQCKeystore(root.parent / "keystore")
+    loc = "rbd:rbd/feat-bk-vm"
+    with PQCVolume(loc, keystore=ks) as v:
+        v.write(4096, b"S" * 8192)
+    repo = str(tmp_path / "repo")
+    assert main(["backup", "create", "--vm", "bs", "--root", str(root), "--repo", repo, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["vm_state"] == "stopped" and out["read_bytes"] == 8192
+    assert mgr.status("bs").state == "stopped"
+    dest = str(tmp_path / "r.qvol")
+    assert main(["backup", "restore", out["name"], "-o", dest, "--repo", repo]) == 0
+    assert content(dest, ks) == content(loc, ks)
+
+
 # --- snapshots: refused on rbd:, with the reason (docs/design.md) ------------------------------------------
 
 

@@ -104,8 +104,7 @@ def backup_vm(
     cfg = mgr.load(vm)
     st = mgr.status(vm)
     if st.state == "stopped":
-        path = cfg.disk_path if str(cfg.disk_path).endswith(".qvol") else cfg.encrypted_disk_path()
-        src = engine.VolumeSource.open(path, keystore)
+        src = engine.VolumeSource.open(cfg.volume_location(), keystore)  # a .qvol file or an rbd: image
         try:
             out = engine.create(repo, src, name=name, full=full, progress=progress)
         finally:

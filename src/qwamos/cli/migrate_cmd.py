@@ -292,7 +292,9 @@ class _TextView:
         self.out("2. Verify data integrity")
         if ev.get("backup"):
             then = f"; then its key: qwamos key delete {ev['backup_key_id']}" if ev.get("backup_key_id") else ""
-            self.out(f"3. Delete backup: rm {ev['backup']}{then}")
+            backup = str(ev["backup"])
+            rm = f"rbd rm {backup[len('rbd:') :].split(':')[0]}" if backup.startswith("rbd:") else f"rm {backup}"
+            self.out(f"3. Delete backup: {rm}{then}")
         for key_id in ev.get("unused_keys") or ():
             self.out(f"Key {key_id} is used by no volume any more; remove it: qwamos key delete {key_id}")
         self.out(RULE)

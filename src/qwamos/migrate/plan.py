@@ -20,7 +20,7 @@ from qwamos.hypervisor.vocab import BACKING_FORMATS
 from qwamos.migrate import qemuimg
 from qwamos.migrate.vmview import VMView, load_vm
 from qwamos.volume import PQCVolume
-from qwamos.volume.header import HEADER_SIZE, SLOT_SIZE
+from qwamos.volume.header import BLOCK_SIZE, HEADER_SIZE, SLOT_SIZE
 
 Direction = Literal["to-qvol", "to-qcow2"]
 TO_QVOL: Direction = "to-qvol"
@@ -39,7 +39,7 @@ class MigrationPlan:
     source: qemuimg.ImageInfo
     target: Path | str  # a file, or an rbd: location (migrate --to)
     partial: Path | str
-    backup: Path | None
+    backup: Path | str | None  # a file, or (--to-qcow2 from rbd:) the image's new name
     size_bytes: int
     source_key_id: str | None = None
     source_algorithm: str | None = None
@@ -54,7 +54,7 @@ class MigrationPlan:
         """The actions in order, as sentences (``--dry-run`` prints these)."""
         s = self.source.path
         out: list[str] = []
-        if self.backup is not None:
+        if self.backup is not None and isinstance(self.backup, Path):
             out.append(f"keep the original as {self.backup} (a hard link: no copy, the original is not modified)")
         if self.direction == TO_QVOL:
             out.append(f"create an encrypted volume {self.target} of {self.size_bytes} bytes with a new key")
@@ -148,12 +148,22 @@ def _refuse_existing(path: Path, what: str) -> None:
 MAX_BACKUPS = 99
 
 
-def free_backup_path(source: Path) -> Path:
+def free_backup_path(source: Path | str) -> Path | str:
     """The backup's name: ``<disk>.backup``, or when an earlier migration's backup holds that name (a round
     trip: ``migrate``, ``migrate --to-qcow2``, ``migrate``), ``<disk>.backup.2``, ``.3``, ...: an earlier
-    backup is the user's data and is never replaced, and a round trip needs no file moved by hand."""
+    backup is the user's data and is never replaced, and a round trip needs no file moved by hand.  An ``rbd:``
+    source's backup is the image ``IMAGE.backup`` (``.2``, ...) in its pool, reached the same way."""
+    from qwamos.storage import is_rbd, sibling_image, storage_exists
+    from qwamos.storage.rbd import RBDLocation
+
     for n in range(1, MAX_BACKUPS + 1):
-        path = Path(f"{source}.backup" + (f".{n}" if n > 1 else ""))
+        suffix = ".backup" + (f".{n}" if n > 1 else "")
+        if isinstance(source, str) and is_rbd(source):
+            image = sibling_image(source, RBDLocation.parse(source[len("rbd:") :]).image + suffix)
+            if not storage_exists(image):
+                return image
+            continue
+        path = Path(f"{source}{suffix}")
         if not os.path.lexists(path):
             return path
     raise MigrationError(
@@ -304,18 +314,18 @@ def _plan_to_qvol(vm: VMView, backup: bool, allow_backing: bool = False, to: str
 def _plan_to_qcow2(vm: VMView, backup: bool, keystore: Any) -> MigrationPlan:
     if not vm.encrypted:
         raise MigrationError(msg=f"VM {vm.name!r} does not use encrypted storage; nothing to decrypt")
-    if vm.config.disk_is_rbd:
-        raise MigrationError(
-            msg=f"VM {vm.name!r}'s disk is on RBD ({vm.config.disk_location}): --to-qcow2 from an rbd: volume is "
-            "not supported yet"
-        )
-    src_path = vm.qvol_path
-    if not src_path.exists():
+    from qwamos.storage import storage_exists
+
+    rbd = vm.config.disk_is_rbd
+    src_path: Path | str = vm.volume_location if rbd else vm.qvol_path
+    if not storage_exists(src_path):
         raise MigrationError(msg=f"the VM's encrypted disk {src_path} does not exist (nothing to migrate)")
-    refuse_symlink_delete(src_path, backup)
+    if not rbd:
+        refuse_symlink_delete(Path(src_path), backup)
     with PQCVolume(src_path, keystore=keystore, read_only=True) as vol:  # authenticates the header
         size, key_id, algorithm = vol.size, vol.key_id, vol.header.algorithm
         uuid = vol.header.volume_uuid
+        used = vol.allocated_blocks() * BLOCK_SIZE if rbd else os.stat(src_path).st_blocks * 512
     bound_uuid, bound_key = vm.config.volume_uuid, vm.config.key_id
     if (bound_uuid is not None and uuid != bound_uuid) or (bound_key is not None and key_id != bound_key):
         raise MigrationError(
@@ -327,7 +337,7 @@ def _plan_to_qcow2(vm: VMView, backup: bool, keystore: Any) -> MigrationPlan:
         path=str(src_path),
         format="qvol",
         virtual_size=size,
-        actual_size=os.stat(src_path).st_blocks * 512,
+        actual_size=used,
         backing_file=None,
         encrypted=True,
     )
@@ -336,6 +346,8 @@ def _plan_to_qcow2(vm: VMView, backup: bool, keystore: Any) -> MigrationPlan:
     _refuse_existing(target, "the qcow2 disk")
     backup_path = free_backup_path(src_path) if backup else None
     warnings = [f"{target} will hold the VM's data unencrypted"]
+    if rbd and backup_path is not None:
+        warnings.append(f"the image {src_path} stays on the cluster as {backup_path} (still encrypted)")
     _check_space(target.parent, source.actual_size or 0)
     return MigrationPlan(
         vm=vm,

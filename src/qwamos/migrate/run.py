@@ -50,7 +50,7 @@ from qwamos.migrate.plan import (
 )
 from qwamos.migrate.stream import ImageStream
 from qwamos.migrate.vmview import VMView, load_vm
-from qwamos.storage import is_rbd, remove_storage, rename_storage, storage_exists
+from qwamos.storage import absolute_location, is_rbd, remove_storage, rename_storage, storage_exists
 from qwamos.volume import PQCVolume, read_header
 from qwamos.volume.header import BLOCK_SIZE
 
@@ -201,11 +201,11 @@ class _Run:
 
     def _backup(self) -> None:
         p = self.plan
-        if p.backup is None:
+        if p.backup is None or is_rbd(p.source.path):  # an image is renamed after the commit (finish_committed)
             return
         self.emit({"type": "backup_start", "path": str(p.backup)})
         self.backup_made = True  # from here on, rollback removes whatever stands at the backup name
-        make_backup(Path(p.source.path), p.backup)
+        make_backup(Path(p.source.path), Path(p.backup))
         self.emit({"type": "backup", "path": str(p.backup)})
 
     def _to_qvol(self) -> int:
@@ -301,7 +301,7 @@ class _Run:
             cfg.set_disk_format("qcow2")
         if isinstance(p.target, str):  # an rbd: location (migrate --to), as the user wrote it
             cfg.set_disk_location(p.target)
-        elif vm.disk_path != p.target:
+        elif vm.config.disk_is_rbd or vm.disk_path != p.target:  # (an rbd: disk to the qcow2 file)
             cfg.set_disk_path(p.target)
         cfg.save()
         self.journal.write(state="committed")
@@ -329,7 +329,7 @@ class _Run:
         if self.key_id is not None:
             _try(problems, f"discard key {self.key_id}", self.ks.discard_key, self.key_id)
         if self.backup_made and p.backup is not None:
-            _try(problems, f"remove {p.backup}", _remove_backup, Path(p.source.path), p.backup)
+            _try(problems, f"remove {p.backup}", _remove_backup, Path(p.source.path), Path(p.backup))
         if problems:
             # Keep the journal: the next run retries the clean-up.
             self.emit({"type": "rollback_incomplete", "problems": problems})
@@ -428,9 +428,20 @@ def _try(problems: list[str], what: str, fn: Callable[..., Any], *args: Any) -> 
 
 def finish_committed(record: dict[str, Any], keystore: Any, emit: Report) -> None:
     """The post-commit clean-up: drop the original's name, or delete it (and, going back, its key)."""
-    source = Path(record["source"])
-    backup = Path(record["backup"]) if record.get("backup") else None
-    if backup is not None and not backup.exists():
+    source = _loc(record["source"])
+    backup = _loc(record["backup"]) if record.get("backup") else None
+    if backup is not None and isinstance(source, str):
+        # An RBD image has no second name: it is renamed to the backup's now (rbd_rename refuses an existing
+        # name), or was before a crash.
+        if storage_exists(source):
+            rename_storage(source, str(backup))
+            emit({"type": "backup", "path": str(backup)})
+        elif not storage_exists(backup):
+            raise MigrationError(msg=f"neither {source} nor its backup {backup} exists")
+        if record.get("source_key_id"):
+            _record_backup_use(keystore, record["source_key_id"], source, backup)
+        return
+    if backup is not None and not storage_exists(backup):
         raise MigrationError(msg=f"the backup {backup} is missing; leaving {source} in place")
     if backup is not None and record["direction"] == TO_QCOW2 and record.get("source_key_id"):
         _record_backup_use(keystore, record["source_key_id"], source, backup)
@@ -453,19 +464,20 @@ def _unused_keys(keystore: Any, vm_name: str) -> list[str]:
         return []
 
 
-def _record_backup_use(keystore: Any, key_id: str, source: Path, backup: Path) -> None:
+def _record_backup_use(keystore: Any, key_id: str, source: Path | str, backup: Path | str) -> None:
     """The volume kept as ``backup`` still needs its key: record it at its new name (``key delete`` then
     refuses while it exists, and ``key list`` shows who uses the key) and forget the old name.  Records are
     metadata: a keystore without them (a bare key provider in tests) is left alone."""
     record = getattr(keystore, "record_volume_use", None)
     forget = getattr(keystore, "forget_volume_use", None)
-    if record is None or forget is None or not backup.exists():
+    if record is None or forget is None or not storage_exists(backup):
         return
     fields = read_header(backup)
     if fields.get("key_id") != key_id:
         return
-    record(key_id, str(backup.absolute()), str(fields["volume_uuid"]), str(fields.get("vm_name") or ""))
-    forget(key_id, str(source.absolute()), str(fields["volume_uuid"]))
+    uuid = str(fields["volume_uuid"])
+    record(key_id, absolute_location(backup), uuid, str(fields.get("vm_name") or ""))
+    forget(key_id, absolute_location(source), uuid)
 
 
 def recover(record: dict[str, Any], vm: VMView, keystore: Any, emit: Report) -> None:
@@ -489,7 +501,7 @@ def recover(record: dict[str, Any], vm: VMView, keystore: Any, emit: Report) -> 
         if record["direction"] == TO_QVOL and key_id:
             with contextlib.suppress(QwamosError):
                 keystore.discard_key(key_id)
-        if record.get("backup"):
+        if record.get("backup") and not is_rbd(record["source"]):  # an image's backup is made after the commit
             _remove_backup(Path(record["source"]), Path(record["backup"]))
         emit({"type": "recovered", "action": "rolled_back", "journal": record})
     journal_path_for(vm).unlink(missing_ok=True)

@@ -41,9 +41,17 @@ class VMView:
     @property
     def plain_disk_path(self) -> Path:
         """Where ``--to-qcow2`` puts the decrypted disk: the configured path when it is a .qcow2, else
-        the encrypted disk's name with a .qcow2 suffix."""
+        the encrypted disk's name with a .qcow2 suffix (``disk.qcow2`` in the VM's directory for an ``rbd:``
+        disk)."""
+        if self.config.disk_is_rbd:  # the image names no place on this host: the VM's directory
+            return self.config_path.parent / "disk.qcow2"
         p = self.disk_path
         return p if p.suffix == ".qcow2" else self.qvol_path.with_suffix(".qcow2")
+
+    @property
+    def volume_location(self) -> str:
+        """The encrypted volume's location for the storage layer: a file's absolute path or the ``rbd:`` image."""
+        return str(self.config.volume_location())
 
     @property
     def disk_size_bytes(self) -> int | None:
