@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -81,6 +81,8 @@ def test_the_document_holds_every_vector_this_module_checks():
         "key commitment",
         "argon2id output (identity seal)",
         "seal key (identity)",
+        "signing seed",
+        "SHA3-256(signing public key)",
     }
     assert set(V) == expected
     assert V["identity private key"] == bytes(range(96))
@@ -299,6 +301,44 @@ def test_identity_known_answer():
     from qwamos.keystore.identity import fingerprint
 
     assert fingerprint(public) == V["fingerprint"].hex() == HYBRID_DOC["identity_fingerprint"]
+
+
+def test_signing_key_known_answer():
+    seed = V["signing seed"]
+    public = crypto.sign_public_from_seed(seed)
+    assert len(public) == crypto.MLDSA_PK_SIZE
+    assert hashlib.sha3_256(public).digest() == V["SHA3-256(signing public key)"]
+    # independently of qwamos.crypto: FIPS 204 key generation from the seed
+    assert public == mldsa.MLDSA87PrivateKey.from_seed_bytes(seed).public_key().public_bytes_raw()
+
+
+def test_signatures_verify_only_under_their_key_message_and_context():
+    seed, public = crypto.sign_generate()
+    assert (len(seed), len(public)) == (crypto.MLDSA_SEED_SIZE, crypto.MLDSA_PK_SIZE)
+    assert crypto.sign_public_from_seed(seed) == public
+    sig = crypto.sign(seed, b"grant", context=b"qwamos/test")
+    assert len(sig) == crypto.MLDSA_SIG_SIZE
+    crypto.verify_signature(public, b"grant", sig, context=b"qwamos/test")
+    # the library itself agrees
+    mldsa.MLDSA87PublicKey.from_public_bytes(public).verify(sig, b"grant", b"qwamos/test")
+    _other_seed, other_public = crypto.sign_generate()
+    flipped = bytearray(sig)
+    flipped[len(sig) // 2] ^= 1
+    for pk, msg, s, ctx in (
+        (other_public, b"grant", sig, b"qwamos/test"),  # another key
+        (public, b"grant!", sig, b"qwamos/test"),  # another message
+        (public, b"grant", sig, b"qwamos/other"),  # another purpose
+        (public, b"grant", bytes(flipped), b"qwamos/test"),  # a changed signature
+        (public, b"grant", sig[:-1], b"qwamos/test"),  # truncated
+        (public[:-1], b"grant", sig, b"qwamos/test"),  # malformed key
+        (bytes(crypto.MLDSA_PK_SIZE), b"grant", sig, b"qwamos/test"),
+    ):
+        with pytest.raises(AuthenticationFailed):
+            crypto.verify_signature(pk, msg, s, context=ctx)
+    with pytest.raises(InvalidArgument):
+        crypto.sign(seed, b"grant", context=b"")  # a signature always names its purpose
+    with pytest.raises(InvalidArgument):
+        crypto.sign(seed[:-1], b"grant", context=b"qwamos/test")
 
 
 def test_hybrid_decapsulation_known_answer():

@@ -14,6 +14,11 @@ Hybrid KEM ``x25519-mlkem1024``
 
 Legacy KEM ``ecdh-curve25519``
     Ephemeral-static X25519 with the same hash shape, for keys written by configs that predate the hybrid.
+
+Signatures ``ml-dsa-87``
+    ML-DSA-87 (FIPS 204, category 5 like ML-KEM-1024), for what must be authenticated to another host without
+    a round trip (key grants).  The private key is kept as its 32-byte seed; every signature carries a
+    context string naming its purpose, so a signature made for one kind of document never verifies as another.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ import hmac
 import os
 from functools import cache
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -52,6 +57,11 @@ MLKEM_PK_SIZE = 1568
 MLKEM_CT_SIZE = 1568
 MLKEM_SEED_SIZE = 64
 X25519_SIZE = 32
+
+SIGNATURE = "ml-dsa-87"
+MLDSA_SEED_SIZE = 32
+MLDSA_PK_SIZE = 2592
+MLDSA_SIG_SIZE = 4627
 
 _Buf = bytes | bytearray | memoryview
 
@@ -351,6 +361,52 @@ def x25519_static_secret(private: bytes, peer_public: bytes) -> bytes:
     if not any(secret):
         raise InvalidArgument("X25519 gave an all-zero secret (a low-order public key)")
     return secret
+
+
+# --- signatures (ML-DSA-87, FIPS 204) ---------------------------------------------------------------------
+
+
+def sign_generate() -> tuple[bytes, bytes]:
+    """A new ML-DSA-87 signing key: ``(seed (32 bytes), public key (2592 bytes))``.  The seed is the whole
+    private key (FIPS 204 key generation from the seed ``xi``)."""
+    key = mldsa.MLDSA87PrivateKey.generate()
+    return key.private_bytes_raw(), key.public_key().public_bytes_raw()
+
+
+def sign_public_from_seed(seed: bytes) -> bytes:
+    """The ML-DSA-87 public key of a 32-byte seed (deterministic)."""
+    return _mldsa_key(seed).public_key().public_bytes_raw()
+
+
+def _mldsa_key(seed: bytes) -> mldsa.MLDSA87PrivateKey:
+    if len(seed) != MLDSA_SEED_SIZE:
+        raise InvalidArgument("ML-DSA-87 seed has the wrong length")
+    return mldsa.MLDSA87PrivateKey.from_seed_bytes(seed)
+
+
+def _check_context(context: bytes) -> None:
+    # FIPS 204 allows up to 255 bytes; an empty context would let a signature serve any purpose.
+    if not 0 < len(context) <= 255:
+        raise InvalidArgument("a signature context is 1 to 255 bytes")
+
+
+def sign(seed: bytes, message: bytes, *, context: bytes) -> bytes:
+    """ML-DSA-87 signature (hedged: two signatures of one message differ) of ``message`` under the key of
+    ``seed``, for the purpose named by ``context`` (FIPS 204's context string)."""
+    _check_context(context)
+    return _mldsa_key(seed).sign(message, context)
+
+
+def verify_signature(public: bytes, message: bytes, signature: bytes, *, context: bytes) -> None:
+    """Raise :class:`AuthenticationFailed` unless ``signature`` is an ML-DSA-87 signature of ``message``
+    under ``public`` with ``context``; a malformed public key or signature fails the same way."""
+    _check_context(context)
+    if len(public) != MLDSA_PK_SIZE or len(signature) != MLDSA_SIG_SIZE:
+        raise AuthenticationFailed()
+    try:
+        mldsa.MLDSA87PublicKey.from_public_bytes(public).verify(signature, message, context)
+    except (InvalidSignature, ValueError):
+        raise AuthenticationFailed() from None
 
 
 def _combine(ss_m: bytes, ss_x: bytes, ct_m: bytes, ct_x: bytes, pk_m: bytes, pk_x: bytes) -> bytes:
