@@ -62,9 +62,19 @@ def _line(text: str, tag: str) -> str:
     return m.group(1) or ""
 
 
-def _host(tmp: Path, name: str, image: str, kernel: Path, initrd: Path, cmdline: str, **enc: str) -> VMManager:
-    """Host ``name``: a VM root with VM 'web' whose disk is ``rbd:rbd/IMAGE``, and a keystore."""
-    root, ks = tmp / name / "root", tmp / name / "keystore"
+def _host(
+    tmp: Path,
+    name: str,
+    image: str,
+    kernel: Path,
+    initrd: Path,
+    cmdline: str,
+    keystore: Path | None = None,
+    **enc: str,
+) -> VMManager:
+    """Host ``name``: a VM root with VM 'web' whose disk is ``rbd:rbd/IMAGE``, and a keystore (its own, unless
+    ``keystore`` names one)."""
+    root, ks = tmp / name / "root", keystore or tmp / name / "keystore"
     cfg = write_config(root, "web", kernel=kernel, initrd=initrd, cmdline=cmdline, size="16M", encrypted=True)
     text = re.sub(r"(?m)^      path: .*$", f"      path: rbd:rbd/{image}", cfg.read_text())
     for k, v in enc.items():
@@ -276,3 +286,116 @@ def test_migrate_to_rbd_puts_the_verified_volume_on_the_cluster(
     make_source(root / "vms" / "mig2" / "disk.qcow2")
     assert main(["migrate", "mig2", "--root", str(root), "--keystore", str(ks_dir), "--to", to]) != 0
     assert not VMConfig.load(root / "vms" / "mig2" / "config.yaml").encryption_enabled
+
+
+def _guest(cls: str = "aarch64") -> tuple[Path, Path]:
+    files = guest_files(cls)
+    if files is None:
+        pytest.skip(f"test guest for {cls} not built (make guest)")
+    return files
+
+
+def _idle(mgr: VMManager) -> None:
+    """Start VM 'web' with an idle guest (the kernel's own messages on the console) and wait until it is up."""
+    _set_cmdline(mgr, "console=ttyAMA0 qwamos.mode=idle")
+    _run_to_completion(mgr, *_local(mgr), done="GUEST-READY")
+
+
+def test_running_vm_on_rbd_backed_up_twice_restored_to_rbd_and_booted(
+    ceph_cluster, tmp_path, no_ambient_env, monkeypatch, capsys
+):
+    """``backup create --vm`` of a running VM whose disk is ``rbd:`` goes through its export (the guest paused
+    meanwhile, then resumed); the second backup is incremental (a write through the export is all it reads);
+    ``backup restore -o rbd:POOL/IMAGE`` makes a new image under a new key, and a VM on it boots and reads the
+    marker the first guest wrote, the restored volume holding the export's write."""
+    from qwamos.cli.main import main
+    from qwamos.nbd.client import NBDClient
+
+    kernel, initrd = _guest()
+    monkeypatch.setenv("QWAMOS_BACKUP_STATE", str(tmp_path / "state"))
+    image = f"bk-{secrets.token_hex(4)}"
+    marker = f"rbd-backup-{secrets.token_hex(6)}"
+    a = _host(
+        tmp_path, "a", image, kernel, initrd, f"console=ttyAMA0 quiet qwamos.mode=write qwamos.marker={marker}"
+    )
+    wrote = _line(_run_to_completion(a, *_local(a)), "GUEST-WROTE")
+    ks = str(a.keystore_dir)
+    repo = str(tmp_path / "repo")
+    dirs = ["--root", str(a.root), "--repo", repo, "--keystore", ks, "--json"]
+
+    def backup(name: str) -> dict:
+        rc = main(["backup", "create", "--vm", "web", "--name", name, *dirs])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        return json.loads(out)
+
+    late_offset, late = 12 << 20, f"through-the-export-{marker}".encode().ljust(4096, b".")
+    _idle(a)
+    try:
+        first = backup("live1")
+        assert first["vm_state"] == "running" and not first["incremental"]
+        assert a.status("web").qemu_status == "running"  # resumed
+        with NBDClient.connect_unix(a.run_dir("web").export_sock) as nbd:
+            nbd.write(late_offset, late)
+            nbd.flush()
+        second = backup("live2")
+        assert second["incremental"] and second["read_bytes"] == 4096
+        assert a.status("web").qemu_status == "running"
+    finally:
+        a.stop("web", force=True)
+
+    restored = f"rbd:rbd/{image}-restored"
+    rc = main(["backup", "restore", "live2", "-o", restored, "--repo", repo, "--keystore", ks, "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    key_id = json.loads(out)["key_id"]
+    assert key_id != VMConfig.load(a.config_path("web")).key_id
+    with PQCVolume(restored, keystore=PQCKeystore(ks), read_only=True) as v:
+        assert v.read(late_offset, 4096) == late and v.check() == []
+    r = _host(
+        tmp_path, "r", f"{image}-restored", kernel, initrd, "console=ttyAMA0 quiet qwamos.mode=read",
+        keystore=a.keystore_dir, key_id=key_id,
+    )  # fmt: skip
+    text = _run_to_completion(r, *_local(r))
+    assert _line(text, "GUEST-MARKER") == marker and _line(text, "GUEST-READ") == wrote
+
+
+def test_running_vm_on_rbd_grows_online_and_the_guest_sees_it(ceph_cluster, tmp_path, no_ambient_env):
+    """``vm resize`` of a running VM whose disk is ``rbd:``: the export grows the volume and the image
+    (``rbd_resize``), QEMU is told (``block_resize``) and the guest kernel reports the new capacity; after a
+    restart the guest writes past the old end, and reads back what it wrote before the resize."""
+    from qwamos.cli.main import main
+
+    kernel, initrd = _guest()
+    image = f"rs-{secrets.token_hex(4)}"
+    marker = f"rbd-resize-{secrets.token_hex(6)}"
+    a = _host(
+        tmp_path, "a", image, kernel, initrd, f"console=ttyAMA0 quiet qwamos.mode=write qwamos.marker={marker}"
+    )
+    wrote = _line(_run_to_completion(a, *_local(a)), "GUEST-WROTE")
+    loc = f"rbd:rbd/{image}"
+    _idle(a)
+    try:
+        assert main(["vm", "resize", "web", "24M", "--root", str(a.root), "--keystore", str(a.keystore_dir)]) == 0
+        log = a.run_dir("web").serial_log
+        # virtio-blk: "[vda] new size: 49152 512-byte logical blocks (25.2 MB/24.0 MiB)"
+        wait_for(lambda: "new size: 49152 512-byte" in log.read_text(errors="replace"), 60, "the capacity change")
+        assert a.status("web").state == "running"
+    finally:
+        a.stop("web", timeout=30)
+    with PQCVolume(loc, keystore=PQCKeystore(a.keystore_dir), read_only=True) as v:
+        assert v.size == 24 << 20 and v.check() == []
+        image_bytes = json.loads(subprocess.run(
+            ["rbd", "info", "--format", "json", f"rbd/{image}"], capture_output=True, text=True, check=True
+        ).stdout)["size"]  # fmt: skip
+        assert image_bytes == v.header.file_size  # the image itself grew
+    assert VMConfig.load(a.config_path("web")).disk_size_bytes == 24 << 20
+
+    past = 20 << 20  # past the old end
+    _set_cmdline(a, f"console=ttyAMA0 quiet qwamos.mode=write qwamos.marker=past-the-end qwamos.offset={past}")
+    _run_to_completion(a, *_local(a))
+    _set_cmdline(a, "console=ttyAMA0 quiet qwamos.mode=read")
+    text = _run_to_completion(a, *_local(a))
+    assert _line(text, "GUEST-MARKER") == marker and _line(text, "GUEST-READ") == wrote
+    with PQCVolume(loc, keystore=PQCKeystore(a.keystore_dir), read_only=True) as v:
+        assert v.read(past, 4096).startswith(b"QWAMOS-MARKER past-the-end")
