@@ -443,3 +443,113 @@ def test_a_layer_file_the_table_does_not_list_is_removed(tmp_path, keys):
     assert out["orphans_removed"] == [str(orphan)] and not orphan.exists()
     assert sorted(layer_dir(path).glob("*.qvol")) == listed
     assert read_views(path, keys) == want
+
+
+def test_a_layer_put_back_from_before_a_keep_old_rotation_is_refused_by_every_read_path(tmp_path):
+    """The attack: a storage tamperer kept a copy of a frozen layer from before ``key rotate --keep-old``
+    (old key retired, still in the keystore, so the copy's header, commitment and slots -- forgeable by
+    whoever leaked that key -- all open) and puts it back after the rotation.  Its UUID, freeze id and chain
+    are the genuine ones; its key generation is not: every way of reading the chain refuses it (exit 12),
+    the library opens of every view (volume info, clone, backup, snapshot operations), a VM start or
+    ``volume serve --snapshot``, ``backup create``, and another rotation.  Put the genuine file back and
+    every view reads as before."""
+    from qwamos.keystore import PQCKeystore
+    from qwamos.volume.snapshots import layer_path
+
+    ksdir = tmp_path / "ks"
+    env = {
+        "QWAMOS_KEYSTORE": str(ksdir),
+        "QWAMOS_ROOT": str(tmp_path / "root"),
+        "QWAMOS_BACKUP_STATE": str(tmp_path / "state"),
+    }
+    ks = PQCKeystore(ksdir)
+    path = tmp_path / "disk.qvol"
+    want = build(path, ks, seed=11)
+    old_id = read_header(path)["key_id"]
+    with open_chain(path, ks, read_only=True) as c:
+        s1 = c.table.snapshots["s1"].layer  # on the volume's path and on every snapshot's
+    victim = layer_path(path, s1)
+    saved = victim.read_bytes()
+    res = _cli("key", "rotate", old_id, "--keep-old", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    new_id = json.loads(res.stdout.splitlines()[-1])["new_key_id"]
+    ks = PQCKeystore(ksdir)
+    assert ks.key_state(old_id)[0] == "retired" and ks.volume_key(old_id)  # kept: it still opens the copy
+    assert set(layer_keys(path).values()) == {new_id}
+    assert read_views(path, ks) == want
+    genuine = victim.read_bytes()
+    victim.write_bytes(saved)
+    with PQCVolume(victim, keystore=ks, read_only=True, layer=True) as v:
+        assert v.key_id == old_id  # the copy authenticates on its own: only the chain can tell
+    for name in (None, "s1", "s2", "s3"):
+        with pytest.raises(SnapshotChainError, match="before a key rotation"):
+            open_chain(path, ks, read_only=True, snapshot=name)
+    with pytest.raises(SnapshotChainError, match="before a key rotation"):
+        open_chain(path, ks)  # writable: backup, snapshot create/revert/delete
+    with pytest.raises(SnapshotChainError, match="before a key rotation"):
+        unlock_key(path, ks, snapshot="s1")  # vm start, volume serve
+    # the copy makes the chain look like a rotation back to the old key cut short: "resuming" it is refused
+    with pytest.raises(SnapshotChainError, match="before a key rotation"):
+        reencrypt_volume(path, ks, old_id)
+    for argv in (
+        ("volume", "serve", str(path), "--snapshot", "s1", "--read-only", "--socket", str(tmp_path / "s")),
+        ("volume", "info", str(path)),
+        ("backup", "create", str(path), "--repo", str(tmp_path / "repo"), "--name", "a"),
+    ):
+        res = _cli(*argv, env=env)
+        assert res.returncode == 12 and "before a key rotation" in res.stderr, (argv, res.stderr)
+    assert set(layer_keys(path).values()) == {new_id, old_id}  # nothing was changed by any of them
+    victim.write_bytes(genuine)
+    assert read_views(path, ks) == want
+
+
+def _table_doc(path: Path, keys) -> dict:
+    with open_chain(path, keys, read_only=True) as c:
+        return json.loads(c.layers[0].read_metadata("snapshots/table"))
+
+
+def test_key_generations_byte_format_and_upgrade_of_older_chains(tmp_path, keys):
+    """qvol-format 2.5.4 "Key rotation": a chain never rotated keeps the bytes an older qwamos wrote (no
+    ``key_gen`` member, table version 1), so older chains open unchanged; each chain rotation raises every
+    layer's ``key_gen`` by one and the table's floor to it (version 2); a new overlay and a layer frozen
+    afterwards carry the floor; malformed values are refused."""
+    from qwamos.volume.snapshots import Table
+
+    path = tmp_path / "disk.qvol"
+    build(path, keys, seed=12)
+    files = [Path(f["path"]) for f in chain_files(path, keys)]
+
+    def gens() -> set:
+        return {read_header(f)["features"]["snapshots"].get("key_gen") for f in files}
+
+    assert gens() == {None} and _table_doc(path, keys)["version"] == 1 and "key_gen" not in _table_doc(path, keys)
+    for n in (1, 2):
+        new_id, _ = keys.new_volume_key("vm", "disk")
+        assert reencrypt_volume(path, keys, new_id, batch=8)["finished"]
+        assert gens() == {n}
+        doc = _table_doc(path, keys)
+        assert doc["version"] == 2 and doc["key_gen"] == n
+    with open_chain(path, keys) as c:
+        c.create("s4")  # the old top frozen at the floor, the new overlay made at it
+        c.revert("s4")
+    assert read_header(path)["features"]["snapshots"]["key_gen"] == 2
+    assert {read_header(f)["features"]["snapshots"]["key_gen"] for f in layer_dir(path).glob("*.qvol")} == {2}
+    # malformed: the header member and the table's
+    base = {"compat": "incompat", "chain": "ab" * 16, "parent": None, "parent_freeze": None, "frozen": None}
+    hdr._snapshots_feature({**base, "key_gen": 1})
+    for bad in (0, -1, True, 1.0, "1", None, 2**53):
+        with pytest.raises(ValueError):
+            hdr._snapshots_feature({**base, "key_gen": bad})
+    good = {"version": 2, "chain": "ab" * 16, "layers": {}, "snapshots": {}, "key_gen": 3}
+    assert Table.parse("t", json.dumps(good).encode()).key_gen == 3
+    v1 = {k: v for k, v in good.items() if k != "key_gen"} | {"version": 1}
+    assert Table.parse("t", json.dumps(v1).encode()).key_gen == 0
+    for doc in (
+        {**good, "version": 1},  # key_gen only in version 2
+        {k: v for k, v in good.items() if k != "key_gen"},  # version 2 needs it
+        {**good, "key_gen": 0},
+        {**good, "key_gen": True},
+        {**good, "version": 3},
+    ):
+        with pytest.raises(SnapshotChainError):
+            Table.parse("t", json.dumps(doc).encode())

@@ -19,7 +19,10 @@ layers already moved (:func:`chain_state`), and a different target is refused.
 
 Links survive: each layer keeps its UUID and its ``snapshots`` feature (freeze id, parent, chain), which a
 key change does not touch; its header MAC and key commitment move to the new key with the rest of it
-(2.5.3 "Starting").  Layer files the table does not list (left by a crash between a merge's last steps,
+(2.5.3 "Starting"), and its ``key_gen`` goes up by one in that commit.  Before the top's turn the table's
+floor is raised to the frozen layers' generation (:func:`_raise_floor`), so a layer's copy from before the
+rotation -- which the old key still opens when it was kept (``--keep-old``) -- fails every later open.
+Layer files the table does not list (left by a crash between a merge's last steps,
 garbage by construction) would keep data under the old key: they are removed before the rotation starts.
 
 Online rotation of a chain is refused (:meth:`qwamos.volume.snapshots.ChainVolume.begin_reencrypt`): an
@@ -96,11 +99,31 @@ def _layers(top: PQCVolume, path: str) -> list[tuple[str, str, str]]:
     return [(os.path.abspath(layer_path(path, u)), u, f) for u, f in sorted(table.layers.items())]
 
 
-def _check_layer(base: str, vol: PQCVolume, uuid: str, freeze: str, chain: str) -> None:
-    """A frozen layer file must hold the UUID, freeze id and chain the table names (as open_chain checks
-    the layers on the current path; here every listed one, branches included)."""
-    from qwamos import crypto
+def _raise_floor(top: PQCVolume, frozen: list[PQCVolume]) -> None:
+    """Once every frozen layer is under the new key: raise the table's key generation floor to the lowest
+    of theirs (each rotation raised its layer's by one), so that a copy of any layer from before this
+    rotation is refused by every open (docs/qvol-format.md 2.5.4 "Key rotation").  One metadata commit of
+    the top, before its own rotation starts (which re-seals the table under the new key); idempotent, so a
+    resumed rotation passes here again harmlessly."""
+    from qwamos.volume.snapshots import TABLE_ENTRY, _load_table
 
+    table = _load_table(top)
+    if table is None or not frozen:
+        return
+    floor = min(hdr.snapshot_key_gen(v.header.features.get(hdr.SNAPSHOTS)) for v in frozen)
+    if floor > table.key_gen:
+        table.key_gen = floor
+        top.write_metadata({TABLE_ENTRY: table.encode()}, sealed=True)
+
+
+def _check_layer(base: str, vol: PQCVolume, uuid: str, freeze: str, table: Any) -> None:
+    """A frozen layer file must hold the UUID, freeze id and chain the table names, and be of its key
+    generation or later (as open_chain checks the layers on the current path; here every listed one,
+    branches included)."""
+    from qwamos import crypto
+    from qwamos.volume.snapshots import check_key_gen
+
+    chain = table.chain
     spec = vol.header.features.get(hdr.SNAPSHOTS) or {}
     if vol.header.volume_uuid != uuid:
         raise SnapshotChainError(path=base, msg=f"layer file {vol.path} holds volume {vol.header.volume_uuid}")
@@ -109,6 +132,7 @@ def _check_layer(base: str, vol: PQCVolume, uuid: str, freeze: str, chain: str) 
         raise SnapshotChainError(path=base, msg=f"layer {uuid} ({vol.path}) is not the frozen state linked to")
     if spec.get("chain") != chain:
         raise SnapshotChainError(path=base, msg=f"layer {uuid} ({vol.path}) belongs to another chain")
+    check_key_gen(base, f"layer {uuid} ({vol.path})", spec, table)
 
 
 def _key_state(vol: PQCVolume) -> tuple[str, str | None]:
@@ -241,7 +265,9 @@ def reencrypt_chain(
         spec = top.header.features.get(hdr.SNAPSHOTS)
         if spec is not None and spec["frozen"] is not None:
             raise SnapshotChainError(path=path, msg="the file at the volume's path is a frozen layer")
-        chain = spec["chain"] if spec is not None else top.header.volume_uuid
+        from qwamos.volume.snapshots import _load_table
+
+        table = _load_table(top)
         layers = _layers(top, path)
         frozen: list[PQCVolume] = []
         for lpath, uuid, freeze in layers:
@@ -249,7 +275,7 @@ def reencrypt_chain(
                 raise SnapshotChainError(path=path, msg=f"layer {uuid} is missing ({lpath})")
             vol = _open(lpath, provider, read_only=False)
             opened.append(vol)
-            _check_layer(path, vol, uuid, freeze, chain)
+            _check_layer(path, vol, uuid, freeze, table)
             frozen.append(vol)
         rows = [_row(v, v.path, "top" if v is top else "frozen") for v in opened]
         state = summarize(path, rows)
@@ -269,6 +295,8 @@ def reencrypt_chain(
         summary = {"rewritten": 0, "skipped": 0}
         finished = True
         for vol in [*frozen, top]:  # the top last: its header is the chain's summary
+            if vol is top:
+                _raise_floor(top, frozen)
             key_id, rot_from = _key_state(vol)
             if key_id == new_key_id and rot_from is None:
                 _move_record(provider, old_key_id, new_key_id, vol)

@@ -116,6 +116,8 @@ MAX_JOURNAL_SLOTS = 16384  # 64 MiB of slots per journalled batch at most
 JOURNAL_HALVES = {"journal": 1, "journal-pair": 2}
 SNAPSHOTS = "snapshots"  # docs/qvol-format.md 2.5.4: this file is a layer of a snapshot chain
 SNAPSHOT_FIELDS = frozenset(("compat", "chain", "parent", "parent_freeze", "frozen"))
+SNAPSHOT_KEY_GEN = "key_gen"  # optional member: the layer's key generation (absent: 0), 2.5.4 "Key rotation"
+MAX_KEY_GEN = 2**53 - 1
 KNOWN_FEATURES: frozenset[str] = frozenset({KEY_COMMITMENT, CBT, ROTATION, SNAPSHOTS})
 
 _UUID_RE = re.compile(r"[0-9a-f]{32}")
@@ -399,11 +401,25 @@ def feature_extents(header: Header) -> list[tuple[int, int]]:
     return [(rot["journal_offset"], rotation_extent_length(rot))]
 
 
+def snapshot_key_gen(spec: dict[str, Any] | None) -> int:
+    """A layer's key generation (``key_gen``; 0 when absent: a layer never rotated since this member
+    exists).  Each key rotation of the layer raises it by one in its starting commit (docs/qvol-format.md
+    2.5.4 "Key rotation")."""
+    return int(spec.get(SNAPSHOT_KEY_GEN, 0)) if spec is not None else 0
+
+
 def _snapshots_feature(spec: dict[str, Any]) -> None:
     """The ``snapshots`` feature's members (docs/qvol-format.md 2.5.4); ValueError when any is off."""
-    shape = "{compat: incompat, chain: uuid, parent: uuid|null, parent_freeze: 64 hex|null, frozen: 64 hex|null}"
-    if set(spec) != SNAPSHOT_FIELDS or spec["compat"] != INCOMPAT:
+    shape = (
+        "{compat: incompat, chain: uuid, parent: uuid|null, parent_freeze: 64 hex|null, frozen: 64 hex|null"
+        f"[, key_gen: 1..{MAX_KEY_GEN}]}}"
+    )
+    if set(spec) - {SNAPSHOT_KEY_GEN} != SNAPSHOT_FIELDS or spec["compat"] != INCOMPAT:
         raise ValueError(f"feature {SNAPSHOTS!r} must be {shape}")
+    if SNAPSHOT_KEY_GEN in spec:
+        gen = spec[SNAPSHOT_KEY_GEN]
+        if type(gen) is not int or not 1 <= gen <= MAX_KEY_GEN:
+            raise ValueError(f"feature {SNAPSHOTS!r} must be {shape}")
     chain, parent, pfreeze, frozen = spec["chain"], spec["parent"], spec["parent_freeze"], spec["frozen"]
     ok = isinstance(chain, str) and bool(_UUID_RE.fullmatch(chain))
     ok = ok and (parent is None) == (pfreeze is None)

@@ -213,6 +213,11 @@ class Rotator:
         for half in range(hdr.JOURNAL_HALVES[RESILIENCE]):  # empty descriptors
             self.storage.write(journal_offset + half * hdr.rotation_journal_length(slots), (bytes(HEADER_SIZE),))
         self.storage.flush()
+        if hdr.SNAPSHOTS in features:
+            # a layer of a snapshot chain: the new key's generation, under the new key's MAC only, so that a
+            # copy of the layer from before this rotation fails the chain's floor (2.5.4 "Key rotation")
+            gen = hdr.snapshot_key_gen(features[hdr.SNAPSHOTS]) + 1
+            features[hdr.SNAPSHOTS][hdr.SNAPSHOT_KEY_GEN] = min(gen, hdr.MAX_KEY_GEN)
         features[hdr.ROTATION] = {
             "compat": hdr.INCOMPAT,
             "old_key_id": header.key_id,

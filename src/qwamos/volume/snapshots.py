@@ -18,6 +18,9 @@ Authentication (docs/qvol-format.md 2.5.4):
 * the top holds the snapshot table as a *sealed* metadata entry (names may be confidential): every frozen
   layer of the chain with its freeze id, and each snapshot's name, layer and time.  A layer the headers
   link to must be listed there with the same freeze id.
+* each key rotation raises every layer's ``key_gen`` under the new key and the table's floor with it: a copy
+  of a layer from before a rotation (same UUID and freeze id, and the old key still opens it after
+  ``key rotate --keep-old``) is below the floor and refused (:func:`check_key_gen`).
 
 Nonces (docs/qvol-format.md section 6): every layer has its own UUID, and the UUID salts its data keys, so
 each layer counts its encryptions under keys no other layer uses.  A revert never rewinds a counter: it
@@ -57,7 +60,8 @@ from qwamos.volume.volume import PQCVolume, record_use
 
 FEATURE = hdr.SNAPSHOTS
 TABLE_ENTRY = "snapshots/table"  # sealed metadata entry of the top layer
-TABLE_VERSION = 1
+TABLE_VERSION = 1  # a table without a key generation floor (read as floor 0)
+TABLE_VERSION_KEY_GEN = 2  # with "key_gen": the floor every listed layer's key generation must reach
 MAX_DEPTH = 256  # layers on one path from a view to the root
 MAX_LAYERS = 1000  # frozen layers in one chain (the table must fit a metadata entry comfortably)
 MAX_NAME = 255
@@ -131,18 +135,18 @@ class Table:
     chain: str
     layers: dict[str, str] = field(default_factory=dict)
     snapshots: dict[str, Snapshot] = field(default_factory=dict)
+    key_gen: int = 0  # the floor: a listed layer of a lower key generation is from before a key rotation
 
     def encode(self) -> bytes:
-        return canonical_json(
-            {
-                "version": TABLE_VERSION,
-                "chain": self.chain,
-                "layers": dict(self.layers),
-                "snapshots": {
-                    n: {"layer": s.layer, "created_at": s.created_at} for n, s in self.snapshots.items()
-                },
-            }
-        )
+        doc: dict[str, Any] = {
+            "version": TABLE_VERSION_KEY_GEN if self.key_gen else TABLE_VERSION,
+            "chain": self.chain,
+            "layers": dict(self.layers),
+            "snapshots": {n: {"layer": s.layer, "created_at": s.created_at} for n, s in self.snapshots.items()},
+        }
+        if self.key_gen:
+            doc["key_gen"] = self.key_gen
+        return canonical_json(doc)
 
     @classmethod
     def parse(cls, path: str, data: bytes) -> Table:
@@ -150,10 +154,19 @@ class Table:
         malformed one was written by something that is not this code)."""
         try:
             doc = strictjson.loads(data)
-            if not isinstance(doc, dict) or set(doc) != {"version", "chain", "layers", "snapshots"}:
-                raise ValueError("fields must be version, chain, layers, snapshots")
-            if doc["version"] != TABLE_VERSION or type(doc["version"]) is not int:
-                raise ValueError(f"version {doc['version']!r} (this qwamos reads {TABLE_VERSION})")
+            base = {"version", "chain", "layers", "snapshots"}
+            if not isinstance(doc, dict) or set(doc) - {"key_gen"} != base:
+                raise ValueError("fields must be version, chain, layers, snapshots[, key_gen]")
+            version = doc["version"]
+            if type(version) is not int or version not in (TABLE_VERSION, TABLE_VERSION_KEY_GEN):
+                raise ValueError(
+                    f"version {version!r} (this qwamos reads {TABLE_VERSION}, {TABLE_VERSION_KEY_GEN})"
+                )
+            key_gen = doc.get("key_gen", 0)
+            if (version == TABLE_VERSION_KEY_GEN) != ("key_gen" in doc) or (
+                "key_gen" in doc and (type(key_gen) is not int or not 1 <= key_gen <= hdr.MAX_KEY_GEN)
+            ):
+                raise ValueError(f"version {TABLE_VERSION_KEY_GEN} (and only it) has key_gen 1..{hdr.MAX_KEY_GEN}")
             chain, layers, snaps = doc["chain"], doc["layers"], doc["snapshots"]
             if not isinstance(chain, str) or not _UUID_RE.fullmatch(chain):
                 raise ValueError("chain is not a UUID")
@@ -174,10 +187,10 @@ class Table:
                 out[name] = Snapshot(s["layer"], s["created_at"])
         except (ValueError, UnicodeDecodeError, InvalidArgument) as e:
             raise SnapshotChainError(path=path, msg=f"the snapshot table is malformed: {e}") from None
-        return cls(chain, dict(layers), out)
+        return cls(chain, dict(layers), out, key_gen)
 
     def copy(self) -> Table:
-        return Table(self.chain, dict(self.layers), dict(self.snapshots))
+        return Table(self.chain, dict(self.layers), dict(self.snapshots), self.key_gen)
 
     def names_of(self, uuid: str) -> list[str]:
         return sorted(n for n, s in self.snapshots.items() if s.layer == uuid)
@@ -240,9 +253,23 @@ def _check_link(base: str, child: PQCVolume, parent: PQCVolume, table: Table, uu
         )
     if spec["chain"] != table.chain:
         raise SnapshotChainError(path=base, msg=f"{what} belongs to another chain ({spec['chain']})")
+    check_key_gen(base, what, spec, table)
     if h.size_bytes != child.header.size_bytes:
         raise SnapshotChainError(
             path=base, msg=f"{what} has size {h.size_bytes}, its child {child.header.size_bytes}"
+        )
+
+
+def check_key_gen(base: str, what: str, spec: dict[str, Any], table: Table) -> None:
+    """A listed layer must be of the chain's key generation or later: a copy of it from before a key rotation
+    (same UUID and freeze id, sealed under the old key, which a ``--keep-old`` keystore still opens) is of an
+    earlier one.  ``key_gen`` is under the layer's MAC (new key only) and the floor in the sealed table."""
+    gen = hdr.snapshot_key_gen(spec)
+    if gen < table.key_gen:
+        raise SnapshotChainError(
+            path=base,
+            msg=f"{what} is a copy from before a key rotation of the chain (key generation {gen}, the chain is "
+            f"at {table.key_gen}): it was put back from an older copy",
         )
 
 
@@ -755,6 +782,7 @@ class ChainVolume:
                 "parent": parent,
                 "parent_freeze": parent_freeze,
                 "frozen": None,
+                **({hdr.SNAPSHOT_KEY_GEN: table.key_gen} if table.key_gen else {}),
             }
         }
         if commitment is not None:
@@ -839,7 +867,7 @@ class ChainVolume:
                 os.link(self.path, frozen_path)
                 fsync_dir(layer_dir(self.path))
             # 3. freeze it: from here on it is never written again
-            top.set_feature(FEATURE, {**spec, "frozen": freeze})
+            top.set_feature(FEATURE, {**spec, "frozen": freeze})  # keeps its key_gen: the table's floor or more
         except BaseException:
             pending.unlink(missing_ok=True)
             raise
