@@ -130,3 +130,74 @@ def test_a_vm_disk_reencrypted_alone_keeps_its_vm_startable(tmp_path, monkeypatc
     assert cfg.key_id == new != old
     assert check(cfg, disk).state == OK
     assert state(disk, ks_dir)[2] == data
+
+
+def _users(ks: Path, key_id: str) -> dict[str, str]:
+    return {u["path"]: u["state"] for u in PQCKeystore(ks).key_users(key_id)}
+
+
+def test_a_detached_online_rotation_is_settled_by_the_next_reencrypt(qvol, short_dir):
+    """``volume reencrypt --detach``: the export finishes the rotation but holds no keystore, so the old key
+    stays active with a stale record.  The next ``volume reencrypt`` sees the volume under the new key with
+    no rotation and settles it (record moved, old key retired) instead of starting another rotation."""
+    import time
+
+    from qwamos.nbd.control_client import control_path_for
+    from qwamos.nbd.rotation import rotation_operation
+
+    vol, ks = qvol
+    data = fill(vol, ks)
+    old, _, _ = state(vol, ks)
+    sock = short_dir / "s"
+    proc = processes.spawn(
+        [*SERVE_CLI, str(vol), "--socket", str(sock), "--keystore", str(ks)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_answers(sock, proc)
+        res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--rate", "0", "--detach", "--json")
+        assert res.returncode == 0, res.stderr
+        new = json.loads(res.stdout)["key_id"]
+        for _ in range(1200):  # waiting for the export's state, not timing it
+            op = rotation_operation(control_path_for(sock))
+            if op is not None and op["state"] != "running":
+                break
+            time.sleep(0.1)
+        assert op["state"] == "done"
+        assert PQCKeystore(ks).key_state(old) == ("active", None)  # nobody settled it
+        assert _users(ks, old) == {str(vol): "stale"}
+        res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--json")
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        assert out["key_id"] == new and out["settled"] == [{"old_key_id": old, "live_users": []}]
+        assert "had finished" in res.stderr and "now retired" in res.stderr
+        res = qwamos("export", "status", "--socket", str(sock), "--json")
+        assert json.loads(res.stdout)["volume"]["key_id"] == new  # no new rotation was started
+    finally:
+        processes.stop(proc)
+        proc.stderr.close()
+    assert PQCKeystore(ks).key_state(old) == ("retired", new)
+    assert _users(ks, old) == {} and _users(ks, new) == {str(vol): "live"}
+    key_id, rot, content = state(vol, ks)
+    assert key_id == new and rot is None and content == data
+
+
+def test_a_finished_rotation_nobody_settled_is_settled_offline(qvol):
+    """The same, offline: a rotation finished by a run that died before settling (here the library, which
+    keeps no records) is settled by the next ``volume reencrypt``; the one after it rotates again."""
+    from qwamos.volume import reencrypt_volume
+
+    vol, ks = qvol
+    old, _, _ = state(vol, ks)
+    store = PQCKeystore(ks)
+    new, _ = store.new_volume_key("vm", "disk")
+    assert reencrypt_volume(vol, store, new)["finished"]
+    assert PQCKeystore(ks).key_state(old) == ("active", None)
+    res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["settled"] == [{"old_key_id": old, "live_users": []}]
+    assert PQCKeystore(ks).key_state(old) == ("retired", new) and state(vol, ks)[0] == new
+    res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["finished"] and state(vol, ks)[0] not in (old, new)

@@ -61,7 +61,12 @@ def register_reencrypt(vsub: argparse._SubParsersAction, add_ceph_args: Any) -> 
     )
     where.add_argument("--vm", metavar="NAME", help="online: the export of this running VM (default: as --socket)")
     r.add_argument("--root", type=Path, metavar="DIR", help="VM root for --vm (default $QWAMOS_ROOT)")
-    r.add_argument("--detach", action="store_true", help="online: start it and return (watch: export status)")
+    r.add_argument(
+        "--detach",
+        action="store_true",
+        help="online: start it and return (watch: export status); once it finished, run this command again "
+        "(without --detach) to settle the old key (usage record, retired when nothing else uses it)",
+    )
     r.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")
     r.add_argument("--progress", action="store_true", help="progress with rate and ETA on stderr (a terminal)")
     add_json_option(r, "the summary")
@@ -169,6 +174,37 @@ def _settle(ks: Any, volume: str, volume_uuid: str, vm_name: str, old: str, new:
         )
 
 
+def _settled_detached(
+    args: argparse.Namespace, ks: Any, volume: str, volume_uuid: str, vm_name: str, key_id: str
+) -> bool:
+    """A re-encryption that finished with nobody to settle it (``--detach``: the export holds no keystore;
+    or a run killed after the rotation's end): this run, which sees the volume under ``key_id`` with no
+    rotation, settles it instead of starting another (run it again for a new key).  True when it did."""
+    from qwamos.keystore.keystore import describe_users
+    from qwamos.storage import absolute_location
+
+    settle = getattr(ks, "settle_finished_reencrypts", None)
+    if settle is None or args.dry_run or args.key_id not in (None, key_id):
+        return False
+    done = settle(absolute_location(volume), volume_uuid, key_id, vm_name)
+    if not done:
+        return False
+    if args.json:
+        emit_json({"path": str(args.path), "key_id": key_id, "finished": True, "settled": done})
+    message(decorated("ok", f"{args.path}: its re-encryption under key {key_id} had finished", sys.stderr))
+    for d in done:
+        old = d["old_key_id"]
+        if d["live_users"]:
+            message(f"   The old key {old} stays active: still used by {describe_users(d['live_users'])}.")
+        elif ks.has_key(old) and ks.key_state(old)[0] == "retired":
+            message(
+                f"   The old key {old} is now retired (superseded by {key_id}; kept for copies made before). "
+                f"Destroy it with: qwamos key delete {old}"
+            )
+    message(f"   Run this command again to re-encrypt {args.path} under another new key.")
+    return True
+
+
 def _target(args: argparse.Namespace, current_key: str, state: dict[str, Any] | None) -> str | None:
     """The new key's ID: the rotation in progress's, ``--key-id``, or None (make one)."""
     if state is not None:
@@ -200,6 +236,9 @@ def _plan(args: argparse.Namespace, mode: str, info: dict[str, Any], new_id: str
 
 def _offline(args: argparse.Namespace, ks: Any, vol: PQCVolume, rate: int | None) -> int:
     state = vol.rotation_state()
+    h = vol.header
+    if state is None and _settled_detached(args, ks, vol.path, str(h.volume_uuid), h.vm_name, vol.key_id):
+        return 0
     new_id = _target(args, vol.key_id, state)
     info = {"key_id": state["old_key_id"] if state else vol.key_id, "total_blocks": vol.total_blocks}
     info["rotation"], info["size_bytes"] = state, vol.size
@@ -312,6 +351,10 @@ def _online(args: argparse.Namespace, ks: Any, ctl: Path, rate: int | None) -> i
     if served.get("uuid") is None:
         raise InvalidArgument(f"the export at {ctl} serves no encrypted volume")
     state = served.get("rotation")
+    if state is None:  # the export's status is its authenticated header's
+        vm_name = _header_fields(served["path"])["vm_name"]
+        if _settled_detached(args, ks, served["path"], served["uuid"], vm_name, served["key_id"]):
+            return 0
     new_id = _target(args, served["key_id"], state)
     info = {
         "key_id": state["old_key_id"] if state else served["key_id"],

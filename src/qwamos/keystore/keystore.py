@@ -864,6 +864,30 @@ class PQCKeystore:
             self._set_state(old_id, state=RETIRED, successor=new_id)
         return live
 
+    def settle_finished_reencrypts(
+        self, volume_path: str, volume_uuid: str, key_id: str, vm_name: str
+    ) -> list[dict[str, Any]]:
+        """The volume at ``volume_path`` is under ``key_id`` with no rotation in progress (the caller saw it in
+        an authenticated header: its own open, or the export's status).  An ``active`` key that still records
+        that volume lost it to a re-encryption whose end nobody settled: ``volume reencrypt --detach`` (the
+        export that finished it holds bare keys and no keystore, so cannot), or a command killed between the
+        rotation's end and its settling.  Each such key is settled as :meth:`settle_after_reencrypt` does.
+        Superseded keys are left alone: a ``key rotate`` in progress owns them and settles them when run again.
+        Returns ``[{"old_key_id", "live_users"}]``, one per key settled."""
+        out = []
+        for meta in self.list_keys():
+            old = meta.get("key_id")
+            if not isinstance(old, str) or old == key_id or meta.get("error"):
+                continue
+            if self.key_state(old)[0] != ACTIVE:
+                continue
+            recorded = self._read_users(old)["volumes"]
+            if not any(v["path"] == volume_path and v["volume_uuid"] == volume_uuid for v in recorded):
+                continue
+            live = self.settle_after_reencrypt(old, key_id, volume_path, volume_uuid, vm_name)
+            out.append({"old_key_id": old, "live_users": live})
+        return out
+
     def retire_unused(self, key_id: str) -> None:
         """``active`` -> ``retired`` without a successor, for a key no live volume uses (``key rotate`` of an
         unused key with ``--keep-old``: there is nothing to re-encrypt, so no successor is made).  Refused
