@@ -83,6 +83,7 @@ def test_the_document_holds_every_vector_this_module_checks():
         "seal key (identity)",
         "signing seed",
         "SHA3-256(signing public key)",
+        "fingerprint (version 2)",
     }
     assert set(V) == expected
     assert V["identity private key"] == bytes(range(96))
@@ -303,13 +304,19 @@ def test_identity_known_answer():
     assert fingerprint(public) == V["fingerprint"].hex() == HYBRID_DOC["identity_fingerprint"]
 
 
-def test_signing_key_known_answer():
+def test_signing_key_known_answer_and_the_version_2_fingerprint_covers_it():
     seed = V["signing seed"]
     public = crypto.sign_public_from_seed(seed)
     assert len(public) == crypto.MLDSA_PK_SIZE
     assert hashlib.sha3_256(public).digest() == V["SHA3-256(signing public key)"]
     # independently of qwamos.crypto: FIPS 204 key generation from the seed
     assert public == mldsa.MLDSA87PrivateKey.from_seed_bytes(seed).public_key().public_bytes_raw()
+    from qwamos.keystore.identity import fingerprint
+
+    kem_public = crypto.kem_public_from_private(V["identity private key"])
+    assert fingerprint(kem_public, public) == V["fingerprint (version 2)"].hex()
+    assert V["fingerprint (version 2)"] == hashlib.sha3_256(kem_public + public).digest()[:8]
+    assert fingerprint(kem_public) == V["fingerprint"].hex()  # version 1 identities keep theirs
 
 
 def test_signatures_verify_only_under_their_key_message_and_context():

@@ -235,7 +235,7 @@ def test_the_same_identity_rewritten_unsealed_is_refused(victim):
     ks_dir = victim["ks"]
     ks = PQCKeystore(ks_dir, passphrase=VICTIM_PASS.encode())
     ident = ks._open_identity(create=False)
-    doc = private_document(Identity.from_private(ident.private), None, CHEAP)
+    doc = private_document(Identity.from_private(ident.private, ident.signing_seed), None, CHEAP)
     (ks_dir / "identity.key").write_text(json.dumps(doc))
     with pytest.raises(IdentityUnsealedError, match=r"identity\.pin records it sealed"):
         PQCKeystore(ks_dir).volume_key(victim["key_id"])

@@ -154,7 +154,9 @@ def test_unsealed_identity_without_passphrase(tmp_path: Path) -> None:
         ("kdf_params", {"memory_kib": 16, "iterations": 1, "lanes": 1}),
         ("kdf_params", {"memory_kib": 8, "iterations": 2, "lanes": 1}),
         ("fingerprint", "0000000000000000"),
-        ("version", 1),  # unchanged value: control, must still open
+        ("version", 1),  # a version 1 header over a version 2 identity (signing key) is refused
+        ("signature", "ml-dsa-65"),
+        ("version", 2),  # unchanged value: control, must still open
     ],
 )
 def test_sealed_identity_header_is_bound(tmp_path: Path, field: str, value: object) -> None:
@@ -166,8 +168,10 @@ def test_sealed_identity_header_is_bound(tmp_path: Path, field: str, value: obje
     path.write_text(json.dumps(doc))
     ks = make(tmp_path / "ks", passphrase=b"pw")
     if changed:
-        # another fingerprint is refused by the pin before the passphrase is even tried; the rest by the AEAD
-        expected = IdentityChangedError if field == "fingerprint" else WrongPassphraseError
+        # another fingerprint is refused by the pin before the passphrase is even tried; a header that does
+        # not parse as its version by the parser; the rest by the AEAD
+        expected = {"fingerprint": IdentityChangedError, "version": KeyFileCorruptError}.get(field)
+        expected = expected or (KeyFileCorruptError if field == "signature" else WrongPassphraseError)
         with pytest.raises(expected):
             ks.volume_key(key_id)
     else:

@@ -3,7 +3,8 @@
 Thin over :mod:`qwamos.keystore.grants`.  ``grant`` writes the grant document (encapsulated to the other
 host's identity; not secret to anyone else) to ``-o FILE`` or stdout; ``import-grant`` shows the granting
 keystore's fingerprint and stores the key only once the operator confirmed it (``--expect-fingerprint FP``,
-or ``--yes`` after reading it, or typing it at the prompt).
+or ``--yes`` after reading it, or typing it at the prompt).  A grant from an identity without a signing key
+(version 1, classical-only authenticity) is made and imported only with ``--allow-classical``, with a warning.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ REVOKE_CAVEAT = (
 )
 
 
+CLASSICAL_WARNING = (
+    "this grant is authenticated classically only (X25519, version 1): the granting identity has no signing "
+    "key, and someone able to break X25519 could have forged it. 'qwamos key rotate-identity' on the granting "
+    "host adds a signing key"
+)
+
+
 def register_grant_actions(action: Any) -> None:
     """Add the grant actions to ``qwamos key`` (``action`` is key_cmd's sub-command factory)."""
     g = action(
@@ -45,6 +53,12 @@ def register_grant_actions(action: Any) -> None:
         "-o", "--output", type=Path, default=None, metavar="FILE", help="write the grant here (default: stdout)"
     )
     g.add_argument("--force", action="store_true", help="replace FILE if it exists (refused by default)")
+    g.add_argument(
+        "--allow-classical",
+        action="store_true",
+        help="this keystore's identity has no signing key: grant anyway, authenticated classically only "
+        "(better: 'qwamos key rotate-identity' first)",
+    )
     i = action(
         "import-grant",
         "store a key granted by another keystore, after confirming the granting fingerprint",
@@ -52,6 +66,7 @@ def register_grant_actions(action: Any) -> None:
         [
             "qwamos key import-grant web.grant --expect-fingerprint 0123456789abcdef",
             "qwamos key import-grant web.grant   # shows the fingerprint and asks",
+            "qwamos key import-grant old.grant --expect-fingerprint 0123456789abcdef --allow-classical",
         ],
     )
     i.add_argument("file", type=Path, metavar="FILE", help="the grant document")
@@ -66,6 +81,11 @@ def register_grant_actions(action: Any) -> None:
         "--yes", action="store_true", help="accept the fingerprint shown without asking (check it first)"
     )
     i.add_argument("--force", action="store_true", help="replace a key with the same id (refused by default)")
+    i.add_argument(
+        "--allow-classical",
+        action="store_true",
+        help="accept a version 1 grant (from an identity without a signing key), authenticated classically only",
+    )
     r = action(
         "revoke",
         "undo a grant: to FP (granting side: recorded) or from FP (receiving side: the key is deleted)",
@@ -93,8 +113,10 @@ def cmd_grant(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise InvalidArgument(f"{args.to}: no such file") from None
     ks = open_keystore(args)
-    data = grants.grant_key(ks, args.key_id, pub, str(args.to))
+    data = grants.grant_key(ks, args.key_id, pub, str(args.to), allow_classical=args.allow_classical)
     info = grants.describe_grant(data)
+    if info["version"] == grants.VERSION_1:
+        warn(CLASSICAL_WARNING)
     if args.output is not None:
         try:
             write_private(args.output, data, replace=args.force)
@@ -135,7 +157,11 @@ def cmd_import_grant(args: argparse.Namespace) -> int:
                 "--expect-fingerprint FP (or --yes after checking the fingerprint above)"
             )
     ks = open_keystore(args)
-    key_id = grants.import_grant(ks, data, expect_fingerprint=expect, overwrite=args.force)
+    key_id = grants.import_grant(
+        ks, data, expect_fingerprint=expect, overwrite=args.force, allow_classical=args.allow_classical
+    )
+    if info["version"] == grants.VERSION_1:
+        warn(CLASSICAL_WARNING)
     if args.json:
         emit_json({**ks.get_metadata(key_id), "granted_by": claimed})
     else:

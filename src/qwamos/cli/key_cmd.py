@@ -301,6 +301,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+SIGNING_KEY_HINT = (
+    "this identity has no signing key (it predates ML-DSA): grants from this keystore are authenticated "
+    "classically only. 'qwamos key rotate-identity' replaces it with one that has a signing key (the fingerprint "
+    "changes: give other hosts the new identity.pub and fingerprint)"
+)
+
+
 def cmd_identity(args: argparse.Namespace) -> int:
     ks = open_keystore(args)
     info = ks.identity_info()
@@ -310,6 +317,8 @@ def cmd_identity(args: argparse.Namespace) -> int:
             keystore=str(ks.path), msg=f"{where} (it is made with the first key, or by `qwamos key init`)"
         )
     emit_json(info) if args.json else print_fields(info)
+    if info["signature"] is None:
+        warn(SIGNING_KEY_HINT)
     ks.check_pin()  # after printing: say what identity.key and identity.pin each claim, then refuse
     return 0
 

@@ -1,16 +1,22 @@
 """Key grants: handing one volume key to another keystore (another host) without copying an identity.
 
 A grant document (``qwamos key grant KEY_ID --to IDENTITY.pub``) carries the volume key and its commitment
-secret encapsulated to the *receiving* identity's hybrid public key, and a MAC that only the granting and the
-receiving identity can compute (static-static X25519 between the two identities, combined with the KEM
-secret).  The receiver (``qwamos key import-grant FILE``) checks, before anything is stored:
+secret encapsulated to the *receiving* identity's hybrid public key, and is authenticated twice: an ML-DSA-87
+signature by the granting identity's signing key over the whole document (version 2; post-quantum), and a
+MAC that only the granting and the receiving identity can compute (static-static X25519 between the two
+identities, combined with the KEM secret; classical).  Both must verify: a forger must break ML-DSA *and*
+X25519.  The receiver (``qwamos key import-grant FILE``) checks, before anything is stored:
 
 1. the document is for *its* identity (``recipient_fingerprint``, constant time);
-2. the granting public key in the document hashes to the ``grantor_fingerprint`` it claims, and that
-   fingerprint is the one the operator confirmed (``--expect-fingerprint`` or the prompt);
-3. the MAC, under a key derived from the static X25519 secret between the two identities and the KEM secret
+2. the granting public keys in the document (KEM and signing key) hash to the ``grantor_fingerprint`` it
+   claims, and that fingerprint is the one the operator confirmed (``--expect-fingerprint`` or the prompt);
+3. version 2: the signature, under the signing key the confirmed fingerprint covers; version 1 (a grantor
+   whose identity predates signing keys): refused unless the operator allows classical-only authenticity
+   (``--allow-classical``).  A fingerprint that covers a signing key is never the fingerprint of a version 1
+   document's keys, so a version 2 grant cannot be downgraded;
+4. the MAC, under a key derived from the static X25519 secret between the two identities and the KEM secret
    (a forger without the granting identity's private key cannot make it);
-4. decapsulation and the AEAD.
+5. decapsulation and the AEAD.
 
 It then stores an ordinary ``<key_id>.key`` wrapped to and MACed by its own identity (nothing of the grant
 remains needed).  Both sides keep a record in ``<key_id>.grants`` (MACed by the identity): the grantor lists
@@ -18,8 +24,8 @@ the recipients (a revoked grant is marked, and no longer listed as active), the 
 the key came from (``key revoke KEY_ID --from FP`` on the receiver deletes the key).  The byte layout is in
 docs/keystore-format.md ("Key grants").
 
-Authenticity is classical (X25519): ML-KEM authenticates nothing without a round trip, and identities hold no
-signature key.  Confidentiality is the hybrid KEM's (post-quantum).
+Confidentiality is the hybrid KEM's (post-quantum); authenticity is ML-DSA-87's and X25519's (version 2) or
+X25519's alone (version 1, only with ``allow_classical``).
 """
 
 from __future__ import annotations
@@ -32,15 +38,17 @@ from qwamos import crypto
 from qwamos.errors import AuthenticationFailed, InvalidArgument, KeyFileCorruptError
 from qwamos.keystore import keyfile, rewrap
 from qwamos.keystore.files import b64encode, b64field, canonical_json, dump_document, int_field, parse_document
-from qwamos.keystore.identity import Identity, auth_key, fingerprint
+from qwamos.keystore.identity import Identity, PublicIdentity, auth_key, fingerprint
 
 FORMAT = "qwamos-key-grant"
-VERSION = 1
+VERSION = 2  # signed (ML-DSA-87) and MACed
+VERSION_1 = 1  # MACed only: made by an identity without a signing key
 RECORDS_FORMAT = "qwamos-key-grants"
 RECORDS_VERSION = 1
 GRANTS_SUFFIX = ".grants"
 WRAP_INFO = b"qwamos/keystore/v1/grant-wrap"
 MAC_INFO = b"qwamos/keystore/v1/grant-mac"
+SIGN_CONTEXT = b"qwamos/keystore/v2/grant"  # the ML-DSA context string: a grant signature is nothing else
 PUBLIC_SIZE = crypto.MLKEM_PK_SIZE + crypto.X25519_SIZE
 CT_SIZE = crypto.MLKEM_CT_SIZE + crypto.X25519_SIZE
 SECRET_SIZE = crypto.KEY_SIZE + keyfile.COMMIT_SECRET_SIZE
@@ -61,14 +69,25 @@ _FIELDS = {
     "wrapped_key",
     "mac",
 }
+_FIELDS_V2 = _FIELDS | {"grantor_signing_key", "signature"}
+CLASSICAL_REFUSED = (
+    "a version 1 grant, authenticated classically only (X25519: a quantum adversary could forge it): the "
+    "granting identity has no signing key.  Accept it only if you trust the channel it came by "
+    "(--allow-classical), or have the granting host run 'qwamos key rotate-identity' and grant again"
+)
 
 
 def _aad(doc: dict[str, Any]) -> bytes:
-    return canonical_json({k: v for k, v in doc.items() if k not in ("wrapped_key", "mac")})
+    return canonical_json({k: v for k, v in doc.items() if k not in ("wrapped_key", "mac", "signature")})
 
 
 def _mac_input(doc: dict[str, Any]) -> bytes:
-    return canonical_json({k: v for k, v in doc.items() if k != "mac"})
+    return canonical_json({k: v for k, v in doc.items() if k not in ("mac", "signature")})
+
+
+def _signed_input(doc: dict[str, Any]) -> bytes:
+    """What the signature covers: the canonical document, every field but the signature (the MAC too)."""
+    return canonical_json({k: v for k, v in doc.items() if k != "signature"})
 
 
 def _mac_key(static: bytes, ss: bytes) -> bytes:
@@ -80,14 +99,24 @@ def make_grant(
     got: keyfile.Unwrapped,
     vm_name: str,
     grantor: Identity,
-    recipient_public: bytes,
+    recipient: PublicIdentity,
+    *,
+    allow_classical: bool = False,
 ) -> dict[str, Any]:
-    """The grant document giving ``got`` (key and commitment secret) to the holder of ``recipient_public``."""
+    """The grant document giving ``got`` (key and commitment secret) to the holder of ``recipient``:
+    version 2 (signed) from an identity with a signing key; from one without, version 1 (MACed only), and
+    only with ``allow_classical``."""
     if got.commit_secret is None:
         raise InvalidArgument(f"key {key_id!r} has no commitment secret (a version 1 key): rotate it first")
+    if grantor.signing_seed is None and not allow_classical:
+        raise InvalidArgument(
+            "this keystore's identity has no signing key (it predates ML-DSA), so its grant would be "
+            "authenticated classically only: run 'qwamos key rotate-identity' first (the fingerprint changes), "
+            "or pass --allow-classical"
+        )
+    recipient_public, recipient_fp = recipient.public, recipient.fingerprint
     if len(recipient_public) != PUBLIC_SIZE:
         raise InvalidArgument("the recipient's public key is not an x25519-mlkem1024 identity key")
-    recipient_fp = fingerprint(recipient_public)
     if crypto.constant_time_eq(recipient_fp.encode(), grantor.fingerprint.encode()):
         raise InvalidArgument("that is this keystore's own identity: a grant goes to another keystore")
     ss, ct = crypto.kem_encapsulate(crypto.HYBRID_KEM, recipient_public)
@@ -95,7 +124,7 @@ def make_grant(
     nonce = crypto.new_nonce()
     doc: dict[str, Any] = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if grantor.signing_seed is not None else VERSION_1,
         "key_id": keyfile.validate_key_id(key_id),
         "kem": crypto.HYBRID_KEM,
         "vm_name": vm_name[:256],
@@ -107,21 +136,29 @@ def make_grant(
         "kem_ciphertext": b64encode(ct),
         "nonce": b64encode(nonce),
     }
+    if grantor.signing_seed is not None:
+        assert grantor.signing_public is not None
+        doc["grantor_signing_key"] = b64encode(grantor.signing_public)
     wrap_key = crypto.hkdf_sha256(ss, salt=b"", info=WRAP_INFO)
     doc["wrapped_key"] = b64encode(
         crypto.Aead(keyfile.WRAP_AEAD, wrap_key).seal(nonce, got.key + got.commit_secret, _aad(doc))
     )
     doc["mac"] = b64encode(crypto.hmac_sha256(_mac_key(static, ss), _mac_input(doc)))
+    if grantor.signing_seed is not None:
+        doc["signature"] = b64encode(crypto.sign(grantor.signing_seed, _signed_input(doc), context=SIGN_CONTEXT))
     return doc
 
 
 def parse_grant(data: bytes) -> dict[str, Any]:
     """Shape-check a grant document (nothing authenticated yet: see :func:`open_grant`).  The claimed
-    ``grantor_fingerprint`` must be the hash of the ``grantor_public_key`` it carries."""
-    doc = parse_document(data, _WHERE, fields=_FIELDS)
-    if doc.get("format") != FORMAT:
+    ``grantor_fingerprint`` must be the hash of the public keys it carries (``grantor_public_key``, and in
+    version 2 ``grantor_signing_key``).  Each version has exactly its fields: a version 2 document without
+    its signature is refused here."""
+    probe = parse_document(data, _WHERE, fields=_FIELDS_V2, required={"format", "version"})
+    if probe.get("format") != FORMAT:
         raise KeyFileCorruptError(path=_WHERE, msg=f"format is not {FORMAT!r}")
-    int_field(doc, "version", _WHERE, lo=VERSION, hi=VERSION)
+    version = int_field(probe, "version", _WHERE, lo=VERSION_1, hi=VERSION)
+    doc = parse_document(data, _WHERE, fields=_FIELDS_V2 if version == VERSION else _FIELDS)
     int_field(doc, "granted_at", _WHERE, lo=0, hi=2**40)
     if doc.get("kem") != crypto.HYBRID_KEM:
         raise KeyFileCorruptError(path=_WHERE, msg=f"kem is not {crypto.HYBRID_KEM!r}")
@@ -139,16 +176,28 @@ def parse_grant(data: bytes) -> dict[str, Any]:
     b64field(doc, "nonce", _WHERE, length=crypto.NONCE_SIZE)
     b64field(doc, "wrapped_key", _WHERE, length=SECRET_SIZE + crypto.TAG_SIZE)
     b64field(doc, "mac", _WHERE, length=keyfile.MAC_SIZE)
-    if not crypto.constant_time_eq(fingerprint(public).encode(), doc["grantor_fingerprint"].encode()):
+    signing = _signing_key(doc)
+    if version == VERSION:
+        b64field(doc, "signature", _WHERE, length=crypto.MLDSA_SIG_SIZE)
+    if not crypto.constant_time_eq(fingerprint(public, signing).encode(), doc["grantor_fingerprint"].encode()):
         raise KeyFileCorruptError(
-            path=_WHERE, msg="grantor_fingerprint is not the fingerprint of grantor_public_key"
+            path=_WHERE, msg="grantor_fingerprint is not the fingerprint of the granting public keys"
         )
     return doc
 
 
-def open_grant(doc: dict[str, Any], receiver: Identity, expect_grantor: str) -> keyfile.Unwrapped:
+def _signing_key(doc: dict[str, Any]) -> bytes | None:
+    if doc["version"] == VERSION_1:
+        return None
+    return b64field(doc, "grantor_signing_key", _WHERE, length=crypto.MLDSA_PK_SIZE)
+
+
+def open_grant(
+    doc: dict[str, Any], receiver: Identity, expect_grantor: str, *, allow_classical: bool = False
+) -> keyfile.Unwrapped:
     """The key and commitment secret of a parsed grant, for ``receiver``, from the grantor whose fingerprint
-    the operator confirmed (``expect_grantor``).  Checks in order: recipient, grantor fingerprint, MAC, KEM,
+    the operator confirmed (``expect_grantor``).  Checks in order: recipient, grantor fingerprint (over the
+    very keys used below), signature (version 2; a version 1 grant only with ``allow_classical``), MAC, KEM,
     AEAD; any failure is :class:`KeyFileCorruptError` and nothing is returned."""
     if not crypto.constant_time_eq(doc["recipient_fingerprint"].encode(), receiver.fingerprint.encode()):
         raise KeyFileCorruptError(
@@ -161,7 +210,28 @@ def open_grant(doc: dict[str, Any], receiver: Identity, expect_grantor: str) -> 
             path=_WHERE,
             msg=f"granted by identity {doc['grantor_fingerprint']}, not by the expected {expect_grantor}",
         )
-    grantor_public = b64field(doc, "grantor_public_key", _WHERE)
+    grantor_public = b64field(doc, "grantor_public_key", _WHERE, length=PUBLIC_SIZE)
+    signing = _signing_key(doc)
+    # The keys verified below are the ones the confirmed fingerprint names (also checked by parse_grant; here
+    # against what the operator confirmed, so that no caller can skip it).
+    if not crypto.constant_time_eq(fingerprint(grantor_public, signing).encode(), expect_grantor.encode()):
+        raise KeyFileCorruptError(path=_WHERE, msg=f"the granting keys are not those of identity {expect_grantor}")
+    if signing is None:
+        # Version 1: the confirmed fingerprint covers no signing key (a fingerprint that covers one is never
+        # the hash of a KEM key alone), so there is nothing post-quantum to check.
+        if not allow_classical:
+            raise KeyFileCorruptError(path=_WHERE, msg=CLASSICAL_REFUSED)
+    else:
+        try:
+            crypto.verify_signature(
+                signing, _signed_input(doc), b64field(doc, "signature", _WHERE), context=SIGN_CONTEXT
+            )
+        except AuthenticationFailed:
+            raise KeyFileCorruptError(
+                path=_WHERE,
+                msg=f"signature check failed: not signed by identity {doc['grantor_fingerprint']} "
+                "(forged or modified)",
+            ) from None
     try:
         ss = crypto.kem_decapsulate(doc["kem"], receiver.private, b64field(doc, "kem_ciphertext", _WHERE))
         static = crypto.x25519_static_secret(receiver.private, grantor_public)
@@ -289,16 +359,25 @@ def _save_records(ks: Any, key_id: str, doc: dict[str, Any], ident: Identity) ->
     write_private(_records_path(ks, key_id), seal_records(doc, ident))
 
 
-def grant_key(ks: Any, key_id: str, recipient_pub: bytes, recipient_path: str = "<identity.pub>") -> bytes:
+def grant_key(
+    ks: Any,
+    key_id: str,
+    recipient_pub: bytes,
+    recipient_path: str = "<identity.pub>",
+    *,
+    allow_classical: bool = False,
+) -> bytes:
     """A grant document for ``key_id`` to the identity whose ``identity.pub`` bytes are ``recipient_pub``;
-    the grant is recorded in ``<key_id>.grants``.  Opens this keystore's identity (maybe a passphrase)."""
+    the grant is recorded in ``<key_id>.grants``.  Opens this keystore's identity (maybe a passphrase).  An
+    identity without a signing key grants (version 1) only with ``allow_classical``."""
     from qwamos.keystore import identity as idmod
 
-    public, recipient_fp = idmod.parse_public(recipient_pub, Path(recipient_path))
+    recipient = idmod.parse_public(recipient_pub, Path(recipient_path))
+    recipient_fp = recipient.fingerprint
     got = ks._unwrap(key_id)  # the key file's MAC and AEAD checked; the identity is open from here
     ident = ks._open_identity(create=False)
     vm_name = ks.get_metadata(key_id).get("vm_name") or ""
-    doc = make_grant(key_id, got, str(vm_name), ident, public)
+    doc = make_grant(key_id, got, str(vm_name), ident, recipient, allow_classical=allow_classical)
     records = _load_records(ks, key_id, ident)
     records["granted"] = [g for g in records["granted"] if g["recipient_fingerprint"] != recipient_fp]
     records["granted"].append(
@@ -310,15 +389,22 @@ def grant_key(ks: Any, key_id: str, recipient_pub: bytes, recipient_path: str = 
 
 def describe_grant(data: bytes) -> dict[str, Any]:
     """What a grant document *claims* (key id, VM, granting and receiving fingerprints), before the operator
-    confirms the granting fingerprint.  Nothing here is authenticated yet."""
+    confirms the granting fingerprint.  Nothing here is authenticated yet.  ``version`` 1 means classical-only
+    authenticity (``authenticated_by``)."""
     doc = parse_grant(data)
-    return {k: doc[k] for k in ("key_id", "vm_name", "granted_at", "grantor_fingerprint", "recipient_fingerprint")}
+    out = {k: doc[k] for k in ("key_id", "vm_name", "granted_at", "grantor_fingerprint", "recipient_fingerprint")}
+    out["version"] = doc["version"]
+    out["authenticated_by"] = f"{crypto.SIGNATURE} + x25519" if doc["version"] == VERSION else "x25519 only"
+    return out
 
 
-def import_grant(ks: Any, data: bytes, *, expect_fingerprint: str, overwrite: bool = False) -> str:
+def import_grant(
+    ks: Any, data: bytes, *, expect_fingerprint: str, overwrite: bool = False, allow_classical: bool = False
+) -> str:
     """Store the key of a grant document as an ordinary key file of this keystore (wrapped to and MACed by
     its own identity), after every check of :func:`open_grant`; ``expect_fingerprint`` is the granting
-    keystore's fingerprint as the operator confirmed it.  Returns the key id."""
+    keystore's fingerprint as the operator confirmed it; a version 1 (classical-only) grant only with
+    ``allow_classical``.  Returns the key id."""
     from qwamos.errors import KeyExistsError
     from qwamos.keystore import metadata
 
@@ -327,7 +413,7 @@ def import_grant(ks: Any, data: bytes, *, expect_fingerprint: str, overwrite: bo
     if not overwrite and ks.has_key(key_id):
         raise KeyExistsError(key_id=key_id)
     ident = ks._open_identity(create=True)
-    got = open_grant(doc, ident, expect_fingerprint)
+    got = open_grant(doc, ident, expect_fingerprint, allow_classical=allow_classical)
     assert got.commit_secret is not None
     meta = metadata.build(key_id, doc["vm_name"], crypto.HYBRID_KEM, "")
     ks._store(

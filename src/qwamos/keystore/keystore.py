@@ -147,6 +147,9 @@ class PQCKeystore:
             "path": str(self.path),
             "fingerprint": pf.fingerprint,
             "kem": crypto.HYBRID_KEM,
+            # The signing key (grants authenticated post-quantum); None for a version 1 identity, which
+            # 'key rotate-identity' replaces with one that has it.
+            "signature": crypto.SIGNATURE if pf.version == idmod.VERSION else None,
             "sealed": pf.sealed,
             # What identity.pin says (read without the identity, so unverified: opening it verifies).
             "pinned_fingerprint": pinned["identity_fingerprint"] if pinned else None,
@@ -350,11 +353,13 @@ class PQCKeystore:
     def _check_or_write_public(self, ident: idmod.Identity) -> None:
         pub_path = self.path / IDENTITY_PUB
         try:
-            public, _ = idmod.parse_public(read_bounded(pub_path), pub_path)
+            pub = idmod.parse_public(read_bounded(pub_path), pub_path)
         except FileNotFoundError:
             write_private(pub_path, dump_document(idmod.public_document(ident)))
             return
-        if not crypto.constant_time_eq(public, ident.public):
+        if not crypto.constant_time_eq(pub.public, ident.public) or not crypto.constant_time_eq(
+            pub.signing_public or b"", ident.signing_public or b""
+        ):
             raise KeyFileCorruptError(
                 path=str(pub_path), msg=f"does not match {IDENTITY_KEY} (delete it to have it rewritten)"
             )
