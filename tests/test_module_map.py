@@ -145,6 +145,7 @@ MAP: dict[str, list[str]] = {
     "volume.rotation": ["test_volume_rotation.py"],
     "volume.chain_rotation": ["test_volume_chain_rotation.py"],
     "volume.blockcopy": ["test_volume_blockcopy.py"],
+    "volume.transfer": ["test_storage_rbd.py"],
     "volume.resize": ["test_volume_resize.py", "test_vm_lifecycle.py"],
     "volume.slotio": ["test_volume_roundtrip.py", "test_volume_failing_slots.py", "test_volume_full.py"],
     "volume.slots": ["test_volume_vectors.py", "test_volume_nonce.py"],

@@ -260,3 +260,88 @@ def test_key_delete_is_refused_while_an_rbd_volume_uses_the_key(ceph_cluster, en
     assert "rbd:rbd/keyuse-a" in capsys.readouterr().err
     ceph_cluster.rbd("rm", "--no-progress", "rbd/keyuse-a")
     assert main(["key", "--keystore", ks, "delete", key_id, "--yes"]) == 0  # the image is gone: stale
+
+
+def test_volume_copy_between_a_file_and_the_cluster(ceph_cluster, env, short_dir, capsys):
+    """``volume copy``: a file volume to an image and back is the same volume byte for byte (its UUID and key),
+    sparse both ways; an existing destination is refused, a served source too (its writer lock), and
+    ``--move`` removes the source after the verified copy.  The keystore records where the copies are."""
+    from qwamos.keystore import PQCKeystore
+    from qwamos.storage import storage_exists
+
+    ks_dir = env / "ks"
+    ks = PQCKeystore(ks_dir)
+    f = env / "a.qvol"
+    PQCVolume(f, keystore=ks).create("a", "", size_bytes=64 * MIB)
+    with PQCVolume(f, keystore=ks) as v:
+        for off, seed in ((0, 1), (10 * MIB + 4096, 2), (64 * MIB - 8192, 3)):
+            v.write(off, _pattern(8192, seed))
+        uuid, key_id = v.header.volume_uuid, v.key_id
+    loc = "rbd:rbd/copy-a"
+    assert main(["volume", "copy", str(f), loc, "--json", "--keystore", str(ks_dir)]) == 0
+    out = _json(capsys)
+    assert (out["volume_uuid"], out["key_id"], out["moved"]) == (uuid, key_id, False)
+    exported = env / "exported.qvol"
+    ceph_cluster.rbd("export", "rbd/copy-a", str(exported))
+    assert exported.read_bytes() == f.read_bytes()  # every byte, holes included
+    assert ceph_cluster.used_bytes("copy-a") <= 5 * 4 * MIB  # the objects holding data and the two headers
+    images = set(ceph_cluster.rbd("ls", "rbd").stdout.split())
+
+    # never over an existing volume; a served source is refused (the export holds its writer lock)
+    assert main(["volume", "copy", loc, str(f), "--keystore", str(ks_dir)]) == 16
+    with serving(loc, ks_dir, short_dir / "s.sock"):
+        assert main(["volume", "copy", loc, str(env / "b.qvol"), "--keystore", str(ks_dir)]) == 15
+    assert not (env / "b.qvol").exists() and set(ceph_cluster.rbd("ls", "rbd").stdout.split()) == images
+
+    # back to a file, moving: the image goes, the file has the same bytes and stays sparse
+    b = env / "b.qvol"
+    assert main(["volume", "copy", loc, str(b), "--move", "--keystore", str(ks_dir)]) == 0
+    assert not storage_exists(loc) and b.read_bytes() == f.read_bytes()
+    assert b.stat().st_blocks * 512 <= MIB
+    with PQCVolume(b, keystore=ks, read_only=True) as v:
+        assert v.check() == [] and v.read(10 * MIB + 4096, 8192) == _pattern(8192, 2)
+    assert sorted(u["path"] for u in ks.key_users(key_id) if u["state"] == "live") == sorted([str(f), str(b)])
+
+
+def test_volume_copy_holds_the_source_and_leaves_nothing_that_does_not_read_back(
+    ceph_cluster, keys, tmp_path, monkeypatch
+):
+    """While the copy runs, a writer of the source is refused (the copy holds its writer lock).  A destination
+    that loses a write (here: a store dropping its second one) fails the comparison: the copy is refused and
+    nothing appears at the destination."""
+    from qwamos import storage as storage_mod
+    from qwamos.errors import VolumeError
+    from qwamos.storage import create_storage
+    from qwamos.volume.transfer import copy_volume
+
+    def lossy(rest, *, overwrite, random_suffix):
+        pending = create_storage(f"rbd:{rest}", overwrite=overwrite, random_suffix=random_suffix)
+        store, writes = pending.storage, []
+        real = store.write
+
+        def write(offset, bufs):
+            writes.append(offset)
+            if len(writes) != 2:
+                real(offset, bufs)
+
+        store.write = write
+        return pending
+
+    monkeypatch.setitem(storage_mod.SCHEMES, "lossy", (storage_mod.SCHEMES["rbd"][0], lossy))
+    f = tmp_path / "a.qvol"
+    PQCVolume(f, keystore=keys).create("a", "", size_bytes=8 * MIB)
+    with PQCVolume(f, keystore=keys) as v:
+        v.write(4 * MIB, _pattern(4096, 4))
+    seen = []
+
+    def during(done, total):
+        with pytest.raises(VolumeLockedError):
+            PQCVolume(f, keystore=keys).open()
+        seen.append(done)
+
+    copy_volume(f, "rbd:rbd/copy-held", keys, progress=during)
+    assert seen
+    with pytest.raises(VolumeError, match="differs from the source"):
+        copy_volume(f, "lossy:rbd/copy-lossy", keys)
+    assert not storage_mod.storage_exists("rbd:rbd/copy-lossy")
+    assert not [n for n in ceph_cluster.rbd("ls", "rbd").stdout.split() if n.startswith("copy-lossy")]

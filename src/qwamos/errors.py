@@ -251,6 +251,12 @@ class KeystorePermissionError(KeystoreError):
     exit_code = 24
 
 
+class CopyDestinationExists(VolumeExistsError):
+    """{path} already exists; volume copy never replaces a volume."""
+
+    cli_text = None
+
+
 class KeyExistsError(KeystoreError):
     """Key {key_id!r} already exists in the keystore."""
 

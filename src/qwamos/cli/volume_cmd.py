@@ -1,4 +1,4 @@
-"""``qwamos volume create|info|check|repair|resize|dump-header`` (and ``serve``, from ``serve_cmd``).
+"""``qwamos volume create|info|check|repair|resize|copy|dump-header`` (and ``serve``, from ``serve_cmd``).
 
 Thin over :class:`qwamos.volume.PQCVolume`: parse arguments, open the keystore, call the library, print.
 """
@@ -143,6 +143,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_option(d, "the fields")
     add_ceph_args(d)
     d.set_defaults(func=cmd_dump_header)
+
+    cp = vsub.add_parser(
+        "copy",
+        help="copy a volume byte for byte to a new file or RBD image (the same volume: UUID and key kept)",
+        description=(
+            "Copy the volume's bytes to a new location, a file or rbd:POOL/IMAGE (the .qvol layout is the same "
+            "in both), as rbd import/export would: the copy is the same volume, under the same key, so a VM "
+            "bound to it can be pointed at the new location.  The source's header is authenticated first, its "
+            "writer lock is held during the copy (a served volume is refused), only its data is copied (holes "
+            "stay holes), and every byte is compared before the destination gets its name.  An existing "
+            "destination is refused.  Two copies are two stores under one key: remove the one you no longer "
+            "use, or pass --move.  (vm clone makes an independent copy under a new key.)"
+        ),
+        examples=[
+            "qwamos volume copy disk.qvol rbd:vms/web",
+            "qwamos volume copy rbd:vms/web web.qvol --ceph-id admin",
+            "qwamos volume copy disk.qvol rbd:vms/web --move --json",
+        ],
+    )
+    cp.add_argument("path", type=Path, metavar="SRC", help=_PATH_HELP + " to copy")
+    cp.add_argument("dest", metavar="DST", help="the new .qvol file or rbd:POOL/IMAGE (must not exist)")
+    cp.add_argument("--move", action="store_true", help="remove SRC after the verified copy")
+    add_json_option(cp, "the result")
+    cp.add_argument("--progress", action="store_true", help=_PROGRESS_HELP)
+    add_keystore_args(cp)
+    add_ceph_args(cp)
+    cp.set_defaults(func=cmd_copy)
 
     from qwamos.cli.snapshot_cmd import register_volume
 
@@ -447,6 +474,32 @@ def cmd_repair(args: argparse.Namespace) -> int:
     elif not report.actions and not report.pending:
         say(f"{args.path}: nothing to repair ({report.total_blocks} blocks)")
     return report.exit_code
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    from qwamos.volume.transfer import copy_volume
+
+    src = str(volume_location(args))
+    args.path = Path(args.dest)
+    dst = str(volume_location(args))
+    ks = open_keystore(args)
+    progress = Progress(100, label="Copying", enabled=args.progress)
+    out = copy_volume(
+        src, dst, ks, move=args.move, progress=lambda done, total: progress.update(done * 100 // max(total, 1))
+    )
+    progress.finish()
+    if args.json:
+        emit_json(out)
+    message(
+        decorated("ok", f"Copied {src} to {dst}: {format_size(out['copied_bytes'])} of data, every byte compared")
+    )
+    if out["moved"]:
+        message(f"   {src} removed")
+    else:
+        message(
+            f"   Both are volume {out['volume_uuid']} under key {out['key_id']}: remove the one you no longer use"
+        )
+    return 0
 
 
 def cmd_dump_header(args: argparse.Namespace) -> int:

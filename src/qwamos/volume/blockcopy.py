@@ -1,8 +1,8 @@
 """The one block-copy engine: guest bytes from one volume (or range) into another, under the destination's key.
 
-``vm clone``, backup restore and ``volume copy`` all copy a disk's content into a volume that has its own key:
-each block is decrypted from the source and sealed afresh (new nonces) under the destination.  This module
-is that loop, once:
+``vm clone`` and backup restore copy a disk's content into a volume that has its own key (``volume copy``
+moves the same volume byte for byte instead: :mod:`qwamos.volume.transfer`): each block is decrypted from
+the source and sealed afresh (new nonces) under the destination.  This module is that loop, once:
 
 * only what holds data is read: the source's ``extents`` (the NBD export's ``base:allocation`` answer,
   :mod:`qwamos.volume.allocation`) skip holes without decrypting a byte;
