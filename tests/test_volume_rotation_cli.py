@@ -159,6 +159,7 @@ def test_a_detached_online_rotation_is_settled_by_the_next_reencrypt(qvol, short
         res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--rate", "0", "--detach", "--json")
         assert res.returncode == 0, res.stderr
         new = json.loads(res.stdout)["key_id"]
+        assert "run `qwamos volume reencrypt" in res.stderr and "settles the old key" in res.stderr
         for _ in range(1200):  # waiting for the export's state, not timing it
             op = rotation_operation(control_path_for(sock))
             if op is not None and op["state"] != "running":

@@ -400,6 +400,10 @@ def _online(args: argparse.Namespace, ks: Any, ctl: Path, rate: int | None) -> i
     if args.detach:
         message(f"{args.path}: re-encrypting under key {new_id} in the export ({ctl}); watch it with")
         message(f"   qwamos export status --control {ctl}")
+        message(
+            f"   and once it is done, run `qwamos volume reencrypt {args.path}` again: that settles the old key "
+            f"{info['key_id']} (the export holds no keystore)"
+        )
     else:
         message(decorated("ok", f"{args.path}: re-encrypted under key {new_id} by its export", sys.stderr))
         _settle(ks, served["path"], served["uuid"], header["vm_name"], info["key_id"], new_id)
