@@ -324,3 +324,37 @@ def test_fuzz_never_raises_and_every_event_is_in_range(prefix, body, cut):
                 assert ev.offset >= 0 and ev.offset + len(ev.data) <= SIZE and len(ev.data) <= c.CHUNK
         assert conn.free_space >= 0
         conn.data_to_send()
+
+
+def test_queued_reads_are_the_reads_up_to_the_next_other_request_and_consume_nothing():
+    """What the server may read ahead (qwamos.nbd.server): whole READ headers already received, stopping at the
+    first request of another kind (a read ahead of a WRITE could miss it); refused READs are left out."""
+    conn = connected()
+
+    def feed(data: bytes) -> None:
+        buf = conn.get_buffer(len(data))
+        buf[: len(data)] = data
+        conn.buffer_updated(len(data))
+
+    wire = (
+        req(c.CMD_READ, 0, 8192, cookie=1)
+        + req(c.CMD_READ, 65536, 65536, cookie=2)
+        + req(c.CMD_READ, SIZE, 4096, cookie=3)  # out of range: refused later, not read ahead
+        + req(c.CMD_READ, 4096, 4096, cookie=4)
+        + req(c.CMD_WRITE, 4096, 4096, cookie=5)
+        + b"\xcd" * 4096
+        + req(c.CMD_READ, 4096, 4096, cookie=6)
+        + req(c.CMD_READ, 8192, 4096, cookie=7)[:20]  # incomplete
+    )
+    feed(wire)
+    assert conn.queued_reads(8) == [(0, 8192), (65536, 65536), (4096, 4096)]
+    assert conn.queued_reads(2) == [(0, 8192), (65536, 65536)]
+    first = conn.next_event()
+    assert isinstance(first, Read) and first.cookie == 1  # nothing was consumed by looking
+    assert conn.queued_reads(8) == [(65536, 65536), (4096, 4096)]
+    assert isinstance(conn.next_event(), Read)
+    assert conn.next_event().cookie == 4  # READ 3 was answered with an error by the parser
+    assert conn.queued_reads(8) == []  # a WRITE is next
+    w = conn.next_event()
+    assert isinstance(w, Write)
+    assert conn.queued_reads(8) == [(4096, 4096)]  # READ 7 is not whole yet

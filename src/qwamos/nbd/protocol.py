@@ -397,6 +397,26 @@ class ServerConnection:
         the next bytes, if any, start a new request.  Quiescing stops a connection only here."""
         return self.state is State.TRANSMISSION and not self._w_left and not self._skip
 
+    def queued_reads(self, limit: int) -> list[tuple[int, int]]:
+        """``(offset, length)`` of the READ requests already received whole right after the current position,
+        up to the first request of another kind, at most ``limit``: what the server may start reading ahead
+        (a read ahead of a WRITE could miss it, so none is looked at past one).  Consumes nothing: the
+        requests still come from :meth:`next_event` in order and are validated there; READs that would be
+        refused are left out."""
+        out: list[tuple[int, int]] = []
+        if self.state is not State.TRANSMISSION or self._w_left or self._skip:
+            return out
+        buf, pos, end = self._buf, self._start, self._end
+        size, most = self.export.size, self._max_request
+        while end - pos >= 28 and len(out) < limit:
+            magic, _flags, cmd, _cookie, offset, length = _REQUEST.unpack_from(buf, pos)
+            if magic != c.REQUEST_MAGIC or cmd != c.CMD_READ:
+                break
+            if 0 < length <= most and offset + length <= size:
+                out.append((offset, length))
+            pos += 28
+        return out
+
     def tls_established(self) -> None:
         """The transport now speaks TLS (after :class:`StartTLS`): option haggling resumes inside it."""
         if self.state is not State.STARTTLS:

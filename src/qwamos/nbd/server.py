@@ -104,6 +104,10 @@ DEFAULT_MAX_CONNECTIONS = 8
 # every slot and lock the VM's QEMU out.  Real clients finish in milliseconds.
 NBD_HANDSHAKE_TIMEOUT = 10.0
 SMALL_READ = 4096  # reads up to this size go through pread (copying 4 KiB costs less than the general path)
+# Per READ served, the READs queued behind it (longer than SMALL_READ) hinted to a backend with ``prefetch``:
+# at most this many, of at most this many bytes in all (within what RBDStorage keeps: 16 runs, 24 MiB)
+READ_AHEAD = 8
+READ_AHEAD_BYTES = 8 << 20
 
 # Backend exception -> NBD error, first match wins (subclasses before their bases).
 ERROR_MAP: tuple[tuple[type[BaseException], int], ...] = (
@@ -181,6 +185,8 @@ class _Shared:
         self.gate = gate if gate is not None else QuiesceGate(lambda: self.connections)
         self.requests_closed = 0  # requests of connections that are gone (status counters)
         self.readinto: Callable[[int, memoryview], object] | None = getattr(backend, "readinto", None)
+        # optional: start reading a range that a queued READ will ask for (RBD: asynchronous librbd reads)
+        self.prefetch: Callable[[int, int], object] | None = getattr(backend, "prefetch", None)
         self.next_id = 0
         self.closing = False
 
@@ -471,6 +477,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 return
             self._send(reply_header(ev.cookie, 0) + data)
             return
+        if sh.prefetch is not None:
+            self._read_ahead()
         n = min(length, c.CHUNK)
         buf = self._take_buffer()
         try:
@@ -482,6 +490,24 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._send_buffer(buf, 0, REPLY_SIZE + n)
         if n < length:
             self._r_offset, self._r_left = ev.offset + n, length - n
+
+    def _read_ahead(self) -> None:
+        """Hint the backend at the READs queued behind this one (up to the next request of another kind, so
+        none can pass a WRITE), so that their storage round trips overlap this one's decryption.  Only a
+        hint: the backend keeps it coherent with later writes, and a failure surfaces in that READ's reply."""
+        prefetch = self.shared.prefetch
+        assert prefetch is not None
+        budget = READ_AHEAD_BYTES
+        for offset, length in self.proto.queued_reads(READ_AHEAD):
+            budget -= length
+            if budget < 0:
+                return
+            if length > SMALL_READ:
+                try:
+                    prefetch(offset, length)
+                except Exception as e:  # the READ itself reports whatever this was
+                    log.debug("connection %d: read-ahead of %d+%d not started: %s", self.id, offset, length, e)
+                    return
 
     def _read_piece(self) -> None:
         """The next piece of a READ longer than CHUNK (only clients that ignore our advertised maximum send
@@ -512,6 +538,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         if not ev.length:
             self._send(none_chunk(ev.cookie))
             return
+        if ev.length > SMALL_READ and self.shared.prefetch is not None:
+            self._read_ahead()
         self._r_cookie, self._r_offset, self._r_left = ev.cookie, ev.offset, ev.length
         self._read_chunk()
 

@@ -56,9 +56,11 @@ _SIGNATURES: dict[str, tuple[str, Any, list[Any]]] = {
     "rbd_write": ("rbd", c_ssize_t, [c_void_p, c_uint64, c_size_t, c_void_p]),
     "rbd_write_zeroes": ("rbd", c_int, [c_void_p, c_uint64, c_size_t, c_int, c_int]),
     "rbd_flush": ("rbd", c_int, [c_void_p]),
-    # asynchronous writes: rbd_aio_create_completion(cb_arg, cb, &c) with no callback, waited for by us
+    # asynchronous reads and writes: rbd_aio_create_completion(cb_arg, cb, &c) with no callback, waited for by us
     "rbd_aio_create_completion": ("rbd", c_int, [c_void_p, c_void_p, ctypes.POINTER(c_void_p)]),
     "rbd_aio_write": ("rbd", c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p]),
+    "rbd_aio_read": ("rbd", c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p]),
+    "rbd_aio_is_complete": ("rbd", c_int, [c_void_p]),
     "rbd_aio_wait_for_complete": ("rbd", c_int, [c_void_p]),
     "rbd_aio_get_return_value": ("rbd", c_ssize_t, [c_void_p]),
     "rbd_aio_release": ("rbd", None, [c_void_p]),

@@ -28,6 +28,16 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
   (:data:`MAX_INFLIGHT_BYTES`) are in flight; every other call (read, zero, extents, flush, resize, close)
   first waits for all of them, so a read always sees every earlier write, and a write that failed raises its
   ``OSError`` there (at the latest at ``flush``), as a writeback cache reports its failures;
+* ``prefetch(offset, length)`` (optional, beyond the contract) starts an ``rbd_aio_read`` of the range into a
+  buffer of its own, so that the cluster's round trip overlaps the caller's work on an earlier range (the
+  export hints the READs queued behind the one it serves, :mod:`qwamos.nbd.server`); a later
+  :meth:`RBDStorage.read_into` of exactly that range takes the data from there (and a failure of that read
+  raises there, for that caller only).  A prefetched range must read as if it were read at ``read_into``
+  time: one overlapping a write in flight is not started, and a write, zero or resize overlapping one that
+  is pending discards it (it is read again then).  Its buffer is librbd's until its completion has fired:
+  discarded ones are kept until then and reaped, and ``close`` waits for all of them.  At most
+  :data:`MAX_PREFETCH` ranges (:data:`MAX_PREFETCH_BYTES`) are pending: a new one discards the oldest (so
+  that hints whose reads never came, from a client that left, age out);
 * ``flush`` is ``rbd_flush`` (librbd's cache, then the OSDs' acknowledgement: durable on the cluster);
 * ``lock``: a writer takes librbd's exclusive lock explicitly (``rbd_lock_acquire``, which also stops librbd
   from handing the lock to another client on request; ``rbd lock ls`` shows it).  A second writer is refused
@@ -67,6 +77,8 @@ MOUNT_TIMEOUT = "30"  # seconds to reach the monitors (librados' default is 300)
 _cookies = itertools.count(1)
 MAX_INFLIGHT = 16  # asynchronous writes in flight per image
 MAX_INFLIGHT_BYTES = 64 << 20
+MAX_PREFETCH = 16  # asynchronous reads started ahead of their read_into, per image
+MAX_PREFETCH_BYTES = 24 << 20  # 16 runs of 256 slots (1 MiB of plaintext each) fit
 WRITER_KEY = b"qwamos.writer"  # image metadata: the writer's own note of who it is (host, pid)
 
 
@@ -223,6 +235,12 @@ class RBDStorage:
         # (completion, the bytes librbd is writing from, offset) of each write in flight, oldest first
         self._inflight: collections.deque[tuple[ctypes.c_void_p, bytes, int]] = collections.deque()
         self._inflight_bytes = 0
+        # (offset, length) -> (completion, buffer) of each prefetch (aio read) not yet taken by read_into
+        self._prefetched: dict[tuple[int, int], tuple[ctypes.c_void_p, bytearray]] = {}
+        self._prefetched_bytes = 0
+        # discarded prefetches whose reads may still be running: librbd owns their buffers until completion
+        self._stale: list[tuple[ctypes.c_void_p, bytearray]] = []
+        self._spare: list[bytearray] = []  # buffers of taken prefetches, for the next ones
 
     @classmethod
     def open(cls, rest: str, *, read_only: bool = False) -> RBDStorage:
@@ -267,7 +285,93 @@ class RBDStorage:
         if first is not None:
             raise first
 
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start reading ``[offset, offset+length)`` now, for a later :meth:`read_into` of exactly that range
+        (see the module docstring).  A hint: ignored when it cannot be taken (limits, overlap, end of image)."""
+        key = (offset, length)
+        if length <= 0 or length > MAX_PREFETCH_BYTES or key in self._prefetched or not self._image:
+            return
+        self._reap_stale(wait=False)
+        end = offset + length
+        for _comp, data, woff in self._inflight:
+            if woff < end and offset < woff + len(data):
+                return  # it would race the write: read_into reads it after the write instead
+        if end > self.size():
+            return
+        # Full: the oldest gives way (a hint whose READ never came, e.g. its client left, must not stay forever)
+        while len(self._prefetched) >= MAX_PREFETCH or self._prefetched_bytes + length > MAX_PREFETCH_BYTES:
+            oldest = next(iter(self._prefetched))
+            self._stale.append(self._prefetched.pop(oldest))
+            self._prefetched_bytes -= oldest[1]
+        buf = self._spare_buffer(length)
+        L = lib()
+        comp = ctypes.c_void_p()
+        if L.rbd_aio_create_completion(None, None, ctypes.byref(comp)) < 0:
+            return
+        target = (ctypes.c_char * length).from_buffer(buf)
+        if L.rbd_aio_read(self._image, offset, length, target, comp) < 0:
+            L.rbd_aio_release(comp)
+            return
+        self._prefetched[key] = (comp, buf)
+        self._prefetched_bytes += length
+
+    def _spare_buffer(self, length: int) -> bytearray:
+        while self._spare:
+            buf = self._spare.pop()
+            if len(buf) == length:
+                return buf
+        return bytearray(length)
+
+    def _discard_prefetches(self, offset: int, length: int) -> None:
+        """Discard the pending prefetches overlapping ``[offset, offset+length)`` (all with ``length`` < 0):
+        their data may predate a change being made now."""
+        if not self._prefetched:
+            return
+        end = offset + length
+        for key in [k for k in self._prefetched if length < 0 or (k[0] < end and offset < k[0] + k[1])]:
+            entry = self._prefetched.pop(key)
+            self._prefetched_bytes -= key[1]
+            self._stale.append(entry)  # librbd may still be filling its buffer
+
+    def _reap_stale(self, *, wait: bool) -> None:
+        """Release discarded prefetches whose reads have completed (all of them, waiting, with ``wait``)."""
+        if not self._stale:
+            return
+        L = lib()
+        keep = []
+        for comp, buf in self._stale:
+            if wait or L.rbd_aio_is_complete(comp):
+                L.rbd_aio_wait_for_complete(comp)
+                L.rbd_aio_release(comp)
+                if len(self._spare) < 2:
+                    self._spare.append(buf)
+            else:
+                keep.append((comp, buf))
+        self._stale = keep
+
+    def _take_prefetch(self, offset: int, buf: memoryview) -> int | None:
+        """``read_into`` from a prefetch of exactly this range: the bytes read, or None when there is none."""
+        entry = self._prefetched.pop((offset, len(buf)), None)
+        if entry is None:
+            return None
+        comp, data = entry
+        self._prefetched_bytes -= len(buf)
+        L = lib()
+        L.rbd_aio_wait_for_complete(comp)
+        ret = L.rbd_aio_get_return_value(comp)
+        L.rbd_aio_release(comp)  # complete: librbd is done with ``data``
+        if ret < 0:
+            raise OSError(-ret, f"rbd_aio_read at {offset}: {os.strerror(-ret)}")
+        buf[:ret] = memoryview(data)[:ret]
+        if len(self._spare) < 2:
+            self._spare.append(data)
+        return ret
+
     def read_into(self, offset: int, buf: memoryview) -> int:
+        if self._prefetched:
+            got = self._take_prefetch(offset, buf)
+            if got is not None:
+                return got
         self._drain()
         want = min(len(buf), max(0, self.size() - offset))
         if want <= 0:
@@ -291,6 +395,8 @@ class RBDStorage:
             data = bytes(data)
         if not data:
             return
+        if self._prefetched:
+            self._discard_prefetches(offset, len(data))
         L = lib()
         comp = ctypes.c_void_p()
         check(L.rbd_aio_create_completion(None, None, ctypes.byref(comp)), "rbd_aio_create_completion")
@@ -313,6 +419,7 @@ class RBDStorage:
         return True
 
     def zero(self, offset: int, length: int) -> None:
+        self._discard_prefetches(offset, length)
         self._drain()
         if length > 0:
             check(lib().rbd_write_zeroes(self._image, offset, length, 0, 0), "rbd_write_zeroes")
@@ -356,6 +463,7 @@ class RBDStorage:
         return size.value
 
     def resize(self, size: int) -> None:
+        self._discard_prefetches(0, -1)
         self._drain()
         check(lib().rbd_resize(self._image, size), "rbd_resize")
 
@@ -453,6 +561,8 @@ class RBDStorage:
     def close(self) -> None:
         failed: OSError | None = None
         if self._image:
+            self._discard_prefetches(0, -1)
+            self._reap_stale(wait=True)  # their buffers are librbd's until their reads complete
             try:
                 self._drain()
             except OSError as e:
@@ -475,6 +585,8 @@ class RBDStorage:
     def close_image(self) -> None:
         """Close the image but keep the connection (a pending create still renames or removes with it)."""
         if self._image:
+            self._discard_prefetches(0, -1)
+            self._reap_stale(wait=True)
             self._drain()
         image, self._image = self._image, ctypes.c_void_p()
         if image:

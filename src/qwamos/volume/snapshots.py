@@ -483,6 +483,12 @@ class ChainVolume:
             self._fill(0, offset, out)
         return len(out)
 
+    def prefetch(self, offset: int, length: int) -> None:
+        """A hint that the range will be read soon (:meth:`PQCVolume.prefetch`); taken for a volume without
+        snapshots only (a chain's reads depend on each layer's allocation)."""
+        if len(self.layers) == 1:
+            self.layers[0].prefetch(offset, length)
+
     def _fill_blocks(self, offset: int, out: memoryview) -> None:
         """A small read, block by block: each block from the first layer whose slot holds it (one slot read
         per layer looked at; the allocation scan of :meth:`_fill` costs more than that for a few blocks)."""

@@ -47,7 +47,7 @@ from qwamos.volume import header as hdr
 from qwamos.volume import resize as resizemod
 from qwamos.volume.blockcopy import throttle
 from qwamos.volume.guard import IOGuard, os_error
-from qwamos.volume.header import BLOCK_SIZE, Header
+from qwamos.volume.header import BLOCK_SIZE, HEADER_SIZE, SLOT_SIZE, Header
 from qwamos.volume.header_store import HeaderStore, UnverifiedHeader, initial_copies, read_header
 from qwamos.volume.inspection import ProgressFn
 from qwamos.volume.keys import KeyProvider, check_volume_key, rotation_old_key_check
@@ -492,6 +492,19 @@ class PQCVolume:
             self._check_range(offset, len(out))
             self._read_into(offset, out)
         return len(out)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """A hint that ``[offset, offset+length)`` will be read soon: the storage may start reading its slots
+        now (RBD: an aio read per run of slots, :meth:`qwamos.storage.rbd.RBDStorage.prefetch`), so that the
+        round trip overlaps other work.  Nothing is decrypted or returned here; the read itself still
+        authenticates every block.  Ignored by a storage without ``prefetch`` and for an invalid range."""
+        with self._guard:
+            storage = self._storage
+            hint = getattr(storage, "prefetch", None)
+            if hint is None or self._io.overlay or offset < 0 or length <= 0 or offset + length > self.size:
+                return
+            for _pos, block, count, _skip, _n in runs(offset, length):
+                hint(HEADER_SIZE + block * SLOT_SIZE, count * SLOT_SIZE)
 
     def _read_into(self, offset: int, out: memoryview) -> None:
         io = self._io

@@ -1,0 +1,224 @@
+"""Read-ahead on RBD (``RBDStorage.prefetch``, the export's hints for queued READs), against the real test cluster.
+
+The property: a prefetched range reads as if it had been read when ``read_into`` asked for it — never data
+older than a write, zero or resize made in between — and a failure of one request's read reaches that request
+only.  Checked on the storage directly and through the export with a real NBD client that pipelines requests
+(two connections, so that a READ hinted on one is still queued while a WRITE of the same range on the other is
+served).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+import pytest
+
+from nbd_helpers import serving
+from qwamos.cli.main import main
+from qwamos.errors import BlockAuthError
+from qwamos.nbd import constants as c
+from qwamos.nbd.client import NBDClient
+from qwamos.storage import open_storage
+from qwamos.storage.rbd import MAX_PREFETCH
+from qwamos.volume import PQCVolume
+from qwamos.volume.header import HEADER_SIZE, SLOT_SIZE
+
+MIB = 1 << 20
+RUN = 256 * SLOT_SIZE  # the slots of 1 MiB of plaintext: what the volume reads for an aligned 1 MiB READ
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "ks"))
+    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
+    return tmp_path
+
+
+def _image(ceph_cluster, name: str, size: int = 8 * MIB):
+    """A raw RBD image of ``size`` bytes filled with 0x11, opened writable (locked)."""
+    ceph_cluster.rbd("create", "--size", f"{size // MIB}M", f"rbd/{name}")
+    s = open_storage(f"rbd:rbd/{name}")
+    s.lock(shared=False)
+    s.write(0, (b"\x11" * size,))
+    s.flush()
+    return s
+
+
+def _read(s, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    assert s.read_into(offset, memoryview(buf)) == length
+    return bytes(buf)
+
+
+def test_a_prefetched_range_reads_its_data(ceph_cluster):
+    s = _image(ceph_cluster, "pf-plain")
+    try:
+        s.prefetch(MIB, RUN)
+        assert (MIB, RUN) in s._prefetched  # started
+        assert _read(s, MIB, RUN) == b"\x11" * RUN
+        assert not s._prefetched  # taken
+        s.prefetch(0, 4096)
+        assert _read(s, 0, 2048) == b"\x11" * 2048  # not the prefetched range: read on its own
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("change", ["write", "write-overlapping-end", "zero", "resize"])
+def test_a_change_after_the_prefetch_is_seen(ceph_cluster, change):
+    s = _image(ceph_cluster, f"pf-{change}")
+    try:
+        s.prefetch(MIB, RUN)
+        s.prefetch(4 * MIB, RUN)  # elsewhere: kept
+        if change == "write":
+            s.write(MIB + 4096, (b"\x22" * 4096,))
+            expect = b"\x11" * 4096 + b"\x22" * 4096 + b"\x11" * (RUN - 8192)
+        elif change == "write-overlapping-end":
+            s.write(MIB - 4096, (b"\x22" * 8192,))  # starts before the range, ends inside it
+            expect = b"\x22" * 4096 + b"\x11" * (RUN - 4096)
+        elif change == "zero":
+            s.zero(MIB + RUN - 100, 100)
+            expect = b"\x11" * (RUN - 100) + bytes(100)
+        else:
+            s.resize(MIB + 8192)  # shrink through the range, then grow back: the tail reads as zeros
+            s.resize(8 * MIB)
+            expect = b"\x11" * 8192 + bytes(RUN - 8192)
+        assert _read(s, MIB, RUN) == expect
+        if change != "resize":
+            assert (4 * MIB, RUN) in s._prefetched
+            assert _read(s, 4 * MIB, RUN) == b"\x11" * RUN
+    finally:
+        s.close()
+
+
+def test_no_prefetch_over_a_write_in_flight(ceph_cluster):
+    """A range that a write still in flight overlaps is not read ahead: librbd does not order an aio read after
+    an aio write in flight, so the prefetch could miss it."""
+    s = _image(ceph_cluster, "pf-inflight")
+    try:
+        s.write(MIB, (b"\x33" * 4096,))  # asynchronous: in flight until reaped
+        assert s._inflight
+        s.prefetch(MIB, RUN)
+        assert (MIB, RUN) not in s._prefetched
+        s.prefetch(3 * MIB, RUN)  # no overlap: started
+        assert (3 * MIB, RUN) in s._prefetched
+        assert _read(s, MIB, 4096) == b"\x33" * 4096
+    finally:
+        s.close()
+
+
+def test_prefetch_limits_and_close_with_reads_pending(ceph_cluster):
+    """At most MAX_PREFETCH are pending, the oldest giving way; a discarded prefetch's buffer is kept until its
+    read completed; close waits for every read still running (their buffers are librbd's until then)."""
+    s = _image(ceph_cluster, "pf-limits", size=32 * MIB)
+    for i in range(MAX_PREFETCH + 4):
+        s.prefetch(i * RUN, RUN)
+    assert list(s._prefetched) == [(i * RUN, RUN) for i in range(4, MAX_PREFETCH + 4)]
+    s.prefetch(31 * MIB, 2 * MIB)  # past the end of the image: ignored
+    assert (31 * MIB, 2 * MIB) not in s._prefetched
+    s.write(5 * RUN, (b"\x44" * RUN,))  # discards that one while its read may still run
+    assert (5 * RUN, RUN) not in s._prefetched and len(s._prefetched) == MAX_PREFETCH - 1
+    assert _read(s, 5 * RUN, RUN) == b"\x44" * RUN
+    assert _read(s, 6 * RUN, RUN) == b"\x11" * RUN
+    s.close()
+    assert not s._prefetched and not s._stale
+
+
+def test_a_failed_read_ahead_fails_only_its_own_request(ceph_cluster, keys):
+    """A prefetched run holding a tampered slot fails the read of that run, not its neighbours'."""
+    loc = "rbd:rbd/pf-tamper"
+    PQCVolume(loc, keystore=keys).create("t", "", size_bytes=4 * MIB)
+    data = os.urandom(4 * MIB)
+    with PQCVolume(loc, keystore=keys) as v:
+        v.write(0, data)
+    s = open_storage(loc)
+    s.lock(shared=False)
+    where = HEADER_SIZE + (256 + 3) * SLOT_SIZE + 100  # a slot of the second MiB
+    s.write(where, (bytes([s.read(where, 1)[0] ^ 1]),))
+    s.close()
+    with PQCVolume(loc, keystore=keys) as v:
+        for off in (0, MIB, 2 * MIB):
+            v.prefetch(off, MIB)
+        assert len(v._storage._prefetched) == 3
+        assert v.read(0, MIB) == data[:MIB]
+        with pytest.raises(BlockAuthError) as err:
+            v.read(MIB, MIB)
+        assert err.value.kwargs.get("index") == 259
+        assert v.read(2 * MIB, MIB) == data[2 * MIB : 3 * MIB]
+
+
+# --- through the export, with a client that pipelines -------------------------------------------------------
+
+
+def _request(cmd: int, cookie: int, offset: int, length: int) -> bytes:
+    return struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, cmd, cookie, offset, length)
+
+
+def _replies(cl: NBDClient, lengths: dict[int, int]) -> dict[int, tuple[int, bytes]]:
+    """Read one simple reply per cookie (any order): cookie -> (error, data)."""
+    out = {}
+    for _ in range(len(lengths)):
+        cookie, error, data = cl.recv_reply(0)
+        if not error and lengths[cookie]:
+            data = cl.recv_exact(lengths[cookie])
+        out[cookie] = (error, data)
+    return out
+
+
+@pytest.fixture
+def served(ceph_cluster, env, short_dir):
+    """A 16 MiB RBD volume full of random data, served by `qwamos volume serve`; (socket, data, location)."""
+    loc = "rbd:rbd/pf-served-" + os.urandom(3).hex()
+    ks = env / "ks"
+    assert main(["volume", "create", loc, "--size", "16M", "--keystore", str(ks)]) == 0
+    data = bytearray(os.urandom(16 * MIB))
+    sock = short_dir / "p.sock"
+    with serving(loc, ks, sock) as proc:
+        with NBDClient.connect_unix(sock) as cl:
+            for off in range(0, len(data), MIB):
+                cl.write(off, bytes(data[off : off + MIB]))
+            cl.flush()
+        yield sock, data, proc
+
+
+def test_a_write_on_another_connection_reaches_a_read_queued_and_read_ahead(served):
+    """Connection 1 pipelines READ A, READ X and reads no reply: the export serves A (hinting X, whose read
+    starts on the cluster), cannot send all of A's 1 MiB reply, and stops that connection with X queued.
+    Connection 2 then writes X.  X's reply on connection 1 must carry the new data, not the read-ahead's."""
+    sock, data, _proc = served
+    new = os.urandom(MIB)
+    with NBDClient.connect_unix(sock) as one, NBDClient.connect_unix(sock) as two:
+        one.sock.sendall(_request(c.CMD_READ, 1, 0, MIB) + _request(c.CMD_READ, 2, 5 * MIB, MIB))
+        two.write(5 * MIB, new)  # answered: the write is done (connection 1 still has X queued)
+        got = _replies(one, {1: MIB, 2: MIB})
+    assert got[1] == (0, bytes(data[:MIB]))
+    assert got[2][0] == 0
+    assert got[2][1] == new, "READ X served the data from before the WRITE (a stale read-ahead)"
+
+
+def test_write_then_read_of_the_same_range_in_one_pipelined_batch(served):
+    """READ X, WRITE X, READ X, READ Y sent at once: the first READ sees the old data, the second the new."""
+    sock, data, _proc = served
+    new = os.urandom(MIB)
+    x, y = 3 * MIB, 7 * MIB
+    batch = (
+        _request(c.CMD_READ, 1, y, MIB)
+        + _request(c.CMD_READ, 2, x, MIB)
+        + _request(c.CMD_WRITE, 3, x, MIB)
+        + new
+        + _request(c.CMD_READ, 4, x, MIB)
+        + _request(c.CMD_READ, 5, y, MIB)
+    )
+    with NBDClient.connect_unix(sock) as cl:
+        # sent from a thread while this one reads replies: the export stops reading a client whose replies
+        # pile up unsent, so a client that only sends would wait for it forever
+        sender = threading.Thread(target=cl.sock.sendall, args=(batch,))
+        sender.start()
+        got = _replies(cl, {1: MIB, 2: MIB, 3: 0, 4: MIB, 5: MIB})
+        sender.join()
+    assert got[1] == (0, bytes(data[y : y + MIB]))
+    assert got[2] == (0, bytes(data[x : x + MIB]))
+    assert got[3] == (0, b"")
+    assert got[4] == (0, new)
+    assert got[5] == (0, bytes(data[y : y + MIB]))
