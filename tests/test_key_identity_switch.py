@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 
 import crash_helpers
+from qwamos import crypto
 from qwamos.errors import KeystoreError, PassphraseRequiredError, WrongPassphraseError
 from qwamos.keystore import Argon2Params, PQCKeystore, rewrap, switch
+from qwamos.keystore.files import dump_document, write_private
+from qwamos.keystore.identity import Identity, private_document
 
 CHEAP = Argon2Params(memory_kib=8, iterations=1, lanes=1)
 OLD_PASS, NEW_PASS = b"old passphrase", b"new passphrase"
@@ -170,10 +173,23 @@ def test_change_passphrase_seal_change_unseal(tmp_path: Path) -> None:
     assert not (ks_dir / switch.DIR_NAME).exists()
 
 
-def test_kill_anywhere_in_rotate_identity(tmp_path: Path) -> None:
+def seed_legacy(path: Path, passphrase: bytes | None, n: int = 3) -> dict[str, bytes]:
+    """``seed`` over a version 1 identity (no signing key: a keystore made before signing keys)."""
+    path.mkdir(mode=0o700)
+    doc = private_document(Identity.generate(signing=False), passphrase, CHEAP)
+    write_private(path / "identity.key", dump_document(doc))
+    return seed(path, passphrase, n)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["v2", "upgrade-from-v1"])
+def test_kill_anywhere_in_rotate_identity(tmp_path: Path, legacy: bool) -> None:
+    """Also the upgrade of a version 1 identity (``legacy``): every kill leaves the old identity (no signing
+    key) or the new one, whose signing key came through the switch intact (its fingerprint covers it)."""
     template = tmp_path / "template"
-    keys = seed(template, OLD_PASS, 2)
+    keys = (seed_legacy if legacy else seed)(template, OLD_PASS, 2)
     old_fp = _fp(template)
+    old_signature = PQCKeystore(template).identity_info()["signature"]
+    assert old_signature == (None if legacy else crypto.SIGNATURE)
 
     def op(d: Path) -> None:
         PQCKeystore(d, passphrase=OLD_PASS, argon2_params=CHEAP).rotate_identity()
@@ -191,6 +207,11 @@ def test_kill_anywhere_in_rotate_identity(tmp_path: Path) -> None:
         fp = _fp(d)
         check_whole(d, keys, [(old_fp, OLD_PASS), (fp, OLD_PASS)])
         seen.add("old" if fp == old_fp else "new")
+        signature = PQCKeystore(d).identity_info()["signature"]
+        assert signature == (old_signature if fp == old_fp else crypto.SIGNATURE)
+        if fp != old_fp:  # the new identity opens with its signing key, matching identity.pub's
+            ident = PQCKeystore(d, passphrase=OLD_PASS, argon2_params=CHEAP)._open_identity(create=False)
+            assert ident.signing_seed is not None and ident.signing_public is not None
         shutil.rmtree(d)
         if not killed:
             break
