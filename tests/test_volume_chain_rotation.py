@@ -553,3 +553,44 @@ def test_key_generations_byte_format_and_upgrade_of_older_chains(tmp_path, keys)
     ):
         with pytest.raises(SnapshotChainError):
             Table.parse("t", json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("top_blocks_done", [0, 1])
+def test_mid_rotation_after_the_floor_every_view_opens_old_copies_do_not_and_it_resumes(
+    tmp_path, keys, top_blocks_done
+):
+    """Paused once every frozen layer is done and the floor raised (the top's own rotation just begun, or
+    part way): every view reads exactly, a layer's pre-rotation copy is already refused, and the same call
+    finishes the rotation."""
+    from qwamos.volume.snapshots import layer_path
+
+    path = tmp_path / "disk.qvol"
+    want = build(path, keys, seed=13)
+    with open_chain(path, keys, read_only=True) as c:
+        victim = layer_path(path, c.table.snapshots["s1"].layer)
+        frozen_blocks = len(c.table.layers) * c.layers[0].total_blocks
+    saved = victim.read_bytes()
+    new_id, _ = keys.new_volume_key("vm", "disk")
+    seen = [0]
+
+    def progress(done: int, _total: int) -> None:
+        seen[0] = done
+
+    out = reencrypt_volume(
+        path, keys, new_id, batch=2, progress=progress, stop=lambda: seen[0] >= frozen_blocks + top_blocks_done
+    )
+    assert not out["finished"]
+    assert _table_doc(path, keys)["key_gen"] == 1  # the floor is raised before the top's turn
+    st = chain_state(path, keys)
+    assert st["new_key_id"] == new_id and st["layers_done"] == st["layers"] - 1
+    top = read_header(path)
+    assert top["key_id"] == new_id and (top["features"]["rotation"]["progress"] > 0) == bool(top_blocks_done)
+    assert read_views(path, keys) == want
+    genuine = victim.read_bytes()
+    victim.write_bytes(saved)
+    with pytest.raises(SnapshotChainError, match="before a key rotation"):
+        read_views(path, keys)
+    victim.write_bytes(genuine)
+    assert reencrypt_volume(path, keys, new_id, batch=8)["finished"]
+    assert set(layer_keys(path).values()) == {new_id}
+    assert read_views(path, keys) == want
