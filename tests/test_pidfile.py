@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from qwamos.errors import ExportError
+from qwamos.nbd.export import pidfile_busy
 from qwamos.pidfile import (
     ProcRef,
     claim_pidfile,
@@ -63,6 +64,10 @@ def test_claim_refuses_a_live_process_and_replaces_a_stale_file(tmp_path):
         with pytest.raises(ExportError, match="names a running process"):
             claim_pidfile(path, lambda m: ExportError(m))
         assert path.exists()
+        # the export's refusal asks its question once (it was said twice: here and by pidfile_busy)
+        with pytest.raises(ExportError) as refused:
+            claim_pidfile(path, pidfile_busy)
+        assert str(refused.value).count("is the export already served?") == 1
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -140,7 +140,7 @@ def claim_pidfile(path: Path, error: Callable[[str], QwamosError]) -> None:
     """Refuse a pidfile that names another live process (``error(message)``); remove a stale one."""
     ref = live_process(path)
     if ref is not None and ref.pid != os.getpid():
-        raise error(f"pidfile {path} names a running process ({ref.pid}); is the export already served?")
+        raise error(f"pidfile {path} names a running process ({ref.pid})")  # ``error`` says what it may be
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
 
