@@ -170,6 +170,9 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
         from qwamos.nbd.tls import server_tls
 
         tls = server_tls(spec.tls_dir, spec.tls_allow or None)  # refused before the volume is opened
+    # Fork before anything is opened (a cluster client's threads do not survive a fork: qwamos.nbd.daemon);
+    # the original process waits there until the daemon answers, or exits with its error status.
+    detach = daemon.fork_daemon() if spec.daemon else None
     if pid_path is not None:
         pidfile.claim_pidfile(pid_path, pidfile_busy)
     backend = open_backend(spec, keystore)
@@ -218,9 +221,9 @@ def serve(spec: ExportSpec, *, keystore: KeystoreFactory | None = None, announce
         if ctl is not None and ctl.enabled:
             say(f"Control socket: {spec.control}")
         notify = None
-        if spec.daemon:
+        if detach is not None:
             log_path = spec.log_file.absolute() if spec.log_file else None
-            notify = daemon.daemonize(log_path)
+            notify = detach(log_path)
             if log_path is not None:
                 logging.getLogger().handlers[:] = [logs.handler()]  # the new stderr
         if pid_path is not None:
