@@ -64,3 +64,33 @@ def test_volume_serve_daemon_on_rbd_answers_and_stops_cleanly(ceph_cluster, tmp_
     assert json.loads(locks or "[]") in ([], {})
     with PQCVolume(loc, keystore=PQCKeystore(ks), read_only=True) as v:
         assert v.read(4 * MIB, 65536) == b"\x5a" * 65536
+
+
+def test_writes_past_librbds_cache_on_a_full_cluster_answer_enospc(ceph_cluster, tmp_path):
+    """More than librbd's writeback cache holds (``rbd_cache_max_dirty``, 24 MiB), written to a full cluster:
+    with the cache on (the test cluster's conf says ``rbd cache = true``, as many do) the cache retried its
+    failed writebacks forever and the writer waited for room in it forever (a real fill of a memstore OSD hung
+    the export, control channel included).  Our clients run without the cache: the writes fail ENOSPC."""
+    from qwamos.errors import VolumeFullError
+    from test_storage_rbd_failures import _bounded, _cluster_full
+
+    ks = PQCKeystore(tmp_path / "ks")
+    loc = "rbd:rbd/full-past-cache"
+    assert "rbd cache = true" in ceph_cluster.conf.read_text()
+    PQCVolume(loc, keystore=ks).create("f", "", size_bytes=64 * MIB)
+    blob = os.urandom(4 * MIB)
+    with PQCVolume(loc, keystore=ks) as v:
+        v.write(0, blob)
+        v.flush()
+        with _cluster_full(ceph_cluster):
+
+            def fill() -> None:
+                for i in range(1, 12):  # 44 MiB: past the cache's dirty limit
+                    v.write(i * 4 * MIB, blob)
+                v.flush()
+
+            err = _bounded(fill)
+            assert isinstance(err, VolumeFullError), err
+        v.write(4 * MIB, blob)  # room again: the same volume writes
+        v.flush()
+        assert v.read(0, 4 * MIB) == blob and v.read(4 * MIB, 4 * MIB) == blob

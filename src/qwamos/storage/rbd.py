@@ -38,7 +38,10 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
   discarded ones are kept until then and reaped, and ``close`` waits for all of them.  At most
   :data:`MAX_PREFETCH` ranges (:data:`MAX_PREFETCH_BYTES`) are pending: a new one discards the oldest (so
   that hints whose reads never came, from a client that left, age out);
-* ``flush`` is ``rbd_flush`` (librbd's cache, then the OSDs' acknowledgement: durable on the cluster);
+* ``flush`` is ``rbd_flush`` (the OSDs' acknowledgement: durable on the cluster).  librbd's writeback cache is
+  always off (``rbd_cache=false`` set over the configuration): on a full cluster it retried failed
+  writebacks forever and held every writer past its dirty limit, so a filled cluster hung the export instead
+  of answering ENOSPC (tests/test_storage_rbd_cli.py, ``test_writes_past_librbds_cache_...``);
 * ``lock``: a writer takes librbd's exclusive lock explicitly (``rbd_lock_acquire``, which also stops librbd
   from handing the lock to another client on request; ``rbd lock ls`` shows it).  A second writer is refused
   naming the holder; a reader is refused while a writer holds the lock (librbd has no shared lock, so a writer
@@ -188,6 +191,11 @@ class _Cluster:
             ):
                 if self._get(option).split(".")[0] == default:
                     check(L.rados_conf_set(self.handle, option, ours.encode()), "rados_conf_set")
+            # Never librbd's writeback cache, whatever the configuration says: on a full cluster it retries its
+            # failed writebacks forever, so once more than its dirty limit (24 MiB) was written, every writer
+            # waited for room in it forever (our export hung, control channel and SIGTERM included) instead of
+            # getting ENOSPC.  We need no cache: the volume flushes when it must, and the export batches.
+            check(L.rados_conf_set(self.handle, b"rbd_cache", b"false"), "rados_conf_set")
             check(L.rados_connect(self.handle), "connecting to the Ceph cluster")
             check(
                 L.rados_ioctx_create(self.handle, loc.pool.encode(), ctypes.byref(self.ioctx)), f"pool {loc.pool}"
@@ -409,6 +417,10 @@ class RBDStorage:
         while len(self._inflight) > MAX_INFLIGHT or self._inflight_bytes > MAX_INFLIGHT_BYTES:
             err = self._reap_oldest()
             if err is not None:
+                # Wait for the rest too, so that their failures (the same full cluster, mostly) are reported
+                # with this one and not again by the caller's retry once there is room.
+                with contextlib.suppress(OSError):
+                    self._drain()
                 raise err
 
     def allocate(self, offset: int, length: int) -> bool:
