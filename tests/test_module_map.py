@@ -105,7 +105,7 @@ MAP: dict[str, list[str]] = {
     "nbd.control_client": ["test_nbd_control.py", "test_nbd_control_live.py"],
     "nbd.control_protocol": ["test_nbd_control_protocol.py"],
     "nbd.control_server": ["test_nbd_control.py", "test_nbd_control_live.py"],
-    "nbd.daemon": ["test_nbd_qemu.py", "test_nbd_socket_ownership.py"],
+    "nbd.daemon": ["test_nbd_qemu.py", "test_nbd_socket_ownership.py", "test_storage_rbd_cli.py"],
     "nbd.keypipe": ["test_keypipe.py", "test_secrets_env.py"],
     "nbd.export": ["test_nbd_export.py", "test_nbd_qemu.py", "test_nbd_socket_ownership.py"],
     "nbd.protocol": [
@@ -129,7 +129,12 @@ MAP: dict[str, list[str]] = {
     "storage.bitmap": ["test_storage.py"],
     "storage.file": ["test_storage.py"],
     "storage.librbd": ["test_storage_rbd.py", "test_storage_rbd_prefetch.py"],
-    "storage.rbd": ["test_storage_rbd.py", "test_storage_rbd_prefetch.py", "test_vm_rbd.py"],
+    "storage.rbd": [
+        "test_storage_rbd.py",
+        "test_storage_rbd_prefetch.py",
+        "test_vm_rbd.py",
+        "test_storage_rbd_cli.py",
+    ],
     "storage.sparse": ["test_storage.py"],
     "volume.cbt": ["test_volume_cbt.py"],
     "volume.create": ["test_volume_roundtrip.py", "test_volume_errors.py"],
