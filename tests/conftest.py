@@ -8,6 +8,8 @@
   107-byte socket path limit); removed afterwards.
 * ``no_ambient_env`` — ``QWAMOS_PASSPHRASE``, ``QWAMOS_KEYSTORE`` and ``QWAMOS_ROOT`` unset, so that the
   developer's own settings never leak into a test.
+* ``crasher`` — a :class:`crash_helpers.Crasher` for kill tests (kill -9 before the n-th chosen os call, in a
+  child forked by a fresh single-threaded interpreter); its server is ended after the test.
 * ``no_process_outlives_the_session`` (session, autouse) — fails the run loudly, and kills them, if processes
   the session started (QEMU, exports, daemons, qemu-nbd) are still alive at its end (tests/processes.py).
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+import crash_helpers
 import processes
 from qwamos.errors import KeyNotFoundError
 
@@ -108,6 +111,15 @@ def short_dir() -> Iterator[Path]:
 def no_ambient_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("QWAMOS_PASSPHRASE", "QWAMOS_KEYSTORE", "QWAMOS_ROOT"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def crasher() -> Iterator[crash_helpers.Crasher]:
+    c = crash_helpers.Crasher()
+    try:
+        yield c
+    finally:
+        c.close()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
 from pathlib import Path
 
@@ -137,15 +136,13 @@ def _write_and_die(path: Path, ks_path: Path) -> None:
     os._exit(0)
 
 
-def test_a_crash_makes_the_next_backup_read_everything(tmp_path, ks):
+def test_a_crash_makes_the_next_backup_read_everything(tmp_path, ks, crasher):
     vol = make_volume(tmp_path / "disk.qvol", ks)
     repo = Repository.init(tmp_path / "repo", ks).open(exclusive=True)
     src = engine.VolumeSource.open(vol, ks)
     first = engine.create(repo, src)
     src.close()
-    proc = multiprocessing.get_context("fork").Process(target=_write_and_die, args=(vol, tmp_path / "ks"))
-    proc.start()
-    proc.join()
+    crasher.run(_write_and_die, vol, tmp_path / "ks")
     src = engine.VolumeSource.open(vol, ks)
     assert not src.cbt.complete
     second = engine.create(repo, src)

@@ -1,10 +1,11 @@
 """``rotate_identity`` and ``change_passphrase``: every key survives, and a kill -9 at any file-system step
 leaves the keystore wholly old or wholly new (qwamos.keystore.switch).
 
-The kill tests fork a child that counts its file-system mutations (rename, link, unlink, write, fsync, mkdir,
-rmdir) and SIGKILLs itself just before the N-th one, for every N until a run completes; after each kill a
-fresh ``PQCKeystore`` (whose constructor recovers) must open with exactly the old or the new identity (and
-passphrase), unwrap every key to the same bytes, and leave no staged file behind.
+The kill tests run the switch in a child process (``crasher.crash_at``, tests/crash_helpers.py) that counts
+its file-system mutations (rename, link, unlink, write, fsync, mkdir, rmdir) and SIGKILLs itself just before
+the N-th one, for every N until a run completes; after each kill a fresh ``PQCKeystore`` (whose constructor
+recovers) must open with exactly the old or the new identity (and passphrase), unwrap every key to the same
+bytes, and leave no staged file behind.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import crash_helpers
+from crash_helpers import Crasher
 from qwamos import crypto
 from qwamos.errors import KeystoreError, PassphraseRequiredError, WrongPassphraseError
 from qwamos.keystore import Argon2Params, PQCKeystore, rewrap, switch
@@ -64,20 +65,32 @@ def check_whole(path: Path, keys: dict[str, bytes], states: list[tuple[str, byte
     return fp
 
 
-def crash_at(n: int, target) -> bool:
-    """``crash_helpers.crash_at`` over the keystore switch's file-system calls."""
-    return crash_helpers.crash_at(n, target, _MUTATIONS)
+def crash_at(crasher: Crasher, n: int, op, *args) -> bool:
+    """``Crasher.crash_at`` over the keystore switch's file-system calls."""
+    return crasher.crash_at(n, _MUTATIONS, op, *args)
 
 
-def kill_everywhere(tmp_path: Path, template: Path, op, states_of, keys, *, stride: int = 1) -> int:
-    """Kill ``op`` at every stride-th mutation; check each result; return how many kills were tried."""
+# The operations the kill tests interrupt, at module level so that the child interpreter can import them.
+def rotate_identity(d: Path, passphrase: bytes | None, external: list[Path] | None = None) -> None:
+    PQCKeystore(d, passphrase=passphrase, argon2_params=CHEAP).rotate_identity(external=external or ())
+
+
+def change_passphrase(d: Path, start: bytes | None, new: bytes | None) -> None:
+    PQCKeystore(d, passphrase=start, argon2_params=CHEAP).change_passphrase(new)
+
+
+def kill_everywhere(
+    crasher: Crasher, tmp_path: Path, template: Path, op, args, states_of, keys, *, stride: int = 1
+) -> int:
+    """Kill ``op(run dir, *args)`` at every stride-th mutation; check each result; return how many kills were
+    tried."""
     kills = 0
     n = 1
     seen = set()
     while True:
         ks_dir = tmp_path / f"run{n}"
         shutil.copytree(template, ks_dir)
-        killed = crash_at(n, lambda d=ks_dir: op(d))
+        killed = crash_at(crasher, n, op, ks_dir, *args)
         fp = check_whole(ks_dir, keys, states_of(template))
         seen.add(fp)
         if not killed:
@@ -182,7 +195,7 @@ def seed_legacy(path: Path, passphrase: bytes | None, n: int = 3) -> dict[str, b
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["v2", "upgrade-from-v1"])
-def test_kill_anywhere_in_rotate_identity(tmp_path: Path, legacy: bool) -> None:
+def test_kill_anywhere_in_rotate_identity(tmp_path: Path, crasher: Crasher, legacy: bool) -> None:
     """Also the upgrade of a version 1 identity (``legacy``): every kill leaves the old identity (no signing
     key) or the new one, whose signing key came through the switch intact (its fingerprint covers it)."""
     template = tmp_path / "template"
@@ -190,9 +203,6 @@ def test_kill_anywhere_in_rotate_identity(tmp_path: Path, legacy: bool) -> None:
     old_fp = _fp(template)
     old_signature = PQCKeystore(template).identity_info()["signature"]
     assert old_signature == (None if legacy else crypto.SIGNATURE)
-
-    def op(d: Path) -> None:
-        PQCKeystore(d, passphrase=OLD_PASS, argon2_params=CHEAP).rotate_identity()
 
     def states(_t: Path) -> list[tuple[str, bytes | None]]:
         # the new fingerprint is not known in advance: any fingerprint but the old one is "new", and then
@@ -203,7 +213,7 @@ def test_kill_anywhere_in_rotate_identity(tmp_path: Path, legacy: bool) -> None:
     while True:
         d = tmp_path / f"run{n}"
         shutil.copytree(template, d)
-        killed = crash_at(n, lambda d=d: op(d))
+        killed = crash_at(crasher, n, rotate_identity, d, OLD_PASS)
         fp = _fp(d)
         check_whole(d, keys, [(old_fp, OLD_PASS), (fp, OLD_PASS)])
         seen.add("old" if fp == old_fp else "new")
@@ -223,15 +233,22 @@ def test_kill_anywhere_in_rotate_identity(tmp_path: Path, legacy: bool) -> None:
 @pytest.mark.parametrize(
     ("start", "new"), [(None, OLD_PASS), (OLD_PASS, NEW_PASS), (OLD_PASS, None)], ids=["seal", "change", "unseal"]
 )
-def test_kill_anywhere_in_change_passphrase(tmp_path: Path, start: bytes | None, new: bytes | None) -> None:
+def test_kill_anywhere_in_change_passphrase(
+    tmp_path: Path, crasher: Crasher, start: bytes | None, new: bytes | None
+) -> None:
     template = tmp_path / "template"
     keys = seed(template, start, 2)
     fp = _fp(template)
-
-    def op(d: Path) -> None:
-        PQCKeystore(d, passphrase=start, argon2_params=CHEAP).change_passphrase(new)
-
-    kills = kill_everywhere(tmp_path, template, op, lambda _t: [(fp, start), (fp, new)], keys, stride=2)
+    kills = kill_everywhere(
+        crasher,
+        tmp_path,
+        template,
+        change_passphrase,
+        (start, new),
+        lambda _t: [(fp, start), (fp, new)],
+        keys,
+        stride=2,
+    )
     assert kills >= 10
 
 
@@ -269,7 +286,9 @@ def test_the_old_identity_unwraps_none_of_the_rewrapped_key_files(tmp_path: Path
             keyfile.unwrap_full({**doc, "identity_fingerprint": stolen.fingerprint}, path, stolen)
 
 
-def test_documents_outside_the_keystore_are_rewrapped_in_the_same_switch(tmp_path: Path, monkeypatch) -> None:
+def test_documents_outside_the_keystore_are_rewrapped_in_the_same_switch(
+    tmp_path: Path, monkeypatch, crasher: Crasher
+) -> None:
     """A backup repository's key (wrapped to the identity, kept in the repository) follows rotate-identity and
     passphrase changes — the CLI finds it among the repositories this machine has used — also when the
     switch is killed at any step."""
@@ -312,12 +331,7 @@ def test_documents_outside_the_keystore_are_rewrapped_in_the_same_switch(tmp_pat
             shutil.rmtree(tmp_path / name)
             shutil.copytree(template / name, tmp_path / name)
         key_doc = tmp_path / "repo" / "key"
-        killed = crash_at(
-            n,
-            lambda key_doc=key_doc: PQCKeystore(ks_dir, passphrase=OLD_PASS, argon2_params=CHEAP).rotate_identity(
-                external=[key_doc]
-            ),
-        )
+        killed = crash_at(crasher, n, rotate_identity, ks_dir, OLD_PASS, [key_doc])
         now = PQCKeystore(ks_dir, passphrase=OLD_PASS)  # recovers
         assert Repository(tmp_path / "repo", now).read_key() == master, n
         assert [p.name for p in (tmp_path / "repo").iterdir() if p.name.startswith(".")] == []

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from crash_helpers import crash_at
 from qwamos import crypto
 from qwamos.cli.main import main
 from qwamos.errors import HeaderCorruptError, KeyStateError
@@ -202,7 +201,14 @@ def test_a_moved_volume_named_with_volume_is_reencrypted_there(env, capsys) -> N
 _MUTATIONS = ("replace", "rename", "link", "unlink", "write", "pwrite", "fsync", "fdatasync", "ftruncate")
 
 
-def test_kill_anywhere_then_the_same_command_finishes(env, tmp_path: Path) -> None:
+def rotate(ks_dir: Path, root: Path, key_id: str) -> None:
+    """The whole rotation of ``key_id`` (module level: the kill test runs it in a child interpreter)."""
+    ks = PQCKeystore(ks_dir)
+    rot = KeyRotation(ks, VMManager(root, keystore=ks_dir), key_id)
+    rot.run(rot.plan())
+
+
+def test_kill_anywhere_then_the_same_command_finishes(env, tmp_path: Path, crasher) -> None:
     """SIGKILL before every k-th file-system mutation of a whole rotation (successor, both volumes, records,
     config, destruction); each time the same rotation run again completes, every block reads back, the config
     names the successor and the old key is gone."""
@@ -219,19 +225,14 @@ def test_kill_anywhere_then_the_same_command_finishes(env, tmp_path: Path) -> No
             shutil.copytree(template / p.name, p, symlinks=True)
         shutil.copyfile(template / "snap.qvol", env["copy"])
 
-    def rotate() -> None:
-        ks = PQCKeystore(ks_dir)
-        rot = KeyRotation(ks, VMManager(root, keystore=ks_dir), key_id)
-        rot.run(rot.plan())
-
     n, kills, stride = 1, 0, 4
     while True:
         restore()
-        killed = crash_at(n, rotate, _MUTATIONS)
+        killed = crasher.crash_at(n, _MUTATIONS, rotate, ks_dir, root, key_id)
         if killed:
             kills += 1
             try:
-                rotate()  # the same command again
+                rotate(ks_dir, root, key_id)  # the same command again
             except KeyStateError as e:  # killed after the last file was removed: it says it is all done
                 assert "nothing left to do" in str(e) and not PQCKeystore(ks_dir).key_files(key_id)
         ks = PQCKeystore(ks_dir)

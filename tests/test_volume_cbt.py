@@ -4,7 +4,6 @@ writer that dies before persisting it leaves the tracking *known* incomplete (ne
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from dataclasses import replace
 
@@ -73,17 +72,16 @@ def _write_and_die(p, keys, flush_first: bool) -> None:
     os._exit(0)  # no close: the process dies as in a crash
 
 
-def _crash(p, keys, flush_first: bool) -> None:
-    ctx = multiprocessing.get_context("fork")
-    proc = ctx.Process(target=_write_and_die, args=(p, keys, flush_first))
-    proc.start()
-    proc.join()
-    assert proc.exitcode == 0
+def _flush_then_die(p, keys) -> None:
+    v = PQCVolume(p, keystore=keys).open()
+    v.write(7 * BLOCK_SIZE, b"C" * BLOCK_SIZE)
+    v.flush()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("flush_first", [False, True])
-def test_a_writer_that_dies_leaves_tracking_known_incomplete(path, keys, flush_first):
-    _crash(path, keys, flush_first)
+def test_a_writer_that_dies_leaves_tracking_known_incomplete(path, keys, flush_first, crasher):
+    crasher.run(_write_and_die, path, keys, flush_first)
     with PQCVolume(path, keystore=keys) as v:
         assert v.read(6 * BLOCK_SIZE, 1) == (b"B" if flush_first else b"\x01")
         info = v.cbt_info()
@@ -101,16 +99,8 @@ def test_a_writer_that_dies_leaves_tracking_known_incomplete(path, keys, flush_f
     assert snap.complete and snap.runs() == [(0, 1)]
 
 
-def test_flush_persists_the_bitmap_so_a_later_crash_after_no_writes_keeps_it(path, keys):
-    def flush_then_die(p, keys):
-        v = PQCVolume(p, keystore=keys).open()
-        v.write(7 * BLOCK_SIZE, b"C" * BLOCK_SIZE)
-        v.flush()
-        os._exit(0)
-
-    proc = multiprocessing.get_context("fork").Process(target=flush_then_die, args=(path, keys))
-    proc.start()
-    proc.join()
+def test_flush_persists_the_bitmap_so_a_later_crash_after_no_writes_keeps_it(path, keys, crasher):
+    crasher.run(_flush_then_die, path, keys)
     snap = _rotate(path, keys)
     assert snap.complete and snap.runs() == [(7, 1)]
 
