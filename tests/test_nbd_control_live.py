@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from nbd_helpers import serving, uri
-from qwamos.errors import ControlChannelError
 from qwamos.nbd import control_protocol as cp
 from qwamos.nbd.control_client import ControlClient, control_path_for
 
@@ -172,28 +171,31 @@ def test_export_cli(qvol, short_dir):
     assert res.returncode == 31 and "is the export running?" in res.stderr
 
 
+# Imports first (as root), then drops to the uid and asks for the status: "served" or the error code.
+_STATUS_AS_UID = """\
+import os, sys
+from pathlib import Path
+from qwamos.errors import ControlChannelError
+from qwamos.nbd.control_client import ControlClient
+uid = int(sys.argv[2])
+os.setgroups([])
+os.setgid(uid)
+os.setuid(uid)
+try:
+    ControlClient.connect(Path(sys.argv[1])).status()
+    print("served")
+except ControlChannelError as e:
+    print(e.code)
+"""
+
+
 def status_as_uid(ctl: Path, uid: int) -> str:
-    """``status`` from a forked child running as ``uid``: "served" or the error code it got."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child does only this, then _exit
-        try:
-            os.close(r)
-            os.setgid(uid)
-            os.setuid(uid)
-            try:
-                ControlClient.connect(ctl).status()
-                out = "served"
-            except ControlChannelError as e:
-                out = e.code
-            os.write(w, out.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read()
-    os.waitpid(pid, 0)
-    return out
+    """``status`` from a child interpreter running as ``uid``: "served" or the error code it got.  (A fresh
+    interpreter, not a fork: the test process has the export's threads by now, see tests/crash_helpers.py.)"""
+    res = subprocess.run(
+        [sys.executable, "-c", _STATUS_AS_UID, str(ctl), str(uid)], capture_output=True, text=True, check=True
+    )
+    return res.stdout.strip()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to uid 65534 needs root")

@@ -194,29 +194,48 @@ def test_no_nonce_repeats_across_close_reopen_new_objects_and_new_processes(tmp_
 
 def test_a_forked_child_never_reuses_its_parent_s_nonces(tmp_path, keys):
     """The parent's pool holds thousands of unused nonces when it forks; the child must not hand them out
-    while the parent goes on drawing the same ones (``os.register_at_fork`` empties every pool in the child)."""
+    while the parent goes on drawing the same ones (``os.register_at_fork`` empties every pool in the child).
+
+    The fork happens in a fresh interpreter, not in the test process: that one may have other tests' threads
+    by now, and a fork of a multi-threaded process may deadlock in the child (tests/crash_helpers.py)."""
     vol = PQCVolume(tmp_path / "v.qvol", keystore=keys)
     vol.create("vol", "vm", size_bytes=64 * 4096)
     n = 8
+    key_hex = keys.keys[read_header(vol.path)["key_id"]].hex()
+    scenario = textwrap.dedent(
+        f"""
+        import os
+        from qwamos.volume import PQCVolume
+        class K:
+            def volume_key(self, key_id):
+                return bytes.fromhex({key_hex!r})
+        vol = PQCVolume({str(vol.path)!r}, keystore=K())
+        with vol.open():
+            vol.write_block(0, b"fills the pool")  # one refill: 4096 nonces, 4095 still unused
+            pid = os.fork()
+            if pid == 0:  # the child writes blocks 1..n with the inherited volume (and its inherited lock)
+                code = 1
+                try:
+                    for i in range(1, {n} + 1):
+                        vol.write_block(i, b"child %d" % i)
+                    code = 0
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            for i in range({n} + 1, 2 * {n} + 1):  # the parent's next nonces
+                vol.write_block(i, b"parent %d" % i)
+        """
+    )
+    subprocess.run([sys.executable, "-c", scenario], check=True)
+    child = [slot_key_and_nonce(vol.path, i) for i in range(1, n + 1)]
+    parent = [slot_key_and_nonce(vol.path, i) for i in range(0, 1)] + [
+        slot_key_and_nonce(vol.path, i) for i in range(n + 1, 2 * n + 1)
+    ]
+    assert_no_repeat(parent + child)
+    assert {epoch for epoch, _ in parent + child} == {0}
     with vol.open():
-        vol.write_block(0, b"fills the pool")  # one refill: 4096 nonces, 4095 still unused
-        pid = os.fork()
-        if pid == 0:  # the child writes blocks 1..n with the inherited volume (and its inherited lock)
-            code = 1
-            try:
-                for i in range(1, n + 1):
-                    vol.write_block(i, b"child %d" % i)
-                code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        for i in range(n + 1, 2 * n + 1):  # the parent's next nonces
-            vol.write_block(i, b"parent %d" % i)
-        child = [slot_key_and_nonce(vol.path, i) for i in range(1, n + 1)]
-        parent = [slot_key_and_nonce(vol.path, i) for i in range(0, 1)] + [
-            slot_key_and_nonce(vol.path, i) for i in range(n + 1, 2 * n + 1)
-        ]
-        assert_no_repeat(parent + child)
-        assert {epoch for epoch, _ in parent + child} == {0}
         assert [vol.read_block(i) for i in range(1, n + 1)] == [b"child %d" % i for i in range(1, n + 1)]
+        assert [vol.read_block(i) for i in range(n + 1, 2 * n + 1)] == [
+            b"parent %d" % i for i in range(n + 1, 2 * n + 1)
+        ]
