@@ -116,25 +116,6 @@ def _raise_floor(top: PQCVolume, frozen: list[PQCVolume]) -> None:
         top.write_metadata({TABLE_ENTRY: table.encode()}, sealed=True)
 
 
-def _check_layer(base: str, vol: PQCVolume, uuid: str, freeze: str, table: Any) -> None:
-    """A frozen layer file must hold the UUID, freeze id and chain the table names, and be of its key
-    generation or later (as open_chain checks the layers on the current path; here every listed one,
-    branches included)."""
-    from qwamos import crypto
-    from qwamos.volume.snapshots import check_key_gen
-
-    chain = table.chain
-    spec = vol.header.features.get(hdr.SNAPSHOTS) or {}
-    if vol.header.volume_uuid != uuid:
-        raise SnapshotChainError(path=base, msg=f"layer file {vol.path} holds volume {vol.header.volume_uuid}")
-    frozen = spec.get("frozen")
-    if not isinstance(frozen, str) or not crypto.constant_time_eq(frozen.encode(), freeze.encode()):
-        raise SnapshotChainError(path=base, msg=f"layer {uuid} ({vol.path}) is not the frozen state linked to")
-    if spec.get("chain") != chain:
-        raise SnapshotChainError(path=base, msg=f"layer {uuid} ({vol.path}) belongs to another chain")
-    check_key_gen(base, f"layer {uuid} ({vol.path})", spec, table)
-
-
 def _key_state(vol: PQCVolume) -> tuple[str, str | None]:
     """``(key id the header names, old key id of a rotation in progress or None)``."""
     rot = vol.rotation_state()
@@ -265,7 +246,7 @@ def reencrypt_chain(
         spec = top.header.features.get(hdr.SNAPSHOTS)
         if spec is not None and spec["frozen"] is not None:
             raise SnapshotChainError(path=path, msg="the file at the volume's path is a frozen layer")
-        from qwamos.volume.snapshots import _load_table
+        from qwamos.volume.snapshots import _load_table, check_listed_layer
 
         table = _load_table(top)
         layers = _layers(top, path)
@@ -275,7 +256,7 @@ def reencrypt_chain(
                 raise SnapshotChainError(path=path, msg=f"layer {uuid} is missing ({lpath})")
             vol = _open(lpath, provider, read_only=False)
             opened.append(vol)
-            _check_layer(path, vol, uuid, freeze, table)
+            check_listed_layer(path, vol, uuid, table, freeze)
             frozen.append(vol)
         rows = [_row(v, v.path, "top" if v is top else "frozen") for v in opened]
         state = summarize(path, rows)

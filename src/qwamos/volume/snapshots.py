@@ -235,9 +235,24 @@ def _forget_use(provider: KeyProvider, key_id: str, path: str | os.PathLike[str]
 
 def _check_link(base: str, child: PQCVolume, parent: PQCVolume, table: Table, uuid: str, freeze: str) -> None:
     """``parent`` (opened from the file for layer ``uuid``) must be exactly the layer ``child`` links to."""
+    check_listed_layer(base, parent, uuid, table, freeze)
     h = parent.header
-    spec = _spec(parent)
-    what = f"layer {uuid} ({parent.path})"
+    if h.size_bytes != child.header.size_bytes:
+        raise SnapshotChainError(
+            path=base,
+            msg=f"layer {uuid} ({parent.path}) has size {h.size_bytes}, its child {child.header.size_bytes}",
+        )
+
+
+def check_listed_layer(base: str, vol: PQCVolume, uuid: str, table: Table, freeze: str | None = None) -> None:
+    """``vol`` (opened from the file for layer ``uuid``) must be the frozen layer the table lists: that UUID,
+    frozen with ``freeze`` (default: the table's freeze id for it), of this chain and of its key generation
+    or later.  Every layer anything reads is checked so: those on a view's path (:func:`_walk`) and, before
+    a delete merges them or a rotation rewrites them, the ones off it."""
+    h = vol.header
+    spec = _spec(vol)
+    what = f"layer {uuid} ({vol.path})"
+    freeze = table.layers[uuid] if freeze is None else freeze
     if h.volume_uuid != uuid:
         raise SnapshotChainError(
             path=base,
@@ -254,10 +269,6 @@ def _check_link(base: str, child: PQCVolume, parent: PQCVolume, table: Table, uu
     if spec["chain"] != table.chain:
         raise SnapshotChainError(path=base, msg=f"{what} belongs to another chain ({spec['chain']})")
     check_key_gen(base, what, spec, table)
-    if h.size_bytes != child.header.size_bytes:
-        raise SnapshotChainError(
-            path=base, msg=f"{what} has size {h.size_bytes}, its child {child.header.size_bytes}"
-        )
 
 
 def check_key_gen(base: str, what: str, spec: dict[str, Any], table: Table) -> None:
