@@ -138,3 +138,42 @@ def test_a_layer_from_another_copy_of_the_same_volume_is_refused(tmp_path, keys)
     assert uuid == read_header(b)["features"]["snapshots"]["parent"]
     shutil.copyfile(layer_path(b, uuid), layer_path(a, uuid))
     _refused(a, keys, "is another state of that layer")
+
+
+def test_a_layer_off_the_current_path_put_back_is_refused_before_a_delete_merges_it(tmp_path, keys):
+    """A layer no view of the volume's path reads (a branch left by a revert) is still checked before a
+    snapshot delete merges it into its child: its copy from before it was frozen (older data, genuine under
+    the key) put back over it would otherwise be copied into the child's holes, changing the child
+    snapshot's view for good."""
+    path = tmp_path / "disk.qvol"
+    PQCVolume(path, keystore=keys).create("disk", "vm", size_bytes=SIZE)
+    with open_chain(path, keys) as c:
+        c.create("a")
+        c.pwrite(BLOCK_SIZE, b"B" * BLOCK_SIZE)
+        b_layer = c.top.header.volume_uuid
+        c.flush()
+        early = path.read_bytes()  # the layer of "b" before it was frozen, with older data
+        c.pwrite(BLOCK_SIZE, b"b" * BLOCK_SIZE)
+        c.create("b")
+        c.pwrite(2 * BLOCK_SIZE, b"c" * BLOCK_SIZE)
+        c.create("c")  # its layer's only parent is the layer of "b"
+        c.revert("a")  # "b" and "c" are now a branch off the volume's path
+    with open_chain(path, keys, read_only=True, snapshot="c") as c:
+        want = c.pread(0, c.size)
+    assert want[BLOCK_SIZE : 2 * BLOCK_SIZE] == b"b" * BLOCK_SIZE
+    genuine = layer_path(path, b_layer).read_bytes()
+    layer_path(path, b_layer).write_bytes(early)
+    # the volume's own path does not go through that layer: opening it is fine, the delete is refused
+    with open_chain(path, keys) as c, pytest.raises(SnapshotChainError, match="is not frozen"):
+        c.delete("b")
+    with open_chain(path, keys) as c, pytest.raises(SnapshotChainError, match="is not frozen"):
+        c.revert("a")
+    layer_path(path, b_layer).write_bytes(genuine)
+    with open_chain(path, keys, read_only=True) as c:
+        assert sorted(c.table.snapshots) == ["a", "b", "c"]  # nothing was changed by the refusals
+    with open_chain(path, keys, read_only=True, snapshot="c") as c:
+        assert c.pread(0, c.size) == want  # nothing was merged from the copy
+    with open_chain(path, keys) as c:
+        c.delete("b")  # the genuine layer: merged, the view of "c" unchanged
+    with open_chain(path, keys, read_only=True, snapshot="c") as c:
+        assert c.pread(0, c.size) == want

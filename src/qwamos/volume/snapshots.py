@@ -911,6 +911,7 @@ class ChainVolume:
         if table is None or name not in table.snapshots:
             raise SnapshotError(path=self.path, msg=f"no snapshot named {name!r}")
         layer = table.snapshots[name].layer
+        self._check_listed()
         if new_layer is not None:
             new_uuid, given = new_layer
         else:
@@ -935,12 +936,20 @@ class ChainVolume:
         if table is None or name not in table.snapshots:
             raise SnapshotError(path=self.path, msg=f"no snapshot named {name!r}")
         layer = table.snapshots[name].layer
+        self._check_listed()
         new = table.copy()
         del new.snapshots[name]
         top.write_metadata({TABLE_ENTRY: new.encode()}, sealed=True)
         self.table = new
         actions = self._gc()
         return {"name": name, "layer": layer, "actions": actions}
+
+    def _check_listed(self) -> None:
+        """Every layer the table lists, on the view's path or off it, is the one it names: checked before a
+        delete or revert changes anything, since their clean-up (:meth:`_gc`) merges layers off the path too."""
+        for u in sorted(self.table.layers if self.table is not None else ()):
+            with _open_layer(layer_path(self.path, u), self.keystore) as vol:
+                check_listed_layer(self.path, vol, u, self.table)
 
     def _children(self, frozen: dict[str, PQCVolume]) -> dict[str, list[str]]:
         kids: dict[str, list[str]] = {u: [] for u in self.table.layers}
@@ -959,6 +968,8 @@ class ChainVolume:
             self.layers = [top]
             frozen = {u: _open_layer(layer_path(self.path, u), self.keystore) for u in self.table.layers}
             try:
+                for u, vol in frozen.items():  # off the view's path too: a merge reads them
+                    check_listed_layer(self.path, vol, u, self.table)
                 kids = self._children(frozen)
                 named = {s.layer for s in self.table.snapshots.values()}
                 victim = next((u for u in self.table.layers if u not in named and len(kids[u]) <= 1), None)
