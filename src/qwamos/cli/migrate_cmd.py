@@ -42,7 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "volume through QEMU "
         "without any plaintext temporary file, compare every byte, and only then switch the config. On any "
         "failure or Ctrl-C nothing is changed.",
-        examples=["qwamos migrate web --dry-run", "qwamos migrate web", "qwamos migrate --to-qcow2 web --json"],
+        examples=[
+            "qwamos migrate web --dry-run",
+            "qwamos migrate web --to rbd:vms/web.qvol   # the encrypted volume on Ceph RBD",
+            "qwamos migrate --to-qcow2 web --json",
+        ],
     )
     p.add_argument("vm", help="VM name (a directory under <root>/vms/)")
     p.add_argument(
@@ -54,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="delete the original after the verified switch instead of keeping it as <disk>.backup",
     )
     p.add_argument("--dry-run", action="store_true", help="check everything and say what would happen")
-    add_json_option(p, "the events (plan, progress, results) as JSON lines")
+    add_json_option(p, "the events (plan, progress, results), one JSON object a line,")
     p.add_argument("--to-qcow2", action="store_true", help="decrypt the VM's volume back to a qcow2 disk")
     p.add_argument(
         "--to",

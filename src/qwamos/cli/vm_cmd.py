@@ -82,9 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "start the VM (in the background)",
         cmd_start,
         examples=[
-            "qwamos vm start web",
             "qwamos vm start web --foreground",
             "qwamos vm start web --passphrase-file /etc/qwamos/passphrase --json",
+            "qwamos vm start web --break-lock   # rbd: disk whose lock a crashed host still holds",
         ],
     )
     add_keystore_args(sp, keystore=False)  # the volume key is unwrapped here, never in the VM's processes
@@ -136,6 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         examples=[
             "qwamos vm create web --arch aarch64 --disk-size 10G --encrypted --kernel vmlinuz --initrd initrd.img",
             "qwamos vm create web --machine q35 --memory 1024 --kernel /boot/vmlinuz --json",
+            "qwamos vm create db --encrypted --disk-path rbd:vms/db.qvol --kernel vmlinuz   # disk on Ceph RBD",
         ],
     )
     sp.add_argument(
@@ -164,7 +165,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--disk-path",
         default=None,
         metavar="PATH",
-        help="the disk image (default: a disk file in the VM's directory)",
+        help="the disk image, or rbd:POOL/IMAGE for an encrypted disk on Ceph (docs/vm-config.md) (default: a "
+        "disk file in the VM's directory)",
     )
     sp.add_argument(
         "--kernel",
