@@ -56,7 +56,7 @@ from qwamos.hypervisor.supervisor import STOP_REQUEST
 from qwamos.hypervisor.vocab import ACCELS, BOOT_FORMATS, DEFAULT_ALGORITHM, machine_for, normalize_arch
 from qwamos.nbd.export import command as export_command
 from qwamos.storage import break_lock as storage_break_lock
-from qwamos.storage import is_rbd, pin_location, remove_storage, storage_exists
+from qwamos.storage import is_rbd, pin_location, remove_storage, storage_exists, volume_name
 
 STATES = ("running", "paused", "stopped", "starting", "crashed")
 START_TIMEOUT = 60.0
@@ -541,7 +541,7 @@ class VMManager:
             # "auto" is resolved now, so that the config records the cipher actually in use.
             created.algorithm = resolve_algorithm(cfg.encryption_algorithm or DEFAULT_ALGORITHM)
             created.key_id = PQCVolume(disk.new_volume, keystore=created.keystore).create(
-                _volume_name(disk.new_volume),
+                volume_name(disk.new_volume),
                 cfg.name,
                 size_bytes=cfg.disk_size_bytes,
                 algorithm=created.algorithm,
@@ -744,15 +744,6 @@ class VMManager:
         for p in (run.qemu_pid, run.export_pid, run.supervisor_pid, run.path / STOP_REQUEST):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-
-
-def _volume_name(location: str | Path) -> str:
-    """The volume name a new volume records: the file's stem, or the RBD image's name without ``.qvol``."""
-    if is_rbd(location):
-        from qwamos.storage.rbd import RBDLocation
-
-        return RBDLocation.parse(str(location)[len("rbd:") :]).image.removesuffix(".qvol")
-    return Path(location).stem
 
 
 def check_identity_pin(keystore: Any, pinned: str, config_path: Path) -> None:

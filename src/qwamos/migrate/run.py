@@ -50,7 +50,14 @@ from qwamos.migrate.plan import (
 )
 from qwamos.migrate.stream import ImageStream
 from qwamos.migrate.vmview import VMView, load_vm
-from qwamos.storage import absolute_location, is_rbd, remove_storage, rename_storage, storage_exists
+from qwamos.storage import (
+    absolute_location,
+    is_rbd,
+    remove_storage,
+    rename_storage,
+    storage_exists,
+    volume_name,
+)
 from qwamos.volume import PQCVolume, read_header
 from qwamos.volume.header import BLOCK_SIZE
 
@@ -212,7 +219,9 @@ class _Run:
         p = self.plan
         self.emit({"type": "volume_start", "path": str(p.target)})
         vol = PQCVolume(p.partial, keystore=self.ks)
-        self.key_id = vol.create(_name_of(p.target), p.vm.name, size_bytes=p.size_bytes, algorithm=self.algorithm)
+        self.key_id = vol.create(
+            volume_name(p.target), p.vm.name, size_bytes=p.size_bytes, algorithm=self.algorithm
+        )
         self.journal.write(key_id=self.key_id)
         with vol:
             self.algorithm_used = vol.header.algorithm
@@ -374,15 +383,6 @@ def _unlink(path: Path | str) -> None:
             return
         os.unlink(path)
         fsync_dir(Path(path).parent)
-
-
-def _name_of(target: Path | str) -> str:
-    """The new volume's name: the file's stem, or the RBD image's name without ``.qvol``."""
-    if is_rbd(target):
-        from qwamos.storage.rbd import RBDLocation
-
-        return RBDLocation.parse(str(target)[len("rbd:") :]).image.removesuffix(".qvol")
-    return Path(target).stem
 
 
 def _loc(text: str) -> Path | str:

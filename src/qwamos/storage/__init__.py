@@ -8,6 +8,7 @@ implement the same :class:`Storage` protocol and are added to :data:`SCHEMES` un
 from __future__ import annotations
 
 import os
+from pathlib import PurePath
 
 from qwamos.errors import QwamosError, VolumeLockedError
 from qwamos.storage.base import PendingStorage, Storage
@@ -47,6 +48,7 @@ __all__ = [
     "same_location",
     "sibling_image",
     "storage_exists",
+    "volume_name",
 ]
 
 # scheme -> (open(location, read_only), create(location, overwrite, random_suffix))
@@ -182,6 +184,15 @@ def partial_location(location: str | os.PathLike[str]) -> str | os.PathLike[str]
     head, tail = os.path.split(rest)
     partial = os.path.join(head, f".{tail}.partial")
     return type(location)(partial) if not isinstance(location, str) else partial  # type: ignore[call-arg]
+
+
+def volume_name(location: str | os.PathLike[str]) -> str:
+    """The name a new volume at ``location`` records by default: a file's stem, an RBD image's name without
+    ``.qvol`` (never a part of its ``:conf=`` path)."""
+    scheme, rest = _split(os.fspath(location))
+    if scheme == "rbd":
+        return RBDLocation.parse(rest).image.removesuffix(".qvol")
+    return PurePath(rest).stem
 
 
 def sibling_image(location: str, image: str) -> str:
