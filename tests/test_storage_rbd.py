@@ -345,3 +345,22 @@ def test_volume_copy_holds_the_source_and_leaves_nothing_that_does_not_read_back
         copy_volume(f, "lossy:rbd/copy-lossy", keys)
     assert not storage_mod.storage_exists("rbd:rbd/copy-lossy")
     assert not [n for n in ceph_cluster.rbd("ls", "rbd").stdout.split() if n.startswith("copy-lossy")]
+
+
+def test_cluster_defaults_are_the_rbd_tools(ceph_cluster, env, monkeypatch, capsys):
+    """With no ``$CEPH_CONF``, ``--conf`` in ``$CEPH_ARGS`` names the configuration, as for the ``rbd`` tool,
+    in this process and in the location pinned for an export (which gets neither variable).  A new volume is
+    named after its image, not after its configuration file."""
+    from qwamos.keystore import PQCKeystore
+    from qwamos.storage import pin_location
+
+    monkeypatch.delenv("CEPH_CONF")
+    monkeypatch.setenv("CEPH_ARGS", f"--conf {ceph_cluster.conf} --id admin")
+    loc = "rbd:rbd/args-a.qvol"
+    assert main(["volume", "create", loc, "--size", "4M", "--json"]) == 0
+    assert _json(capsys)["name"] == "args-a"
+    with PQCVolume(loc, keystore=PQCKeystore()) as v:
+        v.write(0, b"\1" * 4096)
+    assert main(["volume", "check", loc, "--json"]) == 0
+    assert _json(capsys)["ok"] is True
+    assert pin_location(loc) == f"{loc}:conf={ceph_cluster.conf}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,8 @@ from qwamos.cli.output import (
 from qwamos.errors import ChainResizeError, TruncatedVolumeError, VolumeLockedError
 from qwamos.hypervisor.sizes import format_size, parse_new_size, parse_size
 from qwamos.hypervisor.vocab import ALGORITHMS, DEFAULT_ALGORITHM
-from qwamos.storage.rbd import with_options
+from qwamos.storage import volume_name
+from qwamos.storage.rbd import default_conf, with_options
 from qwamos.volume import PQCVolume, read_header
 from qwamos.volume.header_store import FALLBACK_WARNING
 from qwamos.volume.repair import RepairReport, repair
@@ -197,7 +197,7 @@ def add_ceph_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ceph-conf",
         metavar="PATH",
-        help="for rbd: volumes: Ceph configuration (default: $CEPH_CONF, else /etc/ceph)",
+        help="for rbd: volumes: Ceph configuration (default: --conf in $CEPH_ARGS, $CEPH_CONF, else /etc/ceph)",
     )
     p.add_argument("--ceph-id", metavar="NAME", help="for rbd: volumes: the Ceph client id (default: admin)")
 
@@ -205,8 +205,8 @@ def add_ceph_args(p: argparse.ArgumentParser) -> None:
 def volume_location(args: argparse.Namespace) -> Path:
     """The volume argument, with ``--ceph-conf``/``--ceph-id`` folded into an ``rbd:`` location (as
     ``:conf=``/``:id=``, so that processes started for it reach the same cluster: the export is started with
-    an allow-listed environment, without ``$CEPH_CONF``, so that one is folded in too)."""
-    conf = getattr(args, "ceph_conf", None) or os.environ.get("CEPH_CONF") or None
+    an allow-listed environment, without ``$CEPH_CONF`` or ``$CEPH_ARGS``, so the default is folded in too)."""
+    conf = getattr(args, "ceph_conf", None) or default_conf()
     return Path(with_options(str(args.path), conf, getattr(args, "ceph_id", None)))
 
 
@@ -214,7 +214,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     args.path = volume_location(args)
     size = parse_size(args.size, what="--size")
     ks = open_keystore(args)
-    name = args.name or args.path.stem
+    name = args.name or volume_name(args.path)  # an image's name (not the stem of its :conf= path)
     vol = PQCVolume(args.path, keystore=ks)
     key_id = vol.create(name, args.vm_name, size_bytes=size, algorithm=args.algorithm, overwrite=args.force)
     with PQCVolume(args.path, keystore=ks, read_only=True) as v:

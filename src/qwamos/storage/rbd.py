@@ -5,7 +5,8 @@ same options, ``\\:`` for a colon inside a value), e.g. ``rbd:vms/web.qvol:id=qw
 inside the location so that every process a command starts (``volume serve``, a VM's export) reaches the same
 cluster as the user.  Defaults are the ``rbd`` tool's: the configuration from ``$CEPH_CONF`` or
 /etc/ceph/ceph.conf (librados' search path), the identity ``client.admin``; ``$CEPH_ARGS`` is applied on top
-(``--id``/``--name`` in it choose the identity when ``:id=`` is not given).
+(``--id``/``--name`` in it choose the identity when ``:id=`` is not given, ``--conf``/``-c`` the
+configuration file, before ``$CEPH_CONF``, as for the ``rbd`` tool).
 
 Mapping of the contract (:mod:`qwamos.storage.base`):
 
@@ -123,7 +124,7 @@ def pin_location(location: str) -> str:
     if not location.startswith("rbd:"):
         return location
     loc = RBDLocation.parse(location[4:])
-    conf = None if loc.conf else os.environ.get("CEPH_CONF")
+    conf = None if loc.conf else default_conf()
     client = None if loc.client_id else _client_id(None)
     return with_options(location, os.path.abspath(conf) if conf else None, None if client == "admin" else client)
 
@@ -155,21 +156,37 @@ def _split_unescaped(text: str) -> list[str]:
     return parts
 
 
-def _client_id(explicit: str | None) -> str:
-    """The identity: ``:id=``, else ``--id``/``--user``/``--name`` in ``$CEPH_ARGS``, else ``admin``."""
-    if explicit:
-        return explicit
+def _ceph_arg(flags: tuple[str, ...]) -> tuple[str, str] | None:
+    """``(flag, value)`` of the first of ``flags`` in ``$CEPH_ARGS`` (``--flag VALUE`` or ``--flag=VALUE``)."""
     args = shlex.split(os.environ.get("CEPH_ARGS", ""))
     for i, a in enumerate(args):
-        for flag in ("--id", "--user", "-i", "--name", "-n"):
+        for flag in flags:
             value = None
             if a == flag and i + 1 < len(args):
                 value = args[i + 1]
             elif a.startswith(flag + "="):
                 value = a[len(flag) + 1 :]
             if value:
-                return value.removeprefix("client.") if flag in ("--name", "-n") else value
-    return "admin"
+                return flag, value
+    return None
+
+
+def _client_id(explicit: str | None) -> str:
+    """The identity: ``:id=``, else ``--id``/``--user``/``--name`` in ``$CEPH_ARGS``, else ``admin``."""
+    if explicit:
+        return explicit
+    found = _ceph_arg(("--id", "--user", "-i", "--name", "-n"))
+    if found is None:
+        return "admin"
+    flag, value = found
+    return value.removeprefix("client.") if flag in ("--name", "-n") else value
+
+
+def default_conf() -> str | None:
+    """The configuration file when the location names none, as the ``rbd`` tool picks it: ``--conf``/``-c`` in
+    ``$CEPH_ARGS``, else ``$CEPH_CONF``, else None (librados' search path: /etc/ceph/ceph.conf, ...)."""
+    found = _ceph_arg(("--conf", "-c"))
+    return found[1] if found is not None else os.environ.get("CEPH_CONF") or None
 
 
 class _Cluster:
@@ -182,8 +199,9 @@ class _Cluster:
         name = f"client.{_client_id(loc.client_id)}".encode()
         check(L.rados_create2(ctypes.byref(self.handle), b"ceph", name, 0), "rados_create2")
         try:
-            conf = loc.conf.encode() if loc.conf else None  # None: $CEPH_CONF, /etc/ceph/ceph.conf, ...
-            check(L.rados_conf_read_file(self.handle, conf), f"reading {loc.conf or 'the Ceph configuration'}")
+            path = loc.conf or default_conf()
+            conf = path.encode() if path else None  # None: librados' search path, /etc/ceph/ceph.conf, ...
+            check(L.rados_conf_read_file(self.handle, conf), f"reading {path or 'the Ceph configuration'}")
             check(L.rados_conf_parse_env(self.handle, b"CEPH_ARGS"), "CEPH_ARGS")
             for option, default, ours in (
                 (b"rados_osd_op_timeout", "0", OSD_OP_TIMEOUT),
