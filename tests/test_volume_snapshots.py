@@ -403,8 +403,38 @@ def test_online_create_and_delete_through_a_running_export(qvol, short_dir):
     ks = PQCKeystore(ksdir)
     assert _view(vol, ks)[: 2 * BLOCK_SIZE] == b"2" * BLOCK_SIZE + b"3" * BLOCK_SIZE
     assert _view(vol, ks, "second")[: 2 * BLOCK_SIZE] == b"2" * BLOCK_SIZE + bytes(BLOCK_SIZE)
-    users = {u["path"] for u in ks.key_users(read_header(vol)["key_id"]) if u["state"] == "live"}
-    assert {f["path"] for f in chain_files(vol, ks)} <= users
+    users = ks.key_users(read_header(vol)["key_id"])  # exactly the chain's files: the merged layer's went
+    assert {u["path"] for u in users} == {f["path"] for f in chain_files(vol, ks)}
+    assert all(u["state"] == "live" for u in users), users
+
+
+def test_online_snapshots_of_a_volume_serve_export_keep_the_usage_records_exact(qvol, short_dir):
+    """``volume serve`` hands its export a bare key (no keystore, no records): the command that asks for a
+    snapshot create records the new files, and after a delete drops the records of the layer files that
+    went (here one merged into its child), so the records list exactly the chain's files."""
+    import signal
+
+    import processes
+    from nbd_helpers import serve_cli
+    from qwamos.keystore import PQCKeystore
+
+    vol, ksdir = qvol
+    sock = short_dir / "s"
+    ctl = str(sock) + ".ctl"
+    proc = serve_cli(vol, ksdir, sock)
+    try:
+        for argv in (("create", "one"), ("create", "two"), ("delete", "one", "--yes")):
+            res = _cli("volume", "snapshot", argv[0], str(vol), *argv[1:], "--control", ctl, ks=ksdir)
+            assert res.returncode == 0, res.stderr
+    finally:
+        processes.stop(proc, signal.SIGTERM, grace=20)
+        proc.stdout.close()
+        proc.stderr.close()
+    ks = PQCKeystore(ksdir)
+    users = ks.key_users(read_header(vol)["key_id"])
+    files = chain_files(vol, ks)
+    assert len(files) == 2 and {u["path"] for u in users} == {f["path"] for f in files}
+    assert all(u["state"] == "live" for u in users), users
 
 
 def test_snapshot_names_are_sealed(tmp_path, keys):

@@ -119,6 +119,25 @@ def _record(keystore: KeyProvider, files: list[dict[str, Any]], key_id: str, vm_
                 record(key_id, f["path"], f["volume_uuid"], vm_name)
 
 
+def _forget_dropped(keystore: KeyProvider, volume: dict[str, Any], files: list[dict[str, Any]]) -> None:
+    """After a delete in the export (which holds bare keys and keeps no records): drop the records of the
+    chain's layer files that are gone (dropped or merged), so that the records list exactly the chain's
+    files, as an offline delete leaves them."""
+    from qwamos.volume.snapshots import layer_dir
+
+    users = getattr(keystore, "key_users", None)
+    forget = getattr(keystore, "forget_volume_use", None)
+    path = volume.get("path")
+    if users is None or forget is None or not isinstance(path, str):
+        return
+    snap_dir = os.path.abspath(layer_dir(path))
+    kept = {f["path"] for f in files}
+    with contextlib.suppress(QwamosError, OSError):  # records are metadata: never fail the delete for one
+        for u in users(volume["key_id"]):
+            if os.path.dirname(u["path"]) == snap_dir and u["path"] not in kept and not os.path.exists(u["path"]):
+                forget(volume["key_id"], u.get("recorded_path", u["path"]), u["volume_uuid"])
+
+
 def _served(client: Any) -> dict[str, Any]:
     volume = client.status().get("volume") or {}
     if not volume.get("key_id"):
@@ -153,7 +172,10 @@ def delete(control: str | os.PathLike[str], keystore: KeyProvider, name: str, *,
     from qwamos.nbd.control_client import ControlClient
 
     with ControlClient.connect(Path(control), timeout=timeout + 600) as client:
-        return client.request("snapshot-delete", {"name": name, "timeout": timeout})
+        volume = _served(client)
+        result = client.request("snapshot-delete", {"name": name, "timeout": timeout})
+    _forget_dropped(keystore, volume, result.get("files", []))
+    return result
 
 
 def listing(control: str | os.PathLike[str]) -> dict[str, Any]:
