@@ -234,10 +234,18 @@ def _b_public(h: dict) -> PublicIdentity:
     return parse_public(path.read_bytes(), path)
 
 
-def _refused(h: dict, doc: dict | bytes, *, allow_classical: bool = False, match: str | None = None) -> None:
+def _refused(
+    h: dict,
+    doc: dict | bytes,
+    *,
+    allow_classical: bool = False,
+    match: str | None = None,
+    expect: str | None = None,
+) -> None:
     data = doc if isinstance(doc, bytes) else dump_document(doc)
+    expect = h["a_fp"] if expect is None else expect
     with pytest.raises(KeyFileCorruptError, match=match):
-        grants.import_grant(h["b"], data, expect_fingerprint=h["a_fp"], allow_classical=allow_classical)
+        grants.import_grant(h["b"], data, expect_fingerprint=expect, allow_classical=allow_classical)
     assert not h["b"].has_key(h["key_id"])
 
 
@@ -420,3 +428,24 @@ def test_cli_allow_classical_on_both_sides_warns(hosts, tmp_path, capsys):
     assert "--allow-classical" in capsys.readouterr().err and not b.has_key(key_id)
     assert main([*imp, "--allow-classical"]) == 0
     assert "classically only" in capsys.readouterr().err and PQCKeystore(b.path).has_key(key_id)
+
+
+def test_the_full_fingerprint_is_checked_in_full(hosts, tmp_path, capsys):
+    """The short fingerprint is 64 bits (a 2^64 search finds a second identity with it); the full one, 256
+    bits, is what `key identity` shows as fingerprint_full and import accepts instead.  Every digit of it is
+    checked: the short prefix right and any later digit wrong is refused."""
+    a, b, key_id = hosts["a"], hosts["b"], hosts["key_id"]
+    full = a.identity_info()["fingerprint_full"]
+    assert len(full) == 64 and full.startswith(hosts["a_fp"])
+    data = _grant(hosts)
+    assert grants.describe_grant(data)["grantor_fingerprint_full"] == full
+    for i in (16, 40, 63):  # a second identity that shares the short fingerprint differs further on
+        wrong = full[:i] + ("0" if full[i] != "0" else "1") + full[i + 1 :]
+        _refused(hosts, data, expect=wrong, match="not those of identity")
+    for malformed in (full[:20], full + "0", ""):
+        _refused(hosts, data, expect=malformed)
+    out = tmp_path / "web.grant"
+    out.write_bytes(data)
+    argv = ["key", "--keystore", str(b.path), "import-grant", str(out), "--expect-fingerprint", full.upper()]
+    assert main(argv) == 0
+    assert full in capsys.readouterr().err and PQCKeystore(b.path).has_key(key_id)

@@ -64,7 +64,7 @@ def register_grant_actions(action: Any) -> None:
         "store a key granted by another keystore, after confirming the granting fingerprint",
         cmd_import_grant,
         [
-            "qwamos key import-grant web.grant --expect-fingerprint 0123456789abcdef",
+            "qwamos key import-grant web.grant --expect-fingerprint 0123456789abcdef   # or all 64 hex digits",
             "qwamos key import-grant web.grant   # shows the fingerprint and asks",
             "qwamos key import-grant old.grant --expect-fingerprint 0123456789abcdef --allow-classical",
         ],
@@ -74,8 +74,9 @@ def register_grant_actions(action: Any) -> None:
         "--expect-fingerprint",
         metavar="FP",
         default=None,
-        help="the granting keystore's fingerprint, as 'qwamos key identity' shows it there (default: show it "
-        "and ask)",
+        help="the granting keystore's fingerprint, as 'qwamos key identity' shows it there: 16 hex digits, or "
+        "the 64 of fingerprint_full (a second identity with the same 16 is a 2^64 search; default: show it and "
+        "ask)",
     )
     i.add_argument(
         "--yes", action="store_true", help="accept the fingerprint shown without asking (check it first)"
@@ -141,15 +142,17 @@ def cmd_import_grant(args: argparse.Namespace) -> int:
     info = grants.describe_grant(data)
     claimed = info["grantor_fingerprint"]
     message(
-        f"grant of key {info['key_id']} (VM {info['vm_name'] or '-'}) from the keystore with fingerprint {claimed}"
+        f"grant of key {info['key_id']} (VM {info['vm_name'] or '-'}) from the keystore with fingerprint "
+        f"{claimed} (full: {info['grantor_fingerprint_full']})"
     )
     expect = args.expect_fingerprint
     if expect is None:
         if args.yes:
-            expect = claimed
+            expect = info["grantor_fingerprint_full"]
         elif sys.stdin.isatty():
             expect = input(
-                "Compare with the granting host's 'qwamos key identity'; type its fingerprint to accept: "
+                "Compare with the granting host's 'qwamos key identity'; type its fingerprint (16 or, better, "
+                "all 64 hex digits) to accept: "
             ).strip()
         else:
             raise InvalidArgument(

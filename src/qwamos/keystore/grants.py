@@ -38,7 +38,14 @@ from qwamos import crypto
 from qwamos.errors import AuthenticationFailed, InvalidArgument, KeyFileCorruptError
 from qwamos.keystore import keyfile, rewrap
 from qwamos.keystore.files import b64encode, b64field, canonical_json, dump_document, int_field, parse_document
-from qwamos.keystore.identity import Identity, PublicIdentity, auth_key, fingerprint
+from qwamos.keystore.identity import (
+    Identity,
+    PublicIdentity,
+    auth_key,
+    fingerprint,
+    fingerprint_matches,
+    full_fingerprint,
+)
 
 FORMAT = "qwamos-key-grant"
 VERSION = 2  # signed (ML-DSA-87) and MACed
@@ -196,16 +203,19 @@ def open_grant(
     doc: dict[str, Any], receiver: Identity, expect_grantor: str, *, allow_classical: bool = False
 ) -> keyfile.Unwrapped:
     """The key and commitment secret of a parsed grant, for ``receiver``, from the grantor whose fingerprint
-    the operator confirmed (``expect_grantor``).  Checks in order: recipient, grantor fingerprint (over the
-    very keys used below), signature (version 2; a version 1 grant only with ``allow_classical``), MAC, KEM,
-    AEAD; any failure is :class:`KeyFileCorruptError` and nothing is returned."""
+    the operator confirmed (``expect_grantor``: the short fingerprint, or the full one of 64 hex digits, which
+    leaves no room for a second identity with the same name).  Checks in order: recipient, grantor
+    fingerprint (over the very keys used below), signature (version 2; a version 1 grant only with
+    ``allow_classical``), MAC, KEM, AEAD; any failure is :class:`KeyFileCorruptError` and nothing is
+    returned."""
     if not crypto.constant_time_eq(doc["recipient_fingerprint"].encode(), receiver.fingerprint.encode()):
         raise KeyFileCorruptError(
             path=_WHERE,
             msg=f"granted to identity {doc['recipient_fingerprint']}, this keystore's identity is "
             f"{receiver.fingerprint}",
         )
-    if not crypto.constant_time_eq(doc["grantor_fingerprint"].encode(), expect_grantor.encode()):
+    claimed = doc["grantor_fingerprint"].encode()
+    if not crypto.constant_time_eq(claimed, expect_grantor.strip().lower()[:16].encode()):
         raise KeyFileCorruptError(
             path=_WHERE,
             msg=f"granted by identity {doc['grantor_fingerprint']}, not by the expected {expect_grantor}",
@@ -214,7 +224,7 @@ def open_grant(
     signing = _signing_key(doc)
     # The keys verified below are the ones the confirmed fingerprint names (also checked by parse_grant; here
     # against what the operator confirmed, so that no caller can skip it).
-    if not crypto.constant_time_eq(fingerprint(grantor_public, signing).encode(), expect_grantor.encode()):
+    if not fingerprint_matches(expect_grantor, grantor_public, signing):
         raise KeyFileCorruptError(path=_WHERE, msg=f"the granting keys are not those of identity {expect_grantor}")
     if signing is None:
         # Version 1: the confirmed fingerprint covers no signing key (a fingerprint that covers one is never
@@ -394,6 +404,8 @@ def describe_grant(data: bytes) -> dict[str, Any]:
     doc = parse_grant(data)
     out = {k: doc[k] for k in ("key_id", "vm_name", "granted_at", "grantor_fingerprint", "recipient_fingerprint")}
     out["version"] = doc["version"]
+    signing = _signing_key(doc)
+    out["grantor_fingerprint_full"] = full_fingerprint(b64field(doc, "grantor_public_key", _WHERE), signing)
     out["authenticated_by"] = f"{crypto.SIGNATURE} + x25519" if doc["version"] == VERSION else "x25519 only"
     return out
 

@@ -50,6 +50,23 @@ def fingerprint(public: bytes, signing_public: bytes | None = None) -> str:
     return crypto.sha3_256(public + (signing_public or b""))[:8].hex()
 
 
+def full_fingerprint(public: bytes, signing_public: bytes | None = None) -> str:
+    """All 64 hex digits (256 bits) of the same SHA3-256: the short fingerprint is its first 16.  What an
+    operator confirms when 64 bits are not enough (a second identity with a given short fingerprint costs
+    about 2^64 hashes; with the full one, 2^256, 2^128 by Grover's algorithm)."""
+    return crypto.sha3_256(public + (signing_public or b"")).hex()
+
+
+def fingerprint_matches(expect: str, public: bytes, signing_public: bytes | None = None) -> bool:
+    """Whether ``expect`` — a short (16 hex digits) or full (64) fingerprint, as the operator confirmed it —
+    names these public keys (constant time).  Any other length matches nothing."""
+    expect = expect.strip().lower()
+    full = full_fingerprint(public, signing_public)
+    if len(expect) not in (16, 64):
+        return False
+    return crypto.constant_time_eq(expect.encode(), full[: len(expect)].encode())
+
+
 @dataclass(frozen=True)
 class Identity:
     """An opened identity.  ``repr`` shows the fingerprint only.  ``private``/``public`` are the KEM key pair;

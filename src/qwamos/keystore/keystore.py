@@ -146,6 +146,7 @@ class PQCKeystore:
         return {
             "path": str(self.path),
             "fingerprint": pf.fingerprint,
+            "fingerprint_full": self._full_fingerprint(pf.fingerprint),
             "kem": crypto.HYBRID_KEM,
             # The signing key (grants authenticated post-quantum); None for a version 1 identity, which
             # 'key rotate-identity' replaces with one that has it.
@@ -155,6 +156,19 @@ class PQCKeystore:
             "pinned_fingerprint": pinned["identity_fingerprint"] if pinned else None,
             "pinned_sealed": pinned["identity_sealed"] if pinned else None,
         }
+
+    def _full_fingerprint(self, short: str) -> str | None:
+        """The 64-digit fingerprint from ``identity.pub`` when that file names the same identity as
+        ``identity.key`` (unverified, like the rest of :meth:`identity_info`; opening the identity compares
+        the two files' keys), else None."""
+        pub_path = self.path / IDENTITY_PUB
+        try:
+            pub = idmod.parse_public(read_bounded(pub_path), pub_path)
+        except (FileNotFoundError, KeystoreError):
+            return None
+        if pub.fingerprint != short:
+            return None
+        return idmod.full_fingerprint(pub.public, pub.signing_public)
 
     def check_pin(self) -> None:
         """Raise what opening the identity would (:class:`IdentityChangedError`, :class:`IdentityUnsealedError`)
