@@ -449,3 +449,19 @@ def test_the_full_fingerprint_is_checked_in_full(hosts, tmp_path, capsys):
     argv = ["key", "--keystore", str(b.path), "import-grant", str(out), "--expect-fingerprint", full.upper()]
     assert main(argv) == 0
     assert full in capsys.readouterr().err and PQCKeystore(b.path).has_key(key_id)
+
+
+def test_a_grant_from_an_unconfirmed_grantor_says_what_does_not_match(hosts, tmp_path, capsys):
+    """An operator who pasted the wrong fingerprint (their own, say) is told which fingerprints differ, not that
+    the grant is "malformed or failed authentication" (found by an outside check of issue 14); exit 23 still."""
+    a, b, key_id = hosts["a"], hosts["b"], hosts["key_id"]
+    out = tmp_path / "web.grant"
+    assert main(["key", "--keystore", str(a.path), "grant", key_id, "--to", str(b.path / "identity.pub"),
+                 "-o", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    code = main(["key", "--keystore", str(b.path), "import-grant", str(out), "--expect-fingerprint", _fp(b)])
+    err = capsys.readouterr().err
+    assert code == 23
+    assert f"granted by identity {_fp(a)}, not by the expected {_fp(b)}" in err
+    assert "malformed" not in err and "qwamos key identity" in err
+    assert not b.has_key(key_id)

@@ -245,6 +245,14 @@ class KeyFileCorruptError(KeystoreError):
     exit_code = 23
 
 
+class GrantNotForUsError(KeyFileCorruptError):
+    """{path}: not imported: {msg}."""
+
+    # A sound grant for another keystore, or from another grantor than the one the operator confirmed: nothing is
+    # malformed, so the message says what does not match (a subclass: callers and tests that catch the
+    # corrupt-or-forged error, exit 23, still do).
+
+
 class KeystorePermissionError(KeystoreError):
     """{path}: unsafe permissions {mode}; expected {expected} (fix with: chmod {expected} {path})."""
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from qwamos import crypto
-from qwamos.errors import AuthenticationFailed, InvalidArgument, KeyFileCorruptError
+from qwamos.errors import AuthenticationFailed, GrantNotForUsError, InvalidArgument, KeyFileCorruptError
 from qwamos.keystore import keyfile, rewrap
 from qwamos.keystore.files import b64encode, b64field, canonical_json, dump_document, int_field, parse_document
 from qwamos.keystore.identity import (
@@ -209,16 +209,17 @@ def open_grant(
     ``allow_classical``), MAC, KEM, AEAD; any failure is :class:`KeyFileCorruptError` and nothing is
     returned."""
     if not crypto.constant_time_eq(doc["recipient_fingerprint"].encode(), receiver.fingerprint.encode()):
-        raise KeyFileCorruptError(
+        raise GrantNotForUsError(
             path=_WHERE,
             msg=f"granted to identity {doc['recipient_fingerprint']}, this keystore's identity is "
             f"{receiver.fingerprint}",
         )
     claimed = doc["grantor_fingerprint"].encode()
     if not crypto.constant_time_eq(claimed, expect_grantor.strip().lower()[:16].encode()):
-        raise KeyFileCorruptError(
+        raise GrantNotForUsError(
             path=_WHERE,
-            msg=f"granted by identity {doc['grantor_fingerprint']}, not by the expected {expect_grantor}",
+            msg=f"granted by identity {doc['grantor_fingerprint']}, not by the expected {expect_grantor} (compare "
+            "with `qwamos key identity` on the granting host)",
         )
     grantor_public = b64field(doc, "grantor_public_key", _WHERE, length=PUBLIC_SIZE)
     signing = _signing_key(doc)
