@@ -17,6 +17,10 @@
 # CEPH_CLUSTER_ADDR=IPV4 (start only; default 127.0.0.1): the one address every daemon binds and the conf names
 # for the mon, e.g. the root end of a veth pair, so that a client in another network namespace reaches the
 # cluster over it (tests/test_vm_rbd.py's two hosts).  The address must already be assigned to an interface.
+# CEPH_CLUSTER_OSD_BYTES=N (start only; default 2147483648): the memstore OSD's size.  Memstore does not refuse
+# writes past it: the monitor marks the OSD (and the pools) full from the usage it reports, a few seconds
+# later, and from then on writes get ENOSPC.  A small size is how to fill the cluster for real.
+# CEPH_CLUSTER_TIMEOUT=SECONDS (start only; default 120): how long to wait for the placement groups.
 set -euo pipefail
 
 usage() {
