@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,7 +107,12 @@ def test_api_roundtrip_export_import(ceph_cluster, keys, tmp_path):
     assert back.read_bytes() == f.read_bytes()
 
 
-def test_tampering_on_the_cluster_is_detected(ceph_cluster, keys):
+def test_tampering_on_the_cluster_is_detected_and_repaired(ceph_cluster, env, tmp_path, monkeypatch, capsys):
+    """A bit flipped in a block on the cluster fails authentication; ``volume repair --zero-bad`` saves its
+    report in the current directory (an image has no directory beside it) and empties that block only."""
+    from qwamos.keystore import PQCKeystore
+
+    keys = PQCKeystore()
     loc = "rbd:rbd/tamper-a"
     PQCVolume(loc, keystore=keys).create("t", "", size_bytes=4 * MIB)
     with PQCVolume(loc, keystore=keys) as v:
@@ -118,6 +124,12 @@ def test_tampering_on_the_cluster_is_detected(ceph_cluster, keys):
     s.close()
     with PQCVolume(loc, keystore=keys, read_only=True) as v:
         assert v.check() == [1]
+    monkeypatch.chdir(tmp_path)
+    assert main(["volume", "repair", loc, "--zero-bad", "--json"]) == 0
+    report = _json(capsys)
+    assert report["bad_blocks"] == [1] and (tmp_path / Path(report["report_file"]).name).exists()
+    with PQCVolume(loc, keystore=keys, read_only=True) as v:
+        assert v.check() == [] and v.read(0, 3 * 4096) == _pattern(4096, 2) + bytes(4096) + _pattern(4096, 2)
 
 
 def test_second_writer_refused_naming_the_holder(ceph_cluster, keys):
