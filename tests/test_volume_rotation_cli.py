@@ -136,10 +136,27 @@ def _users(ks: Path, key_id: str) -> dict[str, str]:
     return {u["path"]: u["state"] for u in PQCKeystore(ks).key_users(key_id)}
 
 
-def test_a_detached_online_rotation_is_settled_by_the_next_reencrypt(qvol, short_dir):
+def _serve(vol: Path, ks: Path, sock: Path) -> subprocess.Popen:
+    proc = processes.spawn(
+        [*SERVE_CLI, str(vol), "--socket", str(sock), "--keystore", str(ks)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_answers(sock, proc)
+    except BaseException:
+        processes.stop(proc)
+        proc.stderr.close()
+        raise
+    return proc
+
+
+@pytest.mark.parametrize("settler", ["reencrypt", "serve"])
+def test_a_detached_online_rotation_is_settled_by_the_next_command_that_sees_it(qvol, short_dir, settler):
     """``volume reencrypt --detach``: the export finishes the rotation but holds no keystore, so the old key
     stays active with a stale record.  The next ``volume reencrypt`` sees the volume under the new key with
-    no rotation and settles it (record moved, old key retired) instead of starting another rotation."""
+    no rotation and settles it (record moved, old key retired) instead of starting another rotation; so does
+    the next start of an export with the keystore (``volume serve`` here; ``vm start`` the same way)."""
     import time
 
     from qwamos.nbd.control_client import control_path_for
@@ -149,13 +166,8 @@ def test_a_detached_online_rotation_is_settled_by_the_next_reencrypt(qvol, short
     data = fill(vol, ks)
     old, _, _ = state(vol, ks)
     sock = short_dir / "s"
-    proc = processes.spawn(
-        [*SERVE_CLI, str(vol), "--socket", str(sock), "--keystore", str(ks)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = _serve(vol, ks, sock)
     try:
-        wait_answers(sock, proc)
         res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--rate", "0", "--detach", "--json")
         assert res.returncode == 0, res.stderr
         new = json.loads(res.stdout)["key_id"]
@@ -168,11 +180,16 @@ def test_a_detached_online_rotation_is_settled_by_the_next_reencrypt(qvol, short
         assert op["state"] == "done"
         assert PQCKeystore(ks).key_state(old) == ("active", None)  # nobody settled it
         assert _users(ks, old) == {str(vol): "stale"}
-        res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--json")
-        assert res.returncode == 0, res.stderr
-        out = json.loads(res.stdout)
-        assert out["key_id"] == new and out["settled"] == [{"old_key_id": old, "live_users": []}]
-        assert "had finished" in res.stderr and "now retired" in res.stderr
+        if settler == "serve":
+            processes.stop(proc)
+            proc.stderr.close()
+            proc = _serve(vol, ks, sock)
+        else:
+            res = qwamos("volume", "reencrypt", str(vol), "--keystore", str(ks), "--json")
+            assert res.returncode == 0, res.stderr
+            out = json.loads(res.stdout)
+            assert out["key_id"] == new and out["settled"] == [{"old_key_id": old, "live_users": []}]
+            assert "had finished" in res.stderr and "now retired" in res.stderr
         res = qwamos("export", "status", "--socket", str(sock), "--json")
         assert json.loads(res.stdout)["volume"]["key_id"] == new  # no new rotation was started
     finally:

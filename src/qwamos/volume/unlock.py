@@ -11,9 +11,32 @@ here, in the starting process; the bare-key provider of the export trusts whoeve
 
 from __future__ import annotations
 
+import logging
 import os
 
+from qwamos.errors import QwamosError
+from qwamos.storage import file_path
+from qwamos.volume.header import Header
 from qwamos.volume.keys import KeyProvider, KeyRecorder
+
+log = logging.getLogger("qwamos.volume")
+
+
+def _settle_finished(provider: KeyProvider, path: str, header: Header) -> None:
+    """The volume is under its key with no rotation (its header just authenticated): a re-encryption that
+    finished with nobody to settle it (``volume reencrypt --detach``: the export holds no keystore) is settled
+    now, by the keystore's ``settle_finished_reencrypts`` (docs/keystore-format.md "Key states").  Metadata,
+    like the usage records: a failure is logged, never refuses the start."""
+    settle = getattr(provider, "settle_finished_reencrypts", None)
+    if settle is None:
+        return
+    try:
+        local = file_path(path)
+        where = os.path.abspath(local) if local is not None else path
+        for done in settle(where, header.volume_uuid, header.key_id, header.vm_name):
+            log.info("%s: settled key %s after its re-encryption to %s", path, done["old_key_id"], header.key_id)
+    except (QwamosError, OSError) as e:
+        log.warning("%s: a finished re-encryption was not settled: %s", path, e)
 
 
 def unlock_key(
@@ -25,7 +48,6 @@ def unlock_key(
     A volume whose key rotation is in progress (docs/qvol-format.md 2.5.3) needs its old key too until the
     rotation ends: the bytes are then 64, the key followed by the old key (checked against the header's
     ``old_key_check`` by the open), and the key pipe carries both."""
-    from qwamos.storage import file_path
     from qwamos.volume.chain_rotation import check_one_key
     from qwamos.volume.snapshots import finish_interrupted, open_chain
     from qwamos.volume.volume import record_use
@@ -44,6 +66,8 @@ def unlock_key(
         for vol in chain.layers:
             record_use(provider, vol.path, vol.header)
         state = chain.top.rotation_state()
+        if state is None and snapshot is None:
+            _settle_finished(provider, chain.top.path, chain.top.header)
     if state is not None:
         return key_id, recorder.keys[key_id] + recorder.keys[state["old_key_id"]]
     return key_id, recorder.keys[key_id]
