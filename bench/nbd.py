@@ -5,9 +5,10 @@ Workloads (qemu-img bench over a UNIX socket): 1 MiB sequential write and read a
 and read at depth 16 and at depth 1; plus fio's nbd engine (4 KiB random read/write, depth 16) where fio has it.
 
 The three servers run at the same time and every workload runs on a, b, c in turn, ``--repeat`` rounds in a
-row (median reported), so a burst of load from other jobs on this shared machine hits all three alike rather
-than one target's whole series.  QD1 figures are round-trip bound and swing by 2x between runs here: compare
-ratios from one run, never figures from different runs.
+row (median reported; the order turns each round: a b c, b c a, c a b), so a burst of load from other jobs on
+this shared machine hits all three alike rather than one target's whole series, and none always runs first.
+QD1 figures are round-trip bound and swing by 2x between runs here: compare ratios from one run, never
+figures from different runs.
 
 Page cache: before any timed workload each image is written end to end through its own server (1 MiB
 writes, then a FLUSH), so every later read hits allocated, cached data and every write overwrites allocated
@@ -145,11 +146,14 @@ def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int
     for wname, write, size, depth, per_gib, stride in workloads:
         count = workload_count(size, per_gib, size_mib)
         times: dict[str, list[float]] = {name: [] for name in targets}
-        for _ in range(repeat):
-            for name, uri in targets.items():
+        names = list(targets)
+        for r in range(repeat):
+            # The order turns every round, so that no target always runs right after the same other one (whose
+            # writes the page cache or the cluster may still be digesting).
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 if cold:
                     drop_cache(cold[name])
-                times[name].append(qemu_bench(uri, write, size, depth, count, stride))
+                times[name].append(qemu_bench(targets[name], write, size, depth, count, stride))
         for name in targets:
             t = statistics.median(times[name])
             nbytes = count * (1 << 20 if size == "1M" else 4096)

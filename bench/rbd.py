@@ -5,7 +5,8 @@ librbd's LUKS2 encryption (`file.driver=rbd,file.encrypt.format=luks2`, formatte
 Workloads (qemu-img bench over a UNIX socket, as bench/nbd.py): 1 MiB sequential write and read at depth 4,
 4 KiB stride write and read at depth 16; plus fio's nbd engine (4 KiB random read/write, depth 16) where fio
 has it.  Each image is written end to end through its own server first (so reads hit allocated objects), and
-every workload runs on a then b, ``--repeat`` rounds (median).  The cluster: the one ``$CEPH_CONF`` names
+every workload runs on a then b, ``--repeat`` rounds (median; b goes first every other round, so that
+neither always follows the other's writes).  The cluster: the one ``$CEPH_CONF`` names
 with ``--use-env-cluster``, else a throw-away one-node cluster started by scripts/ceph-cluster.sh (memstore
 OSD: the objects live in the OSD's memory, so this measures the client side, librbd and the network stack,
 not disks).  Compare the ratios of one run, never figures from different runs.
@@ -129,6 +130,7 @@ def main() -> None:
             for name, uri in targets.items():
                 prepare(name, uri, args.size_mib)
             results = run_all(targets, workloads, args.size_mib, args.repeat, use_fio)
+            stack.close()  # the servers first: an image still open (watched) cannot be removed
             for image in (image_a, image_b):
                 subprocess.run(
                     [*rbd, "rm", "--no-progress", f"{args.pool}/{image}"], check=False, capture_output=True
