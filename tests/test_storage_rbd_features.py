@@ -444,6 +444,39 @@ def test_migrate_to_qcow2_of_a_vm_on_rbd(ceph_cluster, root, idle_kernel, tmp_pa
     assert raw_bytes(root / "vms" / "q2" / "disk.qcow2", "qcow2", tmp_path) == bytes(4 * MIB)
 
 
+def test_migrate_to_qcow2_from_rbd_finishes_the_rename_after_a_crash(ceph_cluster, root, idle_kernel, monkeypatch):
+    """A run that dies after the config switched but before the image got its backup name leaves the journal;
+    the next run finishes it (the image renamed, its key recorded there), and the image is never lost."""
+    from qwamos.errors import MigrationError
+    from qwamos.migrate import TO_QCOW2, migrate
+    from qwamos.migrate import run as run_mod
+    from qwamos.storage import storage_exists
+
+    ks = PQCKeystore(root.parent / "keystore")
+    mgr = rbd_vm(root, "q3", "feat-mq-3", idle_kernel)
+    loc, backup = "rbd:rbd/feat-mq-3", "rbd:rbd/feat-mq-3.backup"
+    key_id = mgr.load("q3").key_id
+    real = run_mod.rename_storage
+
+    def crash(src, dst):
+        if src == loc:
+            raise KeyboardInterrupt  # as a kill between the commit and the rename
+        real(src, dst)
+
+    monkeypatch.setattr(run_mod, "rename_storage", crash)
+    with pytest.raises(KeyboardInterrupt):
+        migrate("q3", root=root, keystore=ks, direction=TO_QCOW2)
+    assert not mgr.load("q3").encryption_enabled  # committed
+    assert storage_exists(loc) and not storage_exists(backup)
+    assert (root / "vms" / "q3" / ".qwamos-migrate.json").exists()
+    monkeypatch.setattr(run_mod, "rename_storage", real)
+    with pytest.raises(MigrationError, match="does not use encrypted storage"):  # after the recovery ran
+        migrate("q3", root=root, keystore=ks, direction=TO_QCOW2)
+    assert not storage_exists(loc) and storage_exists(backup)
+    assert not (root / "vms" / "q3" / ".qwamos-migrate.json").exists()
+    assert [u["path"] for u in ks.key_users(key_id) if u["state"] == "live"] == [backup]
+
+
 def test_backup_of_a_stopped_vm_on_rbd(ceph_cluster, root, idle_kernel, tmp_path, capsys):
     """``backup create --vm`` of a stopped VM reads its ``rbd:`` volume directly (no export runs)."""
     import json
