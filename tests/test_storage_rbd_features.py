@@ -477,6 +477,33 @@ def test_migrate_to_qcow2_from_rbd_finishes_the_rename_after_a_crash(ceph_cluste
     assert [u["path"] for u in ks.key_users(key_id) if u["state"] == "live"] == [backup]
 
 
+def test_migrate_round_trips_through_the_cluster_need_no_hand_work(ceph_cluster, root, idle_kernel, tmp_path):
+    """qcow2 -> ``--to rbd:POOL/IMAGE`` -> ``--to-qcow2`` twice: each way back frees the image's name (the image
+    becomes ``IMAGE.backup``, then ``IMAGE.backup.2``), so the same command works again; the data is the same
+    at every step and every kept image still opens under its recorded key."""
+    from migrate_helpers import ODD_SIZE, make_source, raw_bytes
+    from qwamos.migrate import TO_QCOW2, migrate
+    from qwamos.storage import storage_exists
+    from vm_helpers import write_config
+
+    cfg_path = write_config(root, "rt", kernel=idle_kernel, size=str(ODD_SIZE))
+    qcow2 = cfg_path.parent / "disk.qcow2"
+    make_source(qcow2)
+    expected = raw_bytes(qcow2, "qcow2", tmp_path)
+    ks = PQCKeystore(root.parent / "keystore")
+    to = "rbd:rbd/feat-rt"
+    for backup in (f"{to}.backup", f"{to}.backup.2"):
+        res = migrate("rt", root=root, keystore=ks, to=to)
+        with PQCVolume(to, keystore=ks, read_only=True) as v:
+            assert v.read(0, ODD_SIZE) == expected
+        back = migrate("rt", root=root, keystore=ks, direction=TO_QCOW2)
+        assert str(back.backup) == backup and not storage_exists(to)
+        assert raw_bytes(qcow2, "qcow2", tmp_path) == expected
+        with PQCVolume(backup, keystore=ks, read_only=True) as v:
+            assert v.key_id == res.key_id and v.read(0, ODD_SIZE) == expected
+        assert [u["path"] for u in ks.key_users(res.key_id) if u["state"] == "live"] == [backup]
+
+
 def test_backup_of_a_stopped_vm_on_rbd(ceph_cluster, root, idle_kernel, tmp_path, capsys):
     """``backup create --vm`` of a stopped VM reads its ``rbd:`` volume directly (no export runs)."""
     import json
