@@ -553,6 +553,40 @@ def test_a_tls_export_of_an_rbd_volume(ceph_cluster, env, tmp_path):
     compare(loc, ks, {i: raw[i * 4096 : (i + 1) * 4096] for i in range(BLOCKS)})
 
 
+def test_key_rotate_of_a_running_vm_on_rbd_is_online(ceph_cluster, root, idle_kernel, capsys):
+    """``key rotate`` of the key of a running VM whose disk is ``rbd:``: the VM's export re-encrypts the image
+    online (found by the image's writer lock), the VM keeps running, the config names the new key, every block
+    reads back, and the VM starts again under the new key."""
+    import json
+
+    from qwamos.hypervisor.config import VMConfig
+
+    mgr = rbd_vm(root, "kr", "feat-kr", idle_kernel)
+    loc = "rbd:rbd/feat-kr"
+    ks = PQCKeystore(root.parent / "keystore")
+    data = {i: random.Random(i).randbytes(4096) for i in range(0, BLOCKS, 3)}
+    with PQCVolume(loc, keystore=ks) as v:
+        for i, block in data.items():
+            v.write_block(i, block)
+    old_id = mgr.load("kr").key_id
+    base = ["key", "rotate", old_id, "--root", str(root), "--yes"]
+    mgr.start("kr")
+    try:
+        assert main([*base, "--dry-run", "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert [(v["path"], v["mode"], v["vm"]) for v in plan["volumes"]] == [(loc, "online", "kr")]
+        assert main(base) == 0
+        new_id = capsys.readouterr().out.strip().splitlines()[-1]
+        assert mgr.status("kr").state == "running"
+        assert VMConfig.load(mgr.config_path("kr")).key_id == new_id != old_id
+    finally:
+        mgr.stop("kr", force=True)
+    assert compare(loc, ks, data).key_id == new_id
+    assert ks.key_state(old_id)[0] == "destroyed"
+    mgr.start("kr")
+    mgr.stop("kr", force=True)
+
+
 # --- snapshots: refused on rbd:, with the reason (docs/design.md) ------------------------------------------
 
 
