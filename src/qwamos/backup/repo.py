@@ -408,15 +408,32 @@ class Repository:
         for p in dead_packs:
             del self.manifest["packs"][p]
         self.commit()
-        listed_archives = {a["id"] for a in self.manifest["archives"]}
-        removed = 0
-        for sub, keep in (("packs", set(self.manifest["packs"])), ("archives", listed_archives)):
-            for f in (self.path / sub).iterdir():
-                if f.name not in keep:
-                    f.unlink()
-                    removed += 1
-        fsutil.fsync_dir(self.path / "packs")
-        return {"chunks_freed": len(dead), "files_removed": removed}
+        removed = self.remove_unlisted()
+        return {"chunks_freed": len(dead), "files_removed": len(removed)}
+
+    def unlisted(self) -> list[tuple[Path, int]]:
+        """``(path, size)`` of every file in ``packs/`` and ``archives/`` the manifest does not name: what an
+        interrupted command left.  Only meaningful under the repository lock (a ``create`` holds it
+        exclusively while its new pack and archive are not listed yet)."""
+        keep = {"packs": set(self.manifest["packs"]), "archives": {a["id"] for a in self.manifest["archives"]}}
+        out: list[tuple[Path, int]] = []
+        for sub, names in keep.items():
+            for f in sorted((self.path / sub).iterdir()):
+                if f.name not in names:
+                    out.append((f, f.lstat().st_size))
+        return out
+
+    def remove_unlisted(self) -> list[tuple[Path, int]]:
+        """Unlink the files :meth:`unlisted` names (after the manifest that dropped them is durable: the caller
+        has committed), then make the removals durable.  Returns what was removed."""
+        if self._lock_fd < 0:
+            raise BackupError(msg="the repository must be locked to change it")
+        gone = self.unlisted()
+        for f, _size in gone:
+            f.unlink()
+        for sub in ("packs", "archives"):
+            fsutil.fsync_dir(self.path / sub)
+        return gone
 
     # --- key export / import ------------------------------------------------------------------------------
 
