@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 CONFIG_FORMAT = "qwamos-backup-repository"
 VERSION = 1
 _CONFIG_FIELDS = {"format", "version", "repo_id", "algorithm", "chunk_blocks", "compression", "mac"}
+COMPACT_THRESHOLD = 10.0  # percent of a pack's bytes no archive uses before compact rewrites it (borg's default)
 MAX_FILE = 1 << 30  # config, key, manifest, archive documents: read at most this much
 STATE_ENV = "QWAMOS_BACKUP_STATE"
 KEY_EXPORT_FORMAT = "qwamos-backup-key"
@@ -128,6 +130,7 @@ class Repository:
         self.keys: fmt.RepoKeys | None = None
         self.manifest: dict[str, Any] = {}
         self._lock_fd = -1
+        self._exclusive = False
 
     # --- creating and opening -------------------------------------------------------------------------------
 
@@ -256,6 +259,7 @@ class Repository:
             os.close(fd)
             raise BackupError(msg=f"{self.path} is in use by another backup command") from None
         self._lock_fd = fd
+        self._exclusive = exclusive
 
     def unlock(self) -> None:
         if self._lock_fd >= 0:
@@ -412,15 +416,18 @@ class Repository:
         return {"chunks_freed": len(dead), "files_removed": len(removed)}
 
     def unlisted(self) -> list[tuple[Path, int]]:
-        """``(path, size)`` of every file in ``packs/`` and ``archives/`` the manifest does not name: what an
-        interrupted command left.  Only meaningful under the repository lock (a ``create`` holds it
-        exclusively while its new pack and archive are not listed yet)."""
+        """``(path, size)`` of every file in ``packs/`` and ``archives/`` the manifest does not name, and every
+        temp file of a manifest commit: what an interrupted command left.  Only meaningful under the repository
+        lock (a ``create`` holds it exclusively while its new pack and archive are not listed yet)."""
         keep = {"packs": set(self.manifest["packs"]), "archives": {a["id"] for a in self.manifest["archives"]}}
         out: list[tuple[Path, int]] = []
         for sub, names in keep.items():
             for f in sorted((self.path / sub).iterdir()):
                 if f.name not in names:
                     out.append((f, f.lstat().st_size))
+        # a manifest commit killed before its rename leaves its temp file (fsutil.temp_name); only commit
+        # writes these, under the exclusive lock
+        out.extend((f, f.lstat().st_size) for f in sorted(self.path.glob(".manifest.*.tmp")))
         return out
 
     def remove_unlisted(self) -> list[tuple[Path, int]]:
@@ -431,9 +438,134 @@ class Repository:
         gone = self.unlisted()
         for f, _size in gone:
             f.unlink()
-        for sub in ("packs", "archives"):
+        for sub in ("packs", "archives", "."):
             fsutil.fsync_dir(self.path / sub)
         return gone
+
+    # --- compaction ---------------------------------------------------------------------------------------
+
+    def live_chunks(self) -> set[str]:
+        """The chunk ids some listed archive uses, from the authenticated archive documents (each checked
+        against its SHA-256 in the manifest): never from a listing of the directory."""
+        live: set[str] = set()
+        for entry in self.manifest["archives"]:
+            for ext in self.load_archive(entry)["extents"]:
+                live.add(ext[2])
+        return live
+
+    def plan_compact(self, threshold: float = COMPACT_THRESHOLD) -> dict[str, Any]:
+        """What :meth:`compact` would do, changing nothing: per listed pack its size and the bytes of records
+        some archive still uses; the packs whose unused share is above ``threshold`` percent (rewritten), those
+        with no used record (removed), and the unlisted files an interrupted command left (removed)."""
+        return self._plan(threshold)[0]
+
+    def _plan(self, threshold: float) -> tuple[dict[str, Any], set[str]]:
+        if not 0 <= threshold <= 100:
+            raise InvalidArgument(f"the threshold is a percentage from 0 to 100, not {threshold}")
+        live = self.live_chunks()
+        used: dict[str, int] = dict.fromkeys(self.manifest["packs"], 0)
+        for cid, loc in self.manifest["chunks"].items():
+            if cid in live:
+                used[loc[0]] += loc[2]
+        packs = []
+        for pack_id, info in sorted(self.manifest["packs"].items()):
+            size = info["size"]
+            unused = max(0, size - fmt.PACK_HEADER - used[pack_id])
+            percent = 100.0 * unused / size if size else 0.0
+            action = "remove" if not used[pack_id] else "rewrite" if unused and percent > threshold else "keep"
+            packs.append(
+                {
+                    "id": pack_id,
+                    "size": size,
+                    "used": used[pack_id],
+                    "unused_percent": round(percent, 1),
+                    "action": action,
+                }
+            )
+        leftovers = [{"path": str(f.relative_to(self.path)), "size": n} for f, n in self.unlisted()]
+        copy = sum(p["used"] for p in packs if p["action"] == "rewrite")
+        dropped = sum(p["size"] for p in packs if p["action"] != "keep") + sum(x["size"] for x in leftovers)
+        rewrite = sum(1 for p in packs if p["action"] == "rewrite")
+        return {
+            "repository": self.where,
+            "threshold_percent": threshold,
+            "packs": packs,
+            "leftovers": leftovers,
+            "dead_chunks": sum(1 for cid in self.manifest["chunks"] if cid not in live),
+            "bytes_to_copy": copy,
+            # the rewritten records go into one new pack (one header)
+            "bytes_freed": dropped - (copy + fmt.PACK_HEADER if rewrite else 0),
+        }, live
+
+    def compact(
+        self, threshold: float = COMPACT_THRESHOLD, *, progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, Any]:
+        """Reclaim the space of chunk records no archive uses any more (``delete`` and ``prune`` keep a pack
+        whole while any of its records is used): copy the used records of every pack whose unused share is
+        above ``threshold`` percent into one new pack, then drop the old packs.
+
+        Records are copied byte for byte: a record's AAD binds the repository and the chunk id, not its pack
+        or offset, so a record is as valid at its new place as at its old, and no key is needed to move it
+        (nor is any tampering washed out: a changed record stays a failing record).  The order makes every
+        kill -9 safe: (1) the new pack is written ``O_EXCL`` and fsynced with its directory entry; (2) the
+        manifest naming it (and the new places) is committed atomically and durably, with the next sequence
+        number recorded as this machine's anti-rollback state; (3) only then are the old packs unlinked.
+        A kill before (2) leaves the old manifest, whose packs are all still there, plus an unlisted new pack;
+        a kill after (2) leaves unlisted old packs.  Either leftover is removed by the next compact (or delete
+        or prune).  Needs the repository opened exclusively, so a concurrent ``create`` is refused."""
+        if self._lock_fd < 0 or not self._exclusive:
+            raise BackupError(msg="compacting needs the repository opened exclusively")
+        plan, live = self._plan(threshold)
+        chunks = self.manifest["chunks"]
+        for cid in [c for c in chunks if c not in live]:
+            del chunks[cid]
+        rewrite = [p["id"] for p in plan["packs"] if p["action"] == "rewrite"]
+        drop = set(rewrite) | {p["id"] for p in plan["packs"] if p["action"] == "remove"}
+        moved: dict[str, list[Any]] = {}
+        new_pack: str | None = None
+        if rewrite:
+            writer = self.new_pack()
+            try:
+                done = 0
+                rank = {p: i for i, p in enumerate(rewrite)}
+                order = sorted((rank[loc[0]], loc[1], cid) for cid, loc in chunks.items() if loc[0] in rank)
+                for _, _, cid in order:
+                    loc = chunks[cid]
+                    record = self.read_record(loc)
+                    moved[cid] = [writer.id, writer.add(record), loc[2], loc[3]]
+                    done += loc[2]
+                    if progress is not None:
+                        progress(done, plan["bytes_to_copy"])
+                info = writer.finish()  # (1) durable, directory entry too
+            except BaseException:
+                writer.abort()
+                raise
+            new_pack = writer.id
+        if rewrite or drop or plan["dead_chunks"]:
+            chunks.update(moved)
+            for p in drop:
+                del self.manifest["packs"][p]
+            if new_pack is not None:
+                self.manifest["packs"][new_pack] = info
+            self.commit()  # (2) the manifest naming the new places, durable; the machine's record follows it
+        removed = self.remove_unlisted()  # (3) the old packs (and any earlier leftovers)
+        before = sum(p["size"] for p in plan["packs"]) + sum(x["size"] for x in plan["leftovers"])
+        after = sum(i["size"] for i in self.manifest["packs"].values())
+        return {
+            "repository": self.where,
+            "threshold_percent": threshold,
+            "packs_rewritten": rewrite,
+            "packs_removed": sorted(drop - set(rewrite)),
+            "new_pack": new_pack,
+            "chunks_moved": len(moved),
+            "chunks_dropped": plan["dead_chunks"],
+            "bytes_copied": sum(loc[2] for loc in moved.values()),
+            "files_removed": len(removed),
+            "bytes_before": before,
+            "bytes_after": after,
+            "bytes_freed": before - after,
+            "manifest_seq": self.manifest["seq"],
+        }
 
     # --- key export / import ------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qwamos.backup import engine
-from qwamos.backup.repo import Repository
+from qwamos.backup.repo import COMPACT_THRESHOLD, Repository
 from qwamos.cli.keystore_args import add_keystore_args, open_keystore
 from qwamos.cli.output import Progress, add_json_option, add_yes_option, confirm, emit_json, message, print_data
 from qwamos.errors import BackupError, InvalidArgument, RepositoryCorruptError
@@ -109,7 +109,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         ["qwamos backup prune --keep-last 7 --repo /srv/backups --yes"],
     )
     pr.add_argument("--keep-last", type=int, required=True, metavar="N", help="archives to keep per volume")
+    pr.add_argument(
+        "--compact",
+        action="store_true",
+        help="then reclaim the space of the chunks it freed, as 'backup compact' does (default: keep the packs)",
+    )
     add_yes_option(pr)
+    co = action(
+        "compact",
+        "reclaim the space of chunks no archive uses any more (left in packs by delete and prune)",
+        cmd_compact,
+        [
+            "qwamos backup compact --repo /srv/backups",
+            "qwamos backup compact --repo /srv/backups --dry-run --threshold 0",
+        ],
+    )
+    _add_threshold(co)
+    co.add_argument(
+        "--dry-run", action="store_true", help="print what would be rewritten and removed; change nothing"
+    )
     k = action(
         "key",
         "export the repository key sealed with a passphrase, or import it",
@@ -263,7 +281,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if report["unreferenced_files"]:
             message(
                 f"{len(report['unreferenced_files'])} unreferenced file(s) (left by an interrupted command; "
-                "removed by the next delete or prune)"
+                "removed by the next compact, delete or prune)"
             )
         message(
             f"{report['archives']} archive(s), {report['chunks']} chunk(s), {report['packs']} pack(s): "
@@ -322,11 +340,63 @@ def cmd_prune(args: argparse.Namespace) -> int:
             message("nothing deleted")
             return 1
         result = engine.prune(repo, args.keep_last)
+        if args.compact:  # under the same exclusive lock: nothing can come between
+            result["compact"] = repo.compact()
     finally:
         repo.close()
     if args.json:
         emit_json(result)
     message(f"pruned {len(result['deleted'])} archive(s); {result['chunks_freed']} chunk(s) freed")
+    if args.compact:
+        message(_compact_summary(result["compact"]))
+    return 0
+
+
+def _add_threshold(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=COMPACT_THRESHOLD,
+        metavar="PERCENT",
+        help=f"rewrite a pack when more than PERCENT of its bytes are unused (default: {COMPACT_THRESHOLD:g})",
+    )
+
+
+def _compact_summary(result: dict[str, Any]) -> str:
+    return (
+        f"compacted: {len(result['packs_rewritten'])} pack(s) rewritten ({_size(result['bytes_copied'])} copied), "
+        f"{len(result['packs_removed'])} removed, {result['files_removed']} file(s) deleted; "
+        f"{_size(result['bytes_freed'])} freed"
+    )
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    repo = _open(args, exclusive=not args.dry_run)
+    progress = _Progress("Compacting", args.json)
+    try:
+        if args.dry_run:
+            plan = repo.plan_compact(args.threshold)
+        else:
+            result = repo.compact(args.threshold, progress=progress)
+    finally:
+        progress.finish()
+        repo.close()
+    if args.dry_run:
+        if args.json:
+            emit_json(plan)
+        else:
+            for p in plan["packs"]:
+                if p["action"] != "keep":
+                    print_data(
+                        f"{p['action']:<8} packs/{p['id']}  {_size(p['size'])}, {p['unused_percent']:g} % unused"
+                    )
+            for x in plan["leftovers"]:
+                print_data(f"remove   {x['path']}  {_size(x['size'])}, left by an interrupted command")
+            message(f"dry run: would copy {_size(plan['bytes_to_copy'])} and free {_size(plan['bytes_freed'])}")
+        return 0
+    if args.json:
+        emit_json(result)
+    message(_compact_summary(result))
     return 0
 
 

@@ -1,0 +1,277 @@
+"""``backup compact`` (docs/backup-format.md, section 6): the space of chunk records no archive uses any more is
+reclaimed -- by exactly the unreferenced amount -- while every remaining archive restores bit-exactly and
+verifies; a kill -9 at every file-system step leaves a repository that verifies and restores, and the next
+compact finishes the job; tampering with the rewritten packs is caught as before; a concurrent create is
+refused by the lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qwamos.backup import engine
+from qwamos.backup import format as fmt
+from qwamos.backup.repo import Repository
+from qwamos.cli.main import main
+from qwamos.errors import BackupError
+from qwamos.keystore import Argon2Params, PQCKeystore
+from qwamos.volume import PQCVolume
+
+CHEAP = Argon2Params(memory_kib=8, iterations=1, lanes=1)
+MIB = 1 << 20
+PIECE = 16 * 1024  # random bytes written into a chunk window: one incompressible record of about this size
+# the os calls a kill may come before: every write, sync, creation, publication and removal of compact
+MUTATIONS = ("open", "write", "fsync", "replace", "rename", "link", "unlink")
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
+    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "ks"))
+    monkeypatch.setenv("QWAMOS_BACKUP_STATE", str(tmp_path / "state"))
+    return tmp_path
+
+
+@pytest.fixture
+def ks(tmp_path: Path) -> PQCKeystore:
+    return PQCKeystore(tmp_path / "ks", argon2_params=CHEAP)
+
+
+def content(path: Path, ks: PQCKeystore) -> bytes:
+    with PQCVolume(path, keystore=ks, read_only=True) as v:
+        return v.read(0, v.size)
+
+
+def _backup(repo_path: Path, vol: Path, ks: PQCKeystore, name: str) -> None:
+    with Repository(repo_path, ks).open(exclusive=True) as repo:
+        src = engine.VolumeSource.open(vol, ks)
+        try:
+            engine.create(repo, src, name=name)
+        finally:
+            src.close()
+
+
+def _write_windows(vol: Path, ks: PQCKeystore, windows: list[int]) -> None:
+    with PQCVolume(vol, keystore=ks) as v:
+        for w in windows:
+            v.write(w * MIB, os.urandom(PIECE))
+
+
+def pack_bytes(repo: Path) -> int:
+    return sum(f.stat().st_size for f in (repo / "packs").iterdir())
+
+
+def manifest(repo: Path, ks: PQCKeystore, state: Path | None = None) -> dict:
+    with Repository(repo, ks, state_dir=state).open() as r:
+        return r.manifest
+
+
+@pytest.fixture
+def pruned(tmp_path: Path, ks: PQCKeystore) -> dict:
+    """Three archives of a volume with one small chunk in each of six windows: a1 (pack 1: six records), a2
+    (three windows rewritten: pack 2), a3 (one more: pack 3); then a1 deleted, so that half of pack 1's records
+    are used by no archive.  Returns the paths, the contents of a2 and a3, and the bytes the delete left
+    unreferenced."""
+    vol = tmp_path / "disk.qvol"
+    PQCVolume(vol, keystore=ks).create("disk", "vm", size_bytes=8 * MIB)
+    repo = tmp_path / "repo"
+    Repository.init(repo, ks)
+    states = {}
+    for name, windows in (("a1", [0, 1, 2, 3, 4, 5]), ("a2", [1, 2, 3]), ("a3", [4])):
+        _write_windows(vol, ks, windows)
+        _backup(repo, vol, ks, name)
+        states[name] = content(vol, ks)
+    before = manifest(repo, ks)["chunks"]
+    rc = main(["backup", "delete", "a1", "--repo", str(repo), "--yes"])
+    assert rc == 0
+    after = manifest(repo, ks)["chunks"]
+    unreferenced = sum(loc[2] for cid, loc in before.items() if cid not in after)
+    assert len(before) - len(after) == 3 and unreferenced > 3 * PIECE
+    del states["a1"]
+    return {"repo": repo, "vol": vol, "states": states, "unreferenced": unreferenced, "ks": tmp_path / "ks"}
+
+
+def check_whole(repo: Path, ks: PQCKeystore, states: dict[str, bytes], out_dir: Path, state: Path | None = None):
+    """The repository verifies (no problem) and every archive restores bit-exactly; the report."""
+    with Repository(repo, ks, state_dir=state).open() as r:
+        report = engine.verify(r)
+        assert report["ok"], report["problems"]
+        assert sorted(a["name"] for a in r.archives()) == sorted(states)
+        for name, want in states.items():
+            out = out_dir / f"restored-{name}.qvol"
+            engine.restore(r, r.find(name), out, ks)
+            try:
+                assert content(out, ks) == want, name
+            finally:
+                out.unlink()
+    return report
+
+
+def test_compact_after_delete_frees_the_unreferenced_bytes_and_keeps_every_archive(pruned, tmp_path, ks, capsys):
+    repo = pruned["repo"]
+    size0 = pack_bytes(repo)
+    seq0 = manifest(repo, ks)["seq"]
+    # above the threshold nothing happens: pack 1 is half unused
+    assert main(["backup", "compact", "--repo", str(repo), "--threshold", "60", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["packs_rewritten"] == [] and got["bytes_freed"] == 0 and pack_bytes(repo) == size0
+    # the dry run plans, changes nothing
+    names0 = sorted(os.listdir(repo / "packs"))
+    assert main(["backup", "compact", "--repo", str(repo), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("rewrite ") == 1 and "dry run" in err
+    assert main(["backup", "compact", "--repo", str(repo), "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["bytes_freed"] == pruned["unreferenced"]
+    assert [p["action"] for p in plan["packs"]].count("rewrite") == 1
+    assert sorted(os.listdir(repo / "packs")) == names0 and manifest(repo, ks)["seq"] == seq0
+
+    assert main(["backup", "compact", "--repo", str(repo), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert len(got["packs_rewritten"]) == 1 and got["new_pack"] and got["chunks_moved"] == 3
+    assert size0 - pack_bytes(repo) == pruned["unreferenced"] == got["bytes_freed"]
+    report = check_whole(repo, ks, pruned["states"], tmp_path)
+    assert report["unreferenced_files"] == []
+    # nothing left to do: a second compact changes nothing, not even the manifest
+    seq1 = manifest(repo, ks)["seq"]
+    with Repository(repo, ks).open(exclusive=True) as r:
+        again = r.compact(0)
+    assert again["packs_rewritten"] == [] and again["bytes_freed"] == 0 and manifest(repo, ks)["seq"] == seq1
+
+
+def test_prune_compact_and_whole_packs(tmp_path, ks, capsys):
+    """prune --compact reclaims in the same lock; a pack none of whose records is used goes whole."""
+    vol = tmp_path / "disk.qvol"
+    PQCVolume(vol, keystore=ks).create("disk", "vm", size_bytes=4 * MIB)
+    repo = tmp_path / "repo"
+    Repository.init(repo, ks)
+    for name, windows in (("b1", [0, 1]), ("b2", [1]), ("b3", [1])):
+        _write_windows(vol, ks, windows)
+        _backup(repo, vol, ks, name)
+    want = content(vol, ks)
+    size0 = pack_bytes(repo)
+    rc = main(["backup", "prune", "--keep-last", "1", "--compact", "--repo", str(repo), "--yes", "--json"])
+    assert rc == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["deleted"] == ["b1", "b2"]
+    # b1's pack held windows 0 and 1 (1 used: rewritten); b2's pack went whole with the prune itself
+    assert len(got["compact"]["packs_rewritten"]) == 1 and got["compact"]["chunks_moved"] == 1
+    assert size0 - pack_bytes(repo) > 2 * PIECE
+    check_whole(repo, ks, {"b3": want}, tmp_path)
+
+
+# --- kill -9 at every step -------------------------------------------------------------------------------------
+
+
+def do_compact(repo: Path, ks_dir: Path, state: Path) -> None:
+    """The operation the kill test interrupts (module level: the crasher's child imports it)."""
+    with Repository(repo, PQCKeystore(ks_dir, argon2_params=CHEAP), state_dir=state).open(exclusive=True) as r:
+        r.compact()
+
+
+def test_kill_at_every_step_of_compact_leaves_a_whole_repository(pruned, tmp_path, ks, crasher):
+    template, states = pruned["repo"], pruned["states"]
+    final_size = pack_bytes(template) - pruned["unreferenced"]
+    n, kills, outcomes = 1, 0, set()
+    while True:
+        run = tmp_path / f"run{n}"
+        shutil.copytree(template, run / "repo")
+        shutil.copytree(tmp_path / "state", run / "state")  # the machine's record, as it was before compact
+        killed = crasher.crash_at(n, MUTATIONS, do_compact, run / "repo", pruned["ks"], run / "state")
+        check_whole(run / "repo", ks, states, run, run / "state")
+        outcomes.add(manifest(run / "repo", ks, run / "state")["seq"])
+        # the next compact removes whatever the kill left and reaches the same end
+        do_compact(run / "repo", pruned["ks"], run / "state")
+        report = check_whole(run / "repo", ks, states, run, run / "state")
+        assert report["unreferenced_files"] == [] and pack_bytes(run / "repo") == final_size, n
+        assert [p.name for p in (run / "repo").iterdir() if p.name.endswith(".tmp")] == []
+        shutil.rmtree(run)
+        if not killed:
+            break
+        kills += 1
+        n += 1
+    assert kills >= 10 and len(outcomes) == 2  # killed before and after the commit, at least
+
+
+# --- tampering and concurrency ---------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_caught(repo: Path, tmp_path: Path, capsys, archive: str, code: int = 71) -> None:
+    rc, out, err = run_cli(capsys, "backup", "verify", "--repo", str(repo), "--json")
+    assert rc == code, (out, err)
+    target = tmp_path / "restored.qvol"
+    rc, _, err = run_cli(capsys, "backup", "restore", archive, "-o", str(target), "--repo", str(repo))
+    assert rc == code, err
+    assert not target.exists()
+
+
+def _compact(repo: Path, ks: PQCKeystore) -> dict:
+    with Repository(repo, ks).open(exclusive=True) as r:
+        return r.compact()
+
+
+def test_a_rewritten_pack_edited_or_swapped_is_caught(pruned, tmp_path, ks, capsys):
+    repo = pruned["repo"]
+    old_manifest = (repo / "manifest").read_bytes()
+    saved = tmp_path / "saved-packs"
+    shutil.copytree(repo / "packs", saved)
+    got = _compact(repo, ks)
+    new = repo / "packs" / got["new_pack"]
+    new_bytes = new.read_bytes()
+    # an old pack put back: nothing names it, harmless, and the next compact removes it
+    old_pack = got["packs_rewritten"][0]
+    shutil.copy(saved / old_pack, repo / "packs" / old_pack)
+    rc, out, _ = run_cli(capsys, "backup", "verify", "--repo", str(repo), "--json")
+    assert rc == 0 and json.loads(out)["unreferenced_files"] == [f"packs/{old_pack}"]
+    assert _compact(repo, ks)["files_removed"] == 1
+    # the old pack under the new pack's name: other records at the indexed places, another size
+    shutil.copy(saved / old_pack, new)
+    assert_caught(repo, tmp_path, capsys, "a2")
+    # a byte of a moved record (a2's window 0 chunk, first in the new pack)
+    buf = bytearray(new_bytes)
+    buf[fmt.PACK_HEADER + 40] ^= 1
+    new.write_bytes(bytes(buf))
+    assert_caught(repo, tmp_path, capsys, "a2")
+    new.write_bytes(new_bytes)
+    check_whole(repo, ks, pruned["states"], tmp_path)
+    # the manifest from before compact replayed: a rollback (it names packs that are gone)
+    (repo / "manifest").write_bytes(old_manifest)
+    assert_caught(repo, tmp_path, capsys, "a2", code=72)
+
+
+def test_a_record_damaged_before_compact_stays_caught_after(pruned, tmp_path, ks, capsys):
+    """Records are moved byte for byte, never re-sealed: compact cannot launder a changed record."""
+    repo = pruned["repo"]
+    m = manifest(repo, ks)
+    with Repository(repo, ks).open() as r:
+        (pack1,) = [p["id"] for p in r.plan_compact()["packs"] if p["action"] == "rewrite"]
+    first = min((loc for loc in m["chunks"].values() if loc[0] == pack1), key=lambda loc: loc[1])
+    path = repo / "packs" / first[0]
+    buf = bytearray(path.read_bytes())
+    buf[first[1] + first[2] - 1] ^= 0x80  # the last byte of the record's tag
+    path.write_bytes(bytes(buf))
+    got = _compact(repo, ks)
+    assert first[0] in got["packs_rewritten"]
+    assert_caught(repo, tmp_path, capsys, "a2")
+
+
+def test_compact_and_create_exclude_each_other(pruned, tmp_path, ks, capsys):
+    repo = pruned["repo"]
+    with Repository(repo, ks).open(exclusive=True):  # a create in progress holds this
+        rc, _, err = run_cli(capsys, "backup", "compact", "--repo", str(repo))
+        assert rc == 70 and "in use" in err
+    with Repository(repo, ks).open() as r, pytest.raises(BackupError, match="exclusively"):
+        r.compact()
+    with Repository(repo, ks).open(exclusive=True):  # a compact in progress holds this
+        rc, _, err = run_cli(capsys, "backup", "create", str(pruned["vol"]), "--repo", str(repo))
+        assert rc == 70 and "in use" in err
