@@ -7,7 +7,8 @@
     REPO/manifest          sealed: sequence number, the archive list (with each archive file's SHA-256),
                            the chunk index (chunk id -> pack, offset, length, blocks), the packs' SHA-256
     REPO/archives/<id>     sealed archive documents: one volume's block map, extent -> chunk id
-    REPO/packs/<id>        chunk records appended by one ``backup create``, never modified afterwards
+    REPO/packs/<id>        chunk records appended by one ``backup create`` (or ``compact``), never modified
+                           afterwards (``compact`` copies the used records of mostly unused packs to a new one)
     REPO/lock              flock target: exclusive for changes, shared for reading
 
 The manifest is the root of trust: everything else is reached through hashes or ids it holds, so a changed,
