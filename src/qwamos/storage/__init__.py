@@ -20,6 +20,7 @@ from qwamos.storage.rbd import (
     pin_location,
     rbd_break_lock,
     rbd_exists,
+    rbd_list,
     rbd_local_writers,
     rbd_remove,
     rbd_rename,
@@ -37,6 +38,7 @@ __all__ = [
     "break_lock",
     "create_storage",
     "file_path",
+    "image_name",
     "is_rbd",
     "local_writers",
     "open_storage",
@@ -48,6 +50,7 @@ __all__ = [
     "same_location",
     "sibling_image",
     "storage_exists",
+    "suffixed_images",
     "volume_name",
 ]
 
@@ -195,11 +198,29 @@ def volume_name(location: str | os.PathLike[str]) -> str:
     return PurePath(rest).stem
 
 
+def image_name(location: str) -> str:
+    """The image name of the ``rbd:`` location ``POOL/IMAGE[:options]``."""
+    return RBDLocation.parse(_split(location)[1]).image
+
+
 def sibling_image(location: str, image: str) -> str:
     """The ``rbd:`` location of ``image`` in the same pool as ``location``, reached the same way (its
     ``:conf=``/``:id=`` kept)."""
     loc = RBDLocation.parse(_split(location)[1])
     return with_options(f"rbd:{loc.pool}/{image}", loc.conf, loc.client_id)
+
+
+def suffixed_images(location: str, prefix: str) -> dict[str, str]:
+    """The images in the pool of the ``rbd:`` location ``POOL/IMAGE`` whose names are ``IMAGE`` + ``prefix`` +
+    something: ``{something: location}`` (each reached the same way as ``location``).  How an RBD volume's
+    snapshot layers, named after it, are found (a pool has no directories)."""
+    loc = RBDLocation.parse(_split(location)[1])
+    head = loc.image + prefix
+    return {
+        name[len(head) :]: sibling_image(location, name)
+        for name in rbd_list(_split(location)[1])
+        if name.startswith(head) and len(name) > len(head)
+    }
 
 
 def remove_held(storage: Storage, location: str | os.PathLike[str]) -> None:

@@ -47,6 +47,7 @@ _SIGNATURES: dict[str, tuple[str, Any, list[Any]]] = {
     "rbd_create": ("rbd", c_int, [c_void_p, c_char_p, c_uint64, ctypes.POINTER(c_int)]),
     "rbd_remove": ("rbd", c_int, [c_void_p, c_char_p]),
     "rbd_rename": ("rbd", c_int, [c_void_p, c_char_p, c_char_p]),
+    "rbd_list": ("rbd", c_int, [c_void_p, c_char_p, ctypes.POINTER(c_size_t)]),
     "rbd_open": ("rbd", c_int, [c_void_p, c_char_p, ctypes.POINTER(c_void_p), c_char_p]),
     "rbd_open_read_only": ("rbd", c_int, [c_void_p, c_char_p, ctypes.POINTER(c_void_p), c_char_p]),
     "rbd_close": ("rbd", c_int, [c_void_p]),

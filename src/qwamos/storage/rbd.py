@@ -787,3 +787,20 @@ def rbd_rename(rest: str, new_image: str) -> None:
         check(ret, f"renaming {loc.uri()} to {new_image}")
     finally:
         cluster.close()
+
+
+def rbd_list(rest: str) -> list[str]:
+    """The names of every image in the pool of ``POOL/IMAGE`` (``rbd ls POOL``)."""
+    loc = RBDLocation.parse(rest)
+    cluster = _connect(loc)
+    try:
+        size = ctypes.c_size_t(4096)
+        while True:
+            buf = ctypes.create_string_buffer(size.value)
+            ret = lib().rbd_list(cluster.ioctx, buf, ctypes.byref(size))
+            if ret != -errno.ERANGE:
+                break
+        check(ret, f"listing the images of pool {loc.pool}")
+        return [n.decode(errors="replace") for n in buf.raw[:ret].split(b"\0") if n]
+    finally:
+        cluster.close()
