@@ -587,35 +587,61 @@ def test_key_rotate_of_a_running_vm_on_rbd_is_online(ceph_cluster, root, idle_ke
     mgr.stop("kr", force=True)
 
 
-# --- snapshots: refused on rbd:, with the reason (docs/design.md) ------------------------------------------
+# --- snapshots: through a running export and on a VM's disk (the rest: tests/test_volume_snapshots_rbd.py) ---
 
 
-def test_snapshots_of_an_rbd_volume_are_refused_clearly_and_change_nothing(
+def test_snapshots_of_a_served_rbd_volume_and_of_a_vm_on_rbd(
     ceph_cluster, env, root, idle_kernel, short_dir, capsys
 ):
+    """The export of an rbd: volume takes a snapshot and deletes one (merge) while a client stays connected;
+    the snapshot's view and the volume are then exact offline; ``vm snapshot`` works on a VM's rbd: disk."""
+    import json
+
+    from qwamos.nbd.client import NBDClient
+    from qwamos.volume.snapshots import open_chain
+
     loc = "rbd:rbd/feat-snap-a"
     ks_dir = env / "ks"
     ks = PQCKeystore(ks_dir)
     data = make(loc, ks, 8)
-    images = set(ceph_cluster.rbd("ls", "rbd").stdout.split())
-    capsys.readouterr()
-    assert main(["volume", "snapshot", "create", loc, "s1", "--keystore", str(ks_dir)]) == 2
-    err = capsys.readouterr().err
-    assert "not supported" in err and "rename-over" in err and "backup" in err
     sock = short_dir / "s"
     proc = serve(loc, ks_dir, sock)
-    try:  # a served volume: refused inside the export, which keeps serving
+    try:
         ctl = str(control_path_for(sock))
+        client = NBDClient.connect_unix(str(sock), timeout=30)
         rc = main(["volume", "snapshot", "create", loc, "s1", "--control", ctl, "--keystore", str(ks_dir)])
-        assert rc != 0 and "not supported" in capsys.readouterr().err
+        assert rc == 0, capsys.readouterr().err
+        client.write(0, b"2" * 4096)  # the same connection, after the snapshot: lands in the new overlay
+        client.flush()
+        capsys.readouterr()
+        rc = main(["volume", "snapshot", "create", loc, "s2", "--json", "--keystore", str(ks_dir)])
+        assert rc == 0  # found the export by the image's lock
+        assert json.loads(capsys.readouterr().out)["name"] == "s2"
+        client.write(4096, b"3" * 4096)
+        rc = main(
+            ["volume", "snapshot", "delete", loc, "s1", "--yes", "--control", ctl, "--keystore", str(ks_dir)]
+        )
+        assert rc == 0, capsys.readouterr().err
+        assert client.read(0, 8192) == b"2" * 4096 + b"3" * 4096
+        client.flush()
+        client.disconnect()
     finally:
         processes.stop(proc)
         proc.stderr.close()
-    compare(loc, ks, data)
-    assert set(ceph_cluster.rbd("ls", "rbd").stdout.split()) == images  # no layer image was made
-    rbd_vm(root, "sn", "feat-snap-vm", idle_kernel)
-    assert main(["vm", "--root", str(root), "snapshot", "create", "sn", "s1"]) != 0
-    assert "not supported" in capsys.readouterr().err
+    with open_chain(loc, ks, read_only=True, snapshot="s2") as c:
+        want = b"".join(data.get(i, bytes(4096)) for i in range(BLOCKS))
+        assert c.pread(0, SIZE) == b"2" * 4096 + want[4096:]
+    with open_chain(loc, ks, read_only=True) as c:
+        assert c.pread(0, SIZE) == b"2" * 4096 + b"3" * 4096 + want[8192:]
+        assert [s["name"] for s in c.list()] == ["s2"]
+    mgr = rbd_vm(root, "sn", "feat-snap-vm", idle_kernel)
+    assert main(["vm", "--root", str(root), "snapshot", "create", "sn", "s1"]) == 0
+    capsys.readouterr()
+    assert main(["vm", "--root", str(root), "snapshot", "list", "sn", "--json"]) == 0
+    assert [s["name"] for s in json.loads(capsys.readouterr().out)["snapshots"]] == ["s1"]
+    assert main(["vm", "--root", str(root), "snapshot", "revert", "sn", "s1", "--yes"]) == 0
+    assert main(["vm", "--root", str(root), "snapshot", "delete", "sn", "s1", "--yes"]) == 0
+    assert mgr.load("sn")
 
 
 def test_an_image_another_client_has_open_is_not_removed(ceph_cluster, keys):

@@ -57,9 +57,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     pass_fd = None
     if getattr(args, "break_lock", False):
         from qwamos.cli.output import warn
-        from qwamos.storage import break_lock
+        from qwamos.volume.snapshots import break_chain_locks  # the volume's image and its layers'
 
-        for holder in break_lock(spec.path):
+        for holder in break_chain_locks(spec.path):
             warn(f"{spec.path}: broke the lock of {holder} (blocklisted by the cluster)")
     if not spec.raw:
         from qwamos.nbd.keypipe import key_pipe

@@ -55,7 +55,6 @@ from qwamos.hypervisor.qemu import Disk, build_command, find_binary, guest_arch
 from qwamos.hypervisor.supervisor import STOP_REQUEST
 from qwamos.hypervisor.vocab import ACCELS, BOOT_FORMATS, DEFAULT_ALGORITHM, machine_for, normalize_arch
 from qwamos.nbd.export import command as export_command
-from qwamos.storage import break_lock as storage_break_lock
 from qwamos.storage import is_rbd, pin_location, remove_storage, storage_exists, volume_name
 
 STATES = ("running", "paused", "stopped", "starting", "crashed")
@@ -428,7 +427,9 @@ class VMManager:
             if on_warning:
                 on_warning(w)
         if break_lock and plan.disk.volume is not None and plan.disk.new_volume is None:
-            for holder in storage_break_lock(plan.disk.volume):
+            from qwamos.volume.snapshots import break_chain_locks  # the volume's image and its layers'
+
+            for holder in break_chain_locks(plan.disk.volume):
                 if on_warning:
                     on_warning(f"{plan.disk.volume}: broke the lock of {holder} (blocklisted by the cluster)")
         created = CreatedDisk()

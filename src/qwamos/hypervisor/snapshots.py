@@ -19,16 +19,12 @@ if TYPE_CHECKING:
 ACTIONS = ("create", "list", "revert", "delete")
 
 
-def volume_path(mgr: VMManager, name: str) -> Path:
+def volume_path(mgr: VMManager, name: str) -> str | Path:
+    """The VM's volume: a path, or an ``rbd:`` location (its layers are sibling images there)."""
     cfg = mgr.load(name)
     if not cfg.encryption_enabled:
         raise VMError(f"VM {name!r} has no encrypted .qvol disk; snapshots are a feature of .qvol volumes")
-    vol = mgr.volume_path(cfg)
-    if not isinstance(vol, Path):  # a snapshot chain is files beside the volume (VOL.snap/)
-        from qwamos.volume.snapshots import RBD_REFUSAL
-
-        raise VMError(f"VM {name!r}'s disk is on RBD ({vol}): {RBD_REFUSAL}")
-    return vol
+    return mgr.volume_path(cfg)
 
 
 def _online(mgr: VMManager, name: str) -> Path | None:
@@ -87,7 +83,9 @@ def describe(mgr: VMManager, name: str) -> dict[str, Any] | None:
         vol = volume_path(mgr, name)
     except VMError:
         return None
-    if not vol.exists():
+    from qwamos.storage import storage_exists
+
+    if not storage_exists(vol):
         return None
     try:
         return run(mgr, name, "list")

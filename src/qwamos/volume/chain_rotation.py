@@ -40,7 +40,7 @@ from typing import Any
 
 from qwamos.errors import QwamosError, RotationError, SnapshotChainError, SnapshotError
 from qwamos.fsutil import fsync_dir
-from qwamos.storage import file_path
+from qwamos.storage import absolute_location, file_path, image_name, is_rbd, sibling_image, storage_exists
 from qwamos.volume import header as hdr
 from qwamos.volume import rotation
 from qwamos.volume.header_store import read_header
@@ -54,14 +54,19 @@ def is_chain(path: str | os.PathLike[str]) -> bool:
     """Whether the volume at ``path`` has (or had) snapshots: its header carries the ``snapshots`` feature or
     ``VOL.snap`` holds layer files.  Judged without keys, on unverified fields: it only picks the code path;
     the chain's every header and link is authenticated when it is opened."""
-    from qwamos.volume.snapshots import layer_dir
+    from qwamos.volume.snapshots import _rbd_chain_images, layer_dir
 
-    local = file_path(os.fspath(path))
-    if local is None:
-        return False
-    d = layer_dir(local)
-    if d.is_dir() and any(d.glob("*.qvol")):
-        return True
+    local = os.fspath(path)
+    if is_rbd(local):
+        try:
+            if _rbd_chain_images(local)["layer"]:
+                return True
+        except (QwamosError, OSError):
+            return False
+    else:
+        d = layer_dir(local)
+        if d.is_dir() and any(d.glob("*.qvol")):
+            return True
     try:
         features = read_header(local).get("features")
     except (QwamosError, OSError):
@@ -73,10 +78,18 @@ def top_of_layer(path: str | os.PathLike[str]) -> str | None:
     """``VOL`` when ``path`` names a frozen layer file ``VOL.snap/<uuid>.qvol`` or a new overlay's pending
     name ``VOL.snap/pending-<uuid>.qvol`` (recorded when it was made, then renamed to ``VOL``), else None.
     By name only: a usage record of a layer is taken to mean its chain, whose opening checks the rest."""
-    from qwamos.volume.snapshots import _LAYER_FILE_RE
+    from qwamos.volume.snapshots import _LAYER_FILE_RE, _RBD_NAME_RE, RBD_PREFIX
 
-    local = file_path(os.fspath(path))
-    if local is None:  # rbd: and other stores hold no chains
+    text = os.fspath(path)
+    if is_rbd(text):  # POOL/IMAGE.snap.<uuid> or .snap.pending-<uuid> (options kept)
+        image = image_name(text)
+        head, sep, tail = image.rpartition(RBD_PREFIX)
+        m = _RBD_NAME_RE.fullmatch(tail) if sep and head else None
+        if m is None or m.group(1) == "old-" or m.group(3):
+            return None
+        return sibling_image(text, head)
+    local = file_path(text)
+    if local is None:
         return None
     p = Path(os.path.abspath(local))
     name = p.name.removeprefix("pending-")
@@ -96,7 +109,7 @@ def _layers(top: PQCVolume, path: str) -> list[tuple[str, str, str]]:
     table = _load_table(top)
     if table is None:
         return []
-    return [(os.path.abspath(layer_path(path, u)), u, f) for u, f in sorted(table.layers.items())]
+    return [(absolute_location(layer_path(path, u)), u, f) for u, f in sorted(table.layers.items())]
 
 
 def _raise_floor(top: PQCVolume, frozen: list[PQCVolume]) -> None:
@@ -157,7 +170,7 @@ def chain_state(path: str | os.PathLike[str], provider: KeyProvider) -> dict[str
     """The key state of the chain at ``path``, every layer opened read-only through ``provider`` (which must
     give every key involved): :func:`summarize` plus ``volume_uuid`` (the top's), ``total_blocks`` (the sum
     over the layers) and ``files`` (``path``, ``volume_uuid``, ``role``, ``key_id``, ``rotating_from``)."""
-    path = os.path.abspath(os.fspath(path))
+    path = absolute_location(path)
     with _open(path, provider, read_only=True) as top:
         rows = [_row(top, path, "top")]
         uuid, total = top.header.volume_uuid, top.total_blocks
@@ -188,7 +201,7 @@ def _move_record(provider: KeyProvider, old: str | None, new: str, vol: PQCVolum
     if move is None or old is None or old == new:
         return
     try:
-        move(old, new, os.path.abspath(vol.path), vol.header.volume_uuid, vol.header.vm_name)
+        move(old, new, absolute_location(vol.path), vol.header.volume_uuid, vol.header.vm_name)
     except (QwamosError, OSError) as e:
         log.warning("%s: the key's usage record was not moved: %s", vol.path, e)
 
@@ -196,8 +209,15 @@ def _move_record(provider: KeyProvider, old: str | None, new: str, vol: PQCVolum
 def remove_orphans(path: str, listed: set[str]) -> list[str]:
     """Remove the layer files of ``VOL.snap`` the table does not list (garbage of an interrupted merge,
     still under the old key); return their paths."""
-    from qwamos.volume.snapshots import _LAYER_FILE_RE, layer_dir
+    from qwamos.volume.snapshots import _LAYER_FILE_RE, _rbd_chain_images, _remove, layer_dir
 
+    if is_rbd(path):
+        out = []
+        for uuid, loc in sorted(_rbd_chain_images(path)["layer"].items()):
+            if uuid not in listed:
+                _remove(loc)
+                out.append(loc)
+        return out
     d = layer_dir(path)
     out = []
     if d.is_dir():
@@ -229,14 +249,14 @@ def reencrypt_chain(
     over all layers; ``rate`` limits bytes read per second over the whole run; ``stop()`` pauses (summary
     ``finished`` False; call again to resume).  ``commitment`` is accepted for the single-file signature and
     must be None: every layer's commitment is for its own UUID, so it comes from the provider."""
-    from qwamos.volume.snapshots import finish_interrupted, layer_dir
+    from qwamos.volume.snapshots import finish_interrupted
 
     if commitment is not None:
         raise RotationError(
             path=os.fspath(path),
             msg="a chain's layers each need their own key commitment; rotate it through the keystore",
         )
-    path = os.path.abspath(os.fspath(path))
+    path = absolute_location(path)
     started = time.monotonic()
     finish_interrupted(path, provider)  # a snapshot create cut short: completed (or undone) first
     opened: list[PQCVolume] = []
@@ -252,7 +272,7 @@ def reencrypt_chain(
         layers = _layers(top, path)
         frozen: list[PQCVolume] = []
         for lpath, uuid, freeze in layers:
-            if not os.path.exists(lpath):
+            if not storage_exists(lpath):
                 raise SnapshotChainError(path=path, msg=f"layer {uuid} is missing ({lpath})")
             vol = _open(lpath, provider, read_only=False)
             opened.append(vol)
@@ -270,7 +290,7 @@ def reencrypt_chain(
         if state["new_key_id"] is None and top.key_id == new_key_id:
             raise RotationError(path=path, msg=f"the volume is already under key {new_key_id}")
         old_key_id = state["old_key_id"] or top.key_id
-        removed = remove_orphans(path, {u for _p, u, _f in layers}) if layer_dir(path).is_dir() else []
+        removed = remove_orphans(path, {u for _p, u, _f in layers})
         total = sum(v.total_blocks for v in opened)
         base = 0
         summary = {"rewritten": 0, "skipped": 0}

@@ -49,9 +49,26 @@ from typing import Any
 
 from qwamos import crypto, strictjson
 from qwamos.blockdev import Extent, merge_extent
-from qwamos.errors import InvalidArgument, QwamosError, ReadOnlyVolumeError, SnapshotChainError, SnapshotError
+from qwamos.errors import (
+    InvalidArgument,
+    QwamosError,
+    ReadOnlyVolumeError,
+    SnapshotChainError,
+    SnapshotError,
+    VolumeLockedError,
+)
 from qwamos.fsutil import fsync_dir, make_private_dirs
-from qwamos.storage import create_storage, file_path
+from qwamos.storage import (
+    absolute_location,
+    create_storage,
+    image_name,
+    is_rbd,
+    remove_storage,
+    rename_storage,
+    sibling_image,
+    storage_exists,
+    suffixed_images,
+)
 from qwamos.volume import header as hdr
 from qwamos.volume.header import BLOCK_SIZE, Header, canonical_json
 from qwamos.volume.header_store import initial_copies, read_header
@@ -74,20 +91,76 @@ log = logging.getLogger("qwamos.volume")
 
 
 # --- where the layers live ------------------------------------------------------------------------------------
+#
+# One place names every layer of a chain from the volume's location (docs/qvol-format.md 2.5.4):
+#
+#   files:  VOL.snap/<uuid>.qvol (frozen layer)   VOL.snap/pending-<uuid>.qvol (a new overlay before its rename)
+#   rbd:    POOL/IMAGE.snap.<uuid>                POOL/IMAGE.snap.pending-<uuid>
+#           POOL/IMAGE.snap.old-<uuid> (a revert's discarded top, between its renames and its removal)
+#
+# An RBD pool has no directories: the layers are sibling images named after the volume's image (same pool,
+# same cluster options).
+
+RBD_PREFIX = ".snap."
+_RBD_NAME_RE = re.compile(r"(pending-|old-)?([0-9a-f]{32})(\.[0-9a-f]+\.tmp)?")
 
 
 def layer_dir(path: str | os.PathLike[str]) -> Path:
-    """The directory of a volume's frozen layers: ``VOL.snap`` beside it (mode 0700)."""
+    """The directory of a file volume's frozen layers: ``VOL.snap`` beside it (mode 0700).  (An ``rbd:``
+    volume has none: its layers are sibling images, see :func:`layer_path`.)"""
     return Path(os.fspath(path) + ".snap")
 
 
-def layer_path(path: str | os.PathLike[str], uuid: str) -> Path:
+def layer_path(path: str | os.PathLike[str], uuid: str) -> Any:
+    """Where frozen layer ``uuid`` of the volume at ``path`` lives: a ``Path`` for a file volume, the
+    ``rbd:`` location ``POOL/IMAGE.snap.<uuid>`` for an RBD one."""
+    if is_rbd(path):
+        return _rbd_sibling(path, uuid)
     return layer_dir(path) / f"{uuid}.qvol"
 
 
-def _pending_path(path: str | os.PathLike[str], uuid: str) -> Path:
-    """Where a new overlay is made before it is renamed over ``VOL`` (found again after a crash)."""
+def _pending_path(path: str | os.PathLike[str], uuid: str) -> Any:
+    """Where a new overlay is made before it is renamed to ``VOL`` (found again after a crash)."""
+    if is_rbd(path):
+        return _rbd_sibling(path, f"pending-{uuid}")
     return layer_dir(path) / f"pending-{uuid}.qvol"
+
+
+def _old_top_path(path: str | os.PathLike[str], uuid: str) -> str:
+    """RBD only: where a revert puts the discarded top between its renames (a file revert renames over it)."""
+    return _rbd_sibling(path, f"old-{uuid}")
+
+
+def _rbd_sibling(path: str | os.PathLike[str], name: str) -> str:
+    text = os.fspath(path)
+    return sibling_image(text, image_name(text) + RBD_PREFIX + name)
+
+
+def _rbd_chain_images(path: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
+    """The images of an RBD volume's chain by kind: ``layer``/``pending``/``old`` ``{uuid: location}`` and
+    ``tmp`` ``{name: location}`` (a pending overlay's image before its first rename, left by a crash).
+    Other images in the pool, whatever their names, are not ours and are ignored."""
+    out: dict[str, dict[str, str]] = {"layer": {}, "pending": {}, "old": {}, "tmp": {}}
+    for suffix, loc in suffixed_images(os.fspath(path), RBD_PREFIX).items():
+        m = _RBD_NAME_RE.fullmatch(suffix)
+        if m is None:
+            continue
+        if m.group(3):
+            if m.group(1) == "pending-":
+                out["tmp"][suffix] = loc
+            continue
+        out[(m.group(1) or "layer-").rstrip("-")][m.group(2)] = loc
+    return out
+
+
+def _exists(location: Any) -> bool:
+    return location.exists() if isinstance(location, Path) else storage_exists(location)
+
+
+def _remove(location: Any) -> None:
+    """Remove a layer (missing already: nothing to do)."""
+    with contextlib.suppress(FileNotFoundError):
+        remove_storage(location)
 
 
 def chain_identity(fields: dict[str, Any]) -> str | None:
@@ -228,7 +301,7 @@ def _forget_use(provider: KeyProvider, key_id: str, path: str | os.PathLike[str]
     if forget is None:
         return
     try:
-        forget(key_id, os.path.abspath(path), uuid)
+        forget(key_id, absolute_location(path), uuid)
     except (QwamosError, OSError) as e:
         log.warning("%s: the key's usage record was not removed: %s", path, e)
 
@@ -306,7 +379,7 @@ def _walk(base: str, provider: KeyProvider, layers: list[PQCVolume], table: Tabl
                 msg=f"{cur.path} links to layer {uuid} with a freeze id the snapshot table does not hold",
             )
         ppath = layer_path(base, uuid)
-        if not ppath.exists():
+        if not _exists(ppath):
             raise SnapshotChainError(path=base, msg=f"layer {uuid} is missing ({ppath})")
         parent = _open_layer(ppath, provider)
         layers.append(parent)
@@ -320,29 +393,14 @@ def _close_all(vols: list[PQCVolume]) -> None:
             v.close()
 
 
-# Why an rbd: volume has no snapshots (yet): creating one freezes the top and moves a new overlay into its
-# place by a hard link plus one atomic rename-over (os.replace), so a crash leaves the old top or the new
-# overlay at VOL, never neither.  RBD has neither (rbd_rename refuses an existing name): the same steps there
-# need a window with no image at VOL and a recovery for it, which is not written.  Ceph's own snapshots of
-# the image must not stand in for them: `rbd snap rollback` rewinds the header's nonce counters.
-RBD_REFUSAL = (
-    "snapshots of rbd: volumes are not supported: a snapshot replaces the volume by a new overlay atomically "
-    "(rename-over), which RBD cannot do; back the volume up instead (qwamos backup create), and never roll an "
-    "RBD image back with `rbd snap rollback` (it rewinds the volume's nonce counters)"
-)
-
-
-def _local(path: str | os.PathLike[str]) -> str:
-    local = file_path(os.fspath(path))
-    if local is None:
-        raise SnapshotError(path=os.fspath(path), msg=RBD_REFUSAL)
-    return local
-
-
 def finish_interrupted(path: str, provider: KeyProvider) -> None:
     """A create interrupted after the top was frozen: the new overlay waits in ``VOL.snap/pending-*``; put it
     in place (its link is checked like any other when the chain is opened).  Overlays of a create that never
-    froze the top are removed.  Done under the top's exclusive lock, so never beside a running create."""
+    froze the top are removed.  Done under the top's exclusive lock, so never beside a running create.
+    An ``rbd:`` volume: :func:`_finish_rbd`."""
+    if is_rbd(path):
+        _finish_rbd(path, provider)
+        return
     d = layer_dir(path)
     if not d.is_dir() or not any(d.glob("pending-*.qvol")):
         return
@@ -366,14 +424,182 @@ def finish_interrupted(path: str, provider: KeyProvider) -> None:
                 pending.unlink()  # the top was never frozen: that create did not happen
 
 
+def _busy(path: str, e: VolumeLockedError) -> VolumeLockedError:
+    """The refusal while a snapshot operation holds the chain (its lock's holder named)."""
+    held = str(e.kwargs.get("msg") or "")
+    return VolumeLockedError(
+        path=path,
+        msg=f"(busy: a snapshot operation is in progress, {held.strip('()') or 'held by another client'})",
+    )
+
+
+def _open_pending(path: str, ploc: str, provider: KeyProvider) -> PQCVolume:
+    """A pending overlay opened writable: authenticated, and locked (a live operation holds that lock from
+    the overlay's making until it is the volume, so being refused here means one is running)."""
+    try:
+        return _open_layer(ploc, provider, read_only=False, record=False)
+    except VolumeLockedError as e:
+        raise _busy(path, e) from None
+
+
+def _links_to(vol: PQCVolume, uuid: str, freeze: str | None) -> bool:
+    spec = _spec(vol) or {}
+    linked = spec.get("parent_freeze")
+    return (
+        spec.get("parent") == uuid
+        and isinstance(freeze, str)
+        and isinstance(linked, str)
+        and crypto.constant_time_eq(linked.encode(), freeze.encode())
+    )
+
+
+def _finish_rbd(path: str, provider: KeyProvider) -> None:
+    """Roll an interrupted create or revert of an ``rbd:`` volume forward (or back), decided from
+    authenticated headers only (docs/qvol-format.md 2.5.4, "RBD"):
+
+    * ``IMAGE`` exists and is not frozen: nothing was switched; every pending overlay, its temporary image and
+      any discarded top are garbage and removed (under the top's lock, so never beside a live operation);
+    * ``IMAGE`` is frozen and a pending overlay links to it with its freeze id: a create stopped between its
+      freeze and its renames: ``IMAGE`` -> ``IMAGE.snap.<uuid>``, the overlay -> ``IMAGE``;
+    * ``IMAGE`` is missing and exactly one pending overlay links to a frozen layer of the chain with that
+      layer's freeze id: a create (or revert) stopped between its two renames: the overlay -> ``IMAGE``.
+
+    A live operation holds the lock of the top (the lock follows the image through a rename) and of its
+    pending overlay: an opener is refused naming the holder, never recovers beside it.  A dead holder's locks
+    stay until an operator breaks them (:func:`break_chain_locks`, ``--break-lock``)."""
+    images = _rbd_chain_images(path)
+    garbage = [*images["tmp"].values(), *images["old"].values()]
+    if not images["pending"] and not garbage and storage_exists(path):
+        return
+    held: dict[str, PQCVolume] = {}  # location -> open (locked) volume
+    anchor: PQCVolume | None = None  # the volume now at IMAGE, held locked while the garbage goes
+    trash: list[str] = []  # pending overlays that lost: renamed aside, so that no pending name is ambiguous
+    try:
+        if storage_exists(path):
+            top = held[path] = _open_layer(path, provider, read_only=False)
+            uuid, frozen = top.header.volume_uuid, (_spec(top) or {}).get("frozen")
+            if frozen is None:
+                anchor, trash = top, list(images["pending"].values())
+            else:
+                chosen = None
+                for ploc in sorted(images["pending"].values()):
+                    pvol = held[ploc] = _open_pending(path, ploc, provider)
+                    if _links_to(pvol, uuid, frozen) and chosen is None:
+                        chosen = ploc
+                if chosen is None:
+                    return  # nothing to finish: open_chain refuses the frozen top, naming it
+                rename_storage(path, layer_path(path, uuid))  # held locked: the lock follows the image
+                rename_storage(chosen, path)
+                anchor = held[chosen]
+                trash = [p for p in images["pending"].values() if p != chosen]
+        else:
+            candidates = []
+            for ploc in sorted(images["pending"].values()):
+                pvol = held[ploc] = _open_pending(path, ploc, provider)
+                parent = (_spec(pvol) or {}).get("parent")
+                if not isinstance(parent, str) or not _UUID_RE.fullmatch(parent):
+                    continue
+                lloc = layer_path(path, parent)
+                if not storage_exists(lloc):
+                    continue
+                try:
+                    layer = held[lloc] = _open_layer(lloc, provider)  # refused while a writer holds it
+                except VolumeLockedError as e:
+                    raise _busy(path, e) from None
+                if _links_to(pvol, parent, (_spec(layer) or {}).get("frozen")):
+                    candidates.append(ploc)
+            if len(candidates) != 1:
+                raise SnapshotChainError(
+                    path=path,
+                    msg="the image is missing and "
+                    + ("no" if not candidates else f"{len(candidates)}")
+                    + " pending overlay links to a frozen layer of its chain"
+                    + ("" if not candidates else " (ambiguous: remove the wrong ones by hand)"),
+                )
+            rename_storage(candidates[0], path)
+            anchor = held[candidates[0]]
+            trash = [p for p in images["pending"].values() if p != candidates[0]]
+        for ploc in trash:  # renaming works whoever has the image open
+            uuid = next(u for u, loc in images["pending"].items() if loc == ploc)
+            old = _old_top_path(path, uuid)
+            rename_storage(ploc, old)
+            garbage.append(old)
+        _close_all([v for v in held.values() if v is not anchor])
+        for loc in garbage:  # under the lock of the volume at IMAGE; garbage by construction
+            _remove_garbage(loc)
+    finally:
+        _close_all(list(held.values()))
+
+
+def _remove_garbage(location: str) -> None:
+    """Remove a garbage image (a discarded top, a losing overlay, a temporary one).  While a dead client's
+    watch still holds it open (until its lock is broken, which blocklists it, or the watch times out)
+    librbd refuses (EBUSY): it is then left for a later open, harmless (never a candidate for IMAGE)."""
+    import errno
+
+    try:
+        _remove(location)
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+
+
+def break_chain_locks(location: str | os.PathLike[str]) -> list[str]:
+    """Break a dead holder's locks on every image of the volume's chain (``--break-lock``, the operator's
+    explicit word that the holder is gone): the volume's own image and, for ``rbd:``, every
+    ``IMAGE.snap.*`` image, since a snapshot operation killed midway leaves its locks on the frozen layer
+    and the pending overlay it held.  Returns the holders broken.  A file has no lock to break."""
+    from qwamos.storage import break_lock
+
+    text = os.fspath(location)
+    if not is_rbd(text):
+        return []
+    broken = []
+    targets = [text] if storage_exists(text) else []
+    images = _rbd_chain_images(text)
+    for kind in ("layer", "pending", "old", "tmp"):
+        targets += sorted(images[kind].values())
+    for loc in targets:
+        with contextlib.suppress(FileNotFoundError):
+            broken += [h if loc == text else f"{h} (on {loc})" for h in break_lock(loc)]
+    return broken
+
+
+def _missing_top(path: str) -> None:
+    """``IMAGE`` of an ``rbd:`` volume is missing: busy (a live snapshot operation between its renames, named
+    by its lock), interrupted (a writable open finishes it), or simply absent (the open's own error)."""
+    pending = _rbd_chain_images(path)["pending"]
+    if not pending:
+        return
+    from qwamos.storage import open_storage
+
+    for ploc in pending.values():
+        storage = open_storage(ploc, read_only=True)
+        try:
+            storage.lock(shared=True)
+        except VolumeLockedError as e:
+            raise _busy(path, e) from None
+        finally:
+            storage.close()
+    raise SnapshotChainError(
+        path=path,
+        msg="a snapshot create or revert was interrupted between its renames: open the volume writable "
+        "once to finish it (e.g. qwamos volume snapshot list needs it finished first)",
+    )
+
+
 def has_snapshots(path: str | os.PathLike[str]) -> bool:
     """Whether the volume at ``path`` is the top of a chain with frozen layers (its header links to a parent,
     or ``VOL.snap`` holds layer files).  Judged without keys on unverified fields, for a message only (a
     served volume cannot be opened here): whatever acts on the chain authenticates it first."""
-    local = file_path(os.fspath(path))
-    if local is None:
-        return False
-    if any(layer_dir(local).glob("*.qvol")):
+    local = os.fspath(path)
+    if is_rbd(local):
+        try:
+            if any(_rbd_chain_images(local).values()):
+                return True
+        except (QwamosError, OSError):
+            return False
+    elif any(layer_dir(local).glob("*.qvol")):
         return True
     try:
         features = read_header(local).get("features")
@@ -398,8 +624,10 @@ def open_chain(
     path = os.fspath(path)
     if snapshot is not None and not read_only:
         raise InvalidArgument("a snapshot's view is read-only (revert to it to write on top of it)")
-    if not read_only and file_path(path) is not None:
-        finish_interrupted(path, keystore)  # a create interrupted by a crash
+    if not read_only:
+        finish_interrupted(path, keystore)  # a create (or an RBD revert) interrupted by a crash
+    elif is_rbd(path) and not storage_exists(path):
+        _missing_top(path)  # busy, or interrupted between an RBD create's renames
     top = _open_layer(path, keystore, read_only=read_only)
     layers = [top]
     try:
@@ -416,7 +644,7 @@ def open_chain(
                 raise SnapshotError(path=path, msg=f"no snapshot named {snapshot!r}")
             uuid = table.snapshots[snapshot].layer
             lpath = layer_path(path, uuid)
-            if not lpath.exists():
+            if not _exists(lpath):
                 raise SnapshotChainError(path=path, msg=f"layer {uuid} of snapshot {snapshot!r} is missing")
             first = _open_layer(lpath, keystore)
             layers.append(first)
@@ -714,9 +942,7 @@ class ChainVolume:
     def _require_top(self) -> PQCVolume:
         if self.snapshot is not None:
             raise SnapshotError(path=self.path, msg="this is a snapshot's read-only view; open the volume itself")
-        top = self._writable_top()
-        _local(self.path)
-        return top
+        return self._writable_top()
 
     def list(self) -> list[dict[str, Any]]:
         """Every snapshot: name, layer UUID, creation time, the bytes its layer file holds, and whether the
@@ -726,10 +952,7 @@ class ChainVolume:
         parent = (_spec(self.layers[0]) or {}).get("parent") if self.snapshot is None else None
         out = []
         for name, s in sorted(self.table.snapshots.items(), key=lambda kv: (kv[1].created_at, kv[0])):
-            try:
-                allocated = os.stat(layer_path(self.path, s.layer)).st_blocks * 512
-            except OSError:
-                allocated = None
+            allocated = _allocated(layer_path(self.path, s.layer))
             out.append(
                 {
                     "name": name,
@@ -748,12 +971,14 @@ class ChainVolume:
         top = self.layers[0] if self.snapshot is None else None
         out = []
         if top is not None:
-            out.append({"path": os.path.abspath(self.path), "volume_uuid": top.header.volume_uuid, "role": "top"})
-        elif os.path.exists(self.path):
-            out.append({"path": os.path.abspath(self.path), "volume_uuid": None, "role": "top"})
+            out.append(
+                {"path": absolute_location(self.path), "volume_uuid": top.header.volume_uuid, "role": "top"}
+            )
+        elif _exists(self.path if is_rbd(self.path) else Path(self.path)):
+            out.append({"path": absolute_location(self.path), "volume_uuid": None, "role": "top"})
         for uuid in sorted(self.table.layers if self.table else ()):
             out.append(
-                {"path": os.path.abspath(layer_path(self.path, uuid)), "volume_uuid": uuid, "role": "frozen"}
+                {"path": absolute_location(layer_path(self.path, uuid)), "volume_uuid": uuid, "role": "frozen"}
             )
         return out
 
@@ -781,15 +1006,16 @@ class ChainVolume:
 
     def _make_overlay(
         self,
-        dest: Path,
+        dest: Any,
         uuid: str,
         parent: str,
         parent_freeze: str,
         table: Table,
         commitment: str | None,
-    ) -> None:
+    ) -> PQCVolume:
         """A new, empty overlay at ``dest`` (mode 0600, appears atomically) linked to ``parent``, holding
-        ``table`` (sealed)."""
+        ``table`` (sealed); returned open writable, so locked (on RBD the lock marks the operation as live
+        until the overlay is the volume; the caller closes it)."""
         base = self.layers[0].header
         key = self.keystore.volume_key(base.key_id)
         features: dict[str, Any] = {
@@ -826,14 +1052,19 @@ class ChainVolume:
         except BaseException:
             pending.abort()
             raise
+        vol = None
         try:
-            # not recorded: the file is renamed over VOL, whose record _reopen updates (a pending file a crash
+            # not recorded: the overlay is renamed to VOL, whose record _reopen updates (a pending one a crash
             # leaves is either put in place the same way or removed)
-            with _open_layer(dest, self.keystore, read_only=False, record=False) as vol:
-                vol.write_metadata({TABLE_ENTRY: table.encode()}, sealed=True)
+            vol = _open_layer(dest, self.keystore, read_only=False, record=False)
+            vol.write_metadata({TABLE_ENTRY: table.encode()}, sealed=True)
+            vol.flush()
         except BaseException:
-            dest.unlink(missing_ok=True)
+            if vol is not None:
+                _close_all([vol])
+            _remove(dest)
             raise
+        return vol
 
     def create(self, name: str, *, new_layer: tuple[str, str | None] | None = None) -> dict[str, Any]:
         """Take snapshot ``name`` of the current state: freeze the top, put a new empty overlay at ``VOL``.
@@ -873,10 +1104,12 @@ class ChainVolume:
         commitment = self._commitment(new_uuid, key, h.key_id, given)
         table.layers[h.volume_uuid] = freeze
         table.snapshots[name] = Snapshot(h.volume_uuid, _now())
-        make_private_dirs(layer_dir(self.path))
         pending = _pending_path(self.path, new_uuid)
+        if is_rbd(self.path):
+            return self._create_rbd(top, name, spec, freeze, table, pending, new_uuid, commitment)
+        make_private_dirs(layer_dir(self.path))
         # 1. the new overlay, complete, under its pending name
-        self._make_overlay(pending, new_uuid, h.volume_uuid, freeze, table, commitment)
+        self._make_overlay(pending, new_uuid, h.volume_uuid, freeze, table, commitment).close()
         frozen_path = layer_path(self.path, h.volume_uuid)
         try:
             # 2. the old top gets its layer name too (same file)
@@ -894,6 +1127,37 @@ class ChainVolume:
         fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         self._reopen(top)
         return {"name": name, "layer": h.volume_uuid, "top": new_uuid}
+
+    def _create_rbd(
+        self,
+        top: PQCVolume,
+        name: str,
+        spec: dict[str, Any],
+        freeze: str,
+        table: Table,
+        pending: str,
+        new_uuid: str,
+        commitment: str | None,
+    ) -> dict[str, Any]:
+        """:meth:`create` on RBD, which renames but cannot rename over an image (docs/qvol-format.md 2.5.4):
+        1. the new overlay, complete, at ``IMAGE.snap.pending-<new>``, held locked; 2. freeze the top (one
+        header commit); 3. ``IMAGE`` -> ``IMAGE.snap.<top>`` (still open and locked by us: the lock follows
+        the image); 4. the overlay -> ``IMAGE``.  A crash anywhere is finished or undone by
+        :func:`_finish_rbd` from the authenticated headers (pre-state before 2, post-state from 2 on)."""
+        uuid = top.header.volume_uuid
+        overlay = self._make_overlay(pending, new_uuid, uuid, freeze, table, commitment)
+        try:
+            try:
+                top.set_feature(FEATURE, {**spec, "frozen": freeze})
+            except BaseException:
+                overlay.close()
+                _remove(pending)
+                raise
+            rename_storage(self.path, layer_path(self.path, uuid))
+            rename_storage(pending, self.path)
+        finally:
+            self._reopen(top, overlay)
+        return {"name": name, "layer": uuid, "top": new_uuid}
 
     def _reopen(self, *still_open: PQCVolume) -> None:
         """Open the chain at ``VOL`` again (after the files changed) into this object."""
@@ -919,12 +1183,29 @@ class ChainVolume:
         key_id = top.header.key_id
         commitment = self._commitment(new_uuid, self.keystore.volume_key(key_id), key_id, given)
         pending = _pending_path(self.path, new_uuid)
-        self._make_overlay(pending, new_uuid, layer, table.layers[layer], table.copy(), commitment)
+        overlay = self._make_overlay(pending, new_uuid, layer, table.layers[layer], table.copy(), commitment)
         old_uuid = top.header.volume_uuid
-        _close_all(self.layers)
-        os.replace(pending, self.path)
-        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-        self._reopen()
+        if is_rbd(self.path):
+            # No rename-over: the old top steps aside (still locked by us, the lock follows it), the overlay
+            # takes its name, then the old top is removed.  A crash: _finish_rbd (the overlay links to a
+            # frozen layer with its freeze id, so it is put in place; the old top is garbage).
+            old = _old_top_path(self.path, old_uuid)
+            try:
+                rename_storage(self.path, old)
+            except BaseException:
+                overlay.close()
+                _remove(pending)
+                raise
+            rename_storage(pending, self.path)
+            _close_all([*self.layers, overlay])
+            _remove_garbage(old)
+            self._reopen()
+        else:
+            overlay.close()
+            _close_all(self.layers)
+            os.replace(pending, self.path)
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+            self._reopen()
         self._gc()
         return {"name": name, "layer": layer, "top": new_uuid, "discarded": old_uuid}
 
@@ -988,8 +1269,9 @@ class ChainVolume:
             del new.layers[victim]
             top.write_metadata({TABLE_ENTRY: new.encode()}, sealed=True)
             self.table = new
-            layer_path(self.path, victim).unlink(missing_ok=True)
-            fsync_dir(layer_dir(self.path))
+            _remove(layer_path(self.path, victim))
+            if not is_rbd(self.path):
+                fsync_dir(layer_dir(self.path))
             _forget_use(self.keystore, victim_key, layer_path(self.path, victim), victim)
         _close_all(self.layers[1:])
         self.layers = [top]
@@ -1031,6 +1313,27 @@ class ChainVolume:
             record_use(self.keystore, dst.path, dst.header)
 
 
+def _allocated(location: Any) -> int | None:
+    """The bytes a layer holds on its store (a file's blocks, an image's objects); None when unreadable."""
+    if isinstance(location, Path):
+        try:
+            return os.stat(location).st_blocks * 512
+        except OSError:
+            return None
+    from qwamos.storage import open_storage
+
+    try:
+        storage = open_storage(location, read_only=True)
+    except (QwamosError, OSError):
+        return None
+    try:
+        return storage.allocated_bytes()
+    except OSError:
+        return None
+    finally:
+        storage.close()
+
+
 def chain_files(path: str | os.PathLike[str], keystore: KeyProvider) -> list[dict[str, Any]]:
     """Every file of the volume's chain, authenticated (see :meth:`ChainVolume.files`): what key rotation must
     re-encrypt, and what a copy of the volume must take along."""
@@ -1038,12 +1341,15 @@ def chain_files(path: str | os.PathLike[str], keystore: KeyProvider) -> list[dic
         return chain.files()
 
 
-def orphan_layers(path: str | os.PathLike[str], table: Table | None) -> list[Path]:
-    """Layer files in ``VOL.snap`` the table does not list (left by a crash between a merge's steps)."""
+def orphan_layers(path: str | os.PathLike[str], table: Table | None) -> list[Any]:
+    """Layer files in ``VOL.snap`` (layer images ``IMAGE.snap.<uuid>``) the table does not list (left by a
+    crash between a merge's steps)."""
+    known = set(table.layers) if table else set()
+    if is_rbd(path):
+        return [loc for u, loc in sorted(_rbd_chain_images(path)["layer"].items()) if u not in known]
     d = layer_dir(path)
     if not d.is_dir():
         return []
-    known = set(table.layers) if table else set()
     out = []
     for p in sorted(d.iterdir()):
         m = _LAYER_FILE_RE.fullmatch(p.name)
