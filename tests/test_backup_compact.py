@@ -141,6 +141,14 @@ def test_compact_after_delete_frees_the_unreferenced_bytes_and_keeps_every_archi
     with Repository(repo, ks).open(exclusive=True) as r:
         again = r.compact(0)
     assert again["packs_rewritten"] == [] and again["bytes_freed"] == 0 and manifest(repo, ks)["seq"] == seq1
+    assert main(["backup", "compact", "--repo", str(repo)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "compacted: 0 pack(s) rewritten" in err and "0 B freed" in err
+    # new backups deduplicate against the moved chunks: nothing new is stored, and it restores
+    chunks = manifest(repo, ks)["chunks"]
+    _backup(repo, pruned["vol"], ks, "a4")
+    assert manifest(repo, ks)["chunks"] == chunks
+    check_whole(repo, ks, {**pruned["states"], "a4": pruned["states"]["a3"]}, tmp_path)
 
 
 def test_prune_compact_and_whole_packs(tmp_path, ks, capsys):
@@ -275,3 +283,50 @@ def test_compact_and_create_exclude_each_other(pruned, tmp_path, ks, capsys):
     with Repository(repo, ks).open(exclusive=True):  # a compact in progress holds this
         rc, _, err = run_cli(capsys, "backup", "create", str(pruned["vol"]), "--repo", str(repo))
         assert rc == 70 and "in use" in err
+
+
+def test_the_new_pack_is_durable_before_the_manifest_and_the_old_ones_go_after(pruned, ks, monkeypatch):
+    """What a kill -9 cannot show (the page cache survives it, a power cut does not): the new pack's bytes and
+    directory entry are fsynced before the manifest naming it is written, and old packs are unlinked only
+    after that manifest is durable."""
+    from qwamos import fsutil
+    from qwamos.backup import repo as repo_mod
+
+    repo = pruned["repo"]
+    events: list[str] = []
+    real_fsync, real_fsync_dir, real_atomic, real_unlink = (
+        os.fsync,
+        fsutil.fsync_dir,
+        fsutil.atomic_write,
+        os.unlink,
+    )
+
+    def spy_fsync(fd):
+        events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
+        return real_fsync(fd)
+
+    def spy_dir(path, *a, **kw):
+        events.append(f"fsync_dir {Path(path).resolve()}")
+        return real_fsync_dir(path, *a, **kw)
+
+    def spy_atomic(path, *a, **kw):
+        real_atomic(path, *a, **kw)
+        events.append(f"wrote {Path(path).name}")
+
+    def spy_unlink(path, *a, **kw):
+        events.append(f"unlink {path}")
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(repo_mod.fsutil, "fsync_dir", spy_dir)
+    monkeypatch.setattr(repo_mod.fsutil, "atomic_write", spy_atomic)
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "unlink", spy_unlink)
+    got = _compact(repo, ks)
+    monkeypatch.undo()
+    new, (old,) = got["new_pack"], got["packs_rewritten"]
+    commit = events.index("wrote manifest")
+    before, after = events[:commit], events[commit + 1 :]
+    assert f"fsync {(repo / 'packs' / new).resolve()}" in before, events
+    assert f"fsync_dir {(repo / 'packs').resolve()}" in before, events
+    assert [e for e in before if e.startswith("unlink")] == [], events
+    assert f"unlink {repo / 'packs' / old}" in after, events
