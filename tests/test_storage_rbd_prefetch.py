@@ -10,6 +10,7 @@ served).
 from __future__ import annotations
 
 import os
+import random
 import struct
 import threading
 
@@ -222,3 +223,57 @@ def test_write_then_read_of_the_same_range_in_one_pipelined_batch(served):
     assert got[3] == (0, b"")
     assert got[4] == (0, new)
     assert got[5] == (0, bytes(data[y : y + MIB]))
+
+
+def test_pipelined_reads_and_writes_see_every_earlier_write(served):
+    """96 requests sent at once before any reply is read (READs of 4 KiB to 2 MiB with WRITEs among them, some
+    to the ranges read just before and after): every READ returns the data of every WRITE sent before it and
+    none sent after.  The export reads ahead the READs queued behind each one, and goes on receiving while
+    its replies wait to be sent; neither may let a READ pass a WRITE."""
+    sock, data, _proc = served
+    model = bytearray(data)
+    rng = random.Random(5)
+    batch = bytearray()
+    expect: dict[int, tuple[int, bytes]] = {}
+    lengths: dict[int, int] = {}
+    last = (0, MIB)
+    for cookie in range(1, 97):
+        if cookie % 8 == 0:  # a WRITE over (part of) the range the previous READ asked for
+            off, ln = last[0], min(last[1], 256 * 1024)
+            payload = rng.randbytes(ln)
+            batch += _request(c.CMD_WRITE, cookie, off, ln) + payload
+            model[off : off + ln] = payload
+            expect[cookie], lengths[cookie] = (0, b""), 0
+            continue
+        ln = rng.choice([4096, 65536, MIB, MIB, 2 * MIB])
+        off = rng.randrange(0, len(model) - ln) // 4096 * 4096
+        if cookie % 8 == 1:
+            off, ln = last  # again the range just written
+        batch += _request(c.CMD_READ, cookie, off, ln)
+        expect[cookie], lengths[cookie] = (0, bytes(model[off : off + ln])), ln
+        last = (off, ln)
+    with NBDClient.connect_unix(sock) as cl:
+        sender = threading.Thread(target=cl.sock.sendall, args=(bytes(batch),))
+        sender.start()
+        got = _replies(cl, lengths)
+        sender.join()
+    for cookie, want in expect.items():
+        assert got[cookie][0] == want[0], f"request {cookie} failed"
+        assert got[cookie][1] == want[1], f"READ {cookie} returned other data than the writes before it left"
+
+
+def test_read_ahead_only_where_the_storage_reads_ahead(ceph_cluster, keys, tmp_path):
+    """The export reads ahead for an RBD volume only: a file-backed one is served exactly as before."""
+    from qwamos.nbd.protocol import ExportInfo
+    from qwamos.nbd.server import _Shared
+    from qwamos.volume.snapshots import open_chain
+
+    for loc, reads_ahead in ((str(tmp_path / "f.qvol"), False), ("rbd:rbd/pf-which", True)):
+        PQCVolume(loc, keystore=keys).create("w", "", size_bytes=4 * MIB)
+        vol = open_chain(loc, keys)
+        try:
+            assert vol.can_prefetch is reads_ahead
+            shared = _Shared(vol, ExportInfo(size=vol.size, read_only=False), 1)
+            assert (shared.prefetch is not None) is reads_ahead
+        finally:
+            vol.close()

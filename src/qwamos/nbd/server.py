@@ -10,7 +10,9 @@ connections for its duration.
 Memory is bounded per connection: a fixed receive buffer (``CHUNK`` plus slack, filled without copies via
 ``asyncio.BufferedProtocol``), WRITE payloads applied in ``CHUNK`` pieces as they arrive, READ replies
 produced in ``CHUNK`` pieces into the connection's reply buffers (:class:`ReplyBuffers`), and reading from
-a client paused while its unsent replies exceed ``WRITE_HIGH_WATER``.  Connections beyond
+a client paused while its unsent replies exceed ``WRITE_HIGH_WATER`` (with a backend that reads ahead, only
+once the receive buffer also has less than ``READ_ROOM`` free: nothing is executed meanwhile, so what piles
+up is bounded by that buffer).  Connections beyond
 ``max_connections`` are closed at once (before the greeting), and a connection that has not finished the
 handshake within ``handshake_timeout`` (:data:`NBD_HANDSHAKE_TIMEOUT`, TLS included) is closed, so idle
 sockets cannot hold the slots.
@@ -34,6 +36,13 @@ DONE flag.  A piece that fails after earlier pieces were sent ends the reply wit
 (with simple replies that case can only be a hard disconnect).  NBD_CMD_BLOCK_STATUS is answered from the
 backend's optional ``extents`` (:func:`qwamos.blockdev.can_extents`): holes as NBD_STATE_HOLE|NBD_STATE_ZERO,
 adjacent extents of one kind merged, at most ``MAX_EXTENTS`` descriptors, never past the requested range.
+
+Read-ahead: with a backend that can ``prefetch`` (``can_prefetch``: an RBD volume), each READ longer than
+``SMALL_READ`` first hints the READs already received behind it, up to the next request of another kind
+(:meth:`~qwamos.nbd.protocol.ServerConnection.queued_reads`), so that their cluster round trips run while this
+one is decrypted and sent.  Requests still execute one at a time in order; the backend keeps its read-ahead
+coherent with every later write (:mod:`qwamos.storage.rbd`), and a READ whose read-ahead failed answers its
+own error.
 
 Errors: :data:`ERROR_MAP` turns backend exceptions into NBD error codes in one place; a block that fails
 authentication answers EIO for that request and is logged with its index; the server keeps serving.
@@ -108,6 +117,7 @@ SMALL_READ = 4096  # reads up to this size go through pread (copying 4 KiB costs
 # at most this many, of at most this many bytes in all (within what RBDStorage keeps: 16 runs, 24 MiB)
 READ_AHEAD = 8
 READ_AHEAD_BYTES = 8 << 20
+READ_ROOM = 256 * 1024  # with read-ahead, requests are received while replies wait if this much buffer is free
 
 # Backend exception -> NBD error, first match wins (subclasses before their bases).
 ERROR_MAP: tuple[tuple[type[BaseException], int], ...] = (
@@ -185,8 +195,11 @@ class _Shared:
         self.gate = gate if gate is not None else QuiesceGate(lambda: self.connections)
         self.requests_closed = 0  # requests of connections that are gone (status counters)
         self.readinto: Callable[[int, memoryview], object] | None = getattr(backend, "readinto", None)
-        # optional: start reading a range that a queued READ will ask for (RBD: asynchronous librbd reads)
-        self.prefetch: Callable[[int, int], object] | None = getattr(backend, "prefetch", None)
+        # optional: start reading a range that a queued READ will ask for (RBD: asynchronous librbd reads);
+        # None where the backend cannot (a file), which then runs exactly as without read-ahead
+        self.prefetch: Callable[[int, int], object] | None = (
+            getattr(backend, "prefetch", None) if getattr(backend, "can_prefetch", False) else None
+        )
         self.next_id = 0
         self.closing = False
 
@@ -269,7 +282,7 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         buf = self.proto.get_buffer(sizehint)
-        if not buf:  # cannot happen while we pause reading whenever processing stops; keep asyncio safe
+        if not buf:  # cannot happen: reading pauses when processing stops or READ_ROOM runs out; keep asyncio safe
             return memoryview(bytearray(1))
         return buf
 
@@ -282,9 +295,20 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        if not self._read_paused and self.transport is not None:
+        if not self._read_paused and self.transport is not None and not self._read_while_paused():
             self._read_paused = True
             self.transport.pause_reading()
+
+    def _read_while_paused(self) -> bool:
+        """Whether to go on receiving while the client's replies wait to be sent: with a backend that reads
+        ahead (RBD), so that the READs the client sends meanwhile are seen, and read ahead, before the queue
+        runs dry (otherwise the first READ of every batch waits for its own cluster round trip); and only while
+        the receive buffer has ``READ_ROOM`` free, which bounds what piles up (nothing is executed meanwhile)."""
+        return (
+            self.shared.prefetch is not None
+            and self.proto.state is State.TRANSMISSION
+            and self.proto.free_space >= READ_ROOM
+        )
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -360,7 +384,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if upgrade:
             self._start_tls()
             return
-        if self._write_paused or (gate.held and proto.at_request_boundary):
+        if (self._write_paused and not self._read_while_paused()) or (gate.held and proto.at_request_boundary):
             if not self._read_paused:
                 self._read_paused = True
                 tr.pause_reading()

@@ -67,6 +67,7 @@ import contextlib
 import ctypes
 import errno
 import itertools
+import logging
 import os
 import shlex
 import socket
@@ -75,6 +76,8 @@ from collections.abc import Iterator, Sequence
 from qwamos.errors import VolumeError, VolumeExistsError, VolumeLockedError
 from qwamos.storage.base import Buffer
 from qwamos.storage.librbd import DIFF_CB, RBD_FEATURE_EXCLUSIVE_LOCK, RBD_LOCK_MODE_EXCLUSIVE, check, lib
+
+log = logging.getLogger("qwamos.storage")
 
 OSD_OP_TIMEOUT = "30"  # seconds: bounded waits for OSD operations (librados' default 0 waits forever)
 MOUNT_TIMEOUT = "30"  # seconds to reach the monitors (librados' default is 300)
@@ -267,6 +270,8 @@ class RBDStorage:
         # discarded prefetches whose reads may still be running: librbd owns their buffers until completion
         self._stale: list[tuple[ctypes.c_void_p, bytearray]] = []
         self._spare: list[bytearray] = []  # buffers of taken prefetches, for the next ones
+        # counts logged at close (debug), for benchmarks: read_into calls, prefetches started, calls served by one
+        self.reads = self.read_ahead_started = self.read_ahead_hits = 0
 
     @classmethod
     def open(cls, rest: str, *, read_only: bool = False) -> RBDStorage:
@@ -340,6 +345,7 @@ class RBDStorage:
             return
         self._prefetched[key] = (comp, buf)
         self._prefetched_bytes += length
+        self.read_ahead_started += 1
 
     def _spare_buffer(self, length: int) -> bytearray:
         while self._spare:
@@ -382,6 +388,7 @@ class RBDStorage:
             return None
         comp, data = entry
         self._prefetched_bytes -= len(buf)
+        self.read_ahead_hits += 1
         L = lib()
         L.rbd_aio_wait_for_complete(comp)
         ret = L.rbd_aio_get_return_value(comp)
@@ -394,6 +401,7 @@ class RBDStorage:
         return ret
 
     def read_into(self, offset: int, buf: memoryview) -> int:
+        self.reads += 1
         if self._prefetched:
             got = self._take_prefetch(offset, buf)
             if got is not None:
@@ -591,6 +599,14 @@ class RBDStorage:
     def close(self) -> None:
         failed: OSError | None = None
         if self._image:
+            if self.read_ahead_started:
+                log.debug(
+                    "%s: %d reads, %d read ahead (%d started)",
+                    self.name,
+                    self.reads,
+                    self.read_ahead_hits,
+                    self.read_ahead_started,
+                )
             self._discard_prefetches(0, -1)
             self._reap_stale(wait=True)  # their buffers are librbd's until their reads complete
             try:

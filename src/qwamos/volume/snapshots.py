@@ -722,6 +722,10 @@ class ChainVolume:
             self._fill(0, offset, out)
         return len(out)
 
+    @property
+    def can_prefetch(self) -> bool:
+        return len(self.layers) == 1 and self.layers[0].can_prefetch
+
     def prefetch(self, offset: int, length: int) -> None:
         """A hint that the range will be read soon (:meth:`PQCVolume.prefetch`); taken for a volume without
         snapshots only (a chain's reads depend on each layer's allocation)."""

@@ -493,6 +493,11 @@ class PQCVolume:
             self._read_into(offset, out)
         return len(out)
 
+    @property
+    def can_prefetch(self) -> bool:
+        """Whether :meth:`prefetch` can do anything here: the storage reads ahead (RBD), a file does not."""
+        return hasattr(self._storage, "prefetch")
+
     def prefetch(self, offset: int, length: int) -> None:
         """A hint that ``[offset, offset+length)`` will be read soon: the storage may start reading its slots
         now (RBD: an aio read per run of slots, :meth:`qwamos.storage.rbd.RBDStorage.prefetch`), so that the
