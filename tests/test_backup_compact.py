@@ -330,3 +330,20 @@ def test_the_new_pack_is_durable_before_the_manifest_and_the_old_ones_go_after(p
     assert f"fsync_dir {(repo / 'packs').resolve()}" in before, events
     assert [e for e in before if e.startswith("unlink")] == [], events
     assert f"unlink {repo / 'packs' / old}" in after, events
+
+
+def test_a_pack_cut_short_stops_compact_before_anything_changes(pruned, tmp_path, ks, capsys):
+    """A record that cannot be read at its indexed place (a cut or missing pack) ends compact with exit 71; the
+    partial new pack is removed and the manifest is untouched, so verify reports the same damage as before."""
+    repo = pruned["repo"]
+    with Repository(repo, ks).open() as r:
+        (pack,) = [p["id"] for p in r.plan_compact()["packs"] if p["action"] == "rewrite"]
+    path = repo / "packs" / pack
+    os.truncate(path, path.stat().st_size - 10)
+    files = sorted(p.name for p in (repo / "packs").iterdir())
+    manifest_bytes = (repo / "manifest").read_bytes()
+    rc, _, err = run_cli(capsys, "backup", "compact", "--repo", str(repo))
+    assert rc == 71 and "cut short" in err
+    assert sorted(p.name for p in (repo / "packs").iterdir()) == files
+    assert (repo / "manifest").read_bytes() == manifest_bytes
+    assert_caught(repo, tmp_path, capsys, "a2")
