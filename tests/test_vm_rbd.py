@@ -399,3 +399,35 @@ def test_running_vm_on_rbd_grows_online_and_the_guest_sees_it(ceph_cluster, tmp_
     assert _line(text, "GUEST-MARKER") == marker and _line(text, "GUEST-READ") == wrote
     with PQCVolume(loc, keystore=PQCKeystore(a.keystore_dir), read_only=True) as v:
         assert v.read(past, 4096).startswith(b"QWAMOS-MARKER past-the-end")
+
+
+def test_snapshot_under_a_running_guest_on_rbd_then_revert_boots_the_old_state(
+    ceph_cluster, tmp_path, no_ambient_env
+):
+    """``vm snapshot create`` of a running VM whose disk is ``rbd:``: its export takes the snapshot (renaming
+    images under the guest, which keeps running); after more writes by the guest, a revert (offline) boots the
+    snapshot's state, and the layer images are siblings of the volume's."""
+    from qwamos.hypervisor import snapshots
+    from qwamos.storage import suffixed_images
+
+    kernel, initrd = _guest()
+    image = f"sn-{secrets.token_hex(4)}"
+    a = _host(
+        tmp_path, "a", image, kernel, initrd, "console=ttyAMA0 quiet qwamos.mode=write qwamos.marker=old-state"
+    )
+    _run_to_completion(a, *_local(a))
+    _idle(a)
+    try:
+        out = snapshots.run(a, "web", "create", "before")
+        assert out["online"] is True and out["name"] == "before"
+        assert a.status("web").state == "running"
+        assert [s["name"] for s in snapshots.run(a, "web", "list")["snapshots"]] == ["before"]
+    finally:
+        a.stop("web", timeout=30)
+    assert set(suffixed_images(f"rbd:rbd/{image}", ".snap.")) == {out["layer"]}
+    _set_cmdline(a, "console=ttyAMA0 quiet qwamos.mode=write qwamos.marker=new-state")
+    _run_to_completion(a, *_local(a))
+    _set_cmdline(a, "console=ttyAMA0 quiet qwamos.mode=read")
+    assert _line(_run_to_completion(a, *_local(a)), "GUEST-MARKER") == "new-state"
+    assert snapshots.run(a, "web", "revert", "before")["online"] is False
+    assert _line(_run_to_completion(a, *_local(a)), "GUEST-MARKER") == "old-state"

@@ -241,16 +241,18 @@ def test_kill_at_every_step_of_a_merge_keeps_every_view(ceph_cluster, keys):
     assert ("s1",) in seen and ("s0", "s1") in seen
 
 
-def test_a_second_opener_during_the_switch_is_refused_naming_the_holder(ceph_cluster, keys):
-    """A create stopped between its two renames (IMAGE missing): another writable or read-only open is
-    refused as busy, naming the lock holder, and changes nothing; the create then finishes."""
-    loc, _a, b = _prepare(keys, "busy")
+@pytest.mark.parametrize("op", ["create", "revert"])
+def test_a_second_opener_during_the_switch_is_refused_naming_the_holder(ceph_cluster, keys, op):
+    """A create or revert stopped between its two renames (IMAGE missing; in a revert only the new overlay's
+    lock and the renamed old top's say so): another writable or read-only open is refused as busy, naming
+    the lock holder, and changes nothing; the operation then finishes."""
+    loc, a, b = _prepare(keys, f"busy-{op}")
     spec = {
-        "n": 3,  # renames: tmp -> pending, IMAGE -> layer, pending -> IMAGE: stopped right before the last
+        "n": 3,  # renames: tmp -> pending, IMAGE -> layer (old-), pending -> IMAGE: stopped before the last
         "calls": ["rbd_rename"],
         "sig": signal.SIGSTOP,
         "loc": loc,
-        "ops": [["create", "s1"]],
+        "ops": [["create", "s1"] if op == "create" else ["revert", "s0"]],
         "keys": {k: v.hex() for k, v in keys.keys.items()},
     }
     proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, text=True)
@@ -269,7 +271,10 @@ def test_a_second_opener_during_the_switch_is_refused_naming_the_holder(ceph_clu
         os.kill(proc.pid, signal.SIGCONT)
         _, status = os.waitpid(proc.pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    assert _snapshots(loc, keys) == ["s0", "s1"] and _view(loc, keys, "s1") == b and _view(loc, keys) == b
+    if op == "create":
+        assert _snapshots(loc, keys) == ["s0", "s1"] and _view(loc, keys, "s1") == b and _view(loc, keys) == b
+    else:
+        assert _snapshots(loc, keys) == ["s0"] and _view(loc, keys) == a
     _assert_clean(loc, keys)
 
 
