@@ -477,6 +477,30 @@ def test_migrate_to_qcow2_from_rbd_finishes_the_rename_after_a_crash(ceph_cluste
     assert [u["path"] for u in ks.key_users(key_id) if u["state"] == "live"] == [backup]
 
 
+def test_migrate_to_qcow2_from_rbd_never_replaces_a_backup_name_taken_meanwhile(ceph_cluster, root, idle_kernel):
+    """An image created at ``IMAGE.backup`` after the plan chose that name is left alone: the VM's image keeps
+    its name (and its key record), the run says so and finishes (no journal left to trip the next run)."""
+    from qwamos.migrate import TO_QCOW2, Hooks, migrate
+    from qwamos.storage import storage_exists
+
+    ks = PQCKeystore(root.parent / "keystore")
+    mgr = rbd_vm(root, "q4", "feat-mq-4", idle_kernel)
+    loc = "rbd:rbd/feat-mq-4"
+    key_id = mgr.load("q4").key_id
+
+    class Race(Hooks):
+        def before_commit(self, plan):
+            ceph_cluster.rbd("create", "--size", "1M", "rbd/feat-mq-4.backup")
+
+    events = []
+    migrate("q4", root=root, keystore=ks, direction=TO_QCOW2, hooks=Race(), report=events.append)
+    assert any(e["type"] == "warning" and "appeared during the migration" in e["message"] for e in events)
+    assert not mgr.load("q4").encryption_enabled and storage_exists(loc)
+    assert image_size(ceph_cluster, "rbd:rbd/feat-mq-4.backup") == 1 << 20  # the other image, untouched
+    assert [u["path"] for u in ks.key_users(key_id) if u["state"] == "live"] == [loc]
+    assert not (root / "vms" / "q4" / ".qwamos-migrate.json").exists()
+
+
 def test_migrate_round_trips_through_the_cluster_need_no_hand_work(ceph_cluster, root, idle_kernel, tmp_path):
     """qcow2 -> ``--to rbd:POOL/IMAGE`` -> ``--to-qcow2`` twice: each way back frees the image's name (the image
     becomes ``IMAGE.backup``, then ``IMAGE.backup.2``), so the same command works again; the data is the same

@@ -434,7 +434,17 @@ def finish_committed(record: dict[str, Any], keystore: Any, emit: Report) -> Non
         # An RBD image has no second name: it is renamed to the backup's now (rbd_rename refuses an existing
         # name), or was before a crash.
         if storage_exists(source):
-            rename_storage(source, str(backup))
+            try:
+                rename_storage(source, str(backup))
+            except FileExistsError:  # made since the plan: never replaced, and the run must not stay stuck
+                emit(
+                    {
+                        "type": "warning",
+                        "message": f"{backup} appeared during the migration: {source} keeps its name (still "
+                        "encrypted, its key kept; the VM no longer uses it)",
+                    }
+                )
+                return
             emit({"type": "backup", "path": str(backup)})
         elif not storage_exists(backup):
             raise MigrationError(msg=f"neither {source} nor its backup {backup} exists")
