@@ -162,6 +162,8 @@ def test_prune_compact_and_whole_packs(tmp_path, ks, capsys):
         _backup(repo, vol, ks, name)
     want = content(vol, ks)
     size0 = pack_bytes(repo)
+    rc = main(["backup", "prune", "--keep-last", "1", "--threshold", "5", "--repo", str(repo), "--yes"])
+    assert rc == 2 and "--compact" in capsys.readouterr().err  # a threshold without compacting: refused
     rc = main(["backup", "prune", "--keep-last", "1", "--compact", "--repo", str(repo), "--yes", "--json"])
     assert rc == 0
     got = json.loads(capsys.readouterr().out)

@@ -114,6 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="then reclaim the space of the chunks it freed, as 'backup compact' does (default: keep the packs)",
     )
+    _add_threshold(pr, " (with --compact)")
     add_yes_option(pr)
     co = action(
         "compact",
@@ -333,6 +334,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    if args.threshold is not None and not args.compact:
+        raise InvalidArgument("--threshold goes with --compact")
     repo = _open(args, exclusive=True)
     try:
         question = f"Delete all but the newest {args.keep_last} archive(s) of each volume in {repo.path}?"
@@ -341,7 +344,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             return 1
         result = engine.prune(repo, args.keep_last)
         if args.compact:  # under the same exclusive lock: nothing can come between
-            result["compact"] = repo.compact()
+            result["compact"] = repo.compact(_threshold(args))
     finally:
         repo.close()
     if args.json:
@@ -352,14 +355,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_threshold(p: argparse.ArgumentParser) -> None:
+def _add_threshold(p: argparse.ArgumentParser, note: str = "") -> None:
     p.add_argument(
         "--threshold",
         type=float,
-        default=COMPACT_THRESHOLD,
+        default=None,
         metavar="PERCENT",
-        help=f"rewrite a pack when more than PERCENT of its bytes are unused (default: {COMPACT_THRESHOLD:g})",
+        help=f"rewrite a pack when more than PERCENT of its bytes are unused{note} "
+        f"(default: {COMPACT_THRESHOLD:g})",
     )
+
+
+def _threshold(args: argparse.Namespace) -> float:
+    return COMPACT_THRESHOLD if args.threshold is None else args.threshold
 
 
 def _compact_summary(result: dict[str, Any]) -> str:
@@ -375,9 +383,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
     progress = _Progress("Compacting", args.json)
     try:
         if args.dry_run:
-            plan = repo.plan_compact(args.threshold)
+            plan = repo.plan_compact(_threshold(args))
         else:
-            result = repo.compact(args.threshold, progress=progress)
+            result = repo.compact(_threshold(args), progress=progress)
     finally:
         progress.finish()
         repo.close()
