@@ -137,8 +137,8 @@ def test_second_writer_refused_naming_the_holder(ceph_cluster, keys):
     PQCVolume(loc, keystore=keys).create("l", "", size_bytes=4 * MIB)
     with PQCVolume(loc, keystore=keys) as first:
         first.write(0, b"\1" * 4096)
-        with pytest.raises(VolumeLockedError, match=r"client\.\d+"):
-            PQCVolume(loc, keystore=keys).open()
+        with pytest.raises(VolumeLockedError, match=r"client\.\d+.*volume serve --break-lock`, or `rbd lock rm`"):
+            PQCVolume(loc, keystore=keys).open()  # how to break it, with the commands that can
         with pytest.raises(VolumeLockedError, match=r"client\.\d+"):
             PQCVolume(loc, keystore=keys, read_only=True).open()
         first.write(4096, b"\2" * 4096)  # the refused writer took nothing from the holder

@@ -520,7 +520,7 @@ class RBDStorage:
             raise VolumeLockedError(
                 path=self.name,
                 msg=f"(RBD lock held by {self._held_by()}; if that holder is gone for good, break its lock "
-                "with --break-lock)",
+                "with `qwamos vm start --break-lock` or `qwamos volume serve --break-lock`, or `rbd lock rm`)",
             )
         features = ctypes.c_uint64()
         check(L.rbd_get_features(self._image, ctypes.byref(features)), "rbd_get_features")
