@@ -5,6 +5,7 @@ with a passphrase and imported into another keystore."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -236,6 +237,13 @@ def test_key_export_import_restores_on_another_machine(tmp_path, ks, capsys, mon
     monkeypatch.setenv("QWAMOS_RECOVERY_PASSPHRASE", "wrong")
     assert run(capsys, "backup", "key", "import", str(tmp_path / "repo.key"), "--repo", repo)[0] == 22
     monkeypatch.setenv("QWAMOS_RECOVERY_PASSPHRASE", "correct horse")
+    reader = os.open(os.path.join(repo, "lock"), os.O_RDWR)  # another backup command reading meanwhile
+    try:
+        fcntl.flock(reader, fcntl.LOCK_SH)
+        rc, _, err = run(capsys, "backup", "key", "import", str(tmp_path / "repo.key"), "--repo", repo)
+    finally:
+        os.close(reader)
+    assert rc == 70 and "in use by another backup command" in err  # the key is not replaced under a reader
     rc, _, err = run(capsys, "backup", "key", "import", str(tmp_path / "repo.key"), "--repo", repo)
     assert rc == 0, err
     out = tmp_path / "r.qvol"

@@ -5,7 +5,7 @@
     REPO/config            the repository's id and settings, MAC'd under the repository key
     REPO/key               the repository key, wrapped to the keystore identity (a key-file document)
     REPO/manifest          sealed: sequence number, the archive list (with each archive file's SHA-256),
-                           the chunk index (chunk id -> pack, offset, length, blocks), the packs' SHA-256
+                           the chunk index (chunk id -> pack, offset, length, blocks), the packs' sizes
     REPO/archives/<id>     sealed archive documents: one volume's block map, extent -> chunk id
     REPO/packs/<id>        chunk records appended by one ``backup create`` (or ``compact``), never modified
                            afterwards (``compact`` copies the used records of mostly unused packs to a new one)
@@ -582,13 +582,22 @@ class Repository:
 
     def import_key(self, data: bytes, passphrase: bytes) -> None:
         """Store the repository key from an exported document, wrapped to this keystore's identity; the key
-        must authenticate this repository's config."""
+        must authenticate this repository's config.  Under the exclusive lock (unless this object holds it
+        already), so no other backup command reads the key while it is replaced."""
         key_id, master, _commit, _required, meta = recovery.import_document(data, passphrase)
-        rid = bytes.fromhex(self._config()["repo_id"])
-        if key_id != key_id_for(rid) or meta.get("kind") != KEY_EXPORT_FORMAT:
-            raise BackupError(msg=f"the key file is for another repository ({key_id}), not {self.path}")
-        self._keys_from(master)  # refuses a key that does not authenticate the config
-        fsutil.atomic_write(self.path / "key", mode=0o600, data=self.keystore.wrap_secret(key_id, master))
+        held = self._lock_fd >= 0
+        if held and not self._exclusive:
+            raise BackupError(msg="importing a key needs the repository opened exclusively")
+        self._lock(exclusive=True)
+        try:
+            rid = bytes.fromhex(self._config()["repo_id"])
+            if key_id != key_id_for(rid) or meta.get("kind") != KEY_EXPORT_FORMAT:
+                raise BackupError(msg=f"the key file is for another repository ({key_id}), not {self.path}")
+            self._keys_from(master)  # refuses a key that does not authenticate the config
+            fsutil.atomic_write(self.path / "key", mode=0o600, data=self.keystore.wrap_secret(key_id, master))
+        finally:
+            if not held:
+                self.unlock()
 
 
 def rewrap_key(path: str | os.PathLike[str], unwrap_with: PQCKeystore, wrap_with: PQCKeystore) -> None:
