@@ -397,9 +397,8 @@ def _hold_lock(path: Path, cwd: Path) -> subprocess.Popen[str]:
 
 
 def _release(holder: subprocess.Popen[str]) -> None:
-    assert holder.stdin is not None
-    holder.stdin.close()
-    holder.wait(timeout=30)
+    """End the holder: its stdin closes, it exits; both pipes closed and the process reaped."""
+    holder.communicate(timeout=30)
 
 
 def test_a_migration_in_progress_names_its_process(world: World) -> None:
