@@ -6,11 +6,13 @@ message per bad config, and the spec's ``hypervisor/scripts/vm_manager.py`` shim
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -46,7 +48,11 @@ def _keys(root: Path) -> list[str]:
 def test_vm1_and_vm10_run_at_once_and_stopping_vm1_leaves_vm10(root, mgr, idle_kernel, capsys):
     for name in ("vm1", "vm10"):
         write_config(root, name, kernel=idle_kernel)
-        res = mgr.start(name)
+        with warnings.catch_warnings(record=True) as caught:  # the supervisor's Popen is kept, not dropped
+            warnings.simplefilter("always", ResourceWarning)
+            res = mgr.start(name)
+            gc.collect()
+        assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
         assert res.accel.accel == "tcg"
         assert res.created_disk == str(root / "vms" / name / "disk.qcow2")
     info = json.loads(

@@ -64,6 +64,18 @@ DEFAULT_STOP_TIMEOUT = 30.0
 # that long for it (generous: a loaded machine can take seconds to run an interpreter's exit).
 SUPERVISOR_FINISH_TIMEOUT = 30.0
 
+# Supervisors this process started, until they are seen gone.  A VM outlives the call that starts it, but its
+# supervisor stays this process's child until it exits (stop reaps it: ProcRef.wait).  Dropping the Popen on
+# return left it to the garbage collector, which warned "subprocess N is still running" (ResourceWarning) in
+# every long-lived caller (autostart, a test session, a library user) and queued it for subprocess's own
+# reaping at the next Popen anywhere.
+_supervisors: list[subprocess.Popen[bytes]] = []
+
+
+def _reap_supervisors() -> None:
+    """Reap every supervisor of ours that has exited (``poll`` never blocks)."""
+    _supervisors[:] = [p for p in _supervisors if p.poll() is None]
+
 
 @dataclass(frozen=True)
 class Accel:
@@ -645,6 +657,7 @@ class VMManager:
         from qwamos.nbd.export import key_args
         from qwamos.nbd.keypipe import key_pipe
 
+        _reap_supervisors()
         run.create()
         run.clear()
         if run.serial_log.exists():  # one log per boot; the previous one is kept beside it
@@ -684,6 +697,7 @@ class VMManager:
         except ValueError:
             verdict = None
         if verdict and verdict.get("ok"):
+            _supervisors.append(proc)
             return
         if verdict is None:
             # The supervisor died or hung: make sure nothing it started survives.
@@ -726,6 +740,7 @@ class VMManager:
         sup = live_process(run.supervisor_pid)
         if sup is not None and not sup.wait(60.0):
             raise VMError(f"the supervisor of {name!r} did not finish")
+        _reap_supervisors()
         self._cleanup_leftovers(run)
         if st.state == "crashed":
             run.write_state(phase="stopped", reason=f"cleaned up after a crash: {st.reason}", since=time.time())
