@@ -22,12 +22,16 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 import crash_helpers
 import processes
 from qwamos.errors import KeyNotFoundError
+
+if TYPE_CHECKING:
+    from qwamos.keystore import PQCKeystore
 
 
 class MemoryKeys:
@@ -89,6 +93,25 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
     monkeypatch.delenv("QWAMOS_ROOT", raising=False)
     return tmp_path / "root"
+
+
+@pytest.fixture
+def backup_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No ambient passphrase; the keystore and the backup state (file caches) under the test's directory."""
+    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
+    monkeypatch.delenv("QWAMOS_RECOVERY_PASSPHRASE", raising=False)
+    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "ks"))
+    monkeypatch.setenv("QWAMOS_BACKUP_STATE", str(tmp_path / "state"))
+    return tmp_path
+
+
+@pytest.fixture
+def ks(tmp_path: Path) -> PQCKeystore:
+    """The keystore the CLI finds through $QWAMOS_KEYSTORE (backup_env), with cheap Argon2 parameters."""
+    from backup_helpers import CHEAP
+    from qwamos.keystore import PQCKeystore
+
+    return PQCKeystore(tmp_path / "ks", argon2_params=CHEAP)
 
 
 @pytest.fixture

@@ -13,30 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from backup_helpers import CHEAP, MIB, content, run
 from qwamos.backup import engine
 from qwamos.backup.repo import Repository, known_repositories, rewrap_key
-from qwamos.cli.main import main
 from qwamos.errors import ArchiveNotFoundError, KeyFileCorruptError
-from qwamos.keystore import Argon2Params, PQCKeystore
+from qwamos.keystore import PQCKeystore
 from qwamos.volume import PQCVolume
 
-CHEAP = Argon2Params(memory_kib=8, iterations=1, lanes=1)
-MIB = 1 << 20
 SIZE = 16 * MIB + 1000  # odd-sized: the last block is partial
 
 
-@pytest.fixture(autouse=True)
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
-    monkeypatch.delenv("QWAMOS_RECOVERY_PASSPHRASE", raising=False)
-    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "ks"))
-    monkeypatch.setenv("QWAMOS_BACKUP_STATE", str(tmp_path / "state"))
-    return tmp_path
-
-
-@pytest.fixture
-def ks(tmp_path: Path) -> PQCKeystore:
-    return PQCKeystore(tmp_path / "ks", argon2_params=CHEAP)
+pytestmark = pytest.mark.usefixtures("backup_env")
 
 
 def make_volume(path: Path, ks: PQCKeystore) -> Path:
@@ -46,17 +33,6 @@ def make_volume(path: Path, ks: PQCKeystore) -> Path:
         v.write(4 * MIB, b"compressible text " * 60000)  # ~1 MiB that zstd shrinks
         v.write(SIZE - 600, b"tail" * 150)  # the partial last block
     return path
-
-
-def content(path: Path, ks: PQCKeystore) -> bytes:
-    with PQCVolume(path, keystore=ks, read_only=True) as v:
-        return v.read(0, v.size)
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_cli_workflow_full_incremental_restore_delete_prune(tmp_path, ks, capsys):

@@ -13,46 +13,21 @@ from pathlib import Path
 
 import pytest
 
+from backup_helpers import CHEAP, MIB, backup_volume, content, run
 from qwamos.backup import engine
 from qwamos.backup import format as fmt
 from qwamos.backup.repo import Repository
 from qwamos.cli.main import main
 from qwamos.errors import BackupError
-from qwamos.keystore import Argon2Params, PQCKeystore
+from qwamos.keystore import PQCKeystore
 from qwamos.volume import PQCVolume
 
-CHEAP = Argon2Params(memory_kib=8, iterations=1, lanes=1)
-MIB = 1 << 20
 PIECE = 16 * 1024  # random bytes written into a chunk window: one incompressible record of about this size
 # the os calls a kill may come before: every write, sync, creation, publication and removal of compact
 MUTATIONS = ("open", "write", "fsync", "replace", "rename", "link", "unlink")
 
 
-@pytest.fixture(autouse=True)
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
-    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "ks"))
-    monkeypatch.setenv("QWAMOS_BACKUP_STATE", str(tmp_path / "state"))
-    return tmp_path
-
-
-@pytest.fixture
-def ks(tmp_path: Path) -> PQCKeystore:
-    return PQCKeystore(tmp_path / "ks", argon2_params=CHEAP)
-
-
-def content(path: Path, ks: PQCKeystore) -> bytes:
-    with PQCVolume(path, keystore=ks, read_only=True) as v:
-        return v.read(0, v.size)
-
-
-def _backup(repo_path: Path, vol: Path, ks: PQCKeystore, name: str) -> None:
-    with Repository(repo_path, ks).open(exclusive=True) as repo:
-        src = engine.VolumeSource.open(vol, ks)
-        try:
-            engine.create(repo, src, name=name)
-        finally:
-            src.close()
+pytestmark = pytest.mark.usefixtures("backup_env")
 
 
 def _write_windows(vol: Path, ks: PQCKeystore, windows: list[int]) -> None:
@@ -83,7 +58,7 @@ def pruned(tmp_path: Path, ks: PQCKeystore) -> dict:
     states = {}
     for name, windows in (("a1", [0, 1, 2, 3, 4, 5]), ("a2", [1, 2, 3]), ("a3", [4])):
         _write_windows(vol, ks, windows)
-        _backup(repo, vol, ks, name)
+        backup_volume(repo, vol, ks, name)
         states[name] = content(vol, ks)
     before = manifest(repo, ks)["chunks"]
     rc = main(["backup", "delete", "a1", "--repo", str(repo), "--yes"])
@@ -146,7 +121,7 @@ def test_compact_after_delete_frees_the_unreferenced_bytes_and_keeps_every_archi
     assert out == "" and "compacted: 0 pack(s) rewritten" in err and "0 B freed" in err
     # new backups deduplicate against the moved chunks: nothing new is stored, and it restores
     chunks = manifest(repo, ks)["chunks"]
-    _backup(repo, pruned["vol"], ks, "a4")
+    backup_volume(repo, pruned["vol"], ks, "a4")
     assert manifest(repo, ks)["chunks"] == chunks
     check_whole(repo, ks, {**pruned["states"], "a4": pruned["states"]["a3"]}, tmp_path)
 
@@ -159,7 +134,7 @@ def test_prune_compact_and_whole_packs(tmp_path, ks, capsys):
     Repository.init(repo, ks)
     for name, windows in (("b1", [0, 1]), ("b2", [1]), ("b3", [1])):
         _write_windows(vol, ks, windows)
-        _backup(repo, vol, ks, name)
+        backup_volume(repo, vol, ks, name)
     want = content(vol, ks)
     size0 = pack_bytes(repo)
     rc = main(["backup", "prune", "--keep-last", "1", "--threshold", "5", "--repo", str(repo), "--yes"])
@@ -210,17 +185,11 @@ def test_kill_at_every_step_of_compact_leaves_a_whole_repository(pruned, tmp_pat
 # --- tampering and concurrency ---------------------------------------------------------------------------------
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def assert_caught(repo: Path, tmp_path: Path, capsys, archive: str, code: int = 71) -> None:
-    rc, out, err = run_cli(capsys, "backup", "verify", "--repo", str(repo), "--json")
+    rc, out, err = run(capsys, "backup", "verify", "--repo", str(repo), "--json")
     assert rc == code, (out, err)
     target = tmp_path / "restored.qvol"
-    rc, _, err = run_cli(capsys, "backup", "restore", archive, "-o", str(target), "--repo", str(repo))
+    rc, _, err = run(capsys, "backup", "restore", archive, "-o", str(target), "--repo", str(repo))
     assert rc == code, err
     assert not target.exists()
 
@@ -241,7 +210,7 @@ def test_a_rewritten_pack_edited_or_swapped_is_caught(pruned, tmp_path, ks, caps
     # an old pack put back: nothing names it, harmless, and the next compact removes it
     old_pack = got["packs_rewritten"][0]
     shutil.copy(saved / old_pack, repo / "packs" / old_pack)
-    rc, out, _ = run_cli(capsys, "backup", "verify", "--repo", str(repo), "--json")
+    rc, out, _ = run(capsys, "backup", "verify", "--repo", str(repo), "--json")
     assert rc == 0 and json.loads(out)["unreferenced_files"] == [f"packs/{old_pack}"]
     assert _compact(repo, ks)["files_removed"] == 1
     # the old pack under the new pack's name: other records at the indexed places, another size
@@ -278,12 +247,12 @@ def test_a_record_damaged_before_compact_stays_caught_after(pruned, tmp_path, ks
 def test_compact_and_create_exclude_each_other(pruned, tmp_path, ks, capsys):
     repo = pruned["repo"]
     with Repository(repo, ks).open(exclusive=True):  # a create in progress holds this
-        rc, _, err = run_cli(capsys, "backup", "compact", "--repo", str(repo))
+        rc, _, err = run(capsys, "backup", "compact", "--repo", str(repo))
         assert rc == 70 and "in use" in err
     with Repository(repo, ks).open() as r, pytest.raises(BackupError, match="exclusively"):
         r.compact()
     with Repository(repo, ks).open(exclusive=True):  # a compact in progress holds this
-        rc, _, err = run_cli(capsys, "backup", "create", str(pruned["vol"]), "--repo", str(repo))
+        rc, _, err = run(capsys, "backup", "create", str(pruned["vol"]), "--repo", str(repo))
         assert rc == 70 and "in use" in err
 
 
@@ -344,7 +313,7 @@ def test_a_pack_cut_short_stops_compact_before_anything_changes(pruned, tmp_path
     os.truncate(path, path.stat().st_size - 10)
     files = sorted(p.name for p in (repo / "packs").iterdir())
     manifest_bytes = (repo / "manifest").read_bytes()
-    rc, _, err = run_cli(capsys, "backup", "compact", "--repo", str(repo))
+    rc, _, err = run(capsys, "backup", "compact", "--repo", str(repo))
     assert rc == 71 and "cut short" in err
     assert sorted(p.name for p in (repo / "packs").iterdir()) == files
     assert (repo / "manifest").read_bytes() == manifest_bytes

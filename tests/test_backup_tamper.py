@@ -12,40 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from qwamos.backup import engine
+from backup_helpers import MIB, backup_volume, run
 from qwamos.backup import format as fmt
 from qwamos.backup.repo import Repository
-from qwamos.cli.main import main
 from qwamos.errors import RepositoryCorruptError
-from qwamos.keystore import Argon2Params, PQCKeystore
+from qwamos.keystore import PQCKeystore
 from qwamos.volume import PQCVolume
 
-CHEAP = Argon2Params(memory_kib=8, iterations=1, lanes=1)
-MIB = 1 << 20
-
-
-@pytest.fixture(autouse=True)
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("QWAMOS_PASSPHRASE", raising=False)
-    monkeypatch.setenv("QWAMOS_KEYSTORE", str(tmp_path / "ks"))
-    monkeypatch.setenv("QWAMOS_BACKUP_STATE", str(tmp_path / "state"))
-    return tmp_path
-
-
-@pytest.fixture
-def ks(tmp_path: Path) -> PQCKeystore:
-    return PQCKeystore(tmp_path / "ks", argon2_params=CHEAP)
-
-
-def _backup(repo_path: Path, vol: Path, ks: PQCKeystore, name: str) -> dict:
-    if not repo_path.exists():
-        Repository.init(repo_path, ks)
-    with Repository(repo_path, ks).open(exclusive=True) as repo:
-        src = engine.VolumeSource.open(vol, ks)
-        try:
-            return engine.create(repo, src, name=name)
-        finally:
-            src.close()
+pytestmark = pytest.mark.usefixtures("backup_env")
 
 
 @pytest.fixture
@@ -56,10 +30,10 @@ def setup(tmp_path: Path, ks: PQCKeystore) -> Path:
     PQCVolume(vol, keystore=ks).create("disk", "vm", size_bytes=8 * MIB)
     with PQCVolume(vol, keystore=ks) as v:
         v.write(0, os.urandom(2 * MIB))
-    _backup(tmp_path / "repo", vol, ks, "full")
+    backup_volume(tmp_path / "repo", vol, ks, "full")
     with PQCVolume(vol, keystore=ks) as v:
         v.write(5 * MIB, os.urandom(MIB))
-    _backup(tmp_path / "repo", vol, ks, "incr")
+    backup_volume(tmp_path / "repo", vol, ks, "incr")
     return tmp_path / "repo"
 
 
@@ -75,12 +49,6 @@ def records(repo: Path, ks: PQCKeystore) -> list[tuple[str, int, int]]:
 
 def pack_path(repo: Path, pack: str) -> Path:
     return repo / "packs" / pack
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def assert_caught(repo: Path, tmp_path: Path, capsys, archive: str = "incr", code: int = 71) -> None:
@@ -167,7 +135,7 @@ def test_archive_and_pack_from_another_repository(setup, tmp_path, ks, capsys):
     """Another repository of the same user (same keystore): its archive put in place of ours, then its pack."""
     vol = tmp_path / "disk.qvol"
     other = tmp_path / "other"
-    _backup(other, vol, ks, "incr")
+    backup_volume(other, vol, ks, "incr")
     theirs = manifest(other, ks)["archives"][0]["id"]
     ours = manifest(setup, ks)["archives"][1]["id"]
     saved = (setup / "archives" / ours).read_bytes()
@@ -227,7 +195,7 @@ def test_replayed_old_manifest_is_a_rollback(setup, tmp_path, ks, capsys):
 
 def test_manifest_from_another_repository(setup, tmp_path, ks, capsys):
     other = tmp_path / "other"
-    _backup(other, tmp_path / "disk.qvol", ks, "incr")
+    backup_volume(other, tmp_path / "disk.qvol", ks, "incr")
     shutil.copy(other / "manifest", setup / "manifest")
     assert_caught(setup, tmp_path, capsys)
 
