@@ -465,3 +465,23 @@ def test_a_grant_from_an_unconfirmed_grantor_says_what_does_not_match(hosts, tmp
     assert f"granted by identity {_fp(a)}, not by the expected {_fp(b)}" in err
     assert "malformed" not in err and "qwamos key identity" in err
     assert not b.has_key(key_id)
+
+
+def test_revoke_takes_the_full_fingerprint_too(hosts, tmp_path, capsys):
+    """`key identity` shows fingerprint_full and import-grant takes it; so does revoke, on both sides (it said
+    "no active grant to or from identity <64 digits>": the records name an identity by its short fingerprint).
+    A second import of the same key says --force replaces it, not `key import --force`."""
+    a, b, key_id = hosts["a"], hosts["b"], hosts["key_id"]
+    out = tmp_path / "web.grant"
+    out.write_bytes(_grant(hosts))
+    a_full, b_full = a.identity_info()["fingerprint_full"], b.identity_info()["fingerprint_full"]
+    argv = ["key", "--keystore", str(b.path), "import-grant", str(out), "--expect-fingerprint", a_full]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 25
+    err = capsys.readouterr().err
+    assert "(--force replaces it)" in err and "key import --force" not in err
+    assert main(["key", "--keystore", str(a.path), "revoke", key_id, "--from", b_full]) == 0
+    assert grants.list_grants(a, key_id)["granted"] == []
+    assert main(["key", "--keystore", str(b.path), "revoke", key_id, "--from", f" {a_full.upper()}\n"]) == 0
+    assert not PQCKeystore(b.path).has_key(key_id)

@@ -269,7 +269,7 @@ class KeyExistsError(KeystoreError):
     """Key {key_id!r} already exists in the keystore."""
 
     exit_code = 25
-    cli_text = "Key {key_id!r} already exists in the keystore (key import --force replaces it)."
+    cli_text = "Key {key_id!r} already exists in the keystore (--force replaces it)."
 
 
 class IdentityNotFoundError(KeystoreError):

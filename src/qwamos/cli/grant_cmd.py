@@ -95,7 +95,11 @@ def register_grant_actions(action: Any) -> None:
     )
     r.add_argument("key_id", metavar="KEY_ID", help="the granted key")
     r.add_argument(
-        "--from", dest="fingerprint", required=True, metavar="FP", help="the other keystore's fingerprint"
+        "--from",
+        dest="fingerprint",
+        required=True,
+        metavar="FP",
+        help="the other keystore's fingerprint (16 hex digits, or the 64 of fingerprint_full)",
     )
     r.add_argument("--force", action="store_true", help="receiving side: delete the key even while volumes use it")
     s = action(

@@ -459,7 +459,13 @@ def revoke_grant(ks: Any, key_id: str, fingerprint_: str, *, force: bool = False
     * on the granting side (``fingerprint_`` is a recipient): the grant is marked revoked and no longer
       listed.  The recipient keeps what it imported: a host that had the key had it (docs/keystore-format.md);
     * on the receiving side (the key came from ``fingerprint_``): the key is deleted here (refused while a
-      live volume record uses it, unless ``force``)."""
+      live volume record uses it, unless ``force``).
+
+    ``fingerprint_`` is the short (16 hex digits) or the full (64) fingerprint, as ``key identity`` shows
+    them and ``import-grant`` takes them: the records name an identity by its short one."""
+    fingerprint_ = fingerprint_.strip().lower()
+    if len(fingerprint_) == 64:
+        fingerprint_ = fingerprint_[:16]
     ident = ks._open_identity(create=False)
     records = _load_records(ks, key_id, ident)
     for g in records["granted"]:
