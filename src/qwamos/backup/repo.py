@@ -400,10 +400,7 @@ class Repository:
         return self.collect_garbage()
 
     def collect_garbage(self) -> dict[str, int]:
-        live: set[str] = set()
-        for entry in self.manifest["archives"]:
-            for ext in self.load_archive(entry)["extents"]:
-                live.add(ext[2])
+        live = self.live_chunks()
         chunks = self.manifest["chunks"]
         dead = [c for c in chunks if c not in live]
         for c in dead:
