@@ -256,6 +256,20 @@ def test_compact_and_create_exclude_each_other(pruned, tmp_path, ks, capsys):
         assert rc == 70 and "in use" in err
 
 
+def test_a_shared_holder_changes_nothing(pruned, tmp_path, ks):
+    """The API refuses every change under the shared lock (which restore, verify and list take, so two of them
+    may read meanwhile): a delete, a sweep of leftovers and a commit, before anything is touched -- a delete
+    opened shared would unlink packs another shared holder is reading."""
+    repo = pruned["repo"]
+    (repo / "packs" / "leftover").write_bytes(b"x")  # what a killed create leaves: swept only exclusively
+    files = sorted((p.name, p.read_bytes()) for p in repo.rglob("*") if p.is_file())
+    with Repository(repo, ks).open() as r:
+        for change in (lambda: r.delete(r.archives()[:1]), r.remove_unlisted, r.commit, r.compact):
+            with pytest.raises(BackupError, match="exclusively"):
+                change()
+    assert sorted((p.name, p.read_bytes()) for p in repo.rglob("*") if p.is_file()) == files
+
+
 def test_the_new_pack_is_durable_before_the_manifest_and_the_old_ones_go_after(pruned, ks, monkeypatch):
     """What a kill -9 cannot show (the page cache survives it, a power cut does not): the new pack's bytes and
     directory entry are fsynced before the manifest naming it is written, and old packs are unlinked only

@@ -262,6 +262,10 @@ class Repository:
         self._lock_fd = fd
         self._exclusive = exclusive
 
+    def _require_exclusive(self) -> None:
+        if self._lock_fd < 0 or not self._exclusive:
+            raise BackupError(msg="the repository must be opened exclusively to change it")
+
     def unlock(self) -> None:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
@@ -319,9 +323,9 @@ class Repository:
         return doc
 
     def commit(self) -> None:
-        """Seal the in-memory manifest with the next sequence number and replace the file atomically."""
-        if self._lock_fd < 0:
-            raise BackupError(msg="the repository must be locked to change it")
+        """Seal the in-memory manifest with the next sequence number and replace the file atomically.  Only
+        under the exclusive lock: a shared holder (restore, verify, list) reads the manifest meanwhile."""
+        self._require_exclusive()
         self.manifest["seq"] += 1
         data = fmt.seal_document(self.keys, fmt.MAGIC_MANIFEST, b"manifest", self.manifest)
         fsutil.atomic_write(self.path / "manifest", mode=0o600, data=data)
@@ -430,9 +434,9 @@ class Repository:
 
     def remove_unlisted(self) -> list[tuple[Path, int]]:
         """Unlink the files :meth:`unlisted` names (after the manifest that dropped them is durable: the caller
-        has committed), then make the removals durable.  Returns what was removed."""
-        if self._lock_fd < 0:
-            raise BackupError(msg="the repository must be locked to change it")
+        has committed), then make the removals durable.  Returns what was removed.  Only under the exclusive
+        lock: a shared holder may be reading the packs about to go."""
+        self._require_exclusive()
         gone = self.unlisted()
         for f, _size in gone:
             f.unlink()
@@ -511,8 +515,7 @@ class Repository:
         A kill before (2) leaves the old manifest, whose packs are all still there, plus an unlisted new pack;
         a kill after (2) leaves unlisted old packs.  Either leftover is removed by the next compact (or delete
         or prune).  Needs the repository opened exclusively, so a concurrent ``create`` is refused."""
-        if self._lock_fd < 0 or not self._exclusive:
-            raise BackupError(msg="compacting needs the repository opened exclusively")
+        self._require_exclusive()
         plan, live = self._plan(threshold)
         chunks = self.manifest["chunks"]
         for cid in [c for c in chunks if c not in live]:
