@@ -88,6 +88,8 @@ def test_a_served_volume_is_rotated_online_under_guest_writes(qvol, short_dir, m
         assert [v["mode"] for v in result["volumes"]] == ["online"]
     finally:
         processes.stop(proc)
+        assert proc.stderr is not None
+        proc.stderr.close()  # processes.stop reaps, it leaves the pipes to the caller
     fresh = PQCKeystore(ks_dir)
     assert content(vol, fresh) == bytes(expected)
     assert PQCVolume(vol, keystore=fresh, read_only=True).open().key_id == result["new_key_id"]

@@ -142,6 +142,9 @@ def test_export_program_serves_with_the_piped_key_and_refuses_a_wrong_one(tmp_pa
         assert key_pipe_name not in _fd_targets(proc.pid)  # read and closed
     finally:
         processes.stop(proc)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # processes.stop reaps, it leaves the pipes to the caller
+        proc.stderr.close()
 
 
 def _fd_targets(pid: int) -> list[str]:

@@ -196,6 +196,8 @@ def test_real_qemu_accepts_the_command_line(tmp_path: Path, machine: str):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
 
 
 # --- the named pieces of the command line, each on its own ------------------------------------------------
