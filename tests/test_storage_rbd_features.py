@@ -691,3 +691,33 @@ def test_an_image_another_client_has_open_is_not_removed(ceph_cluster, keys):
     remove_held(held, loc)
     held.close()
     assert not storage_exists(loc)
+
+
+def test_vm_start_break_lock_finishes_a_snapshot_killed_between_its_renames(ceph_cluster, root, idle_kernel):
+    """A VM's rbd: image missing because a snapshot create was killed between its renames: ``vm start`` is
+    refused saying so (never a new empty disk); ``vm start --break-lock`` breaks the dead holder's locks on the
+    chain's images, finishes the create and starts; the snapshot and the data are there."""
+    from qwamos.errors import ConfigError
+    from qwamos.storage import storage_exists
+    from qwamos.volume.snapshots import open_chain
+    from test_volume_snapshots_rbd import crash_rbd_at
+
+    mgr = rbd_vm(root, "sb", "feat-snap-break", idle_kernel)
+    loc = "rbd:rbd/feat-snap-break"
+    ks_dir = root.parent / "keystore"
+    ks = PQCKeystore(ks_dir)
+    data = {i: random.Random(i).randbytes(4096) for i in range(0, BLOCKS, 5)}
+    with PQCVolume(loc, keystore=ks) as v:
+        for i, block in data.items():
+            v.write_block(i, block)
+    assert crash_rbd_at(3, loc, ks_dir, [("create", "s1")], calls=("rbd_rename",))
+    assert not storage_exists(loc)
+    with pytest.raises(ConfigError, match="snapshot create or revert is in progress"):
+        mgr.start("sb")
+    warnings: list[str] = []
+    mgr.start("sb", break_lock=True, on_warning=warnings.append)
+    mgr.stop("sb", force=True)
+    assert any("broke the lock" in w for w in warnings)
+    want = b"".join(data.get(i, bytes(4096)) for i in range(BLOCKS))
+    with open_chain(loc, ks, read_only=True) as c:
+        assert [s["name"] for s in c.list()] == ["s1"] and c.pread(0, SIZE) == want

@@ -150,12 +150,17 @@ for name in spec["calls"]:
             os.kill(os.getpid(), spec.get("sig", signal.SIGKILL))
         return _real(*a)
     setattr(L, name, wrapped)
-keys = {k: bytes.fromhex(v) for k, v in spec["keys"].items()}
+keys = {k: bytes.fromhex(v) for k, v in spec.get("keys", {}).items()}
 class Keys:
     def volume_key(self, key_id):
         return keys[key_id]
+if "keystore" in spec:
+    from qwamos.keystore import PQCKeystore
+    provider = PQCKeystore(spec["keystore"])
+else:
+    provider = Keys()
 from qwamos.volume.snapshots import open_chain
-with open_chain(spec["loc"], Keys()) as c:
+with open_chain(spec["loc"], provider) as c:
     for op, arg in spec["ops"]:
         getattr(c, op)(arg)
 """
@@ -164,8 +169,12 @@ with open_chain(spec["loc"], Keys()) as c:
 def crash_rbd_at(n: int, loc: str, keys, ops: list[tuple[str, str]], calls: tuple[str, ...] = STEP_CALLS) -> bool:
     """Run the chain operations ``ops`` (``(method, argument)``) on ``loc`` in a child killed (SIGKILL) before
     its ``n``-th librbd call of :data:`STEP_CALLS`; True if it was killed, False if it finished.  The keys go
-    through the child's stdin."""
-    spec = {"n": n, "calls": calls, "loc": loc, "ops": ops, "keys": {k: v.hex() for k, v in keys.keys.items()}}
+    through the child's stdin (``keys`` a keystore directory: the child opens that keystore)."""
+    spec: dict = {"n": n, "calls": calls, "loc": loc, "ops": ops}
+    if isinstance(keys, os.PathLike):
+        spec["keystore"] = os.fspath(keys)
+    else:
+        spec["keys"] = {k: v.hex() for k, v in keys.keys.items()}
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD], input=json.dumps(spec) + "\n", capture_output=True, text=True, timeout=120
     )
@@ -175,13 +184,15 @@ def crash_rbd_at(n: int, loc: str, keys, ops: list[tuple[str, str]], calls: tupl
     return False
 
 
-def _crash_loop(keys, tag: str, ops: list[tuple[str, str]], check, *, merge: bool = False) -> int:
+def _crash_loop(
+    keys, tag: str, ops: list[tuple[str, str]], check, *, merge: bool = False, calls: tuple[str, ...] = STEP_CALLS
+) -> int:
     """Kill -9 before every librbd call of ``ops`` in turn (a fresh volume each time); ``check`` judges the
     state after recovery.  Returns the number of crash points."""
     n = 1
     while True:
         loc, a, b = _prepare(keys, f"{tag}{n}", second=merge)
-        killed = crash_rbd_at(n, loc, keys, ops)
+        killed = crash_rbd_at(n, loc, keys, ops, calls)
         _recover(loc, keys)
         check(loc, a, b, killed)
         _assert_clean(loc, keys, crashed=killed, orphans=merge and killed)
@@ -203,7 +214,9 @@ def test_kill_at_every_step_of_a_create_leaves_the_pre_or_post_state(ceph_cluste
             assert killed
         states.add(len(names))
 
-    points = _crash_loop(keys, "kc", [("create", "s1")], check)
+    # every write too: the freeze (a header commit) must come before the renames, with no crash point between
+    # a rename and the freeze's first write left out
+    points = _crash_loop(keys, "kc", [("create", "s1")], check, calls=(*STEP_CALLS, "rbd_aio_write"))
     assert points > 5 and states == {1, 2}  # both outcomes were reached
 
 
@@ -424,3 +437,65 @@ def test_key_rotation_of_an_rbd_chain_moves_every_layer_image(ceph_cluster, tmp_
         tried += old_key_opens_nothing(dest, old_key)
     assert tried > 50
     assert read_views(loc, ks) == want
+
+
+def test_serve_break_lock_finishes_a_create_killed_between_its_renames(ceph_cluster, tmp_path, short_dir):
+    """`volume serve --break-lock` on an rbd: volume whose snapshot create was killed with the image missing:
+    it breaks the dead holder's locks on the chain's images, finishes the create and serves the post-state."""
+    import processes
+    from nbd_helpers import SERVE_CLI, wait_answers
+    from qwamos.keystore import PQCKeystore
+
+    ksdir = tmp_path / "ks"
+    ks = PQCKeystore(ksdir)
+    loc = _loc("serve-break")
+    PQCVolume(loc, keystore=ks).create("disk", "", size_bytes=1 << 20)
+    with open_chain(loc, ks) as c:
+        c.pwrite(0, random.Random(7).randbytes(200000))
+    want = _view(loc, ks)
+    assert crash_rbd_at(3, loc, ksdir, [("create", "s1")], calls=("rbd_rename",))
+    assert not storage_exists(loc)
+    sock = short_dir / "s"
+    proc = processes.spawn(
+        [*SERVE_CLI, loc, "--socket", str(sock), "--keystore", str(ksdir), "--break-lock"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_answers(sock, proc)
+        out = tmp_path / "out.raw"
+        subprocess.run(["nbdcopy", uri(sock), str(out)], check=True, timeout=120)
+        assert out.read_bytes() == want
+    finally:
+        processes.stop(proc)
+        proc.stderr.close()
+    assert _snapshots(loc, ks) == ["s1"] and _view(loc, ks, "s1") == want
+    _assert_clean(loc, ks, crashed=True)
+
+
+def test_recovery_trusts_only_authenticated_links(ceph_cluster, keys):
+    """A revert killed between its renames, then the snapshot's layer image replaced by its copy from before it
+    was frozen: the recovery finds no overlay linking to a frozen layer with its freeze id, refuses and changes
+    nothing (the overlay is not put in place); with the real layer back it finishes the revert."""
+    loc = _new(_loc("rec-tamper"), keys)
+    image = loc.split("/", 1)[1]
+    with open_chain(loc, keys) as c:
+        c.pwrite(0, b"A" * BLOCK_SIZE)
+    ceph_cluster.rbd("cp", f"rbd/{image}", f"rbd/{image}-before")  # the top, not yet frozen
+    with open_chain(loc, keys) as c:
+        layer = c.create("s0")["layer"]
+        c.pwrite(0, b"B" * BLOCK_SIZE)
+    assert crash_rbd_at(3, loc, keys, [("revert", "s0")], calls=("rbd_rename",))
+    break_chain_locks(loc)
+    real = layer_path(loc, layer)[4:]
+    ceph_cluster.rbd("rename", real, f"{real}-real")
+    ceph_cluster.rbd("rename", f"rbd/{image}-before", real)
+    pending = {i for i in _chain_images(loc) if i.startswith("pending-")}
+    with pytest.raises(SnapshotChainError, match="no pending overlay links to a frozen layer"):
+        open_chain(loc, keys)
+    assert not storage_exists(loc) and {i for i in _chain_images(loc) if i.startswith("pending-")} == pending
+    ceph_cluster.rbd("rm", real)
+    ceph_cluster.rbd("rename", f"{real}-real", real)
+    with open_chain(loc, keys):
+        pass
+    assert _view(loc, keys)[:BLOCK_SIZE] == b"A" * BLOCK_SIZE and _snapshots(loc, keys) == ["s0"]

@@ -61,6 +61,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         for holder in break_chain_locks(spec.path):
             warn(f"{spec.path}: broke the lock of {holder} (blocklisted by the cluster)")
+        from qwamos.storage import is_rbd, storage_exists
+        from qwamos.volume.snapshots import finish_interrupted, has_snapshots
+
+        if is_rbd(spec.path) and not storage_exists(spec.path) and has_snapshots(spec.path):
+            finish_interrupted(str(spec.path), open_keystore(args))  # a snapshot cut between its renames
     if not spec.raw:
         from qwamos.nbd.keypipe import key_pipe
         from qwamos.volume.unlock import unlock_key

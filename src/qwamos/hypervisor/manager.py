@@ -434,6 +434,8 @@ class VMManager:
         died stays until someone says so."""
         cfg = self.load(name)
         self.prepare_run_dir(name)
+        if break_lock:
+            self._finish_interrupted_snapshot(cfg, on_warning)
         plan = self.plan_start(cfg)
         for w in plan.warnings:
             if on_warning:
@@ -505,6 +507,16 @@ class VMManager:
                 "(qwamos volume dump-header shows it)",
                 path=str(cfg.path),
             )
+        if not exists and cfg.key_id and is_rbd(vol):
+            from qwamos.volume.snapshots import has_snapshots
+
+            if has_snapshots(vol):  # the image is between the renames of a snapshot create or revert
+                raise ConfigError(
+                    f"{vol} is missing while its snapshot images exist: a snapshot create or revert is in "
+                    "progress, or was cut short by a crash; if the host that ran it is gone for good, "
+                    "`vm start --break-lock` breaks its locks and finishes it",
+                    path=str(cfg.path),
+                )
         if not exists and cfg.key_id:
             raise ConfigError(
                 f"the config records key {cfg.key_id!r} but the encrypted disk {vol} is missing; "
@@ -618,6 +630,24 @@ class VMManager:
         if created.key_id is not None and created.keystore is not None:
             with contextlib.suppress(Exception):
                 created.keystore.discard_key(created.key_id)
+
+    def _finish_interrupted_snapshot(self, cfg: VMConfig, on_warning: Callable[[str], None] | None) -> None:
+        """``vm start --break-lock`` of a VM whose ``rbd:`` image is missing because a snapshot create or
+        revert was killed between its renames: break the dead holder's locks on the chain's images and finish
+        the operation (docs/qvol-format.md 2.5.4, "RBD"), so that the start finds its volume."""
+        if not cfg.encryption_enabled:
+            return
+        vol = self.volume_path(cfg)
+        if not is_rbd(vol) or storage_exists(vol):
+            return
+        from qwamos.volume.snapshots import break_chain_locks, finish_interrupted, has_snapshots
+
+        if not has_snapshots(vol):
+            return
+        for holder in break_chain_locks(vol):
+            if on_warning:
+                on_warning(f"{vol}: broke the lock of {holder} (blocklisted by the cluster)")
+        finish_interrupted(str(vol), self._keystore())
 
     def volume_path(self, cfg: VMConfig) -> str | Path:
         """The encrypted volume an encrypted VM uses (its configured `.qvol`, else the one beside its disk): a

@@ -399,7 +399,7 @@ def finish_interrupted(path: str, provider: KeyProvider) -> None:
     froze the top are removed.  Done under the top's exclusive lock, so never beside a running create.
     An ``rbd:`` volume: :func:`_finish_rbd`."""
     if is_rbd(path):
-        _finish_rbd(path, provider)
+        _finish_rbd(os.fspath(path), provider)
         return
     d = layer_dir(path)
     if not d.is_dir() or not any(d.glob("pending-*.qvol")):
