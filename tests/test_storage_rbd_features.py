@@ -721,3 +721,18 @@ def test_vm_start_break_lock_finishes_a_snapshot_killed_between_its_renames(ceph
     want = b"".join(data.get(i, bytes(4096)) for i in range(BLOCKS))
     with open_chain(loc, ks, read_only=True) as c:
         assert [s["name"] for s in c.list()] == ["s1"] and c.pread(0, SIZE) == want
+
+
+def test_vm_delete_of_a_vm_on_rbd_removes_its_snapshot_layer_images(ceph_cluster, root, idle_kernel, capsys):
+    """``vm delete`` of a VM whose rbd: disk has snapshots removes the layer images ``IMAGE.snap.<uuid>`` with
+    the volume's own (none is left behind in the pool under a key that is deleted)."""
+    from qwamos.storage import storage_exists, suffixed_images
+
+    rbd_vm(root, "sd", "feat-snap-del", idle_kernel)
+    loc = "rbd:rbd/feat-snap-del"
+    assert main(["vm", "--root", str(root), "snapshot", "create", "sd", "s1"]) == 0
+    assert main(["vm", "--root", str(root), "snapshot", "create", "sd", "s2"]) == 0
+    assert len(suffixed_images(loc, ".snap.")) == 2
+    capsys.readouterr()
+    assert main(["vm", "--root", str(root), "delete", "sd", "--yes"]) == 0
+    assert not storage_exists(loc) and suffixed_images(loc, ".snap.") == {}

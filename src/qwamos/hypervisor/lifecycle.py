@@ -135,6 +135,10 @@ def plan_delete(mgr: VMManager, name: str, *, keep_disk: bool = False) -> Delete
     # every volume in the VM directory: the disk, ``disk.qvol.backup`` kept by ``migrate --to-qcow2``, ...
     # (and a snapshot chain's frozen layers, ``disk.qvol.snap/<uuid>.qvol``)
     candidates += sorted(p for p in vm_dir.rglob("*.qvol*") if p.is_file() and not p.is_symlink())
+    if vol_loc is not None:  # an rbd: chain's layers are sibling images IMAGE.snap.* (qvol-format 2.5.4)
+        from qwamos.volume.snapshots import rbd_chain_images
+
+        candidates += rbd_chain_images(vol_loc)
     for path in dict.fromkeys(candidates):
         vol = _volume_file(path) if storage_exists(path) else None
         if vol is not None:

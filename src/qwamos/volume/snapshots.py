@@ -153,6 +153,16 @@ def _rbd_chain_images(path: str | os.PathLike[str]) -> dict[str, dict[str, str]]
     return out
 
 
+def rbd_chain_images(location: str | os.PathLike[str]) -> list[str]:
+    """Every image of an ``rbd:`` volume's chain beside the volume's own (frozen layers, pending overlays,
+    discarded tops; not the temporary images of an overlay cut short, which hold no complete header): what
+    deleting the volume must delete with it.  Empty for a file volume (its layers are in ``VOL.snap/``)."""
+    if not is_rbd(location):
+        return []
+    images = _rbd_chain_images(location)
+    return [loc for kind in ("layer", "pending", "old") for _u, loc in sorted(images[kind].items())]
+
+
 def _exists(location: Any) -> bool:
     return location.exists() if isinstance(location, Path) else storage_exists(location)
 
