@@ -1353,20 +1353,3 @@ def chain_files(path: str | os.PathLike[str], keystore: KeyProvider) -> list[dic
     re-encrypt, and what a copy of the volume must take along."""
     with open_chain(path, keystore, read_only=True) as chain:
         return chain.files()
-
-
-def orphan_layers(path: str | os.PathLike[str], table: Table | None) -> list[Any]:
-    """Layer files in ``VOL.snap`` (layer images ``IMAGE.snap.<uuid>``) the table does not list (left by a
-    crash between a merge's steps)."""
-    known = set(table.layers) if table else set()
-    if is_rbd(path):
-        return [loc for u, loc in sorted(_rbd_chain_images(path)["layer"].items()) if u not in known]
-    d = layer_dir(path)
-    if not d.is_dir():
-        return []
-    out = []
-    for p in sorted(d.iterdir()):
-        m = _LAYER_FILE_RE.fullmatch(p.name)
-        if m and m.group(1) not in known:
-            out.append(p)
-    return out
