@@ -499,3 +499,27 @@ def test_recovery_trusts_only_authenticated_links(ceph_cluster, keys):
     with open_chain(loc, keys):
         pass
     assert _view(loc, keys)[:BLOCK_SIZE] == b"A" * BLOCK_SIZE and _snapshots(loc, keys) == ["s0"]
+
+
+def test_rotation_removes_only_its_own_chains_unlisted_layer_images(ceph_cluster, tmp_path):
+    """A key rotation removes the layer images its table does not list (a merge's leftover), found by name
+    ``IMAGE.snap.<uuid>``; but a pool is shared, and another volume may carry such a name: it is removed only
+    when its header names this chain, so the other volume survives, whole."""
+    from qwamos.keystore import PQCKeystore
+    from qwamos.volume import read_header, reencrypt_volume
+
+    ks = PQCKeystore(tmp_path / "ks")
+    loc = _new(_loc("own"), ks)
+    with open_chain(loc, ks) as c:
+        c.create("s1")
+    layer = next(iter(_chain_images(loc)))
+    leftover = f"{loc}.snap.{'a' * 32}"  # a copy of a listed layer: this chain's, listed nowhere
+    ceph_cluster.rbd("cp", layer_path(loc, layer)[4:], leftover[4:])
+    other = _new(f"{loc}.snap.{'b' * 32}", ks)  # another volume, named as a layer of this one would be
+    with PQCVolume(other, keystore=ks) as v:
+        v.write(0, b"another volume's data")
+    new_id = ks.rotate_key(read_header(loc)["key_id"])
+    assert reencrypt_volume(loc, ks, new_id, batch=8)["finished"]
+    assert not storage_exists(leftover)
+    with PQCVolume(other, keystore=ks, read_only=True) as v:
+        assert v.read(0, 21) == b"another volume's data"

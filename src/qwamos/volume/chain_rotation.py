@@ -206,17 +206,30 @@ def _move_record(provider: KeyProvider, old: str | None, new: str, vol: PQCVolum
         log.warning("%s: the key's usage record was not moved: %s", vol.path, e)
 
 
-def remove_orphans(path: str, listed: set[str]) -> list[str]:
+def remove_orphans(path: str, listed: set[str], chain: str | None) -> list[str]:
     """Remove the layer files of ``VOL.snap`` the table does not list (garbage of an interrupted merge,
-    still under the old key); return their paths."""
-    from qwamos.volume.snapshots import _LAYER_FILE_RE, _rbd_chain_images, _remove, layer_dir
+    still under the old key); return their paths.
+
+    On RBD the layers are images named ``IMAGE.snap.<uuid>`` in a pool other images share, so a name is no
+    proof of ownership (another volume may be called that): an unlisted image is removed only when its
+    header names this ``chain``; one that does not, or whose header cannot be read, is left alone."""
+    from qwamos.volume.snapshots import _LAYER_FILE_RE, _rbd_chain_images, _remove, chain_identity, layer_dir
 
     if is_rbd(path):
         out = []
         for uuid, loc in sorted(_rbd_chain_images(path)["layer"].items()):
-            if uuid not in listed:
-                _remove(loc)
-                out.append(loc)
+            if uuid in listed:
+                continue
+            try:
+                ours = chain is not None and chain_identity(read_header(loc)) == chain
+            except (QwamosError, OSError) as e:
+                log.warning("%s: left alone, its header cannot be read: %s", loc, e)
+                continue
+            if not ours:
+                log.warning("%s: left alone, not a layer of this volume's chain (its header says so)", loc)
+                continue
+            _remove(loc)
+            out.append(loc)
         return out
     d = layer_dir(path)
     out = []
@@ -249,7 +262,7 @@ def reencrypt_chain(
     over all layers; ``rate`` limits bytes read per second over the whole run; ``stop()`` pauses (summary
     ``finished`` False; call again to resume).  ``commitment`` is accepted for the single-file signature and
     must be None: every layer's commitment is for its own UUID, so it comes from the provider."""
-    from qwamos.volume.snapshots import finish_interrupted
+    from qwamos.volume.snapshots import chain_identity, finish_interrupted
 
     if commitment is not None:
         raise RotationError(
@@ -290,7 +303,7 @@ def reencrypt_chain(
         if state["new_key_id"] is None and top.key_id == new_key_id:
             raise RotationError(path=path, msg=f"the volume is already under key {new_key_id}")
         old_key_id = state["old_key_id"] or top.key_id
-        removed = remove_orphans(path, {u for _p, u, _f in layers})
+        removed = remove_orphans(path, {u for _p, u, _f in layers}, chain_identity(top.header.to_dict()))
         total = sum(v.total_blocks for v in opened)
         base = 0
         summary = {"rewritten": 0, "skipped": 0}
