@@ -256,6 +256,15 @@ def test_compact_and_create_exclude_each_other(pruned, tmp_path, ks, capsys):
         assert rc == 70 and "in use" in err
 
 
+def test_delete_says_the_space_waits_for_compact(pruned, capsys):
+    """A delete drops chunks from the index but frees no byte of their packs: it says so, and names compact
+    (it said "N chunk(s) freed")."""
+    repo = str(pruned["repo"])
+    rc, _, err = run(capsys, "backup", "delete", "a2", "--repo", repo, "--yes")
+    assert rc == 0 and "freed" not in err
+    assert "chunk(s) no longer used ('qwamos backup compact' reclaims their space)" in err
+
+
 def test_a_shared_holder_changes_nothing(pruned, tmp_path, ks):
     """The API refuses every change under the shared lock (which restore, verify and list take, so two of them
     may read meanwhile): a delete, a sweep of leftovers and a commit, before anything is touched -- a delete

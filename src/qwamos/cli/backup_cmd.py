@@ -329,8 +329,16 @@ def cmd_delete(args: argparse.Namespace) -> int:
     result = {"deleted": [e["name"] for e in entries], **freed}
     if args.json:
         emit_json(result)
-    message(f"deleted {', '.join(result['deleted'])}; {freed['chunks_freed']} chunk(s) freed")
+    message(f"deleted {', '.join(result['deleted'])}; {_unused(freed['chunks_freed'], compacted=False)}")
     return 0
+
+
+def _unused(chunks: int, *, compacted: bool) -> str:
+    """What a delete or prune did to the chunks: dropped from the index, their bytes still in their packs
+    until ``backup compact`` (docs/backup-format.md section 6) -- not "freed", which they are not yet."""
+    if not chunks or compacted:
+        return f"{chunks} chunk(s) no longer used"
+    return f"{chunks} chunk(s) no longer used ('qwamos backup compact' reclaims their space)"
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -349,7 +357,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         repo.close()
     if args.json:
         emit_json(result)
-    message(f"pruned {len(result['deleted'])} archive(s); {result['chunks_freed']} chunk(s) freed")
+    message(
+        f"pruned {len(result['deleted'])} archive(s); {_unused(result['chunks_freed'], compacted=args.compact)}"
+    )
     if args.compact:
         message(_compact_summary(result["compact"]))
     return 0
