@@ -463,6 +463,20 @@ def test_served_rotation_and_resize_of_a_chain_are_refused(tmp_path, keys):
         assert c.size == ODD
 
 
+def test_volume_copy_of_a_chain_is_refused_saying_what_to_do(tmp_path, keys):
+    """``volume copy`` moves one store's bytes; a chain's layers are stores of their own.  It refuses before
+    creating anything and names the ways out (it said the top was 'opened through its chain
+    (qwamos.volume.snapshots.open_chain...)', an internal name)."""
+    from qwamos.volume.transfer import copy_volume
+
+    path = _new(tmp_path / "disk.qvol", keys)
+    with open_chain(path, keys) as c:
+        c.create("s")
+    with pytest.raises(SnapshotError, match=r"has snapshots.*snapshot delete.*backup restore") as e:
+        copy_volume(path, tmp_path / "copy.qvol", keys)
+    assert "open_chain" not in str(e.value) and not (tmp_path / "copy.qvol").exists()
+
+
 # --- after the last snapshot: a one-layer chain, resized like a plain volume (qvol-format 2.5.4, 2.8) ------
 
 

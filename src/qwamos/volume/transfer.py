@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from qwamos import crypto
-from qwamos.errors import CopyDestinationExists, InvalidArgument, VolumeError
+from qwamos.errors import CopyDestinationExists, InvalidArgument, SnapshotError, VolumeError
 from qwamos.storage import (
     Storage,
     absolute_location,
@@ -96,8 +96,16 @@ def copy_volume(
         raise InvalidArgument(f"{dst} is the source itself")
     if storage_exists(dst):
         raise CopyDestinationExists(path=dst)
-    with PQCVolume(src, keystore=provider, read_only=True) as vol:  # the header authenticates; not a layer
-        header = vol.header
+    try:
+        with PQCVolume(src, keystore=provider, read_only=True) as vol:  # the header authenticates; not a layer
+            header = vol.header
+    except SnapshotError:
+        raise SnapshotError(
+            path=src,
+            msg="has snapshots, whose layers are stores of their own that a copy of this one would not take "
+            "along: delete them first (qwamos volume snapshot delete), or back the volume up and restore it at "
+            "the destination (qwamos backup create / backup restore -o DST)",
+        ) from None
     source = open_storage(src)  # writable only to take the writer lock: nothing is written to it
     moved = False
     try:
