@@ -736,3 +736,29 @@ def test_vm_delete_of_a_vm_on_rbd_removes_its_snapshot_layer_images(ceph_cluster
     capsys.readouterr()
     assert main(["vm", "--root", str(root), "delete", "sd", "--yes"]) == 0
     assert not storage_exists(loc) and suffixed_images(loc, ".snap.") == {}
+
+
+def test_vm_delete_on_rbd_leaves_another_volume_named_like_a_layer(ceph_cluster, root, idle_kernel, capsys):
+    """The chain's images are found by name, ``IMAGE.snap.<uuid>``, in a shared pool: an image of another
+    volume that carries such a name is not the chain's (its header names another chain), and ``vm delete``
+    leaves it, whole, while it removes the chain's own layer."""
+    import os
+
+    from qwamos.keystore import PQCKeystore
+    from qwamos.storage import storage_exists, suffixed_images
+    from qwamos.volume import PQCVolume
+
+    rbd_vm(root, "sx", "feat-snap-other", idle_kernel)
+    loc = "rbd:rbd/feat-snap-other"
+    assert main(["vm", "--root", str(root), "snapshot", "create", "sx", "s1"]) == 0
+    other = f"{loc}.snap.{'c' * 32}"
+    ks = PQCKeystore(os.environ["QWAMOS_KEYSTORE"])
+    PQCVolume(other, keystore=ks).create("other", "other-vm", size_bytes=1 << 20)
+    with PQCVolume(other, keystore=ks) as v:
+        v.write(0, b"another volume")
+    assert len(suffixed_images(loc, ".snap.")) == 2
+    capsys.readouterr()
+    assert main(["vm", "--root", str(root), "delete", "sx", "--yes"]) == 0
+    assert not storage_exists(loc) and list(suffixed_images(loc, ".snap.")) == ["c" * 32]
+    with PQCVolume(other, keystore=PQCKeystore(os.environ["QWAMOS_KEYSTORE"]), read_only=True) as v:
+        assert v.read(0, 14) == b"another volume"

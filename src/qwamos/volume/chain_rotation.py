@@ -213,20 +213,15 @@ def remove_orphans(path: str, listed: set[str], chain: str | None) -> list[str]:
     On RBD the layers are images named ``IMAGE.snap.<uuid>`` in a pool other images share, so a name is no
     proof of ownership (another volume may be called that): an unlisted image is removed only when its
     header names this ``chain``; one that does not, or whose header cannot be read, is left alone."""
-    from qwamos.volume.snapshots import _LAYER_FILE_RE, _rbd_chain_images, _remove, chain_identity, layer_dir
+    from qwamos.volume.snapshots import _LAYER_FILE_RE, _rbd_chain_images, _remove, layer_dir, names_chain
 
     if is_rbd(path):
         out = []
         for uuid, loc in sorted(_rbd_chain_images(path)["layer"].items()):
             if uuid in listed:
                 continue
-            try:
-                ours = chain is not None and chain_identity(read_header(loc)) == chain
-            except (QwamosError, OSError) as e:
-                log.warning("%s: left alone, its header cannot be read: %s", loc, e)
-                continue
-            if not ours:
-                log.warning("%s: left alone, not a layer of this volume's chain (its header says so)", loc)
+            if not names_chain(loc, chain):
+                log.warning("%s: left alone, not shown to be a layer of this volume's chain", loc)
                 continue
             _remove(loc)
             out.append(loc)

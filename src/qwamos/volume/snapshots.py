@@ -159,8 +159,31 @@ def rbd_chain_images(location: str | os.PathLike[str]) -> list[str]:
     deleting the volume must delete with it.  Empty for a file volume (its layers are in ``VOL.snap/``)."""
     if not is_rbd(location):
         return []
+    try:
+        chain = chain_identity(read_header(location))
+    except (QwamosError, OSError):
+        return []  # no readable top: nothing here proves which images are its chain's
     images = _rbd_chain_images(location)
-    return [loc for kind in ("layer", "pending", "old") for _u, loc in sorted(images[kind].items())]
+    return [
+        loc
+        for kind in ("layer", "pending", "old")
+        for _u, loc in sorted(images[kind].items())
+        if names_chain(loc, chain)
+    ]
+
+
+def names_chain(location: str, chain: str | None) -> bool:
+    """Whether the (unverified) header of the image at ``location`` names ``chain``.  An RBD chain's images
+    are found by name, ``IMAGE.snap.<uuid>``, in a pool that other images share: a name alone is no proof
+    that an image is the chain's (another volume may be called that), so nothing removes an image by its
+    name alone.  False for an unreadable header (nothing proves it is ours)."""
+    if chain is None:
+        return False
+    try:
+        return chain_identity(read_header(location)) == chain
+    except (QwamosError, OSError) as e:
+        log.warning("%s: left alone, its header cannot be read: %s", location, e)
+        return False
 
 
 def _exists(location: Any) -> bool:
