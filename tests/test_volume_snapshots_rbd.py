@@ -523,3 +523,43 @@ def test_rotation_removes_only_its_own_chains_unlisted_layer_images(ceph_cluster
     assert not storage_exists(leftover)
     with PQCVolume(other, keystore=ks, read_only=True) as v:
         assert v.read(0, 21) == b"another volume's data"
+
+
+def test_break_chain_locks_leaves_another_volume_named_like_a_layer(ceph_cluster, tmp_path):
+    """``--break-lock`` breaks the dead holder's locks on the chain's images, found by name; an image of
+    another volume that carries such a name (its header names another chain) keeps its holder's lock: breaking
+    it would blocklist a client of a volume the operator never named."""
+    from qwamos.keystore import PQCKeystore
+    from qwamos.storage import break_lock
+
+    ks = PQCKeystore(tmp_path / "ks")
+    loc = _new(_loc("brk"), ks)
+    with open_chain(loc, ks) as c:
+        c.create("s1")
+    other = _new(f"{loc}.snap.{'d' * 32}", ks)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, other, str(tmp_path / "ks")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.kill()
+        holder.wait()
+        assert break_chain_locks(loc) == []  # nothing of this chain was held
+        with pytest.raises(VolumeLockedError):
+            PQCVolume(other, keystore=ks).open()  # the other volume's lock is still its holder's
+    finally:
+        holder.stdout.close()
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert break_lock(other)  # the operator's word for that volume, by its own name
+
+
+HOLD = """
+import sys, time
+from qwamos.keystore import PQCKeystore
+from qwamos.volume import PQCVolume
+v = PQCVolume(sys.argv[1], keystore=PQCKeystore(sys.argv[2])).open()
+print("held", flush=True)
+time.sleep(600)
+"""

@@ -588,10 +588,22 @@ def break_chain_locks(location: str | os.PathLike[str]) -> list[str]:
     if not is_rbd(text):
         return []
     broken = []
-    targets = [text] if storage_exists(text) else []
+    targets, chain = [], None
+    if storage_exists(text):
+        targets.append(text)
+        with contextlib.suppress(QwamosError, OSError):
+            chain = chain_identity(read_header(text))
     images = _rbd_chain_images(text)
     for kind in ("layer", "pending", "old", "tmp"):
-        targets += sorted(images[kind].values())
+        # With the top readable, an image is the chain's only if its header says so (names_chain: another
+        # volume may carry such a name, and breaking its lock blocklists a live client of it).  A temporary
+        # image has no complete header, and with the top missing (killed between renames) no chain is known:
+        # those go by name.
+        targets += [
+            loc
+            for loc in sorted(images[kind].values())
+            if chain is None or kind == "tmp" or names_chain(loc, chain)
+        ]
     for loc in targets:
         with contextlib.suppress(FileNotFoundError):
             broken += [h if loc == text else f"{h} (on {loc})" for h in break_lock(loc)]
