@@ -563,3 +563,26 @@ v = PQCVolume(sys.argv[1], keystore=PQCKeystore(sys.argv[2])).open()
 print("held", flush=True)
 time.sleep(600)
 """
+
+
+def test_recovery_leaves_another_volume_named_like_a_pending_or_discarded_image(ceph_cluster, tmp_path):
+    """Every writable open of an rbd: chain looks for a create or revert to finish and removes the losing
+    overlays and discarded tops it finds by name.  The pool is shared: another volume called
+    ``IMAGE.snap.pending-<hex>`` or ``IMAGE.snap.old-<hex>`` (its header names another chain) is not garbage
+    and keeps its data."""
+    from qwamos.keystore import PQCKeystore
+
+    ks = PQCKeystore(tmp_path / "ks")
+    loc = _new(_loc("names"), ks)
+    with open_chain(loc, ks) as c:
+        c.create("s1")
+    others = [_new(f"{loc}.snap.pending-{'e' * 32}", ks), _new(f"{loc}.snap.old-{'f' * 32}", ks)]
+    for other in others:
+        with PQCVolume(other, keystore=ks) as v:
+            v.write(0, b"other" * 800)
+    with open_chain(loc, ks) as c:  # the open that finishes (and cleans up after) an interrupted operation
+        c.pwrite(0, b"\x01" * BLOCK_SIZE)
+    for other in others:
+        with PQCVolume(other, keystore=ks, read_only=True) as v:
+            assert v.read(0, 4000) == b"other" * 800
+    assert _snapshots(loc, ks) == ["s1"] and _view(loc, ks)[:BLOCK_SIZE] == b"\x01" * BLOCK_SIZE

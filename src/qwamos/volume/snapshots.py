@@ -552,6 +552,12 @@ def _finish_rbd(path: str, provider: KeyProvider) -> None:
             rename_storage(candidates[0], path)
             anchor = held[candidates[0]]
             trash = [p for p in images["pending"].values() if p != candidates[0]]
+        # The pool is shared: a pending or discarded name alone is no proof an image is this chain's (another
+        # volume may be called that), so only images whose header names the chain now at IMAGE go.
+        assert anchor is not None
+        chain = chain_identity(anchor.header.to_dict())
+        trash = [p for p in trash if names_chain(p, chain)]
+        garbage = [*images["tmp"].values(), *(o for o in images["old"].values() if names_chain(o, chain))]
         for ploc in trash:  # renaming works whoever has the image open
             uuid = next(u for u, loc in images["pending"].items() if loc == ploc)
             old = _old_top_path(path, uuid)
