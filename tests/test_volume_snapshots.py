@@ -19,6 +19,7 @@ from qwamos.errors import InvalidArgument, ReadOnlyVolumeError, SnapshotChainErr
 from qwamos.volume import PQCVolume, read_header
 from qwamos.volume.header import BLOCK_SIZE, SLOT_SIZE
 from qwamos.volume.snapshots import chain_files, chain_identity, layer_dir, layer_path, open_chain
+from volume_helpers import random_chain_ops
 
 SIZE = 4 << 20
 ODD = 40 * BLOCK_SIZE + 1000  # an odd-sized volume: the last block is partial
@@ -56,28 +57,9 @@ def test_every_view_matches_a_model_through_random_operations(tmp_path, keys, se
     rnd = random.Random(seed)
     path = _new(tmp_path / "disk.qvol", keys)
     model = bytearray(ODD)
-    snaps: dict[str, bytes] = {}
-    counter = 0
     chain = open_chain(path, keys)
     try:
-        for _ in range(60):
-            op = rnd.random()
-            if op < 0.6:
-                _apply(chain, model, rnd)
-            elif op < 0.8 or not snaps:
-                counter += 1
-                name = f"s{counter}"
-                chain.create(name)
-                snaps[name] = bytes(model)
-            elif op < 0.9:
-                name = rnd.choice(sorted(snaps))
-                chain.revert(name)
-                model[:] = snaps[name]
-            else:
-                name = rnd.choice(sorted(snaps))
-                chain.delete(name)
-                del snaps[name]
-            assert chain.pread(0, ODD) == model
+        snaps = random_chain_ops(chain, model, rnd, 60, 0.6, _apply)
         chain.flush()
     finally:
         chain.close()

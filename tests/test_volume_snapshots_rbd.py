@@ -22,6 +22,7 @@ from qwamos.storage import storage_exists, suffixed_images
 from qwamos.volume import PQCVolume
 from qwamos.volume.header import BLOCK_SIZE
 from qwamos.volume.snapshots import break_chain_locks, layer_path, open_chain
+from volume_helpers import random_chain_ops
 
 SIZE = 48 * BLOCK_SIZE + 1000  # an odd size: the last block is partial
 _names = iter(range(1, 1 << 30))
@@ -65,6 +66,18 @@ def _assert_clean(loc: str, keys, *, crashed: bool = False, orphans: bool = Fals
     assert images == listed
 
 
+def _write_or_zero(chain, model: bytearray, rnd: random.Random) -> None:
+    off = rnd.randrange(SIZE)
+    n = rnd.randrange(1, min(3 * BLOCK_SIZE, SIZE - off) + 1)
+    if rnd.random() < 0.7:
+        data = rnd.randbytes(n)
+        chain.pwrite(off, data)
+        model[off : off + n] = data
+    else:
+        chain.zero(off, n)
+        model[off : off + n] = bytes(n)
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_every_view_matches_a_model_through_random_operations_on_rbd(ceph_cluster, keys, seed):
     """Create, write, zero, revert and delete (merge) on RBD: the volume and every snapshot read exactly
@@ -72,34 +85,8 @@ def test_every_view_matches_a_model_through_random_operations_on_rbd(ceph_cluste
     rnd = random.Random(seed)
     loc = _new(_loc("model"), keys)
     model = bytearray(SIZE)
-    snaps: dict[str, bytes] = {}
-    counter = 0
     with open_chain(loc, keys) as chain:
-        for _ in range(30):
-            op = rnd.random()
-            if op < 0.55:
-                off = rnd.randrange(SIZE)
-                n = rnd.randrange(1, min(3 * BLOCK_SIZE, SIZE - off) + 1)
-                if rnd.random() < 0.7:
-                    data = rnd.randbytes(n)
-                    chain.pwrite(off, data)
-                    model[off : off + n] = data
-                else:
-                    chain.zero(off, n)
-                    model[off : off + n] = bytes(n)
-            elif op < 0.8 or not snaps:
-                counter += 1
-                chain.create(f"s{counter}")
-                snaps[f"s{counter}"] = bytes(model)
-            elif op < 0.9:
-                name = rnd.choice(sorted(snaps))
-                chain.revert(name)
-                model[:] = snaps[name]
-            else:
-                name = rnd.choice(sorted(snaps))
-                chain.delete(name)
-                del snaps[name]
-            assert chain.pread(0, SIZE) == model
+        snaps = random_chain_ops(chain, model, rnd, 30, 0.55, _write_or_zero)
     assert _view(loc, keys) == model
     for name, want in snaps.items():
         assert _view(loc, keys, name) == want, name

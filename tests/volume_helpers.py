@@ -62,3 +62,29 @@ def file_digest(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def random_chain_ops(chain, model: bytearray, rnd, steps: int, write_share: float, write) -> dict[str, bytes]:
+    """``steps`` random operations on a snapshot chain and on a byte ``model`` of it: ``write(chain, model, rnd)``
+    (a share ``write_share`` of them), then create, revert and delete (merge) of snapshots; after each one
+    the chain must read exactly the model.  The snapshots left, name -> the model when each was taken."""
+    snaps: dict[str, bytes] = {}
+    counter = 0
+    for _ in range(steps):
+        op = rnd.random()
+        if op < write_share:
+            write(chain, model, rnd)
+        elif op < 0.8 or not snaps:
+            counter += 1
+            chain.create(f"s{counter}")
+            snaps[f"s{counter}"] = bytes(model)
+        elif op < 0.9:
+            name = rnd.choice(sorted(snaps))
+            chain.revert(name)
+            model[:] = snaps[name]
+        else:
+            name = rnd.choice(sorted(snaps))
+            chain.delete(name)
+            del snaps[name]
+        assert chain.pread(0, len(model)) == model
+    return snaps
