@@ -501,8 +501,7 @@ def _finish_rbd(path: str, provider: KeyProvider) -> None:
     pending overlay: an opener is refused naming the holder, never recovers beside it.  A dead holder's locks
     stay until an operator breaks them (:func:`break_chain_locks`, ``--break-lock``)."""
     images = _rbd_chain_images(path)
-    garbage = [*images["tmp"].values(), *images["old"].values()]
-    if not images["pending"] and not garbage and storage_exists(path):
+    if not (images["pending"] or images["tmp"] or images["old"]) and storage_exists(path):
         return
     held: dict[str, PQCVolume] = {}  # location -> open (locked) volume
     anchor: PQCVolume | None = None  # the volume now at IMAGE, held locked while the garbage goes
