@@ -22,7 +22,7 @@ from qwamos.errors import BlockAuthError
 from qwamos.nbd import constants as c
 from qwamos.nbd.client import NBDClient
 from qwamos.storage import open_storage
-from qwamos.storage.rbd import MAX_PREFETCH
+from qwamos.storage.rbd import MAX_PREFETCH, MAX_PREFETCH_BYTES
 from qwamos.volume import PQCVolume
 from qwamos.volume.header import HEADER_SIZE, SLOT_SIZE
 
@@ -93,35 +93,107 @@ def test_a_change_after_the_prefetch_is_seen(ceph_cluster, change):
         s.close()
 
 
-def test_no_prefetch_over_a_write_in_flight(ceph_cluster):
-    """A range that a write still in flight overlaps is not read ahead: librbd does not order an aio read after
-    an aio write in flight, so the prefetch could miss it."""
+def test_no_prefetch_over_a_write_held_back_or_in_flight(ceph_cluster):
+    """A range that a write held back (for coalescing) or still in flight overlaps is not read ahead: the held
+    one is not librbd's yet, and librbd does not order an aio read after an aio write in flight, so the
+    prefetch could miss either."""
     s = _image(ceph_cluster, "pf-inflight")
     try:
-        s.write(MIB, (b"\x33" * 4096,))  # asynchronous: in flight until reaped
-        assert s._inflight
+        s.write(MIB, (b"\x33" * 4096,))  # small: held back until unplug or a call of another kind
+        assert s._pending is not None and not s._inflight
+        s.prefetch(MIB - 8192, RUN)
+        assert not s._prefetched
+        s.unplug()  # asynchronous: now in flight until reaped
+        assert s._pending is None and s._inflight
         s.prefetch(MIB, RUN)
         assert (MIB, RUN) not in s._prefetched
         s.prefetch(3 * MIB, RUN)  # no overlap: started
         assert (3 * MIB, RUN) in s._prefetched
         assert _read(s, MIB, 4096) == b"\x33" * 4096
+        assert _read(s, MIB - 8192, 12288) == b"\x11" * 8192 + b"\x33" * 4096
+    finally:
+        s.close()
+
+
+def test_small_writes_end_to_end_are_coalesced_and_read_back(ceph_cluster):
+    """4 KiB-slot-sized writes that continue one another reach librbd as one write (held back until a write
+    elsewhere, a read, a flush or unplug); a write elsewhere, or one that would pass COALESCE_MAX, starts a new
+    one; every read sees every write before it, in order, overlapping ones included."""
+    from qwamos.storage.rbd import COALESCE_MAX
+
+    s = _image(ceph_cluster, "pf-coalesce", size=8 * MIB)
+    model = bytearray(b"\x11" * 8 * MIB)
+    try:
+        for i in range(64):  # a run: one held-back write
+            s.write(MIB + i * SLOT_SIZE, (bytes([i]) * SLOT_SIZE,))
+            model[MIB + i * SLOT_SIZE : MIB + (i + 1) * SLOT_SIZE] = bytes([i]) * SLOT_SIZE
+        assert (s._pending_off, s._pending_end) == (MIB, MIB + 64 * SLOT_SIZE) and not s._inflight
+        for i in range(1, 9):  # and descending, as qemu's queue sends a batch
+            s.write(MIB - i * SLOT_SIZE, (bytes([100 + i]) * SLOT_SIZE,))
+            model[MIB - i * SLOT_SIZE : MIB - (i - 1) * SLOT_SIZE] = bytes([100 + i]) * SLOT_SIZE
+        assert (s._pending_off, s._pending_end) == (MIB - 8 * SLOT_SIZE, MIB + 64 * SLOT_SIZE) and not s._inflight
+        s.write(MIB + 5, (b"\x99" * 10,))  # elsewhere (inside the held run): submitted after the run
+        model[MIB + 5 : MIB + 15] = b"\x99" * 10
+        assert len(s._inflight) == 1 and s._pending_off == MIB + 5
+        assert _read(s, 0, 8 * MIB) == model
+        n = COALESCE_MAX // SLOT_SIZE + 3
+        for i in range(n):  # past COALESCE_MAX: submitted in pieces of at most that
+            s.write(4 * MIB + i * SLOT_SIZE, (b"\x55" * SLOT_SIZE,))
+            assert s._pending is None or s._pending_end - s._pending_off <= COALESCE_MAX
+        model[4 * MIB : 4 * MIB + n * SLOT_SIZE] = b"\x55" * (n * SLOT_SIZE)
+        s.flush()
+        assert s._pending is None and not s._inflight
+        assert _read(s, 0, 8 * MIB) == model
+    finally:
+        s.close()
+    again = open_storage("rbd:rbd/pf-coalesce", read_only=True)
+    try:
+        assert again.read(0, 8 * MIB) == model  # on the cluster, not only in this handle
+    finally:
+        again.close()
+
+
+def test_a_prefetched_range_serves_the_reads_inside_it(ceph_cluster):
+    """A range hinted once (a run of small READs merged) serves every read inside it, stays until its last
+    bytes are taken, and a range hinted again is trimmed to what is not read ahead yet."""
+    s = _image(ceph_cluster, "pf-inside")
+    try:
+        s.write(2 * MIB, (os.urandom(16 * SLOT_SIZE),))
+        s.flush()
+        want = s.read(2 * MIB, 16 * SLOT_SIZE)
+        s.prefetch(2 * MIB, 8 * SLOT_SIZE)
+        s.prefetch(2 * MIB, 16 * SLOT_SIZE)  # the first half is pending: only the second is started
+        assert list(s._prefetched) == [(2 * MIB, 8 * SLOT_SIZE), (2 * MIB + 8 * SLOT_SIZE, 8 * SLOT_SIZE)]
+        for i in range(16):
+            assert s.read(2 * MIB + i * SLOT_SIZE, SLOT_SIZE) == want[i * SLOT_SIZE : (i + 1) * SLOT_SIZE]
+            assert len(s._prefetched) == 2 - (i + 1) // 8
+        assert s.read_ahead_hits == 16
     finally:
         s.close()
 
 
 def test_prefetch_limits_and_close_with_reads_pending(ceph_cluster):
-    """At most MAX_PREFETCH are pending, the oldest giving way; a discarded prefetch's buffer is kept until its
-    read completed; close waits for every read still running (their buffers are librbd's until then)."""
+    """At most MAX_PREFETCH ranges (MAX_PREFETCH_BYTES) are pending, the oldest giving way; a discarded
+    prefetch's buffer is kept until its read completed; close waits for every read still running (their
+    buffers are librbd's until then)."""
     s = _image(ceph_cluster, "pf-limits", size=32 * MIB)
+    r = 16 * SLOT_SIZE
     for i in range(MAX_PREFETCH + 4):
-        s.prefetch(i * RUN, RUN)
-    assert list(s._prefetched) == [(i * RUN, RUN) for i in range(4, MAX_PREFETCH + 4)]
+        s.prefetch(i * r, r)
+    assert list(s._prefetched) == [(i * r, r) for i in range(4, MAX_PREFETCH + 4)]
+    for i in range(7):  # bytes: at most MAX_PREFETCH_BYTES (24 MiB), the oldest giving way
+        s.prefetch(8 * MIB + i * 3 * MIB, 3 * MIB)
+        assert (8 * MIB + i * 3 * MIB, 3 * MIB) in s._prefetched
+    s.prefetch(4 * MIB, 4 * MIB)
+    assert sum(n for _o, n in s._prefetched) <= MAX_PREFETCH_BYTES
+    assert (4 * MIB, 4 * MIB) in s._prefetched and (8 * MIB, 3 * MIB) not in s._prefetched
     s.prefetch(31 * MIB, 2 * MIB)  # past the end of the image: ignored
     assert (31 * MIB, 2 * MIB) not in s._prefetched
-    s.write(5 * RUN, (b"\x44" * RUN,))  # discards that one while its read may still run
-    assert (5 * RUN, RUN) not in s._prefetched and len(s._prefetched) == MAX_PREFETCH - 1
-    assert _read(s, 5 * RUN, RUN) == b"\x44" * RUN
-    assert _read(s, 6 * RUN, RUN) == b"\x11" * RUN
+    before = len(s._prefetched)
+    s.write(14 * MIB + 5, (b"\x44" * RUN,))  # discards the range it overlaps while its read may still run
+    assert (14 * MIB, 3 * MIB) not in s._prefetched and len(s._prefetched) == before - 1
+    assert _read(s, 14 * MIB + 5, RUN) == b"\x44" * RUN
+    assert _read(s, 17 * MIB, RUN) == b"\x11" * RUN
     s.close()
     assert not s._prefetched and not s._stale
 

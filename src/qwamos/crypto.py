@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from functools import cache
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -64,6 +65,9 @@ MLDSA_PK_SIZE = 2592
 MLDSA_SIG_SIZE = 4627
 
 _Buf = bytes | bytearray | memoryview
+# What the raw loop functions of :meth:`Aead.sealer` / :meth:`Aead.opener` raise on a tag mismatch (the
+# library's exception, named here so that no other module imports the library).
+TagMismatch = InvalidTag
 
 
 def random_bytes(n: int) -> bytes:
@@ -224,6 +228,16 @@ class Aead:
         Lets the volume encrypt straight into a preallocated slot buffer, without a copy per block.
         """
         self._cipher.encrypt_into(nonce, plaintext, aad, out)
+
+    def sealer(self) -> Callable[[_Buf, _Buf, _Buf, memoryview], None]:
+        """:meth:`seal_into` without this wrapper's Python call: the library's own method, for the volume's loop
+        over the 256 slots of a 1 MiB request (the wrapper's frame cost about a fifth of the loop)."""
+        return self._cipher.encrypt_into
+
+    def opener(self) -> Callable[[_Buf, _Buf, _Buf, memoryview], None]:
+        """:meth:`open_into` without the wrapper, for the same loops; it raises :data:`TagMismatch` on a
+        mismatch, which the caller must turn into :class:`AuthenticationFailed` itself."""
+        return self._cipher.decrypt_into
 
     def open_into(self, nonce: _Buf, ciphertext: _Buf, aad: _Buf, out: memoryview) -> None:
         """Like :meth:`open`, writing the plaintext into ``out``; raise :class:`AuthenticationFailed` on a

@@ -48,12 +48,15 @@ DONE flag.  A piece that fails after earlier pieces were sent ends the reply wit
 backend's optional ``extents`` (:func:`qwamos.blockdev.can_extents`): holes as NBD_STATE_HOLE|NBD_STATE_ZERO,
 adjacent extents of one kind merged, at most ``MAX_EXTENTS`` descriptors, never past the requested range.
 
-Read-ahead: with a backend that can ``prefetch`` (``can_prefetch``: an RBD volume), each READ longer than
-``SMALL_READ`` first hints the READs already received behind it, up to the next request of another kind
-(:meth:`~qwamos.nbd.protocol.ServerConnection.queued_reads`), so that their cluster round trips run while this
-one is decrypted and sent.  Requests still execute one at a time in order; the backend keeps its read-ahead
-coherent with every later write (:mod:`qwamos.storage.rbd`), and a READ whose read-ahead failed answers its
-own error.
+Read-ahead: with a backend that can ``prefetch`` (``can_prefetch``: an RBD volume), a READ not hinted yet
+first hints itself and the READs already received behind it, up to the next request of another kind
+(:meth:`~qwamos.nbd.protocol.ServerConnection.queued_reads`), READs that continue one another as one range, so
+that their cluster round trips run together (a run of 4 KiB READs in one) and while this one is decrypted and
+sent.  The READs hinted are not hinted again (until more requests arrive).  Writes: a backend that holds small
+writes back to coalesce them (RBD) is ``unplug``-ged ``UNPLUG_DELAY`` after a connection has executed every
+request it has received, so a write is held back at most ``UNPLUG_DELAY`` while the export waits.  Requests
+still execute one at a time in order; the backend keeps its read-ahead coherent with every later write
+(:mod:`qwamos.storage.rbd`), and a READ whose read-ahead failed answers its own error.
 
 Errors: :data:`ERROR_MAP` turns backend exceptions into NBD error codes in one place; a block that fails
 authentication answers EIO for that request and is logged with its index; the server keeps serving.
@@ -124,10 +127,14 @@ DEFAULT_MAX_CONNECTIONS = 8
 # every slot and lock the VM's QEMU out.  Real clients finish in milliseconds.
 NBD_HANDSHAKE_TIMEOUT = 10.0
 SMALL_READ = 4096  # reads up to this size go through pread (copying 4 KiB costs less than the general path)
-# Per READ served, the READs queued behind it (longer than SMALL_READ) hinted to a backend with ``prefetch``:
-# at most this many, of at most this many bytes in all (within what RBDStorage keeps: 16 runs, 24 MiB)
-READ_AHEAD = 8
+# Per READ not hinted yet, it and the READs queued behind it are hinted to a backend with ``prefetch``: at most
+# this many queued, of at most this many bytes in all (within what RBDStorage keeps: 32 ranges, 24 MiB)
+READ_AHEAD = 16
 READ_AHEAD_BYTES = 8 << 20
+# Writes the backend holds back to coalesce them (RBD) reach its storage at most this long after the export ran
+# out of requests to execute.  Replies to WRITEs never wait for it (they are sent when the backend has the data,
+# as with a writeback cache); READs and FLUSHes see every earlier write regardless.
+UNPLUG_DELAY = 0.005
 READ_ROOM = 256 * 1024  # with read-ahead, requests are received while replies wait if this much buffer is free
 # Small replies (immutable bytes) produced in one _process run are written together once this many are held
 BATCH_BYTES = 64 * 1024
@@ -213,8 +220,29 @@ class _Shared:
         self.prefetch: Callable[[int, int], object] | None = (
             getattr(backend, "prefetch", None) if getattr(backend, "can_prefetch", False) else None
         )
+        # optional: hand the writes the backend holds back for coalescing (RBD) to its storage; called
+        # UNPLUG_DELAY after a connection has executed what it had received (see plugged)
+        self.unplug: Callable[[], object] | None = getattr(backend, "unplug", None)
+        self._unplug_timer: asyncio.TimerHandle | None = None
         self.next_id = 0
         self.closing = False
+
+    def plugged(self) -> None:
+        """A connection executed what it had: the writes the backend holds back go to its storage within
+        ``UNPLUG_DELAY`` (not at once: the client's next WRITEs, sent as our replies reach it, would find
+        nothing to join otherwise; a reader or FLUSH never waits for this, the backend submits first)."""
+        if self.unplug is not None and self._unplug_timer is None:
+            self._unplug_timer = asyncio.get_running_loop().call_later(UNPLUG_DELAY, self._unplug_now)
+
+    def _unplug_now(self) -> None:
+        self._unplug_timer = None
+        if self.unplug is not None:
+            self.unplug()
+
+    def stop_unplug_timer(self) -> None:
+        if self._unplug_timer is not None:
+            self._unplug_timer.cancel()
+            self._unplug_timer = None
 
     async def close_connections(self, timeout: float) -> int:
         """Close every open connection (its sent replies delivered first), wait up to ``timeout`` seconds for
@@ -253,6 +281,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._r_cookie = 0
         self._r_offset = 0
         self._r_left = 0
+        self._hinted = 0  # READs from the next one on already hinted to the backend's read-ahead
         self.closed = asyncio.get_running_loop().create_future()
         self._handshake_timer: asyncio.TimerHandle | None = None
 
@@ -305,6 +334,7 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.proto.buffer_updated(nbytes)
+        self._hinted = 0  # new READs may be queued behind the hinted ones: the next READ hints again
         self._process()
 
     def eof_received(self) -> bool:
@@ -399,6 +429,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                     self._finish(ev)
                     return
         finally:
+            self.shared.plugged()
             out = proto.data_to_send()
             if not self._closing:
                 if out:
@@ -544,6 +575,10 @@ class NBDConnection(asyncio.BufferedProtocol):
             return
         length = ev.length
         sh = self.shared
+        if sh.prefetch is not None:
+            if self._hinted <= 0:
+                self._hinted = self._read_ahead(ev.offset, length)
+            self._hinted -= 1
         if length <= SMALL_READ:  # small reads: the backend's one-block fast path beats readinto here
             try:
                 data = sh.backend.pread(ev.offset, length)
@@ -552,8 +587,6 @@ class NBDConnection(asyncio.BufferedProtocol):
                 return
             self._send(reply_header(ev.cookie, 0) + data)
             return
-        if sh.prefetch is not None:
-            self._read_ahead()
         n = min(length, c.CHUNK)
         buf = self._take_buffer()
         try:
@@ -566,23 +599,36 @@ class NBDConnection(asyncio.BufferedProtocol):
         if n < length:
             self._r_offset, self._r_left = ev.offset + n, length - n
 
-    def _read_ahead(self) -> None:
-        """Hint the backend at the READs queued behind this one (up to the next request of another kind, so
-        none can pass a WRITE), so that their storage round trips overlap this one's decryption.  Only a
-        hint: the backend keeps it coherent with later writes, and a failure surfaces in that READ's reply."""
+    def _read_ahead(self, offset: int, length: int) -> int:
+        """Hint the backend at this READ and the READs queued behind it (up to the next request of another kind,
+        so none can pass a WRITE), READs that continue one another merged into one range, so that their storage
+        round trips overlap and a run of small READs costs one.  Returns how many READs were looked at (this
+        one included): the next ones need no hint again.  Only a hint: the backend keeps it coherent with later
+        writes, and a failure surfaces in that READ's reply."""
         prefetch = self.shared.prefetch
         assert prefetch is not None
         budget = READ_AHEAD_BYTES
-        for offset, length in self.proto.queued_reads(READ_AHEAD):
+        ranges: list[list[int]] = []
+        if length <= budget:
+            ranges.append([offset, offset + length])
             budget -= length
+        count = 1
+        for o, n in self.proto.queued_reads(READ_AHEAD):
+            budget -= n
             if budget < 0:
-                return
-            if length > SMALL_READ:
-                try:
-                    prefetch(offset, length)
-                except Exception as e:  # the READ itself reports whatever this was
-                    log.debug("connection %d: read-ahead of %d+%d not started: %s", self.id, offset, length, e)
-                    return
+                break
+            count += 1
+            if ranges and ranges[-1][1] == o:
+                ranges[-1][1] += n
+            else:
+                ranges.append([o, o + n])
+        for start, end in ranges:
+            try:
+                prefetch(start, end - start)
+            except Exception as e:  # the READ itself reports whatever this was
+                log.debug("connection %d: read-ahead of %d+%d not started: %s", self.id, start, end - start, e)
+                break
+        return count
 
     def _read_piece(self) -> None:
         """The next piece of a READ longer than CHUNK (only clients that ignore our advertised maximum send
@@ -613,8 +659,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         if not ev.length:
             self._send(none_chunk(ev.cookie))
             return
-        if ev.length > SMALL_READ and self.shared.prefetch is not None:
-            self._read_ahead()
+        if self.shared.prefetch is not None:
+            if self._hinted <= 0:
+                self._hinted = self._read_ahead(ev.offset, ev.length)
+            self._hinted -= 1
         self._r_cookie, self._r_offset, self._r_left = ev.cookie, ev.offset, ev.length
         self._read_chunk()
 
@@ -964,6 +1012,7 @@ class ExportServer:
         if shared is not None:
             shared.closing = True
             await shared.close_connections(timeout)
+            shared.stop_unplug_timer()  # the flush below submits what is held back
         self._servers.clear()
         self._close_socks()
         try:

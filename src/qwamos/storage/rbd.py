@@ -26,19 +26,26 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
 * ``write`` is asynchronous (``rbd_aio_write``), so that the export encrypts the next request while librbd
   sends this one: it returns once librbd has the request, keeping the ``bytes`` it handed over alive until
   that write's completion fires (the buffer is librbd's until then).  At most :data:`MAX_INFLIGHT` writes
-  (:data:`MAX_INFLIGHT_BYTES`) are in flight; every other call (read, zero, extents, flush, resize, close)
-  first waits for all of them, so a read always sees every earlier write, and a write that failed raises its
-  ``OSError`` there (at the latest at ``flush``), as a writeback cache reports its failures;
+  (:data:`MAX_INFLIGHT_BYTES`) are in flight; every other call (read, zero, extents, flush, resize, close) first
+  waits for all of them, so a read always sees every earlier write, and a write that failed raises its
+  ``OSError`` there (at the latest at ``flush``), as a writeback cache reports its failures.  A write smaller
+  than :data:`COALESCE_BELOW` is held back first: the small writes that continue it end to end join it (up to
+  :data:`COALESCE_MAX` bytes), and librbd gets them as one write when a write elsewhere comes, at any call of
+  another kind, or at ``unplug`` (which the export calls a few milliseconds after it ran out of requests to
+  execute).  A run of 4 KiB slot writes from a sequential writer then costs one cluster operation instead of one
+  each; nothing changes for what a reader or a ``flush`` sees, since both submit and wait first;
 * ``prefetch(offset, length)`` (optional, beyond the contract) starts an ``rbd_aio_read`` of the range into a
   buffer of its own, so that the cluster's round trip overlaps the caller's work on an earlier range (the
   export hints the READs queued behind the one it serves, :mod:`qwamos.nbd.server`); a later
-  :meth:`RBDStorage.read_into` of exactly that range takes the data from there (and a failure of that read
-  raises there, for that caller only).  A prefetched range must read as if it were read at ``read_into``
-  time: one overlapping a write in flight is not started, and a write, zero or resize overlapping one that
-  is pending discards it (it is read again then).  Its buffer is librbd's until its completion has fired:
-  discarded ones are kept until then and reaped, and ``close`` waits for all of them.  At most
-  :data:`MAX_PREFETCH` ranges (:data:`MAX_PREFETCH_BYTES`) are pending: a new one discards the oldest (so
-  that hints whose reads never came, from a client that left, age out);
+  :meth:`RBDStorage.read_into` (or ``read``) inside that range takes the data from there (and a failure of
+  that read raises there, for that caller only); the range stays until a read takes its last bytes, so the
+  export hints the queued READs that follow one another as one range (one cluster operation for a run of
+  4 KiB READs), and a range hinted again is not read twice.  A prefetched range must read as if it were read
+  at ``read_into`` time: one overlapping a write in flight or held back is not started, and a write, zero or
+  resize overlapping one that is pending discards it (it is read again then).  Its buffer is librbd's until
+  its completion has fired: discarded ones are kept until then and reaped, and ``close`` waits for all of
+  them.  At most :data:`MAX_PREFETCH` ranges (:data:`MAX_PREFETCH_BYTES`) are pending: a new one discards the
+  oldest (so that hints whose reads never came, from a client that left, age out);
 * ``flush`` is ``rbd_flush`` (the OSDs' acknowledgement: durable on the cluster).  librbd's writeback cache is
   always off (``rbd_cache=false`` set over the configuration): on a full cluster it retried failed
   writebacks forever and held every writer past its dirty limit, so a filled cluster hung the export instead
@@ -82,9 +89,14 @@ log = logging.getLogger("qwamos.storage")
 OSD_OP_TIMEOUT = "30"  # seconds: bounded waits for OSD operations (librados' default 0 waits forever)
 MOUNT_TIMEOUT = "30"  # seconds to reach the monitors (librados' default is 300)
 _cookies = itertools.count(1)
-MAX_INFLIGHT = 16  # asynchronous writes in flight per image
+MAX_INFLIGHT = 128  # asynchronous writes in flight per image
 MAX_INFLIGHT_BYTES = 64 << 20
-MAX_PREFETCH = 16  # asynchronous reads started ahead of their read_into, per image
+MAX_PREFETCH = 32  # asynchronous reads started ahead of their read_into, per image
+# Writes smaller than this are held back and coalesced with the writes contiguous to them (up to
+# COALESCE_MAX bytes) until the next call of another kind or :meth:`RBDStorage.unplug`: a run of 4 KiB slot
+# writes then costs one cluster operation, not one each.
+COALESCE_BELOW = 64 << 10
+COALESCE_MAX = 1 << 20
 MAX_PREFETCH_BYTES = 24 << 20  # 16 runs of 256 slots (1 MiB of plaintext each) fit
 WRITER_KEY = b"qwamos.writer"  # image metadata: the writer's own note of who it is (host, pid)
 
@@ -217,6 +229,9 @@ class _Cluster:
             # waited for room in it forever (our export hung, control channel and SIGTERM included) instead of
             # getting ENOSPC.  We need no cache: the volume flushes when it must, and the export batches.
             check(L.rados_conf_set(self.handle, b"rbd_cache", b"false"), "rados_conf_set")
+            # librbd may send straight from our buffers (its default copies every write first): every buffer we
+            # hand to rbd_aio_write stays alive and unchanged until its completion is reaped (RBDStorage.write).
+            check(L.rados_conf_set(self.handle, b"rbd_disable_zero_copy_writes", b"false"), "rados_conf_set")
             check(L.rados_connect(self.handle), "connecting to the Ceph cluster")
             check(
                 L.rados_ioctx_create(self.handle, loc.pool.encode(), ctypes.byref(self.ioctx)), f"pool {loc.pool}"
@@ -264,8 +279,17 @@ class RBDStorage:
         # (completion, the bytes librbd is writing from, offset) of each write in flight, oldest first
         self._inflight: collections.deque[tuple[ctypes.c_void_p, bytes, int]] = collections.deque()
         self._inflight_bytes = 0
-        # (offset, length) -> (completion, buffer) of each prefetch (aio read) not yet taken by read_into
-        self._prefetched: dict[tuple[int, int], tuple[ctypes.c_void_p, bytearray]] = {}
+        # small writes held back for coalescing (not yet librbd's): their bytes, in order, from _pending_off to
+        # _pending_end (a writer's run, ascending or descending: qemu's queue sends a batch of 4 KiB writes in
+        # descending order)
+        self._pending: collections.deque[bytes] | None = None
+        self._pending_off = self._pending_end = 0
+        self._failed: OSError | None = None  # a submission that failed in unplug, raised by the next call
+        self._wpool: list[bytearray] = []  # buffers of reaped write_owned writes, for write_buffer
+        self._lent: bytearray | None = None  # the read-ahead buffer of the last read_view: not reused before
+        # (offset, length) -> [completion or None, buffer, bytes read or None] of each prefetch (aio read) not
+        # yet wholly taken by read_into (completion released and result noted once the first reader waited)
+        self._prefetched: dict[tuple[int, int], list] = {}
         self._prefetched_bytes = 0
         # discarded prefetches whose reads may still be running: librbd owns their buffers until completion
         self._stale: list[tuple[ctypes.c_void_p, bytearray]] = []
@@ -302,37 +326,95 @@ class RBDStorage:
         L.rbd_aio_wait_for_complete(comp)
         ret = L.rbd_aio_get_return_value(comp)
         L.rbd_aio_release(comp)
+        if type(data) is bytearray and len(self._wpool) < 4:
+            self._wpool.append(data)  # a write_owned buffer: librbd is done with it, write_buffer reuses it
         del data  # only now is librbd done with it
         if ret < 0:
             return OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}")
         return None
 
     def _drain(self) -> None:
-        """Wait for every write in flight; raise the first failure among them (after all are done)."""
-        first: OSError | None = None
+        """Submit the writes held back, wait for every write in flight; raise the first failure among them
+        (after all are done)."""
+        first, self._failed = self._failed, None
+        if self._pending is not None:
+            try:
+                self._submit_pending(reap=False)
+            except OSError as e:
+                first = first or e
         while self._inflight:
             err = self._reap_oldest()
             first = first or err
         if first is not None:
             raise first
 
+    def unplug(self) -> None:
+        """Hand the writes held back for coalescing to librbd now (the export calls this shortly after it ran
+        out of requests to execute).  Never raises: a failure is raised by the next call that waits."""
+        if self._pending is not None:
+            try:
+                self._submit_pending(reap=False)
+            except OSError as e:
+                self._failed = self._failed or e
+
+    def _submit_pending(self, *, reap: bool) -> None:
+        chunks, self._pending = self._pending, None
+        assert chunks is not None
+        self._submit(self._pending_off, chunks[0] if len(chunks) == 1 else b"".join(chunks), reap=reap)
+
+    def _submit(self, offset: int, data: bytes | bytearray, *, reap: bool) -> None:
+        """``rbd_aio_write`` of ``data`` (kept alive until its completion is reaped); with ``reap``, wait for the
+        oldest writes while more than the limits are in flight (raising the first failure among them)."""
+        L = lib()
+        comp = ctypes.c_void_p()
+        check(L.rbd_aio_create_completion(None, None, ctypes.byref(comp)), "rbd_aio_create_completion")
+        src = data if isinstance(data, bytes) else (ctypes.c_char * len(data)).from_buffer(data)
+        ret = L.rbd_aio_write(self._image, offset, len(data), src, comp)
+        del src  # a bytearray's export ends here; ``data`` itself stays alive in _inflight
+        if ret < 0:
+            L.rbd_aio_release(comp)
+            raise OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}")
+        self._inflight.append((comp, data, offset))  # ``data`` stays alive until the completion is reaped
+        self._inflight_bytes += len(data)
+        while reap and (len(self._inflight) > MAX_INFLIGHT or self._inflight_bytes > MAX_INFLIGHT_BYTES):
+            err = self._reap_oldest()
+            if err is not None:
+                # Wait for the rest too, so that their failures (the same full cluster, mostly) are reported
+                # with this one and not again by the caller's retry once there is room.
+                with contextlib.suppress(OSError):
+                    self._drain()
+                raise err
+
     def prefetch(self, offset: int, length: int) -> None:
-        """Start reading ``[offset, offset+length)`` now, for a later :meth:`read_into` of exactly that range
-        (see the module docstring).  A hint: ignored when it cannot be taken (limits, overlap, end of image)."""
-        key = (offset, length)
-        if length <= 0 or length > MAX_PREFETCH_BYTES or key in self._prefetched or not self._image:
+        """Start reading ``[offset, offset+length)`` now, for later :meth:`read_into` calls inside that range
+        (see the module docstring).  A hint: ignored when it cannot be taken (limits, overlap, end of image);
+        the part already being read ahead is not read again."""
+        if length <= 0 or length > MAX_PREFETCH_BYTES or not self._image:
             return
-        self._reap_stale(wait=False)
         end = offset + length
+        if self._prefetched:  # trim what pending prefetches already cover (the same READs hinted again)
+            for o, n in self._prefetched:
+                if o <= offset < o + n:
+                    offset = o + n
+                elif offset < o < end <= o + n:
+                    end = o
+            if end <= offset:
+                return
+            length = end - offset
+        self._reap_stale(wait=False)
+        if self._pending is not None and self._pending_off < end and offset < self._pending_end:
+            return  # a write held back overlaps it: read_into reads it after that write instead
         for _comp, data, woff in self._inflight:
             if woff < end and offset < woff + len(data):
                 return  # it would race the write: read_into reads it after the write instead
         if end > self.size():
             return
         # Full: the oldest gives way (a hint whose READ never came, e.g. its client left, must not stay forever)
-        while len(self._prefetched) >= MAX_PREFETCH or self._prefetched_bytes + length > MAX_PREFETCH_BYTES:
+        while self._prefetched and (
+            len(self._prefetched) >= MAX_PREFETCH or self._prefetched_bytes + length > MAX_PREFETCH_BYTES
+        ):
             oldest = next(iter(self._prefetched))
-            self._stale.append(self._prefetched.pop(oldest))
+            self._retire(self._prefetched.pop(oldest))
             self._prefetched_bytes -= oldest[1]
         buf = self._spare_buffer(length)
         L = lib()
@@ -343,7 +425,7 @@ class RBDStorage:
         if L.rbd_aio_read(self._image, offset, length, target, comp) < 0:
             L.rbd_aio_release(comp)
             return
-        self._prefetched[key] = (comp, buf)
+        self._prefetched[(offset, length)] = [comp, buf, None]
         self._prefetched_bytes += length
         self.read_ahead_started += 1
 
@@ -354,6 +436,16 @@ class RBDStorage:
                 return buf
         return bytearray(length)
 
+    def _retire(self, entry: list) -> None:
+        """A prefetch leaves the table: its buffer is reused at once if its read is done, else kept (librbd's
+        until the read completes) and reaped later."""
+        comp, buf, _ret = entry
+        if comp is None:
+            if len(self._spare) < 2:
+                self._spare.append(buf)
+        else:
+            self._stale.append((comp, buf))
+
     def _discard_prefetches(self, offset: int, length: int) -> None:
         """Discard the pending prefetches overlapping ``[offset, offset+length)`` (all with ``length`` < 0):
         their data may predate a change being made now."""
@@ -361,9 +453,8 @@ class RBDStorage:
             return
         end = offset + length
         for key in [k for k in self._prefetched if length < 0 or (k[0] < end and offset < k[0] + k[1])]:
-            entry = self._prefetched.pop(key)
+            self._retire(self._prefetched.pop(key))
             self._prefetched_bytes -= key[1]
-            self._stale.append(entry)  # librbd may still be filling its buffer
 
     def _reap_stale(self, *, wait: bool) -> None:
         """Release discarded prefetches whose reads have completed (all of them, waiting, with ``wait``)."""
@@ -382,23 +473,56 @@ class RBDStorage:
         self._stale = keep
 
     def _take_prefetch(self, offset: int, buf: memoryview) -> int | None:
-        """``read_into`` from a prefetch of exactly this range: the bytes read, or None when there is none."""
-        entry = self._prefetched.pop((offset, len(buf)), None)
-        if entry is None:
+        """``read_into`` from a prefetch whose range holds ``[offset, offset+len(buf))``: the bytes read, or
+        None when there is none."""
+        view = self._prefetch_view(offset, len(buf))
+        if view is None:
             return None
-        comp, data = entry
-        self._prefetched_bytes -= len(buf)
+        got = len(view)
+        buf[:got] = view
+        return got
+
+    def read_view(self, offset: int, length: int) -> memoryview | None:
+        """The bytes of ``[offset, offset+length)`` without a copy, when a prefetch holds them: a read-only view
+        of its buffer, valid until the next call on this storage (the volume decrypts from it at once); None
+        otherwise (then ``read_into``).  Shorter than ``length`` only at the end of the image."""
+        if not self._prefetched:
+            return None
+        self.reads += 1
+        return self._prefetch_view(offset, length)
+
+    def _prefetch_view(self, offset: int, n: int) -> memoryview | None:
+        """A view of the bytes of a prefetch whose range holds ``[offset, offset+n)`` (None when there is none),
+        waiting for its read.  The prefetch stays for the rest of its range until a read takes its end; its
+        buffer is then lent (``_lent``) until the next such call, not reused by a prefetch meanwhile."""
+        lent, self._lent = self._lent, None
+        if lent is not None and len(self._spare) < 2:
+            self._spare.append(lent)
+        for key in self._prefetched:
+            start, length = key
+            if start <= offset and offset + n <= start + length:
+                break
+        else:
+            return None
+        entry = self._prefetched[key]
+        comp, data, ret = entry
+        if ret is None:
+            L = lib()
+            L.rbd_aio_wait_for_complete(comp)
+            ret = L.rbd_aio_get_return_value(comp)
+            L.rbd_aio_release(comp)  # complete: librbd is done with ``data``
+            entry[0], entry[2] = None, ret
         self.read_ahead_hits += 1
-        L = lib()
-        L.rbd_aio_wait_for_complete(comp)
-        ret = L.rbd_aio_get_return_value(comp)
-        L.rbd_aio_release(comp)  # complete: librbd is done with ``data``
-        if ret < 0:
-            raise OSError(-ret, f"rbd_aio_read at {offset}: {os.strerror(-ret)}")
-        buf[:ret] = memoryview(data)[:ret]
-        if len(self._spare) < 2:
-            self._spare.append(data)
-        return ret
+        if ret < 0 or offset + n >= start + length:
+            del self._prefetched[key]
+            self._prefetched_bytes -= length
+            if ret < 0:
+                self._retire(entry)
+                raise OSError(-ret, f"rbd_aio_read at {start}: {os.strerror(-ret)}")
+            self._lent = data  # complete (comp released): reusable once the caller is done with the view
+        skip = offset - start
+        got = max(0, min(n, ret - skip))
+        return memoryview(data)[skip : skip + got].toreadonly()
 
     def read_into(self, offset: int, buf: memoryview) -> int:
         self.reads += 1
@@ -415,6 +539,12 @@ class RBDStorage:
         return got
 
     def read(self, offset: int, length: int) -> bytes:
+        if self._prefetched:
+            buf = bytearray(length)
+            got = self._take_prefetch(offset, memoryview(buf))
+            if got is not None:
+                self.reads += 1
+                return bytes(buf) if got == length else bytes(buf[:got])
         self._drain()
         want = min(length, max(0, self.size() - offset))
         if want <= 0:
@@ -423,31 +553,55 @@ class RBDStorage:
         got = check(lib().rbd_read(self._image, offset, want, out), "rbd_read")
         return out.raw[:got]
 
-    def write(self, offset: int, bufs: Sequence[Buffer]) -> None:
-        data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        if not data:
+    def write_buffer(self, length: int) -> bytearray:
+        """A buffer of ``length`` bytes for :meth:`write_owned` (one of a reaped write's, when one fits)."""
+        pool = self._wpool
+        while pool:
+            buf = pool.pop()
+            if len(buf) == length:
+                return buf
+        return bytearray(length)
+
+    def write_owned(self, offset: int, buf: bytearray) -> None:
+        """``write(offset, (buf,))`` without copying ``buf``: it is the storage's from now on (librbd sends
+        straight from it), so the caller must not touch it again.  For the volume's sealed runs."""
+        n = len(buf)
+        if n < COALESCE_BELOW:
+            self.write(offset, (buf,))
             return
         if self._prefetched:
-            self._discard_prefetches(offset, len(data))
-        L = lib()
-        comp = ctypes.c_void_p()
-        check(L.rbd_aio_create_completion(None, None, ctypes.byref(comp)), "rbd_aio_create_completion")
-        ret = L.rbd_aio_write(self._image, offset, len(data), data, comp)
-        if ret < 0:
-            L.rbd_aio_release(comp)
-            raise OSError(-ret, f"rbd_aio_write: {os.strerror(-ret)}")
-        self._inflight.append((comp, data, offset))  # ``data`` stays alive until the completion is reaped
-        self._inflight_bytes += len(data)
-        while len(self._inflight) > MAX_INFLIGHT or self._inflight_bytes > MAX_INFLIGHT_BYTES:
-            err = self._reap_oldest()
-            if err is not None:
-                # Wait for the rest too, so that their failures (the same full cluster, mostly) are reported
-                # with this one and not again by the caller's retry once there is room.
-                with contextlib.suppress(OSError):
-                    self._drain()
-                raise err
+            self._discard_prefetches(offset, n)
+        if self._pending is not None:
+            self._submit_pending(reap=True)
+        self._submit(offset, buf, reap=True)
+
+    def write(self, offset: int, bufs: Sequence[Buffer]) -> None:
+        data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
+        n = len(data)
+        if not n:
+            return
+        if self._prefetched:
+            self._discard_prefetches(offset, n)
+        pend = self._pending
+        if n < COALESCE_BELOW:
+            if pend is not None and self._pending_end - self._pending_off + n <= COALESCE_MAX:
+                # joins a run held back, at either end: librbd gets it with its neighbours (see unplug)
+                if offset == self._pending_end:
+                    pend.append(bytes(data))
+                    self._pending_end += n
+                    return
+                if offset + n == self._pending_off:
+                    pend.appendleft(bytes(data))
+                    self._pending_off = offset
+                    return
+            if pend is not None:
+                self._submit_pending(reap=True)
+            self._pending = collections.deque((bytes(data),))
+            self._pending_off, self._pending_end = offset, offset + n
+            return
+        if pend is not None:
+            self._submit_pending(reap=True)
+        self._submit(offset, data if isinstance(data, bytes) else bytes(data), reap=True)
 
     def allocate(self, offset: int, length: int) -> bool:
         return length <= 0  # thin-provisioned: nothing to reserve (see the module docstring)

@@ -79,6 +79,11 @@ class SlotIO:
         self._slot_mv = memoryview(self.wbuf)[:SLOT_SIZE]
         self._read = storage.read
         self._write = storage.write
+        # Optional storage methods (RBD): seal a run straight into a buffer the storage then owns (no copy of
+        # the sealed run), and open a run straight from the storage's read-ahead buffer (no copy either).
+        self._write_buffer = getattr(storage, "write_buffer", None)
+        self._write_owned = getattr(storage, "write_owned", None)
+        self._read_view = getattr(storage, "read_view", None)
         self._allocate = storage.allocate
         self._reserved = Bitmap()  # slots whose space is known reserved this session (see seal_blocks)
         self._reserved_bits = self._reserved.bits  # grows in place (Bitmap.mark extends it)
@@ -99,15 +104,27 @@ class SlotIO:
 
     def open_blocks(self, first: int, count: int, out: memoryview) -> None:
         """Decrypt ``count`` (<= MAX_RUN) consecutive blocks into ``out``; raise on the first bad one."""
-        raw = memoryview(self.rbuf)[: count * SLOT_SIZE]
-        got = self.storage.read_into(HEADER_SIZE + first * SLOT_SIZE, raw)
+        n = count * SLOT_SIZE
+        view = None
+        if self._read_view is not None and not self.overlay:
+            view = self._read_view(HEADER_SIZE + first * SLOT_SIZE, n)
+        if view is not None and len(view) == n:
+            bad: list[int] = []
+            self.cipher.open_run(view, first, count, out, bad)
+            if bad:
+                raise BlockAuthError(path=self.path, index=bad[0])
+            return
+        raw = memoryview(self.rbuf)[:n]
+        got = view.nbytes if view is not None else self.storage.read_into(HEADER_SIZE + first * SLOT_SIZE, raw)
+        if view is not None:
+            raw[:got] = view
         if got < len(raw):
             raise TruncatedVolumeError(path=self.path, msg=f"slot {first + got // SLOT_SIZE} is past end of file")
         if self.overlay:
             for index, slot in self.overlay.items():
                 if first <= index < first + count:
                     raw[(index - first) * SLOT_SIZE : (index - first + 1) * SLOT_SIZE] = slot
-        bad: list[int] = []
+        bad = []
         self.cipher.open_run(self.rbuf, first, count, out, bad)  # reads only the first `count` slots
         if bad:
             raise BlockAuthError(path=self.path, index=bad[0])
@@ -127,9 +144,14 @@ class SlotIO:
         if track and self.tracker is not None:
             self._track(first, count)
         done = 0
+        owned = self._write_buffer
         while done < count:
             epoch, granted = budget.take(count - done)
-            out = out_all[: granted * SLOT_SIZE]
+            if owned is not None:
+                buf = owned(granted * SLOT_SIZE)
+                out = memoryview(buf)
+            else:
+                out = out_all[: granted * SLOT_SIZE]
             self.cipher.seal_run(
                 out,
                 first + done,
@@ -140,7 +162,11 @@ class SlotIO:
                 length,
             )
             self.dirty = True
-            write(HEADER_SIZE + (first + done) * SLOT_SIZE, (out,))
+            if owned is not None:
+                out.release()
+                self._write_owned(HEADER_SIZE + (first + done) * SLOT_SIZE, buf)  # buf is the storage's now
+            else:
+                write(HEADER_SIZE + (first + done) * SLOT_SIZE, (out,))
             done += granted
 
     # --- key rotation (qwamos.volume.rotation) -------------------------------------------------------------

@@ -782,6 +782,10 @@ class ChainVolume:
         if len(self.layers) == 1:
             self.layers[0].prefetch(offset, length)
 
+    def unplug(self) -> None:
+        """Hand the writes the top layer's storage holds back to it now (:meth:`PQCVolume.unplug`)."""
+        self.layers[0].unplug()
+
     def _fill_blocks(self, offset: int, out: memoryview) -> None:
         """A small read, block by block: each block from the first layer whose slot holds it (one slot read
         per layer looked at; the allocation scan of :meth:`_fill` costs more than that for a few blocks)."""

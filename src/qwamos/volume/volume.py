@@ -511,6 +511,16 @@ class PQCVolume:
             for _pos, block, count, _skip, _n in runs(offset, length):
                 hint(HEADER_SIZE + block * SLOT_SIZE, count * SLOT_SIZE)
 
+    def unplug(self) -> None:
+        """Hand the small writes the storage holds back for coalescing (RBD,
+        :meth:`qwamos.storage.rbd.RBDStorage.unplug`) to it now: the export calls this a few milliseconds after
+        it ran out of requests to execute, so that no write is held back for long while it waits for more.  What a
+        later read or ``flush`` sees is the same either way; a failure surfaces at the next call."""
+        with self._guard:
+            unplug = getattr(self._storage, "unplug", None)
+            if unplug is not None:
+                unplug()
+
     def _read_into(self, offset: int, out: memoryview) -> None:
         io = self._io
         scratch = io.pmv
