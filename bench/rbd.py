@@ -12,7 +12,11 @@ OSD: the objects live in the OSD's memory, so this measures the client side, lib
 not disks).  Compare the ratios of one run, never figures from different runs.
 
 Usage: .venv/bin/python bench/rbd.py [--size-mib 256] [--repeat 3] [--use-env-cluster] [--no-fio]
-       [--only WORD] [--algorithm chacha20-poly1305|aes-256-gcm|auto]
+       [--only WORD] [--algorithm chacha20-poly1305|aes-256-gcm|auto] [--compare-python PATH]
+
+``--compare-python PATH`` adds (c): the same kind of qvol served by another interpreter, e.g. another
+checkout's ``.venv/bin/python`` (its own ``qwamos``), in the same rounds: an A/B of a change with the load of
+this shared machine hitting both alike (compare a/c, not figures of two runs).
 """
 
 from __future__ import annotations
@@ -75,6 +79,11 @@ def main() -> None:
         choices=["chacha20-poly1305", "aes-256-gcm", "auto"],
         help="cipher of the qvol (default: the spec's chacha20-poly1305; auto = AES-256-GCM with AES-NI)",
     )
+    ap.add_argument(
+        "--compare-python",
+        metavar="PATH",
+        help="also serve a qvol with this interpreter (another checkout's venv) in the same rounds: A/B",
+    )
     args = ap.parse_args()
     workloads = [w for w in QD if not args.only or any(t in w[0].split() for t in args.only)]
     if not workloads:
@@ -107,6 +116,17 @@ def main() -> None:
                     "--keystore", str(ks)]  # fmt: skip
             stack.enter_context(server(argv, sock))
             targets["a qvol"] = f"nbd+unix:///?socket={sock}"
+            if args.compare_python:  # (c) the same with another checkout, for an A/B
+                image_c = f"bench-c-{tag}"
+                loc_c = f"rbd:{args.pool}/{image_c}:conf={conf}"
+                PQCVolume(loc_c, keystore=PQCKeystore(ks)).create(
+                    "c", "bench", size_bytes=args.size_mib << 20, algorithm=args.algorithm
+                )
+                sock_c = work / "c.sock"
+                argv = [args.compare_python, "-m", "qwamos.cli.main", "volume", "serve", loc_c, "--socket",
+                        str(sock_c), "--keystore", str(ks)]  # fmt: skip
+                stack.enter_context(server(argv, sock_c))
+                targets["c qvol other"] = f"nbd+unix:///?socket={sock_c}"
             # (b) qemu-nbd: QEMU's rbd driver, librbd LUKS2
             passfile = work / "pass"
             passfile.write_text(PASSPHRASE)
@@ -131,7 +151,7 @@ def main() -> None:
                 prepare(name, uri, args.size_mib)
             results = run_all(targets, workloads, args.size_mib, args.repeat, use_fio)
             stack.close()  # the servers first: an image still open (watched) cannot be removed
-            for image in (image_a, image_b):
+            for image in (image_a, image_b, *([image_c] if args.compare_python else [])):
                 subprocess.run(
                     [*rbd, "rm", "--no-progress", f"{args.pool}/{image}"], check=False, capture_output=True
                 )
@@ -139,13 +159,19 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     a, b = results["a qvol"], results["b rbd-luks2"]
+    other = results.get("c qvol other")
     print()
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (2 cores shared)")
-    print(f"{'workload':26} {'a qvol':>10} {'b luks2':>10} {'a/b':>6}  goal >= 1")
+    extra = f" {'c other':>10} {'a/c':>6}" if other else ""
+    print(f"{'workload':26} {'a qvol':>10} {'b luks2':>10} {'a/b':>6}  goal >= 1{extra}")
     for k in a:
         unit = "MB/s" if "1M" in k else "IOPS"
         ratio = a[k] / b[k] if b[k] else float("nan")
-        print(f"{k + f' ({unit})':26} {a[k]:10.0f} {b[k]:10.0f} {ratio:6.2f}  {'met' if ratio >= 1 else 'MISSED'}")
+        verdict = "met   " if ratio >= 1 else "MISSED"
+        line = f"{k + f' ({unit})':26} {a[k]:10.0f} {b[k]:10.0f} {ratio:6.2f}  {verdict}"
+        if other:
+            line += f"    {other[k]:10.0f} {a[k] / other[k] if other[k] else float('nan'):6.2f}"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from nbd_helpers import serving
+from nbd_helpers import SERVE, serving
 from qwamos.cli.main import main
 from qwamos.errors import BlockAuthError
 from qwamos.nbd import constants as c
@@ -138,9 +138,9 @@ def test_small_writes_end_to_end_are_coalesced_and_read_back(ceph_cluster):
         assert _read(s, 0, 8 * MIB) == model
         n = COALESCE_MAX // SLOT_SIZE + 3
         for i in range(n):  # past COALESCE_MAX: submitted in pieces of at most that
-            s.write(4 * MIB + i * SLOT_SIZE, (b"\x55" * SLOT_SIZE,))
+            s.write(2 * MIB + i * SLOT_SIZE, (b"\x55" * SLOT_SIZE,))
             assert s._pending is None or s._pending_end - s._pending_off <= COALESCE_MAX
-        model[4 * MIB : 4 * MIB + n * SLOT_SIZE] = b"\x55" * (n * SLOT_SIZE)
+        model[2 * MIB : 2 * MIB + n * SLOT_SIZE] = b"\x55" * (n * SLOT_SIZE)
         s.flush()
         assert s._pending is None and not s._inflight
         assert _read(s, 0, 8 * MIB) == model
@@ -349,3 +349,44 @@ def test_read_ahead_only_where_the_storage_reads_ahead(ceph_cluster, keys, tmp_p
             assert (shared.prefetch is not None) is reads_ahead
         finally:
             vol.close()
+
+
+def test_owned_buffers_stay_librbds_until_their_write_completes(ceph_cluster):
+    """``write_owned`` hands its buffer to librbd, which sends straight from it (zero-copy writes), and
+    ``write_buffer`` reuses buffers: it must never give back one whose write may still be in flight.  64 runs
+    of distinct bytes written back to back through them (the volume's sealed-run path) read back as written."""
+    s = _image(ceph_cluster, "pf-owned", size=72 * MIB)
+    try:
+        for i in range(64):
+            buf = s.write_buffer(RUN)
+            buf[:] = bytes([i + 1]) * RUN
+            s.write_owned(i * RUN, buf)
+        s.flush()
+        for i in range(64):
+            assert s.read(i * RUN, RUN) == bytes([i + 1]) * RUN, f"run {i} holds another run's bytes"
+    finally:
+        s.close()
+
+
+def test_a_write_held_back_reaches_the_cluster_without_another_request(served):
+    """The export holds small writes back to coalesce them, and hands them to librbd within UNPLUG_DELAY of
+    running out of requests: a lone 4 KiB WRITE, with no FLUSH or other request after it, reaches the cluster
+    (another client, reading the image raw, sees its slot change) -- it is not left waiting for a next request."""
+    import time
+
+    from qwamos.volume.header import HEADER_SIZE as H
+
+    sock, _data, proc = served
+    loc = str(proc.args[len(SERVE)])  # qwamos.nbd.export LOCATION --socket ...
+    index = 1000
+    raw = open_storage(loc, read_only=True)
+    try:
+        before = raw.read(H + index * SLOT_SIZE, SLOT_SIZE)
+        with NBDClient.connect_unix(sock) as cl:
+            cl.write(index * 4096, os.urandom(4096))
+            deadline = time.monotonic() + 20
+            while raw.read(H + index * SLOT_SIZE, SLOT_SIZE) == before:
+                assert time.monotonic() < deadline, "the WRITE never reached the cluster without a FLUSH"
+                time.sleep(0.05)
+    finally:
+        raw.close()

@@ -61,6 +61,7 @@ _SIGNATURES: dict[str, tuple[str, Any, list[Any]]] = {
     "rbd_aio_create_completion": ("rbd", c_int, [c_void_p, c_void_p, ctypes.POINTER(c_void_p)]),
     "rbd_aio_write": ("rbd", c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p]),
     "rbd_aio_read": ("rbd", c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p]),
+    "rbd_aio_writev": ("rbd", c_int, [c_void_p, c_void_p, c_int, c_uint64, c_void_p]),  # (image, iov, n, off, c)
     "rbd_aio_is_complete": ("rbd", c_int, [c_void_p]),
     "rbd_aio_wait_for_complete": ("rbd", c_int, [c_void_p]),
     "rbd_aio_get_return_value": ("rbd", c_ssize_t, [c_void_p]),

@@ -28,12 +28,14 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
   that write's completion fires (the buffer is librbd's until then).  At most :data:`MAX_INFLIGHT` writes
   (:data:`MAX_INFLIGHT_BYTES`) are in flight; every other call (read, zero, extents, flush, resize, close) first
   waits for all of them, so a read always sees every earlier write, and a write that failed raises its
-  ``OSError`` there (at the latest at ``flush``), as a writeback cache reports its failures.  A write smaller
-  than :data:`COALESCE_BELOW` is held back first: the small writes that continue it end to end join it (up to
-  :data:`COALESCE_MAX` bytes), and librbd gets them as one write when a write elsewhere comes, at any call of
-  another kind, or at ``unplug`` (which the export calls a few milliseconds after it ran out of requests to
-  execute).  A run of 4 KiB slot writes from a sequential writer then costs one cluster operation instead of one
-  each; nothing changes for what a reader or a ``flush`` sees, since both submit and wait first;
+  ``OSError`` there (at the latest at ``flush``), as a writeback cache reports its failures.  A write is held
+  back first: the writes that continue it end to end, at either end, join it (up to :data:`COALESCE_MAX`
+  bytes, an object), and librbd gets them as one write (``rbd_aio_writev``, sending straight from the
+  buffers: ``rbd_disable_zero_copy_writes`` is off) when a write elsewhere comes, at any call of another kind,
+  or at ``unplug`` (which the export calls a few milliseconds after it ran out of requests to execute).  A run
+  of 4 KiB slot writes from a sequential writer then costs one cluster operation instead of one each, and four
+  1 MiB runs one or two; nothing changes for what a reader or a ``flush`` sees, since both submit and wait
+  first;
 * ``prefetch(offset, length)`` (optional, beyond the contract) starts an ``rbd_aio_read`` of the range into a
   buffer of its own, so that the cluster's round trip overlaps the caller's work on an earlier range (the
   export hints the READs queued behind the one it serves, :mod:`qwamos.nbd.server`); a later
@@ -92,11 +94,25 @@ _cookies = itertools.count(1)
 MAX_INFLIGHT = 128  # asynchronous writes in flight per image
 MAX_INFLIGHT_BYTES = 64 << 20
 MAX_PREFETCH = 32  # asynchronous reads started ahead of their read_into, per image
-# Writes smaller than this are held back and coalesced with the writes contiguous to them (up to
-# COALESCE_MAX bytes) until the next call of another kind or :meth:`RBDStorage.unplug`: a run of 4 KiB slot
-# writes then costs one cluster operation, not one each.
-COALESCE_BELOW = 64 << 10
-COALESCE_MAX = 1 << 20
+# Writes are held back and coalesced with the writes contiguous to them (up to COALESCE_MAX bytes) until the
+# next call of another kind or :meth:`RBDStorage.unplug`: a run of 4 KiB slot writes then costs one cluster
+# operation, not one each.
+COALESCE_MAX = 4 << 20  # an object of a default RBD image
+COALESCE_BELOW = 64 << 10  # writes below this are copied into bytes (joined when many), others stay bytearrays
+MAX_IOV = 16  # buffers per rbd_aio_writev; more are joined into one first
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _address(data: bytes | bytearray) -> int:
+    """The address of ``data``'s bytes (valid while ``data`` lives and, for a bytearray, is not resized)."""
+    if type(data) is bytes:
+        return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+    return ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data))
+
+
 MAX_PREFETCH_BYTES = 24 << 20  # 16 runs of 256 slots (1 MiB of plaintext each) fit
 WRITER_KEY = b"qwamos.writer"  # image metadata: the writer's own note of who it is (host, pid)
 
@@ -276,13 +292,15 @@ class RBDStorage:
         self._read_only = read_only
         self._cookie: bytes | None = None  # an advisory lock's cookie
         self._lock_kind: str | None = None  # "managed" (exclusive-lock feature), "advisory", "none" (reader)
-        # (completion, the bytes librbd is writing from, offset) of each write in flight, oldest first
-        self._inflight: collections.deque[tuple[ctypes.c_void_p, bytes, int]] = collections.deque()
+        # (completion, the buffers librbd is writing from, offset, length) of each write in flight, oldest first
+        self._inflight: collections.deque[tuple[ctypes.c_void_p, Sequence[bytes | bytearray], int, int]] = (
+            collections.deque()
+        )
         self._inflight_bytes = 0
         # small writes held back for coalescing (not yet librbd's): their bytes, in order, from _pending_off to
         # _pending_end (a writer's run, ascending or descending: qemu's queue sends a batch of 4 KiB writes in
         # descending order)
-        self._pending: collections.deque[bytes] | None = None
+        self._pending: collections.deque[bytes | bytearray] | None = None
         self._pending_off = self._pending_end = 0
         self._failed: OSError | None = None  # a submission that failed in unplug, raised by the next call
         self._wpool: list[bytearray] = []  # buffers of reaped write_owned writes, for write_buffer
@@ -319,16 +337,17 @@ class RBDStorage:
         return self._read_only
 
     def _reap_oldest(self) -> OSError | None:
-        """Wait for the oldest write in flight and release it (and its buffer); its failure, if it failed."""
-        comp, data, offset = self._inflight.popleft()
-        self._inflight_bytes -= len(data)
+        """Wait for the oldest write in flight and release it (and its buffers); its failure, if it failed."""
+        comp, bufs, offset, length = self._inflight.popleft()
+        self._inflight_bytes -= length
         L = lib()
         L.rbd_aio_wait_for_complete(comp)
         ret = L.rbd_aio_get_return_value(comp)
         L.rbd_aio_release(comp)
-        if type(data) is bytearray and len(self._wpool) < 4:
-            self._wpool.append(data)  # a write_owned buffer: librbd is done with it, write_buffer reuses it
-        del data  # only now is librbd done with it
+        # only now is librbd done with the buffers: write_owned's go back to write_buffer
+        for buf in bufs:
+            if type(buf) is bytearray and len(self._wpool) < 8:
+                self._wpool.append(buf)
         if ret < 0:
             return OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}")
         return None
@@ -357,25 +376,56 @@ class RBDStorage:
             except OSError as e:
                 self._failed = self._failed or e
 
-    def _submit_pending(self, *, reap: bool) -> None:
-        chunks, self._pending = self._pending, None
-        assert chunks is not None
-        self._submit(self._pending_off, chunks[0] if len(chunks) == 1 else b"".join(chunks), reap=reap)
+    def _hold(self, offset: int, buf: bytes | bytearray) -> None:
+        """Hold ``buf`` (the storage's from now on) back to coalesce it with the writes that continue it."""
+        n = len(buf)
+        pend = self._pending
+        if pend is not None and self._pending_end - self._pending_off + n <= COALESCE_MAX:
+            if offset == self._pending_end:
+                pend.append(buf)
+                self._pending_end += n
+                return
+            if offset + n == self._pending_off:  # descending: qemu's queue sends a batch of writes that way
+                pend.appendleft(buf)
+                self._pending_off = offset
+                return
+        if pend is not None:
+            self._submit_pending(reap=True)
+        self._pending = collections.deque((buf,))
+        self._pending_off, self._pending_end = offset, offset + n
 
-    def _submit(self, offset: int, data: bytes | bytearray, *, reap: bool) -> None:
-        """``rbd_aio_write`` of ``data`` (kept alive until its completion is reaped); with ``reap``, wait for the
-        oldest writes while more than the limits are in flight (raising the first failure among them)."""
+    def _submit_pending(self, *, reap: bool) -> None:
+        bufs, self._pending = self._pending, None
+        assert bufs is not None
+        if len(bufs) > MAX_IOV:  # many small writes: one copy is cheaper than as many iovecs
+            bufs = collections.deque((b"".join(bufs),))
+        self._submit(self._pending_off, self._pending_end - self._pending_off, bufs, reap=reap)
+
+    def _submit(self, offset: int, length: int, bufs: Sequence[bytes | bytearray], *, reap: bool) -> None:
+        """One ``rbd_aio_write`` (``rbd_aio_writev`` for several buffers) of ``bufs``, contiguous from ``offset``:
+        they stay alive, unchanged, until its completion is reaped (librbd sends straight from them).  With
+        ``reap``, wait for the oldest writes while more than the limits are in flight (raising the first
+        failure among them)."""
         L = lib()
         comp = ctypes.c_void_p()
         check(L.rbd_aio_create_completion(None, None, ctypes.byref(comp)), "rbd_aio_create_completion")
-        src = data if isinstance(data, bytes) else (ctypes.c_char * len(data)).from_buffer(data)
-        ret = L.rbd_aio_write(self._image, offset, len(data), src, comp)
-        del src  # a bytearray's export ends here; ``data`` itself stays alive in _inflight
+        if len(bufs) == 1:
+            data = bufs[0]
+            src = data if type(data) is bytes else (ctypes.c_char * len(data)).from_buffer(data)
+            ret = L.rbd_aio_write(self._image, offset, length, src, comp)
+        else:
+            iov = (_IOVec * len(bufs))()
+            for i, data in enumerate(bufs):
+                iov[i].base = _address(data)
+                iov[i].len = len(data)
+            ret = L.rbd_aio_writev(self._image, iov, len(bufs), offset, comp)
+            src = None
+        del src  # a bytearray's export ends here; the buffers themselves stay alive in _inflight
         if ret < 0:
             L.rbd_aio_release(comp)
             raise OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}")
-        self._inflight.append((comp, data, offset))  # ``data`` stays alive until the completion is reaped
-        self._inflight_bytes += len(data)
+        self._inflight.append((comp, bufs, offset, length))
+        self._inflight_bytes += length
         while reap and (len(self._inflight) > MAX_INFLIGHT or self._inflight_bytes > MAX_INFLIGHT_BYTES):
             err = self._reap_oldest()
             if err is not None:
@@ -404,8 +454,8 @@ class RBDStorage:
         self._reap_stale(wait=False)
         if self._pending is not None and self._pending_off < end and offset < self._pending_end:
             return  # a write held back overlaps it: read_into reads it after that write instead
-        for _comp, data, woff in self._inflight:
-            if woff < end and offset < woff + len(data):
+        for _comp, _bufs, woff, wlen in self._inflight:
+            if woff < end and offset < woff + wlen:
                 return  # it would race the write: read_into reads it after the write instead
         if end > self.size():
             return
@@ -565,43 +615,20 @@ class RBDStorage:
     def write_owned(self, offset: int, buf: bytearray) -> None:
         """``write(offset, (buf,))`` without copying ``buf``: it is the storage's from now on (librbd sends
         straight from it), so the caller must not touch it again.  For the volume's sealed runs."""
-        n = len(buf)
-        if n < COALESCE_BELOW:
-            self.write(offset, (buf,))
-            return
         if self._prefetched:
-            self._discard_prefetches(offset, n)
-        if self._pending is not None:
-            self._submit_pending(reap=True)
-        self._submit(offset, buf, reap=True)
+            self._discard_prefetches(offset, len(buf))
+        if len(buf) > COALESCE_MAX:
+            if self._pending is not None:
+                self._submit_pending(reap=True)
+            self._submit(offset, len(buf), (buf,), reap=True)
+        elif buf:
+            self._hold(offset, buf)
 
     def write(self, offset: int, bufs: Sequence[Buffer]) -> None:
         data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
-        n = len(data)
-        if not n:
+        if not len(data):
             return
-        if self._prefetched:
-            self._discard_prefetches(offset, n)
-        pend = self._pending
-        if n < COALESCE_BELOW:
-            if pend is not None and self._pending_end - self._pending_off + n <= COALESCE_MAX:
-                # joins a run held back, at either end: librbd gets it with its neighbours (see unplug)
-                if offset == self._pending_end:
-                    pend.append(bytes(data))
-                    self._pending_end += n
-                    return
-                if offset + n == self._pending_off:
-                    pend.appendleft(bytes(data))
-                    self._pending_off = offset
-                    return
-            if pend is not None:
-                self._submit_pending(reap=True)
-            self._pending = collections.deque((bytes(data),))
-            self._pending_off, self._pending_end = offset, offset + n
-            return
-        if pend is not None:
-            self._submit_pending(reap=True)
-        self._submit(offset, data if isinstance(data, bytes) else bytes(data), reap=True)
+        self.write_owned(offset, bytearray(data) if len(data) >= COALESCE_BELOW else bytes(data))
 
     def allocate(self, offset: int, length: int) -> bool:
         return length <= 0  # thin-provisioned: nothing to reserve (see the module docstring)
