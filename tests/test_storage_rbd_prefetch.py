@@ -390,3 +390,21 @@ def test_a_write_held_back_reaches_the_cluster_without_another_request(served):
                 time.sleep(0.05)
     finally:
         raw.close()
+
+
+def test_a_read_over_two_adjacent_prefetches_is_served_from_both(ceph_cluster):
+    """Pieces hinted at different times (a sequential reader's read-ahead) need not start where a read does: a
+    read over the end of one pending prefetch and the start of the next takes its bytes from both, in order."""
+    s = _image(ceph_cluster, "pf-straddle")
+    try:
+        payload = os.urandom(2 * MIB)
+        s.write(MIB, (payload,))
+        s.flush()
+        s.prefetch(MIB, MIB // 2)
+        s.prefetch(MIB + MIB // 2, MIB)
+        hits = s.read_ahead_hits
+        assert _read(s, MIB + 1000, MIB) == payload[1000 : 1000 + MIB]
+        assert s.read_ahead_hits == hits + 2  # one piece from each: nothing read again from the cluster
+        assert _read(s, MIB + MIB // 2 + MIB - 10, 20) == payload[MIB // 2 + MIB - 10 : MIB // 2 + MIB + 10]
+    finally:
+        s.close()

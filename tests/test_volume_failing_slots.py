@@ -55,6 +55,13 @@ def test_a_slot_from_a_future_epoch_is_refused_by_every_read_path(tmp_path, keys
             v.read(0, 4 * BLOCK_SIZE)  # a run of slots
         assert v.check() == [2]
         assert v.read_block(3) == b"genuine 3"
+    # a whole run of such slots, all with the same word: the run loop's fast path must refuse them as well
+    for i in range(4, 8):
+        write_at(vol.path, slot_offset(i), forged_slot(vol.path, keys, i, 1, SECRET))
+    with PQCVolume(vol.path, keystore=keys, read_only=True) as v:
+        with pytest.raises(BlockAuthError) as info:
+            v.read(4 * BLOCK_SIZE, 4 * BLOCK_SIZE)
+        assert info.value.kwargs["index"] == 4
 
 
 @pytest.mark.parametrize("region", ["tag", "ciphertext"])

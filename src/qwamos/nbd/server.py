@@ -131,6 +131,10 @@ SMALL_READ = 4096  # reads up to this size go through pread (copying 4 KiB costs
 # this many queued, of at most this many bytes in all (within what RBDStorage keeps: 32 ranges, 24 MiB)
 READ_AHEAD = 16
 READ_AHEAD_BYTES = 8 << 20
+# A READ that continues the previous one (a sequential reader) also hints this much beyond the last READ
+# queued, so that the next batch's cluster round trips start before its READs arrive (librbd's own readahead
+# does this for qemu-nbd); what a reader never asks for ages out of the backend's read-ahead (bounded there).
+SEQUENTIAL_AHEAD = 4 << 20
 # Writes the backend holds back to coalesce them (RBD) reach its storage at most this long after the export ran
 # out of requests to execute.  Replies to WRITEs never wait for it (they are sent when the backend has the data,
 # as with a writeback cache); READs and FLUSHes see every earlier write regardless.
@@ -282,6 +286,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._r_offset = 0
         self._r_left = 0
         self._hinted = 0  # READs from the next one on already hinted to the backend's read-ahead
+        self._read_end = -1  # where the last READ executed ended (a READ starting there continues it)
         self.closed = asyncio.get_running_loop().create_future()
         self._handshake_timer: asyncio.TimerHandle | None = None
 
@@ -579,6 +584,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             if self._hinted <= 0:
                 self._hinted = self._read_ahead(ev.offset, length)
             self._hinted -= 1
+            self._read_end = ev.offset + length
         if length <= SMALL_READ:  # small reads: the backend's one-block fast path beats readinto here
             try:
                 data = sh.backend.pread(ev.offset, length)
@@ -602,7 +608,8 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _read_ahead(self, offset: int, length: int) -> int:
         """Hint the backend at this READ and the READs queued behind it (up to the next request of another kind,
         so none can pass a WRITE), READs that continue one another merged into one range, so that their storage
-        round trips overlap and a run of small READs costs one.  Returns how many READs were looked at (this
+        round trips overlap and a run of small READs costs one; a READ that continues the previous one also hints
+        ``SEQUENTIAL_AHEAD`` bytes beyond.  Returns how many READs were looked at (this
         one included): the next ones need no hint again.  Only a hint: the backend keeps it coherent with later
         writes, and a failure surfaces in that READ's reply."""
         prefetch = self.shared.prefetch
@@ -622,6 +629,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 ranges[-1][1] += n
             else:
                 ranges.append([o, o + n])
+        if ranges and offset == self._read_end:  # sequential: read on beyond what is queued
+            ranges[-1][1] = min(ranges[-1][1] + SEQUENTIAL_AHEAD, self.proto.export.size)
         for start, end in ranges:
             try:
                 prefetch(start, end - start)
@@ -663,6 +672,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             if self._hinted <= 0:
                 self._hinted = self._read_ahead(ev.offset, ev.length)
             self._hinted -= 1
+            self._read_end = ev.offset + ev.length
         self._r_cookie, self._r_offset, self._r_left = ev.cookie, ev.offset, ev.length
         self._read_chunk()
 

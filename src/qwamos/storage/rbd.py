@@ -526,11 +526,32 @@ class RBDStorage:
         """``read_into`` from a prefetch whose range holds ``[offset, offset+len(buf))``: the bytes read, or
         None when there is none."""
         view = self._prefetch_view(offset, len(buf))
-        if view is None:
-            return None
-        got = len(view)
-        buf[:got] = view
-        return got
+        if view is not None:
+            got = len(view)
+            buf[:got] = view
+            return got
+        # Several pending prefetches that follow one another (pieces hinted at different times) may cover it
+        # together: take it from them when they do, else read it (None).
+        end = offset + len(buf)
+        pieces = []
+        pos = offset
+        while pos < end:
+            for o, n in self._prefetched:
+                if o <= pos < o + n:
+                    pieces.append((pos, min(end, o + n) - pos))
+                    pos = o + n
+                    break
+            else:
+                return None
+        done = 0
+        for pos, n in pieces:
+            view = self._prefetch_view(pos, n)
+            assert view is not None
+            buf[done : done + len(view)] = view
+            done += len(view)
+            if len(view) < n:
+                break
+        return done
 
     def read_view(self, offset: int, length: int) -> memoryview | None:
         """The bytes of ``[offset, offset+length)`` without a copy, when a prefetch holds them: a read-only view
