@@ -783,8 +783,10 @@ class ChainVolume:
             self.layers[0].prefetch(offset, length)
 
     def unplug(self) -> None:
-        """Hand the writes the top layer's storage holds back to it now (:meth:`PQCVolume.unplug`)."""
-        self.layers[0].unplug()
+        """Hand the writes the top layer's storage holds back to it now (:meth:`PQCVolume.unplug`); nothing
+        once the chain is closed."""
+        if self.layers:
+            self.layers[0].unplug()
 
     def _fill_blocks(self, offset: int, out: memoryview) -> None:
         """A small read, block by block: each block from the first layer whose slot holds it (one slot read
