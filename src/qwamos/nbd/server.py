@@ -240,8 +240,8 @@ class _Shared:
 
     def _unplug_now(self) -> None:
         self._unplug_timer = None
-        if self.unplug is not None:
-            self.unplug()
+        assert self.unplug is not None  # scheduled by plugged() only when there is one
+        self.unplug()
 
     def stop_unplug_timer(self) -> None:
         if self._unplug_timer is not None:
@@ -581,10 +581,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         length = ev.length
         sh = self.shared
         if sh.prefetch is not None:
-            if self._hinted <= 0:
-                self._hinted = self._read_ahead(ev.offset, length)
-            self._hinted -= 1
-            self._read_end = ev.offset + length
+            self._read_starts(ev.offset, length)
         if length <= SMALL_READ:  # small reads: the backend's one-block fast path beats readinto here
             try:
                 data = sh.backend.pread(ev.offset, length)
@@ -604,6 +601,14 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._send_buffer(buf, 0, REPLY_SIZE + n)
         if n < length:
             self._r_offset, self._r_left = ev.offset + n, length - n
+
+    def _read_starts(self, offset: int, length: int) -> None:
+        """A READ is about to execute, with a backend that reads ahead: hint it and the READs behind it unless an
+        earlier hint covered it (``_hinted``), and note where it ends (a READ starting there is sequential)."""
+        if self._hinted <= 0:
+            self._hinted = self._read_ahead(offset, length)
+        self._hinted -= 1
+        self._read_end = offset + length
 
     def _read_ahead(self, offset: int, length: int) -> int:
         """Hint the backend at this READ and the READs queued behind it (up to the next request of another kind,
@@ -669,10 +674,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._send(none_chunk(ev.cookie))
             return
         if self.shared.prefetch is not None:
-            if self._hinted <= 0:
-                self._hinted = self._read_ahead(ev.offset, ev.length)
-            self._hinted -= 1
-            self._read_end = ev.offset + ev.length
+            self._read_starts(ev.offset, ev.length)
         self._r_cookie, self._r_offset, self._r_left = ev.cookie, ev.offset, ev.length
         self._read_chunk()
 

@@ -108,24 +108,23 @@ class SlotIO:
         view = None
         if self._read_view is not None and not self.overlay:
             view = self._read_view(HEADER_SIZE + first * SLOT_SIZE, n)
-        if view is not None and len(view) == n:
-            bad: list[int] = []
-            self.cipher.open_run(view, first, count, out, bad)
-            if bad:
-                raise BlockAuthError(path=self.path, index=bad[0])
-            return
         raw = memoryview(self.rbuf)[:n]
-        got = view.nbytes if view is not None else self.storage.read_into(HEADER_SIZE + first * SLOT_SIZE, raw)
-        if view is not None:
+        if view is None:
+            got = self.storage.read_into(HEADER_SIZE + first * SLOT_SIZE, raw)
+        elif len(view) == n:  # opened straight from the storage's read-ahead buffer
+            raw = view
+            got = n
+        else:  # short: the end of the image
+            got = len(view)
             raw[:got] = view
-        if got < len(raw):
+        if got < n:
             raise TruncatedVolumeError(path=self.path, msg=f"slot {first + got // SLOT_SIZE} is past end of file")
         if self.overlay:
             for index, slot in self.overlay.items():
                 if first <= index < first + count:
                     raw[(index - first) * SLOT_SIZE : (index - first + 1) * SLOT_SIZE] = slot
-        bad = []
-        self.cipher.open_run(self.rbuf, first, count, out, bad)  # reads only the first `count` slots
+        bad: list[int] = []
+        self.cipher.open_run(raw, first, count, out, bad)
         if bad:
             raise BlockAuthError(path=self.path, index=bad[0])
 

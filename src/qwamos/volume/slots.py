@@ -88,6 +88,11 @@ class SlotCipher:
             self._aeads[epoch] = a
         return a
 
+    def _opener(self, epoch: int) -> Callable:
+        """The raw opener of ``epoch``'s AEAD (:meth:`crypto.Aead.opener`), made once per epoch."""
+        opener = self._openers[epoch] = self.aead(epoch).opener()
+        return opener
+
     def start_rotation(self, new_key: bytes, old_epoch_max: int) -> None:
         """The volume key becomes ``new_key``; epochs up to ``old_epoch_max`` stay under the key used so far."""
         self._old_key, self._key = self._key, new_key
@@ -208,13 +213,16 @@ class SlotCipher:
                 and epoch <= max_epoch
                 and all(src[j:n:SLOT_SIZE] == src[j : j + 1].tobytes() * count for j in range(WORD_SIZE))
             ):
-                opener = openers.get(epoch)
-                if opener is None:
-                    opener = openers[epoch] = self.aead(epoch).opener()
+                opener = openers.get(epoch) or self._opener(epoch)
                 for i in range(first_index, first_index + count):
                     pack(aad, 16, i, epoch, length, alg)
                     try:
-                        opener(src[o + 4 : o + 16], src[o + CT_OFFSET : o + SLOT_SIZE], aad_mv, out[p : p + 4096])
+                        opener(
+                            src[o + 4 : o + 16],
+                            src[o + CT_OFFSET : o + SLOT_SIZE],
+                            aad_mv,
+                            out[p : p + BLOCK_SIZE],
+                        )
                     except mismatch:
                         out[p : p + BLOCK_SIZE] = ZERO_BLOCK
                         bad.append(i)
@@ -229,9 +237,7 @@ class SlotCipher:
                 out[p : p + BLOCK_SIZE] = ZERO_BLOCK
                 bad.append(i)
             else:
-                opener = openers.get(epoch)
-                if opener is None:
-                    opener = openers[epoch] = self.aead(epoch).opener()
+                opener = openers.get(epoch) or self._opener(epoch)
                 pack(aad, 16, i, epoch, length, alg)
                 try:
                     opener(

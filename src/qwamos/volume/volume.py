@@ -57,8 +57,8 @@ from qwamos.volume.slots import NonceBudget, NoncePool, SlotCipher
 __all__ = ["PQCVolume", "UnverifiedHeader", "read_header"]
 
 _ZERO_BYTES = bytes(BLOCK_SIZE)
-PREFETCH_PIECE = 4  # runs (1 MiB of plaintext each) per read-ahead hint to the storage: about an RBD object
 _ZERO_MV = memoryview(_ZERO_BYTES)
+PREFETCH_PIECE = 4  # runs (1 MiB of plaintext each) per read-ahead hint to the storage: about an RBD object
 
 
 log = logging.getLogger("qwamos.volume")
