@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 WORKLOADS = [
@@ -96,6 +97,23 @@ def qemu_bench(uri: str, write: bool, size: str, depth: int, count: int, stride:
     return float(m.group(1))
 
 
+FIO = ("randread", "randwrite")  # fio's nbd engine, 4 KiB at depth 16
+
+
+def fio_name(rw: str) -> str:
+    return f"fio {rw} 4k QD16"
+
+
+def selected(only: list[str], no_fio: bool) -> tuple[list, list[str]]:
+    """The qemu-img workloads and the fio ones whose names hold one of the words ``only`` (all when empty)."""
+
+    def match(name: str) -> bool:
+        return not only or any(t in name.split() for t in only)
+
+    fio = [rw for rw in FIO if match(fio_name(rw))] if fio_available() and not no_fio else []
+    return [w for w in WORKLOADS if match(w[0])], fio
+
+
 def fio_available() -> bool:
     if not shutil.which("fio"):
         return False
@@ -138,7 +156,7 @@ def drop_cache(image: Path) -> None:
         os.close(fd)
 
 
-def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int, use_fio: bool,
+def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int, fio: Sequence[str],
             cold: dict[str, Path] | None = None):  # fmt: skip
     """Every workload on every target in turn, ``repeat`` rounds; the median per target.  ``cold``: target
     name -> image whose page cache is dropped before each of its runs."""
@@ -161,11 +179,16 @@ def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int
             unit = "MB/s" if size == "1M" else "IOPS"
             spread = f"(runs: {', '.join(f'{x:.2f}' for x in times[name])} s)" if repeat > 1 else ""
             print(f"  {name:8} {wname:18} {results[name][wname]:10.0f} {unit} {spread}", flush=True)
-    if use_fio:
-        for rw in ("randread", "randwrite"):
-            for name, uri in targets.items():
-                results[name][f"fio {rw} 4k QD16"] = v = fio_iops(uri, rw)
-                print(f"  {name:8} fio {rw:14} {v:10.0f} IOPS", flush=True)
+    for rw in fio:
+        runs: dict[str, list[float]] = {name: [] for name in targets}
+        names = list(targets)
+        for r in range(repeat):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                runs[name].append(fio_iops(targets[name], rw))
+        for name in targets:
+            results[name][fio_name(rw)] = v = statistics.median(runs[name])
+            spread = f"(runs: {', '.join(f'{x:.0f}' for x in runs[name])})" if repeat > 1 else ""
+            print(f"  {name:8} fio {rw:14} {v:10.0f} IOPS {spread}", flush=True)
     return results
 
 
@@ -192,7 +215,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="WORD",
-        help="run only workloads with WORD in their name (repeatable): --only QD1, --only 4k-write",
+        help="run only workloads with WORD in their name (repeatable): --only QD1, --only 4k-write, --only fio",
     )
     ap.add_argument(
         "--cache",
@@ -209,8 +232,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--no-fio", action="store_true")
     args = ap.parse_args()
-    workloads = [w for w in WORKLOADS if not args.only or any(t in w[0].split() for t in args.only)]
-    if not workloads:
+    workloads, fio = selected(args.only, args.no_fio)
+    if not workloads and not fio:
         raise SystemExit(f"no workload matches {args.only}")
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -218,8 +241,7 @@ def main() -> None:
     from qwamos.volume import PQCVolume
 
     work = Path(tempfile.mkdtemp(prefix="nbdbench", dir="/tmp"))
-    use_fio = fio_available() and not args.no_fio and not args.only
-    print(f"NBD export benchmark: {args.size_mib} MiB images in {work}, repeat={args.repeat}, fio={use_fio}")
+    print(f"NBD export benchmark: {args.size_mib} MiB images in {work}, repeat={args.repeat}, fio={fio}")
     print("page cache: each image written end to end through its own server (1 MiB writes + FLUSH) before any")
     print("timed workload; all three servers up at once, each workload run on a, b, c in turn")
     if args.cache == "cold":
@@ -261,7 +283,7 @@ def main() -> None:
                 prepare(name, uri, args.size_mib)
             images = {"a qvol": vol, "b luks": img, "c raw": raw}
             cold = images if args.cache == "cold" else None
-            all_results = run_all(targets, workloads, args.size_mib, args.repeat, use_fio, cold)
+            all_results = run_all(targets, workloads, args.size_mib, args.repeat, fio, cold)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

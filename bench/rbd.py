@@ -35,7 +35,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "src"))
 
-from nbd import WORKLOADS, fio_available, prepare, run_all, server  # noqa: E402  (bench/nbd.py)
+from nbd import WORKLOADS, prepare, run_all, selected, server  # noqa: E402  (bench/nbd.py)
 
 PASSPHRASE = "bench-only-not-secret"
 QD = [w for w in WORKLOADS if w[3] > 1]  # the depth-4 and depth-16 workloads
@@ -71,7 +71,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="WORD",
-        help="run only workloads with WORD in their name (repeatable): --only 1M, --only seq-read",
+        help="run only workloads with WORD in their name (repeatable): --only 1M, --only randwrite, --only fio",
     )
     ap.add_argument(
         "--algorithm",
@@ -85,15 +85,15 @@ def main() -> None:
         help="also serve a qvol with this interpreter (another checkout's venv) in the same rounds: A/B",
     )
     args = ap.parse_args()
-    workloads = [w for w in QD if not args.only or any(t in w[0].split() for t in args.only)]
-    if not workloads:
+    workloads, fio = selected(args.only, args.no_fio)
+    workloads = [w for w in workloads if w in QD]
+    if not workloads and not fio:
         raise SystemExit(f"no workload matches {args.only}")
 
     from qwamos.keystore import PQCKeystore
     from qwamos.volume import PQCVolume
 
     work = Path(tempfile.mkdtemp(prefix="rbdbench", dir="/tmp"))
-    use_fio = fio_available() and not args.no_fio and not args.only
     try:
         with cluster(work, args.use_env_cluster) as conf, contextlib.ExitStack() as stack:
             os.environ["CEPH_CONF"] = str(conf)
@@ -149,7 +149,7 @@ def main() -> None:
             targets["b rbd-luks2"] = f"nbd+unix:///?socket={sock}"
             for name, uri in targets.items():
                 prepare(name, uri, args.size_mib)
-            results = run_all(targets, workloads, args.size_mib, args.repeat, use_fio)
+            results = run_all(targets, workloads, args.size_mib, args.repeat, fio)
             stack.close()  # the servers first: an image still open (watched) cannot be removed
             for image in (image_a, image_b, *([image_c] if args.compare_python else [])):
                 subprocess.run(
