@@ -28,7 +28,10 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
   that write's completion fires (the buffer is librbd's until then).  At most :data:`MAX_INFLIGHT` writes
   (:data:`MAX_INFLIGHT_BYTES`) are in flight; every other call (read, zero, extents, flush, resize, close) first
   waits for all of them, so a read always sees every earlier write, and a write that failed raises its
-  ``OSError`` there (at the latest at ``flush``), as a writeback cache reports its failures.  A write is held
+  ``OSError`` there (at the latest at ``flush``), as a writeback cache reports its failures.  Two overlapping
+  writes are never in flight at once: librbd does not keep their order (on Ceph 16 a rewrite was overtaken by
+  the write it replaced, tests/test_storage_rbd_prefetch.py), so a write first waits for the writes in flight
+  that it overlaps.  A write is held
   back first: the writes that continue it end to end, at either end, join it (up to :data:`COALESCE_MAX`
   bytes, an object), and librbd gets them as one write (``rbd_aio_writev``, sending straight from the
   buffers: ``rbd_disable_zero_copy_writes`` is off) when a write elsewhere comes, at any call of another kind,
@@ -100,6 +103,10 @@ MAX_PREFETCH = 32  # asynchronous reads started ahead of their read_into, per im
 COALESCE_MAX = 4 << 20  # an object of a default RBD image
 COALESCE_BELOW = 64 << 10  # writes below this are copied into bytes (joined when many), others stay bytearrays
 MAX_IOV = 16  # buffers per rbd_aio_writev; more are joined into one first
+# librbd does not order overlapping writes in flight at once (a later one can land first), so a write waits
+# for the ones in flight that it overlaps; which chunks of this size have writes in flight tells cheaply
+# whether any may.
+BUSY_SHIFT = 16
 
 
 class _IOVec(ctypes.Structure):
@@ -297,6 +304,7 @@ class RBDStorage:
             collections.deque()
         )
         self._inflight_bytes = 0
+        self._busy: dict[int, int] = {}  # chunk (offset >> BUSY_SHIFT) -> writes in flight that touch it
         # small writes held back for coalescing (not yet librbd's): their bytes, in order, from _pending_off to
         # _pending_end (a writer's run, ascending or descending: qemu's queue sends a batch of 4 KiB writes in
         # descending order)
@@ -340,6 +348,12 @@ class RBDStorage:
         """Wait for the oldest write in flight and release it (and its buffers); its failure, if it failed."""
         comp, bufs, offset, length = self._inflight.popleft()
         self._inflight_bytes -= length
+        busy = self._busy
+        for chunk in range(offset >> BUSY_SHIFT, ((offset + length - 1) >> BUSY_SHIFT) + 1):
+            if busy[chunk] == 1:
+                del busy[chunk]
+            else:
+                busy[chunk] -= 1
         L = lib()
         L.rbd_aio_wait_for_complete(comp)
         ret = L.rbd_aio_get_return_value(comp)
@@ -403,10 +417,18 @@ class RBDStorage:
 
     def _submit(self, offset: int, length: int, bufs: Sequence[bytes | bytearray], *, reap: bool) -> None:
         """One ``rbd_aio_write`` (``rbd_aio_writev`` for several buffers) of ``bufs``, contiguous from ``offset``:
-        they stay alive, unchanged, until its completion is reaped (librbd sends straight from them).  With
-        ``reap``, wait for the oldest writes while more than the limits are in flight (raising the first
-        failure among them)."""
+        they stay alive, unchanged, until its completion is reaped (librbd sends straight from them).  First
+        wait for the writes in flight that it overlaps (librbd would not keep their order); with ``reap``,
+        then wait for the oldest writes while more than the limits are in flight (raising the first failure
+        among them)."""
         L = lib()
+        chunks = range(offset >> BUSY_SHIFT, ((offset + length - 1) >> BUSY_SHIFT) + 1)
+        busy = self._busy
+        if busy and any(chunk in busy for chunk in chunks):
+            end = offset + length
+            while any(o < end and offset < o + n for _c, _b, o, n in self._inflight):
+                err = self._reap_oldest()  # oldest first: the overlapped one is done at the latest when reaped
+                self._failed = self._failed or err
         comp = ctypes.c_void_p()
         check(L.rbd_aio_create_completion(None, None, ctypes.byref(comp)), "rbd_aio_create_completion")
         if len(bufs) == 1:
@@ -426,6 +448,8 @@ class RBDStorage:
             raise OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}")
         self._inflight.append((comp, bufs, offset, length))
         self._inflight_bytes += length
+        for chunk in chunks:
+            busy[chunk] = busy.get(chunk, 0) + 1
         while reap and (len(self._inflight) > MAX_INFLIGHT or self._inflight_bytes > MAX_INFLIGHT_BYTES):
             err = self._reap_oldest()
             if err is not None:
