@@ -157,12 +157,13 @@ def drop_cache(image: Path) -> None:
 
 
 def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int, fio: Sequence[str],
-            cold: dict[str, Path] | None = None):  # fmt: skip
+            cold: dict[str, Path] | None = None, passes: int = 1):  # fmt: skip
     """Every workload on every target in turn, ``repeat`` rounds; the median per target.  ``cold``: target
-    name -> image whose page cache is dropped before each of its runs."""
+    name -> image whose page cache is dropped before each of its runs.  ``passes``: 1 MiB workloads go over
+    the image this many times a run (qemu-img bench wraps around)."""
     results: dict[str, dict[str, float]] = {name: {} for name in targets}
     for wname, write, size, depth, per_gib, stride in workloads:
-        count = workload_count(size, per_gib, size_mib)
+        count = workload_count(size, per_gib, size_mib) * (passes if size == "1M" else 1)
         times: dict[str, list[float]] = {name: [] for name in targets}
         names = list(targets)
         for r in range(repeat):
