@@ -9,6 +9,7 @@ served).
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import struct
@@ -45,6 +46,17 @@ def _image(ceph_cluster, name: str, size: int = 8 * MIB):
     s.write(0, (b"\x11" * size,))
     s.flush()
     return s
+
+
+def _held(s) -> list[tuple[int, int]]:
+    """The runs of writes ``s`` holds back, ``(start, end)`` in order, after checking its indexes agree."""
+    runs = sorted((r.start, r.end) for r in s._runs.values())
+    assert runs == [(start, s._runs[start].end) for start in s._run_starts]
+    assert sorted((r.start, r.end) for r in s._run_ends.values()) == runs
+    assert sorted((r.start, r.end) for r in s._run_order) == runs
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(runs))  # disjoint
+    assert s._held_bytes == sum(b - a for a, b in runs)
+    return runs
 
 
 def _read(s, offset: int, length: int) -> bytes:
@@ -100,11 +112,12 @@ def test_no_prefetch_over_a_write_held_back_or_in_flight(ceph_cluster):
     s = _image(ceph_cluster, "pf-inflight")
     try:
         s.write(MIB, (b"\x33" * 4096,))  # small: held back until unplug or a call of another kind
-        assert s._pending is not None and not s._inflight
+        assert _held(s) == [(MIB, MIB + 4096)] and not s._inflight
         s.prefetch(MIB - 8192, RUN)
+        s.prefetch(MIB + 4095, RUN)  # one byte of overlap is enough
         assert not s._prefetched
-        s.unplug()  # asynchronous: now in flight until reaped
-        assert s._pending is None and s._inflight
+        assert s.unplug() is False  # asynchronous: now in flight until reaped
+        assert not _held(s) and s._inflight
         s.prefetch(MIB, RUN)
         assert (MIB, RUN) not in s._prefetched
         s.prefetch(3 * MIB, RUN)  # no overlap: started
@@ -127,22 +140,22 @@ def test_small_writes_end_to_end_are_coalesced_and_read_back(ceph_cluster):
         for i in range(64):  # a run: one held-back write
             s.write(MIB + i * SLOT_SIZE, (bytes([i]) * SLOT_SIZE,))
             model[MIB + i * SLOT_SIZE : MIB + (i + 1) * SLOT_SIZE] = bytes([i]) * SLOT_SIZE
-        assert (s._pending_off, s._pending_end) == (MIB, MIB + 64 * SLOT_SIZE) and not s._inflight
+        assert _held(s) == [(MIB, MIB + 64 * SLOT_SIZE)] and not s._inflight
         for i in range(1, 9):  # and descending, as qemu's queue sends a batch
             s.write(MIB - i * SLOT_SIZE, (bytes([100 + i]) * SLOT_SIZE,))
             model[MIB - i * SLOT_SIZE : MIB - (i - 1) * SLOT_SIZE] = bytes([100 + i]) * SLOT_SIZE
-        assert (s._pending_off, s._pending_end) == (MIB - 8 * SLOT_SIZE, MIB + 64 * SLOT_SIZE) and not s._inflight
-        s.write(MIB + 5, (b"\x99" * 10,))  # elsewhere (inside the held run): submitted after the run
+        assert _held(s) == [(MIB - 8 * SLOT_SIZE, MIB + 64 * SLOT_SIZE)] and not s._inflight
+        s.write(MIB + 5, (b"\x99" * 10,))  # inside the held run: the run goes to librbd first
         model[MIB + 5 : MIB + 15] = b"\x99" * 10
-        assert len(s._inflight) == 1 and s._pending_off == MIB + 5
+        assert len(s._inflight) == 1 and _held(s) == [(MIB + 5, MIB + 15)]
         assert _read(s, 0, 8 * MIB) == model
         n = COALESCE_MAX // SLOT_SIZE + 3
         for i in range(n):  # past COALESCE_MAX: submitted in pieces of at most that
             s.write(2 * MIB + i * SLOT_SIZE, (b"\x55" * SLOT_SIZE,))
-            assert s._pending is None or s._pending_end - s._pending_off <= COALESCE_MAX
+            assert all(end - start <= COALESCE_MAX for start, end in _held(s))
         model[2 * MIB : 2 * MIB + n * SLOT_SIZE] = b"\x55" * (n * SLOT_SIZE)
         s.flush()
-        assert s._pending is None and not s._inflight
+        assert not _held(s) and not s._inflight
         assert _read(s, 0, 8 * MIB) == model
     finally:
         s.close()
@@ -426,3 +439,170 @@ def test_overlapping_writes_land_in_the_order_they_were_made(ceph_cluster):
             assert _read(s, MIB, 16 * SLOT_SIZE) == want, f"round {i}: the earlier write landed last"
     finally:
         s.close()
+
+
+def test_writes_elsewhere_are_held_back_as_runs_and_joined(ceph_cluster):
+    """Writes that do not continue one another are held back too, each starting a run of its own (librbd's
+    writeback cache is off, this is ours); a write that continues a run at either end joins it, and one that
+    fills the gap between two runs makes them one.  What is held reaches librbd as one write per run."""
+    s = _image(ceph_cluster, "wb-runs")
+    model = bytearray(b"\x11" * 8 * MIB)
+
+    def w(off: int, n: int, fill: int) -> None:
+        s.write(off, (bytes([fill]) * n,))
+        model[off : off + n] = bytes([fill]) * n
+
+    try:
+        a, b, gap = MIB, 3 * MIB, 2 * SLOT_SIZE
+        w(a, SLOT_SIZE, 1)
+        w(b, SLOT_SIZE, 2)
+        w(a + SLOT_SIZE + gap, SLOT_SIZE, 3)  # a gap of two slots after the first run
+        assert _held(s) == [(a, a + SLOT_SIZE), (a + SLOT_SIZE + gap, a + 2 * SLOT_SIZE + gap), (b, b + SLOT_SIZE)]
+        w(a + SLOT_SIZE, gap, 4)  # fills the gap: the first two runs become one
+        w(b - SLOT_SIZE, SLOT_SIZE, 5)  # joins the third at its start
+        assert _held(s) == [(a, a + 3 * SLOT_SIZE + gap - SLOT_SIZE), (b - SLOT_SIZE, b + SLOT_SIZE)]
+        assert not s._inflight
+        assert s.unplug() is False
+        assert len(s._inflight) == 2 and not _held(s)  # one librbd write per run
+        assert _read(s, 0, 8 * MIB) == model
+    finally:
+        s.close()
+
+
+def test_a_write_over_a_held_run_goes_after_it(ceph_cluster):
+    """A write overlapping a held run (a rewrite, at another alignment too) must land after it: the run goes
+    to librbd first, whole, and the new write is held on its own."""
+    s = _image(ceph_cluster, "wb-over")
+    try:
+        s.write(MIB, (b"\x01" * (4 * SLOT_SIZE),))
+        s.write(MIB + 8 * SLOT_SIZE, (b"\x02" * SLOT_SIZE,))
+        # over the end of one and the start of the other
+        s.write(MIB + 3 * SLOT_SIZE + 7, (b"\x03" * (5 * SLOT_SIZE),))
+        assert _held(s) == [(MIB + 3 * SLOT_SIZE + 7, MIB + 8 * SLOT_SIZE + 7)] and len(s._inflight) == 2
+        want = b"\x01" * (3 * SLOT_SIZE + 7) + b"\x03" * (5 * SLOT_SIZE) + b"\x02" * (SLOT_SIZE - 7)
+        assert _read(s, MIB, 9 * SLOT_SIZE) == want
+    finally:
+        s.close()
+
+
+def test_write_back_is_bounded_and_oldest_first(ceph_cluster, monkeypatch):
+    """At most WRITEBACK_MAX bytes are held back: past it, the oldest runs go to librbd first."""
+    import qwamos.storage.rbd as rbd
+
+    monkeypatch.setattr(rbd, "WRITEBACK_MAX", 8 * SLOT_SIZE)
+    s = _image(ceph_cluster, "wb-bound")
+    try:
+        offsets = [MIB + i * 3 * SLOT_SIZE for i in range(20)]  # none continues another
+        for n, off in enumerate(offsets):
+            s.write(off, (bytes([n + 1]) * SLOT_SIZE,))
+            assert s._held_bytes <= 8 * SLOT_SIZE
+        assert _held(s) == [(off, off + SLOT_SIZE) for off in offsets[-8:]]  # the newest eight
+        assert [w[2] for w in s._inflight] == offsets[:12]  # the others went in the order they came
+        for n, off in enumerate(offsets):
+            assert _read(s, off, SLOT_SIZE) == bytes([n + 1]) * SLOT_SIZE
+    finally:
+        s.close()
+
+
+def test_unplug_hands_over_what_fits_in_flight_and_says_whether_more_is_held(ceph_cluster, monkeypatch):
+    """``unplug`` never waits: it submits held runs while fewer than MAX_INFLIGHT writes are in flight, reaps
+    the finished ones, and returns True while some are still held (the export calls it again then)."""
+    import time
+
+    import qwamos.storage.rbd as rbd
+
+    monkeypatch.setattr(rbd, "MAX_INFLIGHT", 4)
+    s = _image(ceph_cluster, "wb-unplug")
+    try:
+        offsets = [i * 2 * SLOT_SIZE for i in range(10)]
+        for off in offsets:
+            s.write(off, (b"\x42" * SLOT_SIZE,))
+        assert len(_held(s)) == 10
+        assert s.unplug() is True
+        assert len(s._inflight) == 4 and len(_held(s)) == 6
+        deadline = time.monotonic() + 20
+        while s.unplug():
+            assert len(s._inflight) <= 4
+            assert time.monotonic() < deadline, "held writes never went to librbd"
+            time.sleep(0.01)
+        assert not _held(s)
+        raw = open_storage("rbd:rbd/wb-unplug", read_only=True)
+        try:
+            s._drain()
+            assert all(raw.read(off, SLOT_SIZE) == b"\x42" * SLOT_SIZE for off in offsets)
+        finally:
+            raw.close()
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_writes_reads_and_flushes_match_a_model(ceph_cluster, monkeypatch, seed):
+    """Writes of any size at any offset (overlapping, adjacent, unaligned, some past COALESCE_MAX), reads,
+    unplugs and flushes in random order, with small limits so that every path of the write-back runs: every
+    read returns the model's bytes, and so does a second client at the end."""
+    import qwamos.storage.rbd as rbd
+
+    monkeypatch.setattr(rbd, "WRITEBACK_MAX", 64 * SLOT_SIZE)
+    monkeypatch.setattr(rbd, "COALESCE_MAX", 16 * SLOT_SIZE)
+    monkeypatch.setattr(rbd, "MAX_INFLIGHT", 8)
+    rng = random.Random(seed)
+    size = 4 * MIB
+    name = f"wb-model-{seed}"
+    s = _image(ceph_cluster, name, size=size)
+    model = bytearray(b"\x11" * size)
+    try:
+        for step in range(1500):
+            op = rng.random()
+            if op < 0.75:
+                n = rng.choice([SLOT_SIZE, 2 * SLOT_SIZE, rng.randrange(1, 3 * SLOT_SIZE), 20 * SLOT_SIZE])
+                # half on the slot grid of the first 128 slots (runs form, join and overlap), half anywhere
+                grid = rng.random() < 0.5
+                off = rng.randrange(0, 128) * SLOT_SIZE if grid else rng.randrange(0, size - n)
+                data = rng.randbytes(n)
+                s.write(off, (data,))
+                model[off : off + n] = data
+            elif op < 0.85:
+                off = rng.randrange(0, size - 1)
+                n = rng.randrange(1, min(size - off, 64 * SLOT_SIZE) + 1)
+                assert _read(s, off, n) == model[off : off + n], f"step {step}: read at {off}+{n}"
+                _held(s)
+            elif op < 0.95:
+                s.unplug()
+            else:
+                s.flush()
+                assert not _held(s) and not s._inflight
+        s.flush()
+    finally:
+        s.close()
+    again = open_storage(f"rbd:rbd/{name}", read_only=True)
+    try:
+        assert again.read(0, size) == model
+    finally:
+        again.close()
+
+
+def test_scattered_writes_reach_the_cluster_without_another_request(served):
+    """More scattered 4 KiB WRITEs than librbd may have in flight at once (MAX_INFLIGHT), pipelined, then no
+    request at all: every one reaches the cluster on its own (the export calls ``unplug`` again while it says
+    writes are still held back)."""
+    import time
+
+    from qwamos.storage.rbd import MAX_INFLIGHT
+    from qwamos.volume.header import HEADER_SIZE as H
+
+    sock, _data, proc = served
+    loc = str(proc.args[len(SERVE)])
+    indexes = list(range(1, 4096, 3))[: 3 * MAX_INFLIGHT]  # none continues another
+    raw = open_storage(loc, read_only=True)
+    try:
+        before = {i: raw.read(H + i * SLOT_SIZE, SLOT_SIZE) for i in indexes}
+        with NBDClient.connect_unix(sock) as cl:
+            cl.sock.sendall(b"".join(_request(c.CMD_WRITE, i, i * 4096, 4096) + os.urandom(4096) for i in indexes))
+            assert all(err == 0 for err, _ in _replies(cl, dict.fromkeys(indexes, 0)).values())
+            deadline = time.monotonic() + 30
+            while left := [i for i in indexes if raw.read(H + i * SLOT_SIZE, SLOT_SIZE) == before[i]]:
+                assert time.monotonic() < deadline, f"{len(left)} WRITEs never reached the cluster"
+                time.sleep(0.1)
+    finally:
+        raw.close()

@@ -224,8 +224,8 @@ class _Shared:
         self.prefetch: Callable[[int, int], object] | None = (
             getattr(backend, "prefetch", None) if getattr(backend, "can_prefetch", False) else None
         )
-        # optional: hand the writes the backend holds back for coalescing (RBD) to its storage; called
-        # UNPLUG_DELAY after a connection has executed what it had received (see plugged)
+        # optional: hand the writes the backend holds back (RBD) to its storage; called UNPLUG_DELAY after a
+        # connection has executed what it had received (see plugged), and again while it returns True
         self.unplug: Callable[[], object] | None = getattr(backend, "unplug", None)
         self._unplug_timer: asyncio.TimerHandle | None = None
         self.next_id = 0
@@ -241,7 +241,8 @@ class _Shared:
     def _unplug_now(self) -> None:
         self._unplug_timer = None
         assert self.unplug is not None  # scheduled by plugged() only when there is one
-        self.unplug()
+        if self.unplug():  # more held back than fits in flight at once: the rest a little later
+            self.plugged()
 
     def stop_unplug_timer(self) -> None:
         if self._unplug_timer is not None:

@@ -31,14 +31,20 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
   ``OSError`` there (at the latest at ``flush``), as a writeback cache reports its failures.  Two overlapping
   writes are never in flight at once: librbd does not keep their order (on Ceph 16 a rewrite was overtaken by
   the write it replaced, tests/test_storage_rbd_prefetch.py), so a write first waits for the writes in flight
-  that it overlaps.  A write is held
-  back first: the writes that continue it end to end, at either end, join it (up to :data:`COALESCE_MAX`
-  bytes, an object), and librbd gets them as one write (``rbd_aio_writev``, sending straight from the
-  buffers: ``rbd_disable_zero_copy_writes`` is off) when a write elsewhere comes, at any call of another kind,
-  or at ``unplug`` (which the export calls a few milliseconds after it ran out of requests to execute).  A run
-  of 4 KiB slot writes from a sequential writer then costs one cluster operation instead of one each, and four
-  1 MiB runs one or two; nothing changes for what a reader or a ``flush`` sees, since both submit and wait
-  first;
+  that it overlaps.
+* writes are *held back* first (our writeback, since librbd's cache is off, see ``flush``): a write that
+  continues a held run end to end, at either end, joins it (up to :data:`COALESCE_MAX` bytes, an object; one
+  that fills the gap between two runs makes them one), any other starts a run of its own, and librbd gets each
+  run as one write (``rbd_aio_writev``, sending straight from the buffers: ``rbd_disable_zero_copy_writes`` is
+  off).  A run goes to librbd when a write overlaps it (before that write), at any call of another kind (every
+  read, zero, flush, resize or close submits everything and waits first, so nothing a reader or a ``flush``
+  sees changes), when more than :data:`WRITEBACK_MAX` bytes are held (oldest runs first: 24 MiB, what
+  librbd's own writeback cache holds by default), and at ``unplug``, which the export calls a few
+  milliseconds after it ran out of requests to execute (and again while it returns True: it never waits, so
+  it submits only what fits in flight).  A run of 4 KiB slot writes from a sequential writer then costs one
+  cluster operation instead of one each; random 4 KiB writes cost one each, but a burst of them is
+  acknowledged without waiting for the cluster, and neighbours written in one burst are joined (as librbd's
+  cache does for qemu-nbd).  What can be lost is what a writeback cache loses: writes not yet flushed;
 * ``prefetch(offset, length)`` (optional, beyond the contract) starts an ``rbd_aio_read`` of the range into a
   buffer of its own, so that the cluster's round trip overlaps the caller's work on an earlier range (the
   export hints the READs queued behind the one it serves, :mod:`qwamos.nbd.server`); a later
@@ -74,6 +80,7 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import ctypes
@@ -97,10 +104,11 @@ _cookies = itertools.count(1)
 MAX_INFLIGHT = 128  # asynchronous writes in flight per image
 MAX_INFLIGHT_BYTES = 64 << 20
 MAX_PREFETCH = 32  # asynchronous reads started ahead of their read_into, per image
-# Writes are held back and coalesced with the writes contiguous to them (up to COALESCE_MAX bytes) until the
-# next call of another kind or :meth:`RBDStorage.unplug`: a run of 4 KiB slot writes then costs one cluster
-# operation, not one each.
+# Writes are held back (up to WRITEBACK_MAX bytes) and coalesced with the writes contiguous to them (up to
+# COALESCE_MAX bytes a run) until the next call of another kind or :meth:`RBDStorage.unplug`: a run of 4 KiB
+# slot writes then costs one cluster operation, not one each.
 COALESCE_MAX = 4 << 20  # an object of a default RBD image
+WRITEBACK_MAX = 24 << 20  # librbd's own writeback cache holds as much (rbd_cache_max_dirty)
 COALESCE_BELOW = 64 << 10  # writes below this are copied into bytes (joined when many), others stay bytearrays
 MAX_IOV = 16  # buffers per rbd_aio_writev; more are joined into one first
 # librbd does not order overlapping writes in flight at once (a later one can land first), so a write waits
@@ -289,6 +297,16 @@ def _connect(loc: RBDLocation) -> _Cluster:
         raise VolumeError(msg=f"{loc.uri()}: {e.strerror or e}") from None
 
 
+class _Run:
+    """Writes held back that follow one another end to end: ``[start, end)``, their buffers in order."""
+
+    __slots__ = ("bufs", "end", "start")
+
+    def __init__(self, start: int, buf: bytes | bytearray) -> None:
+        self.start, self.end = start, start + len(buf)
+        self.bufs: collections.deque[bytes | bytearray] = collections.deque((buf,))
+
+
 class RBDStorage:
     """An open RBD image.  See :mod:`qwamos.storage.base` for the contract and this module for the mapping."""
 
@@ -305,11 +323,14 @@ class RBDStorage:
         )
         self._inflight_bytes = 0
         self._busy: dict[int, int] = {}  # chunk (offset >> BUSY_SHIFT) -> writes in flight that touch it
-        # small writes held back for coalescing (not yet librbd's): their bytes, in order, from _pending_off to
-        # _pending_end (a writer's run, ascending or descending: qemu's queue sends a batch of 4 KiB writes in
-        # descending order)
-        self._pending: collections.deque[bytes | bytearray] | None = None
-        self._pending_off = self._pending_end = 0
+        # writes held back (not yet librbd's), as disjoint runs of writes that follow one another end to end
+        # (ascending or descending: qemu's queue sends a batch of 4 KiB writes in descending order): by start,
+        # by end, the starts in order (to find overlaps), and the runs oldest first
+        self._runs: dict[int, _Run] = {}
+        self._run_ends: dict[int, _Run] = {}
+        self._run_starts: list[int] = []
+        self._run_order: collections.OrderedDict[_Run, None] = collections.OrderedDict()
+        self._held_bytes = 0
         self._failed: OSError | None = None  # a submission that failed in unplug, raised by the next call
         self._wpool: list[bytearray] = []  # buffers of reaped write_owned writes, for write_buffer
         self._lent: bytearray | None = None  # the read-ahead buffer of the last read_view: not reused before
@@ -370,9 +391,9 @@ class RBDStorage:
         """Submit the writes held back, wait for every write in flight; raise the first failure among them
         (after all are done)."""
         first, self._failed = self._failed, None
-        if self._pending is not None:
+        while self._runs:
             try:
-                self._submit_pending(reap=False)
+                self._submit_run(self._oldest_run(), reap=True)
             except OSError as e:
                 first = first or e
         while self._inflight:
@@ -381,39 +402,85 @@ class RBDStorage:
         if first is not None:
             raise first
 
-    def unplug(self) -> None:
-        """Hand the writes held back for coalescing to librbd now (the export calls this shortly after it ran
-        out of requests to execute).  Never raises: a failure is raised by the next call that waits."""
-        if self._pending is not None:
-            try:
-                self._submit_pending(reap=False)
-            except OSError as e:
-                self._failed = self._failed or e
+    def unplug(self) -> bool:
+        """Hand the writes held back to librbd now, as many as fit in flight without waiting (the export calls
+        this a few milliseconds after it ran out of requests to execute).  True when some are still held back
+        (call again later).  Never raises: a failure is raised by the next call that waits."""
+        L = lib()
+        try:
+            while self._inflight and L.rbd_aio_is_complete(self._inflight[0][0]):
+                err = self._reap_oldest()
+                self._failed = self._failed or err
+            while self._runs and len(self._inflight) < MAX_INFLIGHT and self._inflight_bytes < MAX_INFLIGHT_BYTES:
+                self._submit_run(self._oldest_run(), reap=False)
+        except OSError as e:
+            self._failed = self._failed or e
+        return bool(self._runs)
 
     def _hold(self, offset: int, buf: bytes | bytearray) -> None:
-        """Hold ``buf`` (the storage's from now on) back to coalesce it with the writes that continue it."""
+        """Hold ``buf`` (the storage's from now on) back, joined to the held writes it continues."""
         n = len(buf)
-        pend = self._pending
-        if pend is not None and self._pending_end - self._pending_off + n <= COALESCE_MAX:
-            if offset == self._pending_end:
-                pend.append(buf)
-                self._pending_end += n
+        end = offset + n
+        if self._runs:
+            self._submit_overlapping(offset, end)  # the earlier bytes go first, and whole
+            run = self._run_ends.get(offset)
+            if run is not None and run.end - run.start + n <= COALESCE_MAX:
+                del self._run_ends[offset]
+                run.bufs.append(buf)
+                run.end = end
+                after = self._runs.get(end)  # it fills the gap between two runs: they become one
+                if after is not None and after.end - run.start <= COALESCE_MAX:
+                    self._unlink(after)
+                    run.bufs.extend(after.bufs)
+                    run.end = after.end
+                    self._held_bytes += after.end - after.start
+                self._run_ends[run.end] = run
+                self._held_bytes += n
                 return
-            if offset + n == self._pending_off:  # descending: qemu's queue sends a batch of writes that way
-                pend.appendleft(buf)
-                self._pending_off = offset
+            run = self._runs.get(end)
+            if run is not None and run.end - offset <= COALESCE_MAX:
+                del self._runs[end]
+                self._run_starts[bisect.bisect_left(self._run_starts, end)] = offset  # nothing held in between
+                run.bufs.appendleft(buf)
+                run.start = offset
+                self._runs[offset] = run
+                self._held_bytes += n
                 return
-        if pend is not None:
-            self._submit_pending(reap=True)
-        self._pending = collections.deque((buf,))
-        self._pending_off, self._pending_end = offset, offset + n
+        run = _Run(offset, buf)
+        self._runs[offset] = self._run_ends[end] = run
+        bisect.insort(self._run_starts, offset)
+        self._run_order[run] = None
+        self._held_bytes += n
+        while self._held_bytes > WRITEBACK_MAX:
+            self._submit_run(self._oldest_run(), reap=True)
 
-    def _submit_pending(self, *, reap: bool) -> None:
-        bufs, self._pending = self._pending, None
-        assert bufs is not None
+    def _oldest_run(self) -> _Run:
+        return next(iter(self._run_order))
+
+    def _unlink(self, run: _Run) -> None:
+        """``run`` is no longer held."""
+        del self._runs[run.start], self._run_ends[run.end], self._run_order[run]
+        del self._run_starts[bisect.bisect_left(self._run_starts, run.start)]
+        self._held_bytes -= run.end - run.start
+
+    def _submit_overlapping(self, offset: int, end: int) -> None:
+        """Submit the held runs that overlap ``[offset, end)``, so that librbd gets them before what overlaps."""
+        starts = self._run_starts
+        while True:
+            i = bisect.bisect_left(starts, end) - 1
+            if i < 0:
+                return
+            run = self._runs[starts[i]]
+            if run.end <= offset:  # runs are disjoint: none further left reaches ``offset`` either
+                return
+            self._submit_run(run, reap=True)
+
+    def _submit_run(self, run: _Run, *, reap: bool) -> None:
+        self._unlink(run)
+        bufs: Sequence[bytes | bytearray] = run.bufs
         if len(bufs) > MAX_IOV:  # many small writes: one copy is cheaper than as many iovecs
-            bufs = collections.deque((b"".join(bufs),))
-        self._submit(self._pending_off, self._pending_end - self._pending_off, bufs, reap=reap)
+            bufs = (b"".join(bufs),)
+        self._submit(run.start, run.end - run.start, bufs, reap=reap)
 
     def _submit(self, offset: int, length: int, bufs: Sequence[bytes | bytearray], *, reap: bool) -> None:
         """One ``rbd_aio_write`` (``rbd_aio_writev`` for several buffers) of ``bufs``, contiguous from ``offset``:
@@ -476,8 +543,10 @@ class RBDStorage:
                 return
             length = end - offset
         self._reap_stale(wait=False)
-        if self._pending is not None and self._pending_off < end and offset < self._pending_end:
-            return  # a write held back overlaps it: read_into reads it after that write instead
+        if self._runs:
+            i = bisect.bisect_left(self._run_starts, end) - 1
+            if i >= 0 and self._runs[self._run_starts[i]].end > offset:
+                return  # a write held back overlaps it: read_into reads it after that write instead
         for _comp, _bufs, woff, wlen in self._inflight:
             if woff < end and offset < woff + wlen:
                 return  # it would race the write: read_into reads it after the write instead
@@ -663,8 +732,8 @@ class RBDStorage:
         if self._prefetched:
             self._discard_prefetches(offset, len(buf))
         if len(buf) > COALESCE_MAX:
-            if self._pending is not None:
-                self._submit_pending(reap=True)
+            if self._runs:
+                self._submit_overlapping(offset, offset + len(buf))
             self._submit(offset, len(buf), (buf,), reap=True)
         elif buf:
             self._hold(offset, buf)

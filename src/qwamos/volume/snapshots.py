@@ -782,11 +782,10 @@ class ChainVolume:
         if len(self.layers) == 1:
             self.layers[0].prefetch(offset, length)
 
-    def unplug(self) -> None:
-        """Hand the writes the top layer's storage holds back to it now (:meth:`PQCVolume.unplug`); nothing
-        once the chain is closed."""
-        if self.layers:
-            self.layers[0].unplug()
+    def unplug(self) -> bool:
+        """Hand the writes the top layer's storage holds back to it now (:meth:`PQCVolume.unplug`; True when
+        some are still held); nothing once the chain is closed."""
+        return bool(self.layers) and self.layers[0].unplug()
 
     def _fill_blocks(self, offset: int, out: memoryview) -> None:
         """A small read, block by block: each block from the first layer whose slot holds it (one slot read

@@ -517,15 +517,14 @@ class PQCVolume:
             for block in range(first, last, step):
                 hint(HEADER_SIZE + block * SLOT_SIZE, min(step, last - block) * SLOT_SIZE)
 
-    def unplug(self) -> None:
-        """Hand the small writes the storage holds back for coalescing (RBD,
-        :meth:`qwamos.storage.rbd.RBDStorage.unplug`) to it now: the export calls this a few milliseconds after
-        it ran out of requests to execute, so that no write is held back for long while it waits for more.  What a
-        later read or ``flush`` sees is the same either way; a failure surfaces at the next call."""
+    def unplug(self) -> bool:
+        """Hand the writes the storage holds back (RBD, :meth:`qwamos.storage.rbd.RBDStorage.unplug`) to it
+        now: the export calls this a few milliseconds after it ran out of requests to execute, so that no write
+        is held back for long while it waits for more.  True when some are still held (call again later).  What
+        a later read or ``flush`` sees is the same either way; a failure surfaces at the next call."""
         with self._guard:
             unplug = getattr(self._storage, "unplug", None)
-            if unplug is not None:
-                unplug()
+            return bool(unplug()) if unplug is not None else False
 
     def _read_into(self, offset: int, out: memoryview) -> None:
         io = self._io
