@@ -71,6 +71,13 @@ def _osd_stopped(ceph_cluster) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
+def _osd_state(ceph_cluster) -> str:
+    """The OSD process's state letter from /proc (``T`` while SIGSTOP holds it)."""
+    pid = int((ceph_cluster.dir / "run" / "osd.0.pid").read_text())
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
 def _stop(proc: subprocess.Popen) -> None:
     processes.stop(proc, signal.SIGTERM, grace=30)
     proc.stdout.close()
@@ -115,10 +122,46 @@ def test_unreachable_cluster_answers_eio_in_bounded_time_then_recovers(
     # The API directly: an I/O error (not a hang), then success.
     with PQCVolume(loc, keystore=ks) as v:
         with _osd_stopped(ceph_cluster):
+            t0 = time.monotonic()
             err = _bounded(lambda: (v.write(12 * MIB, b"\x11" * 4096), v.flush()))
-        assert isinstance(err, VolumeError) and not isinstance(err, VolumeFullError), err
+            took, state = time.monotonic() - t0, _osd_state(ceph_cluster)
+        # (once, under 3.12 in CI, this write and flush succeeded; the figures say how, next time)
+        assert isinstance(err, VolumeError) and not isinstance(err, VolumeFullError), (
+            f"{err!r} after {took:.1f} s, OSD process state {state!r} (T: stopped)"
+        )
         v.write(12 * MIB, b"\x11" * 4096)
         v.flush()
+
+
+def test_a_failure_found_while_a_rewrite_waits_is_raised_by_that_flush(ceph_cluster, short_timeout_conf):
+    """A write fails (its OSD stopped past the op timeout); a later write that overlaps half of it waits for it
+    before going to librbd (which would not keep their order), and succeeds once the OSD is back.  The
+    failure found during that wait must reach the caller of the flush that waited: the half of the first write
+    that the second does not cover never reached the cluster."""
+    import errno
+
+    from qwamos.storage import open_storage
+    from qwamos.storage.librbd import lib
+
+    ceph_cluster.rbd("create", "--size", "8M", "rbd/fail-overlap")
+    s = open_storage(f"rbd:rbd/fail-overlap:conf={short_timeout_conf}")
+    s.lock(shared=False)
+    try:
+        s.write(0, (b"\x11" * 8 * MIB,))  # every object exists: no object-map update waits on the stopped OSD
+        s.flush()
+        with _osd_stopped(ceph_cluster):
+            s.write(MIB, (b"\x01" * 65536,))
+            assert s.unplug() is False  # in flight now: fails at the 3 s op timeout
+            comp = s._inflight[0][0]
+            wait_for(lambda: lib().rbd_aio_is_complete(comp), BOUND, "the write to time out")
+        s.write(MIB + 32768, (b"\x02" * 65536,))  # held; over the second half of the failed one
+        with pytest.raises(OSError) as failed:
+            s.flush()  # submits the second write, which first waits for the failed one
+        assert failed.value.errno == errno.ETIMEDOUT, failed.value
+        s.flush()  # reported once: the second write itself reached the cluster
+        assert s.read(MIB + 32768, 65536) == b"\x02" * 65536
+    finally:
+        s.close()
 
 
 def _ceph(ceph_cluster, *args: str) -> str:

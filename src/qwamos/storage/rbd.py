@@ -399,6 +399,8 @@ class RBDStorage:
         while self._inflight:
             err = self._reap_oldest()
             first = first or err
+        # a failure found meanwhile while a write waited for one it overlaps (_submit) is this drain's too
+        first, self._failed = first or self._failed, None
         if first is not None:
             raise first
 
