@@ -105,8 +105,8 @@ MAX_INFLIGHT = 128  # asynchronous writes in flight per image
 MAX_INFLIGHT_BYTES = 64 << 20
 MAX_PREFETCH = 32  # asynchronous reads started ahead of their read_into, per image
 # Writes are held back (up to WRITEBACK_MAX bytes) and coalesced with the writes contiguous to them (up to
-# COALESCE_MAX bytes a run) until the next call of another kind or :meth:`RBDStorage.unplug`: a run of 4 KiB
-# slot writes then costs one cluster operation, not one each.
+# COALESCE_MAX bytes a run) until a write overlaps them, the next call of another kind, the bound or
+# :meth:`RBDStorage.unplug`: a run of 4 KiB slot writes then costs one cluster operation, not one each.
 COALESCE_MAX = 4 << 20  # an object of a default RBD image
 WRITEBACK_MAX = 24 << 20  # librbd's own writeback cache holds as much (rbd_cache_max_dirty)
 COALESCE_BELOW = 64 << 10  # writes below this are copied into bytes (joined when many), others stay bytearrays
@@ -297,6 +297,11 @@ def _connect(loc: RBDLocation) -> _Cluster:
         raise VolumeError(msg=f"{loc.uri()}: {e.strerror or e}") from None
 
 
+def _chunks(offset: int, length: int) -> range:
+    """The BUSY_SHIFT chunks that ``[offset, offset+length)`` touches (``length`` > 0)."""
+    return range(offset >> BUSY_SHIFT, ((offset + length - 1) >> BUSY_SHIFT) + 1)
+
+
 class _Run:
     """Writes held back that follow one another end to end: ``[start, end)``, their buffers in order."""
 
@@ -370,7 +375,7 @@ class RBDStorage:
         comp, bufs, offset, length = self._inflight.popleft()
         self._inflight_bytes -= length
         busy = self._busy
-        for chunk in range(offset >> BUSY_SHIFT, ((offset + length - 1) >> BUSY_SHIFT) + 1):
+        for chunk in _chunks(offset, length):
             if busy[chunk] == 1:
                 del busy[chunk]
             else:
@@ -467,15 +472,26 @@ class RBDStorage:
 
     def _submit_overlapping(self, offset: int, end: int) -> None:
         """Submit the held runs that overlap ``[offset, end)``, so that librbd gets them before what overlaps."""
-        starts = self._run_starts
-        while True:
-            i = bisect.bisect_left(starts, end) - 1
-            if i < 0:
-                return
-            run = self._runs[starts[i]]
-            if run.end <= offset:  # runs are disjoint: none further left reaches ``offset`` either
-                return
+        while (run := self._held_over(offset, end)) is not None:
             self._submit_run(run, reap=True)
+
+    def _held_over(self, offset: int, end: int) -> _Run | None:
+        """A held run that overlaps ``[offset, end)``, if any: the last one starting before ``end`` (runs are
+        disjoint, so when it ends before ``offset`` none further left reaches it either)."""
+        if not self._runs:
+            return None
+        i = bisect.bisect_left(self._run_starts, end) - 1
+        if i < 0:
+            return None
+        run = self._runs[self._run_starts[i]]
+        return run if run.end > offset else None
+
+    def _in_flight_over(self, offset: int, end: int) -> bool:
+        """Whether a write in flight overlaps ``[offset, end)`` (the chunk counts rule most writes out cheaply)."""
+        busy = self._busy
+        if not busy or not any(chunk in busy for chunk in _chunks(offset, end - offset)):
+            return False
+        return any(o < end and offset < o + n for _c, _b, o, n in self._inflight)
 
     def _submit_run(self, run: _Run, *, reap: bool) -> None:
         self._unlink(run)
@@ -491,13 +507,9 @@ class RBDStorage:
         then wait for the oldest writes while more than the limits are in flight (raising the first failure
         among them)."""
         L = lib()
-        chunks = range(offset >> BUSY_SHIFT, ((offset + length - 1) >> BUSY_SHIFT) + 1)
-        busy = self._busy
-        if busy and any(chunk in busy for chunk in chunks):
-            end = offset + length
-            while any(o < end and offset < o + n for _c, _b, o, n in self._inflight):
-                err = self._reap_oldest()  # oldest first: the overlapped one is done at the latest when reaped
-                self._failed = self._failed or err
+        while self._in_flight_over(offset, offset + length):
+            err = self._reap_oldest()  # oldest first: the overlapped one is done at the latest when reaped
+            self._failed = self._failed or err
         comp = ctypes.c_void_p()
         check(L.rbd_aio_create_completion(None, None, ctypes.byref(comp)), "rbd_aio_create_completion")
         if len(bufs) == 1:
@@ -517,7 +529,8 @@ class RBDStorage:
             raise OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}")
         self._inflight.append((comp, bufs, offset, length))
         self._inflight_bytes += length
-        for chunk in chunks:
+        busy = self._busy
+        for chunk in _chunks(offset, length):
             busy[chunk] = busy.get(chunk, 0) + 1
         while reap and (len(self._inflight) > MAX_INFLIGHT or self._inflight_bytes > MAX_INFLIGHT_BYTES):
             err = self._reap_oldest()
@@ -545,13 +558,10 @@ class RBDStorage:
                 return
             length = end - offset
         self._reap_stale(wait=False)
-        if self._runs:
-            i = bisect.bisect_left(self._run_starts, end) - 1
-            if i >= 0 and self._runs[self._run_starts[i]].end > offset:
-                return  # a write held back overlaps it: read_into reads it after that write instead
-        for _comp, _bufs, woff, wlen in self._inflight:
-            if woff < end and offset < woff + wlen:
-                return  # it would race the write: read_into reads it after the write instead
+        if self._held_over(offset, end) is not None:
+            return  # a write held back overlaps it: read_into reads it after that write instead
+        if self._in_flight_over(offset, end):
+            return  # it would race the write: read_into reads it after the write instead
         if end > self.size():
             return
         # Full: the oldest gives way (a hint whose READ never came, e.g. its client left, must not stay forever)
@@ -734,8 +744,7 @@ class RBDStorage:
         if self._prefetched:
             self._discard_prefetches(offset, len(buf))
         if len(buf) > COALESCE_MAX:
-            if self._runs:
-                self._submit_overlapping(offset, offset + len(buf))
+            self._submit_overlapping(offset, offset + len(buf))
             self._submit(offset, len(buf), (buf,), reap=True)
         elif buf:
             self._hold(offset, buf)
