@@ -33,7 +33,7 @@ MIB = 1 << 20
 BOUND = 120.0  # seconds: a request that has not failed by then hangs (the op timeout here is 3 s)
 
 
-def _bounded(fn: Callable[[], object]) -> BaseException | None:
+def _bounded(fn: Callable[[], object], what: str = "the request") -> BaseException | None:
     """Run ``fn`` in a thread; the exception it raised (None if it returned).  A call still running after
     :data:`BOUND` fails the test: that is the hang the timeouts exist to prevent."""
     out: list[BaseException | None] = []
@@ -48,7 +48,7 @@ def _bounded(fn: Callable[[], object]) -> BaseException | None:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     t.join(BOUND)
-    assert out, f"the request did not fail within {BOUND:g} s"
+    assert out, f"{what} did not fail within {BOUND:g} s"
     return out[0]
 
 
@@ -133,6 +133,40 @@ def test_unreachable_cluster_answers_eio_in_bounded_time_then_recovers(
         v.flush()
 
 
+def test_an_io_after_a_header_change_fails_in_bounded_time_then_recovers(
+    ceph_cluster, short_timeout_conf, tmp_path, short_dir, no_ambient_env
+):
+    """librbd (Ceph 16) re-reads a changed image header inside the next I/O, and when the cluster is unreachable
+    right then, that I/O never completes, not even once the cluster is back: the export hung for good.  Two
+    header changes every deployment sees: the export's own lock note, written as it opens the volume, and
+    another client's (``rbd image-meta set`` here; a snapshot or a resize elsewhere does the same).  After
+    each, the first request during an outage (a write, the guest's usual first) must fail within the bound,
+    and the same request succeed once the cluster is back."""
+    ks = PQCKeystore(tmp_path / "ks")
+    loc = f"rbd:rbd/header-a:conf={short_timeout_conf}"
+    PQCVolume(loc, keystore=ks).create("h", "", size_bytes=16 * MIB)
+    sock = short_dir / "h.sock"
+    proc = serve_cli(loc, tmp_path / "ks", sock)
+    try:
+        c1 = NBDClient.connect_unix(str(sock), timeout=BOUND)
+        for change, offset in (("the export's lock note", 4 * MIB), ("another client's metadata", 8 * MIB)):
+            if offset == 8 * MIB:  # the cluster acknowledges it once every watcher (the export) has been told
+                ceph_cluster.rbd("image-meta", "set", "rbd/header-a", "owner", "someone else")
+
+            def write_and_flush(data: bytes, offset: int = offset) -> None:
+                c1.write(offset, data)
+                c1.flush()
+
+            with _osd_stopped(ceph_cluster):
+                err = _bounded(lambda: write_and_flush(b"\x5a" * 65536), f"the first write after {change}")
+            assert isinstance(err, NBDClientError) and err.code == c.EIO, (change, err)
+            write_and_flush(b"\xa5" * 65536)
+            assert c1.read(offset, 65536) == b"\xa5" * 65536, change
+        c1.disconnect()
+    finally:
+        _stop(proc)
+
+
 def test_a_failure_found_while_a_rewrite_waits_is_raised_by_that_flush(ceph_cluster, short_timeout_conf):
     """A write fails (its OSD stopped past the op timeout); a later write that overlaps half of it waits for it
     before going to librbd (which would not keep their order), and succeeds once the OSD is back.  The
@@ -147,7 +181,7 @@ def test_a_failure_found_while_a_rewrite_waits_is_raised_by_that_flush(ceph_clus
     s = open_storage(f"rbd:rbd/fail-overlap:conf={short_timeout_conf}")
     s.lock(shared=False)
     try:
-        s.write(0, (b"\x11" * 8 * MIB,))  # every object exists: no object-map update waits on the stopped OSD
+        s.write(0, (b"\x11" * 8 * MIB,))  # every object exists: the writes below change no object map
         s.flush()
         with _osd_stopped(ceph_cluster):
             s.write(MIB, (b"\x01" * 65536,))

@@ -22,7 +22,15 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
   (the volume's I/O error, NBD EIO) and the next request after it returns succeeds.  A full cluster or pool:
   librados *holds* writes until there is room by default; we set "full try" on the I/O context
   (``rados_set_pool_full_try``), so that the OSDs answer ENOSPC (EDQUOT for a pool quota) at once: the
-  volume's full error, NBD_ENOSPC at the export, and QEMU pauses the guest (``werror=enospc``);
+  volume's full error, NBD_ENOSPC at the export, and QEMU pauses the guest (``werror=enospc``).  One more
+  bound is ours to keep: when the image's header changed (another client's ``rbd image-meta set``, a snapshot,
+  our own lock note), librbd 16 re-reads it inside the next I/O, and if the cluster is unreachable right then,
+  that I/O *never* completes, not even once the cluster is back (seen with a write: the export hung for good).
+  Every I/O is therefore preceded by a call that refreshes on its own (:meth:`RBDStorage.size`, which fails
+  with ETIMEDOUT after the op timeout instead and refreshes again next time): ``read_into``/``read`` and
+  ``prefetch`` always did, ``_submit``, ``zero`` and ``flush`` do (tests/test_storage_rbd_failures.py,
+  ``test_an_io_after_a_header_change_...``).  A header change landing between that call and the I/O still
+  hangs it: a window of microseconds, which only librbd can close;
 * ``write`` is asynchronous (``rbd_aio_write``), so that the export encrypts the next request while librbd
   sends this one: it returns once librbd has the request, keeping the ``bytes`` it handed over alive until
   that write's completion fires (the buffer is librbd's until then).  At most :data:`MAX_INFLIGHT` writes
@@ -510,6 +518,7 @@ class RBDStorage:
         while self._in_flight_over(offset, offset + length):
             err = self._reap_oldest()  # oldest first: the overlapped one is done at the latest when reaped
             self._failed = self._failed or err
+        self.size()  # a pending header refresh happens here, where it can fail (see the module docstring)
         comp = ctypes.c_void_p()
         check(L.rbd_aio_create_completion(None, None, ctypes.byref(comp)), "rbd_aio_create_completion")
         if len(bufs) == 1:
@@ -766,6 +775,7 @@ class RBDStorage:
         self._discard_prefetches(offset, length)
         self._drain()
         if length > 0:
+            self.size()  # refresh first (see the module docstring)
             check(lib().rbd_write_zeroes(self._image, offset, length, 0, 0), "rbd_write_zeroes")
 
     def extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -799,9 +809,12 @@ class RBDStorage:
 
     def flush(self) -> None:
         self._drain()
+        self.size()  # refresh first (see the module docstring)
         check(lib().rbd_flush(self._image), "rbd_flush")
 
     def size(self) -> int:
+        """The image's size.  Also the refresh before every I/O: librbd re-reads a changed header here, and an
+        unreachable cluster fails it with ETIMEDOUT after the op timeout (inside an I/O it would hang)."""
         size = ctypes.c_uint64()
         check(lib().rbd_get_size(self._image, ctypes.byref(size)), "rbd_get_size")
         return size.value
@@ -845,6 +858,7 @@ class RBDStorage:
         # Who we are, for the refusal another writer gets (the lock itself names only a client number and
         # an address).  Informational: any client with write access to the pool could write it.
         L.rbd_metadata_set(self._image, WRITER_KEY, writer_note().encode())
+        self.size()  # the note changed the header: refresh now, while the cluster is known reachable
 
     def _writer_note(self) -> str:
         """The lock holder's own note (``host NAME pid N``), or empty."""
