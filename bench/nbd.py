@@ -121,7 +121,10 @@ def fio_available() -> bool:
     return res.returncode == 0
 
 
-def fio_iops(uri: str, rw: str, runtime: int = 5) -> float:
+FIO_SECONDS = 5  # each fio run's length
+
+
+def fio_iops(uri: str, rw: str, runtime: int = FIO_SECONDS) -> float:
     argv = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k", "--iodepth=16",
             "--size=256m", f"--runtime={runtime}", "--time_based", "--output-format=json"]  # fmt: skip
     res = subprocess.run(argv, capture_output=True, text=True, timeout=120)
@@ -156,12 +159,37 @@ def drop_cache(image: Path) -> None:
         os.close(fd)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of process ``pid``, all its threads (librbd's included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int, fio: Sequence[str],
-            cold: dict[str, Path] | None = None, passes: int = 1):  # fmt: skip
+            cold: dict[str, Path] | None = None, passes: int = 1, pids: dict[str, int] | None = None,
+            cpu: dict[str, dict[str, float]] | None = None):  # fmt: skip
     """Every workload on every target in turn, ``repeat`` rounds; the median per target.  ``cold``: target
     name -> image whose page cache is dropped before each of its runs.  ``passes``: 1 MiB workloads go over
-    the image this many times a run (qemu-img bench wraps around)."""
+    the image this many times a run (qemu-img bench wraps around).  ``pids``: target name -> its server's
+    process; the median CPU time that process spent per MiB (1 MiB workloads) or per request then goes into
+    ``cpu`` (target -> workload -> microseconds), a figure that moves less than throughput on a shared
+    machine and says where a gap comes from."""
     results: dict[str, dict[str, float]] = {name: {} for name in targets}
+    per: dict[str, dict[str, list[float]]] = {name: {} for name in targets}
+
+    def used(name: str, wname: str, c0: float, units: float) -> None:
+        """Note the CPU the server spent since ``c0`` (a :func:`cpu_seconds`), per unit of work."""
+        if pids:
+            per[name].setdefault(wname, []).append((cpu_seconds(pids[name]) - c0) * 1e6 / units)
+
+    def cpu_note(name: str, wname: str, unit: str) -> str:
+        if not pids:
+            return ""
+        us = statistics.median(per[name][wname])
+        if cpu is not None:
+            cpu.setdefault(name, {})[wname] = us
+        return f" server CPU {us:.0f} us/{unit}"
+
     for wname, write, size, depth, per_gib, stride in workloads:
         count = workload_count(size, per_gib, size_mib) * (passes if size == "1M" else 1)
         times: dict[str, list[float]] = {name: [] for name in targets}
@@ -172,24 +200,30 @@ def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 if cold:
                     drop_cache(cold[name])
+                c0 = cpu_seconds(pids[name]) if pids else 0.0
                 times[name].append(qemu_bench(targets[name], write, size, depth, count, stride))
+                used(name, wname, c0, count)  # per MiB or per request
         for name in targets:
             t = statistics.median(times[name])
             nbytes = count * (1 << 20 if size == "1M" else 4096)
             results[name][wname] = nbytes / t / 1e6 if size == "1M" else count / t
             unit = "MB/s" if size == "1M" else "IOPS"
             spread = f"(runs: {', '.join(f'{x:.2f}' for x in times[name])} s)" if repeat > 1 else ""
-            print(f"  {name:8} {wname:18} {results[name][wname]:10.0f} {unit} {spread}", flush=True)
+            note = cpu_note(name, wname, "MiB" if size == "1M" else "request")
+            print(f"  {name:8} {wname:18} {results[name][wname]:10.0f} {unit} {spread}{note}", flush=True)
     for rw in fio:
         runs: dict[str, list[float]] = {name: [] for name in targets}
         names = list(targets)
         for r in range(repeat):
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                runs[name].append(fio_iops(targets[name], rw))
+                c0 = cpu_seconds(pids[name]) if pids else 0.0
+                runs[name].append(iops := fio_iops(targets[name], rw))
+                used(name, fio_name(rw), c0, iops * FIO_SECONDS)
         for name in targets:
             results[name][fio_name(rw)] = v = statistics.median(runs[name])
             spread = f"(runs: {', '.join(f'{x:.0f}' for x in runs[name])})" if repeat > 1 else ""
-            print(f"  {name:8} fio {rw:14} {v:10.0f} IOPS {spread}", flush=True)
+            note = cpu_note(name, fio_name(rw), "request")
+            print(f"  {name:8} fio {rw:14} {v:10.0f} IOPS {spread}{note}", flush=True)
     return results
 
 

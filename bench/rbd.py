@@ -121,7 +121,8 @@ def main() -> None:
             sock = work / "a.sock"
             argv = [sys.executable, "-m", "qwamos.cli.main", "volume", "serve", loc, "--socket", str(sock),
                     "--keystore", str(ks)]  # fmt: skip
-            stack.enter_context(server(argv, sock))
+            pids: dict[str, int] = {}
+            pids["a qvol"] = stack.enter_context(server(argv, sock)).pid  # `volume serve` execs the export
             targets["a qvol"] = f"nbd+unix:///?socket={sock}"
             if args.compare_python:  # (c) the same with another checkout, for an A/B
                 image_c = f"bench-c-{tag}"
@@ -132,7 +133,7 @@ def main() -> None:
                 sock_c = work / "c.sock"
                 argv = [args.compare_python, "-m", "qwamos.cli.main", "volume", "serve", loc_c, "--socket",
                         str(sock_c), "--keystore", str(ks)]  # fmt: skip
-                stack.enter_context(server(argv, sock_c))
+                pids["c qvol other"] = stack.enter_context(server(argv, sock_c)).pid
                 targets["c qvol other"] = f"nbd+unix:///?socket={sock_c}"
             # (b) qemu-nbd: QEMU's rbd driver, librbd LUKS2
             passfile = work / "pass"
@@ -152,11 +153,14 @@ def main() -> None:
             )
             argv = ["qemu-nbd", "--object", f"secret,id=sec0,file={passfile}", "-t", "-k", str(sock),
                     "--cache=writeback", "--image-opts", opts]  # fmt: skip
-            stack.enter_context(server(argv, sock))
+            pids["b rbd-luks2"] = stack.enter_context(server(argv, sock)).pid
             targets["b rbd-luks2"] = f"nbd+unix:///?socket={sock}"
             for name, uri in targets.items():
                 prepare(name, uri, args.size_mib)
-            results = run_all(targets, workloads, args.size_mib, args.repeat, fio, passes=args.passes)
+            cpu: dict[str, dict[str, float]] = {}
+            results = run_all(
+                targets, workloads, args.size_mib, args.repeat, fio, passes=args.passes, pids=pids, cpu=cpu
+            )
             stack.close()  # the servers first: an image still open (watched) cannot be removed
             for image in (image_a, image_b, *([image_c] if args.compare_python else [])):
                 subprocess.run(
@@ -179,6 +183,13 @@ def main() -> None:
         if other:
             line += f"    {other[k]:10.0f} {a[k] / other[k] if other[k] else float('nan'):6.2f}"
         print(line)
+    # CPU time of each server process (every thread, librbd's included) per MiB or request, medians: steadier
+    # than throughput here, and where the two servers differ most it names what limits ours
+    print(f"\n{'server CPU per unit (us)':26} {'a qvol':>10} {'b luks2':>10} {'a/b':>6}")
+    for k in a:
+        ca, cb = cpu["a qvol"][k], cpu["b rbd-luks2"][k]
+        label = k + (" (/MiB)" if "1M" in k else " (/req)")
+        print(f"{label:26} {ca:10.0f} {cb:10.0f} {ca / cb if cb else float('nan'):6.2f}")
 
 
 if __name__ == "__main__":
