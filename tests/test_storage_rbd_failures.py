@@ -198,6 +198,45 @@ def test_a_failure_found_while_a_rewrite_waits_is_raised_by_that_flush(ceph_clus
         s.close()
 
 
+@pytest.mark.parametrize("told", ["read", "write"])
+def test_a_write_failure_told_to_another_call_is_raised_by_the_next_flush_too(
+    ceph_cluster, short_timeout_conf, monkeypatch, told
+):
+    """A write is acknowledged (held, then in flight) and fails (its OSD stopped past the op timeout).  The
+    next call that waits hears of it: here an unrelated read, or an unrelated large write whose submission
+    reaps it.  The next flush must fail too: a guest's FLUSH that succeeds says every write before it is on the
+    cluster, and the guest did not see the error the read or the other write got as a failure of that write."""
+    import errno
+
+    from qwamos.storage import open_storage, rbd
+    from qwamos.storage.librbd import lib
+
+    ceph_cluster.rbd("create", "--size", "16M", f"rbd/fail-told-{told}")
+    s = open_storage(f"rbd:rbd/fail-told-{told}:conf={short_timeout_conf}")
+    s.lock(shared=False)
+    try:
+        s.write(0, (b"\x11" * 16 * MIB,))  # every object exists: the writes below change no object map
+        s.flush()
+        with _osd_stopped(ceph_cluster):
+            s.write(MIB, (b"\x01" * 65536,))  # acknowledged: held
+            assert s.unplug() is False  # in flight now: fails at the 3 s op timeout
+            comp = s._inflight[0][0]
+            wait_for(lambda: lib().rbd_aio_is_complete(comp), BOUND, "the write to time out")
+        with pytest.raises(OSError) as elsewhere:
+            if told == "read":
+                s.read(8 * MIB, 4096)
+            else:
+                monkeypatch.setattr(rbd, "MAX_INFLIGHT", 0)  # its submission reaps every write in flight
+                s.write(8 * MIB, (bytearray(b"\x22" * 5 * MIB),))
+        assert elsewhere.value.errno == errno.ETIMEDOUT, elsewhere.value
+        with pytest.raises(OSError) as flushed:
+            s.flush()
+        assert flushed.value.errno == errno.ETIMEDOUT, flushed.value
+        s.flush()  # reported once to a flush: nothing failed since
+    finally:
+        s.close()
+
+
 def _ceph(ceph_cluster, *args: str) -> str:
     return subprocess.run(
         ["ceph", "--conf", str(ceph_cluster.conf), *args], check=True, capture_output=True, text=True, timeout=60

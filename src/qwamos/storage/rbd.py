@@ -36,10 +36,11 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
   that write's completion fires (the buffer is librbd's until then).  At most :data:`MAX_INFLIGHT` writes
   (:data:`MAX_INFLIGHT_BYTES`) are in flight; every other call (read, zero, extents, flush, resize, close) first
   waits for all of them, so a read always sees every earlier write, and a write that failed raises its
-  ``OSError`` there (at the latest at ``flush``), as a writeback cache reports its failures.  Two overlapping
-  writes are never in flight at once: librbd does not keep their order (on Ceph 16 a rewrite was overtaken by
-  the write it replaced, tests/test_storage_rbd_prefetch.py), so a write first waits for the writes in flight
-  that it overlaps.
+  ``OSError`` there, and again at the next ``flush`` when that call was not one (so a flush that succeeds
+  means every write acknowledged before it reached the cluster), as a writeback cache reports its failures.
+  Two overlapping writes are never in flight at once: librbd does not keep their order (on Ceph 16 a rewrite
+  was overtaken by the write it replaced, tests/test_storage_rbd_prefetch.py), so a write first waits for the
+  writes in flight that it overlaps.
 * writes are *held back* first (our writeback, since librbd's cache is off, see ``flush``): a write that
   continues a held run end to end, at either end, joins it (up to :data:`COALESCE_MAX` bytes, an object; one
   that fills the gap between two runs makes them one), any other starts a run of its own, and librbd gets each
@@ -345,6 +346,10 @@ class RBDStorage:
         self._run_order: collections.OrderedDict[_Run, None] = collections.OrderedDict()
         self._held_bytes = 0
         self._failed: OSError | None = None  # a submission that failed in unplug, raised by the next call
+        # the first write failure since the last flush that went to a call other than a flush (a read, another
+        # write): the next flush (or close) raises it too, so that a flush that succeeds means that every write
+        # acknowledged before it reached the cluster
+        self._unreported: OSError | None = None
         self._wpool: list[bytearray] = []  # buffers of reaped write_owned writes, for write_buffer
         self._lent: bytearray | None = None  # the read-ahead buffer of the last read_view: not reused before
         # (offset, length) -> [completion or None, buffer, bytes read or None] of each prefetch (aio read) not
@@ -415,6 +420,7 @@ class RBDStorage:
         # a failure found meanwhile while a write waited for one it overlaps (_submit) is this drain's too
         first, self._failed = first or self._failed, None
         if first is not None:
+            self._unreported = self._unreported or first  # flush clears it when it is the one raising
             raise first
 
     def unplug(self) -> bool:
@@ -749,14 +755,19 @@ class RBDStorage:
 
     def write_owned(self, offset: int, buf: bytearray) -> None:
         """``write(offset, (buf,))`` without copying ``buf``: it is the storage's from now on (librbd sends
-        straight from it), so the caller must not touch it again.  For the volume's sealed runs."""
+        straight from it), so the caller must not touch it again.  For the volume's sealed runs.  A failure it
+        raises may be an earlier write's (submitted or reaped here to make room): the next flush raises it too."""
         if self._prefetched:
             self._discard_prefetches(offset, len(buf))
-        if len(buf) > COALESCE_MAX:
-            self._submit_overlapping(offset, offset + len(buf))
-            self._submit(offset, len(buf), (buf,), reap=True)
-        elif buf:
-            self._hold(offset, buf)
+        try:
+            if len(buf) > COALESCE_MAX:
+                self._submit_overlapping(offset, offset + len(buf))
+                self._submit(offset, len(buf), (buf,), reap=True)
+            elif buf:
+                self._hold(offset, buf)
+        except OSError as e:
+            self._unreported = self._unreported or e
+            raise
 
     def write(self, offset: int, bufs: Sequence[Buffer]) -> None:
         data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
@@ -808,9 +819,16 @@ class RBDStorage:
         return sum(e - s for s, e in self._diff(0, self.size()))
 
     def flush(self) -> None:
-        self._drain()
-        self.size()  # refresh first (see the module docstring)
-        check(lib().rbd_flush(self._image), "rbd_flush")
+        try:
+            self._drain()
+            self.size()  # refresh first (see the module docstring)
+            check(lib().rbd_flush(self._image), "rbd_flush")
+        except OSError:
+            self._unreported = None  # this flush reports the failure
+            raise
+        failed, self._unreported = self._unreported, None
+        if failed is not None:  # a write acknowledged before this flush failed, and only another call was told
+            raise failed
 
     def size(self) -> int:
         """The image's size.  Also the refresh before every I/O: librbd re-reads a changed header here, and an
@@ -933,6 +951,7 @@ class RBDStorage:
                 self._drain()
             except OSError as e:
                 failed = e  # closed all the same; the failure is raised below
+            failed, self._unreported = failed or self._unreported, None
         image, self._image = self._image, ctypes.c_void_p()
         if image:
             L = lib()
