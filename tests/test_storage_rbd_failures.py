@@ -8,6 +8,7 @@ back in ``finally``; nothing here sleeps for synchronisation: each waits for a c
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -28,6 +30,9 @@ from qwamos.nbd import constants as c
 from qwamos.nbd.client import NBDClient, NBDClientError
 from qwamos.volume import PQCVolume
 from vm_helpers import wait_for
+
+if TYPE_CHECKING:
+    from qwamos.storage.rbd import RBDStorage
 
 MIB = 1 << 20
 BOUND = 120.0  # seconds: a request that has not failed by then hangs (the op timeout here is 3 s)
@@ -167,35 +172,41 @@ def test_an_io_after_a_header_change_fails_in_bounded_time_then_recovers(
         _stop(proc)
 
 
+@contextmanager
+def _failed_write(ceph_cluster, conf: Path, image: str, size: int) -> Iterator[RBDStorage]:
+    """A locked storage on a new image, written whole and flushed, whose 64 KiB write at 1 MiB was then
+    acknowledged and failed (its OSD stopped past the 3 s op timeout) without any call hearing of it yet."""
+    from qwamos.storage import open_storage
+    from qwamos.storage.librbd import lib
+
+    ceph_cluster.rbd("create", "--size", f"{size // MIB}M", f"rbd/{image}")
+    s = open_storage(f"rbd:rbd/{image}:conf={conf}")
+    s.lock(shared=False)
+    try:
+        s.write(0, (b"\x11" * size,))  # every object exists: the writes below change no object map
+        s.flush()
+        with _osd_stopped(ceph_cluster):
+            s.write(MIB, (b"\x01" * 65536,))  # acknowledged: held
+            assert s.unplug() is False  # in flight now: fails at the op timeout
+            comp = s._inflight[0][0]
+            wait_for(lambda: lib().rbd_aio_is_complete(comp), BOUND, "the write to time out")
+        yield s
+    finally:
+        s.close()
+
+
 def test_a_failure_found_while_a_rewrite_waits_is_raised_by_that_flush(ceph_cluster, short_timeout_conf):
     """A write fails (its OSD stopped past the op timeout); a later write that overlaps half of it waits for it
     before going to librbd (which would not keep their order), and succeeds once the OSD is back.  The
     failure found during that wait must reach the caller of the flush that waited: the half of the first write
     that the second does not cover never reached the cluster."""
-    import errno
-
-    from qwamos.storage import open_storage
-    from qwamos.storage.librbd import lib
-
-    ceph_cluster.rbd("create", "--size", "8M", "rbd/fail-overlap")
-    s = open_storage(f"rbd:rbd/fail-overlap:conf={short_timeout_conf}")
-    s.lock(shared=False)
-    try:
-        s.write(0, (b"\x11" * 8 * MIB,))  # every object exists: the writes below change no object map
-        s.flush()
-        with _osd_stopped(ceph_cluster):
-            s.write(MIB, (b"\x01" * 65536,))
-            assert s.unplug() is False  # in flight now: fails at the 3 s op timeout
-            comp = s._inflight[0][0]
-            wait_for(lambda: lib().rbd_aio_is_complete(comp), BOUND, "the write to time out")
+    with _failed_write(ceph_cluster, short_timeout_conf, "fail-overlap", 8 * MIB) as s:
         s.write(MIB + 32768, (b"\x02" * 65536,))  # held; over the second half of the failed one
         with pytest.raises(OSError) as failed:
             s.flush()  # submits the second write, which first waits for the failed one
         assert failed.value.errno == errno.ETIMEDOUT, failed.value
         s.flush()  # reported once: the second write itself reached the cluster
         assert s.read(MIB + 32768, 65536) == b"\x02" * 65536
-    finally:
-        s.close()
 
 
 @pytest.mark.parametrize("told", ["read", "write"])
@@ -206,22 +217,9 @@ def test_a_write_failure_told_to_another_call_is_raised_by_the_next_flush_too(
     next call that waits hears of it: here an unrelated read, or an unrelated large write whose submission
     reaps it.  The next flush must fail too: a guest's FLUSH that succeeds says every write before it is on the
     cluster, and the guest did not see the error the read or the other write got as a failure of that write."""
-    import errno
+    from qwamos.storage import rbd
 
-    from qwamos.storage import open_storage, rbd
-    from qwamos.storage.librbd import lib
-
-    ceph_cluster.rbd("create", "--size", "16M", f"rbd/fail-told-{told}")
-    s = open_storage(f"rbd:rbd/fail-told-{told}:conf={short_timeout_conf}")
-    s.lock(shared=False)
-    try:
-        s.write(0, (b"\x11" * 16 * MIB,))  # every object exists: the writes below change no object map
-        s.flush()
-        with _osd_stopped(ceph_cluster):
-            s.write(MIB, (b"\x01" * 65536,))  # acknowledged: held
-            assert s.unplug() is False  # in flight now: fails at the 3 s op timeout
-            comp = s._inflight[0][0]
-            wait_for(lambda: lib().rbd_aio_is_complete(comp), BOUND, "the write to time out")
+    with _failed_write(ceph_cluster, short_timeout_conf, f"fail-told-{told}", 16 * MIB) as s:
         with pytest.raises(OSError) as elsewhere:
             if told == "read":
                 s.read(8 * MIB, 4096)
@@ -233,8 +231,6 @@ def test_a_write_failure_told_to_another_call_is_raised_by_the_next_flush_too(
             s.flush()
         assert flushed.value.errno == errno.ETIMEDOUT, flushed.value
         s.flush()  # reported once to a flush: nothing failed since
-    finally:
-        s.close()
 
 
 def _ceph(ceph_cluster, *args: str) -> str:
