@@ -207,6 +207,35 @@ def test_a_failure_found_while_a_rewrite_waits_is_raised_by_that_flush(ceph_clus
         assert failed.value.errno == errno.ETIMEDOUT, failed.value
         s.flush()  # reported once: the second write itself reached the cluster
         assert s.read(MIB + 32768, 65536) == b"\x02" * 65536
+        with pytest.raises(OSError, match="unknown"):  # the half of the failed write that was not rewritten
+            s.read(MIB, 4096)
+
+
+def test_a_lost_write_reads_as_an_error_until_it_is_written_again(ceph_cluster, short_timeout_conf):
+    """The range of a write that failed after it was acknowledged holds the old bytes, the new ones or a mix:
+    every read of it fails, whichever call heard of the failure and before and after a flush reported it,
+    until a write or a zero covers it; the bytes around it read as before."""
+    with _failed_write(ceph_cluster, short_timeout_conf, "lost-read", 8 * MIB) as s:
+        with pytest.raises(OSError):
+            s.flush()  # the write's own failure
+        for _ in range(2):
+            for offset, n in ((MIB, 4096), (MIB + 65536 - 1, 2), (MIB - 1, 2)):
+                with pytest.raises(OSError, match="unknown") as lost:
+                    s.read(offset, n)
+                assert lost.value.errno == errno.EIO
+            assert s.read(MIB - 4096, 4096) == b"\x11" * 4096
+            assert s.read(MIB + 65536, 4096) == b"\x11" * 4096
+            s.flush()
+        s.prefetch(0, 4 * MIB)  # read ahead over it: the lost range fails there too
+        with pytest.raises(OSError, match="unknown"):
+            s.read_view(MIB + 8192, 4096)
+        s.write(MIB, (b"\x03" * 32768,))  # the first half written again
+        assert s.read(MIB, 32768) == b"\x03" * 32768
+        with pytest.raises(OSError, match="unknown"):
+            s.read(MIB + 32768, 4096)
+        s.zero(MIB + 32768, 32768)  # and the rest zeroed
+        assert s.read(MIB, 65536) == b"\x03" * 32768 + bytes(32768)
+        s.flush()
 
 
 @pytest.mark.parametrize("told", ["read", "write"])

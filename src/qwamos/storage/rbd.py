@@ -38,6 +38,9 @@ Mapping of the contract (:mod:`qwamos.storage.base`):
   waits for all of them, so a read always sees every earlier write, and a write that failed raises its
   ``OSError`` there, and again at the next ``flush`` when that call was not one (so a flush that succeeds
   means every write acknowledged before it reached the cluster), as a writeback cache reports its failures.
+  The range of a write that failed after it was acknowledged is *lost*: the cluster may hold its old bytes,
+  the new ones or a mix, so every read that overlaps it fails (EIO) until a later write or zero covers it,
+  whatever call was told of the failure (tests/test_storage_rbd_failures.py, ``test_a_lost_write_...``).
   Two overlapping writes are never in flight at once: librbd does not keep their order (on Ceph 16 a rewrite
   was overtaken by the write it replaced, tests/test_storage_rbd_prefetch.py), so a write first waits for the
   writes in flight that it overlaps.
@@ -350,6 +353,9 @@ class RBDStorage:
         # write): the next flush (or close) raises it too, so that a flush that succeeds means that every write
         # acknowledged before it reached the cluster
         self._unreported: OSError | None = None
+        # [start, end) of writes that failed after they were acknowledged, with their failure: the cluster may
+        # hold the old bytes there, the new ones or a mix, so a read of any of it fails until a write covers it
+        self._lost: list[tuple[int, int, OSError]] = []
         self._wpool: list[bytearray] = []  # buffers of reaped write_owned writes, for write_buffer
         self._lent: bytearray | None = None  # the read-ahead buffer of the last read_view: not reused before
         # (offset, length) -> [completion or None, buffer, bytes read or None] of each prefetch (aio read) not
@@ -402,7 +408,9 @@ class RBDStorage:
             if type(buf) is bytearray and len(self._wpool) < 8:
                 self._wpool.append(buf)
         if ret < 0:
-            return OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}")
+            err = OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}")
+            self._lost.append((offset, offset + length, err))
+            return err
         return None
 
     def _drain(self) -> None:
@@ -507,6 +515,33 @@ class RBDStorage:
             return False
         return any(o < end and offset < o + n for _c, _b, o, n in self._inflight)
 
+    def _found(self, offset: int, length: int) -> None:
+        """``[offset, offset+length)`` is being written again (every earlier write over it is done): what it
+        covers of the lost ranges is whatever this write leaves there, lost again only if it fails too."""
+        end = offset + length
+        kept: list[tuple[int, int, OSError]] = []
+        for start, stop, err in self._lost:
+            if stop <= offset or end <= start:
+                kept.append((start, stop, err))
+                continue
+            if start < offset:
+                kept.append((start, offset, err))
+            if end < stop:
+                kept.append((end, stop, err))
+        self._lost = kept
+
+    def _check_lost(self, offset: int, length: int) -> None:
+        """Raise (EIO) when ``[offset, offset+length)`` overlaps a write that failed after it was acknowledged:
+        its bytes are not known to be either the old ones or the new ones."""
+        end = offset + length
+        for start, stop, err in self._lost:
+            if start < end and offset < stop:
+                raise OSError(
+                    errno.EIO,
+                    f"bytes {start}-{stop} of {self.name} are unknown: a write there failed after it was "
+                    f"acknowledged ({err.strerror or err}); a write over them makes them readable again",
+                )
+
     def _submit_run(self, run: _Run, *, reap: bool) -> None:
         self._unlink(run)
         bufs: Sequence[bytes | bytearray] = run.bufs
@@ -524,9 +559,15 @@ class RBDStorage:
         while self._in_flight_over(offset, offset + length):
             err = self._reap_oldest()  # oldest first: the overlapped one is done at the latest when reaped
             self._failed = self._failed or err
-        self.size()  # a pending header refresh happens here, where it can fail (see the module docstring)
-        comp = ctypes.c_void_p()
-        check(L.rbd_aio_create_completion(None, None, ctypes.byref(comp)), "rbd_aio_create_completion")
+        if self._lost:
+            self._found(offset, length)
+        try:
+            self.size()  # a pending header refresh happens here, where it can fail (see the module docstring)
+            comp = ctypes.c_void_p()
+            check(L.rbd_aio_create_completion(None, None, ctypes.byref(comp)), "rbd_aio_create_completion")
+        except OSError as e:
+            self._lost.append((offset, offset + length, e))  # never sent (acknowledged, if it was held)
+            raise
         if len(bufs) == 1:
             data = bufs[0]
             src = data if type(data) is bytes else (ctypes.c_char * len(data)).from_buffer(data)
@@ -541,7 +582,9 @@ class RBDStorage:
         del src  # a bytearray's export ends here; the buffers themselves stay alive in _inflight
         if ret < 0:
             L.rbd_aio_release(comp)
-            raise OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}")
+            err = OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}")
+            self._lost.append((offset, offset + length, err))
+            raise err
         self._inflight.append((comp, bufs, offset, length))
         self._inflight_bytes += length
         busy = self._busy
@@ -689,6 +732,8 @@ class RBDStorage:
         lent, self._lent = self._lent, None
         if lent is not None and len(self._spare) < 2:
             self._spare.append(lent)
+        if self._lost:  # (no write is held or in flight over a prefetched range: the list is up to date)
+            self._check_lost(offset, n)
         for key in self._prefetched:
             start, length = key
             if start <= offset and offset + n <= start + length:
@@ -722,6 +767,8 @@ class RBDStorage:
             if got is not None:
                 return got
         self._drain()
+        if self._lost:
+            self._check_lost(offset, len(buf))
         want = min(len(buf), max(0, self.size() - offset))
         if want <= 0:
             return 0
@@ -737,6 +784,8 @@ class RBDStorage:
                 self.reads += 1
                 return bytes(buf) if got == length else bytes(buf[:got])
         self._drain()
+        if self._lost:
+            self._check_lost(offset, length)
         want = min(length, max(0, self.size() - offset))
         if want <= 0:
             return b""
@@ -788,6 +837,8 @@ class RBDStorage:
         if length > 0:
             self.size()  # refresh first (see the module docstring)
             check(lib().rbd_write_zeroes(self._image, offset, length, 0, 0), "rbd_write_zeroes")
+            if self._lost:
+                self._found(offset, length)
 
     def extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         return iter(self._diff(start, end))
