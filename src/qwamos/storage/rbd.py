@@ -408,9 +408,7 @@ class RBDStorage:
             if type(buf) is bytearray and len(self._wpool) < 8:
                 self._wpool.append(buf)
         if ret < 0:
-            err = OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}")
-            self._lost.append((offset, offset + length, err))
-            return err
+            return self._lose(offset, length, OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}"))
         return None
 
     def _drain(self) -> None:
@@ -515,6 +513,11 @@ class RBDStorage:
             return False
         return any(o < end and offset < o + n for _c, _b, o, n in self._inflight)
 
+    def _lose(self, offset: int, length: int, err: OSError) -> OSError:
+        """The write of ``[offset, offset+length)`` failed (``err``, returned): its range is lost (``_lost``)."""
+        self._lost.append((offset, offset + length, err))
+        return err
+
     def _found(self, offset: int, length: int) -> None:
         """``[offset, offset+length)`` is being written again (every earlier write over it is done): what it
         covers of the lost ranges is whatever this write leaves there, lost again only if it fails too."""
@@ -566,8 +569,7 @@ class RBDStorage:
             comp = ctypes.c_void_p()
             check(L.rbd_aio_create_completion(None, None, ctypes.byref(comp)), "rbd_aio_create_completion")
         except OSError as e:
-            self._lost.append((offset, offset + length, e))  # never sent (acknowledged, if it was held)
-            raise
+            raise self._lose(offset, length, e) from None  # never sent (acknowledged, if it was held)
         if len(bufs) == 1:
             data = bufs[0]
             src = data if type(data) is bytes else (ctypes.c_char * len(data)).from_buffer(data)
@@ -582,9 +584,7 @@ class RBDStorage:
         del src  # a bytearray's export ends here; the buffers themselves stay alive in _inflight
         if ret < 0:
             L.rbd_aio_release(comp)
-            err = OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}")
-            self._lost.append((offset, offset + length, err))
-            raise err
+            raise self._lose(offset, length, OSError(-ret, f"rbd_aio_write at {offset}: {os.strerror(-ret)}"))
         self._inflight.append((comp, bufs, offset, length))
         self._inflight_bytes += length
         busy = self._busy
