@@ -39,10 +39,14 @@ $(DEPS_STAMP): scripts/install-deps.sh
 	mkdir -p build && touch $@
 
 venv: $(VENV_STAMP)
-$(VENV_STAMP): pyproject.toml $(LOCK) | $(DEPS_STAMP)
+# The editable install builds the C extension qwamos._aead_runs in place (src/qwamos/_aead_runs.abi3.so); it is
+# optional for pip users without a compiler, but not here: install-deps.sh installs gcc and the headers.
+$(VENV_STAMP): pyproject.toml setup.py src/qwamos/_aead_runs.c $(LOCK) | $(DEPS_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --require-hashes -r $(LOCK)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c 'import qwamos._aead_runs' || { echo "make venv: the C extension qwamos._aead_runs did not build" \
+		"(it needs gcc, libssl-dev and the Python headers: scripts/install-deps.sh)" >&2; exit 1; }
 	touch $@
 
 # Regenerate the lock after changing dependencies in pyproject.toml or requirements/build.in (then commit it).

@@ -1,4 +1,10 @@
-"""Build hook: the man page and the bash/zsh completions go into the wheel as data files.
+"""Build hook: the batch-AEAD C extension, and the man page and bash/zsh completions as data files.
+
+``qwamos._aead_runs`` (src/qwamos/_aead_runs.c, Python's stable ABI from 3.11, so one build serves every
+supported Python) links the system's OpenSSL (libcrypto).  It is optional: where it cannot be built (no C
+compiler, no OpenSSL or Python headers) the install goes on and ``qwamos.crypto`` uses its Python loop.
+``make venv`` insists on it, since the Makefile installs the compiler and headers (scripts/install-deps.sh).
+
 
 They are generated at build time from the argument parser (``qwamos.cli.main.full_parser``) by the same tools
 and arguments as ``make man completion`` (argparse-manpage, shtab), into ``build/share/``, and installed under
@@ -15,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import ClassVar
 
-from setuptools import Command, setup
+from setuptools import Command, Extension, setup
 from setuptools.command.build import build
 
 HERE = Path(__file__).resolve().parent
@@ -83,4 +89,17 @@ class Build(build):
     sub_commands: ClassVar[list] = [("build_shell_files", None), *build.sub_commands]
 
 
-setup(cmdclass={"build": Build, "build_shell_files": GenerateShellFiles}, data_files=DATA_FILES)
+AEAD_RUNS = Extension(
+    "qwamos._aead_runs",
+    sources=["src/qwamos/_aead_runs.c"],
+    libraries=["crypto"],
+    py_limited_api=True,  # the source defines Py_LIMITED_API (3.11)
+    optional=True,
+)
+
+setup(
+    cmdclass={"build": Build, "build_shell_files": GenerateShellFiles},
+    data_files=DATA_FILES,
+    ext_modules=[AEAD_RUNS],
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
+)

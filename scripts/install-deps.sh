@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian packages QWAMOS needs (QEMU for x86_64 and arm64, NBD tools, fio, python3-venv, and
+# Install the Debian packages QWAMOS needs (QEMU for x86_64 and arm64, NBD tools, fio, python3-venv, a C compiler
+# with the Python and OpenSSL headers for the block-runs extension (src/qwamos/_aead_runs.c), and
 # virt-xml-validate with its xmllint to check `qwamos vm domxml` against libvirt's schema, zsh to check the
 # generated completion), Ceph 16 (one-node test cluster: scripts/ceph-cluster.sh; librbd for rbd: volumes), and
 # enable the arm64 foreign architecture so tools/build_guest.py can `apt-get download` arm64 guest packages.
@@ -11,7 +12,7 @@ PACKAGES=(
     libnbd-bin nbdkit fio
     libvirt-clients libxml2-utils
     zsh
-    python3 python3-venv ca-certificates
+    python3 python3-venv python3-dev gcc libc6-dev libssl-dev ca-certificates
     xz-utils zstd coreutils
     ceph-mon ceph-mgr ceph-osd ceph-common python3-rbd python3-rados qemu-block-extra
 )

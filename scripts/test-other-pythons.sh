@@ -42,7 +42,8 @@ for v in "${VERSIONS[@]}"; do
     fi
     venv=.venv-$v
     stamp=$venv/.installed.stamp
-    if [[ ! -f $stamp || pyproject.toml -nt $stamp || $LOCK -nt $stamp ]]; then
+    if [[ ! -f $stamp || pyproject.toml -nt $stamp || $LOCK -nt $stamp || setup.py -nt $stamp ||
+          src/qwamos/_aead_runs.c -nt $stamp ]]; then
         echo "test-other-pythons: building $venv from $py (packages from $LOCK)"
         [[ -x $venv/bin/python ]] || "$py" -m venv "$venv"
         "$venv/bin/python" -m pip install -q --require-hashes -r "$LOCK"

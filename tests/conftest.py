@@ -10,6 +10,9 @@
   developer's own settings never leak into a test.
 * ``crasher`` — a :class:`crash_helpers.Crasher` for kill tests (kill -9 before the n-th chosen os call, in a
   child forked by a fresh single-threaded interpreter); its server is ended after the test.
+* ``aead_runs`` — parametrized ``native`` / ``python``: the test runs once with each implementation of the
+  crypto module's record runs (the C extension, and the Python loop it stands in for); see
+  tests/test_crypto_runs.py.  ``native`` skips, saying so, only where the extension is not built.
 * ``no_process_outlives_the_session`` (session, autouse) — fails the run loudly, and kills them, if processes
   the session started (QEMU, exports, daemons, qemu-nbd) are still alive at its end (tests/processes.py).
 """
@@ -69,6 +72,20 @@ class MemoryKeys:
 @pytest.fixture
 def keys() -> MemoryKeys:
     return MemoryKeys()
+
+
+@pytest.fixture(params=["native", "python"])
+def aead_runs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    from qwamos import crypto
+
+    if request.param == "python":
+        monkeypatch.setenv("QWAMOS_AEAD_RUNS", "python")
+        assert crypto.runs_implementation() == "python"
+    else:
+        monkeypatch.delenv("QWAMOS_AEAD_RUNS", raising=False)
+        if crypto.runs_implementation() == "python":
+            pytest.skip("qwamos._aead_runs is not built here (make venv builds it: C compiler, OpenSSL headers)")
+    return request.param
 
 
 @pytest.fixture

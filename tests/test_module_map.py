@@ -41,7 +41,7 @@ MAP: dict[str, list[str]] = {
     "cli.vm_ops_cmd": ["test_libvirt_domxml.py", "test_autostart_units.py"],
     "cli.snapshot_cmd": ["test_volume_snapshots.py", "test_vm_snapshots.py"],
     "cli.volume_cmd": ["test_volume_cli.py", "test_volume_repair.py"],
-    "crypto": ["test_crypto.py", "test_crypto_draws.py", "test_nbd_tls.py"],
+    "crypto": ["test_crypto.py", "test_crypto_draws.py", "test_crypto_runs.py", "test_nbd_tls.py"],
     "errors": ["test_errors.py"],
     "fsutil": ["test_fsutil.py", "test_cli_conventions.py"],
     "pidfile": ["test_pidfile.py"],

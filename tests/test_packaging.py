@@ -9,6 +9,7 @@ than being fetched unpinned by some later install.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import subprocess
 import sys
@@ -28,9 +29,15 @@ LOCK = ROOT / "requirements" / "ci.lock"
 BUILD_IN = ROOT / "requirements" / "build.in"
 
 
-def _qwamos(*argv: str) -> subprocess.CompletedProcess:
+def _qwamos(*argv: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "qwamos.cli.main", *argv], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "qwamos.cli.main", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
     )
 
 
@@ -45,7 +52,11 @@ def test_version_reports_package_crypto_and_openssl():
     # The crypto library's installed version (its distribution metadata, independent of qwamos.crypto).
     assert lines[1] == f"cryptography {importlib.metadata.version('cryptography')}"
     assert re.fullmatch(r"OpenSSL \d+\.\d+\.\d+\S* .+", lines[2]), lines[2]
-    assert len(lines) == 3
+    # make venv builds the C extension (and insists on it), so here the runs are native
+    assert re.fullmatch(r"block runs native \(OpenSSL \d+\.\d+\.\d+\S* .+\)", lines[3]), lines[3]
+    assert len(lines) == 4
+    proc = _qwamos("--version", env_extra={"QWAMOS_AEAD_RUNS": "python"})
+    assert proc.stdout.splitlines()[3] == "block runs python"
 
 
 def test_package_version_matches_distribution_metadata():
@@ -143,6 +154,7 @@ def test_wheel_holds_the_package_and_the_entry_point(dists):
         for module in ("qwamos/__init__.py", "qwamos/crypto.py", "qwamos/cli/main.py", "qwamos/nbd/server.py"):
             assert module in names, module
         assert "pqc_keystore.py" in names and "pqc_volume.py" in names
+        assert "qwamos/_aead_runs.abi3.so" in names  # the C extension, for Python's stable ABI (3.11 and later)
         meta_dir = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         entry_points = z.read(f"{meta_dir}/entry_points.txt").decode()
         metadata = z.read(f"{meta_dir}/METADATA").decode()

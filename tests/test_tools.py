@@ -158,7 +158,7 @@ def test_a_python_child_also_gets_its_import_path_and_nothing_else(leaky_env, mo
     assert "PYTHONPATH" not in tools.environment()
     env = tools.environment(python=True)
     assert env["PYTHONPATH"] == "/some/src"
-    assert set(env) <= set(tools.ENV_ALLOW) | {"PYTHONPATH"}
+    assert set(env) <= set(tools.ENV_ALLOW) | set(tools.PYTHON_ENV_ALLOW)
     res = tools.run(["env", "-0"], python=True)
     seen = _parse(res.stdout, b"\0")
     assert seen["PYTHONPATH"] == "/some/src" and not set(seen) & set(SECRETS)

@@ -18,6 +18,9 @@ from qwamos.volume.header import BLOCK_SIZE, SLOT_SIZE
 from qwamos.volume.slots import SlotCipher
 from volume_helpers import read_slot, slot_offset, write_at
 
+# Every test here runs with both loops of the crypto module's record runs (the C extension and Python).
+pytestmark = pytest.mark.usefixtures("aead_runs")
+
 SECRET = b"top secret guest data, never unauthenticated " * 91  # 4095 bytes
 SECRET = SECRET + b"!" * (BLOCK_SIZE - len(SECRET))
 

@@ -17,6 +17,9 @@ from qwamos.errors import (
 from qwamos.volume import PQCVolume
 from volume_helpers import header_copy_offsets, read_head, read_slot, slot_offset, write_at, write_header_copies
 
+# Every test here runs with both loops of the crypto module's record runs (the C extension and Python).
+pytestmark = pytest.mark.usefixtures("aead_runs")
+
 SECRET = b"the guest's data " * 10
 
 

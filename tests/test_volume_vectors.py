@@ -19,6 +19,9 @@ from qwamos.volume import header as hdr
 from qwamos.volume.keys import data_key, header_mac_key
 from qwamos.volume.slots import SlotCipher
 
+# Every test here runs with both loops of the crypto module's record runs (the C extension and Python).
+pytestmark = pytest.mark.usefixtures("aead_runs")
+
 K = bytes(range(32))
 UUID = bytes.fromhex("00112233445566778899aabbccddeeff")
 NONCE = bytes.fromhex("000102030405060708090a0b")

@@ -15,6 +15,13 @@ Hybrid KEM ``x25519-mlkem1024``
 Legacy KEM ``ecdh-curve25519``
     Ephemeral-static X25519 with the same hash shape, for keys written by configs that predate the hybrid.
 
+Runs of AEAD records
+    :meth:`Aead.open_records` and :meth:`Aead.seal_records` take a whole run (a 1 MiB request is 256 slots)
+    in one call.  Where the project's small C extension ``qwamos._aead_runs`` is built (``make venv`` builds
+    it; it links the system's OpenSSL), the loop runs in C without the GIL; otherwise, or with
+    ``QWAMOS_AEAD_RUNS=python`` in the environment, the same loop runs here over the library's calls.  Both
+    give the same bytes (tests/test_crypto_runs.py); docs/design.md ("Batch AEAD") says why it exists.
+
 Signatures ``ml-dsa-87``
     ML-DSA-87 (FIPS 204, category 5 like ML-KEM-1024), for what must be authenticated to another host without
     a round trip (key grants).  The private key is kept as its 32-byte seed; every signature carries a
@@ -37,6 +44,11 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from qwamos.errors import AuthenticationFailed, InvalidArgument
+
+try:
+    from qwamos import _aead_runs as _native_runs
+except ImportError:  # not built (no C compiler or OpenSSL headers): the Python loop below does the same
+    _native_runs = None
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -65,7 +77,7 @@ MLDSA_PK_SIZE = 2592
 MLDSA_SIG_SIZE = 4627
 
 _Buf = bytes | bytearray | memoryview
-# What the raw loop functions of :meth:`Aead.sealer` / :meth:`Aead.opener` raise on a tag mismatch (the
+# What the raw loop function of :meth:`Aead.opener` raises on a tag mismatch (the
 # library's exception, named here so that no other module imports the library).
 TagMismatch = InvalidTag
 
@@ -156,7 +168,24 @@ def library_versions() -> dict[str, str]:
     import cryptography
     from cryptography.hazmat.backends.openssl.backend import backend
 
-    return {"cryptography": cryptography.__version__, "openssl": backend.openssl_version_text()}
+    versions = {"cryptography": cryptography.__version__, "openssl": backend.openssl_version_text()}
+    versions["aead runs"] = runs_implementation()
+    return versions
+
+
+def runs_implementation() -> str:
+    """Which loop :meth:`Aead.open_records` and :meth:`Aead.seal_records` use: ``native (OpenSSL x.y.z)`` or
+    ``python``.  ``QWAMOS_AEAD_RUNS=python`` selects the Python loop even where the extension is built."""
+    runs = _runs()
+    return "python" if runs is None else f"native ({runs.OPENSSL_VERSION})"
+
+
+def _runs():
+    """The C extension, or None for the Python loop.  Read on every call (it is a dict lookup) so that a test
+    or a benchmark can switch implementations in one process."""
+    if _native_runs is None or os.environ.get("QWAMOS_AEAD_RUNS") == "python":
+        return None
+    return _native_runs
 
 
 # --- AEAD ---------------------------------------------------------------------------------------------
@@ -197,7 +226,7 @@ class Aead:
     Holds no nonce state: callers derive nonces (see the volume's slot recipe).
     """
 
-    __slots__ = ("_cipher", "algorithm")
+    __slots__ = ("_alg_id", "_cipher", "_key", "algorithm")
 
     def __init__(self, algorithm: str, key: bytes) -> None:
         if not isinstance(key, bytes | bytearray | memoryview):
@@ -211,6 +240,8 @@ class Aead:
         else:
             raise InvalidArgument(f"unknown algorithm {algorithm!r}")
         self.algorithm = algorithm
+        self._alg_id = ALGORITHM_IDS[algorithm]
+        self._key = bytes(key)  # for the C loop of the record runs (the library keeps its own copy too)
 
     def seal(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
         return self._cipher.encrypt(nonce, plaintext, aad)
@@ -229,14 +260,10 @@ class Aead:
         """
         self._cipher.encrypt_into(nonce, plaintext, aad, out)
 
-    def sealer(self) -> Callable[[_Buf, _Buf, _Buf, memoryview], None]:
-        """:meth:`seal_into` without this wrapper's Python call: the library's own method, for the volume's loop
-        over the 256 slots of a 1 MiB request (the wrapper's frame cost about a fifth of the loop)."""
-        return self._cipher.encrypt_into
-
     def opener(self) -> Callable[[_Buf, _Buf, _Buf, memoryview], None]:
-        """:meth:`open_into` without the wrapper, for the same loops; it raises :data:`TagMismatch` on a
-        mismatch, which the caller must turn into :class:`AuthenticationFailed` itself."""
+        """:meth:`open_into` without the wrapper, for the volume's loop over a run of slots that are not alike;
+        it raises :data:`TagMismatch` on a mismatch, which the caller must turn into :class:`AuthenticationFailed`
+        itself."""
         return self._cipher.decrypt_into
 
     def open_into(self, nonce: _Buf, ciphertext: _Buf, aad: _Buf, out: memoryview) -> None:
@@ -246,6 +273,105 @@ class Aead:
             self._cipher.decrypt_into(nonce, ciphertext, aad, out)
         except InvalidTag:
             raise AuthenticationFailed() from None
+
+    def open_records(
+        self,
+        src: _Buf,
+        stride: int,
+        nonce_off: int,
+        length: int,
+        aads: _Buf,
+        aad_len: int,
+        out: memoryview,
+        count: int,
+    ) -> list[int]:
+        """Open ``count`` records in one call; return the indices (0-based) of those that do not authenticate.
+
+        Record ``i`` starts at ``i * stride`` in ``src``: a 12-byte nonce at ``nonce_off``, then ``length`` bytes
+        of ciphertext, then the 16-byte tag.  Its associated data is ``aads[i * aad_len : (i + 1) * aad_len]``
+        and its plaintext goes to ``out[i * length : (i + 1) * length]``; a record that fails has its plaintext
+        zeroed there, so no unauthenticated byte reaches the caller.  A geometry that does not fit the buffers
+        raises :class:`ValueError` before anything is written.
+        """
+        runs = _runs()
+        if runs is not None:
+            return runs.open_records(
+                self._alg_id, self._key, src, stride, nonce_off, length, aads, aad_len, out, count
+            )
+        _check_records(len(src), stride, nonce_off, length, count, "src")
+        _check_span(len(aads), aad_len, count, "aads")
+        _check_span(len(out), length, count, "out")
+        decrypt = self._cipher.decrypt_into
+        src = memoryview(src)
+        aads = memoryview(aads)
+        bad = []
+        for i in range(count):
+            o = i * stride + nonce_off
+            p = i * length
+            a = i * aad_len
+            try:
+                decrypt(
+                    src[o : o + NONCE_SIZE],
+                    src[o + NONCE_SIZE : o + NONCE_SIZE + length + TAG_SIZE],
+                    aads[a : a + aad_len],
+                    out[p : p + length],
+                )
+            except InvalidTag:
+                out[p : p + length] = bytes(length)
+                bad.append(i)
+        return bad
+
+    def seal_records(
+        self,
+        plain: _Buf,
+        length: int,
+        out: memoryview,
+        stride: int,
+        nonce_off: int,
+        aads: _Buf,
+        aad_len: int,
+        count: int,
+    ) -> None:
+        """Seal ``count`` plaintexts of ``length`` bytes (``plain[i * length : ...]``) into the records of
+        ``out`` laid out as in :meth:`open_records`, each under the nonce already at its ``nonce_off``."""
+        runs = _runs()
+        if runs is not None:
+            runs.seal_records(self._alg_id, self._key, plain, length, out, stride, nonce_off, aads, aad_len, count)
+            return
+        _check_records(len(out), stride, nonce_off, length, count, "out")
+        _check_span(len(aads), aad_len, count, "aads")
+        _check_span(len(plain), length, count, "plain")
+        encrypt = self._cipher.encrypt_into
+        plain = memoryview(plain)
+        aads = memoryview(aads)
+        for i in range(count):
+            o = i * stride + nonce_off
+            p = i * length
+            a = i * aad_len
+            encrypt(
+                out[o : o + NONCE_SIZE],
+                plain[p : p + length],
+                aads[a : a + aad_len],
+                out[o + NONCE_SIZE : o + NONCE_SIZE + length + TAG_SIZE],
+            )
+
+
+def _check_records(size: int, stride: int, nonce_off: int, length: int, count: int, what: str) -> None:
+    """The C extension's geometry checks, for the Python loop: both refuse the same runs the same way."""
+    if min(count, length, nonce_off, stride) < 0:
+        raise ValueError(f"{what}: negative or oversized geometry")
+    if count == 0:
+        return
+    record = nonce_off + NONCE_SIZE + length + TAG_SIZE
+    if record > stride:
+        raise ValueError(f"{what}: a record of {record} bytes does not fit a stride of {stride}")
+    if (count - 1) * stride + record > size:
+        raise ValueError(f"{what}: {count} records of stride {stride} do not fit {size} bytes")
+
+
+def _check_span(size: int, each: int, count: int, what: str) -> None:
+    if each < 0 or count * each > size:
+        raise ValueError(f"{what}: {count} items of {each} bytes do not fit {size} bytes")
 
 
 # --- hashing, MACs, KDFs ------------------------------------------------------------------------------

@@ -39,11 +39,18 @@ COMMAND_MODULES = tuple(COMMAND_GROUPS.values())
 
 
 def version_text() -> str:
-    """``qwamos --version``: the package's version and the crypto library and OpenSSL actually loaded."""
+    """``qwamos --version``: the package's version, the crypto library and OpenSSL actually loaded, and which
+    loop opens and seals runs of blocks (the C extension, with the OpenSSL it links, or the Python loop)."""
     from qwamos.crypto import library_versions
 
     libs = library_versions()
-    return f"qwamos {__version__}\ncryptography {libs['cryptography']}\n{libs['openssl']}"
+    lines = (
+        f"qwamos {__version__}",
+        f"cryptography {libs['cryptography']}",
+        libs["openssl"],
+        f"block runs {libs['aead runs']}",
+    )
+    return "\n".join(lines)
 
 
 class _VersionAction(argparse.Action):

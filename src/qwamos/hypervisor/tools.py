@@ -26,8 +26,9 @@ from qwamos.errors import QemuError, QwamosError
 # Locale and search path for the tool, a temp dir for qemu-img's scratch files, HOME for nothing in
 # particular but some tools complain without it.  Nothing else of the caller's environment is passed.
 ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "TMPDIR", "HOME")
-# A Python child of our own (the KVM smoke test) also needs to find this package when it is not installed.
-PYTHON_ENV_ALLOW = ("PYTHONPATH",)
+# A Python child of our own (the KVM smoke test, the export) also needs to find this package when it is not
+# installed, and keeps the choice of the crypto module's record-run loop (qwamos.crypto.runs_implementation).
+PYTHON_ENV_ALLOW = ("PYTHONPATH", "QWAMOS_AEAD_RUNS")
 
 # Tool name -> (environment variable overriding its path, Debian package that has it).
 TOOLS = {

@@ -16,7 +16,9 @@ so a slot copied to another index or another volume, or with its word edited, fa
 bytes are all zero was never written (or was discarded) and reads as zeros; any other slot must authenticate.
 
 This module is the only place in the volume that touches an AEAD or a nonce.  The loops take whole runs of
-slots so that a 1 MiB request costs one Python-level call here, not 256 (see bench/volume_api.py).
+slots so that a 1 MiB request costs one Python-level call here, not 256 (see bench/volume_api.py); a run whose
+slots share one word (the common case) is one call into the crypto module, :meth:`crypto.Aead.open_records`,
+with the run's associated data built a column at a time.
 """
 
 from __future__ import annotations
@@ -52,6 +54,17 @@ class SlotCipher:
     Not thread-safe: it reuses one AAD buffer (the volume serialises I/O).
     """
 
+    def _run_aads(self, first_index: int, count: int, word: bytes) -> bytearray:
+        """The associated data of ``count`` slots from ``first_index`` that all have ``word``: ``count`` AADs
+        of AAD_SIZE bytes back to back, built a column at a time (strided copies in C), not a slot at a time."""
+        aads = bytearray(self._aad_template * count)
+        index = struct.pack(f">{count}Q", *range(first_index, first_index + count))
+        for j in range(8):
+            aads[16 + j :: AAD_SIZE] = index[j::8]
+        for j in range(WORD_SIZE):
+            aads[24 + j :: AAD_SIZE] = word[j : j + 1] * count
+        return aads
+
     def __init__(
         self,
         volume_key: bytes,
@@ -75,6 +88,7 @@ class SlotCipher:
         self._openers: dict[int, Callable] = {}  # epoch -> its AEAD's raw opener (crypto.Aead.opener)
         self._aad = bytearray(AAD_SIZE)
         self._aad[:16] = uuid
+        self._aad_template = uuid + bytes(8 + WORD_SIZE) + bytes([self._alg_id])  # _run_aads fills the zeros
 
     def epoch_key(self, epoch: int) -> bytes:
         """The data key of ``epoch``: under the old volume key for epochs a rotation has not yet moved."""
@@ -163,25 +177,16 @@ class SlotCipher:
 
         ``nonces`` holds count * 12 fresh random bytes; every slot gets ``length`` as its length field.
         """
-        seal = self.aead(epoch).sealer()
-        aad = self._aad
-        aad_mv = memoryview(aad)
-        pack = _AAD_TAIL.pack_into
-        alg = self._alg_id
+        aead = self.aead(epoch)
         word = _WORD.pack(epoch, length)
         # The 16-byte slot prefixes (word, nonce) of the whole run first, a column at a time (strided copies in
-        # C), so that the loop below is one AAD pack and one AEAD call per slot.
+        # C), then the whole run sealed in one call.
         for j in range(WORD_SIZE):
             out[j::SLOT_SIZE] = word[j : j + 1] * count
         for j in range(NONCE_SIZE):
             out[NONCE_OFFSET + j :: SLOT_SIZE] = nonces[j::NONCE_SIZE]
-        o = 0
-        p = 0
-        for i in range(first_index, first_index + count):
-            pack(aad, 16, i, epoch, length, alg)
-            seal(out[o + 4 : o + 16], plaintext[p : p + BLOCK_SIZE], aad_mv, out[o + CT_OFFSET : o + SLOT_SIZE])
-            o += SLOT_SIZE
-            p += BLOCK_SIZE
+        aads = self._run_aads(first_index, count, word)
+        aead.seal_records(plaintext, BLOCK_SIZE, out, SLOT_SIZE, NONCE_OFFSET, aads, AAD_SIZE, count)
 
     def open_run(
         self, slots: bytes | bytearray | memoryview, first_index: int, count: int, out: memoryview, bad: list[int]
@@ -204,8 +209,8 @@ class SlotCipher:
         p = 0
         if count > 1:
             # The common case, checked a column at a time (strided compares in C): every slot of the run has
-            # the first one's word, a valid non-empty one.  Then no slot is empty and one opener serves all,
-            # and the loop below is one AAD pack and one AEAD call per slot.
+            # the first one's word, a valid non-empty one.  Then no slot is empty, one key serves all, and the
+            # run is one call into the crypto module.
             epoch, length = unpack(src, 0)
             n = count * SLOT_SIZE
             if (
@@ -213,21 +218,10 @@ class SlotCipher:
                 and epoch <= max_epoch
                 and all(src[j:n:SLOT_SIZE] == src[j : j + 1].tobytes() * count for j in range(WORD_SIZE))
             ):
-                opener = openers.get(epoch) or self._opener(epoch)
-                for i in range(first_index, first_index + count):
-                    pack(aad, 16, i, epoch, length, alg)
-                    try:
-                        opener(
-                            src[o + 4 : o + 16],
-                            src[o + CT_OFFSET : o + SLOT_SIZE],
-                            aad_mv,
-                            out[p : p + BLOCK_SIZE],
-                        )
-                    except mismatch:
-                        out[p : p + BLOCK_SIZE] = ZERO_BLOCK
-                        bad.append(i)
-                    o += SLOT_SIZE
-                    p += BLOCK_SIZE
+                aead = self._aeads.get(epoch) or self.aead(epoch)
+                aads = self._run_aads(first_index, count, src[0:WORD_SIZE].tobytes())
+                failed = aead.open_records(src, SLOT_SIZE, NONCE_OFFSET, BLOCK_SIZE, aads, AAD_SIZE, out, count)
+                bad.extend(first_index + k for k in failed)
                 return
         for i in range(first_index, first_index + count):
             epoch, length = unpack(src, o)
