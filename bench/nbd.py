@@ -167,28 +167,46 @@ def cpu_seconds(pid: int) -> float:
 
 def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int, fio: Sequence[str],
             cold: dict[str, Path] | None = None, passes: int = 1, pids: dict[str, int] | None = None,
-            cpu: dict[str, dict[str, float]] | None = None):  # fmt: skip
+            cpu: dict[str, dict[str, float]] | None = None, cluster_pid: int | None = None):  # fmt: skip
     """Every workload on every target in turn, ``repeat`` rounds; the median per target.  ``cold``: target
     name -> image whose page cache is dropped before each of its runs.  ``passes``: 1 MiB workloads go over
     the image this many times a run (qemu-img bench wraps around).  ``pids``: target name -> its server's
     process; the median CPU time that process spent per MiB (1 MiB workloads) or per request then goes into
     ``cpu`` (target -> workload -> microseconds), a figure that moves less than throughput on a shared
-    machine and says where a gap comes from."""
+    machine and says where a gap comes from.  ``cluster_pid``: a process both targets use (the RBD bench's
+    OSD); its CPU per unit during each target's runs goes into ``cpu`` as target + " osd"."""
     results: dict[str, dict[str, float]] = {name: {} for name in targets}
     per: dict[str, dict[str, list[float]]] = {name: {} for name in targets}
 
-    def used(name: str, wname: str, c0: float, units: float) -> None:
-        """Note the CPU the server spent since ``c0`` (a :func:`cpu_seconds`), per unit of work."""
+    osd_per: dict[str, dict[str, list[float]]] = {name: {} for name in targets}
+
+    def start(name: str) -> tuple[float, float]:
+        """The CPU seconds so far of ``name``'s server and of the cluster process (0 where unknown)."""
+        return (
+            cpu_seconds(pids[name]) if pids else 0.0,
+            cpu_seconds(cluster_pid) if cluster_pid else 0.0,
+        )
+
+    def used(name: str, wname: str, c0: tuple[float, float], units: float) -> None:
+        """Note the CPU the server (and the cluster process) spent since ``c0`` (:func:`start`), per unit."""
         if pids:
-            per[name].setdefault(wname, []).append((cpu_seconds(pids[name]) - c0) * 1e6 / units)
+            per[name].setdefault(wname, []).append((cpu_seconds(pids[name]) - c0[0]) * 1e6 / units)
+        if cluster_pid:
+            osd_per[name].setdefault(wname, []).append((cpu_seconds(cluster_pid) - c0[1]) * 1e6 / units)
 
     def cpu_note(name: str, wname: str, unit: str) -> str:
-        if not pids:
-            return ""
-        us = statistics.median(per[name][wname])
-        if cpu is not None:
-            cpu.setdefault(name, {})[wname] = us
-        return f" server CPU {us:.0f} us/{unit}"
+        note = ""
+        if pids:
+            us = statistics.median(per[name][wname])
+            if cpu is not None:
+                cpu.setdefault(name, {})[wname] = us
+            note += f" server CPU {us:.0f} us/{unit}"
+        if cluster_pid:
+            us = statistics.median(osd_per[name][wname])
+            if cpu is not None:
+                cpu.setdefault(name + " osd", {})[wname] = us
+            note += f", OSD {us:.0f}"
+        return note
 
     for wname, write, size, depth, per_gib, stride in workloads:
         count = workload_count(size, per_gib, size_mib) * (passes if size == "1M" else 1)
@@ -200,7 +218,7 @@ def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 if cold:
                     drop_cache(cold[name])
-                c0 = cpu_seconds(pids[name]) if pids else 0.0
+                c0 = start(name)
                 times[name].append(qemu_bench(targets[name], write, size, depth, count, stride))
                 used(name, wname, c0, count)  # per MiB or per request
         for name in targets:
@@ -216,7 +234,7 @@ def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int
         names = list(targets)
         for r in range(repeat):
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                c0 = cpu_seconds(pids[name]) if pids else 0.0
+                c0 = start(name)
                 runs[name].append(iops := fio_iops(targets[name], rw))
                 used(name, fio_name(rw), c0, iops * FIO_SECONDS)
         for name in targets:

@@ -158,9 +158,12 @@ def main() -> None:
             for name, uri in targets.items():
                 prepare(name, uri, args.size_mib)
             cpu: dict[str, dict[str, float]] = {}
+            osd_pidfile = conf.parent / "run" / "osd.0.pid"  # our own cluster's (scripts/ceph-cluster.sh)
+            osd = int(osd_pidfile.read_text()) if not args.use_env_cluster and osd_pidfile.exists() else None
             results = run_all(
-                targets, workloads, args.size_mib, args.repeat, fio, passes=args.passes, pids=pids, cpu=cpu
-            )
+                targets, workloads, args.size_mib, args.repeat, fio, passes=args.passes, pids=pids, cpu=cpu,
+                cluster_pid=osd,
+            )  # fmt: skip
             stack.close()  # the servers first: an image still open (watched) cannot be removed
             for image in (image_a, image_b, *([image_c] if args.compare_python else [])):
                 subprocess.run(
@@ -190,6 +193,12 @@ def main() -> None:
         ca, cb = cpu["a qvol"][k], cpu["b rbd-luks2"][k]
         label = k + (" (/MiB)" if "1M" in k else " (/req)")
         print(f"{label:26} {ca:10.0f} {cb:10.0f} {ca / cb if cb else float('nan'):6.2f}")
+    if "a qvol osd" in cpu:  # the one OSD's CPU while each target ran: what the cluster paid per unit
+        print(f"\n{'OSD CPU per unit (us)':26} {'a qvol':>10} {'b luks2':>10} {'a/b':>6}")
+        for k in a:
+            ca, cb = cpu["a qvol osd"][k], cpu["b rbd-luks2 osd"][k]
+            label = k + (" (/MiB)" if "1M" in k else " (/req)")
+            print(f"{label:26} {ca:10.0f} {cb:10.0f} {ca / cb if cb else float('nan'):6.2f}")
 
 
 if __name__ == "__main__":
