@@ -54,17 +54,6 @@ class SlotCipher:
     Not thread-safe: it reuses one AAD buffer (the volume serialises I/O).
     """
 
-    def _run_aads(self, first_index: int, count: int, word: bytes) -> bytearray:
-        """The associated data of ``count`` slots from ``first_index`` that all have ``word``: ``count`` AADs
-        of AAD_SIZE bytes back to back, built a column at a time (strided copies in C), not a slot at a time."""
-        aads = bytearray(self._aad_template * count)
-        index = struct.pack(f">{count}Q", *range(first_index, first_index + count))
-        for j in range(8):
-            aads[16 + j :: AAD_SIZE] = index[j::8]
-        for j in range(WORD_SIZE):
-            aads[24 + j :: AAD_SIZE] = word[j : j + 1] * count
-        return aads
-
     def __init__(
         self,
         volume_key: bytes,
@@ -89,6 +78,17 @@ class SlotCipher:
         self._aad = bytearray(AAD_SIZE)
         self._aad[:16] = uuid
         self._aad_template = uuid + bytes(8 + WORD_SIZE) + bytes([self._alg_id])  # _run_aads fills the zeros
+
+    def _run_aads(self, first_index: int, count: int, word: bytes) -> bytearray:
+        """The associated data of ``count`` slots from ``first_index`` that all have ``word``: ``count`` AADs
+        of AAD_SIZE bytes back to back, built a column at a time (strided copies in C), not a slot at a time."""
+        aads = bytearray(self._aad_template * count)
+        index = struct.pack(f">{count}Q", *range(first_index, first_index + count))
+        for j in range(8):
+            aads[16 + j :: AAD_SIZE] = index[j::8]
+        for j in range(WORD_SIZE):
+            aads[24 + j :: AAD_SIZE] = word[j : j + 1] * count
+        return aads
 
     def epoch_key(self, epoch: int) -> bytes:
         """The data key of ``epoch``: under the old volume key for epochs a rotation has not yet moved."""
