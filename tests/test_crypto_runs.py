@@ -161,3 +161,50 @@ def test_the_extension_refuses_an_unknown_algorithm_and_a_key_of_the_wrong_size(
     with pytest.raises(ValueError, match="key"):
         _aead_runs.open_records(1, KEY[:31], records, STRIDE, NONCE_OFF, LENGTH, aads, AAD_LEN, out, 1)
     assert _aead_runs.open_records(1, KEY, records, STRIDE, NONCE_OFF, LENGTH, aads, AAD_LEN, out, 1) == []
+
+
+@pytest.mark.parametrize("alg", crypto.ALGORITHMS)
+def test_an_extension_that_cannot_run_openssl_is_set_aside_for_the_python_loop(alg, monkeypatch, caplog):
+    """E.g. a system OpenSSL limited to FIPS algorithms (no ChaCha20-Poly1305): the C code raises
+    RuntimeError (never for a record that fails to authenticate), and the run, and every later one, is done by
+    the Python loop instead, with one warning saying so."""
+
+    class Broken:
+        OPENSSL_VERSION = "OpenSSL 0.0.0 (test)"
+
+        @staticmethod
+        def open_records(*args):
+            args[8][:16] = b"half-done output"  # whatever it left in the output is written again
+            raise RuntimeError("OpenSSL failed to set up the AEAD (not an authentication failure)")
+
+        @staticmethod
+        def seal_records(*args):
+            raise RuntimeError("OpenSSL failed to seal a record")
+
+    monkeypatch.delenv("QWAMOS_AEAD_RUNS", raising=False)
+    monkeypatch.setattr(crypto, "_native_runs", Broken)
+    monkeypatch.setattr(crypto, "_native_failure", None)
+    assert crypto.runs_implementation() == "native (OpenSSL 0.0.0 (test))"
+    records, plain, aads, _ = _reference_run(alg)
+    records[4 * STRIDE + NONCE_OFF + 12] ^= 0x01
+    out = bytearray(b"\xee" * (COUNT * LENGTH))
+    with caplog.at_level("WARNING", logger="qwamos.crypto"):
+        assert _open(alg, records, aads, memoryview(out)) == [4]
+    assert out[: 4 * LENGTH] == plain[: 4 * LENGTH] and out[4 * LENGTH : 5 * LENGTH] == bytes(LENGTH)
+    assert out[5 * LENGTH :] == plain[5 * LENGTH :]
+    assert crypto.runs_implementation().startswith("python (the C extension failed: OpenSSL failed to set up")
+    assert [r.getMessage() for r in caplog.records if r.name == "qwamos.crypto"] == [
+        "the C loop for runs of blocks failed (OpenSSL failed to set up the AEAD (not an authentication failure));"
+        " using the Python loop from now on"
+    ]
+    # set aside for good: sealing goes to the Python loop without trying the extension again
+    records[4 * STRIDE + NONCE_OFF + 12] ^= 0x01
+    mine = bytearray(records)
+    crypto.Aead(alg, KEY).seal_records(plain, LENGTH, memoryview(mine), STRIDE, NONCE_OFF, aads, AAD_LEN, COUNT)
+    assert mine == records
+    monkeypatch.setattr(crypto, "_native_failure", None)  # and a seal that fails in C is redone too
+    mine = bytearray(records)
+    for i in range(COUNT):
+        mine[i * STRIDE + NONCE_OFF + 12 : (i + 1) * STRIDE - SLACK] = bytes(LENGTH + 16)
+    crypto.Aead(alg, KEY).seal_records(plain, LENGTH, memoryview(mine), STRIDE, NONCE_OFF, aads, AAD_LEN, COUNT)
+    assert mine == records

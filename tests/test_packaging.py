@@ -245,3 +245,25 @@ def test_installed_wheel_runs_qwamos(dists, tmp_path):
         check=True,
     )
     assert where.stdout.strip().startswith(str(target))
+
+
+def test_an_install_without_a_c_compiler_falls_back_to_the_python_loop(dists, tmp_path):
+    """pip on a machine without gcc (or without the OpenSSL headers) still installs a working qwamos: the C
+    extension is optional, and the crypto module then opens and seals runs of blocks in Python."""
+    _, sdist = dists
+    target = tmp_path / "site"
+    env = {**os.environ, "CC": "/bin/false", "LDSHARED": "/bin/false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",
+         "--target", str(target), str(sdist)],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not list(target.glob("qwamos/_aead_runs*.so"))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)}
+    code = "from qwamos import crypto, __file__ as f; print(crypto.runs_implementation(), f)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True
+    )
+    implementation, where = out.stdout.split()
+    assert implementation == "python" and where.startswith(str(target))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 from collections.abc import Callable
 from functools import cache
@@ -49,6 +50,11 @@ try:
     from qwamos import _aead_runs as _native_runs
 except ImportError:  # not built (no C compiler or OpenSSL headers): the Python loop below does the same
     _native_runs = None
+# Why the C extension was set aside in this process, once a call of it failed for a reason that is not the
+# data's (e.g. a system OpenSSL restricted to FIPS algorithms, which has no ChaCha20-Poly1305).
+_native_failure: str | None = None
+
+log = logging.getLogger("qwamos.crypto")
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -177,15 +183,26 @@ def runs_implementation() -> str:
     """Which loop :meth:`Aead.open_records` and :meth:`Aead.seal_records` use: ``native (OpenSSL x.y.z)`` or
     ``python``.  ``QWAMOS_AEAD_RUNS=python`` selects the Python loop even where the extension is built."""
     runs = _runs()
-    return "python" if runs is None else f"native ({runs.OPENSSL_VERSION})"
+    if runs is not None:
+        return f"native ({runs.OPENSSL_VERSION})"
+    return "python" if _native_failure is None else f"python (the C extension failed: {_native_failure})"
 
 
 def _runs():
     """The C extension, or None for the Python loop.  Read on every call (it is a dict lookup) so that a test
     or a benchmark can switch implementations in one process."""
-    if _native_runs is None or os.environ.get("QWAMOS_AEAD_RUNS") == "python":
+    if _native_runs is None or _native_failure is not None or os.environ.get("QWAMOS_AEAD_RUNS") == "python":
         return None
     return _native_runs
+
+
+def _set_native_aside(e: RuntimeError) -> None:
+    """The C extension could not set up or run OpenSSL's AEAD (never an authentication failure: those are
+    results).  The caller redoes its whole run with the Python loop, which writes every output byte again,
+    and so does every later call in this process."""
+    global _native_failure
+    _native_failure = str(e)
+    log.warning("the C loop for runs of blocks failed (%s); using the Python loop from now on", e)
 
 
 # --- AEAD ---------------------------------------------------------------------------------------------
@@ -295,9 +312,12 @@ class Aead:
         """
         runs = _runs()
         if runs is not None:
-            return runs.open_records(
-                self._alg_id, self._key, src, stride, nonce_off, length, aads, aad_len, out, count
-            )
+            try:
+                return runs.open_records(
+                    self._alg_id, self._key, src, stride, nonce_off, length, aads, aad_len, out, count
+                )
+            except RuntimeError as e:
+                _set_native_aside(e)
         _check_records(len(src), stride, nonce_off, length, count, "src")
         _check_span(len(aads), aad_len, count, "aads")
         _check_span(len(out), length, count, "out")
@@ -336,8 +356,13 @@ class Aead:
         ``out`` laid out as in :meth:`open_records`, each under the nonce already at its ``nonce_off``."""
         runs = _runs()
         if runs is not None:
-            runs.seal_records(self._alg_id, self._key, plain, length, out, stride, nonce_off, aads, aad_len, count)
-            return
+            try:
+                runs.seal_records(
+                    self._alg_id, self._key, plain, length, out, stride, nonce_off, aads, aad_len, count
+                )
+                return
+            except RuntimeError as e:
+                _set_native_aside(e)
         _check_records(len(out), stride, nonce_off, length, count, "out")
         _check_span(len(aads), aad_len, count, "aads")
         _check_span(len(plain), length, count, "plain")
