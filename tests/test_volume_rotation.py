@@ -97,6 +97,39 @@ def test_every_block_reads_back_under_the_new_key(tmp_path, keys):
             assert epoch > old_epoch, f"slot {i} still at an old epoch"
 
 
+@pytest.mark.parametrize("written", ["every block", "scattered blocks"])
+def test_every_slot_is_resealed_under_a_fresh_nonce(tmp_path, keys, written):
+    """Whole runs of alike slots are re-sealed in one call, scattered ones one by one: either way every slot
+    gets a nonce of its own, none kept from before the rotation."""
+    if written == "every block":
+        path = tmp_path / "v.qvol"
+        PQCVolume(path, keystore=keys).create("v", "vm", size_bytes=TOTAL * 4096)
+        with PQCVolume(path, keystore=keys) as v:
+            v.write(0, random.Random(7).randbytes(TOTAL * 4096))
+        data = None
+    else:
+        path, data = make(tmp_path, keys)
+
+    def nonces() -> dict[int, bytes]:
+        raw = path.read_bytes()
+        slots = (raw[HEADER_SIZE + i * SLOT_SIZE : HEADER_SIZE + (i + 1) * SLOT_SIZE] for i in range(TOTAL))
+        return {i: slot[4:16] for i, slot in enumerate(slots) if slot != bytes(SLOT_SIZE)}
+
+    before = nonces()
+    with PQCVolume(path, keystore=keys, read_only=True) as v:
+        content = v.read(0, TOTAL * 4096)
+    new_id, _ = keys.new_volume_key("vm", "v")
+    with PQCVolume(path, keystore=keys) as v:
+        v.reencrypt(new_id, batch=BATCH)
+    after = nonces()
+    assert sorted(after) == sorted(before) and len(before) == (TOTAL if data is None else len(data))
+    kept = [i for i in before if after[i] == before[i]]
+    assert not kept, f"slots re-sealed under their old nonce: {kept[:10]}"
+    assert len(set(after.values())) == len(after), "a nonce used twice"
+    with PQCVolume(path, keystore=keys, read_only=True) as v:
+        assert v.read(0, TOTAL * 4096) == content
+
+
 def test_the_module_function_and_a_keystore_provider_commit_to_the_new_key(tmp_path):
     from qwamos.keystore import PQCKeystore
 

@@ -129,7 +129,13 @@ class SlotCipher:
         (old-key) epoch first.  ``nonces`` holds ``len(todo) * 12`` fresh bytes.  Raises
         :class:`AuthenticationFailed` with ``index`` set on a slot that does not authenticate (nothing is
         sealed then).  Thread-safe for disjoint ``buf`` ranges once :meth:`aead` has made the keys involved
-        (its own AAD and plaintext buffers)."""
+        (its own AAD and plaintext buffers).
+
+        The common case, a contiguous ``todo`` whose slots share one word (a fully written run under one old
+        epoch), is two calls into the crypto module: the whole run opened into a plaintext buffer, then sealed
+        back; a slot that fails is reported before any is sealed.  Anything else goes slot by slot."""
+        if len(todo) > 1 and self._rekey_whole(buf, first_index, todo, epoch, nonces):
+            return
         aad = bytearray(AAD_SIZE)
         aad[:16] = self._uuid
         aad_mv = memoryview(aad)
@@ -162,6 +168,46 @@ class SlotCipher:
             seal(nonce, pmv, aad_mv, buf[o + CT_OFFSET : o + SLOT_SIZE])
             n += NONCE_SIZE
         plain[:] = ZERO_BLOCK  # no plaintext left behind in a buffer the garbage collector frees later
+
+    def _rekey_whole(
+        self, buf: memoryview, first_index: int, todo: list[int], epoch: int, nonces: memoryview
+    ) -> bool:
+        """:meth:`rekey_run`'s common case; False (nothing done) when ``todo`` is not one such run."""
+        k0, n = todo[0], len(todo)
+        if todo[-1] - k0 + 1 != n:
+            return False
+        o, end = k0 * SLOT_SIZE, (k0 + n) * SLOT_SIZE
+        run = buf[o:end]
+        old_epoch, length = _WORD.unpack_from(run, 0)
+        old = self._aeads.get(old_epoch)
+        if (
+            old is None
+            or not 1 <= length <= BLOCK_SIZE
+            or not all(run[j::SLOT_SIZE] == run[j : j + 1].tobytes() * n for j in range(WORD_SIZE))
+        ):
+            return False
+        first = first_index + k0
+        plain = bytearray(n * BLOCK_SIZE)
+        try:
+            failed = old.open_records(
+                run, SLOT_SIZE, NONCE_OFFSET, BLOCK_SIZE, self._run_aads(first, n, run[0:WORD_SIZE].tobytes()),
+                AAD_SIZE, memoryview(plain), n,
+            )  # fmt: skip
+            if failed:
+                e = AuthenticationFailed()
+                e.index = first + failed[0]  # type: ignore[attr-defined]
+                raise e
+            word = _WORD.pack(epoch, length)
+            for j in range(WORD_SIZE):
+                run[j::SLOT_SIZE] = word[j : j + 1] * n
+            for j in range(NONCE_SIZE):
+                run[NONCE_OFFSET + j :: SLOT_SIZE] = nonces[j::NONCE_SIZE]
+            self._aeads[epoch].seal_records(
+                plain, BLOCK_SIZE, run, SLOT_SIZE, NONCE_OFFSET, self._run_aads(first, n, word), AAD_SIZE, n
+            )
+        finally:
+            plain[:] = bytes(len(plain))  # no plaintext left behind in a buffer the garbage collector frees later
+        return True
 
     def seal_run(
         self,
