@@ -318,9 +318,7 @@ class Aead:
                 )
             except RuntimeError as e:
                 _set_native_aside(e)
-        _check_records(len(src), stride, nonce_off, length, count, "src")
-        _check_span(len(aads), aad_len, count, "aads")
-        _check_span(len(out), length, count, "out")
+        _check_run(len(src), stride, nonce_off, length, count, "src", len(aads), aad_len, len(out), "out")
         decrypt = self._cipher.decrypt_into
         src = memoryview(src)
         aads = memoryview(aads)
@@ -363,9 +361,7 @@ class Aead:
                 return
             except RuntimeError as e:
                 _set_native_aside(e)
-        _check_records(len(out), stride, nonce_off, length, count, "out")
-        _check_span(len(aads), aad_len, count, "aads")
-        _check_span(len(plain), length, count, "plain")
+        _check_run(len(out), stride, nonce_off, length, count, "out", len(aads), aad_len, len(plain), "plain")
         encrypt = self._cipher.encrypt_into
         plain = memoryview(plain)
         aads = memoryview(aads)
@@ -381,9 +377,14 @@ class Aead:
             )
 
 
-def _check_records(size: int, stride: int, nonce_off: int, length: int, count: int, what: str) -> None:
-    """The C extension's geometry checks, for the Python loop: both refuse the same runs the same way."""
-    if min(count, length, nonce_off, stride) < 0:
+def _check_run(
+    size: int, stride: int, nonce_off: int, length: int, count: int, what: str,
+    aads_size: int, aad_len: int, flat_size: int, flat: str,
+) -> None:  # fmt: skip
+    """The C extension's checks, for the Python loop: both refuse the same runs the same way, before any
+    byte is written.  ``what`` names the buffer of records (``size`` bytes), ``flat`` the buffer of
+    ``length``-byte plaintexts (``flat_size`` bytes)."""
+    if min(count, length, nonce_off, stride, aad_len) < 0:
         raise ValueError(f"{what}: negative or oversized geometry")
     if count == 0:
         return
@@ -392,11 +393,10 @@ def _check_records(size: int, stride: int, nonce_off: int, length: int, count: i
         raise ValueError(f"{what}: a record of {record} bytes does not fit a stride of {stride}")
     if (count - 1) * stride + record > size:
         raise ValueError(f"{what}: {count} records of stride {stride} do not fit {size} bytes")
-
-
-def _check_span(size: int, each: int, count: int, what: str) -> None:
-    if each < 0 or count * each > size:
-        raise ValueError(f"{what}: {count} items of {each} bytes do not fit {size} bytes")
+    if count * aad_len > aads_size:
+        raise ValueError(f"aads: {count} items of {aad_len} bytes do not fit {aads_size} bytes")
+    if count * length > flat_size:
+        raise ValueError(f"{flat}: {count} items of {length} bytes do not fit {flat_size} bytes")
 
 
 # --- hashing, MACs, KDFs ------------------------------------------------------------------------------
