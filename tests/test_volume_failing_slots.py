@@ -87,3 +87,20 @@ def test_no_byte_of_a_failing_slot_reaches_the_caller_s_buffer(tmp_path, keys, r
             v.readinto(2 * BLOCK_SIZE + 100, buf)  # unaligned: through the scratch buffer
         assert SECRET[200:264] not in bytes(buf[BLOCK_SIZE - 100 :])
         assert v.check() == [3]
+
+
+def test_a_failing_slot_in_a_run_is_named_by_its_own_index(tmp_path, keys):
+    """A run that does not start at block 0 (one call into the crypto module for the whole run) still names
+    the slot that failed by its index in the volume, not by its place in the run."""
+    vol = PQCVolume(tmp_path / "v.qvol", keystore=keys)
+    vol.create("v", "vm", size_bytes=16 * BLOCK_SIZE)
+    with vol.open():
+        vol.write(0, SECRET * 16)
+    slot = read_slot(vol.path, 11)
+    write_at(vol.path, slot_offset(11) + SLOT_SIZE - 1, bytes([slot[-1] ^ 1]))
+    with PQCVolume(vol.path, keystore=keys, read_only=True) as v:
+        with pytest.raises(BlockAuthError) as info:
+            v.read(8 * BLOCK_SIZE, 8 * BLOCK_SIZE)
+        assert info.value.kwargs["index"] == 11
+        assert v.read(0, 8 * BLOCK_SIZE) == SECRET * 8
+        assert v.check() == [11]
