@@ -48,6 +48,13 @@ def build_aad(uuid: bytes, index: int, epoch: int, length: int, algorithm: str) 
     return uuid + _AAD_TAIL.pack(index, epoch, length, crypto.ALGORITHM_IDS[algorithm])
 
 
+def _alike(slots: memoryview, count: int) -> bool:
+    """Every one of the ``count`` slots in ``slots`` has the first one's word: checked a column at a time
+    (strided compares in C), not a slot at a time."""
+    n = count * SLOT_SIZE
+    return all(slots[j:n:SLOT_SIZE] == slots[j : j + 1].tobytes() * count for j in range(WORD_SIZE))
+
+
 class SlotCipher:
     """Seals and opens runs of slots for one volume; caches one AEAD per epoch.
 
@@ -89,6 +96,15 @@ class SlotCipher:
         for j in range(WORD_SIZE):
             aads[24 + j :: AAD_SIZE] = word[j : j + 1] * count
         return aads
+
+    def _open_alike(
+        self, aead: crypto.Aead, slots: memoryview, first_index: int, count: int, out: memoryview
+    ) -> list[int]:
+        """Open ``count`` slots that all have the first one's word (:func:`_alike`) under ``aead`` in one call;
+        the indices of those that fail (their output zeroed)."""
+        aads = self._run_aads(first_index, count, slots[0:WORD_SIZE].tobytes())
+        failed = aead.open_records(slots, SLOT_SIZE, NONCE_OFFSET, BLOCK_SIZE, aads, AAD_SIZE, out, count)
+        return [first_index + k for k in failed]
 
     def epoch_key(self, epoch: int) -> bytes:
         """The data key of ``epoch``: under the old volume key for epochs a rotation has not yet moved."""
@@ -180,31 +196,17 @@ class SlotCipher:
         run = buf[o:end]
         old_epoch, length = _WORD.unpack_from(run, 0)
         old = self._aeads.get(old_epoch)
-        if (
-            old is None
-            or not 1 <= length <= BLOCK_SIZE
-            or not all(run[j::SLOT_SIZE] == run[j : j + 1].tobytes() * n for j in range(WORD_SIZE))
-        ):
+        if old is None or not 1 <= length <= BLOCK_SIZE or not _alike(run, n):
             return False
         first = first_index + k0
         plain = bytearray(n * BLOCK_SIZE)
         try:
-            failed = old.open_records(
-                run, SLOT_SIZE, NONCE_OFFSET, BLOCK_SIZE, self._run_aads(first, n, run[0:WORD_SIZE].tobytes()),
-                AAD_SIZE, memoryview(plain), n,
-            )  # fmt: skip
+            failed = self._open_alike(old, run, first, n, memoryview(plain))
             if failed:
                 e = AuthenticationFailed()
-                e.index = first + failed[0]  # type: ignore[attr-defined]
+                e.index = failed[0]  # type: ignore[attr-defined]
                 raise e
-            word = _WORD.pack(epoch, length)
-            for j in range(WORD_SIZE):
-                run[j::SLOT_SIZE] = word[j : j + 1] * n
-            for j in range(NONCE_SIZE):
-                run[NONCE_OFFSET + j :: SLOT_SIZE] = nonces[j::NONCE_SIZE]
-            self._aeads[epoch].seal_records(
-                plain, BLOCK_SIZE, run, SLOT_SIZE, NONCE_OFFSET, self._run_aads(first, n, word), AAD_SIZE, n
-            )
+            self.seal_run(run, first, memoryview(plain), n, epoch, nonces, length)
         finally:
             plain[:] = bytes(len(plain))  # no plaintext left behind in a buffer the garbage collector frees later
         return True
@@ -242,33 +244,25 @@ class SlotCipher:
         Empty (all-zero) slots become zero blocks.  The index of each slot that fails is appended to ``bad``
         and its output block is zeroed, so no unauthenticated byte ever reaches a caller's buffer.
         """
+        src = memoryview(slots)
+        max_epoch = self.max_epoch
+        if count > 1:
+            # The common case: every slot of the run has the first one's word, a valid non-empty one.  Then no
+            # slot is empty, one key serves all, and the run is one call into the crypto module.
+            epoch, length = _WORD.unpack_from(src, 0)
+            if 1 <= length <= BLOCK_SIZE and epoch <= max_epoch and _alike(src, count):
+                aead = self._aeads.get(epoch) or self.aead(epoch)
+                bad.extend(self._open_alike(aead, src, first_index, count, out))
+                return
         aad = self._aad
         aad_mv = memoryview(aad)
         pack = _AAD_TAIL.pack_into
         alg = self._alg_id
         unpack = _WORD.unpack_from
-        src = memoryview(slots)
-        max_epoch = self.max_epoch
         openers = self._openers
         mismatch = crypto.TagMismatch
         o = 0
         p = 0
-        if count > 1:
-            # The common case, checked a column at a time (strided compares in C): every slot of the run has
-            # the first one's word, a valid non-empty one.  Then no slot is empty, one key serves all, and the
-            # run is one call into the crypto module.
-            epoch, length = unpack(src, 0)
-            n = count * SLOT_SIZE
-            if (
-                1 <= length <= BLOCK_SIZE
-                and epoch <= max_epoch
-                and all(src[j:n:SLOT_SIZE] == src[j : j + 1].tobytes() * count for j in range(WORD_SIZE))
-            ):
-                aead = self._aeads.get(epoch) or self.aead(epoch)
-                aads = self._run_aads(first_index, count, src[0:WORD_SIZE].tobytes())
-                failed = aead.open_records(src, SLOT_SIZE, NONCE_OFFSET, BLOCK_SIZE, aads, AAD_SIZE, out, count)
-                bad.extend(first_index + k for k in failed)
-                return
         for i in range(first_index, first_index + count):
             epoch, length = unpack(src, o)
             if length == 0 and src[o : o + SLOT_SIZE] == ZERO_SLOT:
