@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 WORKLOADS = [
@@ -137,6 +137,11 @@ def fio_iops(uri: str, rw: str, runtime: int = FIO_SECONDS) -> float:
     return job["read" if "read" in rw else "write"]["iops"]
 
 
+def flush(uri: str) -> None:
+    """An NBD FLUSH to ``uri``: what a server holds back (ours, librbd's cache under qemu-nbd) goes out now."""
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "flush", uri], check=True, capture_output=True, timeout=300)
+
+
 def workload_count(size: str, per_gib: int, size_mib: int) -> int:
     if size == "1M":
         return max(64, per_gib * size_mib // 1024)
@@ -167,18 +172,27 @@ def cpu_seconds(pid: int) -> float:
 
 def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int, fio: Sequence[str],
             cold: dict[str, Path] | None = None, passes: int = 1, pids: dict[str, int] | None = None,
-            cpu: dict[str, dict[str, float]] | None = None, cluster_pid: int | None = None):  # fmt: skip
+            cpu: dict[str, dict[str, float]] | None = None, cluster_pid: int | None = None,
+            cluster_ops: Callable[[], int] | None = None):  # fmt: skip
     """Every workload on every target in turn, ``repeat`` rounds; the median per target.  ``cold``: target
     name -> image whose page cache is dropped before each of its runs.  ``passes``: 1 MiB workloads go over
     the image this many times a run (qemu-img bench wraps around).  ``pids``: target name -> its server's
     process; the median CPU time that process spent per MiB (1 MiB workloads) or per request then goes into
     ``cpu`` (target -> workload -> microseconds), a figure that moves less than throughput on a shared
     machine and says where a gap comes from.  ``cluster_pid``: a process both targets use (the RBD bench's
-    OSD); its CPU per unit during each target's runs goes into ``cpu`` as target + " osd"."""
+    OSD); its CPU per unit during each target's runs goes into ``cpu`` as target + " osd".  ``cluster_ops``: a
+    count of the cluster's write operations so far (the OSD's ``op_w``); the write operations per request of
+    each fio write run go into ``cpu`` as target + " ops" (how many requests the server joined into one).
+
+    Every fio run is followed by a FLUSH of its target, untimed but inside its CPU accounting: the writes a
+    server held back are then paid for by the run that made them, and every run starts with nothing held (a
+    server whose cache keeps dirty data across runs would otherwise start each one with less room than the
+    other, or hand its writes to the next run)."""
     results: dict[str, dict[str, float]] = {name: {} for name in targets}
     per: dict[str, dict[str, list[float]]] = {name: {} for name in targets}
 
     osd_per: dict[str, dict[str, list[float]]] = {name: {} for name in targets}
+    ops_per: dict[str, dict[str, list[float]]] = {name: {} for name in targets}
 
     def start(name: str) -> tuple[float, float]:
         """The CPU seconds so far of ``name``'s server and of the cluster process (0 where unknown)."""
@@ -235,12 +249,22 @@ def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int
         for r in range(repeat):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 c0 = start(name)
+                ops0 = cluster_ops() if cluster_ops else 0
                 runs[name].append(iops := fio_iops(targets[name], rw))
+                flush(targets[name])
                 used(name, fio_name(rw), c0, iops * FIO_SECONDS)
+                if cluster_ops and "write" in rw:
+                    writes = (cluster_ops() - ops0) / (iops * FIO_SECONDS)
+                    ops_per[name].setdefault(fio_name(rw), []).append(writes)
         for name in targets:
             results[name][fio_name(rw)] = v = statistics.median(runs[name])
             spread = f"(runs: {', '.join(f'{x:.0f}' for x in runs[name])})" if repeat > 1 else ""
             note = cpu_note(name, fio_name(rw), "request")
+            if ops_per[name].get(fio_name(rw)):
+                ops = statistics.median(ops_per[name][fio_name(rw)])
+                if cpu is not None:
+                    cpu.setdefault(name + " ops", {})[fio_name(rw)] = ops
+                note += f", {ops:.2f} cluster writes/request"
             print(f"  {name:8} fio {rw:14} {v:10.0f} IOPS {spread}{note}", flush=True)
     return results
 

@@ -7,12 +7,17 @@ Workloads (qemu-img bench over a UNIX socket, as bench/nbd.py): 1 MiB sequential
 has it.  Each image is written end to end through its own server first (so reads hit allocated objects), and
 every workload runs on a then b, ``--repeat`` rounds (median; b goes first every other round, so that
 neither always follows the other's writes).  The cluster: the one ``$CEPH_CONF`` names
-with ``--use-env-cluster``, else a throw-away one-node cluster started by scripts/ceph-cluster.sh (memstore
-OSD: the objects live in the OSD's memory, so this measures the client side, librbd and the network stack,
-not disks).  Compare the ratios of one run, never figures from different runs.
+with ``--use-env-cluster``, else a throw-away one-node cluster started by scripts/ceph-cluster.sh whose OSD
+keeps its objects in ``--store``: memstore (the default, the objects in the OSD's memory, so this measures the
+client side, librbd and the network stack, not disks; its cost per write grows with each object's history),
+memstore-pages (in memory, in pages) or bluestore (Ceph's production store, on a file on this machine's disk).
+The store decides what a write costs the OSD, and random 4 KiB writes above all (docs/design.md): name it
+with every figure.  Compare the ratios of one run, never figures from different runs.  After each fio run its
+target is flushed (inside its CPU accounting), and the OSD's write operations per request are printed.
 
 Usage: .venv/bin/python bench/rbd.py [--size-mib 256] [--repeat 3] [--passes 4] [--use-env-cluster] [--no-fio]
-       [--only WORD] [--algorithm chacha20-poly1305|aes-256-gcm|auto] [--compare-python PATH]
+       [--store memstore|memstore-pages|bluestore] [--only WORD] [--algorithm chacha20-poly1305|aes-256-gcm|auto]
+       [--compare-python PATH]
 
 ``--compare-python PATH`` adds (c): the same kind of qvol served by another interpreter, e.g. another
 checkout's ``.venv/bin/python`` (its own ``qwamos``), in the same rounds: an A/B of a change with the load of
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -42,8 +48,9 @@ QD = [w for w in WORKLOADS if w[3] > 1]  # the depth-4 and depth-16 workloads
 
 
 @contextlib.contextmanager
-def cluster(work: Path, use_env: bool):
-    """The cluster's configuration file: ``$CEPH_CONF`` or a new one-node cluster under ``work``."""
+def cluster(work: Path, use_env: bool, store: str):
+    """The cluster's configuration file: ``$CEPH_CONF`` or a new one-node cluster under ``work`` whose OSD keeps
+    its objects in ``store`` (scripts/ceph-cluster.sh's CEPH_CLUSTER_STORE)."""
     if use_env:
         conf = os.environ.get("CEPH_CONF")
         if not conf:
@@ -52,11 +59,21 @@ def cluster(work: Path, use_env: bool):
         return
     d = work / "ceph"
     script = REPO / "scripts" / "ceph-cluster.sh"
-    subprocess.run(["bash", str(script), "start", str(d)], check=True, timeout=300)
+    env = {**os.environ, "CEPH_CLUSTER_STORE": store}
+    subprocess.run(["bash", str(script), "start", str(d)], check=True, timeout=300, env=env)
     try:
         yield d / "ceph.conf"
     finally:
         subprocess.run(["bash", str(script), "stop", str(d)], check=False, timeout=120)
+
+
+def osd_writes(cluster_dir: Path) -> int:
+    """The write operations our throw-away cluster's OSD has executed so far (its ``op_w`` counter)."""
+    out = subprocess.run(
+        ["ceph", "--admin-daemon", str(cluster_dir / "run" / "osd.0.asok"), "perf", "dump"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    return json.loads(out)["osd"]["op_w"]
 
 
 def main() -> None:
@@ -71,6 +88,13 @@ def main() -> None:
         default=4,
         help="1 MiB workloads go over the image this many times a run (default 4: one 256 MiB pass took 0.3 s "
         "and its ratio moved by 0.15 between runs)",
+    )
+    ap.add_argument(
+        "--store",
+        default="memstore",
+        choices=["memstore", "memstore-pages", "bluestore"],
+        help="the throw-away cluster's object store (default memstore; see scripts/ceph-cluster.sh and "
+        "docs/design.md on what each one's cost per write depends)",
     )
     ap.add_argument("--pool", default="rbd")
     ap.add_argument(
@@ -92,6 +116,8 @@ def main() -> None:
         help="also serve a qvol with this interpreter (another checkout's venv) in the same rounds: A/B",
     )
     args = ap.parse_args()
+    if args.use_env_cluster and args.store != "memstore":
+        raise SystemExit("--store applies to the throw-away cluster, not to --use-env-cluster")
     workloads, fio = selected(args.only, args.no_fio)
     workloads = [w for w in workloads if w in QD]
     if not workloads and not fio:
@@ -102,13 +128,14 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="rbdbench", dir="/tmp"))
     try:
-        with cluster(work, args.use_env_cluster) as conf, contextlib.ExitStack() as stack:
+        with cluster(work, args.use_env_cluster, args.store) as conf, contextlib.ExitStack() as stack:
             os.environ["CEPH_CONF"] = str(conf)
             rbd = ["rbd", "--conf", str(conf)]
             tag = os.urandom(4).hex()
             image_a, image_b = f"bench-a-{tag}", f"bench-b-{tag}"
             print(
-                f"RBD benchmark: {args.size_mib} MiB images in pool {args.pool} ({conf}), repeat={args.repeat}, "
+                f"RBD benchmark: {args.size_mib} MiB images in pool {args.pool} ({conf}"
+                f"{'' if args.use_env_cluster else f', OSD on {args.store}'}), repeat={args.repeat}, "
                 f"qvol cipher {args.algorithm}, load average {os.getloadavg()[0]:.1f}"
             )
             targets: dict[str, str] = {}
@@ -162,7 +189,7 @@ def main() -> None:
             osd = int(osd_pidfile.read_text()) if not args.use_env_cluster and osd_pidfile.exists() else None
             results = run_all(
                 targets, workloads, args.size_mib, args.repeat, fio, passes=args.passes, pids=pids, cpu=cpu,
-                cluster_pid=osd,
+                cluster_pid=osd, cluster_ops=(lambda: osd_writes(conf.parent)) if osd else None,
             )  # fmt: skip
             stack.close()  # the servers first: an image still open (watched) cannot be removed
             for image in (image_a, image_b, *([image_c] if args.compare_python else [])):
@@ -193,6 +220,11 @@ def main() -> None:
         ca, cb = cpu["a qvol"][k], cpu["b rbd-luks2"][k]
         label = k + (" (/MiB)" if "1M" in k else " (/req)")
         print(f"{label:26} {ca:10.0f} {cb:10.0f} {ca / cb if cb else float('nan'):6.2f}")
+    if "a qvol ops" in cpu:  # how many cluster writes each target made of a request: what its batching saves
+        print(f"\n{'cluster writes per request':26} {'a qvol':>10} {'b luks2':>10} {'a/b':>6}")
+        for k, ca in cpu["a qvol ops"].items():
+            cb = cpu["b rbd-luks2 ops"][k]
+            print(f"{k:26} {ca:10.2f} {cb:10.2f} {ca / cb if cb else float('nan'):6.2f}")
     if "a qvol osd" in cpu:  # the one OSD's CPU while each target ran: what the cluster paid per unit
         print(f"\n{'OSD CPU per unit (us)':26} {'a qvol':>10} {'b luks2':>10} {'a/b':>6}")
         for k in a:

@@ -17,9 +17,16 @@
 # CEPH_CLUSTER_ADDR=IPV4 (start only; default 127.0.0.1): the one address every daemon binds and the conf names
 # for the mon, e.g. the root end of a veth pair, so that a client in another network namespace reaches the
 # cluster over it (tests/test_vm_rbd.py's two hosts).  The address must already be assigned to an interface.
-# CEPH_CLUSTER_OSD_BYTES=N (start only; default 2147483648): the memstore OSD's size.  Memstore does not refuse
-# writes past it: the monitor marks the OSD (and the pools) full from the usage it reports, a few seconds
-# later, and from then on writes get ENOSPC.  A small size is how to fill the cluster for real.
+# CEPH_CLUSTER_OSD_BYTES=N (start only; default 2147483648, 8589934592 for bluestore): the OSD's size.  Memstore
+# does not refuse writes past it: the monitor marks the OSD (and the pools) full from the usage it reports, a few
+# seconds later, and from then on writes get ENOSPC.  A small size is how to fill the cluster for real.
+# CEPH_CLUSTER_STORE=memstore|memstore-pages|bluestore (start only; default memstore): the OSD's object store.
+#   memstore        objects in memory, each object's data a list of the buffers written to it (memstore's
+#                   default): a write's cost grows with the number of pieces earlier writes cut the object
+#                   into, and every received buffer is kept (docs/design.md, "Measuring on a test cluster");
+#   memstore-pages  objects in memory in 64 KiB pages (memstore_page_set): a write copies into its pages, a
+#                   cost that does not grow with the object's history;
+#   bluestore       Ceph's production store, on a sparse file DIR/osd.0.block (the disk's speed counts).
 # CEPH_CLUSTER_TIMEOUT=SECONDS (start only; default 120): how long to wait for the placement groups.
 set -euo pipefail
 
@@ -32,6 +39,7 @@ action=$1
 dir=$2
 TIMEOUT=${CEPH_CLUSTER_TIMEOUT:-120} # seconds to wait for the cluster to come up
 ADDR=${CEPH_CLUSTER_ADDR:-127.0.0.1}
+STORE=${CEPH_CLUSTER_STORE:-memstore}
 
 log() { echo "ceph-cluster: $*" >&2; }
 
@@ -76,6 +84,13 @@ start() {
         log "CEPH_CLUSTER_ADDR must be an IPv4 address, not '$ADDR'"
         exit 2
     fi
+    case $STORE in
+    memstore | memstore-pages | bluestore) ;;
+    *)
+        log "CEPH_CLUSTER_STORE must be memstore, memstore-pages or bluestore, not '$STORE'"
+        exit 2
+        ;;
+    esac
     if [[ -e $dir ]] && [[ -n $(ls -A "$dir") ]]; then
         log "$dir exists and is not empty"
         exit 1
@@ -89,6 +104,20 @@ start() {
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
     mkdir -p "$dir/run" "$dir/log" "$dir/mon.a" "$dir/mgr.x" "$dir/osd.0"
+    local store_conf
+    if [[ $STORE == bluestore ]]; then
+        # The block file lies beside the OSD's directory: BlueStore makes DIR/osd.0/block a link to it.
+        store_conf="osd objectstore = bluestore
+bluestore block path = $dir/osd.\$id.block
+bluestore block create = true
+bluestore block size = ${CEPH_CLUSTER_OSD_BYTES:-8589934592}
+bluestore block db create = false
+bluestore block wal create = false"
+    else
+        store_conf="osd objectstore = memstore
+memstore device bytes = ${CEPH_CLUSTER_OSD_BYTES:-2147483648}
+memstore page set = $([[ $STORE == memstore-pages ]] && echo true || echo false)"
+    fi
     # From here on a failure tears down whatever started.
     trap 'log "start failed; logs: $dir/log"; tail -n 20 "$dir"/log/*.log >&2 2>/dev/null || true; stop' ERR
 
@@ -143,8 +172,7 @@ mgr disabled modules = dashboard restful prometheus
 
 [osd]
 osd data = $dir/osd.\$id
-osd objectstore = memstore
-memstore device bytes = ${CEPH_CLUSTER_OSD_BYTES:-2147483648}
+$store_conf
 osd max object name len = 460
 osd max object namespace len = 64
 EOF

@@ -55,16 +55,21 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(addr: str | None = None) -> Iterator[Cluster]:
+def running_cluster(addr: str | None = None, store: str | None = None) -> Iterator[Cluster]:
     """A cluster of its own, started in a fresh directory and stopped on leaving, failed test or not; bound to
-    ``addr`` (``CEPH_CLUSTER_ADDR``, which must already be assigned to an interface) instead of 127.0.0.1.
-    ``CEPH_CONF`` is left alone: callers point clients at ``cluster.conf`` themselves.  Skips the test where
-    Ceph is not installed or the cluster does not come up."""
+    ``addr`` (``CEPH_CLUSTER_ADDR``, which must already be assigned to an interface) instead of 127.0.0.1; its
+    OSD on ``store`` (``CEPH_CLUSTER_STORE``) instead of memstore.  ``CEPH_CONF`` is left alone: callers point
+    clients at ``cluster.conf`` themselves.  Skips the test where Ceph is not installed or the cluster does
+    not come up."""
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         pytest.skip(f"Ceph is not installed ({', '.join(missing)} missing; `make deps` installs it)")
     directory = Path(tempfile.mkdtemp(prefix="qwceph", dir="/tmp"))
-    env = {**os.environ, "CEPH_CLUSTER_ADDR": addr} if addr else None
+    env = {**os.environ}
+    if addr:
+        env["CEPH_CLUSTER_ADDR"] = addr
+    if store:
+        env["CEPH_CLUSTER_STORE"] = store
     try:
         proc = subprocess.run(
             ["bash", str(SCRIPT), "start", str(directory)], capture_output=True, text=True, timeout=300, env=env
