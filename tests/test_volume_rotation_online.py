@@ -187,5 +187,49 @@ def test_stop_pauses_and_reencrypt_resumes(qvol, short_dir):
     assert content(vol, ks) == data
 
 
+# The export with its rotation thread held back for a second after it has reported its end to the event loop:
+# what a thread descheduled right there looks like (seen in CI, 2026-12-02, on a loaded machine).
+LINGERING_ROTATION = """
+import sys, time
+from qwamos.nbd import export, rotation
+run = rotation.OnlineRotation._run
+def lingering(self, *args):
+    run(self, *args)
+    time.sleep(1.0)
+rotation.OnlineRotation._run = lingering
+sys.exit(export.main(sys.argv[1:]))
+"""
+
+
+def test_a_rotation_is_over_for_the_commands_as_soon_as_its_operation_says_so(qvol, short_dir):
+    """Once ``status`` shows the rotation paused, a ``reencrypt`` is judged as for a paused rotation (here: no
+    key for another one; the same one resumes) and ``reencrypt-stop`` finds nothing running, even while the
+    thread that ran it has not quite exited."""
+    vol, ks = qvol
+    data = fill(vol, ks, 4)
+    key_id, key, commitment = new_key(vol, ks)
+    sock = short_dir / "s"
+    argv = [sys.executable, "-c", LINGERING_ROTATION, str(vol), "--socket", str(sock), "--keystore", str(ks)]
+    proc = processes.spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_answers(sock, proc)
+        ctl = control_path_for(sock)
+        reencrypt_served(ctl, key_id, key, commitment=commitment, rate=256 * 1024, batch=8, wait=False)
+        with ControlClient.connect(ctl) as cc:
+            assert cc.request("reencrypt-stop")["stopping"]
+        while (op := rotation_operation(ctl))["state"] == "running":
+            time.sleep(0.01)
+        assert op["state"] == "paused"
+        with pytest.raises(ControlChannelError, match="no key for"):
+            reencrypt_served(ctl, "vm-other", None, wait=False)
+        with ControlClient.connect(ctl) as cc, pytest.raises(ControlChannelError, match="no rotation is running"):
+            cc.request("reencrypt-stop")
+        assert reencrypt_served(ctl, key_id, None, rate=0, poll=0.05)["state"] == "done"
+    finally:
+        processes.stop(proc)
+        proc.stderr.close()
+    assert content(vol, ks) == data
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))

@@ -70,6 +70,9 @@ class OnlineRotation:
     def __init__(self, control: Any) -> None:
         self.control = control
         self.volume = control.export.backend
+        # The rotation's thread, from ``reencrypt`` until its end has been recorded on the event loop
+        # (:meth:`_finished`): the commands judge "running" by this, never by the thread's liveness, which
+        # outlasts the end that ``status`` already shows (a thread descheduled after reporting it).
         self.thread: threading.Thread | None = None
         self.stop_event = threading.Event()
         self.op: Any = None
@@ -107,7 +110,7 @@ class OnlineRotation:
         vol = self.volume
         if not hasattr(vol, "begin_reencrypt") or getattr(vol, "read_only", True):
             raise ControlFailure(cp.E_STATE, "this export serves no writable encrypted volume")
-        if self.thread is not None and self.thread.is_alive():
+        if self.thread is not None:
             if key_id == self.key_id:
                 return self._answer(vol.rotation_state(), already=True)
             raise ControlFailure(
@@ -166,7 +169,7 @@ class OnlineRotation:
     def _stop(self, session: Any, req: cp.Request) -> dict[str, Any]:
         from qwamos.nbd.control_server import ControlFailure
 
-        if self.thread is None or not self.thread.is_alive():
+        if self.thread is None:
             raise ControlFailure(cp.E_STATE, "no rotation is running")
         self.stop_event.set()
         return {"stopping": True, "operation": self.op.id}
@@ -204,6 +207,9 @@ class OnlineRotation:
             self._finished(op, state, message)
 
     def _finished(self, op: Any, state: str, message: str) -> None:
+        """Record the end of the rotation (on the event loop, as the commands run): its operation's state and,
+        at the same moment, that none is running any more."""
+        self.thread = None
         if state == "paused":
             op.state, op.message = state, message
         else:
