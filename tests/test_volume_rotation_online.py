@@ -164,6 +164,18 @@ def test_kill_9_of_the_export_mid_rotation_then_serve_again_and_reissue(qvol, sh
         assert not length or epoch > old_epoch, f"slot {i} still under the old key"
 
 
+def start_and_pause(ctl: Path, key_id: str, key: bytes, commitment: str | None) -> dict:
+    """Start a slow rotation, ``reencrypt-stop`` it and wait until its operation leaves ``running``: the
+    operation, which must say paused."""
+    reencrypt_served(ctl, key_id, key, commitment=commitment, rate=256 * 1024, batch=8, wait=False)
+    with ControlClient.connect(ctl) as cc:
+        assert cc.request("reencrypt-stop")["stopping"]
+    while (op := rotation_operation(ctl))["state"] == "running":
+        time.sleep(0.01)
+    assert op["state"] == "paused"
+    return op
+
+
 def test_stop_pauses_and_reencrypt_resumes(qvol, short_dir):
     vol, ks = qvol
     data = fill(vol, ks, 3)
@@ -172,12 +184,8 @@ def test_stop_pauses_and_reencrypt_resumes(qvol, short_dir):
     proc = serve(vol, ks, sock, cli=True)
     try:
         ctl = control_path_for(sock)
-        reencrypt_served(ctl, key_id, key, commitment=commitment, rate=256 * 1024, batch=8, wait=False)
-        with ControlClient.connect(ctl) as cc:
-            assert cc.request("reencrypt-stop")["stopping"]
-        while (op := rotation_operation(ctl))["state"] == "running":
-            time.sleep(0.01)
-        assert op["state"] == "paused" and op["done"] < op["total"]
+        op = start_and_pause(ctl, key_id, key, commitment)
+        assert op["done"] < op["total"]
         with pytest.raises(ControlChannelError, match="no key for"):  # resuming another key: refused
             reencrypt_served(ctl, "vm-other", None, wait=False)
         assert reencrypt_served(ctl, key_id, None, rate=0, poll=0.05)["state"] == "done"
@@ -214,12 +222,7 @@ def test_a_rotation_is_over_for_the_commands_as_soon_as_its_operation_says_so(qv
     try:
         wait_answers(sock, proc)
         ctl = control_path_for(sock)
-        reencrypt_served(ctl, key_id, key, commitment=commitment, rate=256 * 1024, batch=8, wait=False)
-        with ControlClient.connect(ctl) as cc:
-            assert cc.request("reencrypt-stop")["stopping"]
-        while (op := rotation_operation(ctl))["state"] == "running":
-            time.sleep(0.01)
-        assert op["state"] == "paused"
+        start_and_pause(ctl, key_id, key, commitment)
         with pytest.raises(ControlChannelError, match="no key for"):
             reencrypt_served(ctl, "vm-other", None, wait=False)
         with ControlClient.connect(ctl) as cc, pytest.raises(ControlChannelError, match="no rotation is running"):
