@@ -246,15 +246,16 @@ def run_all(targets: dict[str, str], workloads: list, size_mib: int, repeat: int
     for rw in fio:
         runs: dict[str, list[float]] = {name: [] for name in targets}
         names = list(targets)
+        count_ops = cluster_ops if "write" in rw else None  # what a read costs the cluster is not batching
         for r in range(repeat):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 c0 = start(name)
-                ops0 = cluster_ops() if cluster_ops else 0
+                ops0 = count_ops() if count_ops else 0
                 runs[name].append(iops := fio_iops(targets[name], rw))
                 flush(targets[name])
                 used(name, fio_name(rw), c0, iops * FIO_SECONDS)
-                if cluster_ops and "write" in rw:
-                    writes = (cluster_ops() - ops0) / (iops * FIO_SECONDS)
+                if count_ops:
+                    writes = (count_ops() - ops0) / (iops * FIO_SECONDS)
                     ops_per[name].setdefault(fio_name(rw), []).append(writes)
         for name in targets:
             results[name][fio_name(rw)] = v = statistics.median(runs[name])

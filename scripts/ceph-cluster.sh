@@ -23,7 +23,7 @@
 # CEPH_CLUSTER_STORE=memstore|memstore-pages|bluestore (start only; default memstore): the OSD's object store.
 #   memstore        objects in memory, each object's data a list of the buffers written to it (memstore's
 #                   default): a write's cost grows with the number of pieces earlier writes cut the object
-#                   into, and every received buffer is kept (docs/design.md, "Measuring on a test cluster");
+#                   into, and every received buffer is kept (docs/design.md, "4 KiB random writes");
 #   memstore-pages  objects in memory in 64 KiB pages (memstore_page_set): a write copies into its pages, a
 #                   cost that does not grow with the object's history;
 #   bluestore       Ceph's production store, on a sparse file DIR/osd.0.block (the disk's speed counts).
